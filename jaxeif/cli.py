@@ -1,0 +1,141 @@
+"""The `jaxeif` command: one subcommand per experiment/benchmark, imported lazily.
+
+User errors print one line `error: ...` and exit 2 (JAXEIF_DEBUG=1 shows the traceback);
+Ctrl-C exits 130 and says how to resume.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import types
+from typing import Any, Sequence
+
+from jaxeif.checks import NonFiniteInfluenceError
+
+# subcommand -> (module, one-line help). Modules expose add_arguments(parser) and run(args) -> dict.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "cnn": ("experiments.cnn_noise", "EIF of a Fashion-MNIST CNN fine-tuned on clean and noisy MNIST digits"),
+    "llm": ("experiments.llm_logic", "EIF of a language model on synthetic logic facts"),
+    "meta-cnn": ("experiments.meta_cnn_noise", "learn per-sample learning rates for the CNN noise study"),
+    "meta-llm": ("experiments.meta_llm_logic", "learn per-sample learning rates for the LLM logic study"),
+    "bench-cnn": ("benchmarks.cnn", "CNN EIF speed: jaxeif vs a PyTorch loop"),
+    "bench-lm": ("benchmarks.lm", "language-model EIF speed: jaxeif vs a PyTorch loop"),
+}
+
+# Exceptions that mean "the input was wrong", shown as one line. KeyError is left out on
+# purpose: its message is a bare key, so it usually marks a bug, not a user mistake.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, NonFiniteInfluenceError)
+
+RESUME_HINT = "interrupted; finished work is saved in the results folder: run the same command again to resume"
+
+
+class UsageError(Exception):
+    """Bad command line (unknown subcommand, bad option)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _top_parser() -> _Parser:
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
+    parser = _Parser(
+        prog="jaxeif",
+        description="Exact empirical influence functions in JAX.",
+        epilog=f"commands:\n{listing}\n\nRun `jaxeif COMMAND --help` for a command's options. "
+        "A stopped run resumes when the same command is run again.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", metavar="COMMAND", choices=list(COMMANDS), help="one of: " + ", ".join(COMMANDS))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def load_command(command: str) -> types.ModuleType:
+    """Import the module behind a subcommand; a missing module or dependency is a UsageError."""
+    module_name, _ = COMMANDS[command]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise UsageError(f"`jaxeif {command}` needs the module {module_name}, which is not in this installation") from None
+        raise UsageError(f"`jaxeif {command}` needs the Python package '{e.name}': install it (pip install {e.name})") from None
+
+
+def module_parser(module: types.ModuleType, prog: str) -> _Parser:
+    """A parser filled by the module's add_arguments(parser); description from its docstring."""
+    doc = (module.__doc__ or "").strip()
+    parser = _Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return parser
+
+
+def _report(result: Any) -> None:
+    """Print the scalar entries of a run's result dict, one per line."""
+    if not isinstance(result, dict):
+        return
+    for key, value in result.items():
+        if value is None or isinstance(value, (str, int, float, bool)):
+            print(f"{key}: {value}")
+
+
+def _error_line(e: BaseException) -> str:
+    text = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror or e}: {e.filename}"
+    text = " ".join([text, *getattr(e, "__notes__", [])]).replace("\n", " ").strip()
+    return text or type(e).__name__
+
+
+def _guarded(fn, *args: Any) -> int:
+    """Run fn(*args): 0 on success, 2 on a user error (one line), 130 on Ctrl-C."""
+    debug = os.environ.get("JAXEIF_DEBUG", "") not in ("", "0")
+    try:
+        code = fn(*args)
+        return 0 if code is None else int(code)
+    except SystemExit as e:  # --help and friends
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{RESUME_HINT}", file=sys.stderr)
+        return 130
+    except (UsageError, *USER_ERRORS) as e:
+        if debug:
+            raise
+        print(f"error: {_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _run_module(module: types.ModuleType, argv: Sequence[str], prog: str) -> int:
+    args = module_parser(module, prog).parse_args(list(argv))
+    _report(module.run(args))
+    return 0
+
+
+def _main(argv: Sequence[str]) -> int:
+    parser = _top_parser()
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    ns = parser.parse_args(list(argv))
+    return _run_module(load_command(ns.command), ns.args, f"jaxeif {ns.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `jaxeif` entry point; returns the exit code."""
+    return _guarded(_main, sys.argv[1:] if argv is None else list(argv))
+
+
+def experiment_main(module: types.ModuleType, argv: Sequence[str] | None = None) -> int:
+    """`python -m experiments.X` entry: same options, errors and exit codes as `jaxeif X`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return _guarded(_run_module, module, argv, f"python -m {module.__name__}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

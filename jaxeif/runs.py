@@ -1,0 +1,462 @@
+"""Results folders that survive crashes: atomic writes, resume-or-refuse, checkpointed EIF sweeps."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import tempfile
+import warnings
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from jaxeif import checks
+
+CONFIG_FILE = "config.json"
+_LOCK_FILE = ".lock"
+_HELD_LOCKS: dict[pathlib.Path, int] = {}  # folder -> fd of its flock, one per process
+
+
+class RunDirError(ValueError):
+    """A results folder cannot be used as asked (exists with another config, unwritable, ...)."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A saved block or matrix cannot be read back; the message says which file to delete."""
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_file(path: os.PathLike | str, mode: str = "wb") -> Iterator[Any]:
+    """Open a temp file beside `path`; on success fsync and os.replace it into place."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def to_jsonable(obj: Any, where: str = "value") -> Any:
+    """Plain JSON types from numpy/jax scalars and arrays, tuples, paths; TypeError names the key."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, (int, float)):
+        return obj
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, jax.Array)):
+        return np.asarray(obj).tolist()
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} has a non-string key {k!r}; JSON keys must be strings")
+            out[k] = to_jsonable(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    raise TypeError(f"{where} is a {type(obj).__name__}, which cannot be saved as JSON; use numbers, strings, lists or dicts")
+
+
+def _json_text(obj: Any, where: str) -> str:
+    return json.dumps(to_jsonable(obj, where), indent=2, sort_keys=True, allow_nan=True) + "\n"
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+class RunDir:
+    """One results folder: its config.json, atomic saves, and a per-process lock."""
+
+    def __init__(self, path: pathlib.Path, config: dict, resumed: bool):
+        self.path = path
+        self.config = config
+        self.resumed = resumed
+
+    @classmethod
+    def open(cls, path: os.PathLike | str, config: dict, *, resume: bool = True) -> "RunDir":
+        """A new folder, or an existing one whose saved config equals `config` (resume=True); else refuse."""
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise TypeError(f"the results folder must be a path, got {path!r}")
+        if not isinstance(config, dict):
+            raise TypeError(f"`config` must be a dict of plain values, got {type(config).__name__}")
+        if not isinstance(resume, bool):
+            raise TypeError(f"`resume` must be True or False, got {resume!r}")
+        path = pathlib.Path(path).expanduser().absolute()
+        config = json.loads(_json_text(config, "config"))  # normalise tuples, numpy scalars, paths
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"results folder {path} is an existing file; pass another --out")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot create results folder {path}: {e.strerror or e}; pass a writable --out") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise RunDirError(f"results folder {path} is not writable; pass a writable --out or fix its permissions")
+        _lock(path)
+        saved_file = path / CONFIG_FILE
+        if saved_file.exists():
+            saved = _read_config(saved_file)
+            if saved != config:
+                raise RunDirError(
+                    f"results folder {path} holds a run with another config ({_config_diff(saved, config)}); "
+                    "pass another --out, or delete that folder to start over"
+                )
+            if not resume:
+                raise RunDirError(
+                    f"results folder {path} already holds this run and resume=False; "
+                    "pass another --out, or delete that folder to start over"
+                )
+            return cls(path, config, resumed=True)
+        others = [p.name for p in path.iterdir() if p.name != _LOCK_FILE]
+        if others:
+            raise RunDirError(
+                f"results folder {path} is not empty and has no {CONFIG_FILE} (holds {sorted(others)[:5]}); "
+                "it is not a jaxeif run: pass another --out"
+            )
+        run = cls(path, config, resumed=False)
+        run.save_json(CONFIG_FILE, config)
+        return run
+
+    # -- names and files
+    def file(self, name: str, suffix: str = "") -> pathlib.Path:
+        """The path of `name` inside the folder (adds `suffix` when name has none)."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a results file name must be a non-empty string, got {name!r}")
+        rel = pathlib.PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts or name.startswith("."):
+            raise ValueError(f"results file name {name!r} must be relative to the run folder, without '..'")
+        if suffix and not rel.suffix:
+            rel = rel.with_suffix(suffix)
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def has(self, name: str) -> bool:
+        """Whether `name` (or `name` + .npy/.json/.png/.pdf when it has no suffix) was saved."""
+        target = self.file(name)
+        if target.exists():
+            return True
+        return not pathlib.PurePath(name).suffix and any(
+            target.with_suffix(s).exists() for s in (".npy", ".json", ".png", ".pdf", ".svg")
+        )
+
+    # -- saving
+    def save_json(self, name: str, obj: Any) -> pathlib.Path:
+        target = self.file(name, ".json")
+        text = _json_text(obj, name)
+        with atomic_file(target, "w") as fh:
+            fh.write(text)
+        return target
+
+    def save_npy(self, name: str, array: Any) -> pathlib.Path:
+        target = self.file(name, ".npy")
+        array = np.asarray(array)
+        with atomic_file(target, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+        return target
+
+    def save_figure(self, name: str, fig: Any, **savefig_kwargs: Any) -> pathlib.Path:
+        target = self.file(name, ".png")
+        savefig_kwargs.setdefault("bbox_inches", "tight")
+        with atomic_file(target, "wb") as fh:
+            fig.savefig(fh, format=target.suffix.lstrip("."), **savefig_kwargs)
+        return target
+
+    # -- loading
+    def load_npy(self, name: str) -> np.ndarray:
+        target = self.file(name, ".npy")
+        if not target.exists():
+            raise FileNotFoundError(f"{target} was not saved in this run")
+        try:
+            return np.load(target, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise CorruptCheckpointError(f"{target} is damaged ({e}); delete it and run the same command again") from None
+
+    def load_json(self, name: str) -> Any:
+        target = self.file(name, ".json")
+        if not target.exists():
+            raise FileNotFoundError(f"{target} was not saved in this run")
+        try:
+            return json.loads(target.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptCheckpointError(f"{target} is damaged ({e}); delete it and run the same command again") from None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r}, resumed={self.resumed})"
+
+
+def _read_config(file: pathlib.Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{file} is damaged ({e}); pass another --out, or delete that folder to start over") from None
+
+
+def _config_diff(saved: Any, new: Any) -> str:
+    if not isinstance(saved, dict):
+        return "saved config is not a dict"
+    keys = sorted(set(saved) | set(new))
+    diff = [f"{k}: saved {saved.get(k, '<missing>')!r} != now {new.get(k, '<missing>')!r}" for k in keys if saved.get(k, object()) != new.get(k, object())]
+    return "; ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
+
+
+def _lock(path: pathlib.Path) -> None:
+    """flock the folder for this process's lifetime (freed by the OS on exit, even SIGKILL)."""
+    if path in _HELD_LOCKS:
+        return
+    fd = os.open(path / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirError(f"results folder {path} is in use by another running process; wait for it or pass another --out") from None
+    _HELD_LOCKS[path] = fd
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_metadata(seed: int | None = None, **extra: Any) -> dict:
+    """Versions, device, time, command line and seed, plus `extra` (model, lr, optimizer, ...)."""
+    devices = jax.devices()
+    meta = {
+        "seed": seed,
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": list(sys.argv),
+        "versions": {
+            "python": platform.python_version(),
+            **{d: _version(d) for d in ("jaxeif", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")},
+        },
+        "device": {
+            "platform": devices[0].platform,
+            "kind": devices[0].device_kind,
+            "count": len(devices),
+            "x64": bool(jax.config.jax_enable_x64),
+        },
+        "host": {"system": platform.system(), "machine": platform.machine()},
+    }
+    meta.update(to_jsonable(extra, "run_metadata extra"))
+    return meta
+
+
+# ----------------------------------------------------------------------------- EIF sweep
+
+
+def _fingerprint(*trees: Any) -> str:
+    """A digest of the shapes, dtypes and bytes of every leaf (to refuse resuming other inputs)."""
+    h = hashlib.blake2b(digest_size=16)
+    for tree in trees:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        h.update(str(treedef).encode())
+        for leaf in leaves:
+            arr = np.ascontiguousarray(np.asarray(leaf))
+            h.update(f"{arr.dtype}{arr.shape}".encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _take(tree: Any, idx: np.ndarray) -> Any:
+    return jax.tree.map(lambda x: x[idx], tree)
+
+
+def _compute_block(eif_fn: Callable, loss_fn, params, train, evals, lr_vec, idx: np.ndarray, steps, optimizer) -> np.ndarray:
+    """Rows `idx` of the EIF; diverged rows come back as all-NaN rows."""
+    try:
+        block = eif_fn(loss_fn, params, _take(train, idx), evals, lr=lr_vec[idx], steps=steps, optimizer=optimizer)
+        block = np.array(block, dtype=np.float32)
+    except checks.NonFiniteInfluenceError as e:
+        block = np.array(e.matrix, dtype=np.float32)
+        block[np.asarray(e.rows)] = np.nan
+    return block
+
+
+def sweep_eif(
+    loss_fn: Callable,
+    params: Any,
+    train: Any,
+    evals: Any = None,
+    *,
+    lr: Any,
+    steps: int = 1,
+    optimizer: Any = None,
+    chunk_size: int = 64,
+    run: RunDir | None = None,
+    name: str = "eif",
+    progress: bool = True,
+) -> np.ndarray:
+    """The EIF f32[n, m] by `jaxeif.eif` on row blocks of `chunk_size`, each checkpointed in `run`.
+
+    A killed sweep resumes from its finished blocks (bit-identical result). Diverged rows are
+    NaN rows, listed in run.path/"<name>_nonfinite.json" and in a RuntimeWarning.
+    """
+    from jaxeif.influence import eif  # the core; checks its own inputs below on a tiny slice
+
+    evals = train if evals is None else evals
+    n = checks.leading_axis("train", train)
+    m = checks.leading_axis("evals", evals)
+    checks.positive_int("chunk_size", chunk_size)
+    checks.positive_int("steps", steps)
+    if run is not None and not isinstance(run, RunDir):
+        raise TypeError(f"`run` must be a jaxeif.runs.RunDir (from RunDir.open), got {type(run).__name__}")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ValueError(f"`name` must be a plain file stem such as 'eif', got {name!r}")
+    lr_vec = np.broadcast_to(np.asarray(checks.learning_rate(lr, n)), (n,))
+    block_size = min(chunk_size, n)
+    n_blocks = -(-n // block_size)
+
+    manager = None
+    if run is not None:
+        sweep_info = {
+            "n_train": n,
+            "n_eval": m,
+            "chunk_size": block_size,
+            "steps": steps,
+            "optimizer": None if optimizer is None else type(optimizer).__name__,
+            "fingerprint": _fingerprint(params, train, evals, lr_vec),
+        }
+        if run.has(f"{name}_sweep.json"):
+            saved = run.load_json(f"{name}_sweep.json")
+            if saved != sweep_info:
+                raise RunDirError(
+                    f"{run.path} holds a sweep '{name}' of other inputs ({_config_diff(saved, sweep_info)}); "
+                    "pass another --out or name, or delete that folder to start over"
+                )
+            if run.has(f"{name}.npy"):
+                matrix = run.load_npy(name)
+                if matrix.shape == (n, m):
+                    return matrix
+                raise CorruptCheckpointError(f"{run.file(name, '.npy')} has shape {matrix.shape}, expected {(n, m)}; delete it and run again")
+        else:
+            run.save_json(f"{name}_sweep.json", sweep_info)
+        manager = _block_manager(run.file(f"{name}_blocks"))
+
+    done = set(manager.all_steps()) if manager is not None else set()
+    blocks: list[np.ndarray | None] = [None] * n_blocks
+    bar = _progress(n_blocks, progress, name, len(done & set(range(n_blocks))))
+    try:
+        for b in range(n_blocks):
+            start, stop = b * block_size, min((b + 1) * block_size, n)
+            if b in done:
+                blocks[b] = _restore_block(manager, b, (stop - start, m))
+                continue
+            # Pad the last block to block_size (repeating its last row) so one compiled shape serves all.
+            idx = np.minimum(np.arange(start, start + block_size), n - 1)
+            rows = _compute_block(eif, loss_fn, params, train, evals, lr_vec, idx, steps, optimizer)[: stop - start]
+            if manager is not None:
+                _save_block(manager, b, rows)
+            blocks[b] = rows
+            bar.update(1)
+    finally:
+        bar.close()
+        if manager is not None:
+            manager.close()
+
+    matrix = np.concatenate(blocks, axis=0)
+    bad = checks.nonfinite_rows(matrix)
+    report = {
+        "rows": bad.tolist(),
+        "lr": lr_vec[bad].tolist(),
+        "n_train": n,
+        "message": "fine-tunes on these train rows diverged; their rows are NaN" if bad.size else "no diverged rows",
+    }
+    if run is not None:
+        run.save_json(f"{name}_nonfinite.json", report)
+        run.save_npy(name, matrix)
+        shutil.rmtree(run.file(f"{name}_blocks"), ignore_errors=True)
+    if bad.size:
+        where = f"; listed in {run.file(name + '_nonfinite.json')}" if run is not None else ""
+        warnings.warn(
+            f"sweep_eif '{name}': {bad.size} of {n} fine-tunes diverged (rows {bad.tolist()[:20]}"
+            f"{' ...' if bad.size > 20 else ''}, lr {lr_vec[bad][:5].tolist()}); kept as NaN rows{where}. "
+            "Lower lr or steps for them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return matrix
+
+
+def _block_manager(folder: pathlib.Path):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, cleanup_tmp_directories=True)
+    try:
+        return ocp.CheckpointManager(folder, options=options)
+    except Exception as e:  # orbax raises assorted types on damaged metadata
+        raise CorruptCheckpointError(f"block checkpoints in {folder} cannot be read ({type(e).__name__}: {e}); delete {folder} to recompute them") from None
+
+
+def _save_block(manager, b: int, rows: np.ndarray) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(b, args=ocp.args.StandardSave({"rows": rows}))
+    manager.wait_until_finished()
+
+
+def _restore_block(manager, b: int, shape: tuple[int, int]) -> np.ndarray:
+    import orbax.checkpoint as ocp
+
+    where = pathlib.Path(manager.directory) / str(b)
+    try:
+        out = manager.restore(b, args=ocp.args.StandardRestore({"rows": np.zeros(shape, np.float32)}))
+        rows = np.asarray(out["rows"], dtype=np.float32)
+    except Exception as e:  # tensorstore / orbax raise assorted types on damaged files
+        raise CorruptCheckpointError(
+            f"checkpoint of block {b} at {where} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"delete {where} and run the same command again to recompute that block"
+        ) from None
+    if rows.shape != shape:
+        raise CorruptCheckpointError(f"checkpoint of block {b} at {where} has shape {rows.shape}, expected {shape}; delete it and run again")
+    return rows
+
+
+class _NoBar:
+    def update(self, k: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, name: str, initial: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"{name} blocks", unit="block", file=sys.stderr)
