@@ -123,6 +123,8 @@ class RunDir:
         if not os.access(path, os.W_OK | os.X_OK):
             raise RunDirError(f"results folder {path} is not writable; pass a writable --out or fix its permissions")
         _lock(path)
+        for stale in path.glob(".*.tmp"):  # left by a process killed mid-write; never renamed into place
+            stale.unlink(missing_ok=True)
         saved_file = path / CONFIG_FILE
         if saved_file.exists():
             saved = _read_config(saved_file)
@@ -211,6 +213,43 @@ class RunDir:
         except (ValueError, UnicodeDecodeError) as e:
             raise CorruptCheckpointError(f"{target} is damaged ({e}); delete it and run the same command again") from None
 
+    # -- training state (e.g. a meta outer loop), checkpointed with orbax
+    def save_state(self, name: str, step: int, state: Any, *, keep: int = 2) -> None:
+        """Checkpoint a pytree of arrays as `step` under run.path/name (atomic; keeps the last `keep`)."""
+        import orbax.checkpoint as ocp
+
+        checks.positive_int("keep", keep)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"`step` must be an int >= 0, got {step!r}")
+        manager = _manager(self.file(name), max_to_keep=keep)
+        try:
+            manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            manager.wait_until_finished()
+        finally:
+            manager.close()
+
+    def restore_state(self, name: str, like: Any) -> tuple[int, Any] | None:
+        """(step, state) of the latest checkpoint under run.path/name shaped like `like`, or None."""
+        import orbax.checkpoint as ocp
+
+        folder = self.file(name)
+        if not folder.exists():
+            return None
+        manager = _manager(folder)
+        try:
+            step = manager.latest_step()
+            if step is None:
+                return None
+            try:
+                return step, manager.restore(step, args=ocp.args.StandardRestore(like))
+            except Exception as e:  # tensorstore / orbax raise assorted types on damaged files
+                raise CorruptCheckpointError(
+                    f"checkpoint {folder / str(step)} is damaged or holds another structure "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); delete it to start from the previous one"
+                ) from None
+        finally:
+            manager.close()
+
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r}, resumed={self.resumed})"
 
@@ -234,7 +273,10 @@ def _lock(path: pathlib.Path) -> None:
     """flock the folder for this process's lifetime (freed by the OS on exit, even SIGKILL)."""
     if path in _HELD_LOCKS:
         return
-    fd = os.open(path / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunDirError(f"results folder {path} is not writable ({e.strerror or e}); pass a writable --out") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -358,11 +400,13 @@ def sweep_eif(
                     f"{run.path} holds a sweep '{name}' of other inputs ({_config_diff(saved, sweep_info)}); "
                     "pass another --out or name, or delete that folder to start over"
                 )
-            if run.has(f"{name}.npy"):
+            if run.has(f"{name}.npy") and run.has(f"{name}_nonfinite.json"):
                 matrix = run.load_npy(name)
-                if matrix.shape == (n, m):
-                    return matrix
-                raise CorruptCheckpointError(f"{run.file(name, '.npy')} has shape {matrix.shape}, expected {(n, m)}; delete it and run again")
+                if matrix.shape != (n, m):
+                    raise CorruptCheckpointError(f"{run.file(name, '.npy')} has shape {matrix.shape}, expected {(n, m)}; delete it and run again")
+                shutil.rmtree(run.file(f"{name}_blocks"), ignore_errors=True)
+                _warn_nonfinite(name, checks.nonfinite_rows(matrix), lr_vec, run)
+                return matrix
         else:
             run.save_json(f"{name}_sweep.json", sweep_info)
         manager = _block_manager(run.file(f"{name}_blocks"))
@@ -400,26 +444,39 @@ def sweep_eif(
         run.save_json(f"{name}_nonfinite.json", report)
         run.save_npy(name, matrix)
         shutil.rmtree(run.file(f"{name}_blocks"), ignore_errors=True)
-    if bad.size:
-        where = f"; listed in {run.file(name + '_nonfinite.json')}" if run is not None else ""
-        warnings.warn(
-            f"sweep_eif '{name}': {bad.size} of {n} fine-tunes diverged (rows {bad.tolist()[:20]}"
-            f"{' ...' if bad.size > 20 else ''}, lr {lr_vec[bad][:5].tolist()}); kept as NaN rows{where}. "
-            "Lower lr or steps for them.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _warn_nonfinite(name, bad, lr_vec, run)
     return matrix
 
 
-def _block_manager(folder: pathlib.Path):
+def _warn_nonfinite(name: str, bad: np.ndarray, lr_vec: np.ndarray, run: RunDir | None) -> None:
+    """A RuntimeWarning naming the diverged rows (never silent)."""
+    if not bad.size:
+        return
+    where = f"; listed in {run.file(name + '_nonfinite.json')}" if run is not None else ""
+    warnings.warn(
+        f"sweep_eif '{name}': {bad.size} of {lr_vec.shape[0]} fine-tunes diverged (rows {bad.tolist()[:20]}"
+        f"{' ...' if bad.size > 20 else ''}, lr {lr_vec[bad][:5].tolist()}); kept as NaN rows{where}. "
+        "Lower lr or steps for them.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _manager(folder: pathlib.Path, max_to_keep: int | None = None):
+    """A synchronous orbax CheckpointManager; it finalises each step by rename and drops killed temp dirs."""
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
+    )
     try:
         return ocp.CheckpointManager(folder, options=options)
     except Exception as e:  # orbax raises assorted types on damaged metadata
-        raise CorruptCheckpointError(f"block checkpoints in {folder} cannot be read ({type(e).__name__}: {e}); delete {folder} to recompute them") from None
+        raise CorruptCheckpointError(f"checkpoints in {folder} cannot be read ({type(e).__name__}: {e}); delete {folder} to recompute them") from None
+
+
+def _block_manager(folder: pathlib.Path):
+    return _manager(folder)
 
 
 def _save_block(manager, b: int, rows: np.ndarray) -> None:
