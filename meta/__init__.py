@@ -1,0 +1,49 @@
+"""meta: learn fine-tuning controls (per-sample rates, a rate predictor, per-layer multipliers)
+by backpropagating an objective on the influence matrix through jaxeif.eif.
+
+Example (per-sample log-rates toward "learn within class, leave other classes alone")::
+
+    import jaxeif, meta, optax
+
+    def objective(log_lr):
+        M = jaxeif.eif(loss_fn, params, train, lr=meta.per_sample_lr(log_lr), steps=1)
+        return meta.class_blocks(M, labels)
+
+    result = meta.fit(objective, meta.init_log_lr(n, 1e-2), optimizer=optax.adam(0.05),
+                      steps=100, checkpoint_dir="runs/meta_ckpt", every=10)
+    lr = meta.per_sample_lr(result.controls)      # result.history: objective per step
+
+Per-layer multipliers: `optimizer=meta.layer_optimizer(log_scales)` inside the objective,
+with `log_scales = meta.init_layer_log_scales(params)` as the controls.
+"""
+from meta.controls import (
+    Amortised,
+    LRPredictor,
+    Standardizer,
+    amortised,
+    image_features,
+    init_layer_log_scales,
+    init_log_lr,
+    layer_names,
+    layer_optimizer,
+    per_sample_lr,
+    scale_by_layer,
+)
+from meta.objectives import (
+    class_blocks,
+    class_learning,
+    keep_learning,
+    logic,
+    noise_invariance,
+    sparsity,
+    stay_below,
+    symmetry,
+)
+from meta.outer import MetaResult, fit, make_step
+
+__all__ = [
+    "Amortised", "LRPredictor", "Standardizer", "amortised", "image_features", "init_layer_log_scales",
+    "init_log_lr", "layer_names", "layer_optimizer", "per_sample_lr", "scale_by_layer",
+    "class_blocks", "class_learning", "keep_learning", "logic", "noise_invariance", "sparsity",
+    "stay_below", "symmetry", "MetaResult", "fit", "make_step",
+]

@@ -1,0 +1,143 @@
+"""The outer loop: optax on the controls, the gradient flowing through jaxeif.eif's unrolled
+fine-tunes, one jitted meta-step, a progress bar, and orbax checkpoints for resuming."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+Objective = Callable[[PyTree], jax.Array]
+
+
+class MetaResult(NamedTuple):
+    """Learned controls, objective before each update f32[steps], objective of the final controls,
+    and the step a run resumed from (None: started fresh)."""
+
+    controls: PyTree
+    history: np.ndarray
+    final: float
+    resumed_from: int | None
+
+
+def init_state(controls: PyTree, optimizer: optax.GradientTransformation, steps: int) -> dict:
+    """The whole outer-loop state as one pytree (what a checkpoint holds)."""
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "controls": controls,
+        "opt_state": optimizer.init(controls),
+        "history": jnp.full((steps,), jnp.nan, jnp.float32),
+    }
+
+
+def make_step(objective: Objective, optimizer: optax.GradientTransformation) -> Callable[[dict], tuple[dict, jax.Array]]:
+    """A jitted meta-step: value and gradient of `objective` at the controls, one optax update."""
+
+    @jax.jit
+    def step(state: dict) -> tuple[dict, jax.Array]:
+        value, grads = jax.value_and_grad(objective)(state["controls"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["controls"])
+        return {
+            "step": state["step"] + 1,
+            "controls": optax.apply_updates(state["controls"], updates),
+            "opt_state": opt_state,
+            "history": state["history"].at[state["step"]].set(value.astype(jnp.float32)),
+        }, value
+
+    return step
+
+
+def _manager(directory: Path, every: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=2, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _restore(manager, step: int, template: dict, directory: Path) -> dict:
+    import orbax.checkpoint as ocp
+
+    try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(template))
+    except Exception as e:  # orbax raises several types for a structure mismatch
+        raise ValueError(
+            f"the checkpoint at {directory} (step {step}) does not match this run's controls, optimizer "
+            f"or step count ({type(e).__name__}: {str(e)[:200]}); use a new checkpoint_dir or delete it"
+        ) from e
+    return jax.tree.map(jnp.asarray, restored)
+
+
+def fit(
+    objective: Objective,
+    controls: PyTree,
+    *,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    checkpoint_dir: str | Path | None = None,
+    every: int = 10,
+    progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+) -> MetaResult:
+    """Minimise `objective(controls)` (jittable, scalar) for `steps` optax updates.
+
+    With `checkpoint_dir`, the state is saved with orbax every `every` steps and at the end,
+    and a run finding a checkpoint there resumes from it, ending with the same controls as an
+    uninterrupted run. `callback(step, value)` runs after each step (host side).
+    """
+    for name, v in (("steps", steps), ("every", every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}")
+    state = init_state(controls, optimizer, steps)
+    manager, resumed_from = None, None
+    if checkpoint_dir is not None:
+        directory = Path(checkpoint_dir)
+        manager = _manager(directory, every)
+        latest = manager.latest_step()
+        if latest is not None:
+            state = _restore(manager, latest, state, directory)
+            resumed_from = int(latest)
+    step = make_step(objective, optimizer)
+    start = int(state["step"])
+    bar = _progress(start, steps, progress)
+    try:
+        for k in range(start, steps):
+            state, value = step(state)
+            value = float(value)
+            if not np.isfinite(value):
+                raise FloatingPointError(
+                    f"the meta-objective is {value} at step {k}; lower the outer learning rate or bound "
+                    f"the controls{'' if manager is None else f' (last good checkpoint: {manager.latest_step()})'}"
+                )
+            if manager is not None:
+                manager.save(k + 1, args=_save_args(state))
+            bar.update(1)
+            bar.set_postfix(objective=f"{value:.4g}")
+            if callback is not None:
+                callback(k + 1, value)
+        if manager is not None and manager.latest_step() != steps:
+            manager.save(steps, args=_save_args(state), force=True)
+    finally:
+        bar.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+    final = float(jax.jit(objective)(state["controls"]))
+    return MetaResult(state["controls"], np.asarray(state["history"]), final, resumed_from)
+
+
+def _save_args(state: dict):
+    import orbax.checkpoint as ocp
+
+    return ocp.args.StandardSave(state)
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="meta", disable=not enabled, leave=False)
