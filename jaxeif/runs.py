@@ -380,6 +380,7 @@ def sweep_eif(
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise ValueError(f"`name` must be a plain file stem such as 'eif', got {name!r}")
     lr_vec = np.broadcast_to(np.asarray(checks.learning_rate(lr, n)), (n,))
+    train = jax.tree.map(np.asarray, train)  # blocks are sliced on the host, once each
     block_size = min(chunk_size, n)
     n_blocks = -(-n // block_size)
 
