@@ -139,10 +139,12 @@ def test_sigkill_then_same_command_resumes_bit_identical(tmp_path):
     resumed = run_to_end(command(killed, "--slow", "0.5"))
     assert int(stdout_value(resumed, "computed_blocks")) == n_blocks - len(done)
 
-    reference = run_to_end(command(tmp_path / "reference"))
-    assert int(stdout_value(reference, "computed_blocks")) == n_blocks
+    # The uninterrupted run, in this process (tests/test_reproducible.py runs it twice as a command).
+    from jaxeif import runs
 
-    got, want = np.load(killed / "eif.npy"), np.load(tmp_path / "reference" / "eif.npy")
+    params, train = toy_problem(0, n)
+    want = runs.sweep_eif(toy_loss, params, train, lr=0.1, steps=2, chunk_size=chunk, progress=False)
+    got = np.load(killed / "eif.npy")
     assert got.shape == want.shape == (n, n)
     np.testing.assert_array_equal(bits(got), bits(want))
     assert not (killed / "eif_blocks").exists(), "block checkpoints are removed once the matrix is saved"
@@ -151,7 +153,6 @@ def test_sigkill_then_same_command_resumes_bit_identical(tmp_path):
     # And the resumed matrix is the EIF itself (the straightforward computation, in process).
     from jaxeif import eif
 
-    params, train = toy_problem(0, n)
     np.testing.assert_allclose(got, np.asarray(eif(toy_loss, params, train, lr=0.1, steps=2)), rtol=1e-5, atol=1e-5)
 
 
