@@ -75,7 +75,10 @@ def to_jsonable(obj: Any, where: str = "value") -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, (np.ndarray, jax.Array)):
-        return np.asarray(obj).tolist()
+        if jax.dtypes.issubdtype(obj.dtype, jax.dtypes.prng_key):
+            raise TypeError(f"{where} is a PRNG key, which cannot be saved as JSON; save the integer seed instead")
+        arr = np.asarray(obj)
+        return to_jsonable(arr.tolist(), where) if arr.dtype == object else arr.tolist()
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
