@@ -329,13 +329,24 @@ def default_model(dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
     return from_pretrained(None, dtype=dtype)
 
 
-def greedy_generate(apply_fn: Callable, params: Params, input_ids, max_new_tokens: int, eos_token_id=None) -> np.ndarray:
-    """Greedy decoding by re-running the full forward pass (no KV cache; for short tests and demos)."""
+def greedy_generate(apply_fn: Callable, params: Params, input_ids, max_new_tokens: int, eos_token_id=None,
+                    config: Phi3Config | None = None) -> np.ndarray:
+    """Greedy decoding without a KV cache (short tests and demos); stops a single row at `eos_token_id`.
+
+    With `config` given, every step runs on one fixed-length buffer (one compilation): causal
+    attention makes the logits at position p independent of later tokens.  This is skipped when
+    the buffer would cross LongRoPE's switch to the long factors, which depends on the length.
+    """
     ids = np.asarray(input_ids, np.int32)
+    b, t0 = ids.shape
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
-    for _ in range(max_new_tokens):
-        nxt = np.asarray(jnp.argmax(apply_fn(params, ids)[:, -1], axis=-1), np.int32)
-        ids = np.concatenate([ids, nxt[:, None]], axis=1)
-        if ids.shape[0] == 1 and int(nxt[0]) in eos:
-            break
-    return ids
+    total = t0 + max_new_tokens
+    fixed = config is not None and not (config.rope_type == "longrope" and total > config.original_max_position_embeddings >= t0)
+    buf = np.zeros((b, total), np.int32)
+    buf[:, :t0] = ids
+    for t in range(t0, total):
+        logits = apply_fn(params, buf if fixed else buf[:, :t])
+        buf[:, t] = np.asarray(jnp.argmax(logits[:, t - 1], axis=-1), np.int32)
+        if b == 1 and int(buf[0, t]) in eos:
+            return buf[:, : t + 1]
+    return buf
