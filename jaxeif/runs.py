@@ -411,6 +411,11 @@ def sweep_eif(
                 shutil.rmtree(run.file(f"{name}_blocks"), ignore_errors=True)
                 _warn_nonfinite(name, checks.nonfinite_rows(matrix), lr_vec, run)
                 return matrix
+        elif run.file(f"{name}_blocks").exists() or run.has(f"{name}.npy"):
+            raise RunDirError(
+                f"{run.path} holds results of sweep '{name}' without its {name}_sweep.json, so they cannot be "
+                "checked against these inputs; pass another --out or name, or delete that folder"
+            )
         else:
             run.save_json(f"{name}_sweep.json", sweep_info)
         manager = _block_manager(run.file(f"{name}_blocks"))

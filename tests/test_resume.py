@@ -63,10 +63,13 @@ def run(args) -> dict:
         time.sleep(args.slow)
 
     runs._compute_block, runs._save_block = counting_compute, slow_save
-    params, train = toy_problem(args.seed, args.n)
-    matrix = runs.sweep_eif(
-        toy_loss, params, train, lr=args.lr, steps=args.steps, chunk_size=args.chunk_size, run=rundir, progress=False
-    )
+    try:
+        params, train = toy_problem(args.seed, args.n)
+        matrix = runs.sweep_eif(
+            toy_loss, params, train, lr=args.lr, steps=args.steps, chunk_size=args.chunk_size, run=rundir, progress=False
+        )
+    finally:  # this module also runs in-process under tests/test_bad_input.py
+        runs._compute_block, runs._save_block = compute, save
     meta = runs.run_metadata(
         seed=args.seed, model="toy tanh MLP 6-8-1", lr=args.lr, optimizer="sgd", steps=args.steps, chunk_size=args.chunk_size
     )

@@ -232,6 +232,9 @@ def test_sweep_refuses_resuming_other_inputs(tmp_path, monkeypatch):
     for kw in ({"lr": 0.3, "chunk_size": 2}, {"lr": 0.2, "chunk_size": 3}):
         with pytest.raises(RunDirError, match="other inputs"):
             runs.sweep_eif(loss, params, train, run=run, progress=False, **kw)
+    (run.path / "eif_sweep.json").unlink()  # blocks of unknown inputs are never reused
+    with pytest.raises(RunDirError, match="without its eif_sweep.json"):
+        runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False)
 
 
 def test_damaged_block_checkpoint_gives_clear_error_then_recovers(tmp_path, monkeypatch):
