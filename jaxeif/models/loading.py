@@ -80,8 +80,6 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> Phi3Config:
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise ValueError(f"{source}: {flag}=true is not supported by the Flax port")
-    if cfg.get("pretraining_tp", 1) not in (1, None):
-        pass  # only changes how transformers splits matmuls, not the result
     heads = cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
     head_dim = cfg.get("head_dim") or hidden // heads
