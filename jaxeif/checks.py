@@ -65,9 +65,11 @@ def float_params(params: Any) -> None:
 
 def learning_rate(lr: Any, n: int) -> jax.Array:
     """lr as an array of shape () or (n,), finite and non-negative where it can be seen."""
+    if lr is None:
+        raise TypeError(f"`lr` must be a number or an array of shape ({n},), got None")
     try:
         arr = jnp.asarray(lr)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise TypeError(f"`lr` must be a number or an array of shape ({n},), got {type(lr).__name__}") from e
     if not jnp.issubdtype(arr.dtype, jnp.floating) and not jnp.issubdtype(arr.dtype, jnp.integer):
         raise TypeError(f"`lr` must be real-valued, got dtype {arr.dtype}")
@@ -80,6 +82,20 @@ def learning_rate(lr: Any, n: int) -> jax.Array:
         if np.any(host < 0):
             raise ValueError("`lr` must be >= 0 (to ascend the loss, negate loss_fn instead)")
     return arr if jnp.issubdtype(arr.dtype, jnp.floating) else arr.astype(jnp.float32)
+
+
+def finite(name: str, tree: Any) -> None:
+    """ValueError naming the first floating leaf of `tree` with NaN or inf (traced leaves skipped)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if is_traced(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        bad = ~np.isfinite(np.asarray(leaf))
+        if bad.any():
+            first = tuple(int(i) for i in np.unravel_index(np.argmax(bad), bad.shape))
+            raise ValueError(
+                f"`{name}`{jax.tree_util.keystr(path)} has {int(bad.sum())} non-finite values (first at {first}); "
+                "remove or fix them: the EIF of non-finite inputs is undefined"
+            )
 
 
 def positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:

@@ -40,6 +40,10 @@ def eif(
     if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     checks.float_params(params)
+    checks.finite("params", params)
+    checks.finite("train", train)
+    if evals is not train:
+        checks.finite("evals", evals)
     lr = checks.learning_rate(lr, n)
     first = functools.partial(jax.tree.map, lambda x: x[0])
     checks.scalar_loss(loss_fn, params, first(train), "train")

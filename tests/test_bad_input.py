@@ -145,12 +145,10 @@ def test_eif_bad_loss_fn_and_optimizer_are_named():
     raises_naming("`optimizer`", eif, loss, PARAMS, TRAIN, lr=0.1, optimizer=lambda: None)
 
 
-@pytest.mark.xfail(strict=True, reason="checks.learning_rate catches only TypeError; jnp.asarray(None) raises ValueError without naming `lr`")
 def test_eif_lr_none_is_named():
     raises_naming("`lr`", eif, loss, PARAMS, TRAIN, lr=None)
 
 
-@pytest.mark.xfail(strict=True, reason="no finiteness check of params/train/evals: NaN inputs surface as 'fine-tunes diverged, lower lr'")
 @pytest.mark.parametrize("where", ["params", "train", "evals"])
 def test_eif_non_finite_inputs_are_named(where):
     params, train, evals = PARAMS, TRAIN, TRAIN
