@@ -1,0 +1,330 @@
+"""Figure 1 of the paper: EIF of a Fashion-MNIST CNN fine-tuned on single clean and noisy MNIST digits.
+
+A small CNN is trained on Fashion-MNIST (once; cached with orbax). Each of 50 MNIST test digits
+(5 per digit, sorted), clean and with Gaussian pixel noise of std 0.5 and 1.0, is a one-sample
+fine-tune toward Fashion class = digit. The 150 x 150 EIF (loss after minus before) is computed
+with jaxeif at a learning rate chosen by a sweep (the plateau rule below), then summarised with
+jaxeif.desiderata. Writes into --out: config.json, lr_sweep.json/.png, eif.npy, metrics.json,
+eif_heatmap.png (sign: -EIF, positive = more likely, as in the paper), eif_histogram.png.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxeif import cli
+
+PAPER = {"symmetry_corr": 0.81, "block_symmetry_corr": 0.9}
+DEFAULT_LR_GRID = tuple(float(x) for x in 10.0 ** np.arange(-6.0, 0.01, 0.5))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the study (defaults reproduce the paper's figure 1)."""
+    parser.add_argument("--out", default="results/cnn_noise", help="results folder (resumed if its config matches)")
+    parser.add_argument("--ckpt", default="results/checkpoints/cnn_fashion_mnist",
+                        help="orbax checkpoint folder of the base CNN (trained there on first use)")
+    parser.add_argument("--epochs", type=int, default=4, help="base CNN training epochs (Adam, lr 1e-3)")
+    parser.add_argument("--batch-size", type=int, default=128, help="base CNN training batch size")
+    parser.add_argument("--train-size", type=int, default=None, help="train the base CNN on the first N images only")
+    parser.add_argument("--per-digit", type=int, default=5, help="MNIST test images per digit")
+    parser.add_argument("--noise-stds", type=float, nargs="*", default=[0.5, 1.0], help="pixel noise standard deviations")
+    parser.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: chosen by the sweep)")
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=list(DEFAULT_LR_GRID),
+                        help="learning rates of the sweep, ascending (default 1e-6 .. 1 in half decades)")
+    parser.add_argument("--plateau", type=float, default=0.95,
+                        help="sweep rule: the largest lr whose EIF correlates >= this with the previous lr's")
+    parser.add_argument("--steps", type=int, default=1, help="SGD steps per one-sample fine-tune")
+    parser.add_argument("--chunk-size", type=int, default=50, help="fine-tunes per checkpointed block")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the base CNN and of the pixel noise")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 digits per class, base CNN on 3000 images for 1 epoch, short lr grid")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _config(args: argparse.Namespace) -> dict:
+    """The run's configuration as plain data (after --quick is applied); a resumed run must match it."""
+    if args.quick:
+        args.per_digit = min(args.per_digit, 2)
+        args.train_size = args.train_size or 3000
+        args.epochs = 1
+        if args.lr_grid == list(DEFAULT_LR_GRID):
+            args.lr_grid = [1e-3, 3e-3, 1e-2, 3e-2]
+    if list(args.lr_grid) != sorted(args.lr_grid) or len(args.lr_grid) < 2 or min(args.lr_grid) <= 0:
+        raise ValueError(f"--lr-grid must hold at least two positive learning rates in ascending order, got {args.lr_grid}")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.plateau <= 1:
+        raise ValueError(f"--plateau is a correlation threshold in (0, 1], got {args.plateau}")
+    return {
+        "study": "cnn_noise",
+        "ckpt": str(Path(args.ckpt).expanduser().absolute()),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "train_size": args.train_size,
+        "per_digit": args.per_digit,
+        "noise_stds": [float(s) for s in args.noise_stds],
+        "lr": args.lr,
+        "lr_grid": [float(x) for x in args.lr_grid],
+        "plateau": args.plateau,
+        "steps": args.steps,
+        "chunk_size": args.chunk_size,
+        "seed": args.seed,
+        "optimizer": "sgd",
+        "loss": "softmax cross-entropy toward Fashion class = digit",
+    }
+
+
+# ----------------------------------------------------------------------------- the lr rule
+
+
+def _offdiag(M: np.ndarray) -> np.ndarray:
+    return M[~np.eye(len(M), dtype=bool)]
+
+
+def agreement(prev: np.ndarray | None, cur: np.ndarray) -> float:
+    """corr of the off-diagonal entries of two EIF matrices; nan if either is constant or non-finite."""
+    if prev is None:
+        return float("nan")
+    a, b = _offdiag(prev), _offdiag(cur)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))) or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def choose_lr(lrs, agreements, threshold: float) -> float:
+    """The plateau rule (PAPER.md, section 3.4), coded.
+
+    Too small an lr leaves EIF ~ 0 (float rounding dominates: matrices at neighbouring lrs
+    disagree); too large lets the nonlinearity of big steps dominate (they disagree again). The
+    plateau is the first run of consecutive grid points whose matrix correlates >= threshold
+    with the previous point's; we take its largest lr (the strongest signal still on it).
+    """
+    lrs, agreements = list(lrs), np.asarray(agreements, dtype=float)
+    on = np.nan_to_num(agreements, nan=-1.0) >= threshold
+    if not on.any():
+        raise ValueError(
+            f"no plateau in the lr sweep: no EIF matrix correlates >= {threshold} with the previous lr's "
+            f"(agreements {np.round(agreements, 3).tolist()} at lrs {lrs}); widen --lr-grid, lower --plateau, or pass --lr"
+        )
+    k = int(np.argmax(on))
+    while k + 1 < len(on) and on[k + 1]:
+        k += 1
+    return float(lrs[k])
+
+
+def lr_sweep(params, train, lrs, *, steps: int, chunk_size: int, threshold: float, progress: bool) -> dict:
+    """EIF at each lr of the grid; magnitudes, neighbour agreements and the chosen lr."""
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from jaxeif import runs
+    from jaxeif.models import cnn
+
+    magnitude, agree, diverged, prev = [], [], [], None
+    for lr in tqdm(lrs, desc="lr sweep", unit="lr", disable=not progress):
+        # sweep_eif without a run folder: the same row blocks (one compiled shape) as the final EIF
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # diverged rows are counted below instead
+            M = runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=steps, chunk_size=chunk_size, progress=False)
+        diverged.append(int(np.sum(~np.all(np.isfinite(M), axis=1))))
+        finite = _offdiag(M)[np.isfinite(_offdiag(M))]
+        magnitude.append(float(np.median(np.abs(finite))) if finite.size else float("nan"))
+        agree.append(agreement(prev, M))
+        prev = M
+    chosen = choose_lr(lrs, agree, threshold)
+    return {
+        "lrs": list(map(float, lrs)),
+        "median_abs_eif": magnitude,
+        "agreement_with_previous": agree,
+        "diverged_rows": diverged,
+        "threshold": threshold,
+        "chosen_lr": chosen,
+        "rule": "largest lr of the first run of grid points whose EIF (off-diagonal) correlates >= threshold "
+        "with the EIF at the previous grid lr",
+    }
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _mean(x) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.mean()) if x.size else float("nan")
+
+
+def class_means(M: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """f64[c, c]: mean of M over rows of class a and columns of class b (diagonal entries left out)."""
+    classes = np.unique(labels)
+    off = ~np.eye(len(M), dtype=bool)
+    return np.array([[_mean(M[(labels[:, None] == a) & (labels[None, :] == b) & off]) for b in classes] for a in classes])
+
+
+def study_metrics(M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, source: np.ndarray) -> dict:
+    """The desiderata of the figure-1 matrix (M in loss units: negative = learned)."""
+    from jaxeif import desiderata as D
+
+    n = len(M)
+    levels = sorted(set(noise_std.tolist()))
+    level_id = np.searchsorted(levels, noise_std)
+    cell = level_id * 100 + digits
+    within, between = D.within_between(M, digits)
+    same = (digits[:, None] == digits[None, :]) & ~np.eye(n, dtype=bool)
+    diff = digits[:, None] != digits[None, :]
+    clean = noise_std == 0
+    out = {
+        "sign": "loss after minus loss before (negative = learned); figures show -EIF",
+        "n": n,
+        "symmetry_corr": float(D.symmetry_corr(M)),
+        "block_symmetry_corr_digit": float(D.block_symmetry_corr(M, digits)),
+        "block_symmetry_corr_noise_level": float(D.block_symmetry_corr(M, level_id)),
+        "block_symmetry_corr_digit_and_noise": float(D.block_symmetry_corr(M, cell)),
+        "inverse_asymmetry": float(D.inverse_asymmetry(M)),
+        "relative_asymmetry": float(np.linalg.norm(M - M.T) / np.linalg.norm(M)),
+        "within_class_mean": float(within),
+        "between_class_mean": float(between),
+        "within_class_frac_learned": float(np.mean(M[same] < 0)),
+        "between_class_frac_unlearned": float(np.mean(M[diff] > 0)),
+        "self_influence_mean": float(np.mean(np.diag(M))),
+        "sparsity_hoyer": float(D.sparsity(M)),
+        "class_mean_matrix_clean": class_means(M[np.ix_(clean, clean)], digits[clean]).tolist(),
+        "noise": {},
+    }
+    clean_rows = np.flatnonzero(clean)
+    for lvl in levels[1:]:
+        noisy_rows = np.flatnonzero(noise_std == lvl)
+        noisy_rows = noisy_rows[np.argsort(source[noisy_rows])]
+        pair_clean = clean_rows[np.searchsorted(source[clean_rows], source[noisy_rows])]
+        E = np.asarray(D.noise_influence(M, pair_clean, noisy_rows))  # [k, n]
+        cols_same = (digits[pair_clean][:, None] == digits[None, :]) & clean[None, :]
+        cols_same &= source[None, :] != source[pair_clean][:, None]  # leave out the image itself
+        teach_noisy = -M[noisy_rows][cols_same]
+        teach_clean = -M[pair_clean][cols_same]
+        out["noise"][f"std_{lvl:g}"] = {
+            "eif_noise_mean": _mean(E),
+            "eif_noise_mean_on_clean_evals": _mean(E[:, clean]),
+            "eif_noise_mean_on_same_class_clean_evals": _mean(E[cols_same]),
+            "teaching_ratio_same_class_clean": _mean(teach_noisy) / _mean(teach_clean),
+            "clean_to_noisy_abs_mean": _mean(np.abs(M[np.ix_(clean_rows, noisy_rows)])),
+            "noisy_to_clean_abs_mean": _mean(np.abs(M[np.ix_(noisy_rows, clean_rows)])),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _figures(run, M, fs, lr: float, sweep: dict, title_extra: str) -> None:
+    from jaxeif import plot
+
+    per_level = int(np.sum(fs.noise_std == 0))
+    level_names = ["clean" if s == 0 else f"noise σ={s:g}" for s in fs.noise_std]
+    digit_runs = [i for i in range(1, len(M)) if fs.labels[i] != fs.labels[i - 1]]
+    major = list(range(per_level, len(M), per_level))
+    fig = plot.heatmap(
+        M, labels=fs.labels.tolist(), groups=level_names, boundaries=[b for b in digit_runs if b not in major],
+        major_boundaries=major, sign="logprob",
+        title=f"EIF of a Fashion-MNIST CNN fine-tuned on single MNIST digits\n"
+        f"(digit d → Fashion class d; SGD, 1 step, lr {lr:g}{title_extra})",
+    )
+    plot.save(fig, run.path / "eif_heatmap.png")
+
+    same = (fs.labels[:, None] == fs.labels[None, :]) & ~np.eye(len(M), dtype=bool)
+    diff = fs.labels[:, None] != fs.labels[None, :]
+    fig = plot.histogram({"same digit": M[same], "different digit": M[diff]}, sign="logprob",
+                         title="Influence within vs between classes")
+    plot.save(fig, run.path / "eif_histogram.png")
+    if sweep is not None:
+        fig = plot.lr_sweep(sweep["lrs"], sweep["median_abs_eif"], sweep["agreement_with_previous"],
+                            threshold=sweep["threshold"], chosen=lr, title="Learning-rate sweep (plateau rule)")
+        plot.save(fig, run.path / "lr_sweep.png")
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train or restore the CNN, sweep lr, compute the EIF, write matrix, metrics and figures."""
+    import jax
+
+    from jaxeif import runs
+    from jaxeif.data import images as data
+    from jaxeif.models import cnn
+
+    start = time.perf_counter()
+    config = _config(args)
+    progress = not args.no_progress
+    run_dir = runs.RunDir.open(args.out, config)
+
+    params = cnn.load_or_train(args.ckpt, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                               progress=progress, train_size=args.train_size)
+    info = cnn.checkpoint_info(args.ckpt)
+    fs = data.finetune_set(per_digit=args.per_digit, noise_stds=tuple(args.noise_stds), seed=args.seed)
+    train = (jax.numpy.asarray(fs.images), jax.numpy.asarray(fs.labels))
+
+    sweep, sweep_seconds = None, 0.0
+    if run_dir.has("lr_sweep.json"):
+        sweep = run_dir.load_json("lr_sweep.json")
+    elif args.lr is None:
+        t = time.perf_counter()
+        sweep = lr_sweep(params, train, config["lr_grid"], steps=args.steps, chunk_size=args.chunk_size,
+                         threshold=args.plateau, progress=progress)
+        sweep_seconds = sweep["seconds"] = time.perf_counter() - t
+        run_dir.save_json("lr_sweep.json", sweep)
+    lr = args.lr if args.lr is not None else sweep["chosen_lr"]
+
+    t = time.perf_counter()
+    M = runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=args.steps, chunk_size=args.chunk_size,
+                       run=run_dir, name="eif", progress=progress)
+    eif_seconds = time.perf_counter() - t
+    nan_rows = np.flatnonzero(~np.all(np.isfinite(M), axis=1))
+    if nan_rows.size:
+        raise ValueError(f"{nan_rows.size} fine-tunes diverged at lr {lr:g} (rows {nan_rows[:10].tolist()}); "
+                         "lower --lr or --steps (the matrix with NaN rows is saved as eif.npy)")
+
+    metrics = study_metrics(M, fs.labels, fs.noise_std, fs.source)
+    metrics.update({
+        "lr": lr, "lr_source": "sweep" if args.lr is None else "--lr",
+        "base_cnn": info, "paper": PAPER,
+        "seconds": {"lr_sweep": sweep_seconds, "eif": eif_seconds, "total": None},
+        "metadata": runs.run_metadata(seed=args.seed, study="cnn_noise"),
+    })
+    quick = " — quick smoke run" if args.quick else ""
+    _figures(run_dir, M, fs, lr, sweep, quick)
+    metrics["seconds"]["total"] = time.perf_counter() - start
+    run_dir.save_json("metrics.json", metrics)
+    _print_summary(run_dir.path, metrics)
+    return {"out": str(run_dir.path), "lr": lr, "symmetry_corr": metrics["symmetry_corr"],
+            "block_symmetry_corr_digit": metrics["block_symmetry_corr_digit"],
+            "within_class_mean": metrics["within_class_mean"], "between_class_mean": metrics["between_class_mean"],
+            "seconds": metrics["seconds"]["total"], "metrics": metrics}
+
+
+def _print_summary(path: Path, m: dict) -> None:
+    acc = m["base_cnn"]["test_accuracy"] if m["base_cnn"] else float("nan")
+    lines = [
+        "",
+        f"CNN noise study (figure 1): {m['n']} x {m['n']} EIF at lr {m['lr']:g} ({m['lr_source']}); "
+        f"base CNN test accuracy {acc:.4f}",
+        f"  {'metric':<44}{'ours':>10}{'paper':>10}",
+        f"  {'corr(M, M^T), off-diagonal':<44}{m['symmetry_corr']:>10.3f}{'~0.81':>10}",
+        f"  {'corr(M, M^T) inside digit blocks':<44}{m['block_symmetry_corr_digit']:>10.3f}{'~0.9':>10}",
+        f"  {'corr(M, M^T) inside noise-level blocks':<44}{m['block_symmetry_corr_noise_level']:>10.3f}{'':>10}",
+        f"  {'1 / ||M - M^T||_F':<44}{m['inverse_asymmetry']:>10.3g}{'':>10}",
+        f"  {'within-class mean EIF (loss; <0 = learned)':<44}{m['within_class_mean']:>10.3g}{'<0':>10}",
+        f"  {'between-class mean EIF (loss)':<44}{m['between_class_mean']:>10.3g}{'>0':>10}",
+        f"  {'sparsity (Hoyer, 0 dense .. 1 one entry)':<44}{m['sparsity_hoyer']:>10.3f}{'':>10}",
+    ]
+    for lvl, d in m["noise"].items():
+        lines.append(f"  {'noisy/clean teaching ratio, ' + lvl:<44}{d['teaching_ratio_same_class_clean']:>10.3f}{'~1':>10}")
+    lines.append(f"  wall time {m['seconds']['total']:.1f} s (lr sweep {m['seconds']['lr_sweep']:.1f} s, "
+                 f"EIF {m['seconds']['eif']:.1f} s); results in {path}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -1,0 +1,189 @@
+"""Figures of influence matrices: heatmaps with block boundaries, histograms, lr sweeps (matplotlib Agg).
+
+Every figure states which sign it shows. sign="loss" shows M as eif() returns it (loss after
+minus before; negative = learned); sign="logprob" shows -M, the paper's figure sign (change in
+log-probability of the target; positive = more likely). Either way "learned" is drawn blue.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+SIGNS = {
+    "loss": ("Δ loss = loss after − loss before\n(negative = learned)", "RdBu_r"),
+    "logprob": ("−Δ loss = Δ log p(target)\n(positive = more likely, learned)", "RdBu"),
+}
+
+
+def _signed(values, sign: str) -> np.ndarray:
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be one of {list(SIGNS)} (loss: M as computed; logprob: -M, the paper's sign), got {sign!r}")
+    values = np.asarray(values, dtype=np.float64)
+    return -values if sign == "logprob" else values
+
+
+def _runs(labels: Sequence) -> list[tuple[int, int, object]]:
+    """(start, stop, label) of each run of equal consecutive labels."""
+    out, start = [], 0
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or labels[i] != labels[start]:
+            out.append((start, i, labels[start]))
+            start = i
+    return out
+
+
+def heatmap(
+    M,
+    *,
+    ax=None,
+    boundaries: Sequence[int] = (),
+    major_boundaries: Sequence[int] = (),
+    labels: Sequence | None = None,
+    groups: Sequence | None = None,
+    sign: str = "loss",
+    title: str | None = None,
+    clip_percentile: float = 99.0,
+    diagonal: bool = True,
+):
+    """Heatmap of M[i, j] (rows: fine-tuned on i; columns: evaluated on j); returns the Figure.
+
+    boundaries / major_boundaries: indices where thin / thick block lines go. labels: one per row,
+    shown once per run of equal labels (e.g. digits); groups: one per row, an outer label per run
+    (e.g. noise level). Colours are symmetric about 0 and clipped at the `clip_percentile` of |M|
+    off the diagonal (the colour bar says so); diagonal=False greys out self-influence.
+    """
+    values = _signed(M, sign)
+    if values.ndim != 2:
+        raise ValueError(f"heatmap needs a 2-d matrix, got shape {values.shape}")
+    n, m = values.shape
+    for name, seq in (("labels", labels), ("groups", groups)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"`{name}` needs one entry per row ({n}), got {len(seq)}")
+    off = values[~np.eye(n, m, dtype=bool)] if n == m else values.ravel()
+    finite = off[np.isfinite(off)]
+    vmax = float(np.percentile(np.abs(finite), clip_percentile)) if finite.size else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    shown = values.copy()
+    if not diagonal and n == m:
+        shown[np.eye(n, dtype=bool)] = np.nan
+    label, cmap_name = SIGNS[sign]
+    cmap = plt.get_cmap(cmap_name).with_extremes(bad="0.75")
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8.6, 7.6), layout="constrained")
+    fig = ax.figure
+    im = ax.imshow(shown, cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
+    for b in boundaries:
+        ax.axhline(b - 0.5, color="0.35", lw=0.4)
+        ax.axvline(b - 0.5, color="0.35", lw=0.4)
+    for b in major_boundaries:
+        ax.axhline(b - 0.5, color="black", lw=1.6)
+        ax.axvline(b - 0.5, color="black", lw=1.6)
+    if labels is not None:
+        runs = _runs(list(labels))
+        centres = [(a + b - 1) / 2 for a, b, _ in runs]
+        names = [str(lab) for _, _, lab in runs]
+        ax.set_xticks(centres, names, fontsize=7)
+        ax.set_yticks(centres, names, fontsize=7)
+        ax.tick_params(length=0)
+    if groups is not None:
+        runs = _runs(list(groups))
+        centres = [(a + b - 1) / 2 for a, b, _ in runs]
+        names = [str(g) for _, _, g in runs]
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(centres, names, fontsize=10, fontweight="bold")
+        top.tick_params(length=0)
+        right = ax.secondary_yaxis("right")
+        right.set_yticks(centres, names, fontsize=10, fontweight="bold", rotation=90, va="center")
+        right.tick_params(length=0)
+    ax.set_xlabel("evaluated on sample j")
+    ax.set_ylabel("fine-tuned on sample i")
+    if title:
+        ax.set_title(title)
+    cbar = fig.colorbar(im, ax=ax, shrink=0.82, extend="both", pad=0.06)
+    cbar.set_label(f"{label}\ncolours clipped at ±{vmax:.3g} ({clip_percentile:g}th pct of |M|)", fontsize=9)
+    return fig
+
+
+def histogram(
+    groups: Mapping[str, np.ndarray],
+    *,
+    ax=None,
+    bins: int = 60,
+    sign: str = "loss",
+    title: str | None = None,
+    clip_percentile: float = 99.5,
+):
+    """Overlaid density histograms of named value sets (e.g. within- vs between-class influences)."""
+    if not groups:
+        raise ValueError("histogram needs at least one named set of values")
+    data = {k: _signed(v, sign).ravel() for k, v in groups.items()}
+    data = {k: v[np.isfinite(v)] for k, v in data.items()}
+    every = np.concatenate(list(data.values()))
+    lim = float(np.percentile(np.abs(every), clip_percentile)) if every.size else 1.0
+    edges = np.linspace(-lim, lim, bins + 1)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    for name, v in data.items():
+        ax.hist(np.clip(v, -lim, lim), bins=edges, density=True, histtype="step", lw=1.6,
+                label=f"{name} (n={v.size}, mean {v.mean():.3g})")
+    ax.axvline(0, color="0.5", lw=0.8)
+    ax.set_xlabel(SIGNS[sign][0].replace("\n", " "))
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax.figure
+
+
+def lr_sweep(
+    lrs: Sequence[float],
+    magnitude: Sequence[float],
+    agreement: Sequence[float],
+    *,
+    threshold: float,
+    chosen: float | None = None,
+    title: str | None = None,
+):
+    """Two panels over log lr: influence magnitude, and agreement of each matrix with the previous lr's."""
+    lrs = np.asarray(lrs, dtype=float)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True, layout="constrained")
+    top.loglog(lrs, np.asarray(magnitude, float), "o-")
+    top.set_ylabel("median |EIF| off the diagonal")
+    bottom.semilogx(lrs, np.asarray(agreement, float), "o-", color="C1")
+    bottom.axhline(threshold, color="0.4", ls="--", lw=1, label=f"plateau threshold {threshold:g}")
+    bottom.set_ylabel("corr(EIF(lr), EIF(previous lr))")
+    bottom.set_xlabel("fine-tuning learning rate")
+    bottom.set_ylim(min(-0.05, np.nanmin(np.asarray(agreement, float)) - 0.05), 1.05)
+    if chosen is not None:
+        for a in (top, bottom):
+            a.axvline(chosen, color="C3", lw=1.2, label=f"chosen lr {chosen:g}")
+    bottom.legend(fontsize=8, loc="lower left")
+    if title:
+        top.set_title(title)
+    return fig
+
+
+def save(fig, path: str | os.PathLike, *, dpi: int = 150) -> Path:
+    """Write `fig` atomically (temp file, then rename) in the format of the suffix; closes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
