@@ -51,14 +51,19 @@ def init(key: jax.Array, params: dict, *, rank: int = 8, alpha: float = 16.0,
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"unknown LoRA targets {unknown}; choose among {sorted(TARGETS)}")
-    deltas: dict = {}
-    for k, t in zip(jax.random.split(key, len(targets)), targets):
-        w = _get(params, TARGETS[t])["weight"]  # [L, out, in]
-        n_layers, out, inp = w.shape
-        bound = 1.0 / jnp.sqrt(inp)
-        a = jax.random.uniform(k, (n_layers, inp, rank), dtype, -bound, bound)
-        _set(deltas, TARGETS[t], {"a": a, "b": jnp.zeros((n_layers, rank, out), dtype)})
-    return Adapters(deltas=deltas, scale=float(alpha) / rank)
+    shapes = {t: _get(params, TARGETS[t])["weight"].shape for t in targets}  # [L, out, in]
+
+    @jax.jit
+    def draw(key):
+        deltas: dict = {}
+        for k, t in zip(jax.random.split(key, len(targets)), targets):
+            n_layers, out, inp = shapes[t]
+            bound = 1.0 / inp**0.5
+            a = jax.random.uniform(k, (n_layers, inp, rank), dtype, -bound, bound)
+            _set(deltas, TARGETS[t], {"a": a, "b": jnp.zeros((n_layers, rank, out), dtype)})
+        return deltas
+
+    return Adapters(deltas=draw(key), scale=float(alpha) / rank)
 
 
 def merge(params: dict, adapters) -> dict:

@@ -313,7 +313,8 @@ def param_shapes(config: Phi3Config, dtype=jnp.float32) -> Params:
 
 def init_params(key: jax.Array, config: Phi3Config, dtype=jnp.float32) -> Params:
     """Random params (normal(0.02) weights, unit norms), e.g. for tests."""
-    return Phi3ForCausalLM(config, dtype).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+    module = Phi3ForCausalLM(config, dtype)
+    return jax.jit(lambda k: module.init(k, jnp.zeros((1, 1), jnp.int32))["params"])(key)
 
 
 def from_pretrained(path=None, dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
