@@ -5,12 +5,12 @@ Example (per-sample log-rates toward "learn within class, leave other classes al
 
     import jaxeif, meta, optax
 
-    def objective(log_lr):
+    def objective(log_lr, params, train):   # arrays as arguments: no XLA constant folding
         M = jaxeif.eif(loss_fn, params, train, lr=meta.per_sample_lr(log_lr), steps=1)
         return meta.class_blocks(M, labels)
 
-    result = meta.fit(objective, meta.init_log_lr(n, 1e-2), optimizer=optax.adam(0.05),
-                      steps=100, checkpoint_dir="runs/meta_ckpt", every=10)
+    result = meta.fit(objective, meta.init_log_lr(n, 1e-2), optimizer=optax.adam(0.05), steps=100,
+                      data=(params, train), checkpoint_dir="runs/meta_ckpt", every=10)
     lr = meta.per_sample_lr(result.controls)      # result.history: objective per step
 
 Per-layer multipliers: `optimizer=meta.layer_optimizer(log_scales)` inside the objective,

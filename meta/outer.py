@@ -34,12 +34,15 @@ def init_state(controls: PyTree, optimizer: optax.GradientTransformation, steps:
     }
 
 
-def make_step(objective: Objective, optimizer: optax.GradientTransformation) -> Callable[[dict], tuple[dict, jax.Array]]:
-    """A jitted meta-step: value and gradient of `objective` at the controls, one optax update."""
+def make_step(objective: Objective, optimizer: optax.GradientTransformation) -> Callable[..., tuple[dict, jax.Array]]:
+    """A jitted meta-step(state, *data): value and gradient of objective(controls, *data), one optax update.
+
+    Pass arrays (params, samples) as `data`, not closed over: XLA would constant-fold them at compile time.
+    """
 
     @jax.jit
-    def step(state: dict) -> tuple[dict, jax.Array]:
-        value, grads = jax.value_and_grad(objective)(state["controls"])
+    def step(state: dict, *data) -> tuple[dict, jax.Array]:
+        value, grads = jax.value_and_grad(objective)(state["controls"], *data)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["controls"])
         return {
             "step": state["step"] + 1,
@@ -81,8 +84,12 @@ def fit(
     every: int = 10,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    data: tuple = (),
 ) -> MetaResult:
-    """Minimise `objective(controls)` (jittable, scalar) for `steps` optax updates.
+    """Minimise `objective(controls, *data)` (jittable, scalar) for `steps` optax updates.
+
+    `data`: a tuple of pytrees of arrays (params, samples) handed to the jitted step as arguments
+    (closing over big arrays makes XLA constant-fold them: minutes of compile time).
 
     With `checkpoint_dir`, the state is saved with orbax every `every` steps and at the end,
     and a run finding a checkpoint there resumes from it, ending with the same controls as an
@@ -91,6 +98,8 @@ def fit(
     for name, v in (("steps", steps), ("every", every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+    if not isinstance(data, tuple):
+        raise TypeError(f"`data` must be a tuple of extra objective arguments, got {type(data).__name__}")
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     state = init_state(controls, optimizer, steps)
@@ -107,7 +116,7 @@ def fit(
     bar = _progress(start, steps, progress)
     try:
         for k in range(start, steps):
-            state, value = step(state)
+            state, value = step(state, *data)
             value = float(value)
             if not np.isfinite(value):
                 raise FloatingPointError(
@@ -127,7 +136,7 @@ def fit(
         if manager is not None:
             manager.wait_until_finished()
             manager.close()
-    final = float(jax.jit(objective)(state["controls"]))
+    final = float(jax.jit(objective)(state["controls"], *data))
     return MetaResult(state["controls"], np.asarray(state["history"]), final, resumed_from)
 
 

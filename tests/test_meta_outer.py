@@ -21,14 +21,14 @@ TRAIN = (jax.random.normal(K[2], (6, 3)), jax.random.normal(K[3], (6,)))
 LABELS = np.array([0, 0, 0, 1, 1, 1])
 
 
-def objective(log_lr):
-    M = jaxeif.eif(loss_fn, PARAMS, TRAIN, lr=meta.per_sample_lr(log_lr), steps=2)
+def objective(log_lr, params, train):
+    M = jaxeif.eif(loss_fn, params, train, lr=meta.per_sample_lr(log_lr), steps=2)
     return meta.class_blocks(M, LABELS)
 
 
 def run(tmp_path=None, steps=6, callback=None):
     return meta.fit(objective, meta.init_log_lr(6, 0.1), optimizer=optax.adam(0.1), steps=steps,
-                    checkpoint_dir=tmp_path, every=2, progress=False, callback=callback)
+                    checkpoint_dir=tmp_path, every=2, progress=False, callback=callback, data=(PARAMS, TRAIN))
 
 
 class Interrupt(Exception):
@@ -59,7 +59,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     run(tmp_path, steps=2)
     with pytest.raises(ValueError, match="does not match"):
         meta.fit(objective, {"other": jnp.zeros(3)}, optimizer=optax.adam(0.1), steps=4,
-                 checkpoint_dir=tmp_path, every=2, progress=False)
+                 checkpoint_dir=tmp_path, every=2, progress=False, data=(PARAMS, TRAIN))
 
 
 def test_nonfinite_objective_stops_with_a_clear_error():
@@ -67,3 +67,5 @@ def test_nonfinite_objective_stops_with_a_clear_error():
         meta.fit(lambda c: jnp.log(c - 1.0).sum(), jnp.zeros(2), optimizer=optax.sgd(0.1), steps=3, progress=False)
     with pytest.raises(ValueError, match="steps"):
         meta.fit(objective, jnp.zeros(6), optimizer=optax.sgd(0.1), steps=0)
+    with pytest.raises(TypeError, match="tuple"):
+        meta.fit(objective, jnp.zeros(6), optimizer=optax.sgd(0.1), steps=1, data=PARAMS)
