@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def experiment_main(module: types.ModuleType, argv: Sequence[str] | None = None) -> int:
     """`python -m experiments.X` entry: same options, errors and exit codes as `jaxeif X`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return _guarded(_run_module, module, argv, f"python -m {module.__name__}")
+    return _guarded(_run_module, module, argv, f"python -m {getattr(module.__spec__, 'name', None) or module.__name__}")
 
 
 if __name__ == "__main__":
