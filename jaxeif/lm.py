@@ -174,14 +174,6 @@ class NLL:
         return sequence_nll(logits, example.ids, example.score)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Scaled:
-    """What apply_fn's `lora=` accepts for a non-unit scale: deltas plus scale (alpha / rank)."""
-
-    deltas: Any
-    scale: float
-
-
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 def _batch_nll(apply_fn, params, ids, attention, score, lora=None):
     logits = apply_fn(params, ids, attention, lora=lora) if lora is not None else apply_fn(params, ids, attention)
@@ -207,10 +199,12 @@ def _pad_rows(tokens: Tokens, rows: int) -> Tokens:
     return tokens.take(idx)
 
 
-def nll(apply_fn: ApplyFn, params: PyTree, tokens: Tokens, *, batch_size: int = 8, progress=None) -> np.ndarray:
-    """Loss of every row, f32[n], in length-bucketed batches of `batch_size` (one forward each)."""
+def nll(apply_fn: ApplyFn, params: PyTree, tokens: Tokens, *, batch_size: int = 8, bucket: int | None = 16,
+        progress=None) -> np.ndarray:
+    """Loss of every row, f32[n], in batches of `batch_size` grouped by length rounded up to `bucket`."""
     out = np.zeros(np.asarray(tokens.ids).shape[0], np.float32)
-    for idx, group in length_groups(tokens):
+    groups = [(np.arange(tokens.ids.shape[0]), tokens)] if bucket is None else length_groups(tokens, bucket)
+    for idx, group in groups:
         for start in range(0, len(idx), batch_size):
             part = idx[start : start + batch_size]
             batch = _pad_rows(group.take(np.arange(start, start + len(part))), batch_size)
@@ -267,8 +261,10 @@ def _lora_loss(apply_fn, params, scale):
     """One loss_fn per (apply_fn, params, scale) so eif's jit cache is reused across calls."""
     key = (apply_fn, id(params), scale)
     if key not in _LORA_LOSSES or _LORA_LOSSES[key][0] is not params:
+        from jaxeif.models.lora import Adapters
+
         def loss_fn(deltas, example, _apply=apply_fn, _params=params, _scale=scale):
-            lora = deltas if _scale == 1.0 else _Scaled(deltas, _scale)
+            lora = Adapters(deltas, _scale)
             logits = _apply(_params, example.ids[None], example.attention[None], lora=lora)[0]
             return sequence_nll(logits, example.ids, example.score)
 
@@ -432,30 +428,129 @@ def lowrank_sgd_eif(
     evals: Tokens | None = None,
     *,
     lr: float | np.ndarray = 1e-3,
-    chunk_size: int = 4,
-    eval_batch: int = 8,
+    chunk_size: int = 1,
+    eval_batch: int | None = None,
+    bucket: int | None = None,
     progress=None,
 ) -> np.ndarray:
     """Dense single-step SGD EIF, f32[n, m], computed exactly in low-rank form (no weight copies).
 
-    Equals `finetuned_eif(..., steps=1, optimizer=None)`; evals are bucketed by length.
+    Equals `finetuned_eif(..., steps=1, optimizer=None)`. `chunk_size` fine-tunes are vmapped
+    together; evals are scored `eval_batch` rows at a time (None: all at once), grouped by length
+    rounded up to `bucket` tokens (None: one group). Fewer distinct shapes mean fewer compiles.
     """
     evals = train if evals is None else evals
     n = np.asarray(train.ids).shape[0]
     lr = np.broadcast_to(np.asarray(lr, np.float32), (n,))
-    base = nll(apply_fn, params, evals, batch_size=eval_batch)
-    groups = length_groups(evals)
+    train = train.trim(int(train.lengths.max()))
+    if bucket is None:
+        groups = [(np.arange(evals.ids.shape[0]), evals.trim(int(evals.lengths.max())))]
+    else:
+        groups = length_groups(evals, bucket)
+    base = np.zeros(np.asarray(evals.ids).shape[0], np.float32)
+    for cols, group in groups:
+        base[cols] = nll(apply_fn, params, group, batch_size=eval_batch or len(cols), bucket=None)
     out = np.zeros((n, base.shape[0]), np.float32)
     for start in range(0, n, chunk_size):
         rows = np.arange(start, min(start + chunk_size, n))
         idx = np.concatenate([rows, np.full(chunk_size - len(rows), rows[0])])
         norms, deltas = _lowrank_factors(apply_fn, params, config, _as_jnp(train.take(idx)), jnp.asarray(lr[idx]))
         for cols, group in groups:
-            for s in range(0, len(cols), eval_batch):
-                part = cols[s : s + eval_batch]
-                batch = _pad_rows(group.take(np.arange(s, s + len(part))), eval_batch)
+            size = eval_batch or len(cols)
+            for s in range(0, len(cols), size):
+                part = cols[s : s + size]
+                batch = _pad_rows(group.take(np.arange(s, s + len(part))), size)
                 vals = np.asarray(_lowrank_losses(apply_fn, params, norms, deltas, _as_jnp(batch)))
                 out[np.ix_(rows, part)] = vals[: len(rows), : len(part)] - base[part][None]
         if progress is not None:
             progress.update(len(rows))
     return out
+
+
+# ----------------------------------------------------------------------------- prompted EIF
+def prompted_eif(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    tokenizer,
+    config,
+    texts: Sequence[str],
+    eval_texts: Sequence[str] | None = None,
+    *,
+    batch_size: int = 8,
+    progress=None,
+) -> np.ndarray:
+    """EIF_prompt[i, j] = L(p_j | context p_i) - L(p_j), f32[n, m]; context format: PROMPT_FORMAT."""
+    texts = list(texts)
+    evals = texts if eval_texts is None else list(eval_texts)
+    base = nll(apply_fn, params, tokenize(tokenizer, evals, config=config), batch_size=batch_size)
+    pairs = tokenize(tokenizer, [e for _ in texts for e in evals], contexts=[t for t in texts for _ in evals], config=config)
+    after = nll(apply_fn, params, pairs, batch_size=batch_size, progress=progress)
+    return after.reshape(len(texts), len(evals)) - base[None]
+
+
+# ----------------------------------------------------------------------------- learning-rate sweep
+class LrSweep(NamedTuple):
+    """EIF magnitude and stability over learning rates, and the plateau lr chosen by `choose_plateau`."""
+
+    lrs: np.ndarray  # f[k], increasing
+    magnitude: np.ndarray  # median |EIF| off the diagonal
+    agreement: np.ndarray  # corr(EIF(lr_k), EIF(lr_{k-1})); NaN for k = 0
+    noise: np.ndarray  # 1 - agreement
+    chosen: float
+    threshold: float
+
+
+def _offdiag(M: np.ndarray) -> np.ndarray:
+    M = np.asarray(M, np.float64)
+    return M[~np.eye(*M.shape, dtype=bool)] if M.shape[0] == M.shape[1] else M.ravel()
+
+
+def choose_plateau(lrs: np.ndarray, agreement: np.ndarray, threshold: float) -> float:
+    """The plateau rule: the longest run of consecutive lrs whose EIF correlates >= threshold with the
+    previous lr's; return the run's geometric middle lr (ties: the smaller lrs). Too small an lr gives
+    float round-off noise (low agreement), too large a non-linear regime (agreement falls)."""
+    good = np.asarray(agreement) >= threshold
+    best, run_start, best_len = None, None, 0
+    for k in range(len(lrs) + 1):
+        if k < len(lrs) and good[k]:
+            run_start = k if run_start is None else run_start
+            continue
+        if run_start is not None:
+            length = k - run_start
+            if length > best_len:
+                best, best_len = (run_start - 1, k - 1), length  # the run includes the lr it agrees with
+            run_start = None
+    if best is None:
+        raise ValueError(f"no two consecutive learning rates agree (corr >= {threshold}); widen or refine the lr grid")
+    lo, hi = lrs[best[0]], lrs[best[1]]
+    target = math.sqrt(lo * hi)
+    window = np.asarray(lrs[best[0] : best[1] + 1])
+    return float(window[np.argmin(np.abs(np.log(window) - np.log(target)))])
+
+
+def lr_sweep(eif_at: Callable[[float], np.ndarray], lrs: Sequence[float], *, threshold: float = 0.95,
+             progress: bool = False) -> LrSweep:
+    """Run `eif_at(lr)` for each lr (increasing) and pick the plateau lr with `choose_plateau`."""
+    lrs = np.asarray(sorted(float(x) for x in lrs))
+    if len(lrs) < 3 or np.any(lrs <= 0):
+        raise ValueError("lr_sweep needs at least 3 positive learning rates")
+    mats = []
+    it = lrs
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(lrs, desc="lr sweep")
+    for lr in it:
+        mats.append(_offdiag(eif_at(float(lr))))
+    magnitude = np.array([np.median(np.abs(m)) for m in mats])
+    agreement = np.array([np.nan] + [np.corrcoef(a, b)[0, 1] for a, b in zip(mats[:-1], mats[1:])])
+    chosen = choose_plateau(lrs, np.nan_to_num(agreement, nan=-1.0), threshold)
+    return LrSweep(lrs, magnitude, agreement, 1.0 - agreement, chosen, threshold)
+
+
+def plot_lr_sweep(sweep: LrSweep, title: str | None = None):
+    """The sweep figure (magnitude and agreement vs lr, chosen lr marked) via jaxeif.plot."""
+    from jaxeif import plot
+
+    return plot.lr_sweep(sweep.lrs, sweep.magnitude, sweep.agreement, threshold=sweep.threshold,
+                         chosen=sweep.chosen, title=title)
