@@ -32,6 +32,14 @@ def eif(
     vmapped `chunk_size` at a time (None: all at once); jittable, differentiable in lr and
     params. Raises `NonFiniteInfluenceError` naming diverged rows (warns when traced).
     """
+    evals, n, lr = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
+                            chunk_size=chunk_size)
+    matrix = _eif(loss_fn, params, train, evals, jnp.broadcast_to(lr, (n,)), steps, optimizer, chunk_size)
+    return report_nonfinite(matrix, lr)
+
+
+def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size):
+    """eif's input checks, shared by the sharded and linearised variants: returns (evals, n, lr)."""
     evals = train if evals is None else evals
     n = checks.leading_axis("train", train)
     checks.leading_axis("evals", evals)
@@ -48,8 +56,11 @@ def eif(
     first = functools.partial(jax.tree.map, lambda x: x[0])
     checks.scalar_loss(loss_fn, params, first(train), "train")
     checks.scalar_loss(loss_fn, params, first(evals), "evals")
+    return evals, n, lr
 
-    matrix = _eif(loss_fn, params, train, evals, jnp.broadcast_to(lr, (n,)), steps, optimizer, chunk_size)
+
+def report_nonfinite(matrix: jax.Array, lr: jax.Array) -> jax.Array:
+    """Raise NonFiniteInfluenceError for diverged rows (a warning when traced); return the matrix."""
     if checks.is_traced(matrix):
         jax.debug.callback(_warn_nonfinite, jnp.all(jnp.isfinite(matrix), axis=1))
     else:

@@ -1,0 +1,60 @@
+"""eif_sharded over 4 forced host devices gives the single-device eif matrix (rows padded and dropped)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxeif
+from jaxeif.sharding import eif_sharded
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, jax, jax.numpy as jnp, numpy as np
+    from jaxeif.sharding import eif_sharded
+    sys.path.insert(0, {tests!r})
+    from test_sharding import problem, loss
+    params, train, evals, lr = problem()
+    M = eif_sharded(loss, params, train, evals, lr=lr, chunk_size=2)
+    print("RESULT " + json.dumps({{"devices": jax.device_count(), "matrix": np.asarray(M).tolist()}}))
+""")
+
+
+def loss(params, example):
+    x, y = example
+    return (jnp.tanh(x @ params["w"]) @ params["v"] - y) ** 2
+
+
+def problem():
+    k = jax.random.split(jax.random.key(3), 5)
+    params = {"w": jax.random.normal(k[0], (3, 4)), "v": jax.random.normal(k[1], (4,))}
+    train = (jax.random.normal(k[2], (7, 3)), jax.random.normal(k[3], (7,)))  # 7 rows: not a multiple of 4
+    evals = (jax.random.normal(k[4], (5, 3)), jnp.arange(5.0))
+    return params, train, evals, jnp.linspace(0.01, 0.1, 7)
+
+
+def test_four_devices_match_single_device():
+    params, train, evals, lr = problem()
+    single = np.asarray(jaxeif.eif(loss, params, train, evals, lr=lr))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    script = SCRIPT.format(tests=os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+    assert result["devices"] == 4
+    np.testing.assert_allclose(np.array(result["matrix"]), single, rtol=1e-5, atol=1e-7)
+
+
+def test_one_device_and_bad_devices():
+    params, train, evals, lr = problem()
+    np.testing.assert_allclose(eif_sharded(loss, params, train, evals, lr=lr), jaxeif.eif(loss, params, train, evals, lr=lr),
+                               rtol=1e-6, atol=1e-8)
+    try:
+        eif_sharded(loss, params, train, evals, lr=lr, devices=[])
+    except ValueError as e:
+        assert "devices" in str(e)
+    else:
+        raise AssertionError("empty devices accepted")
