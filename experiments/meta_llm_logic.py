@@ -1,0 +1,331 @@
+"""Meta study 2: learn per-layer lr multipliers so that fine-tuning on a causal chain teaches its
+conclusion more than its reversal.
+
+Domain chain_induces (jaxeif.data.domains): after one SGD step on the 4-line chain
+A->B->C->D->Z, "A causes Z" should gain more likelihood (its loss fall more) than "Z causes A".
+Only the EIF entries the probes need are computed: per name draw, train = the chain sample,
+evals = the probe pair. Steps:
+ 1. best uniform lr: the lr of --lr-grid with the lowest logic objective (meta.logic) on the
+    meta-training draws (seeds --seed ..); "before" = that lr with every multiplier at 1;
+ 2. learn log-multipliers (meta.layers_lm: one per decoder layer, one for the embedding, the final
+    norm and lm_head if untied) with meta.fit (Adam, orbax checkpoints: a rerun resumes), minimising
+    meta.logic + keep_weight * meta.keep_learning(implied gain, its gain at the uniform lr);
+    the log-multipliers are centred (mean 0) so they move the *location* of learning, not its speed;
+ 3. on held-out draws (seeds --heldout-seed ..: fresh names) compute the chain probe before and
+    after, the logic objective and the scorecard of experiments.llm_logic (probe_scores).
+Writes into --out: config.json, grid.json, meta_ckpt/, history.npy, log_scales.json,
+heldout_{before,after}.npy (NaN where not needed), objective.png (outer objective, learned multipliers,
+held-out probe gains before/after), results.json (every number, model, lr, seeds, timings).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+
+import numpy as np
+
+from jaxeif import cli
+
+DOMAIN = "chain_induces"
+TRAIN_ROW = 3  # the 4-line chain A->B->C->D->Z; its probe: implied 0 ("A causes Z"), not implied 4 ("Z causes A")
+EVAL_ROWS = (TRAIN_ROW,)  # held-out rows (the 2-line chain, row 2, would double the cost on this CPU)
+PROBE_COLS = (0, 4)
+PAD_MULTIPLE = 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the study."""
+    parser.add_argument("--model", default=None,
+                        help="Phi-3 or Llama checkpoint directory or .gguf; default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--out", default="results/meta_llm_logic", help="results folder (resumed if its config matches)")
+    parser.add_argument("--draws", type=int, default=4, help="meta-training name draws (seeds --seed ...)")
+    parser.add_argument("--heldout-draws", type=int, default=8, help="held-out name draws (seeds --heldout-seed ...)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed of the meta-training draws")
+    parser.add_argument("--heldout-seed", type=int, default=1000, help="first seed of the held-out draws")
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
+                        help="uniform SGD rates tried on the meta-training draws; the best is the baseline and the base rate")
+    parser.add_argument("--meta-steps", type=int, default=8, help="outer (Adam) steps")
+    parser.add_argument("--meta-lr", type=float, default=0.2, help="outer Adam learning rate (on log-multipliers)")
+    parser.add_argument("--keep-weight", type=float, default=1.0,
+                        help="weight of keeping the implied statement's gain at the uniform-lr level")
+    parser.add_argument("--no-center", action="store_true", help="do not centre the log-multipliers (lets the overall rate move)")
+    parser.add_argument("--every", type=int, default=3, help="checkpoint the outer loop every N steps")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 draws, 2 held-out draws, 4 meta steps, 2 grid rates")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _config(args: argparse.Namespace) -> dict:
+    """The run's configuration as plain data (after --quick); a resumed run must match it."""
+    if args.quick:
+        args.draws, args.heldout_draws = min(args.draws, 2), min(args.heldout_draws, 2)
+        args.meta_steps, args.every = min(args.meta_steps, 4), min(args.every, 2)
+        args.lr_grid = list(args.lr_grid)[:2]
+    for name in ("draws", "heldout_draws", "meta_steps", "every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.lr_grid or min(args.lr_grid) <= 0:
+        raise ValueError(f"--lr-grid needs positive rates, got {args.lr_grid}")
+    if not args.meta_lr > 0 or args.keep_weight < 0:
+        raise ValueError("--meta-lr must be > 0 and --keep-weight >= 0")
+    train_seeds = set(range(args.seed, args.seed + args.draws))
+    if train_seeds & set(range(args.heldout_seed, args.heldout_seed + args.heldout_draws)):
+        raise ValueError(f"held-out seeds from {args.heldout_seed} overlap the meta-training seeds from {args.seed}; "
+                         "choose a --heldout-seed past them")
+    return {
+        "study": "meta_llm_logic", "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
+        "domain": DOMAIN, "train_row": TRAIN_ROW, "eval_rows": list(EVAL_ROWS), "probe_cols": list(PROBE_COLS),
+        "draws": args.draws, "heldout_draws": args.heldout_draws, "seed": args.seed, "heldout_seed": args.heldout_seed,
+        "lr_grid": [float(x) for x in args.lr_grid], "optimizer": "sgd", "steps": 1,
+        "meta_steps": args.meta_steps, "meta_lr": args.meta_lr, "meta_optimizer": "adam",
+        "keep_weight": args.keep_weight, "center": not args.no_center, "every": args.every,
+    }
+
+
+def load_model(args: argparse.Namespace):
+    """(apply_fn, params, config, tokenizer) of --model (tests replace this with a tiny random decoder)."""
+    from jaxeif import lm
+    from jaxeif.models import phi3, tokenizer
+
+    apply_fn, params, config = phi3.from_pretrained(args.model)
+    tok = tokenizer.load_tokenizer(args.model)
+    lm.check_vocab(tok, config)
+    return apply_fn, params, config, tok
+
+
+# ----------------------------------------------------------------------------- tokens per draw
+
+
+def draw_tokens(tok, config, seeds, rows, cols):
+    """(train Tokens [D, R, t1], evals Tokens [D, C, t2]) of chain_induces draws: train rows and eval
+    columns padded separately (short probes stay short), each to one length over the draws."""
+    from jaxeif import lm
+    from jaxeif.data import domains
+
+    draws = [domains.draw(DOMAIN, s) for s in seeds]
+
+    def part(idx):
+        flat = lm.tokenize(tok, [d[k].text for d in draws for k in idx], config=config, pad_multiple=PAD_MULTIPLE)
+        return lm.Tokens(*(np.asarray(x).reshape(len(seeds), len(idx), -1) for x in flat))
+
+    return part(rows), part(cols)
+
+
+# ----------------------------------------------------------------------------- the EIF blocks
+
+
+def effective_log_scales(log_scales: dict, center: bool) -> dict:
+    """Log-multipliers with their mean over all multipliers removed (center) or as they are."""
+    import jax
+    import jax.numpy as jnp
+
+    if not center:
+        return log_scales
+    flat = jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(log_scales)])
+    return jax.tree.map(lambda v: v - flat.mean(), log_scales)
+
+
+def blocks(apply_fn, params, train, evals, log_scales, lr, *, center: bool):
+    """f32[D, R, C]: per draw, the EIF of its R train rows on its C eval columns (SGD, one step,
+    per-layer multipliers exp(log_scales)); draws run one after another (lax.map)."""
+    import jax
+
+    import jaxeif
+    from jaxeif import lm
+    from meta import layers_lm
+
+    opt = layers_lm.stacked_layer_optimizer(effective_log_scales(log_scales, center))
+    loss_fn = lm.NLL(apply_fn)
+
+    def one(args):
+        tr, ev = args
+        return jaxeif.eif(loss_fn, params, tr, ev, lr=lr, optimizer=opt, chunk_size=1)
+
+    return jax.lax.map(one, (train, evals))
+
+
+def objective_terms(block, keep_ref, keep_weight):
+    """(total, logic) of blocks f32[D, 1, 2] (implied, reversed): meta.logic + keep * keep_learning."""
+    import jax.numpy as jnp
+
+    import meta
+
+    M = block[:, 0, :]
+    D = M.shape[0]
+    logic = meta.logic(M, jnp.arange(D), jnp.zeros(D, jnp.int32), jnp.ones(D, jnp.int32))
+    total = logic
+    if keep_ref is not None:
+        total = total + keep_weight * meta.keep_learning(-M[:, 0].mean(), keep_ref)
+    return total, logic
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_blocks(apply_fn, center):
+    import jax
+
+    return jax.jit(lambda params, train, evals, log_scales, lr: blocks(apply_fn, params, train, evals, log_scales, lr,
+                                                                        center=center))
+
+
+def embed(block: np.ndarray, n: int, rows, cols) -> np.ndarray:
+    """[D, n, n] NaN matrices holding the computed [D, R, C] entries at (rows, cols)."""
+    out = np.full((block.shape[0], n, n), np.nan, np.float32)
+    out[:, np.asarray(rows)[:, None], np.asarray(cols)[None, :]] = block
+    return out
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Pick the best uniform lr, learn per-layer multipliers, evaluate on held-out draws."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import meta
+    from experiments.llm_logic import probe_scores
+    from jaxeif import runs
+    from jaxeif.data import domains
+    from meta import layers_lm
+
+    start = time.perf_counter()
+    config = _config(args)
+    progress = not args.no_progress
+    run_dir = runs.RunDir.open(args.out, config)
+    apply_fn, params, mconfig, tok = load_model(args)
+    center = config["center"]
+    n_samples = len(domains.DOMAINS[DOMAIN].templates)
+    train_seeds = list(range(args.seed, args.seed + args.draws))
+    held_seeds = list(range(args.heldout_seed, args.heldout_seed + args.heldout_draws))
+    # one padded length for meta-training and held-out draws: fewer compiles
+    all_train, all_evals = draw_tokens(tok, mconfig, train_seeds + held_seeds, EVAL_ROWS, PROBE_COLS)
+    D, row = len(train_seeds), EVAL_ROWS.index(TRAIN_ROW)
+    tr_train = jax.tree.map(lambda x: jnp.asarray(x[:D, row:row + 1]), all_train)
+    tr_evals, ho_train, ho_evals = (jax.tree.map(lambda x: jnp.asarray(x[sl]), t) for t, sl in
+                                    ((all_evals, slice(None, D)), (all_train, slice(D, None)), (all_evals, slice(D, None))))
+    scales0 = layers_lm.init_stacked_log_scales(params)
+    fwd = _jitted_blocks(apply_fn, center)
+    seconds = {}
+
+    # 1. best uniform lr on the meta-training draws
+    t = time.perf_counter()
+    if not run_dir.has("grid.json"):
+        grid = []
+        for lr in config["lr_grid"]:
+            b = np.asarray(fwd(params, tr_train, tr_evals, scales0, jnp.float32(lr)))
+            _, logic = objective_terms(jnp.asarray(b), None, 0.0)
+            grid.append({"lr": lr, "logic": float(logic), "implied_gain": float(-b[:, 0, 0].mean()),
+                         "reversed_gain": float(-b[:, 0, 1].mean())})
+        run_dir.save_json("grid.json", grid)
+    grid = run_dir.load_json("grid.json")
+    finite = [g for g in grid if np.isfinite(g["logic"])]
+    if not finite:
+        raise ValueError(f"every rate of --lr-grid {config['lr_grid']} diverged; try smaller rates")
+    best = min(finite, key=lambda g: g["logic"])
+    lr = float(best["lr"])
+    keep_ref = best["implied_gain"]
+    if not keep_ref > 0:
+        raise ValueError(f"at the best uniform lr {lr:g} the chain does not teach 'A causes Z' (gain {keep_ref:.3g} <= 0); "
+                         "try other --lr-grid rates")
+    seconds["grid"] = time.perf_counter() - t
+
+    # 2. learn the multipliers
+    def objective(log_scales, params, train, evals):
+        b = blocks(apply_fn, params, train, evals, log_scales, lr, center=center)
+        return objective_terms(b, keep_ref, args.keep_weight)[0]
+
+    t = time.perf_counter()
+    result = meta.fit(objective, scales0, optimizer=optax.adam(args.meta_lr), steps=args.meta_steps,
+                      checkpoint_dir=run_dir.path / "meta_ckpt", every=args.every, progress=progress,
+                      data=(params, tr_train, tr_evals))
+    seconds["meta"] = time.perf_counter() - t
+    run_dir.save_npy("history", result.history)
+    learned = effective_log_scales(result.controls, center)
+    run_dir.save_json("log_scales.json", {k: np.asarray(v) for k, v in learned.items()})
+    train_after = np.asarray(fwd(params, tr_train, tr_evals, result.controls, jnp.float32(lr)))
+    train_before = np.asarray(fwd(params, tr_train, tr_evals, scales0, jnp.float32(lr)))
+
+    # 3. held-out draws, before (best uniform lr) and after (learned multipliers)
+    t = time.perf_counter()
+    mats, summary = {}, {}
+    probes = [p for p in domains.DOMAINS[DOMAIN].probes if p.train in EVAL_ROWS and {p.implied, p.not_implied} <= set(PROBE_COLS)]
+    for name, scales in (("before", scales0), ("after", result.controls)):
+        if not run_dir.has(f"heldout_{name}.npy"):
+            b = np.asarray(fwd(params, ho_train, ho_evals, scales, jnp.float32(lr)))
+            run_dir.save_npy(f"heldout_{name}", embed(b, n_samples, EVAL_ROWS, PROBE_COLS))
+        mats[name] = run_dir.load_npy(f"heldout_{name}")
+        chain4 = mats[name][:, TRAIN_ROW][:, list(PROBE_COLS)]
+        summary[name] = {
+            "logic_objective_chain4": float(objective_terms(jnp.asarray(chain4[:, None]), None, 0.0)[1]),
+            "scorecard": probe_scores(mats[name], probes),
+            "implied_gain_chain4": float(-chain4[:, 0].mean()), "reversed_gain_chain4": float(-chain4[:, 1].mean()),
+        }
+    seconds["heldout"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - start
+    results = {
+        "config": config, "sign": "EIF = loss after - loss before (negative = learned); probe gain = M[not] - M[implied]",
+        "uniform_lr_grid": grid, "best_uniform_lr": lr, "keep_reference_implied_gain": keep_ref,
+        "meta_train": {
+            "objective_history": result.history.tolist(), "objective_final": result.final,
+            "resumed_from": result.resumed_from,
+            "logic_before": float(objective_terms(jnp.asarray(train_before), None, 0.0)[1]),
+            "logic_after": float(objective_terms(jnp.asarray(train_after), None, 0.0)[1]),
+        },
+        "log_scales": {k: np.asarray(v).tolist() for k, v in learned.items()},
+        "heldout": summary, "seeds": {"train": train_seeds, "heldout": held_seeds},
+        "seconds": seconds, "seconds_per_meta_step": seconds["meta"] / max(1, args.meta_steps - (result.resumed_from or 0)),
+        "metadata": runs.run_metadata(seed=args.seed, study="meta_llm_logic"),
+    }
+    run_dir.save_json("results.json", results)
+    _figures(run_dir, result.history, summary, learned)
+    text = format_summary(results)
+    print(text)
+    return {"out": str(run_dir.path), "summary": text, "results": results}
+
+
+def _figures(run_dir, history, summary, learned) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+    axes[0].plot(np.arange(len(history)), history, marker="o")
+    axes[0].set_xlabel("meta step")
+    axes[0].set_ylabel("outer objective (meta-training draws)")
+    axes[0].set_title("learning per-layer lr multipliers")
+    layers = np.asarray(learned["model/layers"])
+    axes[1].bar(np.arange(len(layers)), np.exp(layers))
+    others = [k for k in learned if k != "model/layers"]
+    axes[1].set_title("learned multipliers per decoder layer; " + ", ".join(f"{k}: x{float(np.exp(learned[k])):.2f}" for k in others),
+                      fontsize=8)
+    axes[1].set_xlabel("layer")
+    axes[1].set_yscale("log")
+    probes = summary["before"]["scorecard"]
+    x = np.arange(len(probes))
+    for k, name in enumerate(("before", "after")):
+        sc = summary[name]["scorecard"]
+        axes[2].bar(x + 0.4 * k, [p["mean"] for p in sc], 0.4, yerr=[p["std"] for p in sc],
+                    label={"before": "best uniform lr", "after": "learned multipliers"}[name])
+    axes[2].set_xticks(x + 0.2, [f"train {p['train']}: {p['implied']} vs {p['not_implied']}" for p in probes])
+    axes[2].axhline(0, color="k", lw=0.5)
+    axes[2].set_ylabel("held-out log-prob gain, implied - reversed")
+    axes[2].legend()
+    axes[2].set_title("held-out logic probes")
+    run_dir.save_figure("objective.png", fig)
+
+
+def format_summary(results: dict) -> str:
+    """A few lines: best uniform lr, meta-training objective, held-out scorecard before/after."""
+    mt = results["meta_train"]
+    lines = [f"best uniform lr {results['best_uniform_lr']:g}; meta-train logic {mt['logic_before']:.4f} -> {mt['logic_after']:.4f} "
+             f"(objective {mt['objective_history'][0]:.4f} -> {mt['objective_final']:.4f})"]
+    for name in ("before", "after"):
+        h = results["heldout"][name]
+        probes = "; ".join(f"probe {p['train']}->{p['implied']}/{p['not_implied']}: gain {p['mean']:.4g} +- {p['std']:.2g}, "
+                           f"right {p['right_direction']:.0%}" for p in h["scorecard"])
+        lines.append(f"held-out {name}: logic {h['logic_objective_chain4']:.4f}; {probes}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.experiment_main(sys.modules[__name__]))

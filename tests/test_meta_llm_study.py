@@ -1,0 +1,113 @@
+"""Meta study 2 (per-layer lr multipliers for language-model logic) on a tiny random decoder:
+the stacked per-layer multipliers are exact, and the study runs end to end, learns, writes its files."""
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxeif
+from jaxeif import lm
+from jaxeif.models import phi3
+from meta import layers_lm
+
+CONFIG = phi3.Phi3Config(vocab_size=260, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
+                         bos_token_id=256, max_position_embeddings=512)
+
+
+def byte_tokenizer():
+    """One token per byte (ids 0..255), torch-free; BOS comes from the model config (256)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxeif.models import tokenizer
+
+    alphabet = tokenizer._bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params = phi3.init_params(jax.random.key(0), CONFIG)
+    params = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, params)  # larger weights: non-trivial gains
+    return jax.jit(phi3.make_apply_fn(CONFIG)), params, CONFIG, byte_tokenizer()
+
+
+def _tokens(tiny, texts):
+    _, _, config, tok = tiny
+    return jax.tree.map(jnp.asarray, lm.tokenize(tok, texts, config=config))
+
+
+def test_stacked_groups_and_bad_scales(tiny):
+    _, params, _, _ = tiny
+    s = layers_lm.init_stacked_log_scales(params)
+    assert set(s) == {"model/layers", "model/embed_tokens", "model/norm"} and s["model/layers"].shape == (3,)
+    apply_fn = tiny[0]
+    toks = _tokens(tiny, ["Ab is big.", "Cd is big."])
+    with pytest.raises(ValueError, match="must name exactly the groups"):
+        jaxeif.eif(lm.NLL(apply_fn), params, toks, lr=0.1, optimizer=layers_lm.stacked_layer_optimizer({"model/layers": jnp.zeros(3)}))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        jaxeif.eif(lm.NLL(apply_fn), params, toks, lr=0.1,
+                   optimizer=layers_lm.stacked_layer_optimizer({**s, "model/layers": jnp.zeros(2)}))
+    with pytest.raises(ValueError, match="no 'blocks' at model"):
+        layers_lm.init_stacked_log_scales(params, stacked=("model", "blocks"))
+
+
+def test_unit_scales_are_plain_sgd_and_each_scale_moves_only_its_own_layer(tiny):
+    """Unit multipliers give exactly the plain SGD step of jaxeif.eif's fine-tunes; with a different multiplier
+    per group, each group's update is its factor times the plain one."""
+    apply_fn, params, _, _ = tiny
+    example = jax.tree.map(lambda a: a[0], _tokens(tiny, ["Ab is big."]))
+    factors = {"model/layers": np.array([1.0, 3.0, 0.25]), "model/embed_tokens": 0.5, "model/norm": 2.0}
+    s = {k: jnp.log(jnp.asarray(v, jnp.float32)) for k, v in factors.items()}
+
+    @jax.jit
+    def deltas(s):
+        opt = None if s is None else layers_lm.stacked_layer_optimizer(s)
+        tuned = jaxeif.finetune(lm.NLL(apply_fn), params, example, lr=0.1, steps=1, optimizer=opt)
+        return jax.tree.map(jnp.subtract, tuned, params)
+
+    unit = deltas(jax.tree.map(jnp.zeros_like, s))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), deltas(None), unit)
+    plain, tuned = jax.tree_util.tree_flatten_with_path(unit)[0], dict(jax.tree_util.tree_flatten_with_path(deltas(s))[0])
+    for path, d_plain in plain:
+        name = "/".join(str(k.key) for k in path)
+        group = next(g for g in factors if name.startswith(g))
+        factor = np.reshape(factors[group], np.shape(factors[group]) + (1,) * (d_plain.ndim - np.ndim(factors[group])))
+        assert np.all(np.abs(np.asarray(d_plain)).reshape(len(d_plain) if group == "model/layers" else 1, -1).max(1) > 1e-4), name
+        np.testing.assert_allclose(np.asarray(tuned[path]), factor * np.asarray(d_plain), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_quick_study_learns_and_writes_files(tiny, tmp_path, monkeypatch):
+    from experiments import meta_llm_logic as study
+
+    monkeypatch.setattr(study, "load_model", lambda args: tiny)
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    out = tmp_path / "meta_llm"
+    args = parser.parse_args(["--out", str(out), "--quick", "--no-progress", "--lr-grid", "0.3", "1.0",
+                              "--meta-steps", "4", "--meta-lr", "0.2", "--draws", "2"])
+    res = study.run(args)["results"]
+    for name in ("config.json", "grid.json", "history.npy", "log_scales.json", "heldout_before.npy",
+                 "heldout_after.npy", "objective.png", "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    hist = np.load(out / "history.npy")
+    assert saved["meta_train"]["objective_history"] == pytest.approx(hist.tolist())
+    # the learned multipliers improve the training objective (ignored multipliers would leave it unchanged)
+    assert saved["meta_train"]["objective_final"] < hist[0] - 0.005, (hist, saved["meta_train"])
+    assert saved["best_uniform_lr"] == min(res["uniform_lr_grid"], key=lambda g: g["logic"])["lr"]
+    ls = saved["log_scales"]
+    assert abs(np.mean(np.concatenate([np.ravel(v) for v in ls.values()]))) < 1e-5  # centred: location, not speed
+    assert np.ptp(ls["model/layers"]) > 0
+    # the held-out scorecard is the probe gain of the saved matrices, before and after
+    for name in ("before", "after"):
+        M = np.load(out / f"heldout_{name}.npy")
+        diffs = M[:, 3, 4] - M[:, 3, 0]
+        assert saved["heldout"][name]["scorecard"][0]["mean"] == pytest.approx(float(diffs.mean()), rel=1e-5)
+    assert not np.allclose(np.load(out / "heldout_before.npy")[:, 3, [0, 4]], np.load(out / "heldout_after.npy")[:, 3, [0, 4]])
+    assert saved["seeds"]["heldout"] and not set(saved["seeds"]["train"]) & set(saved["seeds"]["heldout"])
