@@ -1,0 +1,61 @@
+"""The LLM logic study end to end on a tiny random checkpoint: files, numbers, resume, errors."""
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="the tiny checkpoint is written with transformers' PyTorch models")
+
+from test_lm import tiny_checkpoint  # noqa: E402
+
+from jaxeif import cli, desiderata  # noqa: E402
+from jaxeif.data import domains  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("JAXEIF_COMPILE_CACHE", "")  # no persistent XLA cache: it would change jax config for later tests
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    tiny_checkpoint(ckpt, context=512)
+    out = tmp_path_factory.mktemp("runs") / "llm"
+    argv = ["llm", "--model", str(ckpt), "--out", str(out), "--domains", "bigger_than",
+            "--repeats", "2", "--lr", "0.01", "--no-progress"]
+    assert cli.main(argv) == 0
+    yield argv, out, ckpt
+    mp.undo()
+
+
+def test_study_writes_figures_and_consistent_numbers(study):
+    _, out, ckpt = study
+    for name in ("heatmaps_bigger_than.png", "histogram.png", "symmetry.png",
+                 "scorecard.json", "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["lr"] == 0.01 and results["config"]["optimizer"] == "sgd"
+    assert results["config"]["model"] == str(ckpt)
+    for name in ("bigger_than",):
+        probes = domains.DOMAINS[name].probes
+        for mode in ("finetuned", "prompted"):
+            mats = np.stack([np.load(out / f"{mode}_{name}_r{r}.npy") for r in range(2)])
+            entry = results["domains"][name][mode]
+            np.testing.assert_allclose(entry["mean_matrix"], mats.mean(0), rtol=1e-6)
+            np.testing.assert_allclose(entry["inverse_asymmetry"], desiderata.inverse_asymmetry(mats.mean(0)), rtol=1e-5)
+            for p, got in zip(probes, entry["probes"]):
+                diffs = mats[:, p.train, p.not_implied] - mats[:, p.train, p.implied]
+                np.testing.assert_allclose(got["mean"], diffs.mean(), rtol=1e-5)
+                assert got["right_direction"] == np.mean(diffs > 0)
+    assert not np.allclose(np.load(out / "finetuned_bigger_than_r0.npy"), np.load(out / "finetuned_bigger_than_r1.npy"))
+    assert "paper_inverse_asymmetry" not in results["domains"]["bigger_than"]  # the paper has no number for it
+
+
+def test_study_resumes_without_recomputing(study):
+    argv, out, _ = study
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*_r*.npy")}
+    assert cli.main(argv) == 0
+    assert before and before == {p.name: p.stat().st_mtime_ns for p in out.glob("*_r*.npy")}
+
+
+def test_unknown_domain_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["llm", "--domains", "ontology", "--out", str(tmp_path / "x")]) == 2
+    assert "valid domains: chain_induces, belongs_to" in capsys.readouterr().err

@@ -1,0 +1,212 @@
+"""Language-model EIF against a per-sample PyTorch loop (transformers models), the exact low-rank
+SGD path against the dense computation, prompted EIF, masks, and bad input."""
+import copy
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+torch = pytest.importorskip("torch", reason="reference tests need torch==2.13.0 (make test installs it)")
+transformers = pytest.importorskip("transformers")
+
+from jaxeif import lm  # noqa: E402
+from jaxeif.models import lora, phi3, tokenizer  # noqa: E402
+
+TEXTS = ["Ab is big.", "Cd is big.", "Ab is big.\nCd is big.", "Cd is small.", "Ab is small."]
+BOS, PAD = "<s>", "<pad>"
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (one token per byte, ids 0..255) with BOS 256 and PAD 257."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet, key=lambda c: tokenizer._bytes_to_unicode().index(c)))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(BOS, special=True), AddedToken(PAD, special=True)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, pad_token=PAD)
+
+
+def tiny_checkpoint(path, arch="llama", vocab=260, tie=True, seed=0, context=128):
+    """A random tiny transformers checkpoint + byte tokenizer in `path`; returns the torch model."""
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=tie, bos_token_id=256,
+                  pad_token_id=257, eos_token_id=257, initializer_range=0.15, rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, original_max_position_embeddings=context))
+    model = model.float().eval()
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return model
+
+
+def torch_loss(model, ids, att, score):
+    """The same length-normalised NLL, written directly in torch for one row."""
+    logits = model(torch.tensor(ids[None], dtype=torch.long), attention_mask=torch.tensor(att[None])).logits[0]
+    logp = torch.log_softmax(logits[:-1].float(), -1).gather(-1, torch.tensor(ids[1:, None], dtype=torch.long))[:, 0]
+    w = torch.tensor(score[1:])
+    return -(w * logp).sum() / w.sum()
+
+
+def torch_eif(model, toks, make_opt, steps=1):
+    """Per-sample loop: copy, `steps` optimizer steps on sample i, score every sample."""
+    rows = [tuple(np.asarray(x)[k] for x in toks) for k in range(toks.ids.shape[0])]
+    with torch.no_grad():
+        base = np.array([torch_loss(model, *r).item() for r in rows])
+    out = []
+    for r in rows:
+        m = copy.deepcopy(model)
+        opt = make_opt(m.parameters())
+        for _ in range(steps):
+            opt.zero_grad()
+            torch_loss(m, *r).backward()
+            opt.step()
+        with torch.no_grad():
+            out.append([torch_loss(m, *q).item() for q in rows])
+    return np.array(out) - base[None]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model = tiny_checkpoint(path)
+    apply_fn, params, config = phi3.from_pretrained(path)
+    tok = tokenizer.load_tokenizer(path)
+    return model, apply_fn, params, config, tok
+
+
+def _close(ours, ref):
+    scale = np.abs(ref).max()
+    assert scale > 1e-3, "the reference EIF is ~0: the test would not see a difference"
+    np.testing.assert_allclose(ours, ref, atol=2e-4 * scale + 1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def sgd_eif(tiny):
+    """(torch per-sample loop, jaxeif dense, jaxeif low-rank) single-step SGD EIF on TEXTS."""
+    model, apply_fn, params, config, tok = tiny
+    toks = lm.tokenize(tok, TEXTS, config=config)
+    lr = 0.05
+    ref = torch_eif(model, toks, lambda p: torch.optim.SGD(p, lr=lr))
+    dense = np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=lr, chunk_size=None))
+    low = lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=lr)
+    return ref, dense, low
+
+
+def test_dense_sgd_and_lowrank_match_torch_loop(sgd_eif):
+    ref, dense, low = sgd_eif
+    _close(dense, ref)
+    _close(low, ref)
+
+
+def test_two_line_row_differs_from_its_last_line_row(sgd_eif):
+    """Row 2 trains "Ab is big.\nCd is big."; row 1 trains its last line alone: they must differ."""
+    _, _, M = sgd_eif
+    assert TEXTS[2].split("\n")[-1] == TEXTS[1]
+    gap = np.abs(M[2] - M[1]).max()
+    assert gap > 0.1 * np.abs(M[1]).max(), (M[1], M[2])
+
+
+def test_phi3_untied_adam_and_lowrank_sgd_with_context_match_torch_loop(tmp_path):
+    """Phi-3 layout, untied output layer: Adam (2 steps) and low-rank SGD on samples whose context is not scored."""
+    model = tiny_checkpoint(tmp_path, arch="phi3", tie=False, seed=1)
+    apply_fn, params, config = phi3.from_pretrained(tmp_path)
+    tok = tokenizer.load_tokenizer(tmp_path)
+    toks = lm.tokenize(tok, TEXTS[:4], config=config)
+    lr = 3e-3
+    ref = torch_eif(model, toks, lambda p: torch.optim.Adam(p, lr=lr), steps=2)
+    ours = lm.finetuned_eif(apply_fn, params, toks, lr=lr, steps=2, optimizer=optax.adam(1.0), chunk_size=None)
+    _close(np.asarray(ours), ref)
+    with_context = lm.tokenize(tok, TEXTS[:3], contexts=TEXTS[2:5], config=config)
+    assert 0 < with_context.score.sum() < with_context.attention.sum() - 3
+    ref = torch_eif(model, with_context, lambda p: torch.optim.SGD(p, lr=0.05))
+    _close(lm.lowrank_sgd_eif(apply_fn, params, config, with_context, lr=0.05), ref)
+
+
+def test_prompted_matches_torch(tiny):
+    model, apply_fn, params, config, tok = tiny
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    ref = np.zeros((len(TEXTS), len(TEXTS)))
+    with torch.no_grad():
+        for j, pj in enumerate(TEXTS):
+            alone = np.array([256] + enc(pj))
+            s_alone = np.r_[0.0, np.ones(len(alone) - 1)].astype(np.float32)
+            base = torch_loss(model, alone, np.ones_like(alone), s_alone).item()
+            for i, pi in enumerate(TEXTS):
+                ctx = [256] + enc(pi) + enc("\n")
+                ids = np.array(ctx + enc(pj))
+                score = np.r_[np.zeros(len(ctx)), np.ones(len(ids) - len(ctx))].astype(np.float32)
+                ref[i, j] = torch_loss(model, ids, np.ones_like(ids), score).item() - base
+    _close(lm.prompted_eif(apply_fn, params, tok, config, TEXTS), ref)
+
+
+def test_nll_bos_padding_and_mask(tiny):
+    _, apply_fn, params, config, tok = tiny
+    toks = lm.tokenize(tok, ["Ab is big.", "Cd"], config=config)
+    assert toks.ids[0, 0] == 256 and toks.score[0, 0] == 0 and toks.score[1, 3:].sum() == 0
+    assert toks.ids[1, 3] == 257 and toks.attention[1, 3] == 0
+    longer = lm.tokenize(tok, ["Ab is big.", "Cd"], config=config, length=40)
+    a, b = lm.nll(apply_fn, params, toks), lm.nll(apply_fn, params, longer)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    logits = np.asarray(apply_fn(params, jnp.asarray(toks.ids[:1])), np.float64)[0]
+    n = int(toks.lengths[0])
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    manual = -np.mean([logp[t - 1, toks.ids[0, t]] for t in range(1, n)])
+    np.testing.assert_allclose(a[0], manual, rtol=1e-5)
+
+
+def test_lora_eif_equals_loop_over_merged_models(tiny):
+    _, apply_fn, params, config, tok = tiny
+    toks = lm.tokenize(tok, TEXTS[:2], config=config)
+    adapters = lora.init(jax.random.key(1), params, rank=2, alpha=4.0)
+    adapters = lora.Adapters(jax.tree.map(lambda x: x + 0.05, adapters.deltas), adapters.scale)  # B != 0
+    lr = 0.1
+    M = np.asarray(lm.lora_eif(apply_fn, params, adapters, toks, lr=lr))
+    rows = [lm.Tokens(*(jnp.asarray(x[k]) for x in toks)) for k in range(2)]
+    loss = jax.jit(lambda d, ex: lm.NLL(apply_fn)(lora.merge(params, lora.Adapters(d, adapters.scale)), ex))
+    grad = jax.jit(jax.grad(loss))
+    base = np.array([loss(adapters.deltas, r) for r in rows])
+    for i, r in enumerate(rows):
+        g = grad(adapters.deltas, r)
+        new = jax.tree.map(lambda a, b: a - lr * b, adapters.deltas, g)
+        np.testing.assert_allclose(M[i], [float(loss(new, q)) - b for q, b in zip(rows, base)], atol=1e-5)
+    assert np.abs(M).max() > 1e-3
+
+
+def test_choose_plateau_rule():
+    lrs = 10.0 ** np.arange(-6, 0)
+    agree = np.array([np.nan, 0.2, 0.99, 0.98, 0.97, 0.5])  # noise, plateau 1e-5..1e-2, non-linear
+    assert lm.choose_plateau(lrs, np.nan_to_num(agree, nan=-1), 0.95) in (1e-4, 1e-3)
+    with pytest.raises(ValueError, match="no two consecutive"):
+        lm.choose_plateau(lrs, np.zeros(6), 0.95)
+
+
+def test_lr_sweep_on_tiny_model(tiny):
+    _, apply_fn, params, config, tok = tiny
+    toks = lm.tokenize(tok, TEXTS, config=config)
+    sweep = lm.lr_sweep(lambda r: lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=r), [1e-4, 1e-3, 1e-2, 1e-1, 3.0])
+    assert sweep.agreement[1] > 0.95 and sweep.agreement[-1] < sweep.agreement[1]  # linear regime, then not
+    assert np.all(np.diff(sweep.magnitude[:4]) > 0)
+    assert sweep.chosen in sweep.lrs[:4]
+    assert lm.plot_lr_sweep(sweep) is not None
+
+
+def test_bad_input(tiny):
+    _, apply_fn, params, config, tok = tiny
+    with pytest.raises(ValueError, match="sample 1 is empty"):
+        lm.tokenize(tok, ["Ab is big.", "  "], config=config)
+    with pytest.raises(ValueError, match="longer than the model's context of 128"):
+        lm.tokenize(tok, ["x" * 200], config=config)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        lm.prompted_eif(apply_fn, params, tok, config, ["y" * 70, "z" * 70])
+    small_config = dataclasses.replace(config, vocab_size=200)  # a model whose vocabulary is smaller
+    with pytest.raises(ValueError, match="tokenizer has 258 tokens but the model's vocabulary has 200"):
+        lm.tokenize(tok, TEXTS, config=small_config)
