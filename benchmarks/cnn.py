@@ -34,10 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=1, help="jaxeif.eif chunk_size (rows vmapped together)")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--ckpt", default=None, help="trained CNN checkpoint dir (default: random init; speed does not depend on it)")
-    parser.add_argument("--scale", default="", help="comma-separated n for the full n x n curve of jaxeif.eif, e.g. 128,256,512,4096")
+    parser.add_argument("--scale", default="", help="comma-separated n for the n x n curve of jaxeif.eif, e.g. 128,256,4096; "
+                        "n:r computes only r train rows against all n evals (memory and per-pair cost at large n)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
     parser.add_argument("--matmul-size", type=int, default=2048, help="size of the reference float32 matmul")
-    parser.add_argument("--scale-point", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--scale-point", default="", help=argparse.SUPPRESS)
 
 
 def _data(n: int):
@@ -128,20 +129,22 @@ def torch_func_vmap(net, train, evals, lr: float, chunk: int = 8) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- runs
-def _scale_point(n: int, chunk_size: int, lr: float) -> dict:
-    """Full n x n jaxeif.eif in this process, timed end to end (compilation included)."""
+def _scale_point(point: str, chunk_size: int, lr: float) -> dict:
+    """jaxeif.eif of r (default n) train rows x n evals in this process, timed end to end (compilation included)."""
+    n, _, r = point.partition(":")
+    n, r = int(n), int(r or n)
     params = cnn.init_params(jax.random.key(0))
     x, y = _data(n)
     start = time.perf_counter()
-    jax.block_until_ready(jaxeif.eif(cnn.loss_fn, params, (x, y), lr=lr, chunk_size=chunk_size))
+    jax.block_until_ready(jaxeif.eif(cnn.loss_fn, params, (x[:r], y[:r]), (x, y), lr=lr, chunk_size=chunk_size))
     seconds = time.perf_counter() - start
-    return {"n": n, "seconds": seconds, "pairs_per_s": n * n / seconds, "peak_rss_mb": common.peak_rss_mb()}
+    return {"n": n, "rows": r, "seconds": seconds, "pairs_per_s": n * r / seconds, "peak_rss_mb": common.peak_rss_mb()}
 
 
-def _scale_curve(ns: list[int], chunk_size: int, lr: float) -> list[dict]:
+def _scale_curve(points: list[str], chunk_size: int, lr: float) -> list[dict]:
     out = []
-    for n in ns:
-        cmd = [sys.executable, "-m", "benchmarks.cnn", "--scale-point", str(n), "--chunk-size", str(chunk_size), "--lr", str(lr)]
+    for n in points:
+        cmd = [sys.executable, "-m", "benchmarks.cnn", "--scale-point", n, "--chunk-size", str(chunk_size), "--lr", str(lr)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"scale point n={n} failed:\n{proc.stderr[-2000:]}")
@@ -206,9 +209,9 @@ def run(args: argparse.Namespace) -> dict:
     print(common.table(["contender", "pairs/s", "x jax.vmap", "x PyTorch loop", "GFLOP/s", "of matmul", "max |diff| vs eif"], rows))
     out = {"pairs_per_s": results, "matmul_gflops": matmul, "pair_mflop": pair_flops / 1e6}
     if args.scale:
-        curve = _scale_curve([int(v) for v in args.scale.split(",")], args.chunk_size, args.lr)
-        print(common.table(["n = m", "seconds", "pairs/s", "us/pair", "peak RSS MB"],
-                           [[c["n"], c["seconds"], c["pairs_per_s"], 1e6 / c["pairs_per_s"], c["peak_rss_mb"]] for c in curve]))
+        curve = _scale_curve([v.strip() for v in args.scale.split(",")], args.chunk_size, args.lr)
+        print(common.table(["evals m = n", "train rows", "seconds (incl. compile)", "pairs/s", "us/pair", "peak RSS MB"],
+                           [[c["n"], c["rows"], c["seconds"], c["pairs_per_s"], 1e6 / c["pairs_per_s"], c["peak_rss_mb"]] for c in curve]))
         out["scale"] = curve
     out["peak_rss_mb"] = common.peak_rss_mb()
     print(f"peak RSS of this process: {out['peak_rss_mb']:.0f} MB")

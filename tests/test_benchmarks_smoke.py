@@ -13,6 +13,8 @@ def test_cnn_benchmark_tiny(capsys):
         assert name in printed
     assert set(out["pairs_per_s"]) >= {"jax.vmap, straightforward", "PyTorch loop (deepcopy, SGD step, eval)"}
     assert out["matmul_gflops"] > 0 and out["peak_rss_mb"] > 0
+    point = cnn._scale_point("4:2", 1, 0.01)  # one point of --scale, in-process (the CLI runs each in a subprocess)
+    assert point["n"] == 4 and point["rows"] == 2 and point["pairs_per_s"] > 0 and point["peak_rss_mb"] > 0
     # the exactness column: PyTorch and the plain vmap reproduce jaxeif's rows to float32 tolerance
     rows = [l for l in printed.splitlines() if l.startswith("| PyTorch loop") or l.startswith("| jax.vmap")]
     assert rows and all(float(l.rstrip(" |").split("|")[-1]) < 1e-4 for l in rows)
