@@ -1,8 +1,8 @@
 """Language-model influence: the length-normalised NLL, tokenising samples, fine-tuned EIF
 (dense via `jaxeif.eif`, LoRA, and the exact low-rank single-step SGD path) and prompted EIF.
 
-Models enter as `apply_fn(params, ids int32[b, t], attention_mask=None, lora=None) -> f32[b, t, v]`
-(`jaxeif.models.phi3`). A sample is a `Tokens` row: ids, attention (1 = real token) and score
+Models enter as `apply_fn(params, ids int32[b, t], attention_mask=None, lora=None, logits_at=None)
+-> f32[b, t, v]` (`jaxeif.models.phi3`; `logits_at` int32[b, k] gives only those positions' logits). A sample is a `Tokens` row: ids, attention (1 = real token) and score
 (1 = this token's log-probability counts in the loss). The loss of a sample is
 
     L = -(1 / #scored) * sum_{t scored} log p(ids[t] | ids[<t])
@@ -174,10 +174,63 @@ class NLL:
         return sequence_nll(logits, example.ids, example.score)
 
 
+def scored_nll(logits: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
+    """Mean -log p(target) over weighted positions: logits f32[k, v], target int32[k], weight f32[k] -> f32[].
+
+    With the logits at a sample's scored positions only (`scored_positions`), this equals `sequence_nll`.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_logp = jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+    return -jnp.sum(weight * token_logp) / jnp.sum(weight)
+
+
+def scored_positions(tokens: Tokens, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions int32[n, k], targets int32[n, k], weights f32[n, k]): logits position p predicts ids[p + 1]
+    for every scored token ids[p + 1]; right-padded with position 0, weight 0. `k` >= the most scored tokens."""
+    ids, score = np.asarray(tokens.ids), np.asarray(tokens.score)
+    n = ids.shape[0]
+    pos, tgt, w = np.zeros((n, k), np.int32), np.zeros((n, k), np.int32), np.zeros((n, k), np.float32)
+    for r in range(n):
+        p = np.flatnonzero(score[r, 1:] > 0)
+        if len(p) > k:
+            raise ValueError(f"row {r} has {len(p)} scored tokens, more than k={k}")
+        pos[r, : len(p)], tgt[r, : len(p)], w[r, : len(p)] = p, ids[r, p + 1], score[r, p + 1]
+    return pos, tgt, w
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _batch_nll(apply_fn, params, ids, attention, score, lora=None):
-    logits = apply_fn(params, ids, attention, lora=lora) if lora is not None else apply_fn(params, ids, attention)
-    return jax.vmap(sequence_nll)(logits, ids, score)
+def _batch_nll_at(apply_fn, params, ids, attention, pos, target, weight):
+    logits = apply_fn(params, ids, attention, logits_at=pos)  # only the scored positions reach the output layer
+    return jax.vmap(scored_nll)(logits, target, weight)
+
+
+def fit_length(tokens: Tokens, length: int) -> Tokens:
+    """Trim or right-pad (attention 0, score 0) every row to `length` tokens; no real token may be cut."""
+    width = np.asarray(tokens.ids).shape[1]
+    if length <= width:
+        if np.asarray(tokens.attention)[:, length:].any():
+            raise ValueError(f"cannot fit samples of {int(tokens.lengths.max())} tokens into length {length}")
+        return tokens.trim(length)
+    return Tokens(*(np.pad(np.asarray(x), ((0, 0), (0, length - width))) for x in tokens))
+
+
+def length_batches(tokens: Tokens, batch_size: int | None, bucket: int | None = 16) -> list[tuple[np.ndarray, Tokens]]:
+    """Rows sorted by length and cut into batches of exactly `batch_size` rows (the last one padded by
+    repeating its first row; None: one batch of all rows), each fitted to its longest row rounded up to
+    `bucket` (None: the longest row of all). Returns (row indices, batch) pairs.
+
+    Few distinct shapes: the same compiled programs serve every domain and repeat."""
+    lengths = np.asarray(tokens.lengths)
+    n = lengths.shape[0]
+    size = n if batch_size is None else int(batch_size)
+    order = np.argsort(lengths, kind="stable")
+    out = []
+    for start in range(0, n, size):
+        idx = order[start : start + size]
+        longest = int(lengths[idx].max()) if bucket is not None else int(lengths.max())
+        length = round_up(longest, bucket) if bucket is not None else longest
+        out.append((idx, fit_length(_pad_rows(tokens.take(idx), size), length)))
+    return out
 
 
 def length_groups(tokens: Tokens, multiple: int = 16) -> list[tuple[np.ndarray, Tokens]]:
@@ -199,19 +252,21 @@ def _pad_rows(tokens: Tokens, rows: int) -> Tokens:
     return tokens.take(idx)
 
 
-def nll(apply_fn: ApplyFn, params: PyTree, tokens: Tokens, *, batch_size: int = 8, bucket: int | None = 16,
-        progress=None) -> np.ndarray:
-    """Loss of every row, f32[n], in batches of `batch_size` grouped by length rounded up to `bucket`."""
+def nll(apply_fn: ApplyFn, params: PyTree, tokens: Tokens, *, batch_size: int = 4, bucket: int | None = 16,
+        score_bucket: int = 32, progress=None) -> np.ndarray:
+    """Loss of every row, f32[n]: rows sorted by length, `batch_size` at a time (`length_batches`), and
+    the output layer applied only at scored positions (`apply_fn(..., logits_at=)`, up to `score_bucket`
+    multiples). `apply_fn` must accept `logits_at` (jaxeif.models.phi3's does)."""
     out = np.zeros(np.asarray(tokens.ids).shape[0], np.float32)
-    groups = [(np.arange(tokens.ids.shape[0]), tokens)] if bucket is None else length_groups(tokens, bucket)
-    for idx, group in groups:
-        for start in range(0, len(idx), batch_size):
-            part = idx[start : start + batch_size]
-            batch = _pad_rows(group.take(np.arange(start, start + len(part))), batch_size)
-            vals = _batch_nll(apply_fn, params, *(jnp.asarray(x) for x in batch))
-            out[part] = np.asarray(vals)[: len(part)]
-            if progress is not None:
-                progress.update(len(part))
+    for idx, batch in length_batches(tokens, batch_size, bucket):
+        most = int((np.asarray(batch.score)[:, 1:] > 0).sum(axis=1).max())
+        k = min(round_up(most, score_bucket), batch.ids.shape[1])
+        pos, tgt, w = scored_positions(batch, k)
+        vals = _batch_nll_at(apply_fn, params, jnp.asarray(batch.ids), jnp.asarray(batch.attention),
+                             jnp.asarray(pos), jnp.asarray(tgt), jnp.asarray(w))
+        out[idx] = np.asarray(vals)[: len(idx)]
+        if progress is not None:
+            progress.update(len(idx))
     return out
 
 
@@ -429,41 +484,42 @@ def lowrank_sgd_eif(
     *,
     lr: float | np.ndarray = 1e-3,
     chunk_size: int = 1,
-    eval_batch: int | None = None,
-    bucket: int | None = None,
+    eval_batch: int | None = 3,
+    bucket: int | None = 16,
+    rank_bucket: int | None = 32,
+    base: np.ndarray | None = None,
     progress=None,
 ) -> np.ndarray:
     """Dense single-step SGD EIF, f32[n, m], computed exactly in low-rank form (no weight copies).
 
-    Equals `finetuned_eif(..., steps=1, optimizer=None)`. `chunk_size` fine-tunes are vmapped
-    together; evals are scored `eval_batch` rows at a time (None: all at once), grouped by length
-    rounded up to `bucket` tokens (None: one group). Fewer distinct shapes mean fewer compiles.
+    Equals `finetuned_eif(..., steps=1, optimizer=None)`. Train rows are padded to their length rounded
+    up to `rank_bucket` (None: all to the longest; padding adds exact zeros to the update) and
+    `chunk_size` fine-tunes of one such length are vmapped together; evals are sorted by length and
+    scored `eval_batch` rows at a time, each batch padded to a multiple of `bucket` tokens
+    (`length_batches`; None: one batch / the longest). Fixed shapes: repeats reuse compiled programs.
+    `base` (f32[m], the evals' losses before fine-tuning) is computed with `nll` when not given.
     """
     evals = train if evals is None else evals
     n = np.asarray(train.ids).shape[0]
     lr = np.broadcast_to(np.asarray(lr, np.float32), (n,))
-    train = train.trim(int(train.lengths.max()))
-    if bucket is None:
-        groups = [(np.arange(evals.ids.shape[0]), evals.trim(int(evals.lengths.max())))]
-    else:
-        groups = length_groups(evals, bucket)
-    base = np.zeros(np.asarray(evals.ids).shape[0], np.float32)
-    for cols, group in groups:
-        base[cols] = nll(apply_fn, params, group, batch_size=eval_batch or len(cols), bucket=None)
+    batches = length_batches(evals, eval_batch, bucket)
+    base = nll(apply_fn, params, evals, bucket=bucket) if base is None else np.asarray(base, np.float32)
+    lengths = np.asarray(train.lengths)
+    ranks = (np.array([round_up(int(t), rank_bucket) for t in lengths]) if rank_bucket is not None
+             else np.full(n, int(lengths.max())))
     out = np.zeros((n, base.shape[0]), np.float32)
-    for start in range(0, n, chunk_size):
-        rows = np.arange(start, min(start + chunk_size, n))
-        idx = np.concatenate([rows, np.full(chunk_size - len(rows), rows[0])])
-        norms, deltas = _lowrank_factors(apply_fn, params, config, _as_jnp(train.take(idx)), jnp.asarray(lr[idx]))
-        for cols, group in groups:
-            size = eval_batch or len(cols)
-            for s in range(0, len(cols), size):
-                part = cols[s : s + size]
-                batch = _pad_rows(group.take(np.arange(s, s + len(part))), size)
+    for rank in np.unique(ranks):
+        members = np.flatnonzero(ranks == rank)
+        for start in range(0, len(members), chunk_size):
+            rows = members[start : start + chunk_size]
+            idx = np.concatenate([rows, np.full(chunk_size - len(rows), rows[0])])
+            chunk = fit_length(train.take(idx), int(rank))
+            norms, deltas = _lowrank_factors(apply_fn, params, config, _as_jnp(chunk), jnp.asarray(lr[idx]))
+            for cols, batch in batches:
                 vals = np.asarray(_lowrank_losses(apply_fn, params, norms, deltas, _as_jnp(batch)))
-                out[np.ix_(rows, part)] = vals[: len(rows), : len(part)] - base[part][None]
-        if progress is not None:
-            progress.update(len(rows))
+                out[np.ix_(rows, cols)] = vals[: len(rows), : len(cols)] - base[cols][None]
+            if progress is not None:
+                progress.update(len(rows))
     return out
 
 
@@ -476,16 +532,22 @@ def prompted_eif(
     texts: Sequence[str],
     eval_texts: Sequence[str] | None = None,
     *,
-    batch_size: int = 8,
+    batch_size: int = 4,
+    base: np.ndarray | None = None,
     progress=None,
 ) -> np.ndarray:
-    """EIF_prompt[i, j] = L(p_j | context p_i) - L(p_j), f32[n, m]; context format: PROMPT_FORMAT."""
+    """EIF_prompt[i, j] = L(p_j | context p_i) - L(p_j), f32[n, m]; context format: PROMPT_FORMAT.
+
+    Pairs are scored `batch_size` at a time in order of length, the output layer only at p_j's tokens
+    (`nll`). `base` (f32[m], L(p_j) alone) is computed when not given.
+    """
     texts = list(texts)
     evals = texts if eval_texts is None else list(eval_texts)
-    base = nll(apply_fn, params, tokenize(tokenizer, evals, config=config), batch_size=batch_size)
+    if base is None:
+        base = nll(apply_fn, params, tokenize(tokenizer, evals, config=config), batch_size=batch_size)
     pairs = tokenize(tokenizer, [e for _ in texts for e in evals], contexts=[t for t in texts for _ in evals], config=config)
     after = nll(apply_fn, params, pairs, batch_size=batch_size, progress=progress)
-    return after.reshape(len(texts), len(evals)) - base[None]
+    return after.reshape(len(texts), len(evals)) - np.asarray(base, np.float32)[None]
 
 
 # ----------------------------------------------------------------------------- learning-rate sweep

@@ -210,3 +210,33 @@ def test_bad_input(tiny):
     small_config = dataclasses.replace(config, vocab_size=200)  # a model whose vocabulary is smaller
     with pytest.raises(ValueError, match="tokenizer has 258 tokens but the model's vocabulary has 200"):
         lm.tokenize(tok, TEXTS, config=small_config)
+
+
+def test_logits_at_equals_slicing_the_full_logits(tiny):
+    """phi3's `logits_at` (with and without a low-rank delta on the tied embedding) = full logits sliced."""
+    _, apply_fn, params, config, tok = tiny
+    toks = lm.tokenize(tok, TEXTS[:3], config=config)
+    ids, att = jnp.asarray(toks.ids), jnp.asarray(toks.attention)
+    pos = np.random.default_rng(0).integers(0, toks.ids.shape[1], size=(3, 5)).astype(np.int32)
+    d = config.hidden_size
+    delta = {"model": {"embed_tokens": {"a": jnp.full((config.vocab_size, 2), 0.01), "b": jnp.full((2, d), 0.02)}}}
+    for lora_ in (None, delta):
+        full = np.asarray(apply_fn(params, ids, att, lora=lora_))
+        at = np.asarray(apply_fn(params, ids, att, lora=lora_, logits_at=jnp.asarray(pos)))
+        np.testing.assert_allclose(at, full[np.arange(3)[:, None], pos], rtol=1e-5, atol=1e-6)
+    assert at.shape == (3, 5, config.vocab_size)
+
+
+def test_fast_nll_and_lowrank_paths_equal_straightforward_ones(tiny):
+    """Sorted batches + logits at scored positions only = sequence_nll on full logits, row by row; bucketed
+    low-rank SGD EIF (padded ranks, sorted eval batches) = one batch at the longest sample."""
+    _, apply_fn, params, config, tok = tiny
+    pairs = lm.tokenize(tok, TEXTS[:4], contexts=TEXTS[1:5], config=config)
+    fast = lm.nll(apply_fn, params, pairs, batch_size=3, score_bucket=4)
+    slow = [float(lm.NLL(apply_fn)(params, lm.Tokens(*(jnp.asarray(x[k]) for x in pairs)))) for k in range(4)]
+    np.testing.assert_allclose(fast, slow, rtol=1e-5)
+    toks = lm.tokenize(tok, TEXTS, config=config)
+    bucketed = lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=0.05, eval_batch=2, rank_bucket=16)
+    plain = lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=0.05, eval_batch=None, bucket=None, rank_bucket=None)
+    assert np.abs(plain).max() > 1e-3
+    np.testing.assert_allclose(bucketed, plain, atol=1e-5 * np.abs(plain).max(), rtol=0)

@@ -274,9 +274,11 @@ class Phi3ForCausalLM(nn.Module):
     scale: float = 1.0
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, lora=None):
+    def __call__(self, input_ids, attention_mask=None, lora=None, logits_at=None):
         c = self.config
         h, e = Phi3Model(c, self.dtype, self.scale, name="model")(input_ids, attention_mask, _sub(lora, "model"))
+        if logits_at is not None:  # only these positions reach the output projection: h [b, k, d]
+            h = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
         if c.tie_word_embeddings:
             logits = lowrank_unembed(h, e, _sub(lora, "model", "embed_tokens"), self.scale)
         else:
@@ -294,12 +296,17 @@ def _split_lora(lora) -> tuple[dict | None, float]:
 
 
 def make_apply_fn(config: Phi3Config, dtype=jnp.float32) -> Callable:
-    """Pure `apply_fn(params, input_ids, attention_mask=None, lora=None) -> f32[b, t, vocab]`."""
+    """Pure `apply_fn(params, input_ids, attention_mask=None, lora=None, logits_at=None) -> f32[b, t, vocab]`.
 
-    def apply_fn(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, lora=None):
+    `logits_at` int32[b, k] (positions in 0..t-1) returns only those positions' logits, f32[b, k, vocab]:
+    equal to `apply_fn(...)[b_idx, logits_at]`, without the output projection of the other positions.
+    """
+
+    def apply_fn(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, lora=None,
+                 logits_at: jax.Array | None = None):
         deltas, scale = _split_lora(lora)
         module = Phi3ForCausalLM(config, dtype, scale)
-        return module.apply({"params": params}, jnp.asarray(input_ids, jnp.int32), attention_mask, deltas)
+        return module.apply({"params": params}, jnp.asarray(input_ids, jnp.int32), attention_mask, deltas, logits_at)
 
     return apply_fn
 
