@@ -71,7 +71,7 @@ def _config(args: argparse.Namespace) -> dict:
     }
 
 
-def _finetuned(apply_fn, params, config, toks, args) -> np.ndarray:
+def _finetuned(apply_fn, params, config, toks, args, base=None) -> np.ndarray:
     import optax
 
     from jaxeif import lm
@@ -86,7 +86,7 @@ def _finetuned(apply_fn, params, config, toks, args) -> np.ndarray:
         return np.asarray(lm.lora_eif(apply_fn, params, adapters, toks, lr=args.lr, steps=args.steps, optimizer=opt,
                                       chunk_size=args.chunk_size))
     if args.optimizer == "sgd" and args.steps == 1:
-        return lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=args.lr, chunk_size=args.chunk_size)
+        return lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=args.lr, chunk_size=args.chunk_size, base=base)
     # dense path: one full copy of the weights (and optimizer state) per fine-tune in a chunk
     return np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=args.lr, steps=args.steps, optimizer=opt,
                                        chunk_size=args.chunk_size))
@@ -200,15 +200,18 @@ def _compute(run_dir, draws, apply_fn, params, config, tok, args) -> None:
     timings = run_dir.load_json(TIMINGS) if run_dir.has(TIMINGS) else {}
     for (name, r), samples in draws.items():
         texts = [s.text for s in samples]
+        toks = lm.tokenize(tok, texts, config=config, pad_multiple=PAD_MULTIPLE)
+        base = None  # L(p_j) before fine-tuning = L(p_j) without context: computed once, shared by both modes
         for mode in args.modes:
             key = f"{mode}_{name}_r{r}.npy"
             if not run_dir.has(key):
                 wall, cpu = time.time(), time.process_time()
+                if base is None:
+                    base = lm.nll(apply_fn, params, toks)
                 if mode == "finetuned":
-                    toks = lm.tokenize(tok, texts, config=config, pad_multiple=PAD_MULTIPLE)
-                    M = _finetuned(apply_fn, params, config, toks, args)
+                    M = _finetuned(apply_fn, params, config, toks, args, base)
                 else:
-                    M = lm.prompted_eif(apply_fn, params, tok, config, texts)
+                    M = lm.prompted_eif(apply_fn, params, tok, config, texts, base=base)
                 run_dir.save_npy(key, np.asarray(M, np.float32))
                 timings[key] = {"wall_s": time.time() - wall, "cpu_s": time.process_time() - cpu}
                 run_dir.save_json(TIMINGS, timings)

@@ -227,16 +227,17 @@ def test_logits_at_equals_slicing_the_full_logits(tiny):
     assert at.shape == (3, 5, config.vocab_size)
 
 
-def test_fast_nll_and_lowrank_paths_equal_straightforward_ones(tiny):
+def test_fast_nll_and_lowrank_paths_equal_straightforward_ones(tiny, sgd_eif):
     """Sorted batches + logits at scored positions only = sequence_nll on full logits, row by row; bucketed
-    low-rank SGD EIF (padded ranks, sorted eval batches) = one batch at the longest sample."""
+    low-rank SGD EIF (padded ranks, sorted eval batches: the default) = one batch at the longest sample."""
     _, apply_fn, params, config, tok = tiny
     pairs = lm.tokenize(tok, TEXTS[:4], contexts=TEXTS[1:5], config=config)
     fast = lm.nll(apply_fn, params, pairs, batch_size=3, score_bucket=4)
     slow = [float(lm.NLL(apply_fn)(params, lm.Tokens(*(jnp.asarray(x[k]) for x in pairs)))) for k in range(4)]
     np.testing.assert_allclose(fast, slow, rtol=1e-5)
     toks = lm.tokenize(tok, TEXTS, config=config)
-    bucketed = lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=0.05, eval_batch=2, rank_bucket=16)
+    bucketed = sgd_eif[2]  # lm.lowrank_sgd_eif(..., lr=0.05) with the default buckets
+    assert len({lm.round_up(int(n), 16) for n in toks.lengths}) > 1  # eval batches of several lengths
     plain = lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=0.05, eval_batch=None, bucket=None, rank_bucket=None)
     assert np.abs(plain).max() > 1e-3
     np.testing.assert_allclose(bucketed, plain, atol=1e-5 * np.abs(plain).max(), rtol=0)
