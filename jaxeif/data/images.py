@@ -9,6 +9,8 @@ checksum tfds expects and tfds extracts and prepares them as usual.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import importlib.util
 import json
@@ -116,10 +118,29 @@ def builder(name: str):
     b = tfds.builder(name, data_dir=str(data_dir()))
     if b.is_prepared():
         return b
+    with _preparation_lock(name):  # another process may be preparing the same dataset
+        b = tfds.builder(name, data_dir=str(data_dir()))
+        if not b.is_prepared():
+            _prepare(name, b)
+    return b
+
+
+@contextlib.contextmanager
+def _preparation_lock(name: str):
+    data_dir().mkdir(parents=True, exist_ok=True)
+    with open(data_dir() / f".{name}.prepare.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare(name: str, b) -> None:
     download_dir = data_dir() / "downloads"
     if _fill_download_cache(name, download_dir):
         b.download_and_prepare(download_dir=str(download_dir))
-        return b
+        return
     if os.environ.get("JAXEIF_OFFLINE", "1") != "0":
         raise DataNotAvailableError(
             f"{name} is not prepared in {data_dir()} and no local copy was found. Install it "
@@ -127,7 +148,6 @@ def builder(name: str):
             "to let tfds download it from the internet."
         )
     b.download_and_prepare(download_dir=str(download_dir))
-    return b
 
 
 def load(name: str, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
