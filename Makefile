@@ -1,5 +1,7 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
+# Test processes (pytest-xdist); the suite is mostly XLA compiles, which run on one core each.
+PYTEST_WORKERS ?= 2
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
@@ -28,7 +30,7 @@ demo: $(VENV)/.base data
 	$(PY) -m experiments.cnn_noise --out results/cnn_noise
 
 test: $(VENV)/.test data
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
 clean-venv:
 	rm -rf $(VENV)
