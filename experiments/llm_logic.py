@@ -22,6 +22,7 @@ from jaxeif import cli
 MODES = ("finetuned", "prompted")
 # Figure 5B of the paper (Phi-3-mini), 1/||M - M^T||: fine-tuned, prompted. "ontology" is belongs_to.
 PAPER_SYMMETRY = {"transitivity": (0.52, 0.28), "belongs_to": (0.56, 0.20), "chain_induces": (1.11, 0.45)}
+SWEEP = "lr_sweep.json"  # the --lr-sweep results
 TIMINGS = "timings.json"  # wall and process CPU seconds of every computed matrix (compiles included)
 PAD_MULTIPLE = 16  # pad token lengths to multiples of this: fewer distinct shapes, fewer compiles
 DEFAULT_LR = 1e-4  # single-step SGD plateau for SmolLM2-135M-Instruct (see README, lr sweep)
@@ -38,7 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
     parser.add_argument("--repeats", type=int, default=10, help="repeats with fresh entity names")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="which influences to compute")
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="fine-tuning learning rate")
+    parser.add_argument("--lr", type=_lr_arg, default=DEFAULT_LR,
+                        help="fine-tuning learning rate, or 'plateau': the one --lr-sweep chooses")
+    parser.add_argument("--lr-sweep", type=_lr_list, default=(),
+                        help="comma-separated lrs (>= 3): sweep them on repeat 0 of every domain first (paper 3.4: EIF "
+                             "magnitude and agreement vs lr, lr_sweep.png/.json) and pick the plateau")
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="fine-tuning optimizer (unit rate, times --lr)")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="fine-tune LoRA adapters of this rank (alpha = 2 * rank) instead of all weights; 0: dense")
@@ -52,6 +57,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _lr_arg(text: str):
+    if text == "plateau":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr takes a number or 'plateau', got {text!r}") from None
+
+
+def _lr_list(text: str) -> tuple[float, ...]:
+    try:
+        lrs = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr-sweep takes comma-separated numbers, e.g. 1e-6,1e-5,1e-4; got {text!r}") from None
+    if len(lrs) < 3 or min(lrs) <= 0:
+        raise argparse.ArgumentTypeError(f"--lr-sweep needs at least 3 positive learning rates, got {text!r}")
+    return lrs
+
+
 def _config(args: argparse.Namespace) -> dict:
     from jaxeif.data import domains
 
@@ -59,23 +83,27 @@ def _config(args: argparse.Namespace) -> dict:
         domains.domain(name)  # unknown names: clear error listing the valid ones
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    if not args.lr > 0:
+    if args.lr == "plateau" and not args.lr_sweep:
+        raise ValueError("--lr plateau needs --lr-sweep LR,LR,LR to choose it from")
+    if args.lr != "plateau" and not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.steps < 1 or args.chunk_size < 1 or args.lora_rank < 0:
         raise ValueError("--steps and --chunk-size must be >= 1, --lora-rank >= 0")
     return {
         "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
         "domains": list(args.domains), "repeats": args.repeats, "modes": list(args.modes), "lr": args.lr,
+        "lr_sweep": list(args.lr_sweep),
         "optimizer": args.optimizer, "steps": args.steps, "seed": args.seed, "dtype": args.dtype,
         "lora_rank": args.lora_rank,
     }
 
 
-def _finetuned(apply_fn, params, config, toks, args, base=None) -> np.ndarray:
+def _finetuned(apply_fn, params, config, toks, args, base=None, lr=None) -> np.ndarray:
     import optax
 
     from jaxeif import lm
 
+    lr = args.lr if lr is None else lr
     opt = optax.sgd(1.0) if args.optimizer == "sgd" else optax.adam(1.0)
     if args.lora_rank:
         import jax
@@ -83,12 +111,12 @@ def _finetuned(apply_fn, params, config, toks, args, base=None) -> np.ndarray:
         from jaxeif.models import lora
 
         adapters = lora.init(jax.random.key(args.seed), params, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
-        return np.asarray(lm.lora_eif(apply_fn, params, adapters, toks, lr=args.lr, steps=args.steps, optimizer=opt,
+        return np.asarray(lm.lora_eif(apply_fn, params, adapters, toks, lr=lr, steps=args.steps, optimizer=opt,
                                       chunk_size=args.chunk_size))
     if args.optimizer == "sgd" and args.steps == 1:
-        return lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=args.lr, chunk_size=args.chunk_size, base=base)
+        return lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=lr, chunk_size=args.chunk_size, base=base)
     # dense path: one full copy of the weights (and optimizer state) per fine-tune in a chunk
-    return np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=args.lr, steps=args.steps, optimizer=opt,
+    return np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=lr, steps=args.steps, optimizer=opt,
                                        chunk_size=args.chunk_size))
 
 
@@ -115,7 +143,9 @@ def _figures(run, name, samples, means, per_repeat):
     fig, axes = plt.subplots(1, len(modes), figsize=(9.5 * len(modes), 8.5), layout="constrained")
     axes = np.atleast_1d(axes)
     for ax, mode in zip(axes, modes):
-        plot.heatmap(means[mode], ax=ax, labels=labels, sign="logprob", title=f"{name}: {mode} (mean of repeats)")
+        row_label = "fine-tuned on sample i" if mode == "finetuned" else "sample i as the prompt's context"
+        plot.heatmap(means[mode], ax=ax, labels=labels, sign="logprob", title=f"{name}: {mode} (mean of repeats)",
+                     row_label=row_label)
         ax.tick_params(axis="x", labelrotation=90)
     run.save_figure(f"heatmaps_{name}.png", fig)
 
@@ -148,7 +178,11 @@ def run(args: argparse.Namespace) -> dict:
         apply_fn, params, config = phi3.from_pretrained(args.model, dtype=dtype)
         tok = tokenizer.load_tokenizer(args.model)
         lm.check_vocab(tok, config)
+        if args.lr_sweep:
+            args.lr = _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args)
         _compute(run_dir, draws, apply_fn, params, config, tok, args)
+    elif args.lr == "plateau":
+        args.lr = run_dir.load_json(SWEEP)["chosen"] if run_dir.has(SWEEP) else float("nan")
     elapsed, cpu = time.time() - t0, time.process_time() - cpu0
     repeats = [r for r in range(args.repeats)
                if all(run_dir.has(f"{m}_{d}_r{r}.npy") for m in args.modes for d in args.domains)]
@@ -156,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"{run_dir.path} holds no complete repeat yet; run without --summarise-only first")
 
     results = {"config": config_dict, "metadata": runs.run_metadata(seed=args.seed, elapsed_s=elapsed, cpu_s=cpu),
-               "repeats_used": len(repeats), "prompt_format": lm.PROMPT_FORMAT, "sign": "M[i, j] = loss after - loss before (negative = learned)",
+               "repeats_used": len(repeats), "lr_used": args.lr, "prompt_format": lm.PROMPT_FORMAT, "sign": "M[i, j] = loss after - loss before (negative = learned)",
                "domains": {}}
     histogram_values = {m: [] for m in args.modes}
     for name in args.domains:
@@ -186,6 +220,25 @@ def run(args: argparse.Namespace) -> dict:
     run_dir.save_json("results.json", results)
     print(format_tables(results, args.modes))
     return {"out": str(run_dir.path), "elapsed_s": round(elapsed, 1), "cpu_s": round(cpu, 1)}
+
+
+def _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args) -> float:
+    """Fine-tuned EIF of repeat 0 of every domain at each swept lr; saves lr_sweep.json/.png; returns the
+    lr to use (the plateau's when --lr plateau). Resumed from lr_sweep.json."""
+    from jaxeif import lm
+
+    if not run_dir.has(SWEEP):
+        toks = {d: lm.tokenize(tok, [s.text for s in draws[(d, 0)]], config=config, pad_multiple=PAD_MULTIPLE)
+                for d in args.domains}
+        sweep = lm.lr_sweep(lambda lr: [_finetuned(apply_fn, params, config, t, args, lr=lr) for t in toks.values()],
+                            args.lr_sweep, progress=not args.no_progress)
+        run_dir.save_json(SWEEP, {"lrs": sweep.lrs.tolist(), "median_abs_eif": sweep.magnitude.tolist(),
+                                  "agreement_with_previous": sweep.agreement.tolist(), "chosen": sweep.chosen,
+                                  "threshold": sweep.threshold, "domains": list(args.domains)})
+        run_dir.save_figure("lr_sweep.png", lm.plot_lr_sweep(sweep, title="fine-tuned EIF vs lr (repeat 0, all domains)"))
+    chosen = run_dir.load_json(SWEEP)["chosen"]
+    print(f"lr sweep: plateau lr {chosen:g} (lr_sweep.png)")
+    return chosen if args.lr == "plateau" else args.lr
 
 
 def _compute(run_dir, draws, apply_fn, params, config, tok, args) -> None:

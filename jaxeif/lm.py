@@ -1,9 +1,12 @@
 """Language-model influence: the length-normalised NLL, tokenising samples, fine-tuned EIF
 (dense via `jaxeif.eif`, LoRA, and the exact low-rank single-step SGD path) and prompted EIF.
 
-Models enter as `apply_fn(params, ids int32[b, t], attention_mask=None, lora=None, logits_at=None)
--> f32[b, t, v]` (`jaxeif.models.phi3`; `logits_at` int32[b, k] gives only those positions' logits). A sample is a `Tokens` row: ids, attention (1 = real token) and score
-(1 = this token's log-probability counts in the loss). The loss of a sample is
+Models enter as `apply_fn(params, ids int32[b, t], attention_mask=None, lora=None, positions=None)
+-> f32[b, t, v]` (`jaxeif.models.phi3`), where attention_mask may be a bool[b, t, t] visibility
+mask: losses are computed on samples packed into shared rows (`jaxeif.packing`; exact, no padding
+to the longest sample, a prompt context computed once for all its continuations). A sample is a
+`Tokens` row: ids, attention (1 = real token) and score (1 = this token's log-probability counts in
+the loss). The loss of a sample is
 
     L = -(1 / #scored) * sum_{t scored} log p(ids[t] | ids[<t])
 
@@ -29,9 +32,11 @@ import numpy as np
 import optax
 
 import jaxeif
+from jaxeif import packing
 from jaxeif.finetune import PyTree
 
 SEPARATOR = "\n"
+ROW_LENGTH = 256  # tokens per packed row (jaxeif.packing): wide matmuls, attention still cheap (measured: 256 beat 128 and 512)
 PROMPT_FORMAT = "BOS + tokens(p_i) + tokens('\\n') + tokens(p_j); only p_j's tokens scored; minus L(BOS + tokens(p_j))"
 ApplyFn = Callable[..., jax.Array]
 
@@ -62,6 +67,13 @@ def encode(tokenizer, text: str) -> list[int]:
     if hasattr(tokenizer, "encode") and hasattr(tokenizer, "get_vocab_size"):  # tokenizers.Tokenizer
         return list(tokenizer.encode(text, add_special_tokens=False).ids)
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _body(tokenizer, text: str, k: int) -> list[int]:
+    """Tokens of sample k, which must have some text."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"sample {k} is empty ({text!r}); every sample needs some text to score")
+    return encode(tokenizer, text)
 
 
 def vocab_size(tokenizer) -> int:
@@ -123,9 +135,7 @@ def tokenize(
     sep = encode(tokenizer, SEPARATOR)
     rows = []
     for k, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"sample {k} is empty ({text!r}); every sample needs some text to score")
-        body = encode(tokenizer, text)
+        body = _body(tokenizer, text, k)
         ctx = [] if contexts is None else encode(tokenizer, contexts[k]) + sep
         ids = head + ctx + body
         score = [0.0] * (len(head) + len(ctx)) + [1.0] * len(body)
@@ -174,100 +184,52 @@ class NLL:
         return sequence_nll(logits, example.ids, example.score)
 
 
-def scored_nll(logits: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
-    """Mean -log p(target) over weighted positions: logits f32[k, v], target int32[k], weight f32[k] -> f32[].
-
-    With the logits at a sample's scored positions only (`scored_positions`), this equals `sequence_nll`.
-    """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_logp = jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
-    return -jnp.sum(weight * token_logp) / jnp.sum(weight)
-
-
-def scored_positions(tokens: Tokens, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(positions int32[n, k], targets int32[n, k], weights f32[n, k]): logits position p predicts ids[p + 1]
-    for every scored token ids[p + 1]; right-padded with position 0, weight 0. `k` >= the most scored tokens."""
-    ids, score = np.asarray(tokens.ids), np.asarray(tokens.score)
-    n = ids.shape[0]
-    pos, tgt, w = np.zeros((n, k), np.int32), np.zeros((n, k), np.int32), np.zeros((n, k), np.float32)
-    for r in range(n):
-        p = np.flatnonzero(score[r, 1:] > 0)
-        if len(p) > k:
-            raise ValueError(f"row {r} has {len(p)} scored tokens, more than k={k}")
-        pos[r, : len(p)], tgt[r, : len(p)], w[r, : len(p)] = p, ids[r, p + 1], score[r, p + 1]
-    return pos, tgt, w
+def slot_nll(logits: jax.Array, at: jax.Array, target: jax.Array) -> jax.Array:
+    """-log p(target) read at logits index `at`: logits f32[r, t, v], at/target int32[r, k] -> f32[r, k]."""
+    logits = logits.astype(jnp.float32)
+    lse = jnp.take_along_axis(jax.nn.logsumexp(logits, axis=-1), at, axis=1)
+    picked = jnp.take_along_axis(jnp.take_along_axis(logits, at[..., None], axis=1), target[..., None], axis=2)[..., 0]
+    return lse - picked
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _batch_nll_at(apply_fn, params, ids, attention, pos, target, weight):
-    logits = apply_fn(params, ids, attention, logits_at=pos)  # only the scored positions reach the output layer
-    return jax.vmap(scored_nll)(logits, target, weight)
+def _packed_slot_nll(apply_fn, params, row: dict, lora=None) -> jax.Array:
+    logits = apply_fn(params, row["ids"], row["visible"], lora=lora, positions=row["positions"])
+    return slot_nll(logits, row["at"], row["target"])
 
 
-def fit_length(tokens: Tokens, length: int) -> Tokens:
-    """Trim or right-pad (attention 0, score 0) every row to `length` tokens; no real token may be cut."""
-    width = np.asarray(tokens.ids).shape[1]
-    if length <= width:
-        if np.asarray(tokens.attention)[:, length:].any():
-            raise ValueError(f"cannot fit samples of {int(tokens.lengths.max())} tokens into length {length}")
-        return tokens.trim(length)
-    return Tokens(*(np.pad(np.asarray(x), ((0, 0), (0, length - width))) for x in tokens))
+def _row_arrays(packed: packing.Packed, k: int) -> dict:
+    return {f: jnp.asarray(getattr(packed, f)[k : k + 1]) for f in ("ids", "positions", "visible", "at", "target")}
 
 
-def length_batches(tokens: Tokens, batch_size: int | None, bucket: int | None = 16) -> list[tuple[np.ndarray, Tokens]]:
-    """Rows sorted by length and cut into batches of exactly `batch_size` rows (the last one padded by
-    repeating its first row; None: one batch of all rows), each fitted to its longest row rounded up to
-    `bucket` (None: the longest row of all). Returns (row indices, batch) pairs.
-
-    Few distinct shapes: the same compiled programs serve every domain and repeat."""
-    lengths = np.asarray(tokens.lengths)
-    n = lengths.shape[0]
-    size = n if batch_size is None else int(batch_size)
-    order = np.argsort(lengths, kind="stable")
-    out = []
-    for start in range(0, n, size):
-        idx = order[start : start + size]
-        longest = int(lengths[idx].max()) if bucket is not None else int(lengths.max())
-        length = round_up(longest, bucket) if bucket is not None else longest
-        out.append((idx, fit_length(_pad_rows(tokens.take(idx), size), length)))
-    return out
+def _group_mean(packed: packing.Packed, k: int, slot_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of weight * value, sum of weight) per group over row k's slots, float64[groups] each."""
+    w, g = packed.weight[k].astype(np.float64), packed.group[k]
+    return (np.bincount(g, w * np.asarray(slot_values, np.float64).reshape(-1), minlength=packed.groups),
+            np.bincount(g, w, minlength=packed.groups))
 
 
-def length_groups(tokens: Tokens, multiple: int = 16) -> list[tuple[np.ndarray, Tokens]]:
-    """Rows grouped by length rounded up to `multiple`, each group trimmed to that length."""
-    lengths = np.asarray(tokens.lengths)
-    buckets = np.array([round_up(int(n), multiple) for n in lengths])
-    width = np.asarray(tokens.ids).shape[1]
-    out = []
-    for b in np.unique(buckets):
-        idx = np.flatnonzero(buckets == b)
-        out.append((idx, tokens.take(idx).trim(min(int(b), width))))
-    return out
-
-
-def _pad_rows(tokens: Tokens, rows: int) -> Tokens:
-    """Repeat the first row until there are `rows` rows (fixed batch shapes, fewer compiles)."""
-    n = np.asarray(tokens.ids).shape[0]
-    idx = np.concatenate([np.arange(n), np.zeros(rows - n, np.int64)])
-    return tokens.take(idx)
-
-
-def nll(apply_fn: ApplyFn, params: PyTree, tokens: Tokens, *, batch_size: int = 4, bucket: int | None = 16,
-        score_bucket: int = 32, progress=None) -> np.ndarray:
-    """Loss of every row, f32[n]: rows sorted by length, `batch_size` at a time (`length_batches`), and
-    the output layer applied only at scored positions (`apply_fn(..., logits_at=)`, up to `score_bucket`
-    multiples). `apply_fn` must accept `logits_at` (jaxeif.models.phi3's does)."""
-    out = np.zeros(np.asarray(tokens.ids).shape[0], np.float32)
-    for idx, batch in length_batches(tokens, batch_size, bucket):
-        most = int((np.asarray(batch.score)[:, 1:] > 0).sum(axis=1).max())
-        k = min(round_up(most, score_bucket), batch.ids.shape[1])
-        pos, tgt, w = scored_positions(batch, k)
-        vals = _batch_nll_at(apply_fn, params, jnp.asarray(batch.ids), jnp.asarray(batch.attention),
-                             jnp.asarray(pos), jnp.asarray(tgt), jnp.asarray(w))
-        out[idx] = np.asarray(vals)[: len(idx)]
+def packed_nll(apply_fn: ApplyFn, params: PyTree, packed: packing.Packed, lora=None, progress=None) -> np.ndarray:
+    """Length-normalised NLL of every group of `packed`, f32[groups], one row per forward pass."""
+    sums, counts = np.zeros(packed.groups), np.zeros(packed.groups)
+    for k in range(packed.ids.shape[0]):
+        s, c = _group_mean(packed, k, _packed_slot_nll(apply_fn, params, _row_arrays(packed, k), lora))
+        sums, counts = sums + s, counts + c
         if progress is not None:
-            progress.update(len(idx))
-    return out
+            progress.update(int(np.unique(packed.group[k][packed.weight[k] > 0]).size))
+    return (sums / np.maximum(counts, 1e-30)).astype(np.float32)
+
+
+def pack_tokens(tokens: Tokens, row_length: int = ROW_LENGTH) -> packing.Packed:
+    """`tokens`' samples packed into rows (`jaxeif.packing`): group k = sample k."""
+    return packing.samples(np.asarray(tokens.ids), tokens.lengths, np.asarray(tokens.score), row_length=row_length)
+
+
+def nll(apply_fn: ApplyFn, params: PyTree, tokens: Tokens, *, row_length: int = ROW_LENGTH, progress=None) -> np.ndarray:
+    """Loss of every sample, f32[n]: samples packed into shared rows of <= `row_length` tokens, each
+    sample attending only to itself (exact; no padding to the longest sample). `apply_fn` must accept
+    3-d attention masks and `positions` (jaxeif.models.phi3's does)."""
+    return packed_nll(apply_fn, params, pack_tokens(tokens, row_length), progress=progress)
 
 
 # ----------------------------------------------------------------------------- fine-tuned EIF
@@ -338,9 +300,11 @@ def _as_jnp(tokens: Tokens) -> Tokens:
 # computes from a = [x_1..x_T] (in, T), b = -lr [g_1..g_T]^T (T, out) without forming W - lr G.
 # The (tied) embedding E [V, d] changes by -lr (onehot(ids)^T G0 + C^T H), G0 = dL/d(embedding
 # output), C = dL/d(logits), H = final hidden states: rank <= 2T. RMSNorm weights (d floats per
-# layer) are updated densely. The factors x_t, g_t are read out of the (scanned) model with a flax
-# method interceptor: each linear output gets a zero perturbation `eps` (its gradient is g_t) and a
-# zero `probe` whose gradient is defined to be the input x_t (`_read_out`).
+# layer) change densely, by the sum of per-token gradients. The factors x_t, g_t are read out of the
+# (scanned) model with a flax method interceptor: each linear output gets a zero perturbation `eps`
+# (its gradient is g_t) and a zero `probe` whose gradient is defined to be the input x_t (`_read_out`).
+# All samples of a packed row (jaxeif.packing) share ONE backward pass: with block attention, the
+# per-token factors of sample i's tokens are exactly those of sample i trained alone.
 _TAP = "__jaxeif_tap__"
 
 
@@ -383,21 +347,6 @@ def _tap_interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def _is_norm(path) -> bool:
-    return any("norm" in str(getattr(k, "key", k)) for k in path)
-
-
-def split_norms(params: PyTree) -> tuple[PyTree, PyTree]:
-    """(norm weights, everything else) as two trees of the same structure with None holes."""
-    norms = jax.tree_util.tree_map_with_path(lambda p, x: x if _is_norm(p) else None, params)
-    rest = jax.tree_util.tree_map_with_path(lambda p, x: None if _is_norm(p) else x, params)
-    return norms, rest
-
-
-def _merge(norms: PyTree, rest: PyTree) -> PyTree:
-    return jax.tree.map(lambda a, b: b if a is None else a, norms, rest, is_leaf=lambda x: x is None)
-
-
 _LINEARS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 
 
@@ -413,66 +362,90 @@ def _linear_dims(config, module: tuple[str, str]) -> tuple[int, int]:
 
 
 def _zero_taps(config, t: int) -> dict:
-    """Zero perturbations/probes for every tapped place, for one sample of t tokens."""
+    """Zero per-token perturbations/probes for every tapped place of one packed row of t tokens: linear
+    outputs/inputs, the layer-stack input, the final hidden states, and (per-token additive deltas of)
+    every RMSNorm weight, whose gradients are then each token's contribution to the norm's gradient."""
     L, d = config.num_hidden_layers, config.hidden_size
-    layers: dict = {"self_attn": {}, "mlp": {}, _TAP: {"eps": jnp.zeros((L, 1, t, d))}}
+    norm = lambda *lead: {"w": jnp.zeros((*lead, 1, t, d))}  # noqa: E731
+    layers: dict = {"self_attn": {}, "mlp": {}, _TAP: {"eps": jnp.zeros((L, 1, t, d))},
+                    "input_layernorm": norm(L), "post_attention_layernorm": norm(L)}
     for group, name in _LINEARS:
         n_in, n_out = _linear_dims(config, (group, name))
         layers[group][name] = {_TAP: {"eps": jnp.zeros((L, 1, t, n_out)), "probe": jnp.zeros((L, 1, t, n_in))}}
-    taps = {"model": {"layers": layers, _TAP: {"probe": jnp.zeros((1, t, d))}}}
+    taps = {"model": {"layers": layers, "norm": norm(), _TAP: {"probe": jnp.zeros((1, t, d))}}}
     if not config.tie_word_embeddings:
         taps["lm_head"] = {_TAP: {"eps": jnp.zeros((1, t, config.vocab_size)), "probe": jnp.zeros((1, t, d))}}
     return taps
 
 
-def sgd_step_lowrank(apply_fn: ApplyFn, params: PyTree, config, example: Tokens, lr) -> tuple[PyTree, dict]:
-    """(updated norm weights, low-rank deltas) of ONE SGD step on `example` (a Tokens row), exactly.
+@functools.partial(jax.jit, static_argnames=("apply_fn", "config"))
+def _row_gradients(apply_fn, params, config, row: dict, slot_weight: jax.Array) -> tuple[dict, jax.Array]:
+    """Per-token gradients of one packed row's loss sum_g L_g (slot_weight = weight / #scored of its group):
+    every tap's gradient, and C = dL/dlogits f32[t, V]. Block attention makes the tokens of sample g
+    depend on nothing else, so restricted to g's tokens these are exactly the gradients of L_g alone."""
 
-    `apply_fn(merge(norms, params), ids, mask, lora=deltas)` is then the fine-tuned model.
-    """
-    norms, rest = split_norms(params)
-    t = example.ids.shape[0]
-
-    def loss(norms, taps):
+    def loss(taps):
         with nn.intercept_methods(_tap_interceptor):
-            logits = apply_fn(_merge(norms, rest), example.ids[None], example.attention[None], lora=taps)[0]
-        return sequence_nll(logits, example.ids, example.score), logits
+            logits = apply_fn(params, row["ids"], row["visible"], lora=taps, positions=row["positions"])
+        return jnp.sum(slot_weight * slot_nll(logits, row["at"], row["target"])), logits
 
-    (g_norms, g_taps), logits = jax.grad(loss, argnums=(0, 1), has_aux=True)(norms, _zero_taps(config, t))
-    g_logits = jax.grad(sequence_nll)(logits, example.ids, example.score)  # C: [t, V]
-    new_norms = jax.tree.map(lambda w, g: w - lr * g, norms, g_norms)
-    layers = {"self_attn": {}, "mlp": {}}
+    g_taps, logits = jax.grad(loss, has_aux=True)(_zero_taps(config, row["ids"].shape[1]))
+    g_logits = jax.grad(lambda z: jnp.sum(slot_weight * slot_nll(z, row["at"], row["target"])))(logits)
+    return g_taps, g_logits[0]
+
+
+def _gather_deltas(config, g_taps: dict, g_logits: jax.Array, ids: jax.Array, idx: jax.Array, valid: jax.Array,
+                   lr: jax.Array) -> dict:
+    """The exact low-rank delta of one SGD step on the sample at row tokens `idx` int32[R] (`valid`
+    f32[R] masks padding slots: they add exact zeros), as an apply_fn `lora` dict."""
+    take = lambda x: jnp.take(x, idx, axis=-2) * valid[:, None]  # noqa: E731  [..., t, f] -> [..., R, f]
+    total = lambda x: jnp.sum(take(x), axis=-2)  # noqa: E731  this sample's summed per-token gradient
+    lay = g_taps["model"]["layers"]
+    layers: dict = {"self_attn": {}, "mlp": {}}
     for group, name in _LINEARS:
-        tap = g_taps["model"]["layers"][group][name][_TAP]
-        layers[group][name] = {"a": jnp.swapaxes(tap["probe"][:, 0], 1, 2), "b": -lr * tap["eps"][:, 0]}
-    g_embed_out = g_taps["model"]["layers"][_TAP]["eps"][0, 0]  # dL/d(input of layer 0) = dL/d(embedding output)
-    onehot = jax.nn.one_hot(example.ids, config.vocab_size, dtype=g_embed_out.dtype)  # [t, V]
+        tap = lay[group][name][_TAP]
+        layers[group][name] = {"a": jnp.swapaxes(take(tap["probe"][:, 0]), 1, 2), "b": -lr * take(tap["eps"][:, 0])}
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        layers[name] = {"w": -lr * total(lay[name]["w"][:, 0])}
+    g_embed_out = take(lay[_TAP]["eps"][0, 0])  # dL/d(input of layer 0) = dL/d(embedding output): [R, d]
+    onehot = jax.nn.one_hot(jnp.take(ids, idx), config.vocab_size, dtype=g_embed_out.dtype) * valid[:, None]
     if config.tie_word_embeddings:
-        hidden = g_taps["model"][_TAP]["probe"][0]  # final hidden states H: [t, d]
-        embed = {"a": jnp.concatenate([onehot, g_logits], 0).T, "b": -lr * jnp.concatenate([g_embed_out, hidden], 0)}
+        hidden = take(g_taps["model"][_TAP]["probe"][0])  # final hidden states H: [R, d]
+        embed = {"a": jnp.concatenate([onehot, take(g_logits)], 0).T, "b": -lr * jnp.concatenate([g_embed_out, hidden], 0)}
     else:
         embed = {"a": onehot.T, "b": -lr * g_embed_out}
-    deltas = {"model": {"embed_tokens": embed, "layers": layers}}
+    deltas = {"model": {"embed_tokens": embed, "layers": layers, "norm": {"w": -lr * total(g_taps["model"]["norm"]["w"][0])}}}
     if not config.tie_word_embeddings:
         tap = g_taps["lm_head"][_TAP]
-        deltas["lm_head"] = {"a": tap["probe"][0].T, "b": -lr * tap["eps"][0]}
-    return new_norms, deltas
+        deltas["lm_head"] = {"a": take(tap["probe"][0]).T, "b": -lr * take(tap["eps"][0])}
+    return deltas
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "config"))
-def _lowrank_factors(apply_fn, params, config, train: Tokens, lr):
-    return jax.vmap(lambda ex, r: sgd_step_lowrank(apply_fn, params, config, ex, r))(train, lr)
+_gather_chunk = jax.jit(jax.vmap(_gather_deltas, in_axes=(None, None, None, None, 0, 0, 0)), static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _lowrank_losses(apply_fn, params, norms, deltas, evals: Tokens):
-    _, rest = split_norms(params)
+def _lowrank_slot_nll(apply_fn, params, deltas, row: dict) -> jax.Array:
+    """Slot NLLs of one packed eval row under each fine-tune of a chunk: f32[c, 1, t]."""
+    return jax.vmap(lambda d: _packed_slot_nll(apply_fn, params, row, d))(deltas)
 
-    def row(n, d):
-        logits = apply_fn(_merge(n, rest), evals.ids, evals.attention, lora=d)
-        return jax.vmap(sequence_nll)(logits, evals.ids, evals.score)
 
-    return jax.vmap(row)(norms, deltas)
+def _slot_weights(packed: packing.Packed) -> np.ndarray:
+    """weight / (#scored tokens of the slot's group): the packed loss sum_g L_g, each L_g a mean."""
+    counts = np.bincount(packed.group.ravel(), packed.weight.ravel().astype(np.float64), minlength=packed.groups)
+    return (packed.weight / np.maximum(counts[packed.group], 1e-30)).astype(np.float32)
+
+
+def sgd_step_lowrank(apply_fn: ApplyFn, params: PyTree, config, example: Tokens, lr) -> dict:
+    """The low-rank delta of ONE SGD step on `example` (a Tokens row), exactly: `apply_fn(params, ids,
+    lora=delta)` is then the fine-tuned model (norm weights enter as additive deltas)."""
+    n = int(np.asarray(example.attention).sum())
+    packed = packing.samples(np.asarray(example.ids)[None], np.array([n]), np.asarray(example.score)[None], multiple=1)
+    g_taps, g_logits = _row_gradients(apply_fn, params, config, _row_arrays(packed, 0), jnp.asarray(_slot_weights(packed)))
+    one = lambda x: jnp.asarray(x)[None]  # noqa: E731
+    deltas = _gather_chunk(config, g_taps, g_logits, jnp.asarray(packed.ids[0]), one(np.arange(n)), one(np.ones(n, np.float32)),
+                           one(np.float32(lr)))
+    return jax.tree.map(lambda x: x[0], deltas)
 
 
 def lowrank_sgd_eif(
@@ -484,42 +457,56 @@ def lowrank_sgd_eif(
     *,
     lr: float | np.ndarray = 1e-3,
     chunk_size: int = 1,
-    eval_batch: int | None = 3,
-    bucket: int | None = 16,
-    rank_bucket: int | None = 32,
+    row_length: int = ROW_LENGTH,
+    rank_bucket: int = 32,
     base: np.ndarray | None = None,
     progress=None,
 ) -> np.ndarray:
     """Dense single-step SGD EIF, f32[n, m], computed exactly in low-rank form (no weight copies).
 
-    Equals `finetuned_eif(..., steps=1, optimizer=None)`. Train rows are padded to their length rounded
-    up to `rank_bucket` (None: all to the longest; padding adds exact zeros to the update) and
-    `chunk_size` fine-tunes of one such length are vmapped together; evals are sorted by length and
-    scored `eval_batch` rows at a time, each batch padded to a multiple of `bucket` tokens
-    (`length_batches`; None: one batch / the longest). Fixed shapes: repeats reuse compiled programs.
-    `base` (f32[m], the evals' losses before fine-tuning) is computed with `nll` when not given.
+    Equals `finetuned_eif(..., steps=1, optimizer=None)`. The train samples are packed into rows
+    (`jaxeif.packing`) and ONE backward pass per row gives every sample's per-token factors; sample
+    i's update is then rank <= its length (rounded up to `rank_bucket` with exact zeros), and `chunk_size`
+    fine-tunes of one rank are vmapped over the packed evals. `base` (f32[m], the evals' losses before
+    fine-tuning) is computed with `nll` when not given.
     """
     evals = train if evals is None else evals
     n = np.asarray(train.ids).shape[0]
     lr = np.broadcast_to(np.asarray(lr, np.float32), (n,))
-    batches = length_batches(evals, eval_batch, bucket)
-    base = nll(apply_fn, params, evals, bucket=bucket) if base is None else np.asarray(base, np.float32)
-    lengths = np.asarray(train.lengths)
-    ranks = (np.array([round_up(int(t), rank_bucket) for t in lengths]) if rank_bucket is not None
-             else np.full(n, int(lengths.max())))
+    packed_train = pack_tokens(train, row_length)
+    packed_evals = packed_train if evals is train else pack_tokens(evals, row_length)
+    if base is None:
+        base = packed_nll(apply_fn, params, packed_evals)
+    base = np.asarray(base, np.float32)
+    eval_rows = [_row_arrays(packed_evals, k) for k in range(packed_evals.ids.shape[0])]
+    weights = _slot_weights(packed_train)
     out = np.zeros((n, base.shape[0]), np.float32)
-    for rank in np.unique(ranks):
-        members = np.flatnonzero(ranks == rank)
-        for start in range(0, len(members), chunk_size):
-            rows = members[start : start + chunk_size]
-            idx = np.concatenate([rows, np.full(chunk_size - len(rows), rows[0])])
-            chunk = fit_length(train.take(idx), int(rank))
-            norms, deltas = _lowrank_factors(apply_fn, params, config, _as_jnp(chunk), jnp.asarray(lr[idx]))
-            for cols, batch in batches:
-                vals = np.asarray(_lowrank_losses(apply_fn, params, norms, deltas, _as_jnp(batch)))
-                out[np.ix_(rows, cols)] = vals[: len(rows), : len(cols)] - base[cols][None]
-            if progress is not None:
-                progress.update(len(rows))
+    for k in range(packed_train.ids.shape[0]):
+        g_taps, g_logits = _row_gradients(apply_fn, params, config, _row_arrays(packed_train, k), jnp.asarray(weights[k : k + 1]))
+        ids = jnp.asarray(packed_train.ids[k])
+        members = np.flatnonzero(packed_train.spans[:, 0] == k)
+        ranks = np.array([round_up(int(packed_train.spans[i, 2]), rank_bucket) for i in members])
+        for rank in np.unique(ranks):
+            same = members[ranks == rank]
+            for start in range(0, len(same), chunk_size):
+                rows = same[start : start + chunk_size]
+                idx = np.concatenate([rows, np.full(chunk_size - len(rows), rows[0])])
+                _, first, length = packed_train.spans[idx].T
+                slots = np.arange(rank)
+                tok_idx = np.minimum(first[:, None] + slots[None], packed_train.ids.shape[1] - 1).astype(np.int32)
+                valid = (slots[None] < length[:, None]).astype(np.float32)
+                deltas = _gather_chunk(config, g_taps, g_logits, ids, jnp.asarray(tok_idx), jnp.asarray(valid),
+                                       jnp.asarray(lr[idx]))
+                sums, counts = np.zeros((len(idx), packed_evals.groups)), np.zeros((len(idx), packed_evals.groups))
+                for e, row in enumerate(eval_rows):
+                    vals = np.asarray(_lowrank_slot_nll(apply_fn, params, deltas, row))
+                    for c in range(len(rows)):
+                        s, w = _group_mean(packed_evals, e, vals[c])
+                        sums[c], counts[c] = sums[c] + s, counts[c] + w
+                after = sums[: len(rows)] / np.maximum(counts[: len(rows)], 1e-30)
+                out[rows] = after.astype(np.float32) - base[None]
+                if progress is not None:
+                    progress.update(len(rows))
     return out
 
 
@@ -532,21 +519,31 @@ def prompted_eif(
     texts: Sequence[str],
     eval_texts: Sequence[str] | None = None,
     *,
-    batch_size: int = 4,
+    row_length: int = ROW_LENGTH,
     base: np.ndarray | None = None,
     progress=None,
 ) -> np.ndarray:
     """EIF_prompt[i, j] = L(p_j | context p_i) - L(p_j), f32[n, m]; context format: PROMPT_FORMAT.
 
-    Pairs are scored `batch_size` at a time in order of length, the output layer only at p_j's tokens
-    (`nll`). `base` (f32[m], L(p_j) alone) is computed when not given.
+    Each context is computed once and followed, in packed rows (`jaxeif.packing.prefixed`), by every
+    p_j, each seeing only the context and itself: exactly the n * m separate sequences, at about half
+    their cost. `base` (f32[m], L(p_j) alone) is computed when not given.
     """
     texts = list(texts)
     evals = texts if eval_texts is None else list(eval_texts)
+    check_vocab(tokenizer, config)
     if base is None:
-        base = nll(apply_fn, params, tokenize(tokenizer, evals, config=config), batch_size=batch_size)
-    pairs = tokenize(tokenizer, [e for _ in texts for e in evals], contexts=[t for t in texts for _ in evals], config=config)
-    after = nll(apply_fn, params, pairs, batch_size=batch_size, progress=progress)
+        base = nll(apply_fn, params, tokenize(tokenizer, evals, config=config), row_length=row_length)
+    bos = bos_token_id(tokenizer, config)
+    head, sep = ([] if bos is None else [bos]), encode(tokenizer, SEPARATOR)
+    prefixes = [head + _body(tokenizer, t, k) + sep for k, t in enumerate(texts)]
+    bodies = [_body(tokenizer, t, k) for k, t in enumerate(evals)]
+    longest = max(map(len, prefixes)) + max(map(len, bodies))
+    if longest > config.max_position_embeddings:
+        raise ValueError(f"a context plus a sample is {longest} tokens long, longer than the model's context of "
+                         f"{config.max_position_embeddings} tokens; shorten the samples")
+    packed = packing.prefixed(prefixes, bodies, row_length=row_length)
+    after = packed_nll(apply_fn, params, packed, progress=progress)
     return after.reshape(len(texts), len(evals)) - np.asarray(base, np.float32)[None]
 
 
@@ -592,7 +589,10 @@ def choose_plateau(lrs: np.ndarray, agreement: np.ndarray, threshold: float) -> 
 
 def lr_sweep(eif_at: Callable[[float], np.ndarray], lrs: Sequence[float], *, threshold: float = 0.95,
              progress: bool = False) -> LrSweep:
-    """Run `eif_at(lr)` for each lr (increasing) and pick the plateau lr with `choose_plateau`."""
+    """Run `eif_at(lr)` for each lr (increasing) and pick the plateau lr with `choose_plateau`.
+
+    `eif_at` returns one EIF matrix, or a list of them (e.g. one per domain) whose off-diagonal
+    entries are pooled."""
     lrs = np.asarray(sorted(float(x) for x in lrs))
     if len(lrs) < 3 or np.any(lrs <= 0):
         raise ValueError("lr_sweep needs at least 3 positive learning rates")
@@ -603,7 +603,8 @@ def lr_sweep(eif_at: Callable[[float], np.ndarray], lrs: Sequence[float], *, thr
 
         it = tqdm(lrs, desc="lr sweep")
     for lr in it:
-        mats.append(_offdiag(eif_at(float(lr))))
+        out = eif_at(float(lr))
+        mats.append(np.concatenate([_offdiag(m) for m in out]) if isinstance(out, (list, tuple)) else _offdiag(out))
     magnitude = np.array([np.median(np.abs(m)) for m in mats])
     agreement = np.array([np.nan] + [np.corrcoef(a, b)[0, 1] for a, b in zip(mats[:-1], mats[1:])])
     chosen = choose_plateau(lrs, np.nan_to_num(agreement, nan=-1.0), threshold)

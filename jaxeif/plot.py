@@ -52,8 +52,9 @@ def heatmap(
     title: str | None = None,
     clip_percentile: float = 99.0,
     diagonal: bool = True,
+    row_label: str = "fine-tuned on sample i",
 ):
-    """Heatmap of M[i, j] (rows: fine-tuned on i; columns: evaluated on j); returns the Figure.
+    """Heatmap of M[i, j] (rows: fine-tuned on i, or `row_label`; columns: evaluated on j); returns the Figure.
 
     boundaries / major_boundaries: indices where thin / thick block lines go. labels: one per row,
     shown once per run of equal labels (e.g. digits); groups: one per row, an outer label per run
@@ -105,7 +106,7 @@ def heatmap(
         right.set_yticks(centres, names, fontsize=10, fontweight="bold", rotation=90, va="center")
         right.tick_params(length=0)
     ax.set_xlabel("evaluated on sample j")
-    ax.set_ylabel("fine-tuned on sample i")
+    ax.set_ylabel(row_label)
     if title:
         ax.set_title(title)
     cbar = fig.colorbar(im, ax=ax, shrink=0.82, extend="both", pad=0.06)

@@ -59,3 +59,31 @@ def test_study_resumes_without_recomputing(study):
 def test_unknown_domain_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["llm", "--domains", "ontology", "--out", str(tmp_path / "x")]) == 2
     assert "valid domains: chain_induces, belongs_to" in capsys.readouterr().err
+
+
+def test_lr_sweep_picks_the_plateau_and_the_study_uses_it(study, tmp_path):
+    """--lr-sweep on a tiny model: the sweep file and figure exist, the chosen lr is the plateau rule's
+    on the recorded agreements, and with --lr plateau the matrices are those of that lr."""
+    from jaxeif import lm
+
+    _, _, ckpt = study
+    out = tmp_path / "sweep"
+    argv = ["llm", "--model", str(ckpt), "--out", str(out), "--domains", "bigger_than", "squares", "--repeats", "1",
+            "--modes", "finetuned", "--lr", "plateau", "--lr-sweep", "1e-4,1e-3,1e-2,1e-1,10", "--no-progress"]
+    assert cli.main(argv) == 0
+    sweep = json.loads((out / "lr_sweep.json").read_text())
+    assert (out / "lr_sweep.png").stat().st_size > 0
+    agreement = np.nan_to_num(np.array(sweep["agreement_with_previous"], float), nan=-1)
+    assert sweep["chosen"] == lm.choose_plateau(np.array(sweep["lrs"]), agreement, 0.95)
+    assert sweep["agreement_with_previous"][-1] < 0.95  # lr 10 leaves the linear regime
+    results = json.loads((out / "results.json").read_text())
+    assert results["lr_used"] == sweep["chosen"] and results["config"]["lr"] == "plateau"
+    mats = [np.load(out / f"finetuned_{d}_r0.npy") for d in ("bigger_than", "squares")]
+    pooled = np.concatenate([m[~np.eye(len(m), dtype=bool)] for m in mats])
+    at_chosen = sweep["median_abs_eif"][sweep["lrs"].index(sweep["chosen"])]
+    np.testing.assert_allclose(np.median(np.abs(pooled)), at_chosen, rtol=1e-6)  # the study ran at the chosen lr
+
+
+def test_lr_plateau_without_a_sweep_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["llm", "--lr", "plateau", "--out", str(tmp_path / "x")]) == 2
+    assert "--lr plateau needs --lr-sweep" in capsys.readouterr().err

@@ -227,17 +227,31 @@ def test_logits_at_equals_slicing_the_full_logits(tiny):
     assert at.shape == (3, 5, config.vocab_size)
 
 
-def test_fast_nll_and_lowrank_paths_equal_straightforward_ones(tiny, sgd_eif):
-    """Sorted batches + logits at scored positions only = sequence_nll on full logits, row by row; bucketed
-    low-rank SGD EIF (padded ranks, sorted eval batches: the default) = one batch at the longest sample."""
+def test_packed_nll_and_lowrank_equal_one_sample_at_a_time(tiny, sgd_eif):
+    """Packing several samples into a row (block attention, per-sample positions) changes nothing: nll =
+    sequence_nll on each sample alone; the low-rank EIF with many samples per row and one backward pass
+    per row = the same with one sample per row (row_length 1) and with other rank buckets."""
     _, apply_fn, params, config, tok = tiny
     pairs = lm.tokenize(tok, TEXTS[:4], contexts=TEXTS[1:5], config=config)
-    fast = lm.nll(apply_fn, params, pairs, batch_size=3, score_bucket=4)
     slow = [float(lm.NLL(apply_fn)(params, lm.Tokens(*(jnp.asarray(x[k]) for x in pairs)))) for k in range(4)]
-    np.testing.assert_allclose(fast, slow, rtol=1e-5)
+    for row_length in (1, 40, 512):  # one sample per row, several rows of several, all in one row
+        np.testing.assert_allclose(lm.nll(apply_fn, params, pairs, row_length=row_length), slow, rtol=1e-5)
+    assert lm.pack_tokens(pairs, 512).ids.shape[0] == 1 and lm.pack_tokens(pairs, 40).ids.shape[0] > 1
     toks = lm.tokenize(tok, TEXTS, config=config)
-    bucketed = sgd_eif[2]  # lm.lowrank_sgd_eif(..., lr=0.05) with the default buckets
-    assert len({lm.round_up(int(n), 16) for n in toks.lengths}) > 1  # eval batches of several lengths
-    plain = lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=0.05, eval_batch=None, bucket=None, rank_bucket=None)
-    assert np.abs(plain).max() > 1e-3
-    np.testing.assert_allclose(bucketed, plain, atol=1e-5 * np.abs(plain).max(), rtol=0)
+    packed = sgd_eif[2]  # lm.lowrank_sgd_eif(..., lr=0.05) with the defaults: all samples in one row
+    alone = lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=0.05, row_length=1, rank_bucket=1, chunk_size=2)
+    assert np.abs(alone).max() > 1e-3
+    np.testing.assert_allclose(packed, alone, atol=1e-5 * np.abs(alone).max(), rtol=0)
+
+
+def test_sgd_step_lowrank_is_the_dense_sgd_step(tiny):
+    """apply_fn(params, lora=delta) = apply_fn(params - lr * grad) on another sample's logits."""
+    _, apply_fn, params, config, tok = tiny
+    toks = lm.tokenize(tok, TEXTS[:2], config=config)
+    row = lm.Tokens(*(jnp.asarray(x[0]) for x in toks))
+    lr = 0.05
+    delta = lm.sgd_step_lowrank(apply_fn, params, config, row, lr)
+    new = jax.tree.map(lambda w, g: w - lr * g, params, jax.grad(lm.NLL(apply_fn))(params, row))
+    ids = jnp.asarray(toks.ids[1:])
+    np.testing.assert_allclose(apply_fn(params, ids, lora=delta), apply_fn(new, ids), atol=2e-5)
+    assert np.abs(np.asarray(apply_fn(new, ids)) - np.asarray(apply_fn(params, ids))).max() > 1e-3

@@ -116,34 +116,51 @@ def inv_freq(config: Phi3Config, seq_len: int) -> np.ndarray:
     raise ValueError(f"unsupported rope_type {config.rope_type!r}: use 'default' or 'longrope'")
 
 
-def rope_tables(config: Phi3Config, t: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin): [t, rotary_dim] for positions 0..t-1, scaled by the attention factor."""
-    freqs = jnp.arange(t, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq(config, t))[None, :]
+def rope_tables(config: Phi3Config, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin): [b, t, rotary_dim] at int32[b, t] positions, scaled by the attention factor.
+
+    LongRoPE switches to its long factors when max(positions) + 1 exceeds the original context
+    (transformers' rule; with positions 0..t-1 that is t)."""
+    pos = positions.astype(jnp.float32)[..., None]
+    inv = jnp.asarray(inv_freq(config, 1))
+    if config.rope_type == "longrope":
+        long = jnp.max(positions) + 1 > config.original_max_position_embeddings
+        inv = jnp.where(long, jnp.asarray(inv_freq(config, config.original_max_position_embeddings + 1)), inv)
+    freqs = pos * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return (jnp.cos(emb) * config.attention_factor).astype(dtype), (jnp.sin(emb) * config.attention_factor).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate the first rotary_dim features of x: [b, t, heads, hd] (half-split convention)."""
+    """Rotate the first rotary_dim features of x: [b, t, heads, hd] (half-split convention); cos, sin [b, t, r]."""
     r = cos.shape[-1]
     rot, rest = x[..., :r], x[..., r:]
     x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
     return jnp.concatenate([rot * c + rotated * s, rest], axis=-1)
 
 
-def attention_mask_4d(attention_mask: jax.Array | None, b: int, t: int, sliding_window: int | None) -> jax.Array:
-    """bool[b, 1, t, t]: causal, key padding and (optional) sliding window, as transformers masks."""
-    q = jnp.arange(t)[:, None]
-    k = jnp.arange(t)[None, :]
-    allowed = k <= q
+def attention_mask_4d(attention_mask: jax.Array | None, positions: jax.Array, sliding_window: int | None) -> jax.Array:
+    """bool[b, 1, t, t]: key k visible to query q. Always causal in index order (k <= q) and, with a
+    sliding window, within it by position. `attention_mask` is either int/bool[b, t] (key padding, as
+    transformers) or bool[b, t, t] (which keys each query may see: packed samples, shared prefixes)."""
+    b, t = positions.shape
+    allowed = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    allowed = jnp.broadcast_to(allowed[None], (b, t, t))
     if sliding_window is not None:
-        allowed = allowed & (k > q - sliding_window)
-    allowed = jnp.broadcast_to(allowed[None, None], (b, 1, t, t))
+        allowed = allowed & (positions[:, None, :] > positions[:, :, None] - sliding_window)
     if attention_mask is not None:
-        allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
-    return allowed
+        m = jnp.asarray(attention_mask).astype(bool)
+        allowed = allowed & (m if m.ndim == 3 else m[:, None, :])
+    return allowed[:, None]
+
+
+def positions_or_default(positions: jax.Array | None, b: int, t: int) -> jax.Array:
+    """int32[b, t] token positions; None means 0..t-1 in every row."""
+    if positions is None:
+        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    return jnp.asarray(positions, jnp.int32)
 
 
 # ----------------------------------------------------------------------------- Flax modules
@@ -182,14 +199,18 @@ class Embed(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) in float32, cast back, times `weight` (as transformers' Phi3RMSNorm)."""
+    """x / rms(x) in float32, cast back, times `weight` (as transformers' Phi3RMSNorm).
+
+    `delta` {"w": ...} is added to the weight (broadcast: [d], or per token [b, t, d])."""
 
     eps: float
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, delta: dict | None = None):
         w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        if delta is not None:
+            w = w + delta["w"].astype(w.dtype)
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
         return w * h.astype(x.dtype)
@@ -240,9 +261,9 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, lora, cos, sin, mask):
         c = self.config
-        h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x, _sub(lora, "input_layernorm"))
         x = x + Attention(c, self.dtype, self.scale, name="self_attn")(h, cos, sin, mask, _sub(lora, "self_attn"))
-        h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x, _sub(lora, "post_attention_layernorm"))
         x = x + MLP(c, self.dtype, self.scale, name="mlp")(h, _sub(lora, "mlp"))
         return x, None
 
@@ -253,17 +274,18 @@ class Phi3Model(nn.Module):
     scale: float = 1.0
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, lora):
+    def __call__(self, input_ids, attention_mask, lora, positions=None):
         c = self.config
         e = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")()
         x = lowrank_embed(input_ids, e, _sub(lora, "embed_tokens"), self.scale)
         b, t = input_ids.shape
-        cos, sin = rope_tables(c, t, self.dtype)
-        mask = attention_mask_4d(attention_mask, b, t, c.sliding_window)
+        positions = positions_or_default(positions, b, t)
+        cos, sin = rope_tables(c, positions, self.dtype)
+        mask = attention_mask_4d(attention_mask, positions, c.sliding_window)
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers)
         x, _ = layers(c, self.dtype, self.scale, name="layers")(x, _sub(lora, "layers"), cos, sin, mask)
-        return RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x), e
+        return RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x, _sub(lora, "norm")), e
 
 
 class Phi3ForCausalLM(nn.Module):
@@ -274,9 +296,9 @@ class Phi3ForCausalLM(nn.Module):
     scale: float = 1.0
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, lora=None, logits_at=None):
+    def __call__(self, input_ids, attention_mask=None, lora=None, logits_at=None, positions=None):
         c = self.config
-        h, e = Phi3Model(c, self.dtype, self.scale, name="model")(input_ids, attention_mask, _sub(lora, "model"))
+        h, e = Phi3Model(c, self.dtype, self.scale, name="model")(input_ids, attention_mask, _sub(lora, "model"), positions)
         if logits_at is not None:  # only these positions reach the output projection: h [b, k, d]
             h = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
         if c.tie_word_embeddings:
@@ -296,17 +318,22 @@ def _split_lora(lora) -> tuple[dict | None, float]:
 
 
 def make_apply_fn(config: Phi3Config, dtype=jnp.float32) -> Callable:
-    """Pure `apply_fn(params, input_ids, attention_mask=None, lora=None, logits_at=None) -> f32[b, t, vocab]`.
+    """Pure `apply_fn(params, input_ids, attention_mask=None, lora=None, logits_at=None, positions=None)
+    -> f32[b, t, vocab]`.
 
-    `logits_at` int32[b, k] (positions in 0..t-1) returns only those positions' logits, f32[b, k, vocab]:
+    `logits_at` int32[b, k] (indices in 0..t-1) returns only those positions' logits, f32[b, k, vocab]:
     equal to `apply_fn(...)[b_idx, logits_at]`, without the output projection of the other positions.
+    `attention_mask` is int[b, t] (key padding) or bool[b, t, t] (keys visible to each query; causal
+    order is always enforced); `positions` int32[b, t] are the rotary positions (default 0..t-1).
+    Together they run several samples packed into one row (`jaxeif.packing`).
     """
 
     def apply_fn(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, lora=None,
-                 logits_at: jax.Array | None = None):
+                 logits_at: jax.Array | None = None, positions: jax.Array | None = None):
         deltas, scale = _split_lora(lora)
         module = Phi3ForCausalLM(config, dtype, scale)
-        return module.apply({"params": params}, jnp.asarray(input_ids, jnp.int32), attention_mask, deltas, logits_at)
+        return module.apply({"params": params}, jnp.asarray(input_ids, jnp.int32), attention_mask, deltas, logits_at,
+                            positions)
 
     return apply_fn
 
