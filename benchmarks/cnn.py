@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "n:r computes only r train rows against all n evals (memory and per-pair cost at large n)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
     parser.add_argument("--matmul-size", type=int, default=2048, help="size of the reference float32 matmul")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time each stage of one row (fine-tune, conv1, pool, conv2, pool, dense) on the m evals")
     parser.add_argument("--scale-point", default="", help=argparse.SUPPRESS)
 
 
@@ -129,6 +131,49 @@ def torch_func_vmap(net, train, evals, lr: float, chunk: int = 8) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- runs
+def _conv(x, layer):
+    out = jax.lax.conv_general_dilated(x, layer["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return out + layer["bias"]
+
+
+def _pool(x):
+    return jax.lax.reduce_window(jax.nn.relu(x), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def _head(p, x, y):
+    h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    logits = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0]
+
+
+def stage_profile(params, x, y, lr: float, matmul: float) -> list[list]:
+    """Wall time of each stage of one EIF row (fine-tune on one sample, then the m evals' forward pass,
+    stage by stage, each its own jitted program), per pair; the stages compose to cnn.loss_fn (checked)."""
+    m = x.shape[0]
+    stages = [
+        ("fine-tune (grad + SGD update, once per row)", lambda p, a: jax.tree.map(
+            lambda w, g: w - lr * g, p, jax.grad(cnn.loss_fn)(p, (x[0], y[0]))), None),
+        ("conv1 3x3, 1 -> 16 channels (cnn.ShiftedConv3x3)",
+         lambda p, a: cnn.ShiftedConv3x3(16).apply({"params": p["Conv_0"]}, a), 2 * 28 * 28 * 16 * 9),
+        ("relu + maxpool 2x2", lambda p, a: _pool(a), None),
+        ("conv2 3x3, 16 -> 32 channels", lambda p, a: _conv(a, p["Conv_1"]), 2 * 14 * 14 * 32 * 16 * 9),
+        ("relu + maxpool 2x2", lambda p, a: _pool(a), None),
+        ("dense 64, dense 10, loss", lambda p, a: _head(p, a, y), 2 * (7 * 7 * 32 * 64 + 64 * 10)),
+    ]
+    rows, a = [], x
+    for name, fn, flops in stages:
+        f = jax.jit(fn)
+        seconds = common.timed(lambda: f(params, a))
+        out = f(params, a)
+        per_pair = seconds / (1 if name.startswith("fine-tune") else m)
+        rows.append([name, per_pair * 1e6, f"{flops / per_pair / 1e9:.1f}" if flops else "-",
+                     f"{flops / per_pair / 1e9 / matmul:.0%}" if flops else "-"])
+        if not name.startswith("fine-tune"):
+            a = out
+    np.testing.assert_allclose(a, jax.vmap(cnn.loss_fn, in_axes=(None, 0))(params, (x, y)), rtol=1e-4, atol=1e-5)
+    return rows
+
+
 def _scale_point(point: str, chunk_size: int, lr: float) -> dict:
     """jaxeif.eif of r (default n) train rows x n evals in this process, timed end to end (compilation included)."""
     n, _, r = point.partition(":")
@@ -208,6 +253,11 @@ def run(args: argparse.Namespace) -> dict:
           f"matmul {args.matmul_size}^2: {matmul:.1f} GFLOP/s")
     print(common.table(["contender", "pairs/s", "x jax.vmap", "x PyTorch loop", "GFLOP/s", "of matmul", "max |diff| vs eif"], rows))
     out = {"pairs_per_s": results, "matmul_gflops": matmul, "pair_mflop": pair_flops / 1e6}
+    if args.profile:
+        profile = stage_profile(params, x, y, args.lr, matmul)
+        print(f"stage profile of one row (fine-tune once, then m={args.n} evals; us per pair, the fine-tune per row):")
+        print(common.table(["stage", "us", "GFLOP/s", "of matmul"], profile))
+        out["profile_us"] = {r[0]: r[1] for r in profile}
     if args.scale:
         curve = _scale_curve([v.strip() for v in args.scale.split(",")], args.chunk_size, args.lr)
         print(common.table(["evals m = n", "train rows", "seconds (incl. compile)", "pairs/s", "us/pair", "peak RSS MB"],

@@ -26,6 +26,36 @@ def test_architecture_matches_contract(params):
     assert cnn.apply_fn(params, x).shape == (3, 10)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shifted_conv_equals_flax_conv_in_params_and_output(channels):
+    """ShiftedConv3x3 (the CNN's first layer) = nn.Conv 3x3 SAME: same init under the same name, same
+    output and gradients; and the CNN equals the same network built from nn.Conv."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(3), (2, 9, 7, channels))
+    ours, ref = cnn.ShiftedConv3x3(5), nn.Conv(5, (3, 3), padding="SAME")
+    p = ours.init(jax.random.key(4), x)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), p, ref.init(jax.random.key(4), x)))
+    p = jax.tree.map(lambda a: a + 0.1, p)  # nonzero bias
+    np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), atol=1e-5)
+    g = lambda m: jax.grad(lambda q: jnp.sum(jnp.sin(m.apply(q, x))))(p)  # noqa: E731
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g(ours), g(ref))
+
+    class FlaxConvCNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.max_pool(nn.relu(nn.Conv(16, (3, 3), padding="SAME")(x)), (2, 2), strides=(2, 2))
+            x = nn.max_pool(nn.relu(nn.Conv(32, (3, 3), padding="SAME")(x)), (2, 2), strides=(2, 2))
+            x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1)))
+            return nn.Dense(10)(x)
+
+    images_ = jax.random.uniform(jax.random.key(5), (3, 28, 28, 1))
+    params_ = FlaxConvCNN().init(jax.random.key(0), images_)["params"]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params_, cnn.init_params(jax.random.key(0))))
+    np.testing.assert_allclose(cnn.apply_fn(params_, images_), FlaxConvCNN().apply({"params": params_}, images_),
+                               atol=1e-5)
+
+
 def test_loss_fn_is_per_example_cross_entropy(params):
     x = np.asarray(jax.random.uniform(jax.random.key(2), (4, 28, 28, 1)))
     y = np.array([0, 3, 9, 3], np.int32)
