@@ -131,34 +131,26 @@ def torch_func_vmap(net, train, evals, lr: float, chunk: int = 8) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- runs
-def _conv(x, layer):
-    out = jax.lax.conv_general_dilated(x, layer["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return out + layer["bias"]
-
-
-def _pool(x):
-    return jax.lax.reduce_window(jax.nn.relu(x), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-
-
-def _head(p, x, y):
-    h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
-    logits = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
-    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0]
-
-
 def stage_profile(params, x, y, lr: float, matmul: float) -> list[list]:
     """Wall time of each stage of one EIF row (fine-tune on one sample, then the m evals' forward pass,
     stage by stage, each its own jitted program), per pair; the stages compose to cnn.loss_fn (checked)."""
+    import flax.linen as nn
+    import optax
+
     m = x.shape[0]
+    relu_pool = lambda p, a: nn.max_pool(nn.relu(a), (2, 2), strides=(2, 2))  # noqa: E731
+    dense = lambda name, size: lambda p, a: nn.Dense(size).apply({"params": p[name]}, a)  # noqa: E731
     stages = [
         ("fine-tune (grad + SGD update, once per row)", lambda p, a: jax.tree.map(
             lambda w, g: w - lr * g, p, jax.grad(cnn.loss_fn)(p, (x[0], y[0]))), None),
         ("conv1 3x3, 1 -> 16 channels (cnn.ShiftedConv3x3)",
          lambda p, a: cnn.ShiftedConv3x3(16).apply({"params": p["Conv_0"]}, a), 2 * 28 * 28 * 16 * 9),
-        ("relu + maxpool 2x2", lambda p, a: _pool(a), None),
-        ("conv2 3x3, 16 -> 32 channels", lambda p, a: _conv(a, p["Conv_1"]), 2 * 14 * 14 * 32 * 16 * 9),
-        ("relu + maxpool 2x2", lambda p, a: _pool(a), None),
-        ("dense 64, dense 10, loss", lambda p, a: _head(p, a, y), 2 * (7 * 7 * 32 * 64 + 64 * 10)),
+        ("relu + maxpool 2x2", relu_pool, None),
+        ("conv2 3x3, 16 -> 32 channels", lambda p, a: nn.Conv(32, (3, 3), padding="SAME").apply({"params": p["Conv_1"]}, a),
+         2 * 14 * 14 * 32 * 16 * 9),
+        ("relu + maxpool 2x2", relu_pool, None),
+        ("dense 64, dense 10, loss", lambda p, a: optax.softmax_cross_entropy_with_integer_labels(
+            dense("Dense_1", 10)(p, nn.relu(dense("Dense_0", 64)(p, a.reshape(m, -1)))), y), 2 * (7 * 7 * 32 * 64 + 64 * 10)),
     ]
     rows, a = [], x
     for name, fn, flops in stages:

@@ -33,6 +33,7 @@ import optax
 
 import jaxeif
 from jaxeif import packing
+from jaxeif.packing import round_up
 from jaxeif.finetune import PyTree
 
 SEPARATOR = "\n"
@@ -104,10 +105,6 @@ def bos_token_id(tokenizer, config) -> int | None:
 def _pad_id(tokenizer, config) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     return int(pad) if pad is not None else 0
-
-
-def round_up(n: int, multiple: int) -> int:
-    return int(math.ceil(n / multiple) * multiple)
 
 
 def tokenize(
@@ -202,22 +199,25 @@ def _row_arrays(packed: packing.Packed, k: int) -> dict:
     return {f: jnp.asarray(getattr(packed, f)[k : k + 1]) for f in ("ids", "positions", "visible", "at", "target")}
 
 
-def _group_mean(packed: packing.Packed, k: int, slot_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sum of weight * value, sum of weight) per group over row k's slots, float64[groups] each."""
-    w, g = packed.weight[k].astype(np.float64), packed.group[k]
-    return (np.bincount(g, w * np.asarray(slot_values, np.float64).reshape(-1), minlength=packed.groups),
-            np.bincount(g, w, minlength=packed.groups))
+def _group_counts(packed: packing.Packed) -> np.ndarray:
+    """Summed slot weight (#scored tokens) of every group, float64[groups]."""
+    return np.bincount(packed.group.ravel(), packed.weight.ravel().astype(np.float64), minlength=packed.groups)
+
+
+def _group_means(packed: packing.Packed, slot_values: np.ndarray) -> np.ndarray:
+    """Weighted mean of the slot values f[r, t] of every group: each group's length-normalised NLL, f64[groups]."""
+    weighted = packed.weight.astype(np.float64) * np.asarray(slot_values, np.float64).reshape(packed.weight.shape)
+    return np.bincount(packed.group.ravel(), weighted.ravel(), minlength=packed.groups) / np.maximum(_group_counts(packed), 1e-30)
 
 
 def packed_nll(apply_fn: ApplyFn, params: PyTree, packed: packing.Packed, lora=None, progress=None) -> np.ndarray:
     """Length-normalised NLL of every group of `packed`, f32[groups], one row per forward pass."""
-    sums, counts = np.zeros(packed.groups), np.zeros(packed.groups)
+    values = []
     for k in range(packed.ids.shape[0]):
-        s, c = _group_mean(packed, k, _packed_slot_nll(apply_fn, params, _row_arrays(packed, k), lora))
-        sums, counts = sums + s, counts + c
+        values.append(np.asarray(_packed_slot_nll(apply_fn, params, _row_arrays(packed, k), lora))[0])
         if progress is not None:
             progress.update(int(np.unique(packed.group[k][packed.weight[k] > 0]).size))
-    return (sums / np.maximum(counts, 1e-30)).astype(np.float32)
+    return _group_means(packed, np.stack(values)).astype(np.float32)
 
 
 def pack_tokens(tokens: Tokens, row_length: int = ROW_LENGTH) -> packing.Packed:
@@ -432,8 +432,7 @@ def _lowrank_slot_nll(apply_fn, params, deltas, row: dict) -> jax.Array:
 
 def _slot_weights(packed: packing.Packed) -> np.ndarray:
     """weight / (#scored tokens of the slot's group): the packed loss sum_g L_g, each L_g a mean."""
-    counts = np.bincount(packed.group.ravel(), packed.weight.ravel().astype(np.float64), minlength=packed.groups)
-    return (packed.weight / np.maximum(counts[packed.group], 1e-30)).astype(np.float32)
+    return (packed.weight / np.maximum(_group_counts(packed)[packed.group], 1e-30)).astype(np.float32)
 
 
 def sgd_step_lowrank(apply_fn: ApplyFn, params: PyTree, config, example: Tokens, lr) -> dict:
@@ -497,13 +496,9 @@ def lowrank_sgd_eif(
                 valid = (slots[None] < length[:, None]).astype(np.float32)
                 deltas = _gather_chunk(config, g_taps, g_logits, ids, jnp.asarray(tok_idx), jnp.asarray(valid),
                                        jnp.asarray(lr[idx]))
-                sums, counts = np.zeros((len(idx), packed_evals.groups)), np.zeros((len(idx), packed_evals.groups))
-                for e, row in enumerate(eval_rows):
-                    vals = np.asarray(_lowrank_slot_nll(apply_fn, params, deltas, row))
-                    for c in range(len(rows)):
-                        s, w = _group_mean(packed_evals, e, vals[c])
-                        sums[c], counts[c] = sums[c] + s, counts[c] + w
-                after = sums[: len(rows)] / np.maximum(counts[: len(rows)], 1e-30)
+                vals = np.concatenate([np.asarray(_lowrank_slot_nll(apply_fn, params, deltas, row)) for row in eval_rows],
+                                      axis=1)  # [chunk, eval rows, t]
+                after = np.stack([_group_means(packed_evals, v) for v in vals[: len(rows)]])
                 out[rows] = after.astype(np.float32) - base[None]
                 if progress is not None:
                     progress.update(len(rows))

@@ -40,16 +40,10 @@ class Packed(NamedTuple):
     spans: np.ndarray  # int32[pieces, 3]: (row, start, length) of every piece
     groups: int  # number of outputs
 
-    def row(self, k: int) -> "Packed":
-        """Row k alone (a Packed with r = 1)."""
-        return self._replace(**{f: getattr(self, f)[k : k + 1] for f in _ROW_FIELDS})
 
-
-_ROW_FIELDS = ("ids", "positions", "visible", "at", "target", "weight", "group")
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n."""
+    return -(-int(n) // int(multiple)) * int(multiple)
 
 
 def _families(pieces: Sequence[Piece]) -> list[tuple[int, list[int]]]:
@@ -106,7 +100,7 @@ def pack(pieces: Sequence[Piece], *, row_length: int = 512, multiple: int = 32) 
         rows[-1].append((root, kids))
         used += size
     lengths = [sum(len(pieces[r].ids) + sum(len(pieces[c].ids) for c in kids) for r, kids in row) for row in rows]
-    return _layout(pieces, rows, _round_up(max(lengths), multiple))
+    return _layout(pieces, rows, round_up(max(lengths), multiple))
 
 
 def _layout(pieces, rows, t: int) -> Packed:
