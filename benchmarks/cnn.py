@@ -31,7 +31,7 @@ from jaxeif.models import cnn
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=512, help="n = m: train and eval samples (Fashion-MNIST test)")
     parser.add_argument("--rows", type=int, default=64, help="train rows each contender computes (against all m evals)")
-    parser.add_argument("--chunk-size", type=int, default=1, help="jaxeif.eif chunk_size (rows vmapped together)")
+    parser.add_argument("--chunk-size", default="auto", help="jaxeif.eif chunk_size: rows vmapped together, or auto")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--ckpt", default=None, help="trained CNN checkpoint dir (default: random init; speed does not depend on it)")
     parser.add_argument("--scale", default="", help="comma-separated n for the n x n curve of jaxeif.eif, e.g. 128,256,4096; "
@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also time each stage of one row (fine-tune, conv1, pool, conv2, pool, dense) on the m evals")
     parser.add_argument("--scale-point", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--device-report", action="store_true",
+                        help="instead: the accelerator report (benchmarks/device_report.py) on --data")
+    parser.add_argument("--data", default=None, help="with --device-report: .npz from `jaxeif export-data`")
+    parser.add_argument("--json", default=None, help="with --device-report: write every number to this file")
+    parser.add_argument("--sizes", default="auto", choices=("auto", "gpu", "gpu-quick", "cpu", "tiny"),
+                        help="with --device-report: problem sizes (auto: gpu on an accelerator, cpu otherwise)")
 
 
 def _data(n: int):
@@ -110,7 +116,7 @@ def torch_loop(net, train, evals, lr: float) -> np.ndarray:
         opt.step()
         with torch.no_grad():
             rows.append(F.cross_entropy(tuned(xe), ye, reduction="none") - base)
-    return torch.stack(rows).numpy()
+    return torch.stack(rows).cpu().numpy()
 
 
 def torch_func_vmap(net, train, evals, lr: float, chunk: int = 8) -> np.ndarray:
@@ -127,7 +133,7 @@ def torch_func_vmap(net, train, evals, lr: float, chunk: int = 8) -> np.ndarray:
         tuned = {k: params[k] - lr * g[k] for k in params}
         return F.cross_entropy(functional_call(net, tuned, (xe,)), ye, reduction="none") - base
 
-    return torch.cat([vmap(row)(xt[s : s + chunk], yt[s : s + chunk]).detach() for s in range(0, len(xt), chunk)]).numpy()
+    return torch.cat([vmap(row)(xt[s : s + chunk], yt[s : s + chunk]).detach() for s in range(0, len(xt), chunk)]).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- runs
@@ -166,7 +172,7 @@ def stage_profile(params, x, y, lr: float, matmul: float) -> list[list]:
     return rows
 
 
-def _scale_point(point: str, chunk_size: int, lr: float) -> dict:
+def _scale_point(point: str, chunk_size: int | str, lr: float) -> dict:
     """jaxeif.eif of r (default n) train rows x n evals in this process, timed end to end (compilation included)."""
     n, _, r = point.partition(":")
     n, r = int(n), int(r or n)
@@ -190,13 +196,38 @@ def _scale_curve(points: list[str], chunk_size: int, lr: float) -> list[dict]:
     return out
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every numeric flag, before any work starts."""
+    if not 1 <= args.n <= 10_000:
+        raise ValueError(f"--n must be in 1..10000 (the Fashion-MNIST test images), got {args.n}")
+    if not 1 <= args.rows <= args.n:
+        raise ValueError(f"--rows must be in 1..--n ({args.n}), got {args.rows}")
+    if args.chunk_size != "auto":
+        try:
+            args.chunk_size = int(args.chunk_size)
+        except ValueError:
+            raise ValueError(f"--chunk-size must be 'auto' or a positive int, got {args.chunk_size!r}") from None
+        if args.chunk_size < 1:
+            raise ValueError(f"--chunk-size must be 'auto' or a positive int, got {args.chunk_size}")
+    if not args.lr > 0 or args.matmul_size < 1:
+        raise ValueError(f"--lr must be > 0 and --matmul-size >= 1, got {args.lr} and {args.matmul_size}")
+    for point in filter(None, (p.strip() for p in args.scale.split(","))):
+        n, _, r = point.partition(":")
+        if not (n.isdigit() and 1 <= int(n) <= 10_000 and (not r or (r.isdigit() and 1 <= int(r) <= int(n)))):
+            raise ValueError(f"--scale takes comma-separated n or n:rows with 1 <= rows <= n <= 10000, got {point!r}")
+
+
 def run(args: argparse.Namespace) -> dict:
+    _check_args(args)
+    if args.device_report:
+        if not args.data:
+            raise ValueError("--device-report needs --data FILE.npz (write one with `jaxeif export-data --out FILE.npz`)")
+        from benchmarks import device_report
+        return device_report.run(argparse.Namespace(data=args.data, json=args.json, sizes=args.sizes, no_torch=args.no_torch))
     if args.scale_point:
         result = _scale_point(args.scale_point, args.chunk_size, args.lr)
         print("SCALE_POINT " + json.dumps(result))
         return result
-    if not 1 <= args.rows <= args.n:
-        raise ValueError(f"--rows must be in 1..--n ({args.n}), got {args.rows}")
     params = _params(args)
     x, y = _data(args.n)
     train, evals = (x[: args.rows], y[: args.rows]), (x, y)

@@ -116,37 +116,53 @@ def choose_lr(lrs, agreements, threshold: float) -> float:
     return float(lrs[k])
 
 
-def lr_sweep(params, train, lrs, *, steps: int, chunk_size: int, threshold: float, progress: bool) -> dict:
-    """EIF at each lr of the grid; magnitudes, neighbour agreements and the chosen lr."""
-    import warnings
-
+def lr_sweep(params, train, lrs, *, steps: int, threshold: float, progress: bool) -> dict:
+    """EIF at every lr of the grid in one program (jaxeif.eif_sweep), with each lr's noise floor:
+    magnitudes, neighbour agreements, the share of entries above the floor, and the chosen lr."""
+    import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from jaxeif import runs
+    import jaxeif
     from jaxeif.models import cnn
 
-    magnitude, agree, diverged, prev = [], [], [], None
-    for lr in tqdm(lrs, desc="lr sweep", unit="lr", disable=not progress):
-        # sweep_eif without a run folder: the same row blocks (one compiled shape) as the final EIF
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # diverged rows are counted below instead
-            M = runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=steps, chunk_size=chunk_size, progress=False)
-        diverged.append(int(np.sum(~np.all(np.isfinite(M), axis=1))))
+    try:
+        matrices = np.asarray(jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32), steps=steps))
+    except jaxeif.NonFiniteInfluenceError as e:  # diverged rows at large lrs are counted below instead
+        matrices = np.array(e.matrix)
+    magnitude, agree, diverged, above, prev = [], [], [], [], None
+    for lr, M in zip(tqdm(lrs, desc="noise floor per lr", unit="lr", disable=not progress), matrices):
+        bad = ~np.all(np.isfinite(M), axis=1)
+        diverged.append(int(bad.sum()))
         finite = _offdiag(M)[np.isfinite(_offdiag(M))]
         magnitude.append(float(np.median(np.abs(finite))) if finite.size else float("nan"))
         agree.append(agreement(prev, M))
+        above.append(_share_above_floor(params, train, M, lr, steps) if not bad.any() else float("nan"))
         prev = M
     chosen = choose_lr(lrs, agree, threshold)
     return {
         "lrs": list(map(float, lrs)),
         "median_abs_eif": magnitude,
         "agreement_with_previous": agree,
+        "share_above_noise_floor": above,
         "diverged_rows": diverged,
         "threshold": threshold,
         "chosen_lr": chosen,
         "rule": "largest lr of the first run of grid points whose EIF (off-diagonal) correlates >= threshold "
         "with the EIF at the previous grid lr",
     }
+
+
+def noise_floor(params, train, lr: float, steps: int) -> np.ndarray:
+    """jaxeif.noise_floor of the study's EIF at this lr (float32 against float64 on 16 rows)."""
+    import jaxeif
+    from jaxeif.models import cnn
+
+    return np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps))
+
+
+def _share_above_floor(params, train, M: np.ndarray, lr: float, steps: int) -> float:
+    off = ~np.eye(len(M), dtype=bool)
+    return float(np.mean(np.abs(M[off]) > noise_floor(params, train, lr, steps)[off]))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -164,8 +180,10 @@ def class_means(M: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.array([[_mean(M[(labels[:, None] == a) & (labels[None, :] == b) & off]) for b in classes] for a in classes])
 
 
-def study_metrics(M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, source: np.ndarray) -> dict:
-    """The desiderata of the figure-1 matrix (M in loss units: negative = learned)."""
+def study_metrics(M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, source: np.ndarray,
+                  floor: np.ndarray | None = None) -> dict:
+    """The desiderata of the figure-1 matrix (M in loss units: negative = learned); sign shares
+    count only entries above the noise `floor` when one is given."""
     from jaxeif import desiderata as D
 
     n = len(M)
@@ -176,6 +194,7 @@ def study_metrics(M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, sour
     same = (digits[:, None] == digits[None, :]) & ~np.eye(n, dtype=bool)
     diff = digits[:, None] != digits[None, :]
     clean = noise_std == 0
+    signs = D.sign_shares(M, digits, floor=floor)
     out = {
         "sign": "loss after minus loss before (negative = learned); figures show -EIF",
         "n": n,
@@ -187,6 +206,9 @@ def study_metrics(M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, sour
         "relative_asymmetry": float(np.linalg.norm(M - M.T) / np.linalg.norm(M)),
         "within_class_mean": float(within),
         "between_class_mean": float(between),
+        "within_class_frac_learned_above_floor": float(signs["within_learned"]),
+        "between_class_frac_unlearned_above_floor": float(signs["between_unlearned"]),
+        "share_below_noise_floor": float(signs["excluded"]),
         "within_class_frac_learned": float(np.mean(M[same] < 0)),
         "between_class_frac_unlearned": float(np.mean(M[diff] > 0)),
         "self_influence_mean": float(np.mean(np.diag(M))),
@@ -240,7 +262,8 @@ def _figures(run, M, fs, lr: float, sweep: dict, title_extra: str) -> None:
     plot.save(fig, run.path / "eif_histogram.png")
     if sweep is not None:
         fig = plot.lr_sweep(sweep["lrs"], sweep["median_abs_eif"], sweep["agreement_with_previous"],
-                            threshold=sweep["threshold"], chosen=lr, title="Learning-rate sweep (plateau rule)")
+                            threshold=sweep["threshold"], chosen=lr, title="Learning-rate sweep (plateau rule)",
+                            above_floor=sweep.get("share_above_noise_floor"))
         plot.save(fig, run.path / "lr_sweep.png")
 
 
@@ -271,8 +294,7 @@ def run(args: argparse.Namespace) -> dict:
         sweep = run_dir.load_json("lr_sweep.json")
     elif args.lr is None:
         t = time.perf_counter()
-        sweep = lr_sweep(params, train, config["lr_grid"], steps=args.steps, chunk_size=args.chunk_size,
-                         threshold=args.plateau, progress=progress)
+        sweep = lr_sweep(params, train, config["lr_grid"], steps=args.steps, threshold=args.plateau, progress=progress)
         sweep_seconds = sweep["seconds"] = time.perf_counter() - t
         run_dir.save_json("lr_sweep.json", sweep)
     lr = args.lr if args.lr is not None else sweep["chosen_lr"]
@@ -286,7 +308,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"{nan_rows.size} fine-tunes diverged at lr {lr:g} (rows {nan_rows[:10].tolist()}); "
                          "lower --lr or --steps (the matrix with NaN rows is saved as eif.npy)")
 
-    metrics = study_metrics(M, fs.labels, fs.noise_std, fs.source)
+    metrics = study_metrics(M, fs.labels, fs.noise_std, fs.source, floor=noise_floor(params, train, lr, args.steps))
     metrics.update({
         "lr": lr, "lr_source": "sweep" if args.lr is None else "--lr",
         "base_cnn": info, "paper": PAPER,

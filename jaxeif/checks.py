@@ -84,6 +84,19 @@ def learning_rate(lr: Any, n: int) -> jax.Array:
     return arr if jnp.issubdtype(arr.dtype, jnp.floating) else arr.astype(jnp.float32)
 
 
+def learning_rates(lrs: Any, n: int) -> jax.Array:
+    """The learning rates of a sweep: f[k] or f[k, n], finite and non-negative where they can be seen."""
+    try:
+        arr = jnp.asarray(lrs)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`lrs` must be an array of shape (k,) or (k, {n}), got {type(lrs).__name__}") from e
+    if arr.ndim not in (1, 2) or arr.shape[0] == 0 or (arr.ndim == 2 and arr.shape[1] != n):
+        raise ValueError(f"`lrs` has shape {arr.shape}; use one rate per sweep point (k,) or per point and train example (k, {n})")
+    for a in range(arr.shape[0]):
+        learning_rate(arr[a], n)
+    return arr if jnp.issubdtype(arr.dtype, jnp.floating) else arr.astype(jnp.float32)
+
+
 def finite(name: str, tree: Any) -> None:
     """ValueError naming the first floating leaf of `tree` with NaN or inf (traced leaves skipped)."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:

@@ -18,6 +18,7 @@ __all__ = [
     "within_between",
     "noise_influence",
     "sparsity",
+    "sign_shares",
 ]
 
 
@@ -116,3 +117,20 @@ def sparsity(M, *, include_diagonal: bool = False) -> jax.Array:
     l1 = (w * jnp.abs(M)).sum()
     l2 = jnp.sqrt((w * M**2).sum())
     return (jnp.sqrt(k) - l1 / l2) / (jnp.sqrt(k) - 1)
+
+
+def sign_shares(M, labels, *, floor=None, include_diagonal: bool = False) -> dict[str, jax.Array]:
+    """Sign counts that rounding cannot fake: among pairs with |M| > floor (f[n, n] or a scalar,
+    e.g. from `jaxeif.noise_floor`; None counts all), the share of same-label pairs learned (M < 0)
+    and of different-label pairs unlearned (M > 0), and the share of pairs the floor excluded."""
+    M = _square(M)
+    labels = _labels(labels, M.shape[0])
+    counted = _mask(M.shape[0], include_diagonal)
+    above = counted if floor is None else counted & (jnp.abs(M) > jnp.asarray(floor))
+    same = labels[:, None] == labels[None, :]
+    share = lambda hit, where: (hit & where).sum() / where.sum()  # noqa: E731  (nan when nothing is counted)
+    return {
+        "within_learned": share(M < 0, above & same),
+        "between_unlearned": share(M > 0, above & ~same),
+        "excluded": 1.0 - above.sum() / counted.sum(),
+    }

@@ -37,11 +37,15 @@ def finetune(
         p, state = carry
         grads = grad_fn(p, example)
         updates, state = optimizer.update(grads, state, p)
-        updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
-        return (optax.apply_updates(p, updates), state), None
+        return (optax.apply_updates(p, scale_updates(updates, lr)), state), None
 
     (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
     return params
+
+
+def scale_updates(updates: PyTree, lr: jax.Array | float) -> PyTree:
+    """Each update multiplied by lr, in the update's own dtype."""
+    return jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
 
 
 def losses(loss_fn: LossFn, params: PyTree, examples: PyTree) -> jax.Array:

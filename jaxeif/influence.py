@@ -1,6 +1,7 @@
-"""eif(): the exact empirical influence matrix, fine-tuning on each sample separately."""
+"""eif() and eif_sweep(): exact empirical influence matrices, fine-tuning on each sample separately."""
 from __future__ import annotations
 
+import collections
 import functools
 import warnings
 from typing import Any
@@ -10,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxeif import checks
-from jaxeif.finetune import LossFn, PyTree, finetune, losses
+from jaxeif import checks, chunking
+from jaxeif import precision as precision_lib
+from jaxeif.chunking import Chunks
+from jaxeif.finetune import LossFn, PyTree, default_optimizer, finetune, scale_updates
 
 
 def eif(
@@ -23,19 +26,75 @@ def eif(
     lr: jax.Array | float = 1e-3,
     steps: int = 1,
     optimizer: optax.GradientTransformation | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = "auto",
+    precision: str = "highest",
+    memory_budget: float | None = None,
 ) -> jax.Array:
     """M[i, j] = loss(theta_i, evals[j]) - loss(params, evals[j]): f32[n_train, n_eval].
 
-    theta_i is `params` after `steps` optimizer steps on train[i] alone, each update scaled
-    by lr (scalar or shape (n,)); `optimizer` defaults to SGD with unit rate. Fine-tunes are
-    vmapped `chunk_size` at a time (None: all at once); jittable, differentiable in lr and
-    params. Raises `NonFiniteInfluenceError` naming diverged rows (warns when traced).
+    theta_i is `params` after `steps` optimizer steps on train[i] alone, each update scaled by lr
+    (scalar or shape (n,)); `optimizer` defaults to SGD with unit rate. `chunk_size`: rows per
+    step ("auto": chosen from the backend and `memory_budget` bytes, see jaxeif.chunking);
+    `precision`: see jaxeif.precision. Jittable, differentiable in lr and params. Raises
+    `NonFiniteInfluenceError` naming diverged rows (warns when traced).
     """
     evals, n, lr = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
                             chunk_size=chunk_size)
-    matrix = _eif(loss_fn, params, train, evals, jnp.broadcast_to(lr, (n,)), steps, optimizer, chunk_size)
+    lrs = jnp.broadcast_to(lr, (n,))[None]
+    matrix = matrices(loss_fn, params, train, evals, lrs, steps=steps, optimizer=optimizer, chunk_size=chunk_size,
+                      precision=precision, memory_budget=memory_budget)[0]
     return report_nonfinite(matrix, lr)
+
+
+def eif_sweep(
+    loss_fn: LossFn,
+    params: PyTree,
+    train: PyTree,
+    evals: PyTree | None = None,
+    *,
+    lrs: jax.Array | Any,
+    steps: int = 1,
+    optimizer: optax.GradientTransformation | None = None,
+    chunk_size: int | str | None = "auto",
+    precision: str = "highest",
+    memory_budget: float | None = None,
+) -> jax.Array:
+    """The EIF at k learning rates in one program: f32[k, n, m], entry [a] equal to `eif(..., lr=lrs[a])`.
+
+    `lrs` is f[k] (one rate per sweep point) or f[k, n] (per sample). Base losses are shared, and
+    for steps == 1 so is each row's first optimizer update (lr only scales it). Rows that diverge at
+    some lr raise NonFiniteInfluenceError like eif (warn when traced).
+    """
+    evals, n, _ = validate(loss_fn, params, train, evals, lr=0.0, steps=steps, optimizer=optimizer,
+                           chunk_size=chunk_size)
+    lrs = checks.learning_rates(lrs, n)
+    out = matrices(loss_fn, params, train, evals, jnp.broadcast_to(lrs[:, None], (lrs.shape[0], n)) if lrs.ndim == 1 else lrs,
+                   steps=steps, optimizer=optimizer, chunk_size=chunk_size, precision=precision,
+                   memory_budget=memory_budget)
+    if checks.is_traced(out):
+        jax.debug.callback(_warn_nonfinite, jnp.all(jnp.isfinite(out), axis=(0, 2)))
+        return out
+    finite = np.all(np.isfinite(np.asarray(out)), axis=2)  # [k, n]
+    if not finite.all():
+        points = np.flatnonzero(~finite.all(axis=1))
+        raise checks.NonFiniteInfluenceError(
+            f"fine-tunes diverged at {points.size} of {out.shape[0]} learning rates: "
+            + "; ".join(f"lrs[{a}] {int((~finite[a]).sum())} rows" for a in points[:8])
+            + ". Lower the largest rates; `.matrix` holds the whole [k, n, m] result, `.rows` the (point, row) pairs",
+            np.argwhere(~finite), np.asarray(out))
+    return out
+
+
+def chunk_plan(loss_fn, params, train, evals=None, *, lr=1e-3, steps=1, optimizer=None, chunk_size="auto",
+               precision="highest", memory_budget=None, sweep_points: int = 1) -> tuple[Chunks, int]:
+    """(Chunks, XLA's estimated bytes) that `eif` (or an eif_sweep of `sweep_points` rates) runs with."""
+    evals, n, lr = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer, chunk_size=chunk_size)
+    precision = precision_lib.check(precision)
+    with precision_lib.context(precision):
+        args = precision_lib.cast_inputs(precision, (params, train, evals, jnp.broadcast_to(lr, (sweep_points, n))))
+        chunks, _, nbytes = plan(jax.tree.map(jnp.asarray, args), dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer),
+                                 chunk_size, memory_budget, precision)
+    return chunks, nbytes
 
 
 def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size):
@@ -44,7 +103,7 @@ def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size)
     n = checks.leading_axis("train", train)
     checks.leading_axis("evals", evals)
     checks.positive_int("steps", steps)
-    checks.positive_int("chunk_size", chunk_size, allow_none=True)
+    chunking.check_chunk_size(chunk_size)
     if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     checks.float_params(params)
@@ -68,18 +127,120 @@ def report_nonfinite(matrix: jax.Array, lr: jax.Array) -> jax.Array:
     return matrix
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "steps", "optimizer", "chunk_size"))
-def _eif(loss_fn, params, train, evals, lr, steps, optimizer, chunk_size):
-    base = losses(loss_fn, params, evals)
+# ----------------------------------------------------------------------------- the program
 
+
+def _losses(loss_fn: LossFn, params: PyTree, evals: PyTree, tile: int | None) -> jax.Array:
+    """Loss of every eval, f32[m], `tile` evals at a time (None: all at once)."""
+    one = functools.partial(loss_fn, params)
+    return jax.vmap(one)(evals) if tile is None else jax.lax.map(one, evals, batch_size=tile)
+
+
+def _row(loss_fn, params, example, lrs: jax.Array, evals, base, *, steps: int, optimizer, tile) -> jax.Array:
+    """f[k, m]: the fine-tune on `example` at each of the k rates `lrs`, against every eval.
+
+    The k rates run one after another (lax.map): vmapping them would batch the params, which
+    XLA:CPU turns into slow grouped convolutions; rows are the axis to parallelise."""
+    if steps > 1:
+        tune = lambda lr: finetune(loss_fn, params, example, lr=lr, steps=steps, optimizer=optimizer)  # noqa: E731
+    else:  # one step: the optimizer's first update does not depend on lr, which only scales it
+        optimizer = default_optimizer() if optimizer is None else optimizer
+        updates, _ = optimizer.update(jax.grad(loss_fn)(params, example), optimizer.init(params), params)
+        tune = lambda lr: optax.apply_updates(params, scale_updates(updates, lr))  # noqa: E731
+    return jax.lax.map(lambda lr: _losses(loss_fn, tune(lr), evals, tile) - base, lrs)
+
+
+def _program(params, train, evals, lrs, *, loss_fn, steps, optimizer, chunks: Chunks):
+    """f32[k, n, m]: every row's k fine-tunes against every eval. Each row is rematerialised in
+    the backward pass (jax.checkpoint), so reverse mode keeps about one chunk of rows in memory."""
+    base = _losses(loss_fn, params, evals, chunks.evals)
+
+    @jax.checkpoint
     def row(args):
-        example, lr_i = args
-        theta_i = finetune(loss_fn, params, example, lr=lr_i, steps=steps, optimizer=optimizer)
-        return losses(loss_fn, theta_i, evals) - base
+        example, lr_row = args
+        return _row(loss_fn, params, example, lr_row, evals, base, steps=steps, optimizer=optimizer, tile=chunks.evals)
 
-    if chunk_size is None or chunk_size >= lr.shape[0]:
-        return jax.vmap(row)((train, lr))
-    return jax.lax.map(row, (train, lr), batch_size=chunk_size)
+    n = lrs.shape[1]
+    if chunks.rows is None or chunks.rows >= n:
+        out = jax.vmap(row)((train, lrs.T))
+    else:
+        out = jax.lax.map(row, (train, lrs.T), batch_size=chunks.rows)
+    return jnp.moveaxis(out, 0, 1)
+
+
+_STATIC = ("loss_fn", "steps", "optimizer", "chunks")
+_jitted_program = jax.jit(_program, static_argnames=_STATIC)
+_CACHE: collections.OrderedDict = collections.OrderedDict()  # (call signature) -> (chunks, compiled, bytes)
+_CACHE_SIZE = 16
+
+
+def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size, precision, memory_budget) -> jax.Array:
+    """The checked core of eif and eif_sweep: [k, n, m] for lrs f[k, n], in the inputs' float dtype
+    (float32 in "float64" mode: the float64 result keeps its relative accuracy when rounded)."""
+    precision = precision_lib.check(precision)
+    with precision_lib.context(precision):
+        args = precision_lib.cast_inputs(precision, (params, train, evals, lrs))
+        static = dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer)
+        if checks.is_traced(args):
+            chunks, _, _ = plan(args, static, chunk_size, memory_budget, precision, traced=True)
+            out = _program(*args, chunks=chunks, **static)
+        else:
+            args = jax.tree.map(jnp.asarray, args)
+            chunks, compiled, nbytes = plan(args, static, chunk_size, memory_budget, precision)
+            try:
+                out = compiled(*args)
+            except Exception as e:  # XLA raises its own runtime error type; only allocation failures are ours
+                if not chunking.out_of_memory(e):
+                    raise
+                raise chunking.MemoryBudgetError(
+                    f"out of device memory at chunk_size={chunks.rows} rows x {chunks.evals or 'all'} evals "
+                    f"(XLA's estimate for this program: {chunking.gib(nbytes)}); pass a smaller chunk_size, "
+                    "or chunk_size='auto' with a smaller memory_budget"
+                ) from e
+        return out.astype(jnp.float32) if precision == "float64" else out
+
+
+def plan(args, static: dict, chunk_size, memory_budget, mode: str, *, traced: bool = False) -> tuple[Chunks, Any, int]:
+    """(chunks, compiled program (unused when traced), its estimated bytes) for these arguments,
+    under precision `mode` (call inside its context).
+
+    A fixed chunk_size is compiled as given (and refused if XLA's estimate exceeds free memory);
+    "auto" searches with chunking.choose. Traced calls may be differentiated: their budget is a
+    third of the free memory (the backward pass rematerialises a chunk and keeps its cotangents).
+    """
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), args)
+    if traced and chunk_size != "auto":
+        return Chunks(chunk_size), None, 0
+    accelerator = jax.default_backend() != "cpu"
+    if traced and not accelerator:
+        return Chunks(1), None, 0
+    key = (jax.tree.structure(args), tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in jax.tree.leaves(args)),
+           tuple(static.items()), chunk_size, memory_budget, mode, traced)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+
+    def compile_at(chunks: Chunks):
+        compiled = _jitted_program.lower(*(abstract if traced else args), chunks=chunks, **static).compile()
+        return compiled, chunking.program_bytes(compiled)
+
+    n, m = args[3].shape[1], checks.leading_axis("evals", args[2])
+    budget = chunking.budget_bytes(memory_budget)
+    if chunk_size == "auto":
+        result = chunking.choose(compile_at, n, m, budget=budget // 3 if traced else budget, accelerator=accelerator)
+    else:
+        compiled, nbytes = compile_at(Chunks(chunk_size))
+        if accelerator and nbytes > chunking.free_bytes():
+            raise chunking.MemoryBudgetError(
+                f"chunk_size={chunk_size} needs an estimated {chunking.gib(nbytes)} (XLA's memory analysis), more than "
+                f"the {chunking.gib(chunking.free_bytes())} free on {jax.devices()[0].device_kind}; "
+                "pass a smaller chunk_size or chunk_size='auto'"
+            )
+        result = (Chunks(chunk_size), compiled, nbytes)
+    _CACHE[key] = result
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return result
 
 
 def _warn_nonfinite(row_finite: Any) -> None:

@@ -153,15 +153,20 @@ def lr_sweep(
     threshold: float,
     chosen: float | None = None,
     title: str | None = None,
+    above_floor: Sequence[float] | None = None,
 ):
-    """Two panels over log lr: influence magnitude, and agreement of each matrix with the previous lr's."""
+    """Two panels over log lr: influence magnitude, and agreement of each matrix with the previous
+    lr's (with, if given, the share of off-diagonal entries above the noise floor)."""
     lrs = np.asarray(lrs, dtype=float)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True, layout="constrained")
     top.loglog(lrs, np.asarray(magnitude, float), "o-")
     top.set_ylabel("median |EIF| off the diagonal")
     bottom.semilogx(lrs, np.asarray(agreement, float), "o-", color="C1")
     bottom.axhline(threshold, color="0.4", ls="--", lw=1, label=f"plateau threshold {threshold:g}")
-    bottom.set_ylabel("corr(EIF(lr), EIF(previous lr))")
+    if above_floor is not None:
+        bottom.semilogx(lrs, np.asarray(above_floor, float), "s-", color="C2", ms=4,
+                        label="share of entries above the noise floor")
+    bottom.set_ylabel("corr(EIF(lr), EIF(previous lr))" if above_floor is None else "agreement / share")
     bottom.set_xlabel("fine-tuning learning rate")
     bottom.set_ylim(min(-0.05, np.nanmin(np.asarray(agreement, float)) - 0.05), 1.05)
     if chosen is not None:

@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxeif import influence
+from jaxeif import precision as precision_lib
 from jaxeif.finetune import LossFn, PyTree
 
 _AXIS = "rows"
@@ -36,12 +37,15 @@ def eif_sharded(
     lr: jax.Array | float = 1e-3,
     steps: int = 1,
     optimizer: optax.GradientTransformation | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = "auto",
+    precision: str = "highest",
+    memory_budget: float | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> np.ndarray:
     """`jaxeif.eif` with train rows split evenly over `devices` (default: all): f32[n, m], same values.
 
-    `chunk_size` bounds rows in flight per device. Rows are padded to a multiple of the device
+    `chunk_size` bounds rows in flight per device ("auto": chosen for one device's share of rows,
+    see jaxeif.chunking); `precision` as in eif (jaxeif.precision). Rows are padded to a multiple of the device
     count with copies of row 0 (lr 0) and dropped. Raises NonFiniteInfluenceError like eif.
     """
     evals, n, lr = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
@@ -52,12 +56,21 @@ def eif_sharded(
     pad = -n % len(devices)
     lr_rows = jnp.concatenate([jnp.broadcast_to(lr, (n,)), jnp.zeros((pad,), jnp.result_type(lr))])
     mesh = Mesh(np.asarray(devices), (_AXIS,))
-    run = jax.jit(jax.shard_map(
-        lambda tr, r, p, ev: influence._eif(loss_fn, p, tr, ev, r, steps, optimizer, chunk_size),
-        mesh=mesh, in_specs=(P(_AXIS), P(_AXIS), P(), P()), out_specs=P(_AXIS), check_vma=False))
-    rows = NamedSharding(mesh, P(_AXIS))
-    train_rows = jax.device_put(_pad_rows(train, pad), rows)
-    matrix = run(train_rows, jax.device_put(lr_rows, rows), params, evals)
+    static = dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer)
+    precision = precision_lib.check(precision)
+    with precision_lib.context(precision):
+        params, train, evals, lr_rows = precision_lib.cast_inputs(precision, (params, train, evals, lr_rows))
+        per_device = (n + pad) // len(devices)
+        local = jax.tree.map(lambda x: jax.ShapeDtypeStruct((per_device, *np.shape(x)[1:]), jnp.result_type(x)), train)
+        local_lrs = jax.ShapeDtypeStruct((1, per_device), jnp.result_type(lr_rows))
+        chunks = influence.plan((params, local, evals, local_lrs), static, chunk_size, memory_budget, precision,
+                                traced=True)[0] if chunk_size == "auto" else influence.Chunks(chunk_size)
+        run = jax.jit(jax.shard_map(
+            lambda tr, r, p, ev: influence._program(p, tr, ev, r[None], chunks=chunks, **static)[0],
+            mesh=mesh, in_specs=(P(_AXIS), P(_AXIS), P(), P()), out_specs=P(_AXIS), check_vma=False))
+        rows = NamedSharding(mesh, P(_AXIS))
+        train_rows = jax.device_put(_pad_rows(train, pad), rows)
+        matrix = run(train_rows, jax.device_put(lr_rows, rows), params, evals).astype(jnp.float32)
     if not matrix.is_fully_addressable:  # multi-host: every process gets the whole matrix
         from jax.experimental import multihost_utils
         matrix = multihost_utils.process_allgather(matrix, tiled=True)

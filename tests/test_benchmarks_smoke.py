@@ -19,3 +19,33 @@ def test_cnn_benchmark_tiny(capsys):
     # the exactness column: PyTorch and the plain vmap reproduce jaxeif's rows to float32 tolerance
     rows = [l for l in printed.splitlines() if l.startswith("| PyTorch loop") or l.startswith("| jax.vmap")]
     assert rows and all(float(l.rstrip(" |").split("|")[-1]) < 1e-4 for l in rows)
+
+
+def test_cnn_benchmark_checks_flags_before_any_work():
+    import pytest
+    parser = argparse.ArgumentParser()
+    cnn.add_arguments(parser)
+    for argv, match in ((["--scale", "a,b"], "--scale"), (["--n", "-5"], "--n must"), (["--rows", "0"], "--rows"),
+                        (["--chunk-size", "x"], "--chunk-size"), (["--scale", "8:9"], "--scale"),
+                        (["--device-report"], "--data")):
+        with pytest.raises(ValueError, match=match):
+            cnn.run(parser.parse_args(argv))
+
+
+def test_device_report_runs_on_cpu_at_tiny_sizes(tmp_path, capsys):
+    from benchmarks import device_report, export_data
+    data = tmp_path / "fm.npz"
+    export_data.run(argparse.Namespace(out=str(data), test=40, train=200))
+    loaded = export_data.load(str(data))
+    assert loaded["test_images"].shape == (40, 28, 28, 1) and loaded["train_labels"].shape == (200,)
+    parser = argparse.ArgumentParser()
+    cnn.add_arguments(parser)
+    json_out = tmp_path / "report.json"
+    out = cnn.run(parser.parse_args(["--device-report", "--data", str(data), "--sizes", "tiny", "--json", str(json_out)]))
+    report = out["report"]
+    assert report["speed"]["torch_loop_max_diff"] < 1e-4  # PyTorch reproduces jaxeif's rows
+    assert report["sweep_vs_calls"]["max_diff"] < 1e-6  # eif_sweep = separate eif calls
+    modes = {(p["lr"], p["mode"]) for p in report["precision"]}
+    assert len(modes) == 9 and all(p["sign_agreement_above_floor"] >= 0.99 for p in report["precision"] if "share_above_floor" in p)
+    assert report["meta"]["finite"] and report["full"]["finite"]
+    assert "default eif" in capsys.readouterr().out and json_out.exists()

@@ -1,0 +1,139 @@
+"""chunk_size="auto": the layout search, memory errors, and equality with the unchunked program."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxeif
+from jaxeif import chunking, influence
+from jaxeif.chunking import Chunks
+from tests.test_influence import make_problem, mlp_loss
+
+
+def fake_compiler(per_pair=10, fixed=100, m=50, lie_above=None):
+    """A stand-in for compiling: bytes = fixed + per_pair * rows * evals (optionally under-reported
+    by the first guess above `lie_above` rows, to exercise the halving)."""
+    calls = []
+
+    def compile_at(chunks: Chunks):
+        calls.append(chunks)
+        rows, evals = chunks.rows, chunks.evals or m
+        return f"program{chunks}", fixed + per_pair * rows * evals
+
+    return compile_at, calls
+
+
+def test_choose_on_an_accelerator_takes_the_most_rows_that_fit():
+    compile_at, calls = fake_compiler()
+    chunks, program, used = chunking.choose(compile_at, n=1000, m=50, budget=100_000, accelerator=True)
+    assert used <= 100_000 and chunks.evals is None
+    assert chunks.rows >= 100 and program == f"program{chunks}"  # within 2x of the 199 that fit
+    assert len(calls) == 2  # the one-row program, then the chosen one
+
+
+def test_choose_on_cpu_takes_one_row_and_tiles_evals_only_when_needed():
+    compile_at, _ = fake_compiler()
+    assert chunking.choose(compile_at, n=1000, m=50, budget=10**9, accelerator=False)[0] == Chunks(1, None)
+    chunks, _, used = chunking.choose(compile_at, n=1000, m=50, budget=300, accelerator=False)
+    assert chunks.rows == 1 and chunks.evals is not None and chunks.evals < 50 and used <= 300
+
+
+def test_choose_halves_when_the_guess_does_not_fit():
+    def compile_at(chunks):
+        rows = chunks.rows
+        return "p", 1000 if rows == 1 else 1000 * rows ** 2  # superlinear: the first guess is too big
+
+    chunks, _, used = chunking.choose(compile_at, n=64, m=10, budget=40_000, accelerator=True)
+    assert used <= 40_000 and 1 < chunks.rows <= 6
+
+
+def test_choose_refuses_when_nothing_fits():
+    compile_at, _ = fake_compiler(fixed=10_000)
+    with pytest.raises(chunking.MemoryBudgetError, match="memory budget"):
+        chunking.choose(compile_at, n=10, m=50, budget=5_000, accelerator=True)
+
+
+@pytest.fixture
+def accelerator(monkeypatch):
+    """Make jaxeif plan as on a GPU (the programs still compile and run on this CPU)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    influence._CACHE.clear()
+    yield
+    influence._CACHE.clear()
+
+
+def test_auto_on_an_accelerator_fits_the_budget_and_equals_all_rows_at_once(accelerator):
+    params, train, _ = make_problem(n=40)
+    evals = train
+    want = np.asarray(jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, chunk_size=None))
+    one_row = jaxeif.chunk_plan(mlp_loss, params, train, evals, lr=0.05, chunk_size=1)[1]
+    budget = 6 * one_row
+    chunks, nbytes = jaxeif.chunk_plan(mlp_loss, params, train, evals, lr=0.05, memory_budget=budget)
+    assert 1 < chunks.rows < 40 and nbytes <= budget
+    got = jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, memory_budget=budget)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_tiles_the_evals_when_one_row_does_not_fit(accelerator):
+    params, evals, _ = make_problem(n=4000)
+    train = jax.tree.map(lambda x: x[:3], evals)
+    one_row = jaxeif.chunk_plan(mlp_loss, params, train, evals, lr=0.05, chunk_size=1)[1]
+    chunks, nbytes = jaxeif.chunk_plan(mlp_loss, params, train, evals, lr=0.05, memory_budget=int(0.6 * one_row))
+    assert chunks.rows == 1 and chunks.evals is not None and chunks.evals < 4000
+    got = jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, memory_budget=int(0.6 * one_row))
+    want = jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, chunk_size=None)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_a_fixed_chunk_over_free_memory_is_refused_before_running(accelerator, monkeypatch):
+    monkeypatch.setattr(chunking, "free_bytes", lambda device=None: 1000)
+    params, train, _ = make_problem(n=8)
+    with pytest.raises(chunking.MemoryBudgetError, match="chunk_size=4 needs an estimated"):
+        jaxeif.eif(mlp_loss, params, train, lr=0.1, chunk_size=4)
+
+
+def test_out_of_memory_at_run_time_names_chunk_size(monkeypatch):
+    def exhausted(*args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 26.00GiB")
+
+    monkeypatch.setattr(influence, "plan", lambda *a, **k: (Chunks(7), exhausted, 2**30))
+    params, train, _ = make_problem(n=8)
+    with pytest.raises(jaxeif.MemoryBudgetError, match=r"chunk_size=7 rows .* 1.00 GiB"):
+        jaxeif.eif(mlp_loss, params, train, lr=0.1)
+
+    def other(*args):
+        raise RuntimeError("INVALID_ARGUMENT: something else")
+
+    monkeypatch.setattr(influence, "plan", lambda *a, **k: (Chunks(7), other, 2**30))
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        jaxeif.eif(mlp_loss, params, train, lr=0.1)
+
+
+def test_bad_chunk_size_and_budget():
+    params, train, _ = make_problem(n=4)
+    for bad in ("big", 0, 2.5, True):
+        with pytest.raises((TypeError, ValueError), match="chunk_size"):
+            jaxeif.eif(mlp_loss, params, train, chunk_size=bad)
+    with pytest.raises(ValueError, match="memory_budget"):
+        jaxeif.eif(mlp_loss, params, train, memory_budget=-1)
+
+
+def wide_loss(params, example):
+    x, y = example
+    return (jnp.tanh(x @ params["w1"]) @ params["w2"] - y) ** 2
+
+
+def _grad_temp_bytes(n: int, m: int) -> int:
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"w1": jax.random.normal(k[0], (3, 512)) / 3, "w2": jax.random.normal(k[1], (512,)) / 30}
+    train = (jax.random.normal(k[2], (n, 3)), jnp.zeros(n))
+    evals = (jax.random.normal(k[2], (m, 3)), jnp.zeros(m))
+    f = jax.jit(jax.grad(lambda lr: jaxeif.eif(wide_loss, params, train, evals, lr=lr, chunk_size=2).sum()))
+    return f.lower(jnp.full((n,), 0.01)).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_the_backward_pass_keeps_about_one_chunk_of_rows():
+    # Without rematerialisation reverse mode would keep every row's activations over all evals:
+    # 64 rows x 256 evals x 512 hidden x 4 bytes = 32 MiB more at n = 64 than at n = 8.
+    grow = _grad_temp_bytes(64, 256) - _grad_temp_bytes(8, 256)
+    assert grow < 2 * 2**20
