@@ -116,9 +116,9 @@ def choose_lr(lrs, agreements, threshold: float) -> float:
     return float(lrs[k])
 
 
-def lr_sweep(params, train, lrs, *, steps: int, threshold: float, progress: bool) -> dict:
-    """EIF at every lr of the grid in one program (jaxeif.eif_sweep), with each lr's noise floor:
-    magnitudes, neighbour agreements, the share of entries above the floor, and the chosen lr."""
+def sweep_matrices(params, train, lrs, *, steps: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The EIF at every lr of the grid in one program (jaxeif.eif_sweep), f32[k, n, n], and each
+    lr's noise floor f32[k, n, n] (NaN where rows diverged: they are counted, not hidden)."""
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
@@ -127,18 +127,25 @@ def lr_sweep(params, train, lrs, *, steps: int, threshold: float, progress: bool
 
     try:
         matrices = np.asarray(jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32), steps=steps))
-    except jaxeif.NonFiniteInfluenceError as e:  # diverged rows at large lrs are counted below instead
+    except jaxeif.NonFiniteInfluenceError as e:
         matrices = np.array(e.matrix)
+    floors = np.full_like(matrices, np.nan)
+    for a, lr in enumerate(tqdm(lrs, desc="noise floor per lr", unit="lr", disable=not progress)):
+        if np.all(np.isfinite(matrices[a])):
+            floors[a] = noise_floor(params, train, lr, steps)
+    return matrices, floors
+
+
+def lr_sweep(lrs, matrices: np.ndarray, floors: np.ndarray, *, threshold: float) -> dict:
+    """Magnitudes, neighbour agreements, share of entries above the floor, and the chosen lr."""
     magnitude, agree, diverged, above, prev = [], [], [], [], None
-    for lr, M in zip(tqdm(lrs, desc="noise floor per lr", unit="lr", disable=not progress), matrices):
-        bad = ~np.all(np.isfinite(M), axis=1)
-        diverged.append(int(bad.sum()))
+    for M, F in zip(matrices, floors):
+        diverged.append(int(np.sum(~np.all(np.isfinite(M), axis=1))))
         finite = _offdiag(M)[np.isfinite(_offdiag(M))]
         magnitude.append(float(np.median(np.abs(finite))) if finite.size else float("nan"))
         agree.append(agreement(prev, M))
-        above.append(_share_above_floor(params, train, M, lr, steps) if not bad.any() else float("nan"))
+        above.append(float(np.mean(np.abs(_offdiag(M)) > _offdiag(F))) if np.all(np.isfinite(F)) else float("nan"))
         prev = M
-    chosen = choose_lr(lrs, agree, threshold)
     return {
         "lrs": list(map(float, lrs)),
         "median_abs_eif": magnitude,
@@ -146,7 +153,7 @@ def lr_sweep(params, train, lrs, *, steps: int, threshold: float, progress: bool
         "share_above_noise_floor": above,
         "diverged_rows": diverged,
         "threshold": threshold,
-        "chosen_lr": chosen,
+        "chosen_lr": choose_lr(lrs, agree, threshold),
         "rule": "largest lr of the first run of grid points whose EIF (off-diagonal) correlates >= threshold "
         "with the EIF at the previous grid lr",
     }
@@ -160,9 +167,37 @@ def noise_floor(params, train, lr: float, steps: int) -> np.ndarray:
     return np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps))
 
 
-def _share_above_floor(params, train, M: np.ndarray, lr: float, steps: int) -> float:
-    off = ~np.eye(len(M), dtype=bool)
-    return float(np.mean(np.abs(M[off]) > noise_floor(params, train, lr, steps)[off]))
+# Each finding of the paper as a curve over lr: (panel title, metrics key path, paper's value or None)
+FINDINGS = (
+    ("corr(M, Mᵀ), off-diagonal", ("symmetry_corr",), PAPER["symmetry_corr"]),
+    ("corr(M, Mᵀ) inside digit blocks", ("block_symmetry_corr_digit",), PAPER["block_symmetry_corr"]),
+    ("within-class mean EIF (<0: learned)", ("within_class_mean",), None),
+    ("between-class mean EIF (>0: unlearned, paper)", ("between_class_mean",), None),
+    ("between-class pairs unlearned, above floor", ("between_class_frac_unlearned_above_floor",), None),
+    ("noisy/clean teaching ratio, σ=0.5", ("noise", "std_0.5", "teaching_ratio_same_class_clean"), 1.0),
+    ("noisy/clean teaching ratio, σ=1", ("noise", "std_1", "teaching_ratio_same_class_clean"), 1.0),
+    ("Hoyer sparsity", ("sparsity_hoyer",), None),
+)
+
+
+def _dig(metrics: dict, path: tuple) -> float:
+    for key in path:
+        if not isinstance(metrics, dict) or key not in metrics:
+            return float("nan")
+        metrics = metrics[key]
+    return float(metrics)
+
+
+def lr_findings(lrs, matrices: np.ndarray, floors: np.ndarray, fs) -> dict:
+    """Every study metric at every lr of the sweep (NaN where fine-tunes diverged), and the curves."""
+    per_lr = [study_metrics(M, fs.labels, fs.noise_std, fs.source, floor=F) if np.all(np.isfinite(M)) else None
+              for M, F in zip(matrices, floors)]
+    return {
+        "lrs": list(map(float, lrs)),
+        "curves": {title: [_dig(m, path) if m else float("nan") for m in per_lr] for title, path, _ in FINDINGS},
+        "paper": {title: ref for title, _, ref in FINDINGS if ref is not None},
+        "metrics_per_lr": per_lr,
+    }
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -240,7 +275,7 @@ def study_metrics(M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, sour
 # ----------------------------------------------------------------------------- figures
 
 
-def _figures(run, M, fs, lr: float, sweep: dict, title_extra: str) -> None:
+def _figures(run, M, fs, lr: float, sweep: dict | None, findings: dict | None, title_extra: str) -> None:
     from jaxeif import plot
 
     per_level = int(np.sum(fs.noise_std == 0))
@@ -265,6 +300,10 @@ def _figures(run, M, fs, lr: float, sweep: dict, title_extra: str) -> None:
                             threshold=sweep["threshold"], chosen=lr, title="Learning-rate sweep (plateau rule)",
                             above_floor=sweep.get("share_above_noise_floor"))
         plot.save(fig, run.path / "lr_sweep.png")
+    if findings is not None:
+        fig = plot.curves(findings["lrs"], findings["curves"], reference=findings["paper"], chosen=lr,
+                          title="The paper's findings across the learning rate (CNN, figure-1 set)")
+        plot.save(fig, run.path / "lr_findings.png")
 
 
 # ----------------------------------------------------------------------------- the study
@@ -289,13 +328,16 @@ def run(args: argparse.Namespace) -> dict:
     fs = data.finetune_set(per_digit=args.per_digit, noise_stds=tuple(args.noise_stds), seed=args.seed)
     train = (jax.numpy.asarray(fs.images), jax.numpy.asarray(fs.labels))
 
-    sweep, sweep_seconds = None, 0.0
-    if run_dir.has("lr_sweep.json"):
-        sweep = run_dir.load_json("lr_sweep.json")
+    sweep, findings, sweep_seconds = None, None, 0.0
+    if run_dir.has("lr_sweep.json") and run_dir.has("lr_findings.json"):
+        sweep, findings = run_dir.load_json("lr_sweep.json"), run_dir.load_json("lr_findings.json")
     elif args.lr is None:
         t = time.perf_counter()
-        sweep = lr_sweep(params, train, config["lr_grid"], steps=args.steps, threshold=args.plateau, progress=progress)
+        matrices, floors = sweep_matrices(params, train, config["lr_grid"], steps=args.steps, progress=progress)
+        sweep = lr_sweep(config["lr_grid"], matrices, floors, threshold=args.plateau)
+        findings = lr_findings(config["lr_grid"], matrices, floors, fs)
         sweep_seconds = sweep["seconds"] = time.perf_counter() - t
+        run_dir.save_json("lr_findings.json", findings)
         run_dir.save_json("lr_sweep.json", sweep)
     lr = args.lr if args.lr is not None else sweep["chosen_lr"]
 
@@ -316,7 +358,7 @@ def run(args: argparse.Namespace) -> dict:
         "metadata": runs.run_metadata(seed=args.seed, study="cnn_noise"),
     })
     quick = " — quick smoke run" if args.quick else ""
-    _figures(run_dir, M, fs, lr, sweep, quick)
+    _figures(run_dir, M, fs, lr, sweep, findings, quick)
     metrics["seconds"]["total"] = time.perf_counter() - start
     run_dir.save_json("metrics.json", metrics)
     _print_summary(run_dir.path, metrics)

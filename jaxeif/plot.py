@@ -178,6 +178,44 @@ def lr_sweep(
     return fig
 
 
+def curves(
+    xs: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    *,
+    reference: Mapping[str, float] | None = None,
+    chosen: float | None = None,
+    title: str | None = None,
+    columns: int = 4,
+):
+    """One small panel per series over log x (e.g. a metric against lr), a reference value as a
+    dashed line where given, the chosen x marked; signed series get a symmetric-log y axis."""
+    xs = np.asarray(xs, dtype=float)
+    rows = -(-len(series) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.7 * rows), sharex=True, layout="constrained",
+                             squeeze=False)
+    for ax, (name, ys) in zip(axes.flat, series.items()):
+        ys = np.asarray(ys, dtype=float)
+        ax.plot(xs, ys, "o-", ms=3)
+        ax.set_xscale("log")
+        finite = ys[np.isfinite(ys)]
+        if finite.size and finite.min() < 0 < finite.max() or (finite.size and np.ptp(np.abs(finite)) > 100):
+            ax.set_yscale("symlog", linthresh=max(1e-3, float(np.min(np.abs(finite[finite != 0]), initial=1.0))))
+            ax.axhline(0, color="0.6", lw=0.8)
+        if reference and name in reference:
+            ax.axhline(reference[name], color="C3", ls="--", lw=1, label=f"paper {reference[name]:g}")
+            ax.legend(fontsize=7, loc="best")
+        if chosen is not None:
+            ax.axvline(chosen, color="0.3", lw=0.8, ls=":")
+        ax.set_title(name, fontsize=9)
+    for ax in axes.flat[len(series):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("learning rate")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def save(fig, path: str | os.PathLike, *, dpi: int = 150) -> Path:
     """Write `fig` atomically (temp file, then rename) in the format of the suffix; closes it."""
     path = Path(path)

@@ -63,7 +63,7 @@ def test_end_to_end_quick_run_writes_consistent_results(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "corr(M, M^T)" in printed and "wall time" in printed
     for name in ["config.json", "lr_sweep.json", "lr_sweep.png", "eif.npy", "metrics.json",
-                 "eif_heatmap.png", "eif_histogram.png"]:
+                 "eif_heatmap.png", "eif_histogram.png", "lr_findings.json", "lr_findings.png"]:
         assert (out / name).is_file(), name
     M = np.load(out / "eif.npy")
     assert M.shape == (60, 60) and np.all(np.isfinite(M))
@@ -80,6 +80,21 @@ def test_end_to_end_quick_run_writes_consistent_results(tmp_path, capsys):
     lr = np.full(50, metrics["lr"], np.float32)
     direct = jaxeif.eif(cnn.loss_fn, params, (fs.images[rows], fs.labels[rows]), (fs.images, fs.labels), lr=lr)
     np.testing.assert_allclose(M[rows], np.asarray(direct), rtol=1e-4, atol=1e-5)
+    # the findings curves: one point per lr of the sweep, each equal to a single-lr run of the study
+    findings = json.loads((out / "lr_findings.json").read_text())
+    assert findings["lrs"] == sweep["lrs"] and all(len(v) == len(sweep["lrs"]) for v in findings["curves"].values())
+    assert sweep["share_above_noise_floor"][0] < 1.0 or sweep["share_above_noise_floor"][-1] <= 1.0
+    at = sweep["lrs"].index(metrics["lr"])
+    keys = ("symmetry_corr", "between_class_mean", "within_class_frac_learned_above_floor", "share_below_noise_floor")
+    for key in keys:
+        assert findings["metrics_per_lr"][at][key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
+    other_lr = sweep["lrs"][0]
+    single = cli.experiment_main(cnn_noise, argv[:1] + [str(tmp_path / "single")] + argv[2:] + ["--lr", str(other_lr)])
+    assert single == 0
+    single_metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    for key in keys:
+        assert findings["metrics_per_lr"][0][key] == pytest.approx(single_metrics[key], rel=1e-4, abs=1e-6), key
+    capsys.readouterr()
     # a second run with the same options resumes (same matrix); other options are refused
     assert cli.experiment_main(cnn_noise, argv) == 0
     np.testing.assert_array_equal(np.load(out / "eif.npy"), M)
