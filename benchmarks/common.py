@@ -34,6 +34,12 @@ def compiled_flops(fn: Callable, *args) -> float:
     return float(analysis.get("flops", float("nan")))
 
 
+def compiled_bytes(fn: Callable, *args) -> float:
+    """Peak bytes of fn(*args) by XLA's memory analysis of the compiled program (arguments, outputs, temporaries)."""
+    ma = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return float(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, MiB (VmHWM; ru_maxrss would carry a forking parent's peak)."""
     try:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "meta-llm": ("experiments.meta_llm_logic", "learn per-layer lr multipliers for the LLM logic study"),
     "bench-cnn": ("benchmarks.cnn", "CNN EIF speed: jaxeif vs a PyTorch loop"),
     "bench-lm": ("benchmarks.lm", "language-model EIF speed: jaxeif vs a PyTorch loop"),
+    "bench-meta-memory": ("benchmarks.meta_memory", "memory of a meta-gradient through eif, before/after rematerialisation"),
     "export-data": ("benchmarks.export_data", "write Fashion-MNIST to an .npz for a machine without TensorFlow"),
 }
 

@@ -130,3 +130,22 @@ def keep_learning(current: jax.Array, reference: jax.Array) -> jax.Array:
 def stay_below(current: jax.Array, reference: jax.Array) -> jax.Array:
     """relu(current/reference - 1)^2: 0 while `current` stays <= a positive `reference`."""
     return jax.nn.relu(current / reference - 1.0) ** 2
+
+
+def toward(M: jax.Array, target, mask=None) -> jax.Array:
+    """1 - cosine(M, target) over the masked entries: 0 exactly when M = c * target for some c > 0.
+
+    A scale-free pull toward any influence structure a user can draw, e.g. `target = -1.0 *
+    same_class_mask(labels, labels)` ("learn only from the same class"); scaling M leaves it unchanged.
+    `mask` bool[n, m] keeps the entries that count (None: all; pass ~jnp.eye(n, dtype=bool) to drop
+    self-influence). Uncentred on purpose: an entry drawn as 0 must stay near 0, not at an offset.
+    """
+    M = _as_matrix(M)
+    target = jnp.asarray(target, M.dtype)
+    if target.shape != M.shape:
+        raise ValueError(f"`target` must have the shape of M {M.shape}, got {target.shape}")
+    w = jnp.ones(M.shape, M.dtype) if mask is None else jnp.asarray(mask).astype(M.dtype)
+    if w.shape != M.shape:
+        raise ValueError(f"`mask` must have the shape of M {M.shape}, got {w.shape}")
+    dot = (w * M * target).sum()
+    return 1.0 - dot / jnp.sqrt((w * M**2).sum() * (w * target**2).sum() + _EPS)

@@ -49,3 +49,11 @@ def test_device_report_runs_on_cpu_at_tiny_sizes(tmp_path, capsys):
     assert len(modes) == 9 and all(p["sign_agreement_above_floor"] >= 0.99 for p in report["precision"] if "share_above_floor" in p)
     assert report["meta"]["finite"] and report["full"]["finite"]
     assert "default eif" in capsys.readouterr().out and json_out.exists()
+
+
+def test_meta_memory_benchmark_tiny(capsys):
+    from benchmarks import meta_memory
+    out = meta_memory.run(argparse.Namespace(sizes="12,48", run=False, point=0))
+    small, large = out["rows"]
+    # n 4x: before grows about 16x (n x m), after about 4x (one row over the m evals, m = n)
+    assert large["before_gib"] > 10 * small["before_gib"] and large["after_gib"] < 6 * small["after_gib"]
