@@ -55,5 +55,5 @@ def test_meta_memory_benchmark_tiny(capsys):
     from benchmarks import meta_memory
     out = meta_memory.run(argparse.Namespace(sizes="12,48", run=False, point=0))
     small, large = out["rows"]
-    # n 4x: before grows about 16x (n x m), after about 4x (one row over the m evals, m = n)
-    assert large["before_gib"] > 10 * small["before_gib"] and large["after_gib"] < 6 * small["after_gib"]
+    # n 4x: before grows about 10-16x (n x m), after about 4x (one row over the m evals, m = n)
+    assert large["before_gib"] > 8 * small["before_gib"] and large["after_gib"] < 5 * small["after_gib"]
