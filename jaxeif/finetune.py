@@ -28,20 +28,46 @@ def finetune(
     """Params after `steps` optimizer steps on `example` alone; each update is multiplied by lr.
 
     Pass optimizers with unit learning rate (e.g. `optax.adam(1.0)`): `lr` is the rate.
-    Differentiable in `lr` and `params` (the steps are an unrolled `lax.scan`).
+    Differentiable in `lr` and `params` (the steps are an unrolled `lax.scan`); with an explicit
+    `optimizer`, in reverse mode (`jax.grad`), see `zero_gradients_are_constant`.
     """
+    guard = (lambda g: g) if optimizer is None else zero_gradients_are_constant
     optimizer = default_optimizer() if optimizer is None else optimizer
     grad_fn = jax.grad(loss_fn)
 
     def step(carry, _):
         p, state = carry
-        grads = grad_fn(p, example)
+        grads = guard(grad_fn(p, example))
         updates, state = optimizer.update(grads, state, p)
         updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
         return (optax.apply_updates(p, updates), state), None
 
     (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
     return params
+
+
+@jax.custom_vjp
+def zero_gradients_are_constant(grads: PyTree) -> PyTree:
+    """Identity; backward, a non-finite cotangent reaching an exactly-zero gradient entry becomes 0.
+
+    Adam-like optimizers take sqrt(v), whose derivative is infinite at v = 0, so an exactly-zero
+    gradient entry (a dead ReLU unit, an input that is always 0, an unused embedding row) turns the
+    meta-gradient into 0 * inf = NaN. Such zeros are constant near the current params, so their
+    true contribution is 0. Finite cotangents pass unchanged.
+    """
+    return grads
+
+
+def _guard_fwd(grads):
+    return grads, grads
+
+
+def _guard_bwd(grads, cotangent):
+    fix = lambda g, ct: jnp.where((g == 0) & ~jnp.isfinite(ct), jnp.zeros_like(ct), ct)  # noqa: E731
+    return (jax.tree.map(fix, grads, cotangent),)
+
+
+zero_gradients_are_constant.defvjp(_guard_fwd, _guard_bwd)
 
 
 def losses(loss_fn: LossFn, params: PyTree, examples: PyTree) -> jax.Array:

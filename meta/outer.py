@@ -39,19 +39,31 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation) -> 
 
     Pass arrays (params, samples) as `data`, not closed over: XLA would constant-fold them at compile time.
     """
+    checked = _checked_step(objective, optimizer)
+    return lambda state, *data: checked(state, *data)[:2]
+
+
+def _checked_step(objective: Objective, optimizer: optax.GradientTransformation):
+    """make_step's step, also returning the names of control leaves whose gradient is not finite."""
 
     @jax.jit
-    def step(state: dict, *data) -> tuple[dict, jax.Array]:
+    def step(state: dict, *data) -> tuple[dict, jax.Array, dict]:
         value, grads = jax.value_and_grad(objective)(state["controls"], *data)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["controls"])
+        finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
         return {
             "step": state["step"] + 1,
             "controls": optax.apply_updates(state["controls"], updates),
             "opt_state": opt_state,
             "history": state["history"].at[state["step"]].set(value.astype(jnp.float32)),
-        }, value
+        }, value, finite
 
     return step
+
+
+def _nonfinite_leaves(finite: PyTree) -> list[str]:
+    return [jax.tree_util.keystr(path) or "controls" for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]
+            if not bool(ok)]
 
 
 def _manager(directory: Path, every: int):
@@ -111,18 +123,27 @@ def fit(
         if latest is not None:
             state = _restore(manager, latest, state, directory)
             resumed_from = int(latest)
-    step = make_step(objective, optimizer)
+    step = _checked_step(objective, optimizer)
     start = int(state["step"])
     bar = _progress(start, steps, progress)
     try:
         for k in range(start, steps):
-            state, value = step(state, *data)
+            new_state, value, finite = step(state, *data)
             value = float(value)
+            last_good = '' if manager is None else f' (last good checkpoint: {manager.latest_step()})'
             if not np.isfinite(value):
                 raise FloatingPointError(
                     f"the meta-objective is {value} at step {k}; lower the outer learning rate or bound "
-                    f"the controls{'' if manager is None else f' (last good checkpoint: {manager.latest_step()})'}"
+                    f"the controls{last_good}"
                 )
+            bad = _nonfinite_leaves(finite)
+            if bad:
+                raise FloatingPointError(
+                    f"the meta-gradient is not finite at step {k} (controls {', '.join(bad[:5])}), no update taken"
+                    f"{last_good}; make the objective differentiable at these controls (e.g. no sqrt or log "
+                    "of exact zeros) or bound the controls"
+                )
+            state = new_state
             if manager is not None:
                 manager.save(k + 1, args=_save_args(state))
             bar.update(1)
