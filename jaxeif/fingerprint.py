@@ -17,9 +17,16 @@ import numpy as np
 MAX_DEPTH = 12
 
 
+_MEMO: dict = {}  # id -> (function, description) during one digest() call
+
+
 def digest(*objs: Any) -> str:
     """A short hex digest of `describe(obj)` for every obj."""
-    text = json.dumps([describe(o) for o in objs], sort_keys=True, default=str)
+    _MEMO.clear()
+    try:
+        text = json.dumps([describe(o) for o in objs], sort_keys=True, default=str)
+    finally:
+        _MEMO.clear()
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -51,7 +58,9 @@ def describe(obj: Any, depth: int = 0, seen: frozenset = frozenset()) -> Any:
     if inspect.ismethod(obj):
         return {"method": more([obj.__func__, obj.__self__])}
     if isinstance(obj, types.FunctionType):
-        return _function(obj, more)
+        if id(obj) not in _MEMO:  # a function reached along several paths is described once
+            _MEMO[id(obj)] = (obj, _function(obj, more))
+        return _MEMO[id(obj)][1]
     if hasattr(obj, "__wrapped__"):  # jax.jit, functools.wraps
         return {"wrapped": more([obj.__wrapped__])}
     if dataclasses.is_dataclass(obj):
@@ -79,9 +88,20 @@ def _code(code: types.CodeType) -> str:
     """The bytecode, constants (nested code included) and names of a code object, hashed."""
     h = hashlib.blake2b(code.co_code, digest_size=16)
     for c in code.co_consts:
-        h.update((_code(c) if isinstance(c, types.CodeType) else repr(c)).encode())
+        h.update(_constant(c).encode())
     h.update(repr(code.co_names).encode())
     return h.hexdigest()
+
+
+def _constant(c: Any) -> str:
+    """A code constant as text, the same in every process (frozensets are ordered by string hashing)."""
+    if isinstance(c, types.CodeType):
+        return _code(c)
+    if isinstance(c, frozenset):
+        return "frozenset" + repr(sorted(map(_constant, c)))
+    if isinstance(c, tuple):
+        return "(" + ",".join(map(_constant, c)) + ")"
+    return repr(c)
 
 
 def _function(fn: types.FunctionType, more) -> dict:
