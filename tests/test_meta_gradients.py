@@ -32,6 +32,7 @@ OPTIMIZERS = {
     "adam": optax.adam(1.0),
     "adamw": optax.adamw(1.0, weight_decay=1e-2),
     "rmsprop": optax.rmsprop(1.0),
+    "rmsprop eps outside the root": optax.rmsprop(1.0, eps_in_sqrt=False),
     "adagrad": optax.adagrad(1.0),
 }
 
