@@ -27,19 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results/cnn_noise", help="results folder (resumed if its config matches)")
     parser.add_argument("--ckpt", default="results/checkpoints/cnn_fashion_mnist",
                         help="orbax checkpoint folder of the base CNN (trained there on first use)")
-    parser.add_argument("--epochs", type=int, default=4, help="base CNN training epochs (Adam, lr 1e-3)")
-    parser.add_argument("--batch-size", type=int, default=128, help="base CNN training batch size")
-    parser.add_argument("--train-size", type=int, default=None, help="train the base CNN on the first N images only")
-    parser.add_argument("--per-digit", type=int, default=5, help="MNIST test images per digit")
-    parser.add_argument("--noise-stds", type=float, nargs="*", default=[0.5, 1.0], help="pixel noise standard deviations")
-    parser.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: chosen by the sweep)")
-    parser.add_argument("--lr-grid", type=float, nargs="+", default=list(DEFAULT_LR_GRID),
+    parser.add_argument("--epochs", type=cli.positive_int, default=4, help="base CNN training epochs (Adam, lr 1e-3)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="base CNN training batch size")
+    parser.add_argument("--train-size", type=cli.positive_int, default=None, help="train the base CNN on the first N images only")
+    parser.add_argument("--per-digit", type=cli.positive_int, default=5, help="MNIST test images per digit")
+    parser.add_argument("--noise-stds", type=cli.positive_float, nargs="*", default=[0.5, 1.0], help="pixel noise standard deviations")
+    parser.add_argument("--lr", type=cli.positive_float, default=None, help="fine-tuning learning rate (default: chosen by the sweep)")
+    parser.add_argument("--lr-grid", type=cli.positive_float, nargs="+", default=list(DEFAULT_LR_GRID),
                         help="learning rates of the sweep, ascending (default 1e-6 .. 1 in half decades)")
-    parser.add_argument("--plateau", type=float, default=0.95,
+    parser.add_argument("--plateau", type=cli.unit_fraction, default=0.95,
                         help="sweep rule: the largest lr whose EIF correlates >= this with the previous lr's")
-    parser.add_argument("--steps", type=int, default=1, help="SGD steps per one-sample fine-tune")
-    parser.add_argument("--chunk-size", type=int, default=50, help="fine-tunes per checkpointed block")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the base CNN and of the pixel noise")
+    parser.add_argument("--steps", type=cli.positive_int, default=1, help="SGD steps per one-sample fine-tune")
+    parser.add_argument("--chunk-size", type=cli.positive_int, default=50, help="fine-tunes per checkpointed block")
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the base CNN and of the pixel noise")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 digits per class, base CNN on 3000 images for 1 epoch, short lr grid")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--out", default="results/llm_logic", help="results folder (resumed if its config matches)")
     parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
-    parser.add_argument("--repeats", type=int, default=10, help="repeats with fresh entity names")
+    parser.add_argument("--repeats", type=cli.positive_int, default=10, help="repeats with fresh entity names")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="which influences to compute")
     parser.add_argument("--lr", type=_lr_arg, default=DEFAULT_LR,
                         help="fine-tuning learning rate, or 'plateau': the one --lr-sweep chooses")
@@ -45,12 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated lrs (>= 3): sweep them on repeat 0 of every domain first (paper 3.4: EIF "
                              "magnitude and agreement vs lr, lr_sweep.png/.json) and pick the plateau")
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="fine-tuning optimizer (unit rate, times --lr)")
-    parser.add_argument("--lora-rank", type=int, default=0,
+    parser.add_argument("--lora-rank", type=cli.nonnegative_int, default=0,
                         help="fine-tune LoRA adapters of this rank (alpha = 2 * rank) instead of all weights; 0: dense")
-    parser.add_argument("--steps", type=int, default=1, help="optimizer steps per one-sample fine-tune")
-    parser.add_argument("--chunk-size", type=int, default=1,
+    parser.add_argument("--steps", type=cli.positive_int, default=1, help="optimizer steps per one-sample fine-tune")
+    parser.add_argument("--chunk-size", type=cli.positive_int, default=1,
                         help="fine-tunes computed together (1 suits a CPU; raise it on an accelerator)")
-    parser.add_argument("--seed", type=int, default=0, help="repeat k draws names with seed + k")
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="repeat k draws names with seed + k")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model parameter dtype")
     parser.add_argument("--summarise-only", action="store_true",
                         help="compute nothing: summarise the repeats already complete in --out (e.g. of a stopped run)")
@@ -61,9 +61,9 @@ def _lr_arg(text: str):
     if text == "plateau":
         return text
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--lr takes a number or 'plateau', got {text!r}") from None
+        return cli.positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--lr takes a number > 0 or 'plateau', got {text!r}") from None
 
 
 def _lr_list(text: str) -> tuple[float, ...]:
@@ -71,7 +71,7 @@ def _lr_list(text: str) -> tuple[float, ...]:
         lrs = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"--lr-sweep takes comma-separated numbers, e.g. 1e-6,1e-5,1e-4; got {text!r}") from None
-    if len(lrs) < 3 or min(lrs) <= 0:
+    if len(lrs) < 3 or not all(0 < x < float("inf") for x in lrs):
         raise argparse.ArgumentTypeError(f"--lr-sweep needs at least 3 positive learning rates, got {text!r}")
     return lrs
 

@@ -44,11 +44,17 @@ def leading_axis(name: str, tree: Any) -> int:
     if len(set(sizes)) > 1:
         raise ValueError(
             f"the leaves of `{name}` disagree on the number of examples (leading axis): "
-            f"{_describe(tree)}; give every leaf the same first dimension"
+            f"{_describe(tree)}; give every leaf the same first dimension{unbatched_hint(name)}"
         )
     if sizes[0] == 0:
         raise ValueError(f"`{name}` is empty (0 examples); pass at least one example")
     return sizes[0]
+
+
+def unbatched_hint(name: str) -> str:
+    """What to do when the leaves disagree because `name` is ONE example without its example axis."""
+    return (f" (if `{name}` is a single example, add a leading example axis: "
+            f"jax.tree.map(lambda x: x[None], {name}))")
 
 
 def float_params(params: Any) -> None:

@@ -14,7 +14,7 @@ import optax
 from jaxeif import checks, chunking
 from jaxeif import precision as precision_lib
 from jaxeif.chunking import Chunks
-from jaxeif.finetune import LossFn, PyTree, default_optimizer, finetune, scale_updates
+from jaxeif.finetune import LossFn, PyTree, finetune, first_update, scale_updates
 
 
 def eif(
@@ -144,8 +144,7 @@ def _row(loss_fn, params, example, lrs: jax.Array, evals, base, *, steps: int, o
     if steps > 1:
         tune = lambda lr: finetune(loss_fn, params, example, lr=lr, steps=steps, optimizer=optimizer)  # noqa: E731
     else:  # one step: the optimizer's first update does not depend on lr, which only scales it
-        optimizer = default_optimizer() if optimizer is None else optimizer
-        updates, _ = optimizer.update(jax.grad(loss_fn)(params, example), optimizer.init(params), params)
+        updates = first_update(loss_fn, params, example, optimizer)
         tune = lambda lr: optax.apply_updates(params, scale_updates(updates, lr))  # noqa: E731
     return jax.lax.map(lambda lr: _losses(loss_fn, tune(lr), evals, tile) - base, lrs)
 

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 import jaxeif
-from jaxeif import packing
+from jaxeif import checks, packing
 from jaxeif.packing import round_up
 from jaxeif.finetune import PyTree
 
@@ -43,7 +43,13 @@ ApplyFn = Callable[..., jax.Array]
 
 
 class Tokens(NamedTuple):
-    """A batch of tokenised samples, right-padded: ids int32[n, t], attention int32[n, t], score f32[n, t]."""
+    """A batch of tokenised samples, right-padded: ids int32[n, t], attention int32[n, t], score f32[n, t].
+
+    ids: token ids in [0, vocabulary size). attention: 1 for the sample's real tokens, then 0 for the
+    padding on the right. score: the weight of -log p(ids[t] | ids[<t]) in the sample's loss, >= 0,
+    0 at position 0 (nothing predicts it) and on padding, > 0 somewhere; `tokenize` makes 0/1 scores.
+    Every language-model entry point checks these rules (`check_tokens`).
+    """
 
     ids: Any
     attention: Any
@@ -58,6 +64,88 @@ class Tokens(NamedTuple):
     @property
     def lengths(self) -> np.ndarray:
         return np.asarray(self.attention).sum(axis=1)
+
+
+def check_tokens(name: str, tokens: Any, vocab_size: int) -> Tokens:
+    """`tokens` as numpy Tokens (int32, int32, float32) after checking the rules of `Tokens`;
+    a ValueError or TypeError naming `name` and the field otherwise."""
+    if not isinstance(tokens, tuple) or len(tokens) != 3:
+        raise TypeError(f"`{name}` must be a jaxeif.lm.Tokens(ids, attention, score) (lm.tokenize makes one), "
+                        f"got {type(tokens).__name__}")
+    ids, att, score = (_host_array(f"{name}.{field}", x) for field, x in zip(Tokens._fields, tokens))
+    if not (np.issubdtype(ids.dtype, np.integer) and ids.dtype != bool):
+        raise TypeError(f"`{name}.ids` has dtype {ids.dtype}; token ids must be integers (int32)")
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"`{name}.ids` has shape {ids.shape}; pass int[n, t], one row per sample "
+                         "(add a leading axis for a single sample: ids[None])")
+    for field, x in (("attention", att), ("score", score)):
+        if x.shape != ids.shape:
+            raise ValueError(f"`{name}.{field}` has shape {x.shape} but `{name}.ids` has {ids.shape}; give all three "
+                             "fields the same [n, t] shape")
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == bool):
+            raise TypeError(f"`{name}.{field}` has dtype {x.dtype}; it must hold real numbers")
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        (r, t), value = bad[0], ids[tuple(bad[0])]
+        raise ValueError(f"`{name}.ids` holds id {value} (sample {r}, position {t}), outside the model's vocabulary "
+                         f"[0, {vocab_size}); tokenize with the model's own tokenizer (lm.tokenize)")
+    if not np.all((att == 0) | (att == 1)):
+        raise ValueError(f"`{name}.attention` must hold only 0 and 1, got {np.unique(att)[:5].tolist()}")
+    att = att.astype(np.int32)
+    lengths = att.sum(axis=1)
+    not_prefix = np.flatnonzero(np.any(att != (np.arange(att.shape[1])[None] < lengths[:, None]), axis=1))
+    if not_prefix.size:
+        raise ValueError(f"`{name}.attention` of sample {not_prefix[0]} is not 1s followed by 0s: pad on the right "
+                         "(real tokens first, attention 1)")
+    score = score.astype(np.float32)
+    if not np.all(np.isfinite(score)) or np.any(score < 0):
+        raise ValueError(f"`{name}.score` must be finite and >= 0 (a weight per token)")
+    if np.any(score[:, 0] != 0):
+        raise ValueError(f"`{name}.score` is nonzero at position 0 of sample {np.flatnonzero(score[:, 0])[0]}: "
+                         "nothing predicts the first token, so set its score to 0")
+    padded = np.argwhere((score != 0) & (att == 0))
+    if padded.size:
+        raise ValueError(f"`{name}.score` is nonzero where attention is 0 (sample {padded[0][0]}, position "
+                         f"{padded[0][1]}); score only real tokens")
+    empty = np.flatnonzero(score.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(f"`{name}.score` of sample {empty[0]} is all zero: nothing to score; mark the tokens whose "
+                         "log-probability counts with score > 0")
+    return Tokens(ids.astype(np.int32), att, score)
+
+
+def _host_array(name: str, x: Any) -> np.ndarray:
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"`{name}` is traced; the language-model entry points take concrete Tokens (call them outside jit)")
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}") from e
+
+
+def check_example(name: str, example: Any, vocab_size: int) -> Tokens:
+    """One sample (Tokens of 1-d rows), checked as `check_tokens` checks a batch; returns it with 1-d rows."""
+    if not isinstance(example, tuple) or len(example) != 3:
+        raise TypeError(f"`{name}` must be ONE sample, a jaxeif.lm.Tokens of 1-d rows, got {type(example).__name__}")
+    shapes = [np.shape(x) for x in example]
+    if any(len(shape) != 1 for shape in shapes):
+        raise ValueError(f"`{name}` must be ONE sample, Tokens of 1-d rows (e.g. Tokens(*(x[k] for x in toks))), "
+                         f"got shapes {shapes}")
+    one = check_tokens(name, Tokens(*(np.asarray(x)[None] for x in example)), vocab_size)
+    return Tokens(*(x[0] for x in one))
+
+
+def model_vocab_size(apply_fn: ApplyFn, params: PyTree) -> int:
+    """The vocabulary size of a model: the last axis of its logits, found abstractly (no compute)."""
+    out = jax.eval_shape(lambda p: apply_fn(p, jnp.zeros((1, 2), jnp.int32)), params)
+    return int(out.shape[-1])
+
+
+def _checked(apply_fn, params, train, evals, vocab_size: int | None = None) -> tuple[Tokens, Tokens | None]:
+    """`train` and `evals` (None stays None) checked against the model's vocabulary."""
+    vocab_size = model_vocab_size(apply_fn, params) if vocab_size is None else int(vocab_size)
+    train = check_tokens("train", train, vocab_size)
+    return train, None if evals is None else check_tokens("evals", evals, vocab_size)
 
 
 # ----------------------------------------------------------------------------- tokenising
@@ -229,6 +317,7 @@ def nll(apply_fn: ApplyFn, params: PyTree, tokens: Tokens, *, row_length: int = 
     """Loss of every sample, f32[n]: samples packed into shared rows of <= `row_length` tokens, each
     sample attending only to itself (exact; no padding to the longest sample). `apply_fn` must accept
     3-d attention masks and `positions` (jaxeif.models.phi3's does)."""
+    tokens = check_tokens("tokens", tokens, model_vocab_size(apply_fn, params))
     return packed_nll(apply_fn, params, pack_tokens(tokens, row_length), progress=progress)
 
 
@@ -245,6 +334,7 @@ def finetuned_eif(
     chunk_size: int | None = 1,
 ) -> jax.Array:
     """Dense fine-tuned EIF, f32[n, m]: `jaxeif.eif` with the length-normalised NLL (whole sample trained)."""
+    train, evals = _checked(apply_fn, params, train, evals)
     return jaxeif.eif(NLL(apply_fn), params, _as_jnp(train), None if evals is None else _as_jnp(evals),
                       lr=lr, steps=steps, optimizer=optimizer, chunk_size=chunk_size)
 
@@ -266,6 +356,7 @@ def lora_eif(
     `adapters` is a `jaxeif.models.lora.Adapters` (deltas + static scale) or a plain delta dict.
     """
     deltas, scale = (adapters.deltas, float(adapters.scale)) if hasattr(adapters, "deltas") else (adapters, 1.0)
+    train, evals = _checked(apply_fn, params, train, evals)
     loss_fn = _lora_loss(apply_fn, params, scale)
     return jaxeif.eif(loss_fn, deltas, _as_jnp(train), None if evals is None else _as_jnp(evals),
                       lr=lr, steps=steps, optimizer=optimizer, chunk_size=chunk_size)
@@ -438,6 +529,7 @@ def _slot_weights(packed: packing.Packed) -> np.ndarray:
 def sgd_step_lowrank(apply_fn: ApplyFn, params: PyTree, config, example: Tokens, lr) -> dict:
     """The low-rank delta of ONE SGD step on `example` (a Tokens row), exactly: `apply_fn(params, ids,
     lora=delta)` is then the fine-tuned model (norm weights enter as additive deltas)."""
+    example = check_example("example", example, config.vocab_size)
     n = int(np.asarray(example.attention).sum())
     packed = packing.samples(np.asarray(example.ids)[None], np.array([n]), np.asarray(example.score)[None], multiple=1)
     g_taps, g_logits = _row_gradients(apply_fn, params, config, _row_arrays(packed, 0), jnp.asarray(_slot_weights(packed)))
@@ -469,9 +561,10 @@ def lowrank_sgd_eif(
     fine-tunes of one rank are vmapped over the packed evals. `base` (f32[m], the evals' losses before
     fine-tuning) is computed with `nll` when not given.
     """
+    train, evals = _checked(apply_fn, params, train, evals, config.vocab_size)
     evals = train if evals is None else evals
     n = np.asarray(train.ids).shape[0]
-    lr = np.broadcast_to(np.asarray(lr, np.float32), (n,))
+    lr = np.broadcast_to(np.asarray(checks.learning_rate(lr, n), np.float32), (n,))
     packed_train = pack_tokens(train, row_length)
     packed_evals = packed_train if evals is train else pack_tokens(evals, row_length)
     if base is None:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from jaxeif import checks
+from jaxeif import checks, fingerprint
 
 CONFIG_FILE = "config.json"
 _LOCK_FILE = ".lock"
@@ -394,7 +394,8 @@ def sweep_eif(
             "n_eval": m,
             "chunk_size": block_size,
             "steps": steps,
-            "optimizer": None if optimizer is None else type(optimizer).__name__,
+            "optimizer": None if optimizer is None else fingerprint.digest(optimizer),
+            "loss_fn": fingerprint.digest(loss_fn),
             "fingerprint": _fingerprint(params, train, evals, lr_vec),
         }
         if run.has(f"{name}_sweep.json"):

@@ -40,11 +40,11 @@ from meta.objectives import (
     symmetry,
     toward,
 )
-from meta.outer import MetaResult, fit, make_step
+from meta.outer import MetaResult, StaleCheckpointError, fit, make_step
 
 __all__ = [
     "Amortised", "LRPredictor", "Standardizer", "amortised", "image_features", "init_layer_log_scales",
     "init_log_lr", "layer_names", "layer_optimizer", "per_sample_lr", "scale_by_layer",
     "class_blocks", "class_learning", "keep_learning", "logic", "noise_invariance", "sparsity",
-    "stay_below", "symmetry", "toward", "MetaResult", "fit", "make_step",
+    "stay_below", "symmetry", "toward", "MetaResult", "StaleCheckpointError", "fit", "make_step",
 ]

@@ -147,3 +147,27 @@ def test_hf_dir_roundtrip_and_errors(tmp_path):
     rope = _hf_dir(tmp_path / "rope", config_edit=lambda c: c.update(rope_scaling={"type": "dynamic", "factor": 2.0}))
     with pytest.raises(ValueError, match="rope type 'dynamic' is not supported"):
         loading.load(rope)
+
+
+def test_checkpoint_with_more_layers_than_its_config_is_refused(tmp_path):
+    """config.json says 1 layer beside 2-layer weights: refused, not loaded with layer 1 dropped."""
+    config = phi3.Phi3Config(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                             num_attention_heads=H, num_key_value_heads=KV, head_dim=D // H)
+    two = {k: v for k, v in loading._per_tensor_shapes(config).items() if k.startswith("model.layers.1.")
+           and k.split(".")[-2] not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
+    d = _hf_dir(tmp_path, tensor_edit=lambda t: t.update({k: np.ones(s, np.float32) for k, s in two.items()}))
+    with pytest.raises(ValueError, match=r"6 tensors are not used .*num_hidden_layers=1.*model.layers.1"):
+        loading.load(d)
+    tied_copy = _hf_dir(tmp_path / "tied", config_edit=lambda c: c.update(tie_word_embeddings=True),
+                        tensor_edit=lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}))
+    loading.load(tied_copy)  # a saved copy of the tied embedding is fine
+    tied_other = _hf_dir(tmp_path / "tied_other", config_edit=lambda c: c.update(tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        loading.load(tied_other)
+
+
+def test_gguf_with_more_blocks_than_its_block_count_is_refused(tmp_path):
+    tensors = _llama_tensors(np.random.default_rng(0))
+    tensors.update({k.replace("blk.0.", "blk.1."): v for k, v in tensors.items() if k.startswith("blk.0.")})
+    with pytest.raises(ValueError, match=r"9 tensors are not used .*blk.1"):
+        loading.load(_write_gguf(tmp_path / "m.gguf", tensors=tensors))

@@ -237,6 +237,29 @@ def test_sweep_refuses_resuming_other_inputs(tmp_path, monkeypatch):
         runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False)
 
 
+def abs_loss(params, example):
+    x, y = example
+    return jnp.abs(jnp.tanh(x @ params["w"]) @ params["v"] - y)
+
+
+def test_sweep_refuses_resuming_with_another_optimizer_or_loss(tmp_path, monkeypatch):
+    import optax
+
+    params, train = toy()
+    run = RunDir.open(tmp_path / "r", {})
+    crash_after(monkeypatch, 1)
+    with pytest.raises(Crash):
+        runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, optimizer=optax.sgd(1.0), run=run, progress=False)
+    for other in ({"optimizer": optax.adam(1.0)}, {"optimizer": optax.sgd(1.0, momentum=0.9)}, {"optimizer": None}):
+        with pytest.raises(RunDirError, match="optimizer: saved"):
+            runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False, **other)
+    with pytest.raises(RunDirError, match="loss_fn: saved"):
+        runs.sweep_eif(abs_loss, params, train, lr=0.2, chunk_size=2, optimizer=optax.sgd(1.0), run=run, progress=False)
+    calls = crash_after(monkeypatch, 100)  # the same optimizer, built again, resumes
+    runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, optimizer=optax.sgd(1.0), run=run, progress=False)
+    assert len(calls) == 3
+
+
 def test_damaged_block_checkpoint_gives_clear_error_then_recovers(tmp_path, monkeypatch):
     params, train = toy()
     full = runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, progress=False)

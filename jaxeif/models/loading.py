@@ -158,6 +158,18 @@ def _check_shapes(params: dict, expected: dict, names: dict) -> None:
                              "(stacked over layers where it has a leading layer axis); is config.json right for these weights?")
 
 
+def refuse_unused(available: set, used: set, source: str, config: Phi3Config, ignorable: set = frozenset()) -> None:
+    """Every tensor of a checkpoint must be used: extra ones mean config.json does not describe the
+    weights (e.g. fewer layers than stored), and dropping them would silently change the model."""
+    unused = sorted(set(available) - set(used) - set(ignorable))
+    if unused:
+        raise ValueError(
+            f"{source}: {len(unused)} tensors are not used by the model the config describes "
+            f"(num_hidden_layers={config.num_hidden_layers}, tie_word_embeddings={config.tie_word_embeddings}), "
+            f"e.g. {', '.join(unused[:3])}; the config does not match these weights: fix the config "
+            "(e.g. num_hidden_layers) or remove those tensors")
+
+
 def _checked(name: str, arr: np.ndarray, shape: tuple, source: str) -> np.ndarray:
     if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, the config needs {tuple(shape)}")
@@ -231,9 +243,18 @@ def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
             arr = handles[where[name]].get_tensor(name)
         except Exception as e:
             raise ValueError(f"{where[name]}: cannot read tensor {name} ({e}); is the file truncated?") from None
+        used.add(name)
         return _checked(name, arr, shapes[name], str(where[name]))
 
-    return assemble(get, config, dtype), config
+    used: set = set()
+    params = assemble(get, config, dtype)
+    ignorable = {k for k in where if k.endswith("rotary_emb.inv_freq")}  # a buffer older transformers saved
+    if config.tie_word_embeddings and "lm_head.weight" in where and "lm_head.weight" not in used:
+        head, embed = (handles[where[k]].get_tensor(k) for k in ("lm_head.weight", "model.embed_tokens.weight"))
+        if np.array_equal(head, embed):
+            ignorable.add("lm_head.weight")  # a saved copy of the tied embedding
+    refuse_unused(set(where), used, str(path), config, ignorable)
+    return params, config
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -327,6 +348,10 @@ def load_gguf(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
             arr = unpermute_rotary_rows(arr, heads)
         elif name.endswith("k_proj.weight"):
             arr = unpermute_rotary_rows(arr, kv)
+        used.add(g)
         return arr
 
-    return assemble(get, config, dtype), config
+    used: set = set()
+    params = assemble(get, config, dtype)
+    refuse_unused(set(tensors), used, source, config)
+    return params, config

@@ -33,8 +33,24 @@ def load_tokenizer(path=None, *, cache: bool = True):
     if path.is_dir():
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        check_tokenizer_dir(path)
+        try:
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load the tokenizer in {path} ({str(e).splitlines()[0][:200]}); re-save it with "
+                             "tokenizer.save_pretrained(dir)") from None
     return cached_gguf_tokenizer(path) if cache else gguf_tokenizer(path)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_tokenizer_dir(path: Path) -> None:
+    """A model directory must hold a tokenizer file transformers can build a fast tokenizer from."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save them beside the weights "
+            "with tokenizer.save_pretrained(dir), or pass the model's .gguf file")
 
 
 def cache_dir() -> Path:
