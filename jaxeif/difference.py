@@ -576,3 +576,4 @@ def _unpack(present: list, changed: Sequence[bool]) -> list:
 
 
 _CALLS["scan"] = _scan
+
