@@ -19,6 +19,11 @@ difference (comparisons, argmax, label indexing). A primitive without a rule is 
 
 Primitives computed directly from new inputs (no cancellation possible): those with integer or
 boolean outputs, and sign/floor/ceil/round (their differences are small integers, exact).
+Not covered (a clear error): erf and other special functions without a cancellation-free closed form
+(use the tanh form of GELU), while/cond, sort, reduce_prod, cumulative max/prod, and gathers or
+dynamic slices whose indices move with the delta. Accuracy is per primitive: where the model's own
+expression cancels (cross-entropy lse(z) - z_y of a prediction with 1 - p_y near eps), the relative
+accuracy of that entry drops to about eps / (1 - p_y), still far above the direct difference.
 """
 from __future__ import annotations
 

@@ -189,3 +189,21 @@ def test_decoder_gradient_through_scan():
         diff = jax.jit(lambda d: difference.loss_difference(f, p, d, ids[1]))
         v = _random_like(p, 3)
         np.testing.assert_allclose(_dot(jax.jit(jax.grad(diff))(delta), v), _fd(diff, delta, v, 1e-6), rtol=1e-6)
+
+
+def test_base_pass_does_not_depend_on_the_delta():
+    """Under vmap over deltas the base forward pass stays unbatched (computed once for all rows)."""
+    problem = bench.mlp_problem(4, train_steps=0)
+    f, p, (x, y) = problem.loss_fn, problem.params, problem.data
+    rows = jax.tree.map(lambda a: jnp.stack([a] * 5) * 1e-3, p)
+    closed = jax.make_jaxpr(jax.vmap(lambda d: difference.loss_difference(f, p, d, (x[0], y[0]))))(rows)
+
+    def dots(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from dots(sub)
+
+    unbatched = [e for e in dots(closed.jaxpr) if all(5 not in v.aval.shape for v in e.outvars)]
+    assert len(unbatched) == 3  # the three layers of the base pass, once
