@@ -98,3 +98,33 @@ def lr_as_vector(lr: jax.Array | float, n: int) -> jax.Array:
     """Broadcast a scalar or per-sample lr to shape (n,)."""
     lr = jnp.asarray(lr)
     return jnp.broadcast_to(lr, (n,)) if lr.ndim == 0 else lr
+
+
+def finetune_delta(
+    loss_fn: LossFn,
+    params: PyTree,
+    example: PyTree,
+    *,
+    lr: jax.Array | float,
+    steps: int = 1,
+    optimizer: optax.GradientTransformation | None = None,
+) -> PyTree:
+    """The change of the params that `finetune` makes, as a pytree: the sum of the scaled updates lr * u.
+
+    Accumulated directly rather than as (fine-tuned params) - params, so a small delta keeps full
+    relative accuracy (for `jaxeif.difference.loss_difference`). Step k takes its gradient at
+    params + delta_k. Differentiable in `lr` and `params`.
+    """
+    optimizer = default_optimizer() if optimizer is None else optimizer
+    grad_fn = jax.grad(loss_fn)
+
+    def step(carry, _):
+        delta, state = carry
+        p = jax.tree.map(lambda a, d: (a + d).astype(a.dtype), params, delta)
+        updates, state = optimizer.update(grad_fn(p, example), state, p)
+        delta = jax.tree.map(lambda d, u: (d + lr * u).astype(d.dtype), delta, updates)
+        return (delta, state), None
+
+    delta0 = jax.tree.map(jnp.zeros_like, params)
+    (delta, _), _ = jax.lax.scan(step, (delta0, optimizer.init(params)), None, length=steps)
+    return delta

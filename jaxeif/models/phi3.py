@@ -211,7 +211,7 @@ class RMSNorm(nn.Module):
         w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
         if delta is not None:
             w = w + delta["w"].astype(w.dtype)
-        h = x.astype(jnp.float32)
+        h = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # at least float32 (float64 stays float64)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
         return w * h.astype(x.dtype)
 
@@ -234,7 +234,7 @@ class Attention(nn.Module):
         q = q.reshape(b, t, kv, h // kv, hd)  # query head j uses kv head j // (h // kv)
         scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k) * jnp.asarray(hd**-0.5, q.dtype)
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+        probs = jax.nn.softmax(scores.astype(jnp.promote_types(scores.dtype, jnp.float32)), axis=-1).astype(q.dtype)
         out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, t, h * hd)
         return Linear(d, h * hd, self.dtype, self.scale, name="o_proj")(out, _sub(lora, "o_proj"))
 
@@ -289,7 +289,7 @@ class Phi3Model(nn.Module):
 
 
 class Phi3ForCausalLM(nn.Module):
-    """Decoder + output projection; logits are returned in float32."""
+    """Decoder + output projection; logits are returned in float32 (float64 for a float64 model)."""
 
     config: Phi3Config
     dtype: Any = jnp.float32
@@ -305,7 +305,7 @@ class Phi3ForCausalLM(nn.Module):
             logits = lowrank_unembed(h, e, _sub(lora, "model", "embed_tokens"), self.scale)
         else:
             logits = Linear(c.vocab_size, c.hidden_size, self.dtype, self.scale, name="lm_head")(h, _sub(lora, "lm_head"))
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # float64 models keep float64
 
 
 # ----------------------------------------------------------------------------- public API
