@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: the accelerator report (benchmarks/device_report.py) on --data")
     parser.add_argument("--data", default=None, help="with --device-report: .npz from `jaxeif export-data`")
     parser.add_argument("--json", default=None, help="with --device-report: write every number to this file")
+    parser.add_argument("--stages", default="train,full,speed,precision,sweep_vs_calls,meta,sweep",
+                        help="with --device-report: which parts to run")
     parser.add_argument("--sizes", default="auto", choices=("auto", "gpu", "gpu-quick", "cpu", "tiny"),
                         help="with --device-report: problem sizes (auto: gpu on an accelerator, cpu otherwise)")
 
@@ -223,7 +225,8 @@ def run(args: argparse.Namespace) -> dict:
         if not args.data:
             raise ValueError("--device-report needs --data FILE.npz (write one with `jaxeif export-data --out FILE.npz`)")
         from benchmarks import device_report
-        return device_report.run(argparse.Namespace(data=args.data, json=args.json, sizes=args.sizes, no_torch=args.no_torch))
+        return device_report.run(argparse.Namespace(data=args.data, json=args.json, sizes=args.sizes, no_torch=args.no_torch,
+                                                    stages=args.stages))
     if args.scale_point:
         result = _scale_point(args.scale_point, args.chunk_size, args.lr)
         print("SCALE_POINT " + json.dumps(result))

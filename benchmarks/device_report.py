@@ -31,7 +31,8 @@ GPU_QUICK_SIZES = dict(GPU_SIZES, sweep=2048)
 CPU_SIZES = dict(speed=128, torch_rows=8, full=256, sweep=128, sweep_points=3, precision=48, meta=24, epochs=1)
 TINY_SIZES = dict(speed=16, torch_rows=2, full=24, sweep=12, sweep_points=2, precision=12, meta=6, epochs=1)  # tests
 PRECISION_LRS = (1e-4, 1e-3, 1e-2)
-MODES = ("highest", "tf32", "bfloat16")
+MODES = ("highest", "tf32", "bfloat16", "difference", "difference-tf32")
+STAGES = ("train", "full", "speed", "precision", "sweep_vs_calls", "meta", "sweep")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", choices=("auto", "gpu", "gpu-quick", "cpu", "tiny"), default="auto",
                         help="problem sizes: gpu (n up to 10,000), gpu-quick (lr sweep on 2,048) or cpu (smoke sizes); auto by backend")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)} (train always runs)")
 
 
 def _say(*parts) -> None:
@@ -91,7 +93,7 @@ def _speed(params, x, y, n: int, torch_rows: int, use_torch: bool) -> dict:
     out.update(eif_first_call_s=first, eif_pairs_per_s=n * n / sec)
     chunks, nbytes = jaxeif.chunk_plan(cnn.loss_fn, params, train, evals, lr=lr)
     out.update(auto_chunks=list(chunks), auto_bytes_gib=nbytes / 2**30)
-    for mode in ("tf32", "bfloat16"):
+    for mode in MODES[1:] + ("float64",):
         try:
             _wall(lambda: jaxeif.eif(cnn.loss_fn, params, train, evals, lr=lr, precision=mode))
             _, sec = _wall(lambda: jaxeif.eif(cnn.loss_fn, params, train, evals, lr=lr, precision=mode))
@@ -210,7 +212,13 @@ def run(args: argparse.Namespace) -> dict:
     report = {"versions": _versions(), "sizes": sizes, "free_device_gib": chunking.free_bytes() / 2**30}
     _say("device report:", json.dumps(report["versions"]))
 
+    stages = set(getattr(args, "stages", ",".join(STAGES)).split(",")) | {"train"}
+    if stages - set(STAGES):
+        raise ValueError(f"--stages: unknown {sorted(stages - set(STAGES))}; choose from {', '.join(STAGES)}")
+
     def stage(name, fn):
+        if name not in stages:
+            return
         start = time.perf_counter()
         report[name] = fn()
         _say(f"[{time.perf_counter() - start:6.1f} s] {name}: {json.dumps(report[name])}")
@@ -235,35 +243,43 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def summary(r: dict) -> str:
-    """The report as one table."""
-    v, s, f = r["versions"], r["speed"], r["full"]
-    fwd = s["forward_images_per_s_highest"]
-    rows = [
-        ["device", f"{v['device']} ({v['backend']}), jax {v['jax']}, torch {v['torch']}"],
-        ["CNN test accuracy", f"{r['train']['test_accuracy']:.4f}"],
-        [f"default eif, n = m = {s['n']} (auto chunks {s['auto_chunks']})",
-         f"{s['eif_pairs_per_s']:,.0f} pairs/s = {s['eif_pairs_per_s'] / fwd:.0%} of forward rate {fwd:,.0f}/s (highest)"],
-    ]
-    if "torch_loop_pairs_per_s" in s:
-        rows += [["x PyTorch loop / x torch.func.vmap", f"{s['eif_pairs_per_s'] / s['torch_loop_pairs_per_s']:.1f}x / "
-                  f"{s['eif_pairs_per_s'] / s['torch_func_vmap_pairs_per_s']:.1f}x (max diff {s['torch_loop_max_diff']:.1e})"]]
-    for mode in ("tf32", "bfloat16"):
-        if f"eif_{mode}_pairs_per_s" in s:
-            rows.append([f"eif precision={mode}", f"{s[f'eif_{mode}_pairs_per_s']:,.0f} pairs/s"])
-    rows.append([f"full {f['n']} x {f['n']} default call", f"{f['first_call_s']:.1f} s first call, {f['warm_s']:.1f} s warm, "
-                 f"peak {f['peak_device_gib'] or 0:.1f} GiB"])
-    for p in r["precision"]:
+    """The report as one table (the stages that ran)."""
+    v = r["versions"]
+    rows = [["device", f"{v['device']} ({v['backend']}), jax {v['jax']}, torch {v['torch']}"],
+            ["CNN test accuracy", f"{r['train']['test_accuracy']:.4f}"]]
+    if "speed" in r:
+        s = r["speed"]
+        fwd = s["forward_images_per_s_highest"]
+        rows.append([f"default eif, n = m = {s['n']} (auto chunks {s['auto_chunks']})",
+                     f"{s['eif_pairs_per_s']:,.0f} pairs/s = {s['eif_pairs_per_s'] / fwd:.0%} of forward rate {fwd:,.0f}/s (highest)"])
+        if "torch_loop_pairs_per_s" in s:
+            rows.append(["x PyTorch loop / x torch.func.vmap", f"{s['eif_pairs_per_s'] / s['torch_loop_pairs_per_s']:.1f}x / "
+                         f"{s['eif_pairs_per_s'] / s['torch_func_vmap_pairs_per_s']:.1f}x (max diff {s['torch_loop_max_diff']:.1e})"])
+        for mode in MODES[1:] + ("float64",):
+            if f"eif_{mode}_pairs_per_s" in s:
+                rows.append([f"eif precision={mode}", f"{s[f'eif_{mode}_pairs_per_s']:,.0f} pairs/s"])
+    if "full" in r:
+        f = r["full"]
+        rows.append([f"full {f['n']} x {f['n']} default call", f"{f['first_call_s']:.1f} s first call, {f['warm_s']:.1f} s warm, "
+                     f"peak {f['peak_device_gib'] or 0:.1f} GiB"])
+    for p in r.get("precision", []):
         if "error" in p:
             rows.append([f"lr {p['lr']:g} {p['mode']}", p["error"]])
             continue
         extra = (f"; above floor {p['share_above_floor']:.0%}, signs there {p['sign_agreement_above_floor']:.2%}"
                  if "share_above_floor" in p else "")
         rows.append([f"lr {p['lr']:g} {p['mode']} vs float64", f"max rel {p['max_rel_error']:.1e}, median rel "
-                     f"{p['median_entry_rel_error']:.1e}, signs {p['sign_agreement']:.1%}{extra}"])
-    c, w, m = r["sweep_vs_calls"], r["sweep"], r["meta"]
-    rows.append([f"eif_sweep vs {c['points']} eif calls (n={c['n']})", f"{c['speedup']:.2f}x, max diff {c['max_diff']:.1e}"])
-    rows.append([f"{w['points']}-lr sweep, {w['n']} x {w['n']}", f"{w['seconds_first_call']:.1f} s incl. compile, "
-                 f"{w['diverged_rows']} diverged rows, peak {w['peak_device_gib'] or 0:.1f} GiB"])
-    rows.append([f"meta-gradient through eif, n = m = {m['n']}", f"{m['first_call_s']:.1f} s first, {m['warm_s']:.1f} s warm, "
-                 f"peak {m['peak_device_gib'] or 0:.1f} GiB"])
+                     f"{p['median_entry_rel_error']:.1e}, signs {p['sign_agreement']:.1%}, {p['seconds']:.2f} s "
+                     f"(float64 {p['float64_seconds']:.2f} s){extra}"])
+    if "sweep_vs_calls" in r:
+        c = r["sweep_vs_calls"]
+        rows.append([f"eif_sweep vs {c['points']} eif calls (n={c['n']})", f"{c['speedup']:.2f}x, max diff {c['max_diff']:.1e}"])
+    if "sweep" in r:
+        w = r["sweep"]
+        rows.append([f"{w['points']}-lr sweep, {w['n']} x {w['n']}", f"{w['seconds_first_call']:.1f} s incl. compile, "
+                     f"{w['diverged_rows']} diverged rows, peak {w['peak_device_gib'] or 0:.1f} GiB"])
+    if "meta" in r:
+        m = r["meta"]
+        rows.append([f"meta-gradient through eif, n = m = {m['n']}", f"{m['first_call_s']:.1f} s first, {m['warm_s']:.1f} s warm, "
+                     f"peak {m['peak_device_gib'] or 0:.1f} GiB"])
     return common.table(["what", "measured"], rows)

@@ -115,13 +115,14 @@ def finetune_delta(
     relative accuracy (for `jaxeif.difference.loss_difference`). Step k takes its gradient at
     params + delta_k. Differentiable in `lr` and `params`.
     """
+    guard = gradient_guard(optimizer)
     optimizer = default_optimizer() if optimizer is None else optimizer
     grad_fn = jax.grad(loss_fn)
 
     def step(carry, _):
         delta, state = carry
         p = jax.tree.map(lambda a, d: (a + d).astype(a.dtype), params, delta)
-        updates, state = optimizer.update(grad_fn(p, example), state, p)
+        updates, state = optimizer.update(guard(grad_fn(p, example)), state, p)
         delta = jax.tree.map(lambda d, u: (d + lr * u).astype(d.dtype), delta, updates)
         return (delta, state), None
 

@@ -14,7 +14,8 @@ import optax
 from jaxeif import checks, chunking
 from jaxeif import precision as precision_lib
 from jaxeif.chunking import Chunks
-from jaxeif.finetune import LossFn, PyTree, finetune, first_update, scale_updates
+from jaxeif.difference import loss_difference
+from jaxeif.finetune import LossFn, PyTree, finetune, finetune_delta, first_update, scale_updates
 
 
 def eif(
@@ -92,8 +93,9 @@ def chunk_plan(loss_fn, params, train, evals=None, *, lr=1e-3, steps=1, optimize
     precision = precision_lib.check(precision)
     with precision_lib.context(precision):
         args = precision_lib.cast_inputs(precision, (params, train, evals, jnp.broadcast_to(lr, (sweep_points, n))))
-        chunks, _, nbytes = plan(jax.tree.map(jnp.asarray, args), dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer),
-                                 chunk_size, memory_budget, precision)
+        static = dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer,
+                      difference=precision_lib.propagates_difference(precision))
+        chunks, _, nbytes = plan(jax.tree.map(jnp.asarray, args), static, chunk_size, memory_budget, precision)
     return chunks, nbytes
 
 
@@ -130,34 +132,45 @@ def report_nonfinite(matrix: jax.Array, lr: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- the program
 
 
+def _map(fn, evals: PyTree, tile: int | None) -> jax.Array:
+    """fn of every eval, f32[m], `tile` evals at a time (None: all at once)."""
+    return jax.vmap(fn)(evals) if tile is None else jax.lax.map(fn, evals, batch_size=tile)
+
+
 def _losses(loss_fn: LossFn, params: PyTree, evals: PyTree, tile: int | None) -> jax.Array:
-    """Loss of every eval, f32[m], `tile` evals at a time (None: all at once)."""
-    one = functools.partial(loss_fn, params)
-    return jax.vmap(one)(evals) if tile is None else jax.lax.map(one, evals, batch_size=tile)
+    """Loss of every eval, f32[m]."""
+    return _map(functools.partial(loss_fn, params), evals, tile)
 
 
-def _row(loss_fn, params, example, lrs: jax.Array, evals, base, *, steps: int, optimizer, tile) -> jax.Array:
+def _row(loss_fn, params, example, lrs: jax.Array, evals, base, *, steps: int, optimizer, tile, difference) -> jax.Array:
     """f[k, m]: the fine-tune on `example` at each of the k rates `lrs`, against every eval.
 
     The k rates run one after another (lax.map): vmapping them would batch the params, which
-    XLA:CPU turns into slow grouped convolutions; rows are the axis to parallelise."""
+    XLA:CPU turns into slow grouped convolutions; rows are the axis to parallelise. With
+    `difference`, the params' change is propagated through loss_fn instead (jaxeif.difference)."""
     if steps > 1:
+        delta = lambda lr: finetune_delta(loss_fn, params, example, lr=lr, steps=steps, optimizer=optimizer)  # noqa: E731
         tune = lambda lr: finetune(loss_fn, params, example, lr=lr, steps=steps, optimizer=optimizer)  # noqa: E731
     else:  # one step: the optimizer's first update does not depend on lr, which only scales it
         updates = first_update(loss_fn, params, example, optimizer)
-        tune = lambda lr: optax.apply_updates(params, scale_updates(updates, lr))  # noqa: E731
+        delta = lambda lr: scale_updates(updates, lr)  # noqa: E731
+        tune = lambda lr: optax.apply_updates(params, delta(lr))  # noqa: E731
+    if difference:
+        change = lambda d: functools.partial(loss_difference, loss_fn, params, d)  # noqa: E731
+        return jax.lax.map(lambda lr: _map(change(delta(lr)), evals, tile), lrs)
     return jax.lax.map(lambda lr: _losses(loss_fn, tune(lr), evals, tile) - base, lrs)
 
 
-def _program(params, train, evals, lrs, *, loss_fn, steps, optimizer, chunks: Chunks):
+def _program(params, train, evals, lrs, *, loss_fn, steps, optimizer, chunks: Chunks, difference: bool = False):
     """f32[k, n, m]: every row's k fine-tunes against every eval. Each row is rematerialised in
     the backward pass (jax.checkpoint), so reverse mode keeps about one chunk of rows in memory."""
-    base = _losses(loss_fn, params, evals, chunks.evals)
+    base = None if difference else _losses(loss_fn, params, evals, chunks.evals)
 
     @jax.checkpoint
     def row(args):
         example, lr_row = args
-        return _row(loss_fn, params, example, lr_row, evals, base, steps=steps, optimizer=optimizer, tile=chunks.evals)
+        return _row(loss_fn, params, example, lr_row, evals, base, steps=steps, optimizer=optimizer, tile=chunks.evals,
+                    difference=difference)
 
     n = lrs.shape[1]
     if chunks.rows is None or chunks.rows >= n:
@@ -167,7 +180,7 @@ def _program(params, train, evals, lrs, *, loss_fn, steps, optimizer, chunks: Ch
     return jnp.moveaxis(out, 0, 1)
 
 
-_STATIC = ("loss_fn", "steps", "optimizer", "chunks")
+_STATIC = ("loss_fn", "steps", "optimizer", "chunks", "difference")
 _jitted_program = jax.jit(_program, static_argnames=_STATIC)
 _CACHE: collections.OrderedDict = collections.OrderedDict()  # (call signature) -> (chunks, compiled, bytes)
 _CACHE_SIZE = 16
@@ -179,7 +192,8 @@ def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size
     precision = precision_lib.check(precision)
     with precision_lib.context(precision):
         args = precision_lib.cast_inputs(precision, (params, train, evals, lrs))
-        static = dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer)
+        static = dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer,
+                      difference=precision_lib.propagates_difference(precision))
         if checks.is_traced(args):
             chunks, _, _ = plan(args, static, chunk_size, memory_budget, precision, traced=True)
             out = _program(*args, chunks=chunks, **static)

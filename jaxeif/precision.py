@@ -8,6 +8,10 @@ An EIF entry is a small difference of two losses, so the arithmetic matters more
              whose XLA lacks that algorithm for small products, the default (float32) precision.
 - "float64"  inputs cast to float64 inside `jax.enable_x64`; the result comes back as float32 (it
              keeps float32 relative accuracy per entry). Several times slower on GPUs.
+- "difference" no two losses are subtracted: the change of the loss is propagated through the
+             loss function's jaxpr (jaxeif.difference), so each entry has float32 *relative*
+             accuracy however small it is. "difference-tf32": the same with TF32 matmuls (its error
+             is relative to the entry, not to the loss).
 The README lists each mode's measured error against float64.
 """
 from __future__ import annotations
@@ -19,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 # mode -> jax.default_matmul_precision value
-MATMUL = {"highest": "highest", "tf32": "tensorfloat32", "bfloat16": "BF16_BF16_F32", "float64": "highest"}
+MATMUL = {"highest": "highest", "tf32": "tensorfloat32", "bfloat16": "BF16_BF16_F32", "float64": "highest",
+          "difference": "highest", "difference-tf32": "tensorfloat32"}
 MODES = tuple(MATMUL)
 
 
@@ -39,6 +44,11 @@ def context(precision: str) -> Iterator[None]:
         if precision == "float64":
             stack.enter_context(jax.enable_x64(True))
         yield
+
+
+def propagates_difference(precision: str) -> bool:
+    """Whether this mode propagates the loss change instead of subtracting two losses."""
+    return precision.startswith("difference")
 
 
 def cast_inputs(precision: str, tree: Any) -> Any:

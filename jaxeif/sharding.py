@@ -56,8 +56,8 @@ def eif_sharded(
     pad = -n % len(devices)
     lr_rows = jnp.concatenate([jnp.broadcast_to(lr, (n,)), jnp.zeros((pad,), jnp.result_type(lr))])
     mesh = Mesh(np.asarray(devices), (_AXIS,))
-    static = dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer)
     precision = precision_lib.check(precision)
+    static = dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer, difference=precision_lib.propagates_difference(precision))
     with precision_lib.context(precision):
         params, train, evals, lr_rows = precision_lib.cast_inputs(precision, (params, train, evals, lr_rows))
         per_device = (n + pad) // len(devices)

@@ -46,7 +46,7 @@ def test_device_report_runs_on_cpu_at_tiny_sizes(tmp_path, capsys):
     assert report["speed"]["torch_loop_max_diff"] < 1e-4  # PyTorch reproduces jaxeif's rows
     assert report["sweep_vs_calls"]["max_diff"] < 1e-6  # eif_sweep = separate eif calls
     modes = {(p["lr"], p["mode"]) for p in report["precision"]}
-    assert len(modes) == 9 and all(p["sign_agreement_above_floor"] >= 0.99 for p in report["precision"] if "share_above_floor" in p)
+    assert len(modes) == 15 and all(p["sign_agreement_above_floor"] >= 0.99 for p in report["precision"] if "share_above_floor" in p)
     assert report["meta"]["finite"] and report["full"]["finite"]
     assert "default eif" in capsys.readouterr().out and json_out.exists()
 

@@ -83,3 +83,31 @@ def test_sign_shares_counts_only_above_the_floor():
     assert float(all_["within_learned"]) == 1.0 and float(all_["between_unlearned"]) == pytest.approx(7 / 8)
     above = desiderata.sign_shares(M, labels, floor=0.01)
     assert float(above["between_unlearned"]) == 1.0 and float(above["excluded"]) == pytest.approx(2 / 12)
+
+
+@pytest.mark.parametrize("lr", [1e-7, 1e-3])
+def test_difference_mode_has_float64_accuracy_at_float32_cost(cnn_problem, lr):
+    params, train = cnn_problem
+    ref = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision="float64"), np.float64)
+    M = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision="difference"))
+    assert M.dtype == np.float32
+    off = ~np.eye(len(M), dtype=bool)
+    rel = np.abs(M - ref)[off] / np.abs(ref[off])
+    assert np.median(rel) < 1e-4 and np.mean(np.sign(M[off]) == np.sign(ref[off])) >= 0.999
+    S = jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=[lr, 2 * lr], precision="difference")
+    np.testing.assert_allclose(np.asarray(S[0]), M, rtol=1e-6, atol=0)
+
+
+def test_difference_mode_gradients_match_finite_differences():
+    with jax.enable_x64(True):
+        params, train, evals = make_problem(n=3, m=4, dtype=jnp.float64)
+        w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)))
+        f = lambda lr: jnp.sum(w * jaxeif.eif(mlp_loss, params, train, evals, lr=lr, steps=2, precision="difference"))  # noqa: E731
+        lr0 = np.array([0.05, 0.02, 0.1])
+        got = np.asarray(jax.grad(f)(jnp.asarray(lr0)))
+        eps = 1e-6
+        want = np.array([(float(f(jnp.asarray(lr0 + eps * e))) - float(f(jnp.asarray(lr0 - eps * e)))) / (2 * eps)
+                         for e in np.eye(3)])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+        direct = np.asarray(jax.grad(lambda lr: jnp.sum(w * jaxeif.eif(mlp_loss, params, train, evals, lr=lr, steps=2)))(jnp.asarray(lr0)))
+        np.testing.assert_allclose(got, direct, rtol=1e-7)
