@@ -301,8 +301,9 @@ def _figures(run, M, fs, lr: float, sweep: dict | None, findings: dict | None, t
                             above_floor=sweep.get("share_above_noise_floor"))
         plot.save(fig, run.path / "lr_sweep.png")
     if findings is not None:
-        fig = plot.curves(findings["lrs"], findings["curves"], reference=findings["paper"], chosen=lr,
-                          title="The paper's findings across the learning rate (CNN, figure-1 set)")
+        ordered = {title: findings["curves"][title] for title, _, _ in FINDINGS if title in findings["curves"]}
+        fig = plot.curves(findings["lrs"], ordered, reference=findings["paper"], chosen=lr,
+                          title="The paper's findings across the learning rate (CNN, figure-1 set; dotted: the plateau lr)")
         plot.save(fig, run.path / "lr_findings.png")
 
 

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 SIGNS = {
@@ -198,8 +199,11 @@ def curves(
         ax.plot(xs, ys, "o-", ms=3)
         ax.set_xscale("log")
         finite = ys[np.isfinite(ys)]
-        if finite.size and finite.min() < 0 < finite.max() or (finite.size and np.ptp(np.abs(finite)) > 100):
-            ax.set_yscale("symlog", linthresh=max(1e-3, float(np.min(np.abs(finite[finite != 0]), initial=1.0))))
+        nonzero = np.abs(finite[finite != 0])
+        if nonzero.size and finite.min() < 0 < finite.max() and nonzero.max() > 100 * nonzero.min():
+            linthresh = 10.0 ** np.floor(np.log10(np.median(nonzero)))
+            ax.set_yscale("symlog", linthresh=linthresh)
+            ax.yaxis.set_major_locator(matplotlib.ticker.SymmetricalLogLocator(linthresh=linthresh, base=100))
             ax.axhline(0, color="0.6", lw=0.8)
         if reference and name in reference:
             ax.axhline(reference[name], color="C3", ls="--", lw=1, label=f"paper {reference[name]:g}")
