@@ -29,15 +29,15 @@ from jaxeif.models import cnn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=512, help="n = m: train and eval samples (Fashion-MNIST test)")
-    parser.add_argument("--rows", type=int, default=64, help="train rows each contender computes (against all m evals)")
-    parser.add_argument("--chunk-size", default="auto", help="jaxeif.eif chunk_size: rows vmapped together, or auto")
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--n", type=cli.positive_int, default=512, help="n = m: train and eval samples (Fashion-MNIST test)")
+    parser.add_argument("--rows", type=cli.positive_int, default=64, help="train rows each contender computes (against all m evals)")
+    parser.add_argument("--chunk-size", type=cli.chunk_size, default="auto", help="jaxeif.eif chunk_size: rows vmapped together, or auto")
+    parser.add_argument("--lr", type=cli.positive_float, default=1e-2)
     parser.add_argument("--ckpt", default=None, help="trained CNN checkpoint dir (default: random init; speed does not depend on it)")
     parser.add_argument("--scale", default="", help="comma-separated n for the n x n curve of jaxeif.eif, e.g. 128,256,4096; "
                         "n:r computes only r train rows against all n evals (memory and per-pair cost at large n)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="size of the reference float32 matmul")
+    parser.add_argument("--matmul-size", type=cli.positive_int, default=2048, help="size of the reference float32 matmul")
     parser.add_argument("--profile", action="store_true",
                         help="also time each stage of one row (fine-tune, conv1, pool, conv2, pool, dense) on the m evals")
     parser.add_argument("--scale-point", default="", help=argparse.SUPPRESS)
@@ -199,20 +199,11 @@ def _scale_curve(points: list[str], chunk_size: int, lr: float) -> list[dict]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Every numeric flag, before any work starts."""
-    if not 1 <= args.n <= 10_000:
+    """The flags' ranges that depend on each other or on the data (argparse checked each number)."""
+    if args.n > 10_000:
         raise ValueError(f"--n must be in 1..10000 (the Fashion-MNIST test images), got {args.n}")
-    if not 1 <= args.rows <= args.n:
+    if args.rows > args.n:
         raise ValueError(f"--rows must be in 1..--n ({args.n}), got {args.rows}")
-    if args.chunk_size != "auto":
-        try:
-            args.chunk_size = int(args.chunk_size)
-        except ValueError:
-            raise ValueError(f"--chunk-size must be 'auto' or a positive int, got {args.chunk_size!r}") from None
-        if args.chunk_size < 1:
-            raise ValueError(f"--chunk-size must be 'auto' or a positive int, got {args.chunk_size}")
-    if not args.lr > 0 or args.matmul_size < 1:
-        raise ValueError(f"--lr must be > 0 and --matmul-size >= 1, got {args.lr} and {args.matmul_size}")
     for point in filter(None, (p.strip() for p in args.scale.split(","))):
         n, _, r = point.partition(":")
         if not (n.isdigit() and 1 <= int(n) <= 10_000 and (not r or (r.isdigit() and 1 <= int(r) <= int(n)))):

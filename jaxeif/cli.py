@@ -88,6 +88,11 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def chunk_size(text: str) -> int | str:
+    """"auto" or an int >= 1 (fine-tunes per step, see jaxeif.chunking)."""
+    return text if text == "auto" else positive_int(text)
+
+
 def unit_fraction(text: str) -> float:
     """A number in (0, 1] (thresholds such as a correlation plateau)."""
     value = _number(float, text)

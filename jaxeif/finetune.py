@@ -31,18 +31,8 @@ def finetune(
     Differentiable in `lr` and `params` (the steps are an unrolled `lax.scan`); with an explicit
     `optimizer`, in reverse mode (`jax.grad`), see `zero_gradients_are_constant`.
     """
-    guard = gradient_guard(optimizer)
-    optimizer = default_optimizer() if optimizer is None else optimizer
-    grad_fn = jax.grad(loss_fn)
-
-    def step(carry, _):
-        p, state = carry
-        grads = guard(grad_fn(p, example))
-        updates, state = optimizer.update(grads, state, p)
-        return (optax.apply_updates(p, scale_updates(updates, lr)), state), None
-
-    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
-    return params
+    delta = finetune_delta(loss_fn, params, example, lr=lr, steps=steps, optimizer=optimizer)
+    return jax.tree.map(lambda p, d: (p + d).astype(p.dtype), params, delta)
 
 
 def first_update(loss_fn: LossFn, params: PyTree, example: PyTree, optimizer=None) -> PyTree:

@@ -21,15 +21,15 @@ def test_cnn_benchmark_tiny(capsys):
     assert rows and all(float(l.rstrip(" |").split("|")[-1]) < 1e-4 for l in rows)
 
 
-def test_cnn_benchmark_checks_flags_before_any_work():
-    import pytest
-    parser = argparse.ArgumentParser()
-    cnn.add_arguments(parser)
-    for argv, match in ((["--scale", "a,b"], "--scale"), (["--n", "-5"], "--n must"), (["--rows", "0"], "--rows"),
+def test_cnn_benchmark_checks_flags_before_any_work(capsys):
+    from jaxeif import cli
+    for argv, match in ((["--scale", "a,b"], "--scale"), (["--n", "-5"], "--n: must be >= 1"),
+                        (["--n", "20000"], "--n must be in"), (["--rows", "600"], "--rows must be in"),
                         (["--chunk-size", "x"], "--chunk-size"), (["--scale", "8:9"], "--scale"),
                         (["--device-report"], "--data")):
-        with pytest.raises(ValueError, match=match):
-            cnn.run(parser.parse_args(argv))
+        assert cli.main(["bench-cnn", *argv]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.startswith("error:"), (argv, err)
 
 
 def test_device_report_runs_on_cpu_at_tiny_sizes(tmp_path, capsys):
