@@ -176,6 +176,9 @@ def load_amortised(path) -> tuple[Amortised, PyTree]:
     """(predictor, phi) saved by save_amortised."""
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
+    missing = {"hidden", "max_log_gain", "standardizer_mean", "standardizer_std", "base_lr"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path} is not a saved amortised predictor (no {', '.join(sorted(missing))}); write it with save_amortised")
     predictor = Amortised(LRPredictor(tuple(int(h) for h in arrays.pop("hidden")), float(arrays.pop("max_log_gain"))),
                           Standardizer(jnp.asarray(arrays.pop("standardizer_mean")), jnp.asarray(arrays.pop("standardizer_std"))),
                           float(arrays.pop("base_lr")))

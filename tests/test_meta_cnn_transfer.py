@@ -145,3 +145,16 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
         assert r["table"]["gaussian_1"][f"teaching_ratio_{k}"] == pytest.approx(
             s1[s1_key]["noise"]["std_1"]["teaching_ratio_same_class"], rel=1e-3)
     assert r["within_class_learning_clean"]["uniform"] == pytest.approx(s1["before"]["within_class_learning_clean"], rel=1e-3)
+
+
+def test_saved_amortised_predictor_reads_back_the_same_rates(tmp_path):
+    features = jax.random.normal(jax.random.key(0), (9, 6))
+    predictor = meta.amortised(features, 2e-3, hidden=[5, 3], max_log_gain=2.0)
+    phi = jax.tree.map(lambda a: a + 0.2, predictor.init(jax.random.key(1), features))
+    meta.save_amortised(tmp_path / "p.npz", predictor, phi)
+    back, phi_back = meta.load_amortised(tmp_path / "p.npz")
+    assert back.predictor == predictor.predictor and back.base_lr == predictor.base_lr
+    np.testing.assert_array_equal(np.asarray(back.lr(phi_back, features)), np.asarray(predictor.lr(phi, features)))
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ValueError, match="is not a saved amortised predictor"):
+        meta.load_amortised(tmp_path / "other.npz")
