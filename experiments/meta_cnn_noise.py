@@ -8,7 +8,7 @@ learning and the size of between-class influence stay at the uniform-lr level. I
 held-out digits (the next --heldout-per-digit of each class, never seen by the predictor):
 noise influence and within-class learning before (uniform base_lr) and after. Writes into --out:
 config.json, meta_ckpt/ (orbax; a rerun resumes), history.npy, objective.png, eif_heldout_*.npy,
-eif_heldout_before_after.png, lr_heldout.json, metrics.json.
+eif_heldout_before_after.png, lr_heldout.json, predictor.npz (meta.load_amortised), metrics.json.
 """
 from __future__ import annotations
 
@@ -82,39 +82,9 @@ def _config(args: argparse.Namespace) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- data
-
-
-class Split(dict):
-    """images, labels, noise_std, source (clean row of each sample in this split)."""
-
-
-def split_set(fs, per_digit: int, first: int, count: int) -> Split:
-    """Samples whose image is among digits' [first, first+count) images of a finetune_set made with per_digit."""
-    rank = fs.source % per_digit  # finetune_set orders each level by digit, then by MNIST index
-    keep = np.flatnonzero((rank >= first) & (rank < first + count))
-    src = fs.source[keep]
-    clean_pos = {int(s): i for i, s in enumerate(src) if fs.noise_std[keep][i] == 0}
-    return Split(images=fs.images[keep], labels=fs.labels[keep], noise_std=fs.noise_std[keep],
-                 source=np.array([clean_pos[int(s)] for s in src], np.int32))
-
-
-def pairs(split: Split) -> tuple[np.ndarray, np.ndarray]:
-    """(clean twin rows, noisy rows) over every noise level."""
-    noisy = np.flatnonzero(split["noise_std"] > 0)
-    return split["source"][noisy], noisy
-
-
-# ----------------------------------------------------------------------------- objective and metrics
-
-
-def clean_learning(M, split: Split):
-    """(within, between) learning of clean rows on clean columns, self-influence left out (M: [n, n_clean])."""
-    import meta
-
-    clean = np.flatnonzero(split["noise_std"] == 0)
-    self_pair = split["source"][:, None] == np.arange(len(clean))[None, :]
-    return meta.class_learning(M, split["labels"], split["labels"][clean], rows=clean, exclude=self_pair)
+# ----------------------------------------------------------------------------- data, objective and metrics
+# The split and the held-out metrics live in meta.image_study (shared with `jaxeif meta-cnn-transfer`).
+from meta.image_study import Split, clean_learning, heldout_metrics, pairs, split_set  # noqa: E402,F401
 
 
 def make_objective(loss_fn, split: Split, predictor, *, steps, chunk_size, refs, keep_weight, guard_weight):
@@ -137,30 +107,6 @@ def make_objective(loss_fn, split: Split, predictor, *, steps, chunk_size, refs,
                 + guard_weight * meta.stay_below(jnp.abs(between), refs["between_abs"]))
 
     return objective
-
-
-def heldout_metrics(M: np.ndarray, split: Split, lr: np.ndarray) -> dict:
-    """Noise influence and class learning of a square held-out EIF (loss units; negative = learned)."""
-    import meta
-
-    clean = np.flatnonzero(split["noise_std"] == 0)
-    Mc = M[:, clean]
-    within, between = clean_learning(Mc, split)
-    out = {"within_class_learning_clean": float(within), "between_class_learning_clean": float(between),
-           "lr_mean_clean": float(lr[clean].mean()), "noise": {}}
-    clean_rms = float(np.sqrt(np.mean(Mc[clean] ** 2)))
-    for s in sorted(set(split["noise_std"].tolist()) - {0.0}):
-        noisy = np.flatnonzero(split["noise_std"] == s)
-        twins = split["source"][noisy]
-        same = split["labels"][noisy][:, None] == split["labels"][clean][None, :]
-        same &= twins[:, None] != np.arange(len(clean))[None, :]  # leave out the twin itself
-        out["noise"][f"std_{s:g}"] = {
-            "rms_ratio_noisy_to_clean_rows": float(np.sqrt(np.mean(Mc[noisy] ** 2))) / clean_rms,
-            "teaching_ratio_same_class": float(-Mc[noisy][same].mean() / -Mc[twins][same].mean()),
-            "noise_invariance_objective": float(meta.noise_invariance(Mc, twins, noisy)),
-            "lr_mean": float(lr[noisy].mean()),
-        }
-    return out
 
 
 # ----------------------------------------------------------------------------- the study
@@ -237,12 +183,13 @@ def run(args: argparse.Namespace) -> dict:
         "metadata": runs.run_metadata(seed=args.seed, study="meta_cnn_noise"),
     }
     run_dir.save_json("lr_heldout.json", {"noise_std": held["noise_std"], "labels": held["labels"], "lr": lr_after})
+    meta.save_amortised(run_dir.file("predictor.npz"), predictor, result.controls)
     _figures(run_dir, result.history, mats, held, plot)
     metrics["seconds"]["total"] = time.perf_counter() - start
     run_dir.save_json("metrics.json", metrics)
     summary = _summary(metrics)
     print(summary)
-    return {"out": str(run_dir.path), "summary": summary, "metrics": metrics}
+    return {"out": str(run_dir.path), "summary": summary, "metrics": metrics, "predictor": str(run_dir.file("predictor.npz"))}
 
 
 def _figures(run_dir, history, mats, held, plot) -> None:

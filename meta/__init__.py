@@ -26,7 +26,9 @@ from meta.controls import (
     init_log_lr,
     layer_names,
     layer_optimizer,
+    load_amortised,
     per_sample_lr,
+    save_amortised,
     scale_by_layer,
 )
 from meta.objectives import (
@@ -44,7 +46,7 @@ from meta.outer import MetaResult, StaleCheckpointError, fit, make_step
 
 __all__ = [
     "Amortised", "LRPredictor", "Standardizer", "amortised", "image_features", "init_layer_log_scales",
-    "init_log_lr", "layer_names", "layer_optimizer", "per_sample_lr", "scale_by_layer",
+    "init_log_lr", "layer_names", "layer_optimizer", "load_amortised", "per_sample_lr", "save_amortised", "scale_by_layer",
     "class_blocks", "class_learning", "keep_learning", "logic", "noise_invariance", "sparsity",
     "stay_below", "symmetry", "toward", "MetaResult", "StaleCheckpointError", "fit", "make_step",
 ]

@@ -152,3 +152,46 @@ def scale_by_layer(log_scales: dict[str, jax.Array]) -> optax.GradientTransforma
 def layer_optimizer(log_scales: dict[str, jax.Array], base: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
     """`base` (default unit-rate SGD, as in jaxeif.eif) followed by the per-layer multipliers."""
     return optax.chain(optax.sgd(1.0) if base is None else base, scale_by_layer(log_scales))
+
+
+# --- saving an amortised predictor --------------------------------------------------------
+
+def save_amortised(path, predictor: Amortised, phi: PyTree) -> None:
+    """Write `predictor` (architecture, base rate, standardizer) and its learned `phi` to an .npz
+    file that load_amortised reads back (numpy arrays only: nothing in it runs code)."""
+    from jaxeif import runs
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(phi)
+    arrays = {"phi/" + "/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(v) for keys, v in flat}
+    arrays.update(standardizer_mean=np.asarray(predictor.standardizer.mean),
+                  standardizer_std=np.asarray(predictor.standardizer.std),
+                  hidden=np.asarray(predictor.predictor.hidden, np.int64),
+                  max_log_gain=np.asarray(predictor.predictor.max_log_gain, np.float64),
+                  base_lr=np.asarray(predictor.base_lr, np.float64))
+    with runs.atomic_file(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_amortised(path) -> tuple[Amortised, PyTree]:
+    """(predictor, phi) saved by save_amortised."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    missing = {"hidden", "max_log_gain", "standardizer_mean", "standardizer_std", "base_lr"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path} is not a saved amortised predictor (no {', '.join(sorted(missing))}); write it with save_amortised")
+    predictor = Amortised(LRPredictor(tuple(int(h) for h in arrays.pop("hidden")), float(arrays.pop("max_log_gain"))),
+                          Standardizer(jnp.asarray(arrays.pop("standardizer_mean")), jnp.asarray(arrays.pop("standardizer_std"))),
+                          float(arrays.pop("base_lr")))
+    phi: dict = {}
+    for key, value in arrays.items():
+        if not key.startswith("phi/"):
+            raise ValueError(f"{path} is not a saved amortised predictor (unexpected entry {key!r})")
+        node = phi
+        *parents, leaf = key.split("/")[1:]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(value)
+    template = predictor.init(jax.random.key(0), jnp.zeros((1, predictor.standardizer.mean.shape[0])))
+    if jax.tree.structure(template) != jax.tree.structure(phi):
+        raise ValueError(f"{path} holds parameters that do not fit its predictor's architecture")
+    return predictor, phi

@@ -261,6 +261,66 @@ def add_gaussian_noise(images, std: float, key) -> "jax.Array":
     return images + std * jax.random.normal(key, images.shape, images.dtype)
 
 
+def _float_images(images, name: str = "images"):
+    """images as a floating jax array f[n, h, w, c] (values in [0, 1]), else a clear error."""
+    import jax.numpy as jnp
+
+    images = jnp.asarray(images)
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(f"`{name}` must be floating point (scaled to [0, 1]), got dtype {images.dtype}")
+    if images.ndim != 4:
+        raise ValueError(f"`{name}` must be f[n, h, w, c], got shape {images.shape}")
+    return images
+
+
+def add_salt_and_pepper(images, p: float, key) -> "jax.Array":
+    """Salt-and-pepper noise: each pixel independently, with probability `p`, is set to 0 or 1
+    (equally likely); the others are kept. images f[n, h, w, c] in [0, 1]."""
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not np.isfinite(p) or not 0 <= p <= 1:
+        raise ValueError(f"salt-and-pepper fraction `p` must be a number in [0, 1], got {p!r}")
+    images = _float_images(images)
+    hit_key, value_key = jax.random.split(key)
+    hit = jax.random.uniform(hit_key, images.shape) < p
+    salt = jax.random.bernoulli(value_key, 0.5, images.shape).astype(images.dtype)
+    return jnp.where(hit, salt, images)
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """f32[2r+1] normalised 1-D Gaussian of standard deviation `sigma` (pixels), radius r = ceil(3 sigma)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating)) or not np.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"blur `sigma` must be a finite number > 0 (pixels), got {sigma!r}")
+    r = int(np.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def gaussian_blur(images, sigma: float) -> "jax.Array":
+    """Blur each image and channel with a separable Gaussian of standard deviation `sigma` pixels.
+
+    The border is mirrored (half-sample symmetric), which with a symmetric kernel keeps every
+    image's pixel sum, so its mean, unchanged. images f[n, h, w, c]; the radius ceil(3 sigma)
+    must be smaller than the image's height and width."""
+    import jax.numpy as jnp
+
+    kernel = gaussian_kernel(sigma)
+    images = _float_images(images)
+    r = len(kernel) // 2
+    if r >= min(images.shape[1:3]):
+        raise ValueError(f"blur `sigma` {sigma} has radius {r} pixels, not smaller than the image "
+                         f"({images.shape[1]}x{images.shape[2]}); use sigma < {min(images.shape[1:3]) / 3:g}")
+    out = images
+    for axis in (1, 2):
+        pad = [(0, 0)] * 4
+        pad[axis] = (r, r)
+        padded = jnp.pad(out, pad, mode="symmetric")
+        size = out.shape[axis]
+        out = sum(float(w) * jnp.take(padded, jnp.arange(i, i + size), axis=axis) for i, w in enumerate(kernel))
+    return out.astype(images.dtype)
+
+
 def first_per_class(labels: np.ndarray, per_class: int, classes: int = 10) -> np.ndarray:
     """Indices of the first `per_class` examples of each class, sorted by class (then by index)."""
     picked = []
