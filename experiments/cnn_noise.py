@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxeif import cli
+from jaxeif import precision as precision_modes
 
 PAPER = {"symmetry_corr": 0.81, "block_symmetry_corr": 0.9}
 DEFAULT_LR_GRID = tuple(float(x) for x in 10.0 ** np.arange(-6.0, 0.01, 0.5))
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rates of the sweep, ascending (default 1e-6 .. 1 in half decades)")
     parser.add_argument("--plateau", type=cli.unit_fraction, default=0.95,
                         help="sweep rule: the largest lr whose EIF correlates >= this with the previous lr's")
+    parser.add_argument("--precision", default="difference", choices=precision_modes.MODES,
+                        help="arithmetic of the EIF (jaxeif.precision); default: the propagated difference, float32 "
+                        "relative accuracy per entry at any lr (1.2x the cost of 'highest' on CPU)")
     parser.add_argument("--steps", type=cli.positive_int, default=1, help="SGD steps per one-sample fine-tune")
     parser.add_argument("--chunk-size", type=cli.positive_int, default=50, help="fine-tunes per checkpointed block")
     parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the base CNN and of the pixel noise")
@@ -71,6 +75,7 @@ def _config(args: argparse.Namespace) -> dict:
         "lr_grid": [float(x) for x in args.lr_grid],
         "plateau": args.plateau,
         "steps": args.steps,
+        "precision": args.precision,
         "chunk_size": args.chunk_size,
         "seed": args.seed,
         "optimizer": "sgd",
@@ -116,7 +121,7 @@ def choose_lr(lrs, agreements, threshold: float) -> float:
     return float(lrs[k])
 
 
-def sweep_matrices(params, train, lrs, *, steps: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def sweep_matrices(params, train, lrs, *, steps: int, precision: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """The EIF at every lr of the grid in one program (jaxeif.eif_sweep), f32[k, n, n], and each
     lr's noise floor f32[k, n, n] (NaN where rows diverged: they are counted, not hidden)."""
     import jax.numpy as jnp
@@ -126,13 +131,14 @@ def sweep_matrices(params, train, lrs, *, steps: int, progress: bool) -> tuple[n
     from jaxeif.models import cnn
 
     try:
-        matrices = np.asarray(jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32), steps=steps))
+        matrices = np.asarray(jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32), steps=steps,
+                                               precision=precision))
     except jaxeif.NonFiniteInfluenceError as e:
         matrices = np.array(e.matrix)
     floors = np.full_like(matrices, np.nan)
     for a, lr in enumerate(tqdm(lrs, desc="noise floor per lr", unit="lr", disable=not progress)):
         if np.all(np.isfinite(matrices[a])):
-            floors[a] = noise_floor(params, train, lr, steps)
+            floors[a] = noise_floor(params, train, lr, steps, precision)
     return matrices, floors
 
 
@@ -159,12 +165,12 @@ def lr_sweep(lrs, matrices: np.ndarray, floors: np.ndarray, *, threshold: float)
     }
 
 
-def noise_floor(params, train, lr: float, steps: int) -> np.ndarray:
-    """jaxeif.noise_floor of the study's EIF at this lr (float32 against float64 on 16 rows)."""
+def noise_floor(params, train, lr: float, steps: int, precision: str) -> np.ndarray:
+    """jaxeif.noise_floor of the study's EIF at this lr and precision (against float64 on 16 rows)."""
     import jaxeif
     from jaxeif.models import cnn
 
-    return np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps))
+    return np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps, precision=precision))
 
 
 # Each finding of the paper as a curve over lr: (panel title, metrics key path, paper's value or None)
@@ -334,7 +340,8 @@ def run(args: argparse.Namespace) -> dict:
         sweep, findings = run_dir.load_json("lr_sweep.json"), run_dir.load_json("lr_findings.json")
     elif args.lr is None:
         t = time.perf_counter()
-        matrices, floors = sweep_matrices(params, train, config["lr_grid"], steps=args.steps, progress=progress)
+        matrices, floors = sweep_matrices(params, train, config["lr_grid"], steps=args.steps, precision=args.precision,
+                                          progress=progress)
         sweep = lr_sweep(config["lr_grid"], matrices, floors, threshold=args.plateau)
         findings = lr_findings(config["lr_grid"], matrices, floors, fs)
         sweep_seconds = sweep["seconds"] = time.perf_counter() - t
@@ -343,7 +350,7 @@ def run(args: argparse.Namespace) -> dict:
     lr = args.lr if args.lr is not None else sweep["chosen_lr"]
 
     t = time.perf_counter()
-    M = runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=args.steps, chunk_size=args.chunk_size,
+    M = runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=args.steps, chunk_size=args.chunk_size, precision=args.precision,
                        run=run_dir, name="eif", progress=progress)
     eif_seconds = time.perf_counter() - t
     nan_rows = np.flatnonzero(~np.all(np.isfinite(M), axis=1))
@@ -351,7 +358,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"{nan_rows.size} fine-tunes diverged at lr {lr:g} (rows {nan_rows[:10].tolist()}); "
                          "lower --lr or --steps (the matrix with NaN rows is saved as eif.npy)")
 
-    metrics = study_metrics(M, fs.labels, fs.noise_std, fs.source, floor=noise_floor(params, train, lr, args.steps))
+    metrics = study_metrics(M, fs.labels, fs.noise_std, fs.source, floor=noise_floor(params, train, lr, args.steps, args.precision))
     metrics.update({
         "lr": lr, "lr_source": "sweep" if args.lr is None else "--lr",
         "base_cnn": info, "paper": PAPER,

@@ -400,29 +400,47 @@ _RULES["round"] = lambda out, bases, slots, **params: lax.round(bases[0] + slots
 
 
 # --- transcendentals in closed forms
+# A closed form avoids cancellation when the change is small; for a large change (|dx| >= 1, or a
+# relative change >= 1/2 for log) the direct difference loses nothing (its terms differ by a factor)
+# and cannot overflow into 0 * inf the way a closed form can (e.g. exp(x) underflowed times expm1(dx)).
+
+
+def _small_or_direct(small, closed, direct):
+    """closed(where small) else direct; the closed form sees 0 where it is not used (no NaN in grads)."""
+    return jnp.where(small, closed(small), direct)
+
+
 @_rule("exp")
 def _exp(out, bases, slots, **params):
-    return out * jnp.expm1(slots[0])
+    (x,), (dx,) = bases, slots
+    return _small_or_direct(jnp.abs(dx) < 1, lambda s: out * jnp.expm1(jnp.where(s, dx, 0)), jnp.exp(x + dx) - out)
 
 
 @_rule("exp2")
 def _exp2(out, bases, slots, **params):
-    return out * jnp.expm1(slots[0] * jnp.asarray(math.log(2.0), out.dtype))
+    (x,), (dx,) = bases, slots
+    dx_e = dx * jnp.asarray(math.log(2.0), out.dtype)
+    return _small_or_direct(jnp.abs(dx_e) < 1, lambda s: out * jnp.expm1(jnp.where(s, dx_e, 0)), jnp.exp2(x + dx) - out)
 
 
 @_rule("expm1")
 def _expm1(out, bases, slots, **params):
-    return jnp.exp(bases[0]) * jnp.expm1(slots[0])
+    (x,), (dx,) = bases, slots
+    return _small_or_direct(jnp.abs(dx) < 1, lambda s: jnp.exp(x) * jnp.expm1(jnp.where(s, dx, 0)), jnp.expm1(x + dx) - out)
 
 
 @_rule("log")
 def _log(out, bases, slots, **params):
-    return jnp.log1p(slots[0] / bases[0])
+    (x,), (dx,) = bases, slots
+    ratio = dx / x
+    return _small_or_direct(jnp.abs(ratio) < 0.5, lambda s: jnp.log1p(jnp.where(s, ratio, 0)), jnp.log(x + dx) - out)
 
 
 @_rule("log1p")
 def _log1p(out, bases, slots, **params):
-    return jnp.log1p(slots[0] / (1 + bases[0]))
+    (x,), (dx,) = bases, slots
+    ratio = dx / (1 + x)
+    return _small_or_direct(jnp.abs(ratio) < 0.5, lambda s: jnp.log1p(jnp.where(s, ratio, 0)), jnp.log1p(x + dx) - out)
 
 
 def _sech2(x):
@@ -433,17 +451,22 @@ def _sech2(x):
 
 @_rule("tanh")
 def _tanh(out, bases, slots, **params):
-    """tanh(x + dx) - tanh(x) = tanh(dx) sech^2(x) / (1 + tanh(x) tanh(dx))."""
+    """tanh(x + dx) - tanh(x) = tanh(dx) sech^2(x) / (1 + tanh(x) tanh(dx)) for |dx| < 1 (denominator > 0.23)."""
     (x,), (dx,) = bases, slots
-    t = jnp.tanh(dx)
-    return t * _sech2(x) / (1 + out * t)
+
+    def closed(small):
+        t = jnp.tanh(jnp.where(small, dx, 0))
+        return t * _sech2(x) / (1 + out * t)
+
+    return _small_or_direct(jnp.abs(dx) < 1, closed, jnp.tanh(x + dx) - out)
 
 
 @_rule("logistic")
 def _logistic(out, bases, slots, **params):
-    """s(x + dx) - s(x) = -expm1(-dx) s(-x) s(x + dx)."""
+    """s(x + dx) - s(x) = -expm1(-dx) s(-x) s(x + dx) for |dx| < 1."""
     (x,), (dx,) = bases, slots
-    return -jnp.expm1(-dx) * jax.nn.sigmoid(-x) * jax.nn.sigmoid(x + dx)
+    closed = lambda small: -jnp.expm1(-jnp.where(small, dx, 0)) * jax.nn.sigmoid(-x) * jax.nn.sigmoid(x + dx)  # noqa: E731
+    return _small_or_direct(jnp.abs(dx) < 1, closed, jax.nn.sigmoid(x + dx) - out)
 
 
 @_rule("sqrt")

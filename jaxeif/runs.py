@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from jaxeif import checks, fingerprint
+from jaxeif import checks
+from jaxeif import precision as precision_lib, fingerprint
 
 CONFIG_FILE = "config.json"
 _LOCK_FILE = ".lock"
@@ -341,10 +342,12 @@ def _take(tree: Any, idx: np.ndarray) -> Any:
     return jax.tree.map(lambda x: x[idx], tree)
 
 
-def _compute_block(eif_fn: Callable, loss_fn, params, train, evals, lr_vec, idx: np.ndarray, steps, optimizer) -> np.ndarray:
+def _compute_block(eif_fn: Callable, loss_fn, params, train, evals, lr_vec, idx: np.ndarray, steps, optimizer,
+                   precision: str = "highest") -> np.ndarray:
     """Rows `idx` of the EIF; diverged rows come back as all-NaN rows."""
     try:
-        block = eif_fn(loss_fn, params, _take(train, idx), evals, lr=lr_vec[idx], steps=steps, optimizer=optimizer)
+        block = eif_fn(loss_fn, params, _take(train, idx), evals, lr=lr_vec[idx], steps=steps, optimizer=optimizer,
+                       precision=precision)
         block = np.array(block, dtype=np.float32)
     except checks.NonFiniteInfluenceError as e:
         block = np.array(e.matrix, dtype=np.float32)
@@ -365,8 +368,10 @@ def sweep_eif(
     run: RunDir | None = None,
     name: str = "eif",
     progress: bool = True,
+    precision: str = "highest",
 ) -> np.ndarray:
-    """The EIF f32[n, m] by `jaxeif.eif` on row blocks of `chunk_size`, each checkpointed in `run`.
+    """The EIF f32[n, m] by `jaxeif.eif` on row blocks of `chunk_size`, each checkpointed in `run`
+    (`precision` as in eif; part of what a resume must match).
 
     A killed sweep resumes from its finished blocks (bit-identical result). Diverged rows are
     NaN rows, listed in run.path/"<name>_nonfinite.json" and in a RuntimeWarning.
@@ -396,6 +401,7 @@ def sweep_eif(
             "steps": steps,
             "optimizer": None if optimizer is None else fingerprint.digest(optimizer),
             "loss_fn": fingerprint.digest(loss_fn),
+            "precision": precision_lib.check(precision),
             "fingerprint": _fingerprint(params, train, evals, lr_vec),
         }
         if run.has(f"{name}_sweep.json"):
@@ -432,7 +438,7 @@ def sweep_eif(
                 continue
             # Pad the last block to block_size (repeating its last row) so one compiled shape serves all.
             idx = np.minimum(np.arange(start, start + block_size), n - 1)
-            rows = _compute_block(eif, loss_fn, params, train, evals, lr_vec, idx, steps, optimizer)[: stop - start]
+            rows = _compute_block(eif, loss_fn, params, train, evals, lr_vec, idx, steps, optimizer, precision)[: stop - start]
             if manager is not None:
                 _save_block(manager, b, rows)
             blocks[b] = rows

@@ -207,3 +207,16 @@ def test_base_pass_does_not_depend_on_the_delta():
 
     unbatched = [e for e in dots(closed.jaxpr) if all(5 not in v.aval.shape for v in e.outvars)]
     assert len(unbatched) == 3  # the three layers of the base pass, once
+
+
+@pytest.mark.parametrize("fn, a, da", [(jnp.exp, -200.0, 150.0), (jnp.tanh, 30.0, -60.0),
+                                       (jax.nn.sigmoid, -50.0, 200.0), (jnp.log, 1e-30, 5.0)])
+def test_large_changes_stay_finite_and_exact(fn, a, da):
+    """A closed form such as exp(x) * expm1(dx) is 0 * inf when exp(x) underflows and dx is large;
+    large changes take the direct difference, which has no cancellation there."""
+    from jaxeif import difference
+    got = difference.propagate(lambda p: fn(p["a"]), ({"a": jnp.float32(a)},), ({"a": jnp.float32(da)},))
+    with jax.enable_x64(True):
+        want = float(fn(jnp.float64(a + da)) - fn(jnp.float64(a)))
+    assert np.isfinite(float(got))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-30)
