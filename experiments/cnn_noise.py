@@ -3,7 +3,7 @@
 A small CNN is trained on Fashion-MNIST (once; cached with orbax). Each of 50 MNIST test digits
 (5 per digit, sorted), clean and with Gaussian pixel noise of std 0.5 and 1.0, is a one-sample
 fine-tune toward Fashion class = digit. The 150 x 150 EIF (loss after minus before) is computed
-with jaxeif at a learning rate chosen by a sweep (the plateau rule below), then summarised with
+with jaxeif at a learning rate chosen by a sweep (jaxeif.lr_choice, RULE), then summarised with
 jaxeif.desiderata. Writes into --out: config.json, lr_sweep.json/.png, eif.npy, metrics.json,
 eif_heatmap.png (sign: -EIF, positive = more likely, as in the paper), eif_histogram.png.
 """
@@ -79,41 +79,7 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- the lr rule
-
-
-def _offdiag(M: np.ndarray) -> np.ndarray:
-    return M[~np.eye(len(M), dtype=bool)]
-
-
-def agreement(prev: np.ndarray | None, cur: np.ndarray) -> float:
-    """corr of the off-diagonal entries of two EIF matrices; nan if either is constant or non-finite."""
-    if prev is None:
-        return float("nan")
-    a, b = _offdiag(prev), _offdiag(cur)
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))) or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def choose_lr(lrs, agreements, threshold: float) -> float:
-    """The plateau rule (PAPER.md, section 3.4), coded.
-
-    Too small an lr leaves EIF ~ 0 (float rounding dominates: matrices at neighbouring lrs
-    disagree); too large lets the nonlinearity of big steps dominate (they disagree again). The
-    plateau is the first run of consecutive grid points whose matrix correlates >= threshold
-    with the previous point's; we take its largest lr (the strongest signal still on it).
-    """
-    lrs, agreements = list(lrs), np.asarray(agreements, dtype=float)
-    on = np.nan_to_num(agreements, nan=-1.0) >= threshold
-    if not on.any():
-        raise ValueError(
-            f"no plateau in the lr sweep: no EIF matrix correlates >= {threshold} with the previous lr's "
-            f"(agreements {np.round(agreements, 3).tolist()} at lrs {lrs}); widen --lr-grid, lower --plateau, or pass --lr"
-        )
-    k = int(np.argmax(on))
-    while k + 1 < len(on) and on[k + 1]:
-        k += 1
-    return float(lrs[k])
+RULE = "top_of_first_plateau"  # jaxeif.lr_choice.RULES: the largest lr of the first plateau (strongest signal on it)
 
 
 def sweep_matrices(params, train, lrs, *, steps: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -137,25 +103,21 @@ def sweep_matrices(params, train, lrs, *, steps: int, progress: bool) -> tuple[n
 
 
 def lr_sweep(lrs, matrices: np.ndarray, floors: np.ndarray, *, threshold: float) -> dict:
-    """Magnitudes, neighbour agreements, share of entries above the floor, and the chosen lr."""
-    magnitude, agree, diverged, above, prev = [], [], [], [], None
-    for M, F in zip(matrices, floors):
-        diverged.append(int(np.sum(~np.all(np.isfinite(M), axis=1))))
-        finite = _offdiag(M)[np.isfinite(_offdiag(M))]
-        magnitude.append(float(np.median(np.abs(finite))) if finite.size else float("nan"))
-        agree.append(agreement(prev, M))
-        above.append(float(np.mean(np.abs(_offdiag(M)) > _offdiag(F))) if np.all(np.isfinite(F)) else float("nan"))
-        prev = M
+    """Magnitudes, neighbour agreements, share of entries above the floor, and the chosen lr (jaxeif.lr_choice, RULE)."""
+    from jaxeif import lr_choice
+
+    sweep = lr_choice.summarise(lrs, list(matrices), threshold=threshold, rule=RULE)
+    off = lr_choice.offdiag
     return {
         "lrs": list(map(float, lrs)),
-        "median_abs_eif": magnitude,
-        "agreement_with_previous": agree,
-        "share_above_noise_floor": above,
-        "diverged_rows": diverged,
+        "median_abs_eif": sweep.magnitude.tolist(),
+        "agreement_with_previous": sweep.agreement.tolist(),
+        "share_above_noise_floor": [float(np.mean(np.abs(off(M)) > off(F))) if np.all(np.isfinite(F)) else float("nan")
+                                    for M, F in zip(matrices, floors)],
+        "diverged_rows": [int(np.sum(~np.all(np.isfinite(M), axis=1))) for M in matrices],
         "threshold": threshold,
-        "chosen_lr": choose_lr(lrs, agree, threshold),
-        "rule": "largest lr of the first run of grid points whose EIF (off-diagonal) correlates >= threshold "
-        "with the EIF at the previous grid lr",
+        "chosen_lr": sweep.chosen,
+        "rule": lr_choice.RULES[RULE],
     }
 
 

@@ -26,6 +26,7 @@ SWEEP = "lr_sweep.json"  # the --lr-sweep results
 TIMINGS = "timings.json"  # wall and process CPU seconds of every computed matrix (compiles included)
 PAD_MULTIPLE = 16  # pad token lengths to multiples of this: fewer distinct shapes, fewer compiles
 DEFAULT_LR = 1e-4  # single-step SGD plateau for SmolLM2-135M-Instruct (see README, lr sweep)
+RULE = "middle_of_longest_plateau"  # jaxeif.lr_choice.RULES: the lr sweep's choice
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -225,17 +226,17 @@ def run(args: argparse.Namespace) -> dict:
 def _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args) -> float:
     """Fine-tuned EIF of repeat 0 of every domain at each swept lr; saves lr_sweep.json/.png; returns the
     lr to use (the plateau's when --lr plateau). Resumed from lr_sweep.json."""
-    from jaxeif import lm
+    from jaxeif import lm, lr_choice
 
     if not run_dir.has(SWEEP):
         toks = {d: lm.tokenize(tok, [s.text for s in draws[(d, 0)]], config=config, pad_multiple=PAD_MULTIPLE)
                 for d in args.domains}
-        sweep = lm.lr_sweep(lambda lr: [_finetuned(apply_fn, params, config, t, args, lr=lr) for t in toks.values()],
-                            args.lr_sweep, progress=not args.no_progress)
+        sweep = lr_choice.lr_sweep(lambda lr: [_finetuned(apply_fn, params, config, t, args, lr=lr) for t in toks.values()],
+                                   args.lr_sweep, rule=RULE, progress=not args.no_progress)
         run_dir.save_json(SWEEP, {"lrs": sweep.lrs.tolist(), "median_abs_eif": sweep.magnitude.tolist(),
                                   "agreement_with_previous": sweep.agreement.tolist(), "chosen": sweep.chosen,
                                   "threshold": sweep.threshold, "domains": list(args.domains)})
-        run_dir.save_figure("lr_sweep.png", lm.plot_lr_sweep(sweep, title="fine-tuned EIF vs lr (repeat 0, all domains)"))
+        run_dir.save_figure("lr_sweep.png", lr_choice.plot_lr_sweep(sweep, title="fine-tuned EIF vs lr (repeat 0, all domains)"))
     chosen = run_dir.load_json(SWEEP)["chosen"]
     print(f"lr sweep: plateau lr {chosen:g} (lr_sweep.png)")
     return chosen if args.lr == "plateau" else args.lr

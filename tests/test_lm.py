@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="reference tests need torch==2.13.0 (make test installs it)")
 transformers = pytest.importorskip("transformers")
 
-from jaxeif import lm  # noqa: E402
+from jaxeif import lm, lr_choice  # noqa: E402
 from jaxeif.models import lora, phi3, tokenizer  # noqa: E402
 
 TEXTS = ["Ab is big.", "Cd is big.", "Ab is big.\nCd is big.", "Cd is small.", "Ab is small."]
@@ -181,22 +181,14 @@ def test_lora_eif_equals_loop_over_merged_models(tiny):
     assert np.abs(M).max() > 1e-3
 
 
-def test_choose_plateau_rule():
-    lrs = 10.0 ** np.arange(-6, 0)
-    agree = np.array([np.nan, 0.2, 0.99, 0.98, 0.97, 0.5])  # noise, plateau 1e-5..1e-2, non-linear
-    assert lm.choose_plateau(lrs, np.nan_to_num(agree, nan=-1), 0.95) in (1e-4, 1e-3)
-    with pytest.raises(ValueError, match="no two consecutive"):
-        lm.choose_plateau(lrs, np.zeros(6), 0.95)
-
-
 def test_lr_sweep_on_tiny_model(tiny):
     _, apply_fn, params, config, tok = tiny
     toks = lm.tokenize(tok, TEXTS, config=config)
-    sweep = lm.lr_sweep(lambda r: lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=r), [1e-4, 1e-3, 1e-2, 1e-1, 3.0])
+    sweep = lr_choice.lr_sweep(lambda r: lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=r), [1e-4, 1e-3, 1e-2, 1e-1, 3.0])
     assert sweep.agreement[1] > 0.95 and sweep.agreement[-1] < sweep.agreement[1]  # linear regime, then not
     assert np.all(np.diff(sweep.magnitude[:4]) > 0)
     assert sweep.chosen in sweep.lrs[:4]
-    assert lm.plot_lr_sweep(sweep) is not None
+    assert lr_choice.plot_lr_sweep(sweep) is not None
 
 
 def test_bad_input(tiny):
