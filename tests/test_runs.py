@@ -158,22 +158,6 @@ def test_save_load_has_and_names(tmp_path):
         run.load_npy("t")
 
 
-def test_state_checkpoints_keep_last_and_restore(tmp_path):
-    run = RunDir.open(tmp_path / "r", {})
-    like = {"lr": np.zeros(3, np.float32), "step": np.zeros((), np.int32)}
-    assert run.restore_state("meta", like) is None
-    for s in range(4):
-        run.save_state("meta", s, {"lr": np.full(3, s, np.float32), "step": np.asarray(s, np.int32)}, keep=2)
-    step, state = run.restore_state("meta", like)
-    assert step == 3 and np.array_equal(state["lr"], np.full(3, 3.0, np.float32))
-    assert sorted(p.name for p in (run.path / "meta").iterdir() if p.name.isdigit()) == ["2", "3"]
-    for f in (run.path / "meta" / "3").rglob("*"):
-        if f.is_file() and f.parent.name == "d" and f.parent.parent.name == "default":
-            f.write_bytes(f.read_bytes()[:3])
-    with pytest.raises(CorruptCheckpointError, match="damaged"):
-        run.restore_state("meta", like)
-
-
 def test_run_metadata_records_versions_device_seed():
     meta = runs.run_metadata(seed=3, model="toy", lr=np.float32(0.5), optimizer="sgd", chunk_size=4)
     assert meta["seed"] == 3 and meta["model"] == "toy" and meta["lr"] == 0.5 and meta["chunk_size"] == 4

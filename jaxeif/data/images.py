@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxeif import io
+
 DATASETS = ("mnist", "fashion_mnist")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _IDX_FILES = {
@@ -174,9 +176,8 @@ def _fill_download_cache(name: str, download_dir: Path) -> bool:
         url = builder_cls.URL + filename
         info = url_infos[url]
         path = download_dir / resource_lib.get_dl_fname(url, info.checksum)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(files[key])
-        tmp.replace(path)
+        with io.atomic_file(path) as fh:
+            fh.write(files[key])
         info_path = resource_lib.get_info_path(path)
         info_path.write_text(json.dumps({"urls": [url], "original_fname": filename}))
     return True

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxeif import io
+
 Params = Any
 _META = "meta.json"
 _WEIGHTS = "params"
@@ -170,8 +172,6 @@ def load_or_train(
     `train_size` limits training to the first n train images (tests). A checkpoint made with
     another configuration is refused rather than silently reused.
     """
-    import orbax.checkpoint as ocp
-
     from jaxeif.data import images as data
 
     ckpt_dir = Path(ckpt_dir).expanduser().absolute()
@@ -184,7 +184,7 @@ def load_or_train(
                 f"{config}; pass another checkpoint folder or delete {ckpt_dir} to retrain"
             )
         target = init_params(jax.random.key(seed))
-        return ocp.StandardCheckpointer().restore(ckpt_dir / _WEIGHTS, target)
+        return io.restore_checkpoint(ckpt_dir / _WEIGHTS, target)
 
     if train_size is None:
         x_train, y_train = data.load("fashion_mnist", "train")
@@ -203,12 +203,8 @@ def load_or_train(
         import shutil
 
         shutil.rmtree(ckpt_dir / _WEIGHTS)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(ckpt_dir / _WEIGHTS, params)
-    checkpointer.wait_until_finished()
+    io.save_checkpoint(ckpt_dir / _WEIGHTS, params)
     meta = {"config": config, "test_accuracy": acc, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
             "n_train": int(len(x_train)), "backend": jax.default_backend()}
-    tmp = ckpt_dir / (_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(ckpt_dir / _META)  # meta last: its presence marks a complete checkpoint
+    io.save_json(ckpt_dir / _META, meta)  # meta last: its presence marks a complete checkpoint
     return params

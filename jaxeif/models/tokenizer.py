@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from jaxeif import io
 from jaxeif.models import loading
 
 # GGUF `tokenizer.ggml.pre` values whose split is GPT-2's byte-level regex.
@@ -68,16 +67,8 @@ def cached_gguf_tokenizer(path):
     if (target / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(target), local_files_only=True)
     tok = gguf_tokenizer(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
-    try:
+    with io.atomic_dir(target) as tmp:  # a concurrent writer may have won, which is fine
         tok.save_pretrained(str(tmp))
-        os.replace(tmp, target)  # atomic; a concurrent writer may have won, which is fine
-    except OSError:
-        if not (target / "tokenizer.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
 
