@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
     import jax
 
     from jaxeif import runs
-    from jaxeif.data import images as data
+    from jaxeif.data import noisy_digits
     from jaxeif.models import cnn
 
     start = time.perf_counter()
@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
     params = cnn.load_or_train(args.ckpt, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                progress=progress, train_size=args.train_size)
     info = cnn.checkpoint_info(args.ckpt)
-    fs = data.finetune_set(per_digit=args.per_digit, noise_stds=tuple(args.noise_stds), seed=args.seed)
+    fs = noisy_digits.finetune_set(per_digit=args.per_digit, noise_stds=tuple(args.noise_stds), seed=args.seed)
     train = (jax.numpy.asarray(fs.images), jax.numpy.asarray(fs.labels))
 
     sweep, findings, sweep_seconds = None, None, 0.0

@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from jaxeif import desiderata, lm, plot, runs
     from jaxeif.data import domains
-    from jaxeif.models import phi3, tokenizer
+    from jaxeif.models import loading, tokenizer
 
     config_dict = _config(args)
     run_dir = runs.RunDir.open(args.out, config_dict)
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     draws = {(d, r): domains.draw(d, args.seed + r) for r in range(args.repeats) for d in args.domains}
     if not args.summarise_only:
-        apply_fn, params, config = phi3.from_pretrained(args.model, dtype=dtype)
+        apply_fn, params, config = loading.from_pretrained(args.model, dtype=dtype)
         tok = tokenizer.load_tokenizer(args.model)
         lm.check_vocab(tok, config)
         if args.lr_sweep:

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
     import jaxeif
     import meta
     from jaxeif import plot, runs
-    from jaxeif.data import images as data
+    from jaxeif.data import noisy_digits
     from jaxeif.models import cnn
 
     start = time.perf_counter()
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
     params = cnn.load_or_train(args.ckpt, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                progress=progress, train_size=args.train_size)
     total = args.per_digit + args.heldout_per_digit
-    fs = data.finetune_set(per_digit=total, noise_stds=tuple(args.noise_stds), seed=args.seed)
+    fs = noisy_digits.finetune_set(per_digit=total, noise_stds=tuple(args.noise_stds), seed=args.seed)
     train_split = split_set(fs, total, 0, args.per_digit)
     held = split_set(fs, total, args.per_digit, args.heldout_per_digit)
 

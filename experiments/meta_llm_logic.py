@@ -86,9 +86,9 @@ def _config(args: argparse.Namespace) -> dict:
 def load_model(args: argparse.Namespace):
     """(apply_fn, params, config, tokenizer) of --model (tests replace this with a tiny random decoder)."""
     from jaxeif import lm
-    from jaxeif.models import phi3, tokenizer
+    from jaxeif.models import loading, tokenizer
 
-    apply_fn, params, config = phi3.from_pretrained(args.model)
+    apply_fn, params, config = loading.from_pretrained(args.model)
     tok = tokenizer.load_tokenizer(args.model)
     lm.check_vocab(tok, config)
     return apply_fn, params, config, tok

@@ -17,7 +17,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from tqdm.auto import tqdm
+
 from jaxeif import checks, fingerprint, io
+from jaxeif.influence import eif
 
 CONFIG_FILE = "config.json"
 _LOCK_FILE = ".lock"
@@ -267,8 +270,6 @@ def sweep_eif(
     A killed sweep resumes from its finished blocks (bit-identical result). Diverged rows are
     NaN rows, listed in run.path/"<name>_nonfinite.json" and in a RuntimeWarning.
     """
-    from jaxeif.influence import eif  # the core; checks its own inputs below on a tiny slice
-
     evals = train if evals is None else evals
     n = checks.leading_axis("train", train)
     m = checks.leading_axis("evals", evals)
@@ -411,6 +412,4 @@ class _NoBar:
 def _progress(total: int, enabled: bool, name: str, initial: int):
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=f"{name} blocks", unit="block", file=sys.stderr)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from jaxeif import fingerprint, io
 
@@ -218,6 +219,4 @@ def fit(
 
 
 def _progress(start: int, total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=start, desc="meta", disable=not enabled, leave=False)

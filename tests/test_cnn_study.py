@@ -10,7 +10,7 @@ import pytest
 import jaxeif
 from experiments import cnn_noise
 from jaxeif import cli, desiderata, lr_choice
-from jaxeif.data import images
+from jaxeif.data import noisy_digits
 from jaxeif.models import cnn
 
 
@@ -52,7 +52,7 @@ def test_end_to_end_quick_run_writes_consistent_results(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     sweep = json.loads((out / "lr_sweep.json").read_text())
     assert metrics["lr"] == sweep["chosen_lr"] == lr_choice.choose_lr(sweep["lrs"], sweep["agreement_with_previous"], 0.95, rule=cnn_noise.RULE)
-    fs = images.finetune_set(per_digit=2, noise_stds=(0.5, 1.0), seed=0)
+    fs = noisy_digits.finetune_set(per_digit=2, noise_stds=(0.5, 1.0), seed=0)
     assert metrics["symmetry_corr"] == pytest.approx(float(desiderata.symmetry_corr(M)), abs=1e-6)
     assert metrics["block_symmetry_corr_digit"] == pytest.approx(float(desiderata.block_symmetry_corr(M, fs.labels)), abs=1e-6)
     assert metrics["base_cnn"]["config"]["train_size"] == 1280

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch", reason="reference tests need torch==2.13.0 
 transformers = pytest.importorskip("transformers")
 
 from jaxeif import lm, lr_choice  # noqa: E402
-from jaxeif.models import lora, phi3, tokenizer  # noqa: E402
+from jaxeif.models import loading, lora, tokenizer  # noqa: E402
 
 TEXTS = ["Ab is big.", "Cd is big.", "Ab is big.\nCd is big.", "Cd is small.", "Ab is small."]
 BOS, PAD = "<s>", "<pad>"
@@ -78,7 +78,7 @@ def torch_eif(model, toks, make_opt, steps=1):
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     model = tiny_checkpoint(path)
-    apply_fn, params, config = phi3.from_pretrained(path)
+    apply_fn, params, config = loading.from_pretrained(path)
     tok = tokenizer.load_tokenizer(path)
     return model, apply_fn, params, config, tok
 
@@ -118,7 +118,7 @@ def test_two_line_row_differs_from_its_last_line_row(sgd_eif):
 def test_phi3_untied_adam_and_lowrank_sgd_with_context_match_torch_loop(tmp_path):
     """Phi-3 layout, untied output layer: Adam (2 steps) and low-rank SGD on samples whose context is not scored."""
     model = tiny_checkpoint(tmp_path, arch="phi3", tie=False, seed=1)
-    apply_fn, params, config = phi3.from_pretrained(tmp_path)
+    apply_fn, params, config = loading.from_pretrained(tmp_path)
     tok = tokenizer.load_tokenizer(tmp_path)
     toks = lm.tokenize(tok, TEXTS[:4], config=config)
     lr = 3e-3

@@ -2,7 +2,7 @@
 import numpy as np
 
 from experiments.meta_cnn_noise import pairs, split_set
-from jaxeif.data.images import FinetuneSet
+from jaxeif.data.noisy_digits import FinetuneSet
 
 
 def fake_set(per_digit=3, levels=(0.0, 0.5, 1.0)):
