@@ -134,7 +134,7 @@ def probe_scores(matrices: np.ndarray, probes) -> list[dict]:
     return out
 
 
-def _figures(run, name, samples, means, per_repeat):
+def _figures(run, name, samples, means):
     import matplotlib.pyplot as plt
 
     from jaxeif import plot
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
         if name in PAPER_SYMMETRY:
             entry["paper_inverse_asymmetry"] = dict(zip(MODES, PAPER_SYMMETRY[name]))
         results["domains"][name] = entry
-        _figures(run_dir, name, samples, means, per_repeat)
+        _figures(run_dir, name, samples, means)
     fig = plot.histogram({m: np.concatenate(v) for m, v in histogram_values.items()}, sign="logprob",
                          title="all EIF values (fig 5A)")
     run_dir.save_figure("histogram.png", fig)

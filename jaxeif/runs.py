@@ -316,7 +316,7 @@ def sweep_eif(
             )
         else:
             run.save_json(f"{name}_sweep.json", sweep_info)
-        manager = _block_manager(run.file(f"{name}_blocks"))
+        manager = _manager(run.file(f"{name}_blocks"))
 
     done = set(manager.all_steps()) if manager is not None else set()
     blocks: list[np.ndarray | None] = [None] * n_blocks
@@ -375,10 +375,6 @@ def _manager(folder: pathlib.Path):
         return io.checkpoint_manager(folder, cleanup_tmp_directories=True)
     except Exception as e:  # orbax raises assorted types on damaged metadata
         raise CorruptCheckpointError(f"checkpoints in {folder} cannot be read ({type(e).__name__}: {e}); delete {folder} to recompute them") from None
-
-
-def _block_manager(folder: pathlib.Path):
-    return _manager(folder)
 
 
 def _save_block(manager, b: int, rows: np.ndarray) -> None:

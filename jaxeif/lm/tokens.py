@@ -35,12 +35,6 @@ class Tokens(NamedTuple):
     attention: Any
     score: Any
 
-    def take(self, idx) -> "Tokens":
-        return Tokens(*(np.asarray(x)[np.asarray(idx)] for x in self))
-
-    def trim(self, length: int) -> "Tokens":
-        return Tokens(*(np.asarray(x)[:, :length] for x in self))
-
     @property
     def lengths(self) -> np.ndarray:
         return np.asarray(self.attention).sum(axis=1)
@@ -169,7 +163,7 @@ def bos_token_id(tokenizer, config) -> int | None:
     return None if bos is None else int(bos)
 
 
-def _pad_id(tokenizer, config) -> int:
+def _pad_id(tokenizer) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     return int(pad) if pad is not None else 0
 
@@ -217,7 +211,7 @@ def tokenize(
     t = round_up(longest, pad_multiple) if length is None else int(length)
     if t < longest:
         raise ValueError(f"length={t} is shorter than the longest sample ({longest} tokens)")
-    pad = _pad_id(tokenizer, config)
+    pad = _pad_id(tokenizer)
     ids = np.full((len(rows), t), pad, np.int32)
     att = np.zeros((len(rows), t), np.int32)
     score = np.zeros((len(rows), t), np.float32)

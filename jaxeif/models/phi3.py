@@ -33,7 +33,6 @@ a = [x_1 .. x_T] (in, T), b = -lr * [g_1 .. g_T]^T (T, out): exact, no per-sampl
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
