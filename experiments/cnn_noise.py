@@ -14,9 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from jaxeif import cli
+import jaxeif
+from jaxeif import cli, desiderata as D, lr_choice, runs
+from jaxeif.data import noisy_digits
+from jaxeif.models import cnn
 
 PAPER = {"symmetry_corr": 0.81, "block_symmetry_corr": 0.9}
 DEFAULT_LR_GRID = tuple(float(x) for x in 10.0 ** np.arange(-6.0, 0.01, 0.5))
@@ -85,12 +91,6 @@ RULE = "top_of_first_plateau"  # jaxeif.lr_choice.RULES: the largest lr of the f
 def sweep_matrices(params, train, lrs, *, steps: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """The EIF at every lr of the grid in one program (jaxeif.eif_sweep), f32[k, n, n], and each
     lr's noise floor f32[k, n, n] (NaN where rows diverged: they are counted, not hidden)."""
-    import jax.numpy as jnp
-    from tqdm.auto import tqdm
-
-    import jaxeif
-    from jaxeif.models import cnn
-
     try:
         matrices = np.asarray(jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32), steps=steps))
     except jaxeif.NonFiniteInfluenceError as e:
@@ -104,8 +104,6 @@ def sweep_matrices(params, train, lrs, *, steps: int, progress: bool) -> tuple[n
 
 def lr_sweep(lrs, matrices: np.ndarray, floors: np.ndarray, *, threshold: float) -> dict:
     """Magnitudes, neighbour agreements, share of entries above the floor, and the chosen lr (jaxeif.lr_choice, RULE)."""
-    from jaxeif import lr_choice
-
     sweep = lr_choice.summarise(lrs, list(matrices), threshold=threshold, rule=RULE)
     off = lr_choice.offdiag
     return {
@@ -123,9 +121,6 @@ def lr_sweep(lrs, matrices: np.ndarray, floors: np.ndarray, *, threshold: float)
 
 def noise_floor(params, train, lr: float, steps: int) -> np.ndarray:
     """jaxeif.noise_floor of the study's EIF at this lr (float32 against float64 on 16 rows)."""
-    import jaxeif
-    from jaxeif.models import cnn
-
     return np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps))
 
 
@@ -181,8 +176,6 @@ def study_metrics(M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, sour
                   floor: np.ndarray | None = None) -> dict:
     """The desiderata of the figure-1 matrix (M in loss units: negative = learned); sign shares
     count only entries above the noise `floor` when one is given."""
-    from jaxeif import desiderata as D
-
     n = len(M)
     levels = sorted(set(noise_std.tolist()))
     level_id = np.searchsorted(levels, noise_std)
@@ -238,7 +231,7 @@ def study_metrics(M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, sour
 
 
 def _figures(run, M, fs, lr: float, sweep: dict | None, findings: dict | None, title_extra: str) -> None:
-    from jaxeif import plot
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     per_level = int(np.sum(fs.noise_std == 0))
     level_names = ["clean" if s == 0 else f"noise σ={s:g}" for s in fs.noise_std]
@@ -274,12 +267,6 @@ def _figures(run, M, fs, lr: float, sweep: dict | None, findings: dict | None, t
 
 def run(args: argparse.Namespace) -> dict:
     """Train or restore the CNN, sweep lr, compute the EIF, write matrix, metrics and figures."""
-    import jax
-
-    from jaxeif import runs
-    from jaxeif.data import noisy_digits
-    from jaxeif.models import cnn
-
     start = time.perf_counter()
     config = _config(args)
     progress = not args.no_progress

@@ -12,12 +12,19 @@ results.json (all numbers, model, lr, optimizer, seed).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from tqdm.auto import tqdm
 
-from jaxeif import cli
+from jaxeif import cli, desiderata, lm, lr_choice, runs
+from jaxeif.data import domains
+from jaxeif.models import loading, lora, tokenizer
 
 MODES = ("finetuned", "prompted")
 # Figure 5B of the paper (Phi-3-mini), 1/||M - M^T||: fine-tuned, prompted. "ontology" is belongs_to.
@@ -31,8 +38,6 @@ RULE = "middle_of_longest_plateau"  # jaxeif.lr_choice.RULES: the lr sweep's cho
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the study (defaults: all domains, 10 repeats, fine-tuned and prompted, SmolLM2)."""
-    from jaxeif.data import domains
-
     parser.add_argument("--model", default=None,
                         help="Phi-3 or Llama checkpoint directory (config.json + safetensors) or .gguf file; "
                              "default: the embedded SmolLM2-135M-Instruct")
@@ -78,8 +83,6 @@ def _lr_list(text: str) -> tuple[float, ...]:
 
 
 def _config(args: argparse.Namespace) -> dict:
-    from jaxeif.data import domains
-
     for name in args.domains:
         domains.domain(name)  # unknown names: clear error listing the valid ones
     if args.repeats < 1:
@@ -100,17 +103,9 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 def _finetuned(apply_fn, params, config, toks, args, base=None, lr=None) -> np.ndarray:
-    import optax
-
-    from jaxeif import lm
-
     lr = args.lr if lr is None else lr
     opt = optax.sgd(1.0) if args.optimizer == "sgd" else optax.adam(1.0)
     if args.lora_rank:
-        import jax
-
-        from jaxeif.models import lora
-
         adapters = lora.init(jax.random.key(args.seed), params, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
         return np.asarray(lm.lora_eif(apply_fn, params, adapters, toks, lr=lr, steps=args.steps, optimizer=opt,
                                       chunk_size=args.chunk_size))
@@ -135,9 +130,9 @@ def probe_scores(matrices: np.ndarray, probes) -> list[dict]:
 
 
 def _figures(run, name, samples, means):
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
 
-    from jaxeif import plot
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     modes = list(means)
     labels = [f"{k}: {s.template.replace(chr(10), ' / ')}"[:48] for k, s in enumerate(samples)]
@@ -153,21 +148,13 @@ def _figures(run, name, samples, means):
 
 def _enable_compile_cache() -> None:
     """Keep compiled XLA programs on disk (JAXEIF_COMPILE_CACHE, '' disables): a rerun or resume skips compiling."""
-    import os
-
-    import jax
-
     path = os.environ.get("JAXEIF_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxeif", "xla"))
     if path:
         jax.config.update("jax_compilation_cache_dir", path)
 
 
 def run(args: argparse.Namespace) -> dict:
-    import jax.numpy as jnp
-
-    from jaxeif import desiderata, lm, plot, runs
-    from jaxeif.data import domains
-    from jaxeif.models import loading, tokenizer
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     config_dict = _config(args)
     run_dir = runs.RunDir.open(args.out, config_dict)
@@ -226,8 +213,6 @@ def run(args: argparse.Namespace) -> dict:
 def _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args) -> float:
     """Fine-tuned EIF of repeat 0 of every domain at each swept lr; saves lr_sweep.json/.png; returns the
     lr to use (the plateau's when --lr plateau). Resumed from lr_sweep.json."""
-    from jaxeif import lm, lr_choice
-
     if not run_dir.has(SWEEP):
         toks = {d: lm.tokenize(tok, [s.text for s in draws[(d, 0)]], config=config, pad_multiple=PAD_MULTIPLE)
                 for d in args.domains}
@@ -244,10 +229,6 @@ def _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args) -> float:
 
 def _compute(run_dir, draws, apply_fn, params, config, tok, args) -> None:
     """Every missing per-repeat matrix, saved as it finishes (a stopped run resumes here)."""
-    from tqdm.auto import tqdm
-
-    from jaxeif import lm
-
     sizes = [len(s) for s in draws.values()]
     total = sum(sizes) * ("finetuned" in args.modes) + sum(n * n for n in sizes) * ("prompted" in args.modes)
     bar = tqdm(total=total, desc="llm_logic (fine-tunes + prompted pairs)", disable=args.no_progress)
@@ -274,7 +255,7 @@ def _compute(run_dir, draws, apply_fn, params, config, tok, args) -> None:
 
 
 def _symmetry_figure(results: dict, modes):
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
 
     names = list(results["domains"])
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")

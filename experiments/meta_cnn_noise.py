@@ -17,9 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from jaxeif import cli
+import jaxeif
+import meta
+from jaxeif import cli, runs
+from jaxeif.data import noisy_digits
+from jaxeif.models import cnn
 
 DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
 
@@ -110,8 +117,6 @@ def pairs(split: Split) -> tuple[np.ndarray, np.ndarray]:
 
 def clean_learning(M, split: Split):
     """(within, between) learning of clean rows on clean columns, self-influence left out (M: [n, n_clean])."""
-    import meta
-
     clean = np.flatnonzero(split["noise_std"] == 0)
     self_pair = split["source"][:, None] == np.arange(len(clean))[None, :]
     return meta.class_learning(M, split["labels"], split["labels"][clean], rows=clean, exclude=self_pair)
@@ -120,11 +125,6 @@ def clean_learning(M, split: Split):
 def make_objective(loss_fn, split: Split, predictor, *, steps, chunk_size, refs, keep_weight, guard_weight):
     """(phi, params, images, labels, features) -> noise_invariance + keep * keep_learning(within)
     + guard * stay_below(|between|); arrays are arguments so XLA does not constant-fold them."""
-    import jax.numpy as jnp
-
-    import jaxeif
-    import meta
-
     clean = np.flatnonzero(split["noise_std"] == 0)
     twins, noisy = pairs(split)
 
@@ -141,8 +141,6 @@ def make_objective(loss_fn, split: Split, predictor, *, steps, chunk_size, refs,
 
 def heldout_metrics(M: np.ndarray, split: Split, lr: np.ndarray) -> dict:
     """Noise influence and class learning of a square held-out EIF (loss units; negative = learned)."""
-    import meta
-
     clean = np.flatnonzero(split["noise_std"] == 0)
     Mc = M[:, clean]
     within, between = clean_learning(Mc, split)
@@ -168,15 +166,7 @@ def heldout_metrics(M: np.ndarray, split: Split, lr: np.ndarray) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Restore the CNN, learn the predictor on the meta-training digits, evaluate on held-out digits."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    import jaxeif
-    import meta
-    from jaxeif import plot, runs
-    from jaxeif.data import noisy_digits
-    from jaxeif.models import cnn
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     start = time.perf_counter()
     config = _config(args)
@@ -246,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _figures(run_dir, history, mats, held, plot) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
 
     fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
     ax.plot(np.arange(len(history)), history)

@@ -24,9 +24,18 @@ import functools
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from jaxeif import cli
+import jaxeif
+import meta
+from experiments.llm_logic import probe_scores
+from jaxeif import cli, lm, runs
+from jaxeif.data import domains
+from jaxeif.models import loading, tokenizer
+from meta import layers_lm
 
 DOMAIN = "chain_induces"
 TRAIN_ROW = 3  # the 4-line chain A->B->C->D->Z; its probe: implied 0 ("A causes Z"), not implied 4 ("Z causes A")
@@ -85,9 +94,6 @@ def _config(args: argparse.Namespace) -> dict:
 
 def load_model(args: argparse.Namespace):
     """(apply_fn, params, config, tokenizer) of --model (tests replace this with a tiny random decoder)."""
-    from jaxeif import lm
-    from jaxeif.models import loading, tokenizer
-
     apply_fn, params, config = loading.from_pretrained(args.model)
     tok = tokenizer.load_tokenizer(args.model)
     lm.check_vocab(tok, config)
@@ -100,9 +106,6 @@ def load_model(args: argparse.Namespace):
 def draw_tokens(tok, config, seeds, rows, cols):
     """(train Tokens [D, R, t1], evals Tokens [D, C, t2]) of chain_induces draws: train rows and eval
     columns padded separately (short probes stay short), each to one length over the draws."""
-    from jaxeif import lm
-    from jaxeif.data import domains
-
     draws = [domains.draw(DOMAIN, s) for s in seeds]
 
     def part(idx):
@@ -117,9 +120,6 @@ def draw_tokens(tok, config, seeds, rows, cols):
 
 def effective_log_scales(log_scales: dict, center: bool) -> dict:
     """Log-multipliers with their mean over all multipliers removed (center) or as they are."""
-    import jax
-    import jax.numpy as jnp
-
     if not center:
         return log_scales
     flat = jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(log_scales)])
@@ -129,12 +129,6 @@ def effective_log_scales(log_scales: dict, center: bool) -> dict:
 def blocks(apply_fn, params, train, evals, log_scales, lr, *, center: bool):
     """f32[D, R, C]: per draw, the EIF of its R train rows on its C eval columns (SGD, one step,
     per-layer multipliers exp(log_scales)); draws run one after another (lax.map)."""
-    import jax
-
-    import jaxeif
-    from jaxeif import lm
-    from meta import layers_lm
-
     opt = layers_lm.stacked_layer_optimizer(effective_log_scales(log_scales, center))
     loss_fn = lm.NLL(apply_fn)
 
@@ -147,10 +141,6 @@ def blocks(apply_fn, params, train, evals, log_scales, lr, *, center: bool):
 
 def objective_terms(block, keep_ref, keep_weight):
     """(total, logic) of blocks f32[D, 1, 2] (implied, reversed): meta.logic + keep * keep_learning."""
-    import jax.numpy as jnp
-
-    import meta
-
     M = block[:, 0, :]
     D = M.shape[0]
     logic = meta.logic(M, jnp.arange(D), jnp.zeros(D, jnp.int32), jnp.ones(D, jnp.int32))
@@ -162,8 +152,6 @@ def objective_terms(block, keep_ref, keep_weight):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_blocks(apply_fn, center):
-    import jax
-
     return jax.jit(lambda params, train, evals, log_scales, lr: blocks(apply_fn, params, train, evals, log_scales, lr,
                                                                         center=center))
 
@@ -180,16 +168,6 @@ def embed(block: np.ndarray, n: int, rows, cols) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> dict:
     """Pick the best uniform lr, learn per-layer multipliers, evaluate on held-out draws."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    import meta
-    from experiments.llm_logic import probe_scores
-    from jaxeif import runs
-    from jaxeif.data import domains
-    from meta import layers_lm
-
     start = time.perf_counter()
     config = _config(args)
     progress = not args.no_progress
@@ -286,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _figures(run_dir, history, summary, learned) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
     axes[0].plot(np.arange(len(history)), history, marker="o")
