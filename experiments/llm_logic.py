@@ -116,19 +116,6 @@ def _finetuned(apply_fn, params, config, toks, args, base=None, lr=None) -> np.n
                                        chunk_size=args.chunk_size))
 
 
-def probe_scores(matrices: np.ndarray, probes) -> list[dict]:
-    """Per probe: log-prob gain of implied minus not implied (= M[i, not] - M[i, implied]) over repeats."""
-    out = []
-    for p in probes:
-        diffs = matrices[:, p.train, p.not_implied] - matrices[:, p.train, p.implied]
-        out.append({
-            "train": p.train, "implied": p.implied, "not_implied": p.not_implied, "why": p.why,
-            "mean": float(diffs.mean()), "std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
-            "right_direction": float(np.mean(diffs > 0)), "per_repeat": diffs.tolist(),
-        })
-    return out
-
-
 def _figures(run, name, samples, means):
     import matplotlib.pyplot as plt  # slow to import, only the figures need it
 
@@ -193,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
                 "mean_matrix": means[m].tolist(),
                 "inverse_asymmetry": float(desiderata.inverse_asymmetry(means[m])),
                 "symmetry_corr": float(desiderata.symmetry_corr(means[m])),
-                "probes": probe_scores(per_repeat[m], d.probes),
+                "probes": desiderata.probe_scores(per_repeat[m], d.probes),
             }
         if name in PAPER_SYMMETRY:
             entry["paper_inverse_asymmetry"] = dict(zip(MODES, PAPER_SYMMETRY[name]))

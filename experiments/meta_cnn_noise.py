@@ -92,40 +92,37 @@ def _config(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- data
 
 
-class Split(dict):
-    """images, labels, noise_std, source (clean row of each sample in this split)."""
-
-
-def split_set(fs, per_digit: int, first: int, count: int) -> Split:
-    """Samples whose image is among digits' [first, first+count) images of a finetune_set made with per_digit."""
+def split_set(fs, per_digit: int, first: int, count: int) -> noisy_digits.FinetuneSet:
+    """Samples whose image is among digits' [first, first+count) images of a finetune_set made with per_digit,
+    as a FinetuneSet whose `source` is the clean row of each sample in this split."""
     rank = fs.source % per_digit  # finetune_set orders each level by digit, then by MNIST index
     keep = np.flatnonzero((rank >= first) & (rank < first + count))
     src = fs.source[keep]
     clean_pos = {int(s): i for i, s in enumerate(src) if fs.noise_std[keep][i] == 0}
-    return Split(images=fs.images[keep], labels=fs.labels[keep], noise_std=fs.noise_std[keep],
-                 source=np.array([clean_pos[int(s)] for s in src], np.int32))
+    return noisy_digits.FinetuneSet(images=fs.images[keep], labels=fs.labels[keep], noise_std=fs.noise_std[keep],
+                                    source=np.array([clean_pos[int(s)] for s in src], np.int32))
 
 
-def pairs(split: Split) -> tuple[np.ndarray, np.ndarray]:
+def pairs(split: noisy_digits.FinetuneSet) -> tuple[np.ndarray, np.ndarray]:
     """(clean twin rows, noisy rows) over every noise level."""
-    noisy = np.flatnonzero(split["noise_std"] > 0)
-    return split["source"][noisy], noisy
+    noisy = np.flatnonzero(split.noise_std > 0)
+    return split.source[noisy], noisy
 
 
 # ----------------------------------------------------------------------------- objective and metrics
 
 
-def clean_learning(M, split: Split):
+def clean_learning(M, split: noisy_digits.FinetuneSet):
     """(within, between) learning of clean rows on clean columns, self-influence left out (M: [n, n_clean])."""
-    clean = np.flatnonzero(split["noise_std"] == 0)
-    self_pair = split["source"][:, None] == np.arange(len(clean))[None, :]
-    return meta.class_learning(M, split["labels"], split["labels"][clean], rows=clean, exclude=self_pair)
+    clean = np.flatnonzero(split.noise_std == 0)
+    self_pair = split.source[:, None] == np.arange(len(clean))[None, :]
+    return meta.class_learning(M, split.labels, split.labels[clean], rows=clean, exclude=self_pair)
 
 
-def make_objective(loss_fn, split: Split, predictor, *, steps, chunk_size, refs, keep_weight, guard_weight):
+def make_objective(loss_fn, split: noisy_digits.FinetuneSet, predictor, *, steps, chunk_size, refs, keep_weight, guard_weight):
     """(phi, params, images, labels, features) -> noise_invariance + keep * keep_learning(within)
     + guard * stay_below(|between|); arrays are arguments so XLA does not constant-fold them."""
-    clean = np.flatnonzero(split["noise_std"] == 0)
+    clean = np.flatnonzero(split.noise_std == 0)
     twins, noisy = pairs(split)
 
     def objective(phi, params, images, labels, features):
@@ -139,18 +136,18 @@ def make_objective(loss_fn, split: Split, predictor, *, steps, chunk_size, refs,
     return objective
 
 
-def heldout_metrics(M: np.ndarray, split: Split, lr: np.ndarray) -> dict:
+def heldout_metrics(M: np.ndarray, split: noisy_digits.FinetuneSet, lr: np.ndarray) -> dict:
     """Noise influence and class learning of a square held-out EIF (loss units; negative = learned)."""
-    clean = np.flatnonzero(split["noise_std"] == 0)
+    clean = np.flatnonzero(split.noise_std == 0)
     Mc = M[:, clean]
     within, between = clean_learning(Mc, split)
     out = {"within_class_learning_clean": float(within), "between_class_learning_clean": float(between),
            "lr_mean_clean": float(lr[clean].mean()), "noise": {}}
     clean_rms = float(np.sqrt(np.mean(Mc[clean] ** 2)))
-    for s in sorted(set(split["noise_std"].tolist()) - {0.0}):
-        noisy = np.flatnonzero(split["noise_std"] == s)
-        twins = split["source"][noisy]
-        same = split["labels"][noisy][:, None] == split["labels"][clean][None, :]
+    for s in sorted(set(split.noise_std.tolist()) - {0.0}):
+        noisy = np.flatnonzero(split.noise_std == s)
+        twins = split.source[noisy]
+        same = split.labels[noisy][:, None] == split.labels[clean][None, :]
         same &= twins[:, None] != np.arange(len(clean))[None, :]  # leave out the twin itself
         out["noise"][f"std_{s:g}"] = {
             "rms_ratio_noisy_to_clean_rows": float(np.sqrt(np.mean(Mc[noisy] ** 2))) / clean_rms,
@@ -179,13 +176,13 @@ def run(args: argparse.Namespace) -> dict:
     train_split = split_set(fs, total, 0, args.per_digit)
     held = split_set(fs, total, args.per_digit, args.heldout_per_digit)
 
-    feats_train = meta.image_features(train_split["images"])
+    feats_train = meta.image_features(train_split.images)
     predictor = meta.amortised(feats_train, args.lr, hidden=args.hidden, max_log_gain=args.max_log_gain)
     phi0 = predictor.init(jax.random.key(args.seed), feats_train)
 
     # references: the uniform-lr matrix on the meta-training digits
-    clean_tr = np.flatnonzero(train_split["noise_std"] == 0)
-    x_tr, y_tr = jnp.asarray(train_split["images"]), jnp.asarray(train_split["labels"])
+    clean_tr = np.flatnonzero(train_split.noise_std == 0)
+    x_tr, y_tr = jnp.asarray(train_split.images), jnp.asarray(train_split.labels)
     M0 = jaxeif.eif(cnn.loss_fn, params, (x_tr, y_tr), (x_tr[clean_tr], y_tr[clean_tr]), lr=args.lr, steps=args.steps,
                     chunk_size=args.chunk_size)
     within0, between0 = (float(v) for v in clean_learning(M0, train_split))
@@ -204,8 +201,8 @@ def run(args: argparse.Namespace) -> dict:
     run_dir.save_npy("history", result.history)
 
     # held-out digits: square EIF before (uniform lr) and after (predicted lr)
-    x_h, y_h = jnp.asarray(held["images"]), jnp.asarray(held["labels"])
-    lr_after = np.asarray(predictor.lr(result.controls, meta.image_features(held["images"])))
+    x_h, y_h = jnp.asarray(held.images), jnp.asarray(held.labels)
+    lr_after = np.asarray(predictor.lr(result.controls, meta.image_features(held.images)))
     lr_before = np.full_like(lr_after, args.lr)
     mats = {}
     for name, lr in (("before", lr_before), ("after", lr_after)):
@@ -218,15 +215,15 @@ def run(args: argparse.Namespace) -> dict:
         "sign": "loss after minus loss before (negative = learned); learning = -mean",
         "objective": {"first": float(result.history[0]), "final": result.final, "resumed_from": result.resumed_from},
         "references_meta_train": refs,
-        "meta_train_lr_mean": {f"std_{s:g}": float(lr_train[train_split["noise_std"] == s].mean())
-                               for s in sorted(set(train_split["noise_std"].tolist()))},
+        "meta_train_lr_mean": {f"std_{s:g}": float(lr_train[train_split.noise_std == s].mean())
+                               for s in sorted(set(train_split.noise_std.tolist()))},
         "heldout": {name: heldout_metrics(mats[name], held, lr) for name, lr in (("before", lr_before), ("after", lr_after))},
-        "n_meta_train": int(len(train_split["labels"])), "n_heldout": int(len(held["labels"])),
+        "n_meta_train": int(len(train_split.labels)), "n_heldout": int(len(held.labels)),
         "seconds": {"meta": meta_seconds},
         "base_cnn": cnn.checkpoint_info(args.ckpt),
         "metadata": runs.run_metadata(seed=args.seed, study="meta_cnn_noise"),
     }
-    run_dir.save_json("lr_heldout.json", {"noise_std": held["noise_std"], "labels": held["labels"], "lr": lr_after})
+    run_dir.save_json("lr_heldout.json", {"noise_std": held.noise_std, "labels": held.labels, "lr": lr_after})
     _figures(run_dir, result.history, mats, held, plot)
     metrics["seconds"]["total"] = time.perf_counter() - start
     run_dir.save_json("metrics.json", metrics)
@@ -245,10 +242,10 @@ def _figures(run_dir, history, mats, held, plot) -> None:
     ax.set_title("Learning the lr predictor (meta-training digits)")
     plot.save(fig, run_dir.path / "objective.png")
     fig, axes = plt.subplots(1, 2, figsize=(16, 7.4), layout="constrained")
-    level = ["clean" if s == 0 else f"noise σ={s:g}" for s in held["noise_std"]]
+    level = ["clean" if s == 0 else f"noise σ={s:g}" for s in held.noise_std]
     major = [i for i in range(1, len(level)) if level[i] != level[i - 1]]
     for ax, name in zip(axes, ("before", "after")):
-        plot.heatmap(mats[name], ax=ax, labels=held["labels"].tolist(), groups=level, major_boundaries=major,
+        plot.heatmap(mats[name], ax=ax, labels=held.labels.tolist(), groups=level, major_boundaries=major,
                      sign="logprob", title=f"held-out EIF, {'uniform lr' if name == 'before' else 'learned lr'}")
     plot.save(fig, run_dir.path / "eif_heldout_before_after.png")
 

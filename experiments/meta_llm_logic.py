@@ -12,7 +12,7 @@ evals = the probe pair. Steps:
     meta.logic + keep_weight * meta.keep_learning(implied gain, its gain at the uniform lr);
     the log-multipliers are centred (mean 0) so they move the *location* of learning, not its speed;
  3. on held-out draws (seeds --heldout-seed ..: fresh names) compute the chain probe before and
-    after, the logic objective and the scorecard of experiments.llm_logic (probe_scores).
+    after, the logic objective and the scorecard of experiments.llm_logic (jaxeif.desiderata.probe_scores).
 Writes into --out: config.json, grid.json, meta_ckpt/, history.npy, log_scales.json,
 heldout_{before,after}.npy (NaN where not needed), objective.png (outer objective, learned multipliers,
 held-out probe gains before/after), results.json (every number, model, lr, seeds, timings).
@@ -31,8 +31,7 @@ import optax
 
 import jaxeif
 import meta
-from experiments.llm_logic import probe_scores
-from jaxeif import cli, lm, runs
+from jaxeif import cli, desiderata, lm, runs
 from jaxeif.data import domains
 from jaxeif.models import loading, tokenizer
 from meta import layers_lm
@@ -156,7 +155,7 @@ def _jitted_blocks(apply_fn, center):
                                                                         center=center))
 
 
-def embed(block: np.ndarray, n: int, rows, cols) -> np.ndarray:
+def scatter_into_nan_matrices(block: np.ndarray, n: int, rows, cols) -> np.ndarray:
     """[D, n, n] NaN matrices holding the computed [D, R, C] entries at (rows, cols)."""
     out = np.full((block.shape[0], n, n), np.nan, np.float32)
     out[:, np.asarray(rows)[:, None], np.asarray(cols)[None, :]] = block
@@ -232,12 +231,12 @@ def run(args: argparse.Namespace) -> dict:
     for name, scales in (("before", scales0), ("after", result.controls)):
         if not run_dir.has(f"heldout_{name}.npy"):
             b = np.asarray(fwd(params, ho_train, ho_evals, scales, jnp.float32(lr)))
-            run_dir.save_npy(f"heldout_{name}", embed(b, n_samples, EVAL_ROWS, PROBE_COLS))
+            run_dir.save_npy(f"heldout_{name}", scatter_into_nan_matrices(b, n_samples, EVAL_ROWS, PROBE_COLS))
         mats[name] = run_dir.load_npy(f"heldout_{name}")
         chain4 = mats[name][:, TRAIN_ROW][:, list(PROBE_COLS)]
         summary[name] = {
             "logic_objective_chain4": float(objective_terms(jnp.asarray(chain4[:, None]), None, 0.0)[1]),
-            "scorecard": probe_scores(mats[name], probes),
+            "scorecard": desiderata.probe_scores(mats[name], probes),
             "implied_gain_chain4": float(-chain4[:, 0].mean()), "reversed_gain_chain4": float(-chain4[:, 1].mean()),
         }
     seconds["heldout"] = time.perf_counter() - t
