@@ -15,18 +15,14 @@ import pytest
 
 from jaxeif import eif, runs
 from jaxeif.runs import CorruptCheckpointError, RunDir, RunDirError
+from toy_experiment import toy_loss, toy_problem
 
 
 def toy(seed: int = 0, n: int = 7):
-    k = jax.random.split(jax.random.key(seed), 4)
-    params = {"w": jax.random.normal(k[0], (3, 5)) / 2, "v": jax.random.normal(k[1], (5,)) / 2}
-    train = (jax.random.normal(k[2], (n, 3)), jax.random.normal(k[3], (n,)))
-    return params, train
+    return toy_problem(seed, n, d_in=3, hidden=5)
 
 
-def loss(params, example):
-    x, y = example
-    return jnp.square(jnp.tanh(x @ params["w"]) @ params["v"] - y)
+loss = toy_loss
 
 
 def bits(a):

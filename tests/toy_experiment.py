@@ -14,11 +14,11 @@ HERE = pathlib.Path(__file__).resolve()
 ROOT = HERE.parent.parent
 
 
-def toy_problem(seed: int, n: int):
+def toy_problem(seed: int, n: int, d_in: int = 6, hidden: int = 8):
     """A 2-layer tanh regression net and n examples, all drawn from `seed`."""
     k = jax.random.split(jax.random.key(seed), 4)
-    params = {"w": jax.random.normal(k[0], (6, 8)) / 2.0, "v": jax.random.normal(k[1], (8,)) / 2.0}
-    train = (jax.random.normal(k[2], (n, 6)), jax.random.normal(k[3], (n,)))
+    params = {"w": jax.random.normal(k[0], (d_in, hidden)) / 2.0, "v": jax.random.normal(k[1], (hidden,)) / 2.0}
+    train = (jax.random.normal(k[2], (n, d_in)), jax.random.normal(k[3], (n,)))
     return params, train
 
 
