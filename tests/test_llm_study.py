@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the tiny checkpoint is written with transformers' PyTorch models")
 
-from test_lm import tiny_checkpoint  # noqa: E402
+from tiny_lm import tiny_checkpoint  # noqa: E402
 
 from experiments import llm_logic  # noqa: E402
 from jaxeif import cli, desiderata, lr_choice  # noqa: E402
