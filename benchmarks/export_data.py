@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from jaxeif import cli, runs
+from jaxeif import cli, io
 from jaxeif.data import images
 
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.train:
         x, y = images.load_head("fashion_mnist", "train", args.train)
         arrays.update(train_images=_uint8(x), train_labels=y)
-    with runs.atomic_file(args.out) as fh:
+    with io.atomic_file(args.out) as fh:
         np.savez_compressed(fh, **arrays)
     return {"out": args.out, "test": args.test, "train": args.train}
 

@@ -19,7 +19,7 @@ import numpy as np
 from benchmarks import common
 from jaxeif import cli, lm
 from jaxeif.data import domains
-from jaxeif.models import loading, phi3, tokenizer
+from jaxeif.models import loading, tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +65,7 @@ def torch_loop(model, toks: lm.Tokens, lr: float) -> np.ndarray:
 def run(args: argparse.Namespace) -> dict:
     samples = domains.draw(args.domain, args.seed)
     samples = samples[: args.n] if args.n else samples
-    apply_fn, params, config = phi3.from_pretrained(args.model)
+    apply_fn, params, config = loading.from_pretrained(args.model)
     tok = tokenizer.load_tokenizer(args.model)
     toks = lm.tokenize(tok, [s.text for s in samples], config=config, pad_multiple=16)
     n, t = np.asarray(toks.ids).shape

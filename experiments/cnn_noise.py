@@ -3,7 +3,7 @@
 A small CNN is trained on Fashion-MNIST (once; cached with orbax). Each of 50 MNIST test digits
 (5 per digit, sorted), clean and with Gaussian pixel noise of std 0.5 and 1.0, is a one-sample
 fine-tune toward Fashion class = digit. The 150 x 150 EIF (loss after minus before) is computed
-with jaxeif at a learning rate chosen by a sweep (the plateau rule below), then summarised with
+with jaxeif at a learning rate chosen by a sweep (jaxeif.lr_choice, RULE), then summarised with
 jaxeif.desiderata. Writes into --out: config.json, lr_sweep.json/.png, eif.npy, metrics.json,
 eif_heatmap.png (sign: -EIF, positive = more likely, as in the paper), eif_histogram.png.
 """
@@ -14,10 +14,16 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from jaxeif import cli
+import jaxeif
+from jaxeif import cli, desiderata as D, lr_choice, runs
 from jaxeif import precision as precision_modes
+from jaxeif.data import noisy_digits
+from jaxeif.models import cnn
 
 PAPER = {"symmetry_corr": 0.81, "block_symmetry_corr": 0.9}
 DEFAULT_LR_GRID = tuple(float(x) for x in 10.0 ** np.arange(-6.0, 0.01, 0.5))
@@ -84,52 +90,12 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- the lr rule
-
-
-def _offdiag(M: np.ndarray) -> np.ndarray:
-    return M[~np.eye(len(M), dtype=bool)]
-
-
-def agreement(prev: np.ndarray | None, cur: np.ndarray) -> float:
-    """corr of the off-diagonal entries of two EIF matrices; nan if either is constant or non-finite."""
-    if prev is None:
-        return float("nan")
-    a, b = _offdiag(prev), _offdiag(cur)
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))) or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def choose_lr(lrs, agreements, threshold: float) -> float:
-    """The plateau rule (PAPER.md, section 3.4), coded.
-
-    Too small an lr leaves EIF ~ 0 (float rounding dominates: matrices at neighbouring lrs
-    disagree); too large lets the nonlinearity of big steps dominate (they disagree again). The
-    plateau is the first run of consecutive grid points whose matrix correlates >= threshold
-    with the previous point's; we take its largest lr (the strongest signal still on it).
-    """
-    lrs, agreements = list(lrs), np.asarray(agreements, dtype=float)
-    on = np.nan_to_num(agreements, nan=-1.0) >= threshold
-    if not on.any():
-        raise ValueError(
-            f"no plateau in the lr sweep: no EIF matrix correlates >= {threshold} with the previous lr's "
-            f"(agreements {np.round(agreements, 3).tolist()} at lrs {lrs}); widen --lr-grid, lower --plateau, or pass --lr"
-        )
-    k = int(np.argmax(on))
-    while k + 1 < len(on) and on[k + 1]:
-        k += 1
-    return float(lrs[k])
+RULE = "top_of_first_plateau"  # jaxeif.lr_choice.RULES: the largest lr of the first plateau (strongest signal on it)
 
 
 def sweep_matrices(params, train, lrs, *, steps: int, precision: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """The EIF at every lr of the grid in one program (jaxeif.eif_sweep), f32[k, n, n], and each
     lr's noise floor f32[k, n, n] (NaN where rows diverged: they are counted, not hidden)."""
-    import jax.numpy as jnp
-    from tqdm.auto import tqdm
-
-    import jaxeif
-    from jaxeif.models import cnn
-
     try:
         matrices = np.asarray(jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32), steps=steps,
                                                precision=precision))
@@ -143,33 +109,24 @@ def sweep_matrices(params, train, lrs, *, steps: int, precision: str, progress: 
 
 
 def lr_sweep(lrs, matrices: np.ndarray, floors: np.ndarray, *, threshold: float) -> dict:
-    """Magnitudes, neighbour agreements, share of entries above the floor, and the chosen lr."""
-    magnitude, agree, diverged, above, prev = [], [], [], [], None
-    for M, F in zip(matrices, floors):
-        diverged.append(int(np.sum(~np.all(np.isfinite(M), axis=1))))
-        finite = _offdiag(M)[np.isfinite(_offdiag(M))]
-        magnitude.append(float(np.median(np.abs(finite))) if finite.size else float("nan"))
-        agree.append(agreement(prev, M))
-        above.append(float(np.mean(np.abs(_offdiag(M)) > _offdiag(F))) if np.all(np.isfinite(F)) else float("nan"))
-        prev = M
+    """Magnitudes, neighbour agreements, share of entries above the floor, and the chosen lr (jaxeif.lr_choice, RULE)."""
+    sweep = lr_choice.summarise(lrs, list(matrices), threshold=threshold, rule=RULE)
+    off = lr_choice.offdiag
     return {
         "lrs": list(map(float, lrs)),
-        "median_abs_eif": magnitude,
-        "agreement_with_previous": agree,
-        "share_above_noise_floor": above,
-        "diverged_rows": diverged,
+        "median_abs_eif": sweep.magnitude.tolist(),
+        "agreement_with_previous": sweep.agreement.tolist(),
+        "share_above_noise_floor": [float(np.mean(np.abs(off(M)) > off(F))) if np.all(np.isfinite(F)) else float("nan")
+                                    for M, F in zip(matrices, floors)],
+        "diverged_rows": [int(np.sum(~np.all(np.isfinite(M), axis=1))) for M in matrices],
         "threshold": threshold,
-        "chosen_lr": choose_lr(lrs, agree, threshold),
-        "rule": "largest lr of the first run of grid points whose EIF (off-diagonal) correlates >= threshold "
-        "with the EIF at the previous grid lr",
+        "chosen_lr": sweep.chosen,
+        "rule": lr_choice.RULES[RULE],
     }
 
 
 def noise_floor(params, train, lr: float, steps: int, precision: str) -> np.ndarray:
     """jaxeif.noise_floor of the study's EIF at this lr and precision (against float64 on 16 rows)."""
-    import jaxeif
-    from jaxeif.models import cnn
-
     return np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps, precision=precision))
 
 
@@ -225,8 +182,6 @@ def study_metrics(M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, sour
                   floor: np.ndarray | None = None) -> dict:
     """The desiderata of the figure-1 matrix (M in loss units: negative = learned); sign shares
     count only entries above the noise `floor` when one is given."""
-    from jaxeif import desiderata as D
-
     n = len(M)
     levels = sorted(set(noise_std.tolist()))
     level_id = np.searchsorted(levels, noise_std)
@@ -282,7 +237,7 @@ def study_metrics(M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, sour
 
 
 def _figures(run, M, fs, lr: float, sweep: dict | None, findings: dict | None, title_extra: str) -> None:
-    from jaxeif import plot
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     per_level = int(np.sum(fs.noise_std == 0))
     level_names = ["clean" if s == 0 else f"noise σ={s:g}" for s in fs.noise_std]
@@ -318,12 +273,6 @@ def _figures(run, M, fs, lr: float, sweep: dict | None, findings: dict | None, t
 
 def run(args: argparse.Namespace) -> dict:
     """Train or restore the CNN, sweep lr, compute the EIF, write matrix, metrics and figures."""
-    import jax
-
-    from jaxeif import runs
-    from jaxeif.data import images as data
-    from jaxeif.models import cnn
-
     start = time.perf_counter()
     config = _config(args)
     progress = not args.no_progress
@@ -332,7 +281,7 @@ def run(args: argparse.Namespace) -> dict:
     params = cnn.load_or_train(args.ckpt, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                progress=progress, train_size=args.train_size)
     info = cnn.checkpoint_info(args.ckpt)
-    fs = data.finetune_set(per_digit=args.per_digit, noise_stds=tuple(args.noise_stds), seed=args.seed)
+    fs = noisy_digits.finetune_set(per_digit=args.per_digit, noise_stds=tuple(args.noise_stds), seed=args.seed)
     train = (jax.numpy.asarray(fs.images), jax.numpy.asarray(fs.labels))
 
     sweep, findings, sweep_seconds = None, None, 0.0

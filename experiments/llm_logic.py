@@ -12,12 +12,19 @@ results.json (all numbers, model, lr, optimizer, seed).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from tqdm.auto import tqdm
 
-from jaxeif import cli
+from jaxeif import cli, desiderata, lm, lr_choice, runs
+from jaxeif.data import domains
+from jaxeif.models import loading, lora, tokenizer
 
 MODES = ("finetuned", "prompted")
 # Figure 5B of the paper (Phi-3-mini), 1/||M - M^T||: fine-tuned, prompted. "ontology" is belongs_to.
@@ -26,12 +33,11 @@ SWEEP = "lr_sweep.json"  # the --lr-sweep results
 TIMINGS = "timings.json"  # wall and process CPU seconds of every computed matrix (compiles included)
 PAD_MULTIPLE = 16  # pad token lengths to multiples of this: fewer distinct shapes, fewer compiles
 DEFAULT_LR = 1e-4  # single-step SGD plateau for SmolLM2-135M-Instruct (see README, lr sweep)
+RULE = "middle_of_longest_plateau"  # jaxeif.lr_choice.RULES: the lr sweep's choice
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the study (defaults: all domains, 10 repeats, fine-tuned and prompted, SmolLM2)."""
-    from jaxeif.data import domains
-
     parser.add_argument("--model", default=None,
                         help="Phi-3 or Llama checkpoint directory (config.json + safetensors) or .gguf file; "
                              "default: the embedded SmolLM2-135M-Instruct")
@@ -77,8 +83,6 @@ def _lr_list(text: str) -> tuple[float, ...]:
 
 
 def _config(args: argparse.Namespace) -> dict:
-    from jaxeif.data import domains
-
     for name in args.domains:
         domains.domain(name)  # unknown names: clear error listing the valid ones
     if args.repeats < 1:
@@ -99,17 +103,9 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 def _finetuned(apply_fn, params, config, toks, args, base=None, lr=None) -> np.ndarray:
-    import optax
-
-    from jaxeif import lm
-
     lr = args.lr if lr is None else lr
     opt = optax.sgd(1.0) if args.optimizer == "sgd" else optax.adam(1.0)
     if args.lora_rank:
-        import jax
-
-        from jaxeif.models import lora
-
         adapters = lora.init(jax.random.key(args.seed), params, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
         return np.asarray(lm.lora_eif(apply_fn, params, adapters, toks, lr=lr, steps=args.steps, optimizer=opt,
                                       chunk_size=args.chunk_size))
@@ -120,23 +116,10 @@ def _finetuned(apply_fn, params, config, toks, args, base=None, lr=None) -> np.n
                                        chunk_size=args.chunk_size))
 
 
-def probe_scores(matrices: np.ndarray, probes) -> list[dict]:
-    """Per probe: log-prob gain of implied minus not implied (= M[i, not] - M[i, implied]) over repeats."""
-    out = []
-    for p in probes:
-        diffs = matrices[:, p.train, p.not_implied] - matrices[:, p.train, p.implied]
-        out.append({
-            "train": p.train, "implied": p.implied, "not_implied": p.not_implied, "why": p.why,
-            "mean": float(diffs.mean()), "std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
-            "right_direction": float(np.mean(diffs > 0)), "per_repeat": diffs.tolist(),
-        })
-    return out
+def _figures(run, name, samples, means):
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
 
-
-def _figures(run, name, samples, means, per_repeat):
-    import matplotlib.pyplot as plt
-
-    from jaxeif import plot
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     modes = list(means)
     labels = [f"{k}: {s.template.replace(chr(10), ' / ')}"[:48] for k, s in enumerate(samples)]
@@ -152,21 +135,13 @@ def _figures(run, name, samples, means, per_repeat):
 
 def _enable_compile_cache() -> None:
     """Keep compiled XLA programs on disk (JAXEIF_COMPILE_CACHE, '' disables): a rerun or resume skips compiling."""
-    import os
-
-    import jax
-
     path = os.environ.get("JAXEIF_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxeif", "xla"))
     if path:
         jax.config.update("jax_compilation_cache_dir", path)
 
 
 def run(args: argparse.Namespace) -> dict:
-    import jax.numpy as jnp
-
-    from jaxeif import desiderata, lm, plot, runs
-    from jaxeif.data import domains
-    from jaxeif.models import phi3, tokenizer
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     config_dict = _config(args)
     run_dir = runs.RunDir.open(args.out, config_dict)
@@ -175,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     draws = {(d, r): domains.draw(d, args.seed + r) for r in range(args.repeats) for d in args.domains}
     if not args.summarise_only:
-        apply_fn, params, config = phi3.from_pretrained(args.model, dtype=dtype)
+        apply_fn, params, config = loading.from_pretrained(args.model, dtype=dtype)
         tok = tokenizer.load_tokenizer(args.model)
         lm.check_vocab(tok, config)
         if args.lr_sweep:
@@ -205,12 +180,12 @@ def run(args: argparse.Namespace) -> dict:
                 "mean_matrix": means[m].tolist(),
                 "inverse_asymmetry": float(desiderata.inverse_asymmetry(means[m])),
                 "symmetry_corr": float(desiderata.symmetry_corr(means[m])),
-                "probes": probe_scores(per_repeat[m], d.probes),
+                "probes": desiderata.probe_scores(per_repeat[m], d.probes),
             }
         if name in PAPER_SYMMETRY:
             entry["paper_inverse_asymmetry"] = dict(zip(MODES, PAPER_SYMMETRY[name]))
         results["domains"][name] = entry
-        _figures(run_dir, name, samples, means, per_repeat)
+        _figures(run_dir, name, samples, means)
     fig = plot.histogram({m: np.concatenate(v) for m, v in histogram_values.items()}, sign="logprob",
                          title="all EIF values (fig 5A)")
     run_dir.save_figure("histogram.png", fig)
@@ -225,17 +200,15 @@ def run(args: argparse.Namespace) -> dict:
 def _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args) -> float:
     """Fine-tuned EIF of repeat 0 of every domain at each swept lr; saves lr_sweep.json/.png; returns the
     lr to use (the plateau's when --lr plateau). Resumed from lr_sweep.json."""
-    from jaxeif import lm
-
     if not run_dir.has(SWEEP):
         toks = {d: lm.tokenize(tok, [s.text for s in draws[(d, 0)]], config=config, pad_multiple=PAD_MULTIPLE)
                 for d in args.domains}
-        sweep = lm.lr_sweep(lambda lr: [_finetuned(apply_fn, params, config, t, args, lr=lr) for t in toks.values()],
-                            args.lr_sweep, progress=not args.no_progress)
+        sweep = lr_choice.lr_sweep(lambda lr: [_finetuned(apply_fn, params, config, t, args, lr=lr) for t in toks.values()],
+                                   args.lr_sweep, rule=RULE, progress=not args.no_progress)
         run_dir.save_json(SWEEP, {"lrs": sweep.lrs.tolist(), "median_abs_eif": sweep.magnitude.tolist(),
                                   "agreement_with_previous": sweep.agreement.tolist(), "chosen": sweep.chosen,
                                   "threshold": sweep.threshold, "domains": list(args.domains)})
-        run_dir.save_figure("lr_sweep.png", lm.plot_lr_sweep(sweep, title="fine-tuned EIF vs lr (repeat 0, all domains)"))
+        run_dir.save_figure("lr_sweep.png", lr_choice.plot_lr_sweep(sweep, title="fine-tuned EIF vs lr (repeat 0, all domains)"))
     chosen = run_dir.load_json(SWEEP)["chosen"]
     print(f"lr sweep: plateau lr {chosen:g} (lr_sweep.png)")
     return chosen if args.lr == "plateau" else args.lr
@@ -243,10 +216,6 @@ def _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args) -> float:
 
 def _compute(run_dir, draws, apply_fn, params, config, tok, args) -> None:
     """Every missing per-repeat matrix, saved as it finishes (a stopped run resumes here)."""
-    from tqdm.auto import tqdm
-
-    from jaxeif import lm
-
     sizes = [len(s) for s in draws.values()]
     total = sum(sizes) * ("finetuned" in args.modes) + sum(n * n for n in sizes) * ("prompted" in args.modes)
     bar = tqdm(total=total, desc="llm_logic (fine-tunes + prompted pairs)", disable=args.no_progress)
@@ -273,7 +242,7 @@ def _compute(run_dir, draws, apply_fn, params, config, tok, args) -> None:
 
 
 def _symmetry_figure(results: dict, modes):
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
 
     names = list(results["domains"])
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")

@@ -17,9 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from jaxeif import cli
+import jaxeif
+import meta
+from jaxeif import cli, runs
+from jaxeif.data import noisy_digits
+from jaxeif.models import cnn
+from meta.image_study import Split, clean_learning, heldout_metrics, pairs, split_set  # noqa: F401 (tests use them from here)
 
 DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
 
@@ -82,20 +90,14 @@ def _config(args: argparse.Namespace) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- data, objective and metrics
+# ----------------------------------------------------------------------------- objective
 # The split and the held-out metrics live in meta.image_study (shared with `jaxeif meta-cnn-transfer`).
-from meta.image_study import Split, clean_learning, heldout_metrics, pairs, split_set  # noqa: E402,F401
 
 
 def make_objective(loss_fn, split: Split, predictor, *, steps, chunk_size, refs, keep_weight, guard_weight):
     """(phi, params, images, labels, features) -> noise_invariance + keep * keep_learning(within)
     + guard * stay_below(|between|); arrays are arguments so XLA does not constant-fold them."""
-    import jax.numpy as jnp
-
-    import jaxeif
-    import meta
-
-    clean = np.flatnonzero(split["noise_std"] == 0)
+    clean = np.flatnonzero(split.noise_std == 0)
     twins, noisy = pairs(split)
 
     def objective(phi, params, images, labels, features):
@@ -114,15 +116,7 @@ def make_objective(loss_fn, split: Split, predictor, *, steps, chunk_size, refs,
 
 def run(args: argparse.Namespace) -> dict:
     """Restore the CNN, learn the predictor on the meta-training digits, evaluate on held-out digits."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    import jaxeif
-    import meta
-    from jaxeif import plot, runs
-    from jaxeif.data import images as data
-    from jaxeif.models import cnn
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     start = time.perf_counter()
     config = _config(args)
@@ -131,17 +125,17 @@ def run(args: argparse.Namespace) -> dict:
     params = cnn.load_or_train(args.ckpt, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                progress=progress, train_size=args.train_size)
     total = args.per_digit + args.heldout_per_digit
-    fs = data.finetune_set(per_digit=total, noise_stds=tuple(args.noise_stds), seed=args.seed)
+    fs = noisy_digits.finetune_set(per_digit=total, noise_stds=tuple(args.noise_stds), seed=args.seed)
     train_split = split_set(fs, total, 0, args.per_digit)
     held = split_set(fs, total, args.per_digit, args.heldout_per_digit)
 
-    feats_train = meta.image_features(train_split["images"])
+    feats_train = meta.image_features(train_split.images)
     predictor = meta.amortised(feats_train, args.lr, hidden=args.hidden, max_log_gain=args.max_log_gain)
     phi0 = predictor.init(jax.random.key(args.seed), feats_train)
 
     # references: the uniform-lr matrix on the meta-training digits
-    clean_tr = np.flatnonzero(train_split["noise_std"] == 0)
-    x_tr, y_tr = jnp.asarray(train_split["images"]), jnp.asarray(train_split["labels"])
+    clean_tr = np.flatnonzero(train_split.noise_std == 0)
+    x_tr, y_tr = jnp.asarray(train_split.images), jnp.asarray(train_split.labels)
     M0 = jaxeif.eif(cnn.loss_fn, params, (x_tr, y_tr), (x_tr[clean_tr], y_tr[clean_tr]), lr=args.lr, steps=args.steps,
                     chunk_size=args.chunk_size)
     within0, between0 = (float(v) for v in clean_learning(M0, train_split))
@@ -160,8 +154,8 @@ def run(args: argparse.Namespace) -> dict:
     run_dir.save_npy("history", result.history)
 
     # held-out digits: square EIF before (uniform lr) and after (predicted lr)
-    x_h, y_h = jnp.asarray(held["images"]), jnp.asarray(held["labels"])
-    lr_after = np.asarray(predictor.lr(result.controls, meta.image_features(held["images"])))
+    x_h, y_h = jnp.asarray(held.images), jnp.asarray(held.labels)
+    lr_after = np.asarray(predictor.lr(result.controls, meta.image_features(held.images)))
     lr_before = np.full_like(lr_after, args.lr)
     mats = {}
     for name, lr in (("before", lr_before), ("after", lr_after)):
@@ -174,15 +168,15 @@ def run(args: argparse.Namespace) -> dict:
         "sign": "loss after minus loss before (negative = learned); learning = -mean",
         "objective": {"first": float(result.history[0]), "final": result.final, "resumed_from": result.resumed_from},
         "references_meta_train": refs,
-        "meta_train_lr_mean": {f"std_{s:g}": float(lr_train[train_split["noise_std"] == s].mean())
-                               for s in sorted(set(train_split["noise_std"].tolist()))},
+        "meta_train_lr_mean": {f"std_{s:g}": float(lr_train[train_split.noise_std == s].mean())
+                               for s in sorted(set(train_split.noise_std.tolist()))},
         "heldout": {name: heldout_metrics(mats[name], held, lr) for name, lr in (("before", lr_before), ("after", lr_after))},
-        "n_meta_train": int(len(train_split["labels"])), "n_heldout": int(len(held["labels"])),
+        "n_meta_train": int(len(train_split.labels)), "n_heldout": int(len(held.labels)),
         "seconds": {"meta": meta_seconds},
         "base_cnn": cnn.checkpoint_info(args.ckpt),
         "metadata": runs.run_metadata(seed=args.seed, study="meta_cnn_noise"),
     }
-    run_dir.save_json("lr_heldout.json", {"noise_std": held["noise_std"], "labels": held["labels"], "lr": lr_after})
+    run_dir.save_json("lr_heldout.json", {"noise_std": held.noise_std, "labels": held.labels, "lr": lr_after})
     meta.save_amortised(run_dir.file("predictor.npz"), predictor, result.controls)
     _figures(run_dir, result.history, mats, held, plot)
     metrics["seconds"]["total"] = time.perf_counter() - start
@@ -193,7 +187,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _figures(run_dir, history, mats, held, plot) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
 
     fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
     ax.plot(np.arange(len(history)), history)
@@ -202,10 +196,10 @@ def _figures(run_dir, history, mats, held, plot) -> None:
     ax.set_title("Learning the lr predictor (meta-training digits)")
     plot.save(fig, run_dir.path / "objective.png")
     fig, axes = plt.subplots(1, 2, figsize=(16, 7.4), layout="constrained")
-    level = ["clean" if s == 0 else f"noise σ={s:g}" for s in held["noise_std"]]
+    level = ["clean" if s == 0 else f"noise σ={s:g}" for s in held.noise_std]
     major = [i for i in range(1, len(level)) if level[i] != level[i - 1]]
     for ax, name in zip(axes, ("before", "after")):
-        plot.heatmap(mats[name], ax=ax, labels=held["labels"].tolist(), groups=level, major_boundaries=major,
+        plot.heatmap(mats[name], ax=ax, labels=held.labels.tolist(), groups=level, major_boundaries=major,
                      sign="logprob", title=f"held-out EIF, {'uniform lr' if name == 'before' else 'learned lr'}")
     plot.save(fig, run_dir.path / "eif_heldout_before_after.png")
 

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> dict:
     """The run's configuration (the command line as given; --quick is applied by study 1); checked before any work."""
-    from jaxeif.data import images as data
+    from jaxeif.data import noisy_digits as data
 
     if not args.salt_pepper or not args.blur_sigmas:
         raise ValueError("--salt-pepper and --blur-sigmas need at least one value each")
@@ -83,13 +83,13 @@ def transfer_split(held, salt_pepper, blur_sigmas, seed: int, offset: int = 1000
     "blur_1"). Salt-and-pepper level k uses key fold_in(key(seed), offset + k)."""
     import jax
 
-    from jaxeif.data import images as data
+    from jaxeif.data import noisy_digits as data
     from meta.image_study import Split
 
-    clean = np.flatnonzero(held["noise_std"] == 0)
-    x_clean, y_clean = held["images"][clean], held["labels"][clean]
-    names = [CLEAN if s == 0 else f"gaussian_{s:g}" for s in held["noise_std"].tolist()]
-    images, labels, source = [held["images"]], [held["labels"]], [held["source"]]
+    clean = np.flatnonzero(held.noise_std == 0)
+    x_clean, y_clean = held.images[clean], held.labels[clean]
+    names = [CLEAN if s == 0 else f"gaussian_{s:g}" for s in held.noise_std.tolist()]
+    images, labels, source = [held.images], [held.labels], [held.source]
     twins = np.arange(len(clean), dtype=np.int32)
     key = jax.random.key(seed)
     for k, p in enumerate(salt_pepper):
@@ -101,7 +101,7 @@ def transfer_split(held, salt_pepper, blur_sigmas, seed: int, offset: int = 1000
         names += [f"blur_{s:g}"] * len(clean)
         labels.append(y_clean), source.append(twins)
     return Split(images=np.concatenate(images).astype(np.float32), labels=np.concatenate(labels).astype(np.int32),
-                 source=np.concatenate(source).astype(np.int32), corruption=np.array(names))
+                 noise_std=None, source=np.concatenate(source).astype(np.int32), corruption=np.array(names))
 
 
 def table(metrics: dict) -> dict:
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
     import jaxeif
     import meta
     from jaxeif import plot, runs
-    from jaxeif.data import images as data
+    from jaxeif.data import noisy_digits as data
     from jaxeif.models import cnn
     from meta.image_study import heldout_metrics, split_set
 
@@ -146,12 +146,12 @@ def run(args: argparse.Namespace) -> dict:
     fs = data.finetune_set(per_digit=total, noise_stds=tuple(s1["noise_stds"]), seed=s1["seed"])
     held = transfer_split(split_set(fs, total, s1["per_digit"], s1["heldout_per_digit"]),
                           config["salt_pepper"], config["blur_sigmas"], s1["seed"], config["corruption_seed_offset"])
-    clean = np.flatnonzero(held["corruption"] == CLEAN)
-    features = np.asarray(meta.image_features(held["images"]))
+    clean = np.flatnonzero(held.corruption == CLEAN)
+    features = np.asarray(meta.image_features(held.images))
     run_dir.save_npy("features", features)
     lrs = {"uniform": np.full(len(features), s1["lr"], np.float32),
            "learned": np.asarray(predictor.lr(phi, jnp.asarray(features)))}
-    x, y = jnp.asarray(held["images"]), jnp.asarray(held["labels"])
+    x, y = jnp.asarray(held.images), jnp.asarray(held.labels)
     mats, t = {}, time.perf_counter()
     for name, lr in lrs.items():
         if not run_dir.has(f"eif_{name}.npy"):
@@ -172,10 +172,10 @@ def run(args: argparse.Namespace) -> dict:
         "study1": {"out": study1["out"], "config": s1, "heldout": study1["metrics"]["heldout"],
                    "meta_train_lr_mean": study1["metrics"]["meta_train_lr_mean"],
                    "objective": study1["metrics"]["objective"]},
-        "samples": {"corruption": held["corruption"], "labels": held["labels"], "source": held["source"],
+        "samples": {"corruption": held.corruption, "labels": held.labels, "source": held.source,
                     "lr_learned": lrs["learned"], "features": features},
         "feature_names": ["mean", "std", "mean |dx|+|dy|", "fraction outside [0, 1]", "min", "max"],
-        "feature_means": {g: features[held["corruption"] == g].mean(0) for g in dict.fromkeys(held["corruption"].tolist())},
+        "feature_means": {g: features[held.corruption == g].mean(0) for g in dict.fromkeys(held.corruption.tolist())},
         "n_heldout": int(len(features)), "n_clean": int(len(clean)),
         "seconds": {"study1": study1_seconds, "eif": eif_seconds},
         "metadata": runs.run_metadata(seed=s1["seed"], study="meta_cnn_transfer"),
@@ -196,11 +196,11 @@ def _figure(run_dir, held, lr, rows: dict, plot) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
     rng = np.random.default_rng(0)
     for i, name in enumerate(order):
-        v = lr[held["corruption"] == name]
+        v = lr[held.corruption == name]
         color = "tab:green" if name == CLEAN else ("tab:blue" if name.startswith("gaussian") else "tab:red")
         ax1.scatter(i + rng.uniform(-0.2, 0.2, len(v)), v, s=9, alpha=0.6, color=color)
         ax1.hlines(v.mean(), i - 0.3, i + 0.3, color="k", lw=2)
-    ax1.axhline(lr[held["corruption"] == CLEAN].mean(), color="tab:green", ls=":", lw=1)
+    ax1.axhline(lr[held.corruption == CLEAN].mean(), color="tab:green", ls=":", lw=1)
     ax1.set_yscale("log")
     ax1.set_xticks(range(len(order)), order, rotation=30, ha="right")
     ax1.set_ylabel("predicted lr (bar: mean)")

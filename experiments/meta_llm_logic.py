@@ -12,7 +12,7 @@ evals = the probe pair. Steps:
     meta.logic + keep_weight * meta.keep_learning(implied gain, its gain at the uniform lr);
     the log-multipliers are centred (mean 0) so they move the *location* of learning, not its speed;
  3. on held-out draws (seeds --heldout-seed ..: fresh names) compute the chain probe before and
-    after, the logic objective and the scorecard of experiments.llm_logic (probe_scores).
+    after, the logic objective and the scorecard of experiments.llm_logic (jaxeif.desiderata.probe_scores).
 Writes into --out: config.json, grid.json, meta_ckpt/, history.npy, log_scales.json,
 heldout_{before,after}.npy (NaN where not needed), objective.png (outer objective, learned multipliers,
 held-out probe gains before/after), results.json (every number, model, lr, seeds, timings).
@@ -24,9 +24,17 @@ import functools
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from jaxeif import cli
+import jaxeif
+import meta
+from jaxeif import cli, desiderata, lm, runs
+from jaxeif.data import domains
+from jaxeif.models import loading, tokenizer
+from meta import layers_lm
 
 DOMAIN = "chain_induces"
 TRAIN_ROW = 3  # the 4-line chain A->B->C->D->Z; its probe: implied 0 ("A causes Z"), not implied 4 ("Z causes A")
@@ -85,10 +93,7 @@ def _config(args: argparse.Namespace) -> dict:
 
 def load_model(args: argparse.Namespace):
     """(apply_fn, params, config, tokenizer) of --model (tests replace this with a tiny random decoder)."""
-    from jaxeif import lm
-    from jaxeif.models import phi3, tokenizer
-
-    apply_fn, params, config = phi3.from_pretrained(args.model)
+    apply_fn, params, config = loading.from_pretrained(args.model)
     tok = tokenizer.load_tokenizer(args.model)
     lm.check_vocab(tok, config)
     return apply_fn, params, config, tok
@@ -100,9 +105,6 @@ def load_model(args: argparse.Namespace):
 def draw_tokens(tok, config, seeds, rows, cols):
     """(train Tokens [D, R, t1], evals Tokens [D, C, t2]) of chain_induces draws: train rows and eval
     columns padded separately (short probes stay short), each to one length over the draws."""
-    from jaxeif import lm
-    from jaxeif.data import domains
-
     draws = [domains.draw(DOMAIN, s) for s in seeds]
 
     def part(idx):
@@ -117,9 +119,6 @@ def draw_tokens(tok, config, seeds, rows, cols):
 
 def effective_log_scales(log_scales: dict, center: bool) -> dict:
     """Log-multipliers with their mean over all multipliers removed (center) or as they are."""
-    import jax
-    import jax.numpy as jnp
-
     if not center:
         return log_scales
     flat = jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(log_scales)])
@@ -129,12 +128,6 @@ def effective_log_scales(log_scales: dict, center: bool) -> dict:
 def blocks(apply_fn, params, train, evals, log_scales, lr, *, center: bool):
     """f32[D, R, C]: per draw, the EIF of its R train rows on its C eval columns (SGD, one step,
     per-layer multipliers exp(log_scales)); draws run one after another (lax.map)."""
-    import jax
-
-    import jaxeif
-    from jaxeif import lm
-    from meta import layers_lm
-
     opt = layers_lm.stacked_layer_optimizer(effective_log_scales(log_scales, center))
     loss_fn = lm.NLL(apply_fn)
 
@@ -147,10 +140,6 @@ def blocks(apply_fn, params, train, evals, log_scales, lr, *, center: bool):
 
 def objective_terms(block, keep_ref, keep_weight):
     """(total, logic) of blocks f32[D, 1, 2] (implied, reversed): meta.logic + keep * keep_learning."""
-    import jax.numpy as jnp
-
-    import meta
-
     M = block[:, 0, :]
     D = M.shape[0]
     logic = meta.logic(M, jnp.arange(D), jnp.zeros(D, jnp.int32), jnp.ones(D, jnp.int32))
@@ -162,13 +151,11 @@ def objective_terms(block, keep_ref, keep_weight):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_blocks(apply_fn, center):
-    import jax
-
     return jax.jit(lambda params, train, evals, log_scales, lr: blocks(apply_fn, params, train, evals, log_scales, lr,
                                                                         center=center))
 
 
-def embed(block: np.ndarray, n: int, rows, cols) -> np.ndarray:
+def scatter_into_nan_matrices(block: np.ndarray, n: int, rows, cols) -> np.ndarray:
     """[D, n, n] NaN matrices holding the computed [D, R, C] entries at (rows, cols)."""
     out = np.full((block.shape[0], n, n), np.nan, np.float32)
     out[:, np.asarray(rows)[:, None], np.asarray(cols)[None, :]] = block
@@ -180,16 +167,6 @@ def embed(block: np.ndarray, n: int, rows, cols) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> dict:
     """Pick the best uniform lr, learn per-layer multipliers, evaluate on held-out draws."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    import meta
-    from experiments.llm_logic import probe_scores
-    from jaxeif import runs
-    from jaxeif.data import domains
-    from meta import layers_lm
-
     start = time.perf_counter()
     config = _config(args)
     progress = not args.no_progress
@@ -254,12 +231,12 @@ def run(args: argparse.Namespace) -> dict:
     for name, scales in (("before", scales0), ("after", result.controls)):
         if not run_dir.has(f"heldout_{name}.npy"):
             b = np.asarray(fwd(params, ho_train, ho_evals, scales, jnp.float32(lr)))
-            run_dir.save_npy(f"heldout_{name}", embed(b, n_samples, EVAL_ROWS, PROBE_COLS))
+            run_dir.save_npy(f"heldout_{name}", scatter_into_nan_matrices(b, n_samples, EVAL_ROWS, PROBE_COLS))
         mats[name] = run_dir.load_npy(f"heldout_{name}")
         chain4 = mats[name][:, TRAIN_ROW][:, list(PROBE_COLS)]
         summary[name] = {
             "logic_objective_chain4": float(objective_terms(jnp.asarray(chain4[:, None]), None, 0.0)[1]),
-            "scorecard": probe_scores(mats[name], probes),
+            "scorecard": desiderata.probe_scores(mats[name], probes),
             "implied_gain_chain4": float(-chain4[:, 0].mean()), "reversed_gain_chain4": float(-chain4[:, 1].mean()),
         }
     seconds["heldout"] = time.perf_counter() - t
@@ -286,7 +263,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _figures(run_dir, history, summary, learned) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
     axes[0].plot(np.arange(len(history)), history, marker="o")

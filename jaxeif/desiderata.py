@@ -134,3 +134,18 @@ def sign_shares(M, labels, *, floor=None, include_diagonal: bool = False) -> dic
         "between_unlearned": share(M > 0, above & ~same),
         "excluded": 1.0 - above.sum() / counted.sum(),
     }
+
+
+def probe_scores(matrices: np.ndarray, probes) -> list[dict]:
+    """Per probe (`jaxeif.data.domains.Probe`: train row, implied and not-implied columns): the log-prob gain of
+    implied minus not implied (= M[i, not] - M[i, implied]) over repeats, matrices f[repeats, n, m]. A host-side
+    summary for a results file (numpy, not differentiable), unlike the metrics above."""
+    out = []
+    for p in probes:
+        diffs = matrices[:, p.train, p.not_implied] - matrices[:, p.train, p.implied]
+        out.append({
+            "train": p.train, "implied": p.implied, "not_implied": p.not_implied, "why": p.why,
+            "mean": float(diffs.mean()), "std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
+            "right_direction": float(np.mean(diffs > 0)), "per_repeat": diffs.tolist(),
+        })
+    return out

@@ -84,12 +84,6 @@ def losses(loss_fn: LossFn, params: PyTree, examples: PyTree) -> jax.Array:
     return jax.vmap(loss_fn, in_axes=(None, 0))(params, examples)
 
 
-def lr_as_vector(lr: jax.Array | float, n: int) -> jax.Array:
-    """Broadcast a scalar or per-sample lr to shape (n,)."""
-    lr = jnp.asarray(lr)
-    return jnp.broadcast_to(lr, (n,)) if lr.ndim == 0 else lr
-
-
 def finetune_delta(
     loss_fn: LossFn,
     params: PyTree,

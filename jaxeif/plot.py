@@ -7,7 +7,6 @@ log-probability of the target; positive = more likely). Either way "learned" is 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -17,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
+
+from jaxeif import io  # noqa: E402
 
 SIGNS = {
     "loss": ("Δ loss = loss after − loss before\n(negative = learned)", "RdBu_r"),
@@ -221,17 +222,12 @@ def curves(
 
 
 def save(fig, path: str | os.PathLike, *, dpi: int = 150) -> Path:
-    """Write `fig` atomically (temp file, then rename) in the format of the suffix; closes it."""
+    """Write `fig` atomically (jaxeif.io) in the format of the suffix; closes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with io.atomic_file(path, "wb") as fh:
             fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         plt.close(fig)
     return path

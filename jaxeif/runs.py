@@ -1,7 +1,6 @@
-"""Results folders that survive crashes: atomic writes, resume-or-refuse, checkpointed EIF sweeps."""
+"""Results folders that survive crashes: atomic writes (jaxeif.io), resume-or-refuse, checkpointed EIF sweeps."""
 from __future__ import annotations
 
-import contextlib
 import datetime
 import fcntl
 import hashlib
@@ -12,15 +11,17 @@ import pathlib
 import platform
 import shutil
 import sys
-import tempfile
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from jaxeif import checks
-from jaxeif import precision as precision_lib, fingerprint
+from tqdm.auto import tqdm
+
+from jaxeif import checks, fingerprint, io
+from jaxeif import precision as precision_lib
+from jaxeif.influence import eif
 
 CONFIG_FILE = "config.json"
 _LOCK_FILE = ".lock"
@@ -33,67 +34,6 @@ class RunDirError(ValueError):
 
 class CorruptCheckpointError(ValueError):
     """A saved block or matrix cannot be read back; the message says which file to delete."""
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def atomic_file(path: os.PathLike | str, mode: str = "wb") -> Iterator[Any]:
-    """Open a temp file beside `path`; on success fsync and os.replace it into place."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: pathlib.Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def to_jsonable(obj: Any, where: str = "value") -> Any:
-    """Plain JSON types from numpy/jax scalars and arrays, tuples, paths; TypeError names the key."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, (int, float)):
-        return obj
-    if isinstance(obj, pathlib.PurePath):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, jax.Array)):
-        if jax.dtypes.issubdtype(obj.dtype, jax.dtypes.prng_key):
-            raise TypeError(f"{where} is a PRNG key, which cannot be saved as JSON; save the integer seed instead")
-        arr = np.asarray(obj)
-        return to_jsonable(arr.tolist(), where) if arr.dtype == object else arr.tolist()
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise TypeError(f"{where} has a non-string key {k!r}; JSON keys must be strings")
-            out[k] = to_jsonable(v, f"{where}[{k!r}]")
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    raise TypeError(f"{where} is a {type(obj).__name__}, which cannot be saved as JSON; use numbers, strings, lists or dicts")
-
-
-def _json_text(obj: Any, where: str) -> str:
-    return json.dumps(to_jsonable(obj, where), indent=2, sort_keys=True, allow_nan=True) + "\n"
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -117,7 +57,7 @@ class RunDir:
         if not isinstance(resume, bool):
             raise TypeError(f"`resume` must be True or False, got {resume!r}")
         path = pathlib.Path(path).expanduser().absolute()
-        config = json.loads(_json_text(config, "config"))  # normalise tuples, numpy scalars, paths
+        config = json.loads(io.json_text(config, "config"))  # normalise tuples, numpy scalars, paths
         if path.exists() and not path.is_dir():
             raise RunDirError(f"results folder {path} is an existing file; pass another --out")
         try:
@@ -178,23 +118,19 @@ class RunDir:
 
     # -- saving
     def save_json(self, name: str, obj: Any) -> pathlib.Path:
-        target = self.file(name, ".json")
-        text = _json_text(obj, name)
-        with atomic_file(target, "w") as fh:
-            fh.write(text)
-        return target
+        return io.save_json(self.file(name, ".json"), obj, name)
 
     def save_npy(self, name: str, array: Any) -> pathlib.Path:
         target = self.file(name, ".npy")
         array = np.asarray(array)
-        with atomic_file(target, "wb") as fh:
+        with io.atomic_file(target, "wb") as fh:
             np.save(fh, array, allow_pickle=False)
         return target
 
     def save_figure(self, name: str, fig: Any, **savefig_kwargs: Any) -> pathlib.Path:
         target = self.file(name, ".png")
         savefig_kwargs.setdefault("bbox_inches", "tight")
-        with atomic_file(target, "wb") as fh:
+        with io.atomic_file(target, "wb") as fh:
             fig.savefig(fh, format=target.suffix.lstrip("."), **savefig_kwargs)
         return target
 
@@ -216,43 +152,6 @@ class RunDir:
             return json.loads(target.read_text())
         except (ValueError, UnicodeDecodeError) as e:
             raise CorruptCheckpointError(f"{target} is damaged ({e}); delete it and run the same command again") from None
-
-    # -- training state (e.g. a meta outer loop), checkpointed with orbax
-    def save_state(self, name: str, step: int, state: Any, *, keep: int = 2) -> None:
-        """Checkpoint a pytree of arrays as `step` under run.path/name (atomic; keeps the last `keep`)."""
-        import orbax.checkpoint as ocp
-
-        checks.positive_int("keep", keep)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"`step` must be an int >= 0, got {step!r}")
-        manager = _manager(self.file(name), max_to_keep=keep)
-        try:
-            manager.save(step, args=ocp.args.StandardSave(state), force=True)
-            manager.wait_until_finished()
-        finally:
-            manager.close()
-
-    def restore_state(self, name: str, like: Any) -> tuple[int, Any] | None:
-        """(step, state) of the latest checkpoint under run.path/name shaped like `like`, or None."""
-        import orbax.checkpoint as ocp
-
-        folder = self.file(name)
-        if not folder.exists():
-            return None
-        manager = _manager(folder)
-        try:
-            step = manager.latest_step()
-            if step is None:
-                return None
-            try:
-                return step, manager.restore(step, args=ocp.args.StandardRestore(like))
-            except Exception as e:  # tensorstore / orbax raise assorted types on damaged files
-                raise CorruptCheckpointError(
-                    f"checkpoint {folder / str(step)} is damaged or holds another structure "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); delete it to start from the previous one"
-                ) from None
-        finally:
-            manager.close()
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r}, resumed={self.resumed})"
@@ -318,7 +217,7 @@ def run_metadata(seed: int | None = None, **extra: Any) -> dict:
         },
         "host": {"system": platform.system(), "machine": platform.machine()},
     }
-    meta.update(to_jsonable(extra, "run_metadata extra"))
+    meta.update(io.to_jsonable(extra, "run_metadata extra"))
     return meta
 
 
@@ -376,8 +275,6 @@ def sweep_eif(
     A killed sweep resumes from its finished blocks (bit-identical result). Diverged rows are
     NaN rows, listed in run.path/"<name>_nonfinite.json" and in a RuntimeWarning.
     """
-    from jaxeif.influence import eif  # the core; checks its own inputs below on a tiny slice
-
     evals = train if evals is None else evals
     n = checks.leading_axis("train", train)
     m = checks.leading_axis("evals", evals)
@@ -425,7 +322,7 @@ def sweep_eif(
             )
         else:
             run.save_json(f"{name}_sweep.json", sweep_info)
-        manager = _block_manager(run.file(f"{name}_blocks"))
+        manager = _manager(run.file(f"{name}_blocks"))
 
     done = set(manager.all_steps()) if manager is not None else set()
     blocks: list[np.ndarray | None] = [None] * n_blocks
@@ -478,36 +375,23 @@ def _warn_nonfinite(name: str, bad: np.ndarray, lr_vec: np.ndarray, run: RunDir 
     )
 
 
-def _manager(folder: pathlib.Path, max_to_keep: int | None = None):
-    """A synchronous orbax CheckpointManager; it finalises each step by rename and drops killed temp dirs."""
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
-    )
+def _manager(folder: pathlib.Path):
+    """A synchronous orbax CheckpointManager (jaxeif.io) that drops the temp folders of killed writers."""
     try:
-        return ocp.CheckpointManager(folder, options=options)
+        return io.checkpoint_manager(folder, cleanup_tmp_directories=True)
     except Exception as e:  # orbax raises assorted types on damaged metadata
         raise CorruptCheckpointError(f"checkpoints in {folder} cannot be read ({type(e).__name__}: {e}); delete {folder} to recompute them") from None
 
 
-def _block_manager(folder: pathlib.Path):
-    return _manager(folder)
-
-
 def _save_block(manager, b: int, rows: np.ndarray) -> None:
-    import orbax.checkpoint as ocp
-
-    manager.save(b, args=ocp.args.StandardSave({"rows": rows}))
+    io.save_step(manager, b, {"rows": rows})
     manager.wait_until_finished()
 
 
 def _restore_block(manager, b: int, shape: tuple[int, int]) -> np.ndarray:
-    import orbax.checkpoint as ocp
-
     where = pathlib.Path(manager.directory) / str(b)
     try:
-        out = manager.restore(b, args=ocp.args.StandardRestore({"rows": np.zeros(shape, np.float32)}))
+        out = io.restore_step(manager, b, {"rows": np.zeros(shape, np.float32)})
         rows = np.asarray(out["rows"], dtype=np.float32)
     except Exception as e:  # tensorstore / orbax raise assorted types on damaged files
         raise CorruptCheckpointError(
@@ -530,6 +414,4 @@ class _NoBar:
 def _progress(total: int, enabled: bool, name: str, initial: int):
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=f"{name} blocks", unit="block", file=sys.stderr)

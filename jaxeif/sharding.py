@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxeif import influence
@@ -72,6 +73,5 @@ def eif_sharded(
         train_rows = jax.device_put(_pad_rows(train, pad), rows)
         matrix = run(train_rows, jax.device_put(lr_rows, rows), params, evals).astype(jnp.float32)
     if not matrix.is_fully_addressable:  # multi-host: every process gets the whole matrix
-        from jax.experimental import multihost_utils
         matrix = multihost_utils.process_allgather(matrix, tiled=True)
     return influence.report_nonfinite(np.asarray(matrix)[:n], lr)

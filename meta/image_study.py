@@ -1,18 +1,26 @@
 """Splits and held-out metrics shared by the image meta studies (`jaxeif meta-cnn`, `jaxeif meta-cnn-transfer`).
 
-A split is a dict of images, labels, noise_std (0 = clean), source (row of each sample's clean
-twin among the split's clean samples) and, optionally, corruption (a name per sample, "clean"
-for the clean ones; without it the group of a sample is "clean" or "std_<noise std>").
+A Split holds images, labels, noise_std (0 = clean), source (row of each sample's clean twin among
+the split's clean samples) and, optionally, corruption (a name per sample, "clean" for the clean
+ones; without it the group of a sample is "clean" or "std_<noise std>").
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
 CLEAN = "clean"
 
 
-class Split(dict):
-    """images, labels, noise_std, source (clean row of each sample in this split), optional corruption."""
+class Split(NamedTuple):
+    """A held-out or training split of the image meta studies (see the module docstring)."""
+
+    images: np.ndarray  # f32[n, 28, 28, 1]
+    labels: np.ndarray  # int32[n]
+    noise_std: np.ndarray | None  # f32[n], 0 for clean (None when `corruption` names the groups)
+    source: np.ndarray  # int32[n], clean twin row of each sample
+    corruption: np.ndarray | None = None  # str[n], "clean" or the corruption's name
 
 
 def split_set(fs, per_digit: int, first: int, count: int) -> Split:
@@ -27,9 +35,9 @@ def split_set(fs, per_digit: int, first: int, count: int) -> Split:
 
 def groups(split: Split) -> np.ndarray:
     """str[n]: each sample's corruption ("clean", "std_0.5", ...)."""
-    if "corruption" in split:
-        return np.asarray(split["corruption"], dtype=str)
-    return np.array([CLEAN if s == 0 else f"std_{s:g}" for s in np.asarray(split["noise_std"]).tolist()], dtype=str)
+    if split.corruption is not None:
+        return np.asarray(split.corruption, dtype=str)
+    return np.array([CLEAN if s == 0 else f"std_{s:g}" for s in np.asarray(split.noise_std).tolist()], dtype=str)
 
 
 def clean_rows(split: Split) -> np.ndarray:
@@ -40,7 +48,7 @@ def clean_rows(split: Split) -> np.ndarray:
 def pairs(split: Split) -> tuple[np.ndarray, np.ndarray]:
     """(clean twin rows, corrupted rows) over every corruption."""
     noisy = np.flatnonzero(groups(split) != CLEAN)
-    return split["source"][noisy], noisy
+    return split.source[noisy], noisy
 
 
 def clean_learning(M, split: Split):
@@ -48,8 +56,8 @@ def clean_learning(M, split: Split):
     import meta
 
     clean = clean_rows(split)
-    self_pair = split["source"][:, None] == np.arange(len(clean))[None, :]
-    return meta.class_learning(M, split["labels"], split["labels"][clean], rows=clean, exclude=self_pair)
+    self_pair = split.source[:, None] == np.arange(len(clean))[None, :]
+    return meta.class_learning(M, split.labels, split.labels[clean], rows=clean, exclude=self_pair)
 
 
 def heldout_metrics(M: np.ndarray, split: Split, lr: np.ndarray) -> dict:
@@ -74,8 +82,8 @@ def heldout_metrics(M: np.ndarray, split: Split, lr: np.ndarray) -> dict:
     clean_rms = float(np.sqrt(np.mean(Mc[clean] ** 2)))
     for name in dict.fromkeys(g for g in group.tolist() if g != CLEAN):
         noisy = np.flatnonzero(group == name)
-        twins = split["source"][noisy]
-        same = split["labels"][noisy][:, None] == split["labels"][clean][None, :]
+        twins = split.source[noisy]
+        same = split.labels[noisy][:, None] == split.labels[clean][None, :]
         same &= twins[:, None] != np.arange(len(clean))[None, :]  # leave out the twin itself
         out["noise"][name] = {
             "rms_ratio_noisy_to_clean_rows": float(np.sqrt(np.mean(Mc[noisy] ** 2))) / clean_rms,

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
-from jaxeif import fingerprint, runs
+from jaxeif import fingerprint, io
 
 PyTree = Any
 Objective = Callable[[PyTree], jax.Array]
@@ -69,13 +70,6 @@ def _nonfinite_leaves(finite: PyTree) -> list[str]:
             if not bool(ok)]
 
 
-def _manager(directory: Path, every: int):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=2, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
-
-
 FINGERPRINT_FILE = "jaxeif_fit.json"
 
 
@@ -98,8 +92,7 @@ def _check_fingerprint(directory: Path, has_checkpoints: bool, expected: dict) -
                 f"{directory} holds checkpoints without {FINGERPRINT_FILE}, so they cannot be checked against this "
                 "run; use a new checkpoint_dir or delete that folder to start over")
         directory.mkdir(parents=True, exist_ok=True)
-        with runs.atomic_file(file, "w") as f:
-            json.dump({"fingerprint": expected}, f, indent=1)
+        io.save_json(file, {"fingerprint": expected})
         return
     try:
         saved = json.loads(file.read_text())["fingerprint"]
@@ -114,23 +107,19 @@ def _check_fingerprint(directory: Path, has_checkpoints: bool, expected: dict) -
 
 def _saved_history_length(directory: Path, step: int) -> int | None:
     """Length of the objective history in the checkpoint of `step` (the `steps` of the run that wrote it)."""
-    import orbax.checkpoint as ocp
-
     try:
-        meta = ocp.StandardCheckpointer().metadata((directory / str(step) / "default").absolute())
+        meta = io.checkpoint_metadata(directory / str(step) / "default")
         return int(meta.item_metadata["history"].shape[0])
     except Exception:  # older layouts: fall back to this run's step count
         return None
 
 
 def _restore(manager, step: int, template: dict, directory: Path) -> dict:
-    import orbax.checkpoint as ocp
-
     steps = template["history"].shape[0]
     saved_length = _saved_history_length(directory, step) or steps
     like = {**template, "history": jnp.zeros((saved_length,), jnp.float32)}
     try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(like))
+        restored = io.restore_step(manager, step, like)
     except Exception as e:  # orbax raises several types for a structure mismatch
         raise ValueError(
             f"the checkpoint at {directory} (step {step}) does not match this run's controls or optimizer "
@@ -177,7 +166,7 @@ def fit(
     manager, resumed_from = None, None
     if checkpoint_dir is not None:
         directory = Path(checkpoint_dir)
-        manager = _manager(directory, every)
+        manager = io.checkpoint_manager(directory, save_interval_steps=every, max_to_keep=2)
         try:
             latest = manager.latest_step()
             _check_fingerprint(directory, latest is not None, run_fingerprint(objective, controls, optimizer, data))
@@ -213,13 +202,13 @@ def fit(
                 )
             state = new_state
             if manager is not None:
-                manager.save(k + 1, args=_save_args(state))
+                io.save_step(manager, k + 1, state)
             bar.update(1)
             bar.set_postfix(objective=f"{value:.4g}")
             if callback is not None:
                 callback(k + 1, value)
         if manager is not None and manager.latest_step() != steps:
-            manager.save(steps, args=_save_args(state), force=True)
+            io.save_step(manager, steps, state, force=True)
     finally:
         bar.close()
         if manager is not None:
@@ -229,13 +218,5 @@ def fit(
     return MetaResult(state["controls"], np.asarray(state["history"]), final, resumed_from)
 
 
-def _save_args(state: dict):
-    import orbax.checkpoint as ocp
-
-    return ocp.args.StandardSave(state)
-
-
 def _progress(start: int, total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=start, desc="meta", disable=not enabled, leave=False)

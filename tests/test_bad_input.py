@@ -17,9 +17,7 @@ from hypothesis import strategies as st
 
 from jaxeif import cli, eif, runs
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import test_resume as toy_experiment  # noqa: E402  (a toy experiment module for the CLI)
+import toy_experiment  # a toy experiment module for the CLI (tests/toy_experiment.py)
 
 N = 4
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 15).reshape(3, 5), "v": jnp.linspace(0.5, -0.5, 5)}
@@ -220,7 +218,7 @@ def test_run_file_names_stay_inside(name):
 
 @pytest.fixture
 def toy_command(monkeypatch):
-    monkeypatch.setitem(cli.COMMANDS, "toy", ("test_resume", "a toy sweep"))
+    monkeypatch.setitem(cli.COMMANDS, "toy", ("toy_experiment", "a toy sweep"))
     monkeypatch.setitem(cli.COMMANDS, "ghost", ("experiments.not_written_yet", "missing"))
     monkeypatch.delenv("JAXEIF_DEBUG", raising=False)
 
@@ -320,7 +318,7 @@ def test_real_processes_exit_2_without_traceback(tmp_path):
     (tmp_path / "file").write_text("keep me")
     for cmd, expected in (
         ([sys.executable, "-m", "jaxeif.cli", "frobnicate"], "invalid choice"),
-        ([sys.executable, str(HERE / "test_resume.py"), "--out", str(tmp_path / "file" / "x")], "cannot create results folder"),
+        ([sys.executable, str(toy_experiment.HERE), "--out", str(tmp_path / "file" / "x")], "cannot create results folder"),
     ):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         assert proc.returncode == 2, proc.stderr

@@ -17,8 +17,8 @@ def test_cnn_benchmark_tiny(capsys):
     point = cnn._scale_point("4:2", 1, 0.01)  # one point of --scale, in-process (the CLI runs each in a subprocess)
     assert point["n"] == 4 and point["rows"] == 2 and point["pairs_per_s"] > 0 and point["peak_rss_mb"] > 0
     # the exactness column: PyTorch and the plain vmap reproduce jaxeif's rows to float32 tolerance
-    rows = [l for l in printed.splitlines() if l.startswith("| PyTorch loop") or l.startswith("| jax.vmap")]
-    assert rows and all(float(l.rstrip(" |").split("|")[-1]) < 1e-4 for l in rows)
+    diffs = {k: v for k, v in out["max_abs_diff_vs_eif"].items() if k.startswith(("PyTorch loop", "jax.vmap"))}
+    assert len(diffs) == 2 and all(v < 1e-4 for v in diffs.values()), diffs
 
 
 def test_cnn_benchmark_checks_flags_before_any_work(capsys):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jaxeif
-from jaxeif.data import images
+from jaxeif.data import images, noisy_digits
 from jaxeif.models import cnn
 
 
@@ -94,20 +94,20 @@ def test_load_or_train_saves_restores_and_refuses_other_config(tmp_path):
 
 def test_add_gaussian_noise_statistics_and_seeding():
     base = jnp.full((200, 28, 28, 1), 0.5)
-    noisy = np.asarray(images.add_gaussian_noise(base, 0.5, jax.random.key(0)))
+    noisy = np.asarray(noisy_digits.add_gaussian_noise(base, 0.5, jax.random.key(0)))
     diff = noisy - 0.5
     assert abs(diff.mean()) < 0.01 and diff.std() == pytest.approx(0.5, rel=0.01)
     assert noisy.min() < 0 and noisy.max() > 1  # no clipping
-    again = np.asarray(images.add_gaussian_noise(base, 0.5, jax.random.key(0)))
+    again = np.asarray(noisy_digits.add_gaussian_noise(base, 0.5, jax.random.key(0)))
     np.testing.assert_array_equal(noisy, again)
-    other = np.asarray(images.add_gaussian_noise(base, 0.5, jax.random.key(1)))
+    other = np.asarray(noisy_digits.add_gaussian_noise(base, 0.5, jax.random.key(1)))
     assert not np.array_equal(noisy, other)
     with pytest.raises(ValueError, match="std"):
-        images.add_gaussian_noise(base, -1.0, jax.random.key(0))
+        noisy_digits.add_gaussian_noise(base, -1.0, jax.random.key(0))
 
 
 def test_finetune_set_is_mnist_test_sorted_noise_level_major():
-    fs = images.finetune_set(per_digit=5, noise_stds=(0.5, 1.0), seed=0)
+    fs = noisy_digits.finetune_set(per_digit=5, noise_stds=(0.5, 1.0), seed=0)
     assert fs.images.shape == (150, 28, 28, 1) and fs.images.dtype == np.float32
     np.testing.assert_array_equal(fs.labels, np.tile(np.repeat(np.arange(10), 5), 3))
     np.testing.assert_array_equal(fs.noise_std, np.repeat([0.0, 0.5, 1.0], 50).astype(np.float32))
@@ -119,7 +119,7 @@ def test_finetune_set_is_mnist_test_sorted_noise_level_major():
     n2 = fs.images[100:] - fs.images[:50]
     assert n1.std() == pytest.approx(0.5, rel=0.02) and n2.std() == pytest.approx(1.0, rel=0.02)
     assert abs(np.corrcoef(n1.ravel(), n2.ravel())[0, 1]) < 0.02  # independent draws per level
-    again = images.finetune_set(per_digit=5, noise_stds=(0.5, 1.0), seed=0)
+    again = noisy_digits.finetune_set(per_digit=5, noise_stds=(0.5, 1.0), seed=0)
     np.testing.assert_array_equal(fs.images, again.images)
 
 

@@ -9,27 +9,9 @@ import pytest
 
 import jaxeif
 from experiments import cnn_noise
-from jaxeif import cli, desiderata
-from jaxeif.data import images
+from jaxeif import cli, desiderata, lr_choice
+from jaxeif.data import noisy_digits
 from jaxeif.models import cnn
-
-
-def test_choose_lr_takes_the_top_of_the_first_plateau():
-    lrs = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
-    agree = [np.nan, 0.3, 0.97, 0.99, 0.96, 0.2, 0.98]  # plateau 1e-4..1e-2, then a stray agreeing point
-    assert cnn_noise.choose_lr(lrs, agree, 0.95) == 1e-2
-    assert cnn_noise.choose_lr(lrs, agree, 0.965) == 1e-3
-    with pytest.raises(ValueError, match="no plateau"):
-        cnn_noise.choose_lr(lrs, [np.nan] * 7, 0.95)
-
-
-def test_agreement_is_scale_free_and_ignores_diagonal():
-    rng = np.random.default_rng(0)
-    A = rng.normal(size=(6, 6))
-    B = 7.0 * A + np.diag(rng.normal(size=6) * 100)
-    assert cnn_noise.agreement(A, B) == pytest.approx(1.0)
-    assert cnn_noise.agreement(A, -A) == pytest.approx(-1.0)
-    assert np.isnan(cnn_noise.agreement(A, np.zeros((6, 6))))  # EIF == 0: no plateau there
 
 
 def test_study_metrics_on_a_constructed_matrix():
@@ -69,8 +51,8 @@ def test_end_to_end_quick_run_writes_consistent_results(tmp_path, capsys):
     assert M.shape == (60, 60) and np.all(np.isfinite(M))
     metrics = json.loads((out / "metrics.json").read_text())
     sweep = json.loads((out / "lr_sweep.json").read_text())
-    assert metrics["lr"] == sweep["chosen_lr"] == cnn_noise.choose_lr(sweep["lrs"], sweep["agreement_with_previous"], 0.95)
-    fs = images.finetune_set(per_digit=2, noise_stds=(0.5, 1.0), seed=0)
+    assert metrics["lr"] == sweep["chosen_lr"] == lr_choice.choose_lr(sweep["lrs"], sweep["agreement_with_previous"], 0.95, rule=cnn_noise.RULE)
+    fs = noisy_digits.finetune_set(per_digit=2, noise_stds=(0.5, 1.0), seed=0)
     assert metrics["symmetry_corr"] == pytest.approx(float(desiderata.symmetry_corr(M)), abs=1e-6)
     assert metrics["block_symmetry_corr_digit"] == pytest.approx(float(desiderata.block_symmetry_corr(M, fs.labels)), abs=1e-6)
     assert metrics["base_cnn"]["config"]["train_size"] == 1280

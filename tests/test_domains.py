@@ -1,4 +1,4 @@
-"""Synthetic fact domains: names, templates as in PAPER.md, probes, errors."""
+"""Synthetic fact domains: names, templates as in the paper, probes, errors."""
 import re
 
 import pytest

@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -47,7 +46,7 @@ def test_tokenizer_builds_without_torch_and_matches_transformers(cache, gguf_pat
 
 
 def test_default_model_matches_transformers_logits_and_greedy_tokens(cache, gguf_path):
-    apply_fn, params, config = phi3.default_model()
+    apply_fn, params, config = loading.default_model()
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
             config.num_key_value_heads, config.tie_word_embeddings) == (30, 576, 9, 3, True)
     tok = tokenizer.load_tokenizer()

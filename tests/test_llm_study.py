@@ -6,9 +6,10 @@ import pytest
 
 pytest.importorskip("torch", reason="the tiny checkpoint is written with transformers' PyTorch models")
 
-from test_lm import tiny_checkpoint  # noqa: E402
+from tiny_lm import tiny_checkpoint  # noqa: E402
 
-from jaxeif import cli, desiderata  # noqa: E402
+from experiments import llm_logic  # noqa: E402
+from jaxeif import cli, desiderata, lr_choice  # noqa: E402
 from jaxeif.data import domains  # noqa: E402
 
 
@@ -64,8 +65,6 @@ def test_unknown_domain_is_a_clear_error(tmp_path, capsys):
 def test_lr_sweep_picks_the_plateau_and_the_study_uses_it(study, tmp_path):
     """--lr-sweep on a tiny model: the sweep file and figure exist, the chosen lr is the plateau rule's
     on the recorded agreements, and with --lr plateau the matrices are those of that lr."""
-    from jaxeif import lm
-
     _, _, ckpt = study
     out = tmp_path / "sweep"
     argv = ["llm", "--model", str(ckpt), "--out", str(out), "--domains", "bigger_than", "squares", "--repeats", "1",
@@ -74,7 +73,7 @@ def test_lr_sweep_picks_the_plateau_and_the_study_uses_it(study, tmp_path):
     sweep = json.loads((out / "lr_sweep.json").read_text())
     assert (out / "lr_sweep.png").stat().st_size > 0
     agreement = np.nan_to_num(np.array(sweep["agreement_with_previous"], float), nan=-1)
-    assert sweep["chosen"] == lm.choose_plateau(np.array(sweep["lrs"]), agreement, 0.95)
+    assert sweep["chosen"] == lr_choice.choose_lr(sweep["lrs"], agreement, 0.95, rule=llm_logic.RULE)
     assert sweep["agreement_with_previous"][-1] < 0.95  # lr 10 leaves the linear regime
     results = json.loads((out / "results.json").read_text())
     assert results["lr_used"] == sweep["chosen"] and results["config"]["lr"] == "plateau"

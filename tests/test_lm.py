@@ -12,42 +12,11 @@ import pytest
 torch = pytest.importorskip("torch", reason="reference tests need torch==2.13.0 (make test installs it)")
 transformers = pytest.importorskip("transformers")
 
-from jaxeif import lm  # noqa: E402
-from jaxeif.models import lora, phi3, tokenizer  # noqa: E402
+from jaxeif import lm, lr_choice  # noqa: E402
+from jaxeif.models import loading, lora, tokenizer  # noqa: E402
+from tiny_lm import tiny_checkpoint  # noqa: E402
 
 TEXTS = ["Ab is big.", "Cd is big.", "Ab is big.\nCd is big.", "Cd is small.", "Ab is small."]
-BOS, PAD = "<s>", "<pad>"
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer (one token per byte, ids 0..255) with BOS 256 and PAD 257."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(alphabet, key=lambda c: tokenizer._bytes_to_unicode().index(c)))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(BOS, special=True), AddedToken(PAD, special=True)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, pad_token=PAD)
-
-
-def tiny_checkpoint(path, arch="llama", vocab=260, tie=True, seed=0, context=128):
-    """A random tiny transformers checkpoint + byte tokenizer in `path`; returns the torch model."""
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=tie, bos_token_id=256,
-                  pad_token_id=257, eos_token_id=257, initializer_range=0.15, rms_norm_eps=1e-5)
-    torch.manual_seed(seed)
-    if arch == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
-        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, original_max_position_embeddings=context))
-    model = model.float().eval()
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return model
-
-
 def torch_loss(model, ids, att, score):
     """The same length-normalised NLL, written directly in torch for one row."""
     logits = model(torch.tensor(ids[None], dtype=torch.long), attention_mask=torch.tensor(att[None])).logits[0]
@@ -78,7 +47,7 @@ def torch_eif(model, toks, make_opt, steps=1):
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     model = tiny_checkpoint(path)
-    apply_fn, params, config = phi3.from_pretrained(path)
+    apply_fn, params, config = loading.from_pretrained(path)
     tok = tokenizer.load_tokenizer(path)
     return model, apply_fn, params, config, tok
 
@@ -118,7 +87,7 @@ def test_two_line_row_differs_from_its_last_line_row(sgd_eif):
 def test_phi3_untied_adam_and_lowrank_sgd_with_context_match_torch_loop(tmp_path):
     """Phi-3 layout, untied output layer: Adam (2 steps) and low-rank SGD on samples whose context is not scored."""
     model = tiny_checkpoint(tmp_path, arch="phi3", tie=False, seed=1)
-    apply_fn, params, config = phi3.from_pretrained(tmp_path)
+    apply_fn, params, config = loading.from_pretrained(tmp_path)
     tok = tokenizer.load_tokenizer(tmp_path)
     toks = lm.tokenize(tok, TEXTS[:4], config=config)
     lr = 3e-3
@@ -181,22 +150,14 @@ def test_lora_eif_equals_loop_over_merged_models(tiny):
     assert np.abs(M).max() > 1e-3
 
 
-def test_choose_plateau_rule():
-    lrs = 10.0 ** np.arange(-6, 0)
-    agree = np.array([np.nan, 0.2, 0.99, 0.98, 0.97, 0.5])  # noise, plateau 1e-5..1e-2, non-linear
-    assert lm.choose_plateau(lrs, np.nan_to_num(agree, nan=-1), 0.95) in (1e-4, 1e-3)
-    with pytest.raises(ValueError, match="no two consecutive"):
-        lm.choose_plateau(lrs, np.zeros(6), 0.95)
-
-
 def test_lr_sweep_on_tiny_model(tiny):
     _, apply_fn, params, config, tok = tiny
     toks = lm.tokenize(tok, TEXTS, config=config)
-    sweep = lm.lr_sweep(lambda r: lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=r), [1e-4, 1e-3, 1e-2, 1e-1, 3.0])
+    sweep = lr_choice.lr_sweep(lambda r: lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=r), [1e-4, 1e-3, 1e-2, 1e-1, 3.0])
     assert sweep.agreement[1] > 0.95 and sweep.agreement[-1] < sweep.agreement[1]  # linear regime, then not
     assert np.all(np.diff(sweep.magnitude[:4]) > 0)
     assert sweep.chosen in sweep.lrs[:4]
-    assert lm.plot_lr_sweep(sweep) is not None
+    assert lr_choice.plot_lr_sweep(sweep) is not None
 
 
 def test_bad_input(tiny):

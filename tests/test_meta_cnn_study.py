@@ -2,7 +2,7 @@
 import numpy as np
 
 from experiments.meta_cnn_noise import pairs, split_set
-from jaxeif.data.images import FinetuneSet
+from jaxeif.data.noisy_digits import FinetuneSet
 
 
 def fake_set(per_digit=3, levels=(0.0, 0.5, 1.0)):
@@ -18,11 +18,11 @@ def fake_set(per_digit=3, levels=(0.0, 0.5, 1.0)):
 def test_split_is_disjoint_and_pairs_twins():
     fs = fake_set()
     train, held = split_set(fs, 3, 0, 2), split_set(fs, 3, 2, 1)
-    ids = lambda s: set((s["images"][:, 0, 0, 0] % 1000).astype(int).tolist())
+    ids = lambda s: set((s.images[:, 0, 0, 0] % 1000).astype(int).tolist())
     assert ids(train).isdisjoint(ids(held)) and len(ids(train)) == 20 and len(ids(held)) == 10
     for s, k in ((train, 20), (held, 10)):
-        assert len(s["labels"]) == 3 * k and np.all(s["noise_std"][:k] == 0)
+        assert len(s.labels) == 3 * k and np.all(s.noise_std[:k] == 0)
         twins, noisy = pairs(s)
-        np.testing.assert_array_equal(s["images"][twins, 0, 0, 0] % 1000, s["images"][noisy, 0, 0, 0] % 1000)
-        np.testing.assert_array_equal(s["labels"][twins], s["labels"][noisy])
-        assert np.all(s["noise_std"][twins] == 0) and np.all(s["noise_std"][noisy] > 0)
+        np.testing.assert_array_equal(s.images[twins, 0, 0, 0] % 1000, s.images[noisy, 0, 0, 0] % 1000)
+        np.testing.assert_array_equal(s.labels[twins], s.labels[noisy])
+        assert np.all(s.noise_std[twins] == 0) and np.all(s.noise_std[noisy] > 0)

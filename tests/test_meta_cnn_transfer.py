@@ -8,7 +8,7 @@ import pytest
 
 import meta
 from jaxeif import cli
-from jaxeif.data import images as data
+from jaxeif.data import noisy_digits as data
 
 
 def total_variation(x):

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="reference tests need torch==2.13.0 (make test installs it)")
 transformers = pytest.importorskip("transformers")
 
-from jaxeif.models import loading, phi3  # noqa: E402
+from jaxeif.models import loading  # noqa: E402
 
 TOL = 1e-4
 
@@ -42,7 +42,7 @@ def _torch_logits(model, ids, mask=None):
 
 
 def _ours(path, ids, mask=None):
-    apply_fn, params, config = phi3.from_pretrained(path)
+    apply_fn, params, config = loading.from_pretrained(path)
     out = apply_fn(params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask))
     return np.asarray(out), config
 
@@ -138,7 +138,7 @@ def test_bf16_runs_close_to_float32(tmp_path):
     path, _ = _tiny_phi3(tmp_path, "phi3_bf16")
     ids = _ids(1, 8, 97)
     f32, _ = _ours(path, ids)
-    apply_fn, params, _ = phi3.from_pretrained(path, dtype=jnp.bfloat16)
+    apply_fn, params, _ = loading.from_pretrained(path, dtype=jnp.bfloat16)
     assert params["model"]["embed_tokens"]["weight"].dtype == jnp.bfloat16
     out = np.asarray(apply_fn(params, ids))
     assert out.dtype == np.float32
@@ -147,7 +147,7 @@ def test_bf16_runs_close_to_float32(tmp_path):
 
 def test_apply_fn_is_differentiable(tmp_path):
     path, _ = _tiny_phi3(tmp_path, "phi3_grad", num_hidden_layers=1)
-    apply_fn, params, _ = phi3.from_pretrained(path)
+    apply_fn, params, _ = loading.from_pretrained(path)
     ids = _ids(1, 5, 97)
     g = jax.jit(jax.grad(lambda p: apply_fn(p, ids).sum()))(params)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))

@@ -4,13 +4,11 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
-import sys
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_resume import command, env  # noqa: E402  (the toy experiment lives there)
+from toy_experiment import command, env, toy_problem
 
 
 def run_once(out: pathlib.Path, *extra: str) -> dict:
@@ -44,8 +42,6 @@ def test_same_command_twice_identical_numbers_and_full_record(tmp_path):
 
 def test_another_seed_gives_other_numbers(tmp_path):
     """Guards the test above against a seed that is ignored (identical numbers by accident)."""
-    from test_resume import toy_problem
-
     p0, t0 = toy_problem(0, 4)
     p1, t1 = toy_problem(1, 4)
     assert not np.array_equal(np.asarray(p0["w"]), np.asarray(p1["w"]))

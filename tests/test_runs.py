@@ -15,18 +15,14 @@ import pytest
 
 from jaxeif import eif, runs
 from jaxeif.runs import CorruptCheckpointError, RunDir, RunDirError
+from toy_experiment import toy_loss, toy_problem
 
 
 def toy(seed: int = 0, n: int = 7):
-    k = jax.random.split(jax.random.key(seed), 4)
-    params = {"w": jax.random.normal(k[0], (3, 5)) / 2, "v": jax.random.normal(k[1], (5,)) / 2}
-    train = (jax.random.normal(k[2], (n, 3)), jax.random.normal(k[3], (n,)))
-    return params, train
+    return toy_problem(seed, n, d_in=3, hidden=5)
 
 
-def loss(params, example):
-    x, y = example
-    return jnp.square(jnp.tanh(x @ params["w"]) @ params["v"] - y)
+loss = toy_loss
 
 
 def bits(a):
@@ -156,22 +152,6 @@ def test_save_load_has_and_names(tmp_path):
     (run.path / "t.npy").write_bytes(run.file("m.npy").read_bytes()[:-5])  # truncated by hand
     with pytest.raises(CorruptCheckpointError, match="t.npy is damaged"):
         run.load_npy("t")
-
-
-def test_state_checkpoints_keep_last_and_restore(tmp_path):
-    run = RunDir.open(tmp_path / "r", {})
-    like = {"lr": np.zeros(3, np.float32), "step": np.zeros((), np.int32)}
-    assert run.restore_state("meta", like) is None
-    for s in range(4):
-        run.save_state("meta", s, {"lr": np.full(3, s, np.float32), "step": np.asarray(s, np.int32)}, keep=2)
-    step, state = run.restore_state("meta", like)
-    assert step == 3 and np.array_equal(state["lr"], np.full(3, 3.0, np.float32))
-    assert sorted(p.name for p in (run.path / "meta").iterdir() if p.name.isdigit()) == ["2", "3"]
-    for f in (run.path / "meta" / "3").rglob("*"):
-        if f.is_file() and f.parent.name == "d" and f.parent.parent.name == "default":
-            f.write_bytes(f.read_bytes()[:3])
-    with pytest.raises(CorruptCheckpointError, match="damaged"):
-        run.restore_state("meta", like)
 
 
 def test_run_metadata_records_versions_device_seed():

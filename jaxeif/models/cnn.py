@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
+
+from jaxeif import io
+from jaxeif.data import images as data
 
 Params = Any
 _META = "meta.json"
@@ -105,8 +110,6 @@ def train(
     progress: bool = True,
 ) -> Params:
     """Adam on shuffled mini-batches (the last partial batch is dropped); deterministic given seed."""
-    from tqdm.auto import tqdm
-
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
     if len(images) < batch_size:
@@ -170,10 +173,6 @@ def load_or_train(
     `train_size` limits training to the first n train images (tests). A checkpoint made with
     another configuration is refused rather than silently reused.
     """
-    import orbax.checkpoint as ocp
-
-    from jaxeif.data import images as data
-
     ckpt_dir = Path(ckpt_dir).expanduser().absolute()
     config = _config(epochs, batch_size, seed, learning_rate, train_size)
     info = checkpoint_info(ckpt_dir)
@@ -184,7 +183,7 @@ def load_or_train(
                 f"{config}; pass another checkpoint folder or delete {ckpt_dir} to retrain"
             )
         target = init_params(jax.random.key(seed))
-        return ocp.StandardCheckpointer().restore(ckpt_dir / _WEIGHTS, target)
+        return io.restore_checkpoint(ckpt_dir / _WEIGHTS, target)
 
     if train_size is None:
         x_train, y_train = data.load("fashion_mnist", "train")
@@ -200,15 +199,9 @@ def load_or_train(
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if (ckpt_dir / _WEIGHTS).exists():  # weights without meta: an interrupted save; redo it
-        import shutil
-
         shutil.rmtree(ckpt_dir / _WEIGHTS)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(ckpt_dir / _WEIGHTS, params)
-    checkpointer.wait_until_finished()
+    io.save_checkpoint(ckpt_dir / _WEIGHTS, params)
     meta = {"config": config, "test_accuracy": acc, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
             "n_train": int(len(x_train)), "backend": jax.default_backend()}
-    tmp = ckpt_dir / (_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(ckpt_dir / _META)  # meta last: its presence marks a complete checkpoint
+    io.save_json(ckpt_dir / _META, meta)  # meta last: its presence marks a complete checkpoint
     return params

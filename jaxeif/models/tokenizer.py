@@ -1,4 +1,4 @@
-"""Tokenizers for the models `phi3.from_pretrained` loads, offline and without torch.
+"""Tokenizers for the models `loading.from_pretrained` loads, offline and without torch.
 
 `load_tokenizer(path=None)` returns a `transformers.PreTrainedTokenizerFast`:
   * a model directory: `transformers.AutoTokenizer.from_pretrained(dir)` (its tokenizer files);
@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+import gguf
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from jaxeif import io
 from jaxeif.models import loading
 
 # GGUF `tokenizer.ggml.pre` values whose split is GPT-2's byte-level regex.
 _GPT2_STYLE_PRE = ("smollm", "gpt-2", "gpt2", "default")
 _CONTROL = 3  # llama.cpp token type: control (special) token
 _USER_DEFINED = 4
+# transformers is imported inside the functions that need it: importing it takes about a second, which
+# `jaxeif --help` and every study that never builds a tokenizer would otherwise pay.
 
 
 def load_tokenizer(path=None, *, cache: bool = True):
@@ -31,7 +35,7 @@ def load_tokenizer(path=None, *, cache: bool = True):
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
     if path.is_dir():
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # slow import (see the module's imports)
 
         check_tokenizer_dir(path)
         try:
@@ -59,7 +63,7 @@ def cache_dir() -> Path:
 
 def cached_gguf_tokenizer(path):
     """`gguf_tokenizer(path)`, converted once and then read back from the cache (atomic write)."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # slow import (see the module's imports)
 
     path = Path(path).resolve()
     st = path.stat()
@@ -68,22 +72,12 @@ def cached_gguf_tokenizer(path):
     if (target / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(target), local_files_only=True)
     tok = gguf_tokenizer(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
-    try:
+    with io.atomic_dir(target) as tmp:  # a concurrent writer may have won, which is fine
         tok.save_pretrained(str(tmp))
-        os.replace(tmp, target)  # atomic; a concurrent writer may have won, which is fine
-    except OSError:
-        if not (target / "tokenizer.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
 
 def _gguf_tokenizer_fields(path: Path) -> dict:
-    import gguf
-
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
@@ -97,8 +91,7 @@ def _gguf_tokenizer_fields(path: Path) -> dict:
 
 def gguf_tokenizer(path):
     """Byte-level BPE tokenizer rebuilt from a GGUF's `tokenizer.ggml.*` metadata (no torch)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # slow import (see the module's imports)
 
     path = Path(path)
     f = _gguf_tokenizer_fields(path)
