@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxeif import io
+
 PyTree = Any
 
 
@@ -159,8 +161,6 @@ def layer_optimizer(log_scales: dict[str, jax.Array], base: optax.GradientTransf
 def save_amortised(path, predictor: Amortised, phi: PyTree) -> None:
     """Write `predictor` (architecture, base rate, standardizer) and its learned `phi` to an .npz
     file that load_amortised reads back (numpy arrays only: nothing in it runs code)."""
-    from jaxeif import runs
-
     flat, _ = jax.tree_util.tree_flatten_with_path(phi)
     arrays = {"phi/" + "/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(v) for keys, v in flat}
     arrays.update(standardizer_mean=np.asarray(predictor.standardizer.mean),
@@ -168,7 +168,7 @@ def save_amortised(path, predictor: Amortised, phi: PyTree) -> None:
                   hidden=np.asarray(predictor.predictor.hidden, np.int64),
                   max_log_gain=np.asarray(predictor.predictor.max_log_gain, np.float64),
                   base_lr=np.asarray(predictor.base_lr, np.float64))
-    with runs.atomic_file(path, "wb") as fh:
+    with io.atomic_file(path, "wb") as fh:
         np.savez(fh, **arrays)
 
 
