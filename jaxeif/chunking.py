@@ -47,13 +47,18 @@ def free_bytes(device: jax.Device | None = None) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def budget_bytes(memory_budget: float | int | None, device: jax.Device | None = None) -> int:
-    """The budget in bytes: `memory_budget` itself, or DEFAULT_FRACTION of the free memory when None."""
+def check_memory_budget(memory_budget: Any) -> None:
+    """ValueError unless `memory_budget` is None or a positive number of bytes."""
     if memory_budget is None:
-        return int(DEFAULT_FRACTION * free_bytes(device))
+        return
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
         raise ValueError(f"`memory_budget` must be a positive number of bytes or None (a fraction of free memory), got {memory_budget!r}")
-    return int(memory_budget)
+
+
+def budget_bytes(memory_budget: float | int | None, device: jax.Device | None = None) -> int:
+    """The budget in bytes: `memory_budget` itself, or DEFAULT_FRACTION of the free memory when None."""
+    check_memory_budget(memory_budget)
+    return int(DEFAULT_FRACTION * free_bytes(device)) if memory_budget is None else int(memory_budget)
 
 
 def program_bytes(compiled: Any) -> int:

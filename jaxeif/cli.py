@@ -57,49 +57,32 @@ def _number(kind: type, text: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    """An int >= 1 (steps, sizes, counts)."""
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _checked_number(kind: type, name: str, ok, rule: str, doc: str):
+    """An argparse `type=`: text -> a `kind` number for which ok(value) holds, else "must be {rule}"."""
+
+    def parse(text: str):
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+
+    parse.__name__, parse.__doc__ = name, doc
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """An int >= 0 (seeds, ranks where 0 means off)."""
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (learning rates)."""
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0 (noise levels, weights)."""
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+positive_int = _checked_number(int, "positive_int", lambda v: v >= 1, ">= 1", "An int >= 1 (steps, sizes, counts).")
+nonnegative_int = _checked_number(int, "nonnegative_int", lambda v: v >= 0, ">= 0",
+                                  "An int >= 0 (seeds, ranks where 0 means off).")
+positive_float = _checked_number(float, "positive_float", lambda v: v > 0, "> 0", "A finite number > 0 (learning rates).")
+nonnegative_float = _checked_number(float, "nonnegative_float", lambda v: v >= 0, ">= 0",
+                                    "A finite number >= 0 (noise levels, weights).")
+unit_fraction = _checked_number(float, "unit_fraction", lambda v: 0 < v <= 1, "in (0, 1]",
+                                "A number in (0, 1] (thresholds such as a correlation plateau).")
 
 
 def chunk_size(text: str) -> int | str:
     """"auto" or an int >= 1 (fine-tunes per step, see jaxeif.chunking)."""
     return text if text == "auto" else positive_int(text)
-
-
-def unit_fraction(text: str) -> float:
-    """A number in (0, 1] (thresholds such as a correlation plateau)."""
-    value = _number(float, text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
 
 
 def _top_parser() -> _Parser:

@@ -93,8 +93,7 @@ def chunk_plan(loss_fn, params, train, evals=None, *, lr=1e-3, steps=1, optimize
     precision = precision_lib.check(precision)
     with precision_lib.context(precision):
         args = precision_lib.cast_inputs(precision, (params, train, evals, jnp.broadcast_to(lr, (sweep_points, n))))
-        static = dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer,
-                      difference=precision_lib.propagates_difference(precision))
+        static = program_static(loss_fn, steps, optimizer, precision)
         chunks, _, nbytes = plan(jax.tree.map(jnp.asarray, args), static, chunk_size, memory_budget, precision)
     return chunks, nbytes
 
@@ -187,13 +186,11 @@ _CACHE_SIZE = 16
 
 
 def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size, precision, memory_budget) -> jax.Array:
-    """The checked core of eif and eif_sweep: [k, n, m] for lrs f[k, n], in the inputs' float dtype
-    (float32 in "float64" mode: the float64 result keeps its relative accuracy when rounded)."""
+    """The checked core of eif and eif_sweep: [k, n, m] for lrs f[k, n] (dtype: `result_dtype`)."""
     precision = precision_lib.check(precision)
     with precision_lib.context(precision):
         args = precision_lib.cast_inputs(precision, (params, train, evals, lrs))
-        static = dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer,
-                      difference=precision_lib.propagates_difference(precision))
+        static = program_static(loss_fn, steps, optimizer, precision)
         if checks.is_traced(args):
             chunks, _, _ = plan(args, static, chunk_size, memory_budget, precision, traced=True)
             out = _program(*args, chunks=chunks, **static)
@@ -210,7 +207,17 @@ def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size
                     f"(XLA's estimate for this program: {chunking.gib(nbytes)}); pass a smaller chunk_size, "
                     "or chunk_size='auto' with a smaller memory_budget"
                 ) from e
-        return out.astype(jnp.float32) if precision == "float64" else out
+        return result_dtype(out, precision)
+
+
+def program_static(loss_fn, steps: int, optimizer, precision: str) -> dict:
+    """The static arguments of `_program` for a checked precision mode."""
+    return dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer, difference=precision_lib.propagates_difference(precision))
+
+
+def result_dtype(out: jax.Array, precision: str) -> jax.Array:
+    """float32 in "float64" mode (the float64 result keeps its relative accuracy when rounded), else as computed."""
+    return out.astype(jnp.float32) if precision == "float64" else out
 
 
 def plan(args, static: dict, chunk_size, memory_budget, mode: str, *, traced: bool = False) -> tuple[Chunks, Any, int]:
@@ -221,7 +228,7 @@ def plan(args, static: dict, chunk_size, memory_budget, mode: str, *, traced: bo
     "auto" searches with chunking.choose. Traced calls may be differentiated: their budget is a
     third of the free memory (the backward pass rematerialises a chunk and keeps its cotangents).
     """
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), args)
+    chunking.check_memory_budget(memory_budget)
     if traced and chunk_size != "auto":
         return Chunks(chunk_size), None, 0
     accelerator = jax.default_backend() != "cpu"
@@ -233,20 +240,23 @@ def plan(args, static: dict, chunk_size, memory_budget, mode: str, *, traced: bo
         _CACHE.move_to_end(key)
         return _CACHE[key]
 
+    lower_with = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), args) if traced else args
+
     def compile_at(chunks: Chunks):
-        compiled = _jitted_program.lower(*(abstract if traced else args), chunks=chunks, **static).compile()
+        compiled = _jitted_program.lower(*lower_with, chunks=chunks, **static).compile()
         return compiled, chunking.program_bytes(compiled)
 
     n, m = args[3].shape[1], checks.leading_axis("evals", args[2])
-    budget = chunking.budget_bytes(memory_budget)
     if chunk_size == "auto":
+        budget = chunking.budget_bytes(memory_budget)
         result = chunking.choose(compile_at, n, m, budget=budget // 3 if traced else budget, accelerator=accelerator)
     else:
         compiled, nbytes = compile_at(Chunks(chunk_size))
-        if accelerator and nbytes > chunking.free_bytes():
+        free = chunking.free_bytes() if accelerator else None
+        if accelerator and nbytes > free:
             raise chunking.MemoryBudgetError(
                 f"chunk_size={chunk_size} needs an estimated {chunking.gib(nbytes)} (XLA's memory analysis), more than "
-                f"the {chunking.gib(chunking.free_bytes())} free on {jax.devices()[0].device_kind}; "
+                f"the {chunking.gib(free)} free on {jax.devices()[0].device_kind}; "
                 "pass a smaller chunk_size or chunk_size='auto'"
             )
         result = (Chunks(chunk_size), compiled, nbytes)

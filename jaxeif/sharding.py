@@ -58,7 +58,7 @@ def eif_sharded(
     lr_rows = jnp.concatenate([jnp.broadcast_to(lr, (n,)), jnp.zeros((pad,), jnp.result_type(lr))])
     mesh = Mesh(np.asarray(devices), (_AXIS,))
     precision = precision_lib.check(precision)
-    static = dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer, difference=precision_lib.propagates_difference(precision))
+    static = influence.program_static(loss_fn, steps, optimizer, precision)
     with precision_lib.context(precision):
         params, train, evals, lr_rows = precision_lib.cast_inputs(precision, (params, train, evals, lr_rows))
         per_device = (n + pad) // len(devices)
@@ -71,7 +71,7 @@ def eif_sharded(
             mesh=mesh, in_specs=(P(_AXIS), P(_AXIS), P(), P()), out_specs=P(_AXIS), check_vma=False))
         rows = NamedSharding(mesh, P(_AXIS))
         train_rows = jax.device_put(_pad_rows(train, pad), rows)
-        matrix = run(train_rows, jax.device_put(lr_rows, rows), params, evals).astype(jnp.float32)
+        matrix = influence.result_dtype(run(train_rows, jax.device_put(lr_rows, rows), params, evals), precision)
     if not matrix.is_fully_addressable:  # multi-host: every process gets the whole matrix
         matrix = multihost_utils.process_allgather(matrix, tiled=True)
     return influence.report_nonfinite(np.asarray(matrix)[:n], lr)

@@ -116,6 +116,8 @@ def test_bad_chunk_size_and_budget():
             jaxeif.eif(mlp_loss, params, train, chunk_size=bad)
     with pytest.raises(ValueError, match="memory_budget"):
         jaxeif.eif(mlp_loss, params, train, memory_budget=-1)
+    with pytest.raises(ValueError, match="memory_budget"):  # also under jit, and with a fixed chunk
+        jax.jit(lambda p: jaxeif.eif(mlp_loss, p, train, chunk_size=2, memory_budget="lots"))(params)
 
 
 def wide_loss(params, example):
