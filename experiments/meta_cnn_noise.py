@@ -124,58 +124,16 @@ def run(args: argparse.Namespace) -> dict:
     run_dir = runs.RunDir.open(args.out, config)
     params = cnn.load_or_train(args.ckpt, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                progress=progress, train_size=args.train_size)
-    total = args.per_digit + args.heldout_per_digit
-    fs = noisy_digits.finetune_set(per_digit=total, noise_stds=tuple(args.noise_stds), seed=args.seed)
-    train_split = split_set(fs, total, 0, args.per_digit)
-    held = split_set(fs, total, args.per_digit, args.heldout_per_digit)
-
-    feats_train = meta.image_features(train_split.images)
-    predictor = meta.amortised(feats_train, args.lr, hidden=args.hidden, max_log_gain=args.max_log_gain)
-    phi0 = predictor.init(jax.random.key(args.seed), feats_train)
-
-    # references: the uniform-lr matrix on the meta-training digits
-    clean_tr = np.flatnonzero(train_split.noise_std == 0)
-    x_tr, y_tr = jnp.asarray(train_split.images), jnp.asarray(train_split.labels)
-    M0 = jaxeif.eif(cnn.loss_fn, params, (x_tr, y_tr), (x_tr[clean_tr], y_tr[clean_tr]), lr=args.lr, steps=args.steps,
-                    chunk_size=args.chunk_size)
-    within0, between0 = (float(v) for v in clean_learning(M0, train_split))
-    if not (within0 > 0 and between0 != 0):
-        raise ValueError(f"at --lr {args.lr:g} the clean digits teach their class {within0:.3g} (must be > 0 to be "
-                         f"kept) and other classes {between0:.3g} (must be nonzero to be bounded); choose another --lr")
-    refs = {"within": within0, "between_abs": abs(between0)}
-    objective = make_objective(cnn.loss_fn, train_split, predictor, steps=args.steps, chunk_size=args.chunk_size,
-                               refs=refs, keep_weight=args.keep_weight, guard_weight=args.guard_weight)
-
+    train_split, held = _splits(args)
+    refs = _references(params, train_split, args)
     t = time.perf_counter()
-    result = meta.fit(objective, phi0, optimizer=optax.adam(args.meta_lr), steps=args.meta_steps,
-                      checkpoint_dir=run_dir.path / "meta_ckpt", every=args.every, progress=progress,
-                      data=(params, x_tr, y_tr, feats_train))
+    predictor, result = _learn_predictor(params, train_split, refs, args, run_dir, progress)
     meta_seconds = time.perf_counter() - t
     run_dir.save_npy("history", result.history)
-
-    # held-out digits: square EIF before (uniform lr) and after (predicted lr)
-    x_h, y_h = jnp.asarray(held.images), jnp.asarray(held.labels)
     lr_after = np.asarray(predictor.lr(result.controls, meta.image_features(held.images)))
-    lr_before = np.full_like(lr_after, args.lr)
-    mats = {}
-    for name, lr in (("before", lr_before), ("after", lr_after)):
-        if not run_dir.has(f"eif_heldout_{name}.npy"):
-            run_dir.save_npy(f"eif_heldout_{name}", np.asarray(jaxeif.eif(cnn.loss_fn, params, (x_h, y_h), lr=lr, steps=args.steps,
-                                                                                chunk_size=args.chunk_size)))
-        mats[name] = run_dir.load_npy(f"eif_heldout_{name}")
-    lr_train = np.asarray(predictor.lr(result.controls, feats_train))
-    metrics = {
-        "sign": "loss after minus loss before (negative = learned); learning = -mean",
-        "objective": {"first": float(result.history[0]), "final": result.final, "resumed_from": result.resumed_from},
-        "references_meta_train": refs,
-        "meta_train_lr_mean": {f"std_{s:g}": float(lr_train[train_split.noise_std == s].mean())
-                               for s in sorted(set(train_split.noise_std.tolist()))},
-        "heldout": {name: heldout_metrics(mats[name], held, lr) for name, lr in (("before", lr_before), ("after", lr_after))},
-        "n_meta_train": int(len(train_split.labels)), "n_heldout": int(len(held.labels)),
-        "seconds": {"meta": meta_seconds},
-        "base_cnn": cnn.checkpoint_info(args.ckpt),
-        "metadata": runs.run_metadata(seed=args.seed, study="meta_cnn_noise"),
-    }
+    lrs = {"before": np.full_like(lr_after, args.lr), "after": lr_after}
+    mats = _heldout_matrices(params, held, lrs, args, run_dir)
+    metrics = _metrics(args, result, refs, predictor, train_split, held, mats, lrs, meta_seconds)
     run_dir.save_json("lr_heldout.json", {"noise_std": held.noise_std, "labels": held.labels, "lr": lr_after})
     meta.save_amortised(run_dir.file("predictor.npz"), predictor, result.controls)
     _figures(run_dir, result.history, mats, held, plot)
@@ -184,6 +142,68 @@ def run(args: argparse.Namespace) -> dict:
     summary = _summary(metrics)
     print(summary)
     return {"out": str(run_dir.path), "summary": summary, "metrics": metrics, "predictor": str(run_dir.file("predictor.npz"))}
+
+
+def _splits(args) -> tuple[Split, Split]:
+    """(meta-training, held-out) digits: the first --per-digit of each class, then the next --heldout-per-digit."""
+    total = args.per_digit + args.heldout_per_digit
+    fs = noisy_digits.finetune_set(per_digit=total, noise_stds=tuple(args.noise_stds), seed=args.seed)
+    return split_set(fs, total, 0, args.per_digit), split_set(fs, total, args.per_digit, args.heldout_per_digit)
+
+
+def _references(params, split: Split, args) -> dict:
+    """Clean within- and |between|-class learning of the uniform-lr EIF on the meta-training digits."""
+    clean = np.flatnonzero(split.noise_std == 0)
+    x, y = jnp.asarray(split.images), jnp.asarray(split.labels)
+    M0 = jaxeif.eif(cnn.loss_fn, params, (x, y), (x[clean], y[clean]), lr=args.lr, steps=args.steps,
+                    chunk_size=args.chunk_size)
+    within0, between0 = (float(v) for v in clean_learning(M0, split))
+    if not (within0 > 0 and between0 != 0):
+        raise ValueError(f"at --lr {args.lr:g} the clean digits teach their class {within0:.3g} (must be > 0 to be "
+                         f"kept) and other classes {between0:.3g} (must be nonzero to be bounded); choose another --lr")
+    return {"within": within0, "between_abs": abs(between0)}
+
+
+def _learn_predictor(params, split: Split, refs: dict, args, run_dir, progress: bool):
+    """(predictor, meta.fit's result): the amortised lr predictor trained on `split` (resumed from meta_ckpt/)."""
+    features = meta.image_features(split.images)
+    predictor = meta.amortised(features, args.lr, hidden=args.hidden, max_log_gain=args.max_log_gain)
+    phi0 = predictor.init(jax.random.key(args.seed), features)
+    objective = make_objective(cnn.loss_fn, split, predictor, steps=args.steps, chunk_size=args.chunk_size,
+                               refs=refs, keep_weight=args.keep_weight, guard_weight=args.guard_weight)
+    result = meta.fit(objective, phi0, optimizer=optax.adam(args.meta_lr), steps=args.meta_steps,
+                      checkpoint_dir=run_dir.path / "meta_ckpt", every=args.every, progress=progress,
+                      data=(params, jnp.asarray(split.images), jnp.asarray(split.labels), features))
+    return predictor, result
+
+
+def _heldout_matrices(params, held: Split, lrs: dict, args, run_dir) -> dict:
+    """The square EIF of the held-out digits at each named lr vector, saved as eif_heldout_<name>.npy (reused)."""
+    x, y = jnp.asarray(held.images), jnp.asarray(held.labels)
+    mats = {}
+    for name, lr in lrs.items():
+        if not run_dir.has(f"eif_heldout_{name}.npy"):
+            run_dir.save_npy(f"eif_heldout_{name}", np.asarray(jaxeif.eif(cnn.loss_fn, params, (x, y), lr=lr, steps=args.steps,
+                                                                                chunk_size=args.chunk_size)))
+        mats[name] = run_dir.load_npy(f"eif_heldout_{name}")
+    return mats
+
+
+def _metrics(args, result, refs, predictor, train_split: Split, held: Split, mats, lrs, meta_seconds) -> dict:
+    """Every number of the study (metrics.json, less the total time)."""
+    lr_train = np.asarray(predictor.lr(result.controls, meta.image_features(train_split.images)))
+    return {
+        "sign": "loss after minus loss before (negative = learned); learning = -mean",
+        "objective": {"first": float(result.history[0]), "final": result.final, "resumed_from": result.resumed_from},
+        "references_meta_train": refs,
+        "meta_train_lr_mean": {f"std_{s:g}": float(lr_train[train_split.noise_std == s].mean())
+                               for s in sorted(set(train_split.noise_std.tolist()))},
+        "heldout": {name: heldout_metrics(mats[name], held, lrs[name]) for name in ("before", "after")},
+        "n_meta_train": int(len(train_split.labels)), "n_heldout": int(len(held.labels)),
+        "seconds": {"meta": meta_seconds},
+        "base_cnn": cnn.checkpoint_info(args.ckpt),
+        "metadata": runs.run_metadata(seed=args.seed, study="meta_cnn_noise"),
+    }
 
 
 def _figures(run_dir, history, mats, held, plot) -> None:
