@@ -8,10 +8,9 @@ def test_cnn_benchmark_tiny(capsys):
     parser = argparse.ArgumentParser()
     cnn.add_arguments(parser)
     out = cnn.run(parser.parse_args(["--n", "8", "--rows", "2", "--matmul-size", "256", "--profile"]))
-    printed = capsys.readouterr().out
-    for name in ("jaxeif.eif", "jax.vmap, straightforward", "PyTorch loop", "torch.func.vmap", "eif_linearized"):
-        assert name in printed
-    assert set(out["pairs_per_s"]) >= {"jax.vmap, straightforward", "PyTorch loop (deepcopy, SGD step, eval)"}
+    assert "pairs/s" in capsys.readouterr().out  # the table is printed; its numbers are read from `out`
+    for name in ("jaxeif.eif", "jax.vmap, straightforward", "PyTorch loop", "torch.func.vmap", "jaxeif.eif_linearized"):
+        assert any(k.startswith(name) and v > 0 for k, v in out["pairs_per_s"].items()), name
     assert out["matmul_gflops"] > 0 and out["peak_rss_mb"] > 0
     assert "conv2 3x3, 16 -> 32 channels" in out["profile_us"]  # the stage profile composed to cnn.loss_fn (checked inside)
     point = cnn._scale_point("4:2", 1, 0.01)  # one point of --scale, in-process (the CLI runs each in a subprocess)
