@@ -68,7 +68,8 @@ def eif_sweep(
 
     `lrs` is f[k] (one rate per sweep point) or f[k, n] (per sample). Base losses are shared, and
     for steps == 1 so is each row's first optimizer update (lr only scales it). Rows that diverge at
-    some lr raise NonFiniteInfluenceError like eif (warn when traced).
+    some lr raise NonFiniteInfluenceError like eif (warn when traced). The other arguments as in eif
+    (`progress`: a bar of rows, each row being its k fine-tunes).
     """
     evals, n, _ = validate(loss_fn, params, train, evals, lr=0.0, steps=steps, optimizer=optimizer,
                            chunk_size=chunk_size, progress=progress)

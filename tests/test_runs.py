@@ -281,3 +281,17 @@ def test_sweep_passes_chunk_size_to_its_eif_fn():
     m = runs.sweep_eif(loss, params, train, lr=0.2, block_size=3, chunk_size=2, eif_fn=sharded)
     assert seen == [2, 2, 2] and isinstance(m, jax.Array) and m.dtype == jnp.float32
     np.testing.assert_allclose(m, eif(loss, params, train, lr=0.2), rtol=1e-6, atol=1e-7)
+
+
+def test_sweep_written_before_block_size_was_named_still_resumes(tmp_path):
+    params, train = toy()
+    run = RunDir.open(tmp_path / "r", {})
+    with pytest.raises(Crash):
+        runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run, on_block=crash_after(1)[1])
+    info = json.loads((run.path / "eif_sweep.json").read_text())
+    info["chunk_size"] = info.pop("block_size")  # the key's name before 2026-11-26
+    (run.path / "eif_sweep.json").write_text(json.dumps(info))
+    calls, count = crash_after(100)
+    resumed = runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run, on_block=count)
+    assert calls == [1, 2, 3]
+    np.testing.assert_array_equal(bits(resumed), bits(runs.sweep_eif(loss, params, train, lr=0.2, block_size=2)))
