@@ -224,7 +224,32 @@ def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size
                     f"(XLA's estimate for this program: {chunking.gib(nbytes)}); pass a smaller chunk_size, "
                     "or chunk_size='auto' with a smaller memory_budget"
                 ) from e
+            if precision_lib.propagates_difference(precision):
+                out = _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, steps=steps, optimizer=optimizer,
+                                              chunk_size=chunk_size, precision=precision, progress=False,
+                                              memory_budget=memory_budget)
         return result_dtype(out, precision)
+
+
+def _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, *, precision: str, **kwargs) -> jax.Array:
+    """Entries whose propagated difference overflowed, recomputed as a difference of two losses.
+
+    A huge step (the CNN at lr 1 moves logits by ~1e8) can overflow the propagated form where the
+    direct one stays finite; entries that large lose nothing by direct subtraction. Warns with the count."""
+    bad = ~np.isfinite(np.asarray(out))  # [k, n, m]
+    rows = np.flatnonzero(bad.any(axis=(0, 2)))
+    if not rows.size:
+        return out
+    direct = precision_lib.direct_counterpart(precision)
+    take = functools.partial(jax.tree.map, lambda x: jnp.asarray(x)[rows])
+    redone = np.asarray(matrices(loss_fn, params, take(train), evals, jnp.asarray(lrs)[:, rows], precision=direct,
+                                 **kwargs))
+    fixed = np.array(out)
+    fixed[:, rows] = np.where(bad[:, rows], redone, fixed[:, rows])
+    warnings.warn(f"jaxeif: {int(bad.sum())} entries in rows {rows.tolist()[:20]} overflowed in precision={precision!r} "
+                  f"(very large loss changes); they were recomputed in {direct!r}, which is as accurate at that size",
+                  RuntimeWarning)
+    return jnp.asarray(fixed)
 
 
 def program_static(loss_fn, steps: int, optimizer, precision: str, progress: bool = False) -> dict:

@@ -373,9 +373,28 @@ def _gguf_tensor(tensors: dict, shapes: dict, config: Phi3Config, source: str, u
 
 
 def from_pretrained(path=None, dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
-    """(apply_fn, params, config) from a Hugging Face dir, a `.gguf` file, or None (the SmolLM2 default)."""
+    """(apply_fn, params, config) from a Hugging Face dir, a `.gguf` file, or None (the SmolLM2 default).
+
+    `apply_fn.config` is `config`. With dtype float64 the apply_fn runs inside `jax.enable_x64` (float64
+    params, float64 logits) whether or not x64 is enabled globally."""
     params, config = load(path, dtype=dtype)
-    return jax.jit(make_apply_fn(config, dtype)), params, config
+    return jitted_apply_fn(config, dtype), params, config
+
+
+def jitted_apply_fn(config: Phi3Config, dtype=jnp.float32) -> Callable:
+    """`jax.jit(make_apply_fn(config, dtype))`, carrying `.config`; float64 runs inside `jax.enable_x64`."""
+    jitted = jax.jit(make_apply_fn(config, dtype))
+    if jnp.dtype(dtype) != jnp.float64:
+        jitted.config = config
+        return jitted
+
+    @functools.wraps(jitted)
+    def apply_fn64(*args, **kwargs):
+        with jax.enable_x64(True):
+            return jitted(*args, **kwargs)
+
+    apply_fn64.config = config
+    return apply_fn64
 
 
 def default_model(dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
