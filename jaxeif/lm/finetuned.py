@@ -10,7 +10,6 @@ import optax
 from tqdm.auto import tqdm
 
 import jaxeif
-from jaxeif import precision as precision_lib
 from jaxeif.finetune import PyTree
 from jaxeif.lm.dispatch import choose_path
 from jaxeif.lm.loss import NLL, sequence_nll
@@ -73,13 +72,7 @@ def lora_eif(
     """
     deltas, scale = (adapters.deltas, float(adapters.scale)) if hasattr(adapters, "deltas") else (adapters, 1.0)
     train, evals = checked(apply_fn, params, train, evals)
-    if precision == "float64":  # jaxeif.eif casts the adapters; the shared base params must be float64 too
-        with precision_lib.context(precision):
-            params = precision_lib.cast_inputs(precision, params)
-        loss_fn = _lora_loss.__wrapped__(apply_fn, params, scale)
-    else:
-        loss_fn = _lora_loss(apply_fn, params, scale)
-    return _eif(loss_fn, deltas, train, evals, lr=lr, steps=steps, optimizer=optimizer,
+    return _eif(_lora_loss(apply_fn, params, scale), deltas, train, evals, lr=lr, steps=steps, optimizer=optimizer,
                 chunk_size=chunk_size, precision=precision, progress=progress)
 
 
@@ -96,29 +89,18 @@ def _eif(loss_fn, params, train: Tokens, evals: Tokens | None, *, progress: bool
 _LORA_LOSSES: dict = {}
 
 
-def _cached(make):
-    """`make(apply_fn, params, scale)` memoised on (apply_fn, params identity, scale), so eif's jit cache is
-    reused across calls; `.__wrapped__` builds a fresh one (for params that are not kept)."""
-
-    def cached(apply_fn, params, scale):
-        key = (apply_fn, id(params), scale)
-        if key not in _LORA_LOSSES or _LORA_LOSSES[key][0] is not params:
-            _LORA_LOSSES[key] = (params, make(apply_fn, params, scale))
-        return _LORA_LOSSES[key][1]
-
-    cached.__wrapped__ = make
-    return cached
-
-
-@_cached
 def _lora_loss(apply_fn, params, scale):
-    """loss_fn(adapter deltas, example) of the decoder with `params` and LoRA `scale`."""
+    """One loss_fn per (apply_fn, params, scale) so eif's jit cache is reused across calls."""
+    key = (apply_fn, id(params), scale)
+    if key not in _LORA_LOSSES or _LORA_LOSSES[key][0] is not params:
+        def loss_fn(deltas, example, _apply=apply_fn, _params=params, _scale=scale):
+            if jax.tree.leaves(deltas)[0].dtype == jnp.float64:  # precision "float64": the base params too
+                _params = jax.tree.map(lambda w: w.astype(jnp.float64), _params)
+            logits = _apply(_params, example.ids[None], example.attention[None], delta=Adapters(deltas, _scale))[0]
+            return sequence_nll(logits, example.ids, example.score)
 
-    def loss_fn(deltas, example):
-        logits = apply_fn(params, example.ids[None], example.attention[None], delta=Adapters(deltas, scale))[0]
-        return sequence_nll(logits, example.ids, example.score)
-
-    return loss_fn
+        _LORA_LOSSES[key] = (params, loss_fn)
+    return _LORA_LOSSES[key][1]
 
 
 def _as_jnp(tokens: Tokens) -> Tokens:
