@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
                 "mean_matrix": means[m].tolist(),
                 "inverse_asymmetry": float(desiderata.inverse_asymmetry(means[m])),
                 "symmetry_corr": float(desiderata.symmetry_corr(means[m])),
-                "probes": desiderata.probe_scores(per_repeat[m], d.probes),
+                "probes": desiderata.probe_scores(per_repeat[m], d.probe_rows),
             }
         if name in PAPER_SYMMETRY:
             entry["paper_inverse_asymmetry"] = dict(zip(MODES, PAPER_SYMMETRY[name]))
