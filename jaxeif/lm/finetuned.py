@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import jaxeif
+from jaxeif import progress as progress_lib
 from jaxeif.finetune import PyTree
 from jaxeif.lm.dispatch import choose_path
 from jaxeif.lm.loss import NLL, sequence_nll
@@ -41,6 +40,7 @@ def finetuned_eif(
     `optimizer` None is plain SGD. `chunk_size`: fine-tunes per step ("auto": jaxeif.chunking).
     `precision`: a jaxeif.precision mode. `config`: only the low-rank path needs it (default apply_fn.config).
     """
+    progress_lib.check(progress)
     train, evals = checked(apply_fn, params, train, evals)
     config = getattr(apply_fn, "config", None) if config is None else config
     chosen = choose_path(path, optimizer=optimizer, steps=steps, backend=jax.default_backend(),
@@ -76,14 +76,9 @@ def lora_eif(
                 chunk_size=chunk_size, precision=precision, progress=progress)
 
 
-def _eif(loss_fn, params, train: Tokens, evals: Tokens | None, *, progress: bool, **kwargs) -> jax.Array:
-    """`jaxeif.eif` on Tokens; one compiled program, so a progress bar completes when it returns."""
-    if not isinstance(progress, bool):
-        raise TypeError(f"`progress` must be True or False, got {progress!r}")
-    with tqdm(total=int(np.asarray(train.ids).shape[0]), desc="fine-tuned EIF", disable=not progress) as bar:
-        out = jaxeif.eif(loss_fn, params, _as_jnp(train), None if evals is None else _as_jnp(evals), **kwargs)
-        bar.update(bar.total)
-    return out
+def _eif(loss_fn, params, train: Tokens, evals: Tokens | None, **kwargs) -> jax.Array:
+    """`jaxeif.eif` on Tokens (its progress bar ticks per finished row: jaxeif.progress)."""
+    return jaxeif.eif(loss_fn, params, _as_jnp(train), None if evals is None else _as_jnp(evals), **kwargs)
 
 
 _LORA_LOSSES: dict = {}
