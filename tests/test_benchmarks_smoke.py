@@ -1,7 +1,12 @@
 """Each benchmark runs end to end on tiny sizes and prints its table (nothing is timed or asserted on speed)."""
 import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 from benchmarks import cnn
+from benchmarks import lm as bench_lm
 
 
 def test_cnn_benchmark_tiny(capsys):
@@ -56,3 +61,21 @@ def test_meta_memory_benchmark_tiny(capsys):
     small, large = out["rows"]
     # n 4x: before grows about 10-16x (n x m), after about 4x (one row over the m evals, m = n)
     assert large["before_gib"] > 8 * small["before_gib"] and large["after_gib"] < 5 * small["after_gib"]
+
+
+def test_lm_benchmark_random_tiny_decoder(tmp_path, capsys):
+    """bench-lm --random: both exact paths side by side on a random decoder, no checkpoint, a JSON of every number."""
+    parser = argparse.ArgumentParser()
+    bench_lm.add_arguments(parser)
+    out = bench_lm.run(parser.parse_args(["--random", "tiny", "--n", "4", "--matmul-size", "128",
+                                          "--json", str(tmp_path / "lm.json")]))
+    printed = capsys.readouterr().out
+    assert bench_lm.LOWRANK in printed and bench_lm.DENSE in printed and "low-rank / dense = " in printed
+    saved = json.loads((tmp_path / "lm.json").read_text())
+    assert saved["lowrank_over_dense"] == out["lowrank_over_dense"] > 0 and saved["auto_picks"] in ("lowrank", "dense")
+    assert saved["max_abs_diff_vs_lowrank"][bench_lm.DENSE] < 1e-5  # the two paths compute the same matrix
+    # the --random path imports neither TensorFlow nor torch (a GPU machine may have neither)
+    code = ("import sys, argparse; from benchmarks import lm; p = argparse.ArgumentParser(); lm.add_arguments(p); "
+            "lm._model(p.parse_args(['--random', 'tiny', '--n', '2'])); "
+            "assert not {'tensorflow', 'torch'} & set(sys.modules), sorted({'tensorflow', 'torch'} & set(sys.modules))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import jaxeif
-from jaxeif import precision as precision_lib
+from jaxeif import progress as progress_lib
 from jaxeif.finetune import PyTree
 from jaxeif.lm.dispatch import choose_path
 from jaxeif.lm.loss import NLL, sequence_nll
@@ -42,6 +40,7 @@ def finetuned_eif(
     `optimizer` None is plain SGD. `chunk_size`: fine-tunes per step ("auto": jaxeif.chunking).
     `precision`: a jaxeif.precision mode. `config`: only the low-rank path needs it (default apply_fn.config).
     """
+    progress_lib.check(progress)
     train, evals = checked(apply_fn, params, train, evals)
     config = getattr(apply_fn, "config", None) if config is None else config
     chosen = choose_path(path, optimizer=optimizer, steps=steps, backend=jax.default_backend(),
@@ -73,52 +72,30 @@ def lora_eif(
     """
     deltas, scale = (adapters.deltas, float(adapters.scale)) if hasattr(adapters, "deltas") else (adapters, 1.0)
     train, evals = checked(apply_fn, params, train, evals)
-    if precision == "float64":  # jaxeif.eif casts the adapters; the shared base params must be float64 too
-        with precision_lib.context(precision):
-            params = precision_lib.cast_inputs(precision, params)
-        loss_fn = _lora_loss.__wrapped__(apply_fn, params, scale)
-    else:
-        loss_fn = _lora_loss(apply_fn, params, scale)
-    return _eif(loss_fn, deltas, train, evals, lr=lr, steps=steps, optimizer=optimizer,
+    return _eif(_lora_loss(apply_fn, params, scale), deltas, train, evals, lr=lr, steps=steps, optimizer=optimizer,
                 chunk_size=chunk_size, precision=precision, progress=progress)
 
 
-def _eif(loss_fn, params, train: Tokens, evals: Tokens | None, *, progress: bool, **kwargs) -> jax.Array:
-    """`jaxeif.eif` on Tokens; one compiled program, so a progress bar completes when it returns."""
-    if not isinstance(progress, bool):
-        raise TypeError(f"`progress` must be True or False, got {progress!r}")
-    with tqdm(total=int(np.asarray(train.ids).shape[0]), desc="fine-tuned EIF", disable=not progress) as bar:
-        out = jaxeif.eif(loss_fn, params, _as_jnp(train), None if evals is None else _as_jnp(evals), **kwargs)
-        bar.update(bar.total)
-    return out
+def _eif(loss_fn, params, train: Tokens, evals: Tokens | None, **kwargs) -> jax.Array:
+    """`jaxeif.eif` on Tokens (its progress bar ticks per finished row: jaxeif.progress)."""
+    return jaxeif.eif(loss_fn, params, _as_jnp(train), None if evals is None else _as_jnp(evals), **kwargs)
 
 
 _LORA_LOSSES: dict = {}
 
 
-def _cached(make):
-    """`make(apply_fn, params, scale)` memoised on (apply_fn, params identity, scale), so eif's jit cache is
-    reused across calls; `.__wrapped__` builds a fresh one (for params that are not kept)."""
-
-    def cached(apply_fn, params, scale):
-        key = (apply_fn, id(params), scale)
-        if key not in _LORA_LOSSES or _LORA_LOSSES[key][0] is not params:
-            _LORA_LOSSES[key] = (params, make(apply_fn, params, scale))
-        return _LORA_LOSSES[key][1]
-
-    cached.__wrapped__ = make
-    return cached
-
-
-@_cached
 def _lora_loss(apply_fn, params, scale):
-    """loss_fn(adapter deltas, example) of the decoder with `params` and LoRA `scale`."""
+    """One loss_fn per (apply_fn, params, scale) so eif's jit cache is reused across calls."""
+    key = (apply_fn, id(params), scale)
+    if key not in _LORA_LOSSES or _LORA_LOSSES[key][0] is not params:
+        def loss_fn(deltas, example, _apply=apply_fn, _params=params, _scale=scale):
+            if jax.tree.leaves(deltas)[0].dtype == jnp.float64:  # precision "float64": the base params too
+                _params = jax.tree.map(lambda w: w.astype(jnp.float64), _params)
+            logits = _apply(_params, example.ids[None], example.attention[None], delta=Adapters(deltas, _scale))[0]
+            return sequence_nll(logits, example.ids, example.score)
 
-    def loss_fn(deltas, example):
-        logits = apply_fn(params, example.ids[None], example.attention[None], delta=Adapters(deltas, scale))[0]
-        return sequence_nll(logits, example.ids, example.score)
-
-    return loss_fn
+        _LORA_LOSSES[key] = (params, loss_fn)
+    return _LORA_LOSSES[key][1]
 
 
 def _as_jnp(tokens: Tokens) -> Tokens:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from jaxeif import checks, chunking, difference, packing
 from jaxeif import precision as precision_lib
+from jaxeif import progress as progress_lib
 from jaxeif.finetune import PyTree
 from jaxeif.lm.loss import (ROW_LENGTH, group_counts, group_means, pack_tokens, packed_nll, packed_slot_nll,
                             row_arrays, slot_nll)
@@ -237,8 +238,7 @@ def lowrank_sgd_eif(
     """
     config = config_of(apply_fn, config)
     precision = precision_lib.check(precision)
-    if not isinstance(progress, bool):
-        raise TypeError(f"`progress` must be True or False, got {progress!r}")
+    progress_lib.check(progress)
     train, evals = checked(apply_fn, params, train, evals, config.vocab_size)
     n = np.asarray(train.ids).shape[0]
     lr = np.broadcast_to(np.asarray(checks.learning_rate(lr, n), np.float32), (n,))

@@ -8,6 +8,7 @@ input raises a ValueError / FileNotFoundError naming the file or tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -129,6 +130,11 @@ def _as(x: np.ndarray, dtype) -> np.ndarray:
 
 def assemble(get: Callable[[str], np.ndarray], config: Phi3Config, dtype) -> dict:
     """Stacked, fused params from `get(transformers_name) -> array`, shape-checked against the module."""
+    with jax.enable_x64(True) if jnp.dtype(dtype) == jnp.float64 else contextlib.nullcontext():  # keep float64
+        return _assemble(get, config, dtype)
+
+
+def _assemble(get: Callable[[str], np.ndarray], config: Phi3Config, dtype) -> dict:
     expected = param_shapes(config, dtype)
     names = _LAYER_MODULES[config.model_type]
     layers: dict = {}
