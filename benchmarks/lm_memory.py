@@ -25,7 +25,7 @@ from jaxeif.models import phi3, upcast
 
 # name -> (layers, hidden, intermediate, heads, vocab): three sizes, each model well above the process's noise
 SIZES = {"small": (2, 256, 768, 4, 8192), "medium": (4, 512, 1536, 8, 16384), "large": (4, 768, 2304, 12, 32064)}
-TEST_SIZES = {"s1": (1, 192, 512, 4, 4096), "s2": (2, 256, 768, 4, 8192), "s3": (2, 384, 1024, 6, 12288)}
+TEST_SIZES = {"s2": (2, 256, 768, 4, 8192), "s3": (2, 384, 1024, 6, 12288), "s4": (2, 512, 1536, 8, 16384)}
 # name -> (params dtype, compute dtype); "bf16-weights" computes through jaxeif.models.upcast
 DTYPES = {"float32": (jnp.float32, jnp.float32), "bfloat16": (jnp.bfloat16, jnp.bfloat16),
           "bf16-weights": (jnp.bfloat16, jnp.float32)}

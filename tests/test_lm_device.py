@@ -69,7 +69,7 @@ def test_tiny_run_of_every_path_without_tensorflow(tokenizer_dir, tmp_path):
         assert report["summary"]["paths"][path]["pairs_per_s"] > 0
     assert steps["dense"]["max_abs_diff_vs_lowrank"] < steps["lowrank"]["max_abs"]  # the same EIF, bf16 rounding apart
     assert report["summary"]["not_run"] == [] and "squares" in report["summary"]["seconds_per_domain"]
-    assert "pairs/s" in stdout and "prompted  squares" in stdout  # progress printed as it goes
+    assert "pairs/s" in stdout and "prompted squares" in stdout  # progress printed as it goes
 
 
 def test_budget_stops_new_steps_and_says_so(tokenizer_dir, tmp_path):

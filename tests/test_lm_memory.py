@@ -64,9 +64,11 @@ def test_check_memory_refuses_with_the_estimate_and_the_fixes():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc")
 def test_estimate_within_25_percent_of_measured_peaks_at_three_sizes():
-    specs = [dict(size=size, path=path, dtype="float32", n=4, m=8, tokens=32)
+    """float32 at three sizes, and bfloat16 params computing in float32 (models.upcast). A bfloat16-compute
+    model is not checked here: XLA:CPU computes it in float32 with converted copies (a GPU does not)."""
+    specs = [dict(size=size, path=path, dtype="float32", n=4, m=16, tokens=32)
              for size in lm_memory.TEST_SIZES for path in memory.PATHS]
-    specs.append(dict(size="s3", path="dense", dtype="bfloat16", n=4, m=8, tokens=32))
+    specs += [dict(size="s3", path=path, dtype="bf16-weights", n=4, m=16, tokens=32) for path in ("dense", "prompted")]
     rows = lm_memory.measure_subprocess(specs)
     assert len(rows) == len(specs)
     for row in rows:

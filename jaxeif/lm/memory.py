@@ -5,16 +5,18 @@
 
 What each path holds at its peak (P params of `dtype`; activations in `compute_dtype`, logits float32):
 - "dense" (`lm.finetuned_eif`, `jaxeif.eif`): the params, and per fine-tune in a chunk the gradient
-  (the update) and the optimizer state, each P values, and the fine-tuned embedding (and output
-  projection): XLA computes the fine-tuned weights of the scanned layers inside the layer loop, one
-  layer at a time, so no whole fine-tuned copy is held (measured); the backward pass of one sample
-  or the forward pass of the evals (all m at once unless `eval_chunk`), with float32 logits over the
-  whole vocabulary at every token; the n x m result.
+  (the update) and the optimizer state, each P values: XLA forms the fine-tuned weights inside the
+  layer loop, one layer at a time, so no whole fine-tuned copy is held (measured on CPU); the
+  backward pass of one sample or the forward pass of the evals (all m at once unless `eval_chunk`),
+  with float32 logits over the whole vocabulary at every token; the n x m result.
 - "lowrank" (`lm.lowrank_sgd_eif`): the params; the per-token factors of one packed train row
   (inputs and output-gradients of every linear layer, float32), their backward pass and logits; per
   fine-tune in a chunk its rank-r factors; the forward pass of one packed eval row per fine-tune.
   No weight copy, no weight-sized gradient: memory does not grow with n or m.
 - "prompted" (`lm.prompted_eif`): the params and the forward pass of one packed row.
+bfloat16 params computing in float32 (`jaxeif.models.upcast`) add one float32 copy of the params on the
+dense and prompted paths (measured). A bfloat16-compute model is estimated with bfloat16 activations,
+as on a GPU; XLA:CPU computes bfloat16 in float32 with extra converted copies, so CPU peaks run higher.
 Sequences: samples padded to `tokens` (dense), rows of `row_length` tokens (lowrank, prompted).
 The coefficients count the buffers XLA keeps alive in these programs; the estimate is checked
 against measured peaks on CPU (tests/test_lm_memory.py, `jaxeif bench-lm-memory`, README).
@@ -96,23 +98,23 @@ def memory_estimate(
     w = np.dtype(dtype).itemsize
     act = np.dtype(dtype if compute_dtype is None else compute_dtype).itemsize
     params = param_count(config) * w
+    widened = param_count(config) * act if act > w else 0  # upcast params (jaxeif.models.upcast), held whole
     c = chunk_size
     if path == "prompted":
-        return params + _forward_live(config, row_length, act, row_length, logits=2)
-    if path == "lowrank":
+        return params + widened + _forward_live(config, row_length, act, row_length, logits=2)
+    if path == "lowrank":  # XLA widens each layer's weights inside the layer loop: no whole widened copy
         L = config.num_hidden_layers
         factors = L * row_length * (_linear_widths(config) + 3 * config.hidden_size) * F32
-        gradients = factors + _backward_live(config, row_length, F32, row_length, logits=2)
+        gradients = _backward_live(config, row_length, F32, row_length, logits=2)
         embed_rank = 2 * rank if config.tie_word_embeddings else rank
         deltas = c * (L * rank * _linear_widths(config) + embed_rank * (config.vocab_size + config.hidden_size)) * F32
         evals = c * _forward_live(config, row_length, act, row_length, logits=2)
         return params + factors + max(gradients, deltas + evals)
     copies = 1 + OPTIMIZER_STATES[optimizer] + (1 if steps > 1 else 0)  # update, optimizer state, summed delta
-    embed = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) * w
     tile = m if eval_chunk is None else min(eval_chunk, m)
     tune = c * _backward_live(config, tokens, act, tokens, logits=2)
     evals = c * _forward_live(config, tile * tokens, act, tokens, logits=1)
-    return params + c * (copies * params + embed) + max(tune, evals) + (n + 1) * m * F32
+    return params + widened + c * copies * params + max(tune, evals) + (n + 1) * m * F32
 
 
 def check_memory(config, n: int, m: int, *, path: str, budget: int | None = None, **options) -> int:
