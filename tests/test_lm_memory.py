@@ -31,7 +31,9 @@ def test_estimate_grows_where_the_path_holds_more():
     assert lm.memory_estimate(CONFIG, 8, 64, path="dense") > est("dense")  # all evals in one forward
     assert lm.memory_estimate(CONFIG, 8, 64, path="dense", eval_chunk=8) == est("dense") + 56 * 9 * 4  # only the result grows
     assert lm.memory_estimate(CONFIG, 100, 100, path="lowrank") == est("lowrank")  # streams rows: no n, m
-    assert est("prompted", dtype=jnp.bfloat16, compute_dtype=jnp.float32) - est("prompted") == -params // 2
+    half = dict(dtype=jnp.bfloat16, compute_dtype=jnp.float32)  # bf16 params, widened whole (dense, prompted) or per layer
+    assert est("lowrank", **half) - est("lowrank") == -params // 2
+    assert est("prompted", **half) - est("prompted") == params // 2
     assert est("prompted", dtype=jnp.bfloat16) < est("prompted", dtype=jnp.bfloat16, compute_dtype=jnp.float32)
 
 
