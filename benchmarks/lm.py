@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
     matmul = common.matmul_gflops(args.matmul_size)
 
     contenders = [("jaxeif low-rank single-step SGD (lm.lowrank_sgd_eif)",
-                   lambda: lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=args.lr))]
+                   lambda: lm.lowrank_sgd_eif(apply_fn, params, toks, lr=args.lr, config=config))]
     if not args.no_dense:
         contenders.append(("jaxeif dense (lm.finetuned_eif, chunk_size=1)",
                            lambda: lm.finetuned_eif(apply_fn, params, toks, lr=args.lr, chunk_size=1)))

@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default="float32", help="activations' dtype")
     parser.add_argument("--lr", type=cli.positive_float, default=1e-4, help="SGD learning rate")
     parser.add_argument("--chunk-size", type=cli.positive_int, default=1, help="dense: fine-tunes at once")
+    parser.add_argument("--lowrank-chunk-size", type=cli.chunk_size, default="auto",
+                        help="low-rank: fine-tunes at once (auto: as many as fit on an accelerator, one on CPU)")
     parser.add_argument("--warm", action="store_true", help="time a second (compiled) call of every step too")
     parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="entity names and random weights")
     parser.add_argument("--json", default=None, help="write every number here (after each step)")
@@ -115,8 +117,9 @@ def _step(path: str, apply_fn, params, config, tok, texts: list[str], toks: lm.T
     if path == "prompted":
         return lm.prompted_eif(apply_fn, params, tok, config, texts, base=base)
     if path == "lowrank":
-        return lm.lowrank_sgd_eif(apply_fn, params, config=config, train=toks, lr=args.lr, base=base)
-    return np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=args.lr, chunk_size=args.chunk_size))
+        return np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, config=config, lr=args.lr, base=base,
+                                             chunk_size=args.lowrank_chunk_size))
+    return np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=args.lr, chunk_size=args.chunk_size, path="dense"))
 
 
 def _estimate(path: str, config, toks: lm.Tokens, args) -> int:
@@ -124,8 +127,9 @@ def _estimate(path: str, config, toks: lm.Tokens, args) -> int:
     options = dict(dtype=DTYPES[args.dtype], compute_dtype=DTYPES[args.compute_dtype])
     if path == "dense":
         options.update(tokens=t, chunk_size=args.chunk_size)
-    if path == "lowrank":
-        options.update(rank=int(lm_rank(toks)))
+    if path == "lowrank":  # "auto" chunks are chosen inside lowrank_sgd_eif: the estimate is for one at a time
+        c = args.lowrank_chunk_size
+        options.update(rank=int(lm_rank(toks)), chunk_size=1 if c == "auto" else c)
     return lm.check_memory(config, n, n, path=path, **options)
 
 

@@ -63,9 +63,9 @@ def run_path(path: str, apply_fn, params, config, toks: lm.Tokens, n: int, m: in
     """The path's EIF of the first n samples against the first m (prompted: the packed forward passes of n x m pairs)."""
     train, evals = (lm.Tokens(*(x[:k] for x in toks)) for k in (n, m))
     if path == "dense":
-        return np.asarray(lm.finetuned_eif(apply_fn, params, train, evals, lr=1e-4, chunk_size=1))
+        return np.asarray(lm.finetuned_eif(apply_fn, params, train, evals, lr=1e-4, chunk_size=1, path="dense"))
     if path == "lowrank":
-        return lm.lowrank_sgd_eif(apply_fn, params, config=config, train=train, evals=evals, lr=1e-4)
+        return lm.lowrank_sgd_eif(apply_fn, params, train, evals, config=config, lr=1e-4, chunk_size=1)
     ids = [list(map(int, row)) for row in np.asarray(toks.ids)]
     packed = packing.prefixed(ids[:n], ids[:m])  # what lm.prompted_eif runs, from token ids
     return lm.packed_nll(apply_fn, params, packed)

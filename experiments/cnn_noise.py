@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="arithmetic of the EIF (jaxeif.precision); default: the propagated difference, float32 "
                         "relative accuracy per entry at any lr (1.2x the cost of 'highest' on CPU)")
     parser.add_argument("--steps", type=cli.positive_int, default=1, help="SGD steps per one-sample fine-tune")
-    parser.add_argument("--chunk-size", type=cli.positive_int, default=50, help="fine-tunes per checkpointed block")
+    parser.add_argument("--block-size", type=cli.positive_int, default=50, help="fine-tunes per checkpointed block")
     parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the base CNN and of the pixel noise")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 digits per class, base CNN on 3000 images for 1 epoch, short lr grid")
@@ -82,7 +82,7 @@ def _config(args: argparse.Namespace) -> dict:
         "plateau": args.plateau,
         "steps": args.steps,
         "precision": args.precision,
-        "chunk_size": args.chunk_size,
+        "block_size": args.block_size,
         "seed": args.seed,
         "optimizer": "sgd",
         "loss": "softmax cross-entropy toward Fashion class = digit",
@@ -299,8 +299,8 @@ def run(args: argparse.Namespace) -> dict:
     lr = args.lr if args.lr is not None else sweep["chosen_lr"]
 
     t = time.perf_counter()
-    M = runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=args.steps, chunk_size=args.chunk_size, precision=args.precision,
-                       run=run_dir, name="eif", progress=progress)
+    M = np.asarray(runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=args.steps, precision=args.precision,
+                                  progress=progress, block_size=args.block_size, run=run_dir, name="eif"))
     eif_seconds = time.perf_counter() - t
     nan_rows = np.flatnonzero(~np.all(np.isfinite(M), axis=1))
     if nan_rows.size:

@@ -2,7 +2,7 @@
 
 For each domain of jaxeif.data.domains and each repeat (fresh made-up names), compute the
 fine-tuned EIF (one optimizer step on each sample alone, loss after minus before on every
-sample; single-step SGD uses the exact low-rank path of jaxeif.lm) and the prompted EIF
+sample; lm.finetuned_eif picks its exact path, low-rank for single-step SGD on CPU) and the prompted EIF
 (L(p_j | context p_i) - L(p_j), context format jaxeif.lm.PROMPT_FORMAT). Matrices are averaged
 over repeats. Writes into --out: config.json, per-repeat matrices (<mode>_<domain>_r<k>.npy,
 resumable), heatmaps_<domain>.png (fine-tuned beside prompted, sign -EIF: positive = more
@@ -102,18 +102,15 @@ def _config(args: argparse.Namespace) -> dict:
     }
 
 
-def _finetuned(apply_fn, params, config, toks, args, base=None, lr=None) -> np.ndarray:
+def _finetuned(apply_fn, params, config, toks, args, lr=None) -> np.ndarray:
     lr = args.lr if lr is None else lr
-    opt = optax.sgd(1.0) if args.optimizer == "sgd" else optax.adam(1.0)
+    opt = None if args.optimizer == "sgd" else optax.adam(1.0)  # None: plain SGD (lets lm pick the low-rank path)
     if args.lora_rank:
         adapters = lora.init(jax.random.key(args.seed), params, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
-        return np.asarray(lm.lora_eif(apply_fn, params, adapters, toks, lr=lr, steps=args.steps, optimizer=opt,
+        return np.asarray(lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr, steps=args.steps, optimizer=opt,
                                       chunk_size=args.chunk_size))
-    if args.optimizer == "sgd" and args.steps == 1:
-        return lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=lr, chunk_size=args.chunk_size, base=base)
-    # dense path: one full copy of the weights (and optimizer state) per fine-tune in a chunk
     return np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=lr, steps=args.steps, optimizer=opt,
-                                       chunk_size=args.chunk_size))
+                                       chunk_size=args.chunk_size, config=config))
 
 
 def _figures(run, name, samples, means):
@@ -180,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
                 "mean_matrix": means[m].tolist(),
                 "inverse_asymmetry": float(desiderata.inverse_asymmetry(means[m])),
                 "symmetry_corr": float(desiderata.symmetry_corr(means[m])),
-                "probes": desiderata.probe_scores(per_repeat[m], d.probes),
+                "probes": desiderata.probe_scores(per_repeat[m], d.probe_rows),
             }
         if name in PAPER_SYMMETRY:
             entry["paper_inverse_asymmetry"] = dict(zip(MODES, PAPER_SYMMETRY[name]))
@@ -223,16 +220,15 @@ def _compute(run_dir, draws, apply_fn, params, config, tok, args) -> None:
     for (name, r), samples in draws.items():
         texts = [s.text for s in samples]
         toks = lm.tokenize(tok, texts, config=config, pad_multiple=PAD_MULTIPLE)
-        base = None  # L(p_j) before fine-tuning = L(p_j) without context: computed once, shared by both modes
+        base = None  # L(p_j) without context: computed once per repeat for the prompted mode
         for mode in args.modes:
             key = f"{mode}_{name}_r{r}.npy"
             if not run_dir.has(key):
                 wall, cpu = time.time(), time.process_time()
-                if base is None:
-                    base = lm.nll(apply_fn, params, toks)
                 if mode == "finetuned":
-                    M = _finetuned(apply_fn, params, config, toks, args, base)
+                    M = _finetuned(apply_fn, params, config, toks, args)
                 else:
+                    base = lm.nll(apply_fn, params, toks) if base is None else base
                     M = lm.prompted_eif(apply_fn, params, tok, config, texts, base=base)
                 run_dir.save_npy(key, np.asarray(M, np.float32))
                 timings[key] = {"wall_s": time.time() - wall, "cpu_s": time.process_time() - cpu}

@@ -25,10 +25,17 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+import jaxeif
+import meta
 from experiments import meta_cnn_noise
-from jaxeif import cli
+from jaxeif import cli, runs
+from jaxeif.data import noisy_digits as data
+from jaxeif.models import cnn
+from meta.image_study import Split, heldout_metrics, split_set
 
 CLEAN = "clean"
 
@@ -48,8 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> dict:
     """The run's configuration (the command line as given; --quick is applied by study 1); checked before any work."""
-    from jaxeif.data import noisy_digits as data
-
     if not args.salt_pepper or not args.blur_sigmas:
         raise ValueError("--salt-pepper and --blur-sigmas need at least one value each")
     for p in args.salt_pepper:
@@ -81,11 +86,6 @@ def transfer_split(held, salt_pepper, blur_sigmas, seed: int, offset: int = 1000
     """Study 1's held-out split (clean, then its Gaussian levels) plus salt-and-pepper and blurred copies
     of its clean digits; each sample named by its corruption ("clean", "gaussian_0.5", "salt_pepper_0.1",
     "blur_1"). Salt-and-pepper level k uses key fold_in(key(seed), offset + k)."""
-    import jax
-
-    from jaxeif.data import noisy_digits as data
-    from meta.image_study import Split
-
     clean = np.flatnonzero(held.noise_std == 0)
     x_clean, y_clean = held.images[clean], held.labels[clean]
     names = [CLEAN if s == 0 else f"gaussian_{s:g}" for s in held.noise_std.tolist()]
@@ -120,14 +120,7 @@ def table(metrics: dict) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Train (or resume) study 1's predictor, corrupt its held-out digits, compare uniform and learned lr."""
-    import jax.numpy as jnp
-
-    import jaxeif
-    import meta
-    from jaxeif import plot, runs
-    from jaxeif.data import noisy_digits as data
-    from jaxeif.models import cnn
-    from meta.image_study import heldout_metrics, split_set
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     start = time.perf_counter()
     config = _config(args)
@@ -190,7 +183,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _figure(run_dir, held, lr, rows: dict, plot) -> None:
     """Left: predicted lr of every held-out digit per corruption (dots, mean as a bar); right: teaching ratios."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
 
     order = [CLEAN] + list(rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")

@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
     # 3. held-out draws, before (best uniform lr) and after (learned multipliers)
     t = time.perf_counter()
     mats, summary = {}, {}
-    probes = [p for p in domains.DOMAINS[DOMAIN].probes if p.train in EVAL_ROWS and {p.implied, p.not_implied} <= set(PROBE_COLS)]
+    probes = [p for p in domains.DOMAINS[DOMAIN].probe_rows if p.train in EVAL_ROWS and {p.implied, p.not_implied} <= set(PROBE_COLS)]
     for name, scales in (("before", scales0), ("after", result.controls)):
         if not run_dir.has(f"heldout_{name}.npy"):
             b = np.asarray(fwd(params, ho_train, ho_evals, scales, jnp.float32(lr)))

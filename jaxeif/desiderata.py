@@ -137,7 +137,7 @@ def sign_shares(M, labels, *, floor=None, include_diagonal: bool = False) -> dic
 
 
 def probe_scores(matrices: np.ndarray, probes) -> list[dict]:
-    """Per probe (`jaxeif.data.domains.Probe`: train row, implied and not-implied columns): the log-prob gain of
+    """Per probe (`jaxeif.data.domains.ProbeRows`: train row, implied and not-implied columns): the log-prob gain of
     implied minus not implied (= M[i, not] - M[i, implied]) over repeats, matrices f[repeats, n, m]. A host-side
     summary for a results file (numpy, not differentiable), unlike the metrics above."""
     out = []

@@ -13,6 +13,7 @@ import optax
 
 from jaxeif import checks, chunking
 from jaxeif import precision as precision_lib
+from jaxeif import progress as progress_lib
 from jaxeif.chunking import Chunks
 from jaxeif.difference import loss_difference
 from jaxeif.finetune import LossFn, PyTree, finetune, finetune_delta, first_update, scale_updates
@@ -29,6 +30,7 @@ def eif(
     optimizer: optax.GradientTransformation | None = None,
     chunk_size: int | str | None = "auto",
     precision: str = "highest",
+    progress: bool = False,
     memory_budget: float | None = None,
 ) -> jax.Array:
     """M[i, j] = loss(theta_i, evals[j]) - loss(params, evals[j]): f32[n_train, n_eval].
@@ -36,14 +38,15 @@ def eif(
     theta_i is `params` after `steps` optimizer steps on train[i] alone, each update scaled by lr
     (scalar or shape (n,)); `optimizer` defaults to SGD with unit rate. `chunk_size`: rows per
     step ("auto": chosen from the backend and `memory_budget` bytes, see jaxeif.chunking);
-    `precision`: see jaxeif.precision. Jittable, differentiable in lr and params. Raises
-    `NonFiniteInfluenceError` naming diverged rows (warns when traced).
+    `precision`: see jaxeif.precision; `progress`: a bar of finished rows (jaxeif.progress).
+    Jittable, differentiable in lr and params. Raises `NonFiniteInfluenceError` naming diverged
+    rows (warns when traced).
     """
     evals, n, lr = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, progress=progress)
     lrs = jnp.broadcast_to(lr, (n,))[None]
     matrix = matrices(loss_fn, params, train, evals, lrs, steps=steps, optimizer=optimizer, chunk_size=chunk_size,
-                      precision=precision, memory_budget=memory_budget)[0]
+                      precision=precision, progress=progress, memory_budget=memory_budget)[0]
     return report_nonfinite(matrix, lr)
 
 
@@ -58,6 +61,7 @@ def eif_sweep(
     optimizer: optax.GradientTransformation | None = None,
     chunk_size: int | str | None = "auto",
     precision: str = "highest",
+    progress: bool = False,
     memory_budget: float | None = None,
 ) -> jax.Array:
     """The EIF at k learning rates in one program: f32[k, n, m], entry [a] equal to `eif(..., lr=lrs[a])`.
@@ -67,10 +71,10 @@ def eif_sweep(
     some lr raise NonFiniteInfluenceError like eif (warn when traced).
     """
     evals, n, _ = validate(loss_fn, params, train, evals, lr=0.0, steps=steps, optimizer=optimizer,
-                           chunk_size=chunk_size)
+                           chunk_size=chunk_size, progress=progress)
     lrs = checks.learning_rates(lrs, n)
     out = matrices(loss_fn, params, train, evals, jnp.broadcast_to(lrs[:, None], (lrs.shape[0], n)) if lrs.ndim == 1 else lrs,
-                   steps=steps, optimizer=optimizer, chunk_size=chunk_size, precision=precision,
+                   steps=steps, optimizer=optimizer, chunk_size=chunk_size, precision=precision, progress=progress,
                    memory_budget=memory_budget)
     if checks.is_traced(out):
         jax.debug.callback(_warn_nonfinite, jnp.all(jnp.isfinite(out), axis=(0, 2)))
@@ -87,19 +91,21 @@ def eif_sweep(
 
 
 def chunk_plan(loss_fn, params, train, evals=None, *, lr=1e-3, steps=1, optimizer=None, chunk_size="auto",
-               precision="highest", memory_budget=None, sweep_points: int = 1) -> tuple[Chunks, int]:
+               precision="highest", progress=False, memory_budget=None, sweep_points: int = 1) -> tuple[Chunks, int]:
     """(Chunks, XLA's estimated bytes) that `eif` (or an eif_sweep of `sweep_points` rates) runs with."""
-    evals, n, lr = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer, chunk_size=chunk_size)
+    evals, n, lr = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer, chunk_size=chunk_size,
+                            progress=progress)
     precision = precision_lib.check(precision)
     with precision_lib.context(precision):
         args = precision_lib.cast_inputs(precision, (params, train, evals, jnp.broadcast_to(lr, (sweep_points, n))))
-        static = program_static(loss_fn, steps, optimizer, precision)
+        static = program_static(loss_fn, steps, optimizer, precision, progress)
         chunks, _, nbytes = plan(jax.tree.map(jnp.asarray, args), static, chunk_size, memory_budget, precision)
     return chunks, nbytes
 
 
-def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size):
+def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size, progress=False):
     """eif's input checks, shared by the sharded and linearised variants: returns (evals, n, lr)."""
+    progress_lib.check(progress)
     evals = train if evals is None else evals
     n = checks.leading_axis("train", train)
     checks.leading_axis("evals", evals)
@@ -160,16 +166,24 @@ def _row(loss_fn, params, example, lrs: jax.Array, evals, base, *, steps: int, o
     return jax.lax.map(lambda lr: _losses(loss_fn, tune(lr), evals, tile) - base, lrs)
 
 
-def _program(params, train, evals, lrs, *, loss_fn, steps, optimizer, chunks: Chunks, difference: bool = False):
+def _program(params, train, evals, lrs, *, loss_fn, steps, optimizer, chunks: Chunks, difference: bool = False,
+             progress: bool = False):
     """f32[k, n, m]: every row's k fine-tunes against every eval. Each row is rematerialised in
-    the backward pass (jax.checkpoint), so reverse mode keeps about one chunk of rows in memory."""
+    the backward pass (jax.checkpoint), so reverse mode keeps about one chunk of rows in memory.
+    With `progress`, each finished row ticks the open bar (jaxeif.progress)."""
     base = None if difference else _losses(loss_fn, params, evals, chunks.evals)
 
     @jax.checkpoint
-    def row(args):
+    def fine_tunes(args):
         example, lr_row = args
         return _row(loss_fn, params, example, lr_row, evals, base, steps=steps, optimizer=optimizer, tile=chunks.evals,
                     difference=difference)
+
+    def row(args):
+        out = fine_tunes(args)
+        if progress:
+            progress_lib.tick(out)
+        return out
 
     n = lrs.shape[1]
     if chunks.rows is None or chunks.rows >= n:
@@ -179,18 +193,20 @@ def _program(params, train, evals, lrs, *, loss_fn, steps, optimizer, chunks: Ch
     return jnp.moveaxis(out, 0, 1)
 
 
-_STATIC = ("loss_fn", "steps", "optimizer", "chunks", "difference")
+_STATIC = ("loss_fn", "steps", "optimizer", "chunks", "difference", "progress")
 _jitted_program = jax.jit(_program, static_argnames=_STATIC)
 _CACHE: collections.OrderedDict = collections.OrderedDict()  # (call signature) -> (chunks, compiled, bytes)
 _CACHE_SIZE = 16
 
 
-def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size, precision, memory_budget) -> jax.Array:
+def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size, precision, progress,
+             memory_budget) -> jax.Array:
     """The checked core of eif and eif_sweep: [k, n, m] for lrs f[k, n] (dtype: `result_dtype`)."""
     precision = precision_lib.check(precision)
-    with precision_lib.context(precision):
+    progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lrs)))
+    with precision_lib.context(precision), progress_lib.bar(lrs.shape[1], "eif rows", progress):
         args = precision_lib.cast_inputs(precision, (params, train, evals, lrs))
-        static = program_static(loss_fn, steps, optimizer, precision)
+        static = program_static(loss_fn, steps, optimizer, precision, progress)
         if checks.is_traced(args):
             chunks, _, _ = plan(args, static, chunk_size, memory_budget, precision, traced=True)
             out = _program(*args, chunks=chunks, **static)
@@ -198,7 +214,7 @@ def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size
             args = jax.tree.map(jnp.asarray, args)
             chunks, compiled, nbytes = plan(args, static, chunk_size, memory_budget, precision)
             try:
-                out = compiled(*args)
+                out = jax.block_until_ready(compiled(*args))  # inside the bar's lifetime
             except Exception as e:  # XLA raises its own runtime error type; only allocation failures are ours
                 if not chunking.out_of_memory(e):
                     raise
@@ -207,12 +223,38 @@ def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size
                     f"(XLA's estimate for this program: {chunking.gib(nbytes)}); pass a smaller chunk_size, "
                     "or chunk_size='auto' with a smaller memory_budget"
                 ) from e
+            if precision_lib.propagates_difference(precision):
+                out = _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, steps=steps, optimizer=optimizer,
+                                              chunk_size=chunk_size, precision=precision, progress=False,
+                                              memory_budget=memory_budget)
         return result_dtype(out, precision)
 
 
-def program_static(loss_fn, steps: int, optimizer, precision: str) -> dict:
+def _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, *, precision: str, **kwargs) -> jax.Array:
+    """Entries whose propagated difference overflowed, recomputed as a difference of two losses.
+
+    A huge step (the CNN at lr 1 moves logits by ~1e8) can overflow the propagated form where the
+    direct one stays finite; entries that large lose nothing by direct subtraction. Warns with the count."""
+    bad = ~np.isfinite(np.asarray(out))  # [k, n, m]
+    rows = np.flatnonzero(bad.any(axis=(0, 2)))
+    if not rows.size:
+        return out
+    direct = precision_lib.direct_counterpart(precision)
+    take = functools.partial(jax.tree.map, lambda x: jnp.asarray(x)[rows])
+    redone = np.asarray(matrices(loss_fn, params, take(train), evals, jnp.asarray(lrs)[:, rows], precision=direct,
+                                 **kwargs))
+    fixed = np.array(out)
+    fixed[:, rows] = np.where(bad[:, rows], redone, fixed[:, rows])
+    warnings.warn(f"jaxeif: {int(bad.sum())} entries in rows {rows.tolist()[:20]} overflowed in precision={precision!r} "
+                  f"(very large loss changes); they were recomputed in {direct!r}, which is as accurate at that size",
+                  RuntimeWarning)
+    return jnp.asarray(fixed)
+
+
+def program_static(loss_fn, steps: int, optimizer, precision: str, progress: bool = False) -> dict:
     """The static arguments of `_program` for a checked precision mode."""
-    return dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer, difference=precision_lib.propagates_difference(precision))
+    return dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer, difference=precision_lib.propagates_difference(precision),
+                progress=progress)
 
 
 def result_dtype(out: jax.Array, precision: str) -> jax.Array:

@@ -63,50 +63,23 @@ def heatmap(
     (e.g. noise level). Colours are symmetric about 0 and clipped at the `clip_percentile` of |M|
     off the diagonal (the colour bar says so); diagonal=False greys out self-influence.
     """
-    values = _signed(M, sign)
-    if values.ndim != 2:
-        raise ValueError(f"heatmap needs a 2-d matrix, got shape {values.shape}")
-    n, m = values.shape
-    for name, seq in (("labels", labels), ("groups", groups)):
-        if seq is not None and len(seq) != n:
-            raise ValueError(f"`{name}` needs one entry per row ({n}), got {len(seq)}")
-    off = values[~np.eye(n, m, dtype=bool)] if n == m else values.ravel()
-    finite = off[np.isfinite(off)]
-    vmax = float(np.percentile(np.abs(finite), clip_percentile)) if finite.size else 1.0
-    vmax = vmax if vmax > 0 else 1.0
+    values = _heatmap_values(M, sign, labels=labels, groups=groups)
+    vmax = _clip_value(values, clip_percentile)
     shown = values.copy()
-    if not diagonal and n == m:
-        shown[np.eye(n, dtype=bool)] = np.nan
+    if not diagonal and values.shape[0] == values.shape[1]:
+        shown[np.eye(values.shape[0], dtype=bool)] = np.nan
     label, cmap_name = SIGNS[sign]
-    cmap = plt.get_cmap(cmap_name).with_extremes(bad="0.75")
-
     if ax is None:
         fig, ax = plt.subplots(figsize=(8.6, 7.6), layout="constrained")
     fig = ax.figure
-    im = ax.imshow(shown, cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
-    for b in boundaries:
-        ax.axhline(b - 0.5, color="0.35", lw=0.4)
-        ax.axvline(b - 0.5, color="0.35", lw=0.4)
-    for b in major_boundaries:
-        ax.axhline(b - 0.5, color="black", lw=1.6)
-        ax.axvline(b - 0.5, color="black", lw=1.6)
+    im = ax.imshow(shown, cmap=plt.get_cmap(cmap_name).with_extremes(bad="0.75"), vmin=-vmax, vmax=vmax,
+                   interpolation="nearest")
+    _block_lines(ax, boundaries, color="0.35", lw=0.4)
+    _block_lines(ax, major_boundaries, color="black", lw=1.6)
     if labels is not None:
-        runs = _runs(list(labels))
-        centres = [(a + b - 1) / 2 for a, b, _ in runs]
-        names = [str(lab) for _, _, lab in runs]
-        ax.set_xticks(centres, names, fontsize=7)
-        ax.set_yticks(centres, names, fontsize=7)
-        ax.tick_params(length=0)
+        _run_ticks(ax, labels)
     if groups is not None:
-        runs = _runs(list(groups))
-        centres = [(a + b - 1) / 2 for a, b, _ in runs]
-        names = [str(g) for _, _, g in runs]
-        top = ax.secondary_xaxis("top")
-        top.set_xticks(centres, names, fontsize=10, fontweight="bold")
-        top.tick_params(length=0)
-        right = ax.secondary_yaxis("right")
-        right.set_yticks(centres, names, fontsize=10, fontweight="bold", rotation=90, va="center")
-        right.tick_params(length=0)
+        _group_ticks(ax, groups)
     ax.set_xlabel("evaluated on sample j")
     ax.set_ylabel(row_label)
     if title:
@@ -114,6 +87,58 @@ def heatmap(
     cbar = fig.colorbar(im, ax=ax, shrink=0.82, extend="both", pad=0.06)
     cbar.set_label(f"{label}\ncolours clipped at ±{vmax:.3g} ({clip_percentile:g}th pct of |M|)", fontsize=9)
     return fig
+
+
+def _heatmap_values(M, sign: str, *, labels, groups) -> np.ndarray:
+    """M in the figure's sign, f64[n, m], after checking its shape against `labels` and `groups`."""
+    values = _signed(M, sign)
+    if values.ndim != 2:
+        raise ValueError(f"heatmap needs a 2-d matrix, got shape {values.shape}")
+    for name, seq in (("labels", labels), ("groups", groups)):
+        if seq is not None and len(seq) != values.shape[0]:
+            raise ValueError(f"`{name}` needs one entry per row ({values.shape[0]}), got {len(seq)}")
+    return values
+
+
+def _clip_value(values: np.ndarray, clip_percentile: float) -> float:
+    """The colour limit: the `clip_percentile` of the finite |values| off the diagonal (1 if none or 0)."""
+    n, m = values.shape
+    off = values[~np.eye(n, m, dtype=bool)] if n == m else values.ravel()
+    finite = off[np.isfinite(off)]
+    vmax = float(np.percentile(np.abs(finite), clip_percentile)) if finite.size else 1.0
+    return vmax if vmax > 0 else 1.0
+
+
+def _block_lines(ax, at: Sequence[int], **line) -> None:
+    """Horizontal and vertical lines before each index in `at`."""
+    for b in at:
+        ax.axhline(b - 0.5, **line)
+        ax.axvline(b - 0.5, **line)
+
+
+def _run_centres(values: Sequence) -> tuple[list[float], list[str]]:
+    """(centre, name) of each run of equal consecutive values."""
+    runs = _runs(list(values))
+    return [(a + b - 1) / 2 for a, b, _ in runs], [str(v) for _, _, v in runs]
+
+
+def _run_ticks(ax, labels: Sequence) -> None:
+    """One tick per run of equal labels, on both axes."""
+    centres, names = _run_centres(labels)
+    ax.set_xticks(centres, names, fontsize=7)
+    ax.set_yticks(centres, names, fontsize=7)
+    ax.tick_params(length=0)
+
+
+def _group_ticks(ax, groups: Sequence) -> None:
+    """Bold outer labels per run of equal groups, on the top and right axes."""
+    centres, names = _run_centres(groups)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(centres, names, fontsize=10, fontweight="bold")
+    top.tick_params(length=0)
+    right = ax.secondary_yaxis("right")
+    right.set_yticks(centres, names, fontsize=10, fontweight="bold", rotation=90, va="center")
+    right.tick_params(length=0)
 
 
 def histogram(

@@ -51,6 +51,11 @@ def propagates_difference(precision: str) -> bool:
     return precision.startswith("difference")
 
 
+def direct_counterpart(precision: str) -> str:
+    """The mode that subtracts two losses in the same matmul arithmetic ("difference" -> "highest")."""
+    return {"difference": "highest", "difference-tf32": "tf32"}.get(precision, precision)
+
+
 def cast_inputs(precision: str, tree: Any) -> Any:
     """Floating leaves as float64 in "float64" mode (call inside `context`); unchanged otherwise."""
     if precision != "float64":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -12,15 +13,16 @@ import platform
 import shutil
 import sys
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-
 from tqdm.auto import tqdm
 
 from jaxeif import checks, fingerprint, io
 from jaxeif import precision as precision_lib
+from jaxeif import progress as progress_lib
 from jaxeif.influence import eif
 
 CONFIG_FILE = "config.json"
@@ -223,6 +225,90 @@ def run_metadata(seed: int | None = None, **extra: Any) -> dict:
 
 # ----------------------------------------------------------------------------- EIF sweep
 
+BlockHook = Callable[[int, np.ndarray], None]
+
+
+def sweep_eif(
+    loss_fn: Callable,
+    params: Any,
+    train: Any,
+    evals: Any = None,
+    *,
+    lr: Any,
+    steps: int = 1,
+    optimizer: Any = None,
+    chunk_size: int | str | None = "auto",
+    precision: str = "highest",
+    progress: bool = False,
+    block_size: int = 64,
+    run: RunDir | None = None,
+    name: str = "eif",
+    eif_fn: Callable = eif,
+    on_block: BlockHook | None = None,
+) -> jax.Array:
+    """The EIF f32[n, m] by `eif_fn` on blocks of `block_size` train rows, each checkpointed in `run`.
+
+    `chunk_size` and `precision` pass through to `eif_fn` (precision is part of what a resume must
+    match); `progress` shows a bar of blocks. `eif_fn`: any function with jaxeif.eif's signature and
+    values (e.g. jaxeif.eif_sharded); `on_block(b, rows)` runs after block b is computed (and saved).
+    A killed sweep resumes from its finished blocks (bit-identical result). Diverged rows are
+    NaN rows, listed in run.path/"<name>_nonfinite.json" and in a RuntimeWarning.
+    """
+    evals, lr_vec = _check_sweep(train, evals, lr, steps=steps, block_size=block_size, progress=progress, run=run,
+                                 name=name)
+    n, m = lr_vec.shape[0], checks.leading_axis("evals", evals)
+    train = jax.tree.map(np.asarray, train)  # blocks are sliced on the host, once each
+    blocks = _Blocks(n, min(block_size, n))
+    manager = None
+    if run is not None:
+        info = _sweep_info(loss_fn, params, train, evals, lr_vec, steps=steps, optimizer=optimizer,
+                           block_size=blocks.size, precision=precision)
+        finished = _resume_or_start(run, name, info, (n, m))
+        if finished is not None:
+            _warn_nonfinite(name, checks.nonfinite_rows(finished), lr_vec, run)
+            return jnp.asarray(finished)
+        manager = _manager(run.file(f"{name}_blocks"))
+    compute = functools.partial(_compute_block, eif_fn, loss_fn, params, train, evals, lr_vec, steps=steps,
+                                optimizer=optimizer, chunk_size=chunk_size, precision=precision)
+    matrix = _run_blocks(compute, blocks, manager, m, name=name, progress=progress, on_block=on_block)
+    _finish(run, name, matrix, lr_vec)
+    return jnp.asarray(matrix)
+
+
+class _Blocks(NamedTuple):
+    """n train rows in blocks of `size` rows (the last one shorter)."""
+
+    n: int
+    size: int
+
+    @property
+    def count(self) -> int:
+        return -(-self.n // self.size)
+
+    def rows(self, b: int) -> tuple[int, int]:
+        """(start, stop) of block b."""
+        return b * self.size, min((b + 1) * self.size, self.n)
+
+    def padded(self, b: int) -> np.ndarray:
+        """Block b's row indices padded to `size` by repeating the last row, so one compiled shape serves all."""
+        start = b * self.size
+        return np.minimum(np.arange(start, start + self.size), self.n - 1)
+
+
+def _check_sweep(train, evals, lr, *, steps, block_size, progress, run, name) -> tuple[Any, np.ndarray]:
+    """sweep_eif's own argument checks (eif_fn checks the rest): returns (evals, lr f[n])."""
+    evals = train if evals is None else evals
+    n = checks.leading_axis("train", train)
+    checks.leading_axis("evals", evals)
+    checks.positive_int("block_size", block_size)
+    checks.positive_int("steps", steps)
+    progress_lib.check(progress)
+    if run is not None and not isinstance(run, RunDir):
+        raise TypeError(f"`run` must be a jaxeif.runs.RunDir (from RunDir.open), got {type(run).__name__}")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ValueError(f"`name` must be a plain file stem such as 'eif', got {name!r}")
+    return evals, np.broadcast_to(np.asarray(checks.learning_rate(lr, n)), (n,))
+
 
 def _fingerprint(*trees: Any) -> str:
     """A digest of the shapes, dtypes and bytes of every leaf (to refuse resuming other inputs)."""
@@ -237,16 +323,53 @@ def _fingerprint(*trees: Any) -> str:
     return h.hexdigest()
 
 
-def _take(tree: Any, idx: np.ndarray) -> Any:
-    return jax.tree.map(lambda x: x[idx], tree)
+def _sweep_info(loss_fn, params, train, evals, lr_vec, *, steps, optimizer, block_size, precision) -> dict:
+    """What a resumed sweep must match, saved as <name>_sweep.json."""
+    return {
+        "n_train": lr_vec.shape[0],
+        "n_eval": checks.leading_axis("evals", evals),
+        "block_size": block_size,
+        "steps": steps,
+        "optimizer": None if optimizer is None else fingerprint.digest(optimizer),
+        "loss_fn": fingerprint.digest(loss_fn),
+        "precision": precision_lib.check(precision),
+        "fingerprint": _fingerprint(params, train, evals, lr_vec),
+    }
 
 
-def _compute_block(eif_fn: Callable, loss_fn, params, train, evals, lr_vec, idx: np.ndarray, steps, optimizer,
-                   precision: str = "highest") -> np.ndarray:
+def _resume_or_start(run: RunDir, name: str, info: dict, shape: tuple[int, int]) -> np.ndarray | None:
+    """The finished matrix of this sweep if `run` holds one; else None, after refusing other inputs' results."""
+    if run.has(f"{name}_sweep.json"):
+        saved = run.load_json(f"{name}_sweep.json")
+        if isinstance(saved, dict) and "chunk_size" in saved:  # written before the key was renamed
+            saved["block_size"] = saved.pop("chunk_size")
+        if saved != info:
+            raise RunDirError(
+                f"{run.path} holds a sweep '{name}' of other inputs ({_config_diff(saved, info)}); "
+                "pass another --out or name, or delete that folder to start over"
+            )
+        if run.has(f"{name}.npy") and run.has(f"{name}_nonfinite.json"):
+            matrix = run.load_npy(name)
+            if matrix.shape != shape:
+                raise CorruptCheckpointError(f"{run.file(name, '.npy')} has shape {matrix.shape}, expected {shape}; delete it and run again")
+            shutil.rmtree(run.file(f"{name}_blocks"), ignore_errors=True)
+            return matrix
+    elif run.file(f"{name}_blocks").exists() or run.has(f"{name}.npy"):
+        raise RunDirError(
+            f"{run.path} holds results of sweep '{name}' without its {name}_sweep.json, so they cannot be "
+            "checked against these inputs; pass another --out or name, or delete that folder"
+        )
+    else:
+        run.save_json(f"{name}_sweep.json", info)
+    return None
+
+
+def _compute_block(eif_fn: Callable, loss_fn, params, train, evals, lr_vec, idx: np.ndarray, *, steps, optimizer,
+                   chunk_size, precision: str) -> np.ndarray:
     """Rows `idx` of the EIF; diverged rows come back as all-NaN rows."""
     try:
         block = eif_fn(loss_fn, params, _take(train, idx), evals, lr=lr_vec[idx], steps=steps, optimizer=optimizer,
-                       precision=precision)
+                       chunk_size=chunk_size, precision=precision)
         block = np.array(block, dtype=np.float32)
     except checks.NonFiniteInfluenceError as e:
         block = np.array(e.matrix, dtype=np.float32)
@@ -254,111 +377,50 @@ def _compute_block(eif_fn: Callable, loss_fn, params, train, evals, lr_vec, idx:
     return block
 
 
-def sweep_eif(
-    loss_fn: Callable,
-    params: Any,
-    train: Any,
-    evals: Any = None,
-    *,
-    lr: Any,
-    steps: int = 1,
-    optimizer: Any = None,
-    chunk_size: int = 64,
-    run: RunDir | None = None,
-    name: str = "eif",
-    progress: bool = True,
-    precision: str = "highest",
-) -> np.ndarray:
-    """The EIF f32[n, m] by `jaxeif.eif` on row blocks of `chunk_size`, each checkpointed in `run`
-    (`precision` as in eif; part of what a resume must match).
+def _take(tree: Any, idx: np.ndarray) -> Any:
+    return jax.tree.map(lambda x: x[idx], tree)
 
-    A killed sweep resumes from its finished blocks (bit-identical result). Diverged rows are
-    NaN rows, listed in run.path/"<name>_nonfinite.json" and in a RuntimeWarning.
-    """
-    evals = train if evals is None else evals
-    n = checks.leading_axis("train", train)
-    m = checks.leading_axis("evals", evals)
-    checks.positive_int("chunk_size", chunk_size)
-    checks.positive_int("steps", steps)
-    if run is not None and not isinstance(run, RunDir):
-        raise TypeError(f"`run` must be a jaxeif.runs.RunDir (from RunDir.open), got {type(run).__name__}")
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise ValueError(f"`name` must be a plain file stem such as 'eif', got {name!r}")
-    lr_vec = np.broadcast_to(np.asarray(checks.learning_rate(lr, n)), (n,))
-    train = jax.tree.map(np.asarray, train)  # blocks are sliced on the host, once each
-    block_size = min(chunk_size, n)
-    n_blocks = -(-n // block_size)
 
-    manager = None
-    if run is not None:
-        sweep_info = {
-            "n_train": n,
-            "n_eval": m,
-            "chunk_size": block_size,
-            "steps": steps,
-            "optimizer": None if optimizer is None else fingerprint.digest(optimizer),
-            "loss_fn": fingerprint.digest(loss_fn),
-            "precision": precision_lib.check(precision),
-            "fingerprint": _fingerprint(params, train, evals, lr_vec),
-        }
-        if run.has(f"{name}_sweep.json"):
-            saved = run.load_json(f"{name}_sweep.json")
-            if saved != sweep_info:
-                raise RunDirError(
-                    f"{run.path} holds a sweep '{name}' of other inputs ({_config_diff(saved, sweep_info)}); "
-                    "pass another --out or name, or delete that folder to start over"
-                )
-            if run.has(f"{name}.npy") and run.has(f"{name}_nonfinite.json"):
-                matrix = run.load_npy(name)
-                if matrix.shape != (n, m):
-                    raise CorruptCheckpointError(f"{run.file(name, '.npy')} has shape {matrix.shape}, expected {(n, m)}; delete it and run again")
-                shutil.rmtree(run.file(f"{name}_blocks"), ignore_errors=True)
-                _warn_nonfinite(name, checks.nonfinite_rows(matrix), lr_vec, run)
-                return matrix
-        elif run.file(f"{name}_blocks").exists() or run.has(f"{name}.npy"):
-            raise RunDirError(
-                f"{run.path} holds results of sweep '{name}' without its {name}_sweep.json, so they cannot be "
-                "checked against these inputs; pass another --out or name, or delete that folder"
-            )
-        else:
-            run.save_json(f"{name}_sweep.json", sweep_info)
-        manager = _manager(run.file(f"{name}_blocks"))
-
+def _run_blocks(compute: Callable[[np.ndarray], np.ndarray], blocks: _Blocks, manager, m: int, *, name: str,
+                progress: bool, on_block: BlockHook | None) -> np.ndarray:
+    """The whole f32[n, m]: saved blocks restored from `manager`, the others computed (and saved)."""
     done = set(manager.all_steps()) if manager is not None else set()
-    blocks: list[np.ndarray | None] = [None] * n_blocks
-    bar = _progress(n_blocks, progress, name, len(done & set(range(n_blocks))))
+    parts = []
+    bar = tqdm(total=blocks.count, initial=len(done & set(range(blocks.count))), desc=f"{name} blocks", unit="block",
+               file=sys.stderr, disable=not progress)
     try:
-        for b in range(n_blocks):
-            start, stop = b * block_size, min((b + 1) * block_size, n)
+        for b in range(blocks.count):
+            start, stop = blocks.rows(b)
             if b in done:
-                blocks[b] = _restore_block(manager, b, (stop - start, m))
+                parts.append(_restore_block(manager, b, (stop - start, m)))
                 continue
-            # Pad the last block to block_size (repeating its last row) so one compiled shape serves all.
-            idx = np.minimum(np.arange(start, start + block_size), n - 1)
-            rows = _compute_block(eif, loss_fn, params, train, evals, lr_vec, idx, steps, optimizer, precision)[: stop - start]
+            rows = compute(blocks.padded(b))[: stop - start]
             if manager is not None:
                 _save_block(manager, b, rows)
-            blocks[b] = rows
+            if on_block is not None:
+                on_block(b, rows)
+            parts.append(rows)
             bar.update(1)
     finally:
         bar.close()
         if manager is not None:
             manager.close()
+    return np.concatenate(parts, axis=0)
 
-    matrix = np.concatenate(blocks, axis=0)
+
+def _finish(run: RunDir | None, name: str, matrix: np.ndarray, lr_vec: np.ndarray) -> None:
+    """Save the matrix and its diverged rows in `run` (dropping the blocks), and warn of those rows."""
     bad = checks.nonfinite_rows(matrix)
-    report = {
-        "rows": bad.tolist(),
-        "lr": lr_vec[bad].tolist(),
-        "n_train": n,
-        "message": "fine-tunes on these train rows diverged; their rows are NaN" if bad.size else "no diverged rows",
-    }
     if run is not None:
-        run.save_json(f"{name}_nonfinite.json", report)
+        run.save_json(f"{name}_nonfinite.json", {
+            "rows": bad.tolist(),
+            "lr": lr_vec[bad].tolist(),
+            "n_train": lr_vec.shape[0],
+            "message": "fine-tunes on these train rows diverged; their rows are NaN" if bad.size else "no diverged rows",
+        })
         run.save_npy(name, matrix)
         shutil.rmtree(run.file(f"{name}_blocks"), ignore_errors=True)
     _warn_nonfinite(name, bad, lr_vec, run)
-    return matrix
 
 
 def _warn_nonfinite(name: str, bad: np.ndarray, lr_vec: np.ndarray, run: RunDir | None) -> None:
@@ -401,17 +463,3 @@ def _restore_block(manager, b: int, shape: tuple[int, int]) -> np.ndarray:
     if rows.shape != shape:
         raise CorruptCheckpointError(f"checkpoint of block {b} at {where} has shape {rows.shape}, expected {shape}; delete it and run again")
     return rows
-
-
-class _NoBar:
-    def update(self, k: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, name: str, initial: int):
-    if not enabled:
-        return _NoBar()
-    return tqdm(total=total, initial=initial, desc=f"{name} blocks", unit="block", file=sys.stderr)

@@ -15,8 +15,9 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxeif import influence
+from jaxeif import checks, influence
 from jaxeif import precision as precision_lib
+from jaxeif import progress as progress_lib
 from jaxeif.finetune import LossFn, PyTree
 
 _AXIS = "rows"
@@ -40,17 +41,19 @@ def eif_sharded(
     optimizer: optax.GradientTransformation | None = None,
     chunk_size: int | str | None = "auto",
     precision: str = "highest",
+    progress: bool = False,
     memory_budget: float | None = None,
     devices: Sequence[jax.Device] | None = None,
-) -> np.ndarray:
+) -> jax.Array:
     """`jaxeif.eif` with train rows split evenly over `devices` (default: all): f32[n, m], same values.
 
     `chunk_size` bounds rows in flight per device ("auto": chosen for one device's share of rows,
-    see jaxeif.chunking); `precision` as in eif (jaxeif.precision). Rows are padded to a multiple of the device
-    count with copies of row 0 (lr 0) and dropped. Raises NonFiniteInfluenceError like eif.
+    see jaxeif.chunking); `precision` and `progress` as in eif. Rows are padded to a multiple of the
+    device count with copies of row 0 (lr 0) and dropped. Raises NonFiniteInfluenceError like eif.
     """
     evals, n, lr = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
-                                      optimizer=optimizer, chunk_size=chunk_size)
+                                      optimizer=optimizer, chunk_size=chunk_size, progress=progress)
+    progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lr)))
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("`devices` is empty; pass at least one jax.Device or None for all devices")
@@ -58,8 +61,8 @@ def eif_sharded(
     lr_rows = jnp.concatenate([jnp.broadcast_to(lr, (n,)), jnp.zeros((pad,), jnp.result_type(lr))])
     mesh = Mesh(np.asarray(devices), (_AXIS,))
     precision = precision_lib.check(precision)
-    static = influence.program_static(loss_fn, steps, optimizer, precision)
-    with precision_lib.context(precision):
+    static = influence.program_static(loss_fn, steps, optimizer, precision, progress)
+    with precision_lib.context(precision), progress_lib.bar(n + pad, "eif rows", progress):
         params, train, evals, lr_rows = precision_lib.cast_inputs(precision, (params, train, evals, lr_rows))
         per_device = (n + pad) // len(devices)
         local = jax.tree.map(lambda x: jax.ShapeDtypeStruct((per_device, *np.shape(x)[1:]), jnp.result_type(x)), train)
@@ -72,6 +75,7 @@ def eif_sharded(
         rows = NamedSharding(mesh, P(_AXIS))
         train_rows = jax.device_put(_pad_rows(train, pad), rows)
         matrix = influence.result_dtype(run(train_rows, jax.device_put(lr_rows, rows), params, evals), precision)
+        matrix = jax.block_until_ready(matrix)  # inside the bar's lifetime
     if not matrix.is_fully_addressable:  # multi-host: every process gets the whole matrix
-        matrix = multihost_utils.process_allgather(matrix, tiled=True)
-    return influence.report_nonfinite(np.asarray(matrix)[:n], lr)
+        matrix = jnp.asarray(multihost_utils.process_allgather(matrix, tiled=True))
+    return influence.report_nonfinite(matrix[:n], lr)

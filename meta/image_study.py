@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from meta.objectives import class_learning, noise_invariance
+
 CLEAN = "clean"
 
 
@@ -53,11 +55,9 @@ def pairs(split: Split) -> tuple[np.ndarray, np.ndarray]:
 
 def clean_learning(M, split: Split):
     """(within, between) learning of clean rows on clean columns, self-influence left out (M: [n, n_clean])."""
-    import meta
-
     clean = clean_rows(split)
     self_pair = split.source[:, None] == np.arange(len(clean))[None, :]
-    return meta.class_learning(M, split.labels, split.labels[clean], rows=clean, exclude=self_pair)
+    return class_learning(M, split.labels, split.labels[clean], rows=clean, exclude=self_pair)
 
 
 def heldout_metrics(M: np.ndarray, split: Split, lr: np.ndarray) -> dict:
@@ -67,8 +67,6 @@ def heldout_metrics(M: np.ndarray, split: Split, lr: np.ndarray) -> dict:
     Per corruption: rms of its rows over the clean rows' rms, its same-class teaching over that of
     the clean twins (the twin itself left out), meta.noise_invariance, its mean lr and the
     fraction of its samples given a lower lr than their clean twin."""
-    import meta
-
     M = np.asarray(M)
     lr = np.asarray(lr)
     clean = clean_rows(split)
@@ -88,7 +86,7 @@ def heldout_metrics(M: np.ndarray, split: Split, lr: np.ndarray) -> dict:
         out["noise"][name] = {
             "rms_ratio_noisy_to_clean_rows": float(np.sqrt(np.mean(Mc[noisy] ** 2))) / clean_rms,
             "teaching_ratio_same_class": float(-Mc[noisy][same].mean() / -Mc[twins][same].mean()),
-            "noise_invariance_objective": float(meta.noise_invariance(Mc, twins, noisy)),
+            "noise_invariance_objective": float(noise_invariance(Mc, twins, noisy)),
             "lr_mean": float(lr[noisy].mean()),
             "lr_below_twin_fraction": float(np.mean(lr[noisy] < lr[clean][twins])),
         }

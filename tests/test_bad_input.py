@@ -165,10 +165,10 @@ def test_eif_non_finite_inputs_are_named(where):
 
 
 @FAST
-@given(lr=bad_lr(), chunk=not_positive_int, steps=not_positive_int, which=st.sampled_from(["lr", "chunk_size", "steps"]))
-def test_sweep_bad_arguments_are_named(lr, chunk, steps, which):
-    kw = {"lr": 0.1, "chunk_size": 2, "steps": 1, "progress": False}
-    kw[which] = {"lr": lr, "chunk_size": chunk, "steps": steps}[which]
+@given(lr=bad_lr(), block=not_positive_int, steps=not_positive_int, which=st.sampled_from(["lr", "block_size", "steps"]))
+def test_sweep_bad_arguments_are_named(lr, block, steps, which):
+    kw = {"lr": 0.1, "block_size": 2, "steps": 1, "progress": False}
+    kw[which] = {"lr": lr, "block_size": block, "steps": steps}[which]
     raises_naming(f"`{which}`", runs.sweep_eif, loss, PARAMS, TRAIN, **kw)
 
 
@@ -266,7 +266,7 @@ def test_cli_user_errors_exit_2_one_line(tmp_path, capsys, toy_command):
         assert expected in one_error_line(capsys.readouterr().err), argv
     assert (tmp_path / "file").read_text() == "keep me"
     # A finished run, then the same folder with another config: refused, nothing damaged.
-    assert cli.main(["toy", "--out", str(tmp_path / "r"), "--n", "3", "--chunk-size", "3"]) == 0
+    assert cli.main(["toy", "--out", str(tmp_path / "r"), "--n", "3", "--block-size", "3"]) == 0
     before = (tmp_path / "r" / "eif.npy").read_bytes()
     capsys.readouterr()
     assert cli.main(["toy", "--out", str(tmp_path / "r"), "--n", "4"]) == 2
@@ -276,7 +276,7 @@ def test_cli_user_errors_exit_2_one_line(tmp_path, capsys, toy_command):
 
 def test_cli_subcommand_help_interrupt_and_debug(tmp_path, capsys, monkeypatch, toy_command):
     assert cli.main(["toy", "--help"]) == 0
-    assert "--chunk-size" in capsys.readouterr().out
+    assert "--block-size" in capsys.readouterr().out
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -313,8 +313,7 @@ def test_cli_missing_dependency_is_named(tmp_path, capsys, monkeypatch):
 
 
 def test_real_processes_exit_2_without_traceback(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("JAXEIF_DEBUG", None)
+    env = toy_experiment.env()
     (tmp_path / "file").write_text("keep me")
     for cmd, expected in (
         ([sys.executable, "-m", "jaxeif.cli", "frobnicate"], "invalid choice"),

@@ -10,7 +10,7 @@ from jaxeif.models import tokenizer
 
 BAD_FLAGS = {
     "cnn": [("--steps", "0", "must be >= 1"), ("--lr", "-1e-3", "must be > 0"), ("--plateau", "1.5", "in (0, 1]"),
-            ("--epochs", "0", "must be >= 1"), ("--chunk-size", "-2", "must be >= 1"), ("--lr-grid", "nan", "finite"),
+            ("--epochs", "0", "must be >= 1"), ("--block-size", "-2", "must be >= 1"), ("--lr-grid", "nan", "finite"),
             ("--noise-stds", "-0.5", "must be > 0"), ("--per-digit", "0", "must be >= 1")],
     "llm": [("--steps", "0", "must be >= 1"), ("--repeats", "0", "must be >= 1"), ("--lr", "0", "number > 0"),
             ("--lora-rank", "-1", "must be >= 0"), ("--chunk-size", "0", "must be >= 1")],

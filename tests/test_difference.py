@@ -6,6 +6,7 @@ import optax
 import pytest
 from jax import lax
 
+import jaxeif
 from benchmarks import difference as bench
 from jaxeif import difference
 from jaxeif.finetune import finetune, finetune_delta
@@ -220,3 +221,27 @@ def test_large_changes_stay_finite_and_exact(fn, a, da):
         want = float(fn(jnp.float64(a + da)) - fn(jnp.float64(a)))
     assert np.isfinite(float(got))
     np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-30)
+
+
+def test_overflowed_entries_are_recomputed_directly_with_a_warning():
+    """A huge step moves saturated logits by ~1e10: the propagated form overflows (-inf) where two losses
+    subtracted stay finite; eif recomputes exactly those entries directly and says so."""
+    def loss_fn(w, example):
+        x, y = example
+        return optax.softmax_cross_entropy_with_integer_labels(w @ x, y)
+
+    w = 20 * jax.random.normal(jax.random.key(0), (5, 4))
+    data = (jax.random.normal(jax.random.key(100), (8, 4)), jnp.arange(8) % 5)
+    propagated = jax.jit(jax.vmap(jax.vmap(lambda d, e: difference.loss_difference(loss_fn, w, d, e), (None, 0)), (0, None)))
+    deltas = jax.vmap(lambda ex: finetune_delta(loss_fn, w, ex, lr=1e9, steps=1))(data)
+    raw = np.asarray(propagated(deltas, data))
+    assert not np.isfinite(raw).all()  # the case this guards against really happens
+    with pytest.warns(RuntimeWarning, match=r"overflowed in precision='difference'.*recomputed in 'highest'"):
+        M = np.asarray(jaxeif.eif(loss_fn, w, data, lr=1e9, precision="difference"))
+    direct = np.asarray(jaxeif.eif(loss_fn, w, data, lr=1e9, precision="highest"))
+    assert np.isfinite(M).all()
+    np.testing.assert_array_equal(M[~np.isfinite(raw)], direct[~np.isfinite(raw)])
+    np.testing.assert_array_equal(M[np.isfinite(raw)], raw[np.isfinite(raw)])  # the rest stays propagated
+    with pytest.warns(RuntimeWarning, match="overflowed"):
+        S = np.asarray(jaxeif.eif_sweep(loss_fn, w, data, lrs=jnp.array([1.0, 1e9]), precision="difference"))
+    np.testing.assert_array_equal(S[1], M)

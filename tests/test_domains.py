@@ -41,10 +41,19 @@ def test_fresh_names_per_repeat_and_every_sample_labelled():
 def test_probes_point_inside_their_domain_and_differ():
     for name, d in domains.DOMAINS.items():
         assert d.probes, name
-        for p in d.probes:
-            n = len(d.templates)
-            assert 0 <= p.train < n and 0 <= p.implied < n and 0 <= p.not_implied < n
-            assert p.implied != p.not_implied and p.why
+        for p, rows in zip(d.probes, d.probe_rows, strict=True):
+            assert [d.templates[i][1] for i in rows[:3]] == list(p[:3])  # the labels' own templates
+            assert p.implied != p.not_implied and p.why == rows.why
+
+
+def test_probes_follow_their_templates_and_unknown_labels_are_errors():
+    d = domains.DOMAINS["bigger_than"]
+    moved = domains.Domain("moved", (("{A} is as big as {B}.", "new first"), *d.templates), d.probes)
+    assert [tuple(r[:3]) for r in moved.probe_rows] == [tuple(i + 1 for i in r[:3]) for r in d.probe_rows]
+    with pytest.raises(ValueError, match=r"probe 'why' names unknown template labels \['premise A > Z'\]"):
+        domains.Domain("bad", d.templates, (domains.Probe("premise A > Z", "premise A > B", "premise B > C", "why"),))
+    with pytest.raises(ValueError, match=r"template labels \['x'\] repeat"):
+        domains.Domain("twice", (("{A}.", "x"), ("{B}.", "x")), ())
 
 
 def test_unknown_domain_lists_valid_ones():

@@ -203,3 +203,18 @@ def test_loss_fn_given_a_batch_by_mistake_is_explained():
     with pytest.raises(Exception) as info:
         jaxeif.eif(batch_loss, params, train)
     assert "ONE example" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_progress_bar_counts_rows_and_changes_nothing(capsys):
+    params, train, evals = make_problem(n=5, m=3)
+    plain = jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, chunk_size=2)
+    shown = jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, chunk_size=2, progress=True)
+    assert "eif rows: 100%" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(plain))
+    sweep = jaxeif.eif_sweep(mlp_loss, params, train, evals, lrs=[0.05, 0.1], progress=True)
+    assert "5/5" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(sweep[0]), np.asarray(jaxeif.eif(mlp_loss, params, train, evals, lr=0.05)))
+    with pytest.raises(ValueError, match="progress=True` needs a concrete call"):
+        jax.jit(lambda lr: jaxeif.eif(mlp_loss, params, train, evals, lr=lr, progress=True))(0.05)
+    with pytest.raises(TypeError, match="`progress` must be True or False"):
+        jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, progress=1)

@@ -2,7 +2,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import jaxeif
 from jaxeif.linearized import eif_linearized
@@ -53,3 +55,22 @@ def test_bad_lr_is_named():
     params, train = problem(jnp.float32)
     with pytest.raises(ValueError, match="lr"):
         eif_linearized(loss, params, train, lr=jnp.ones(3))
+
+
+def test_other_optimizer_uses_its_first_update():
+    params, train = problem(jnp.float32)
+    opt = optax.adam(1.0)
+    flat = lambda tree: ravel_pytree(tree)[0]  # noqa: E731
+    examples = [(train[0][i], train[1][i]) for i in range(5)]
+    updates = [flat(opt.update(jax.grad(loss)(params, ex), opt.init(params), params)[0]) for ex in examples]
+    grads = [flat(jax.grad(loss)(params, ex)) for ex in examples]
+    hand = np.array([[0.01 * float(updates[i] @ grads[j]) for j in range(5)] for i in range(5)])
+    np.testing.assert_allclose(eif_linearized(loss, params, train, lr=0.01, optimizer=opt), hand, rtol=1e-5, atol=1e-7)
+
+
+def test_one_step_and_no_difference_mode():
+    params, train = problem(jnp.float32)
+    with pytest.raises(ValueError, match="steps=2"):
+        eif_linearized(loss, params, train, lr=0.01, steps=2)
+    with pytest.raises(ValueError, match="'difference' applies to the exact EIF only"):
+        eif_linearized(loss, params, train, lr=0.01, precision="difference")

@@ -36,7 +36,7 @@ def test_study_writes_figures_and_consistent_numbers(study):
     assert results["config"]["lr"] == 0.01 and results["config"]["optimizer"] == "sgd"
     assert results["config"]["model"] == str(ckpt)
     for name in ("bigger_than",):
-        probes = domains.DOMAINS[name].probes
+        probes = domains.DOMAINS[name].probe_rows
         for mode in ("finetuned", "prompted"):
             mats = np.stack([np.load(out / f"{mode}_{name}_r{r}.npy") for r in range(2)])
             entry = results["domains"][name][mode]

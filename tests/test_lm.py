@@ -66,7 +66,7 @@ def sgd_eif(tiny):
     lr = 0.05
     ref = torch_eif(model, toks, lambda p: torch.optim.SGD(p, lr=lr))
     dense = np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=lr, chunk_size=None))
-    low = lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=lr)
+    low = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=lr, config=config))
     return ref, dense, low
 
 
@@ -97,7 +97,7 @@ def test_phi3_untied_adam_and_lowrank_sgd_with_context_match_torch_loop(tmp_path
     with_context = lm.tokenize(tok, TEXTS[:3], contexts=TEXTS[2:5], config=config)
     assert 0 < with_context.score.sum() < with_context.attention.sum() - 3
     ref = torch_eif(model, with_context, lambda p: torch.optim.SGD(p, lr=0.05))
-    _close(lm.lowrank_sgd_eif(apply_fn, params, config, with_context, lr=0.05), ref)
+    _close(np.asarray(lm.lowrank_sgd_eif(apply_fn, params, with_context, lr=0.05, config=config)), ref)
 
 
 def test_prompted_matches_torch(tiny):
@@ -138,7 +138,7 @@ def test_lora_eif_equals_loop_over_merged_models(tiny):
     adapters = lora.init(jax.random.key(1), params, rank=2, alpha=4.0)
     adapters = lora.Adapters(jax.tree.map(lambda x: x + 0.05, adapters.deltas), adapters.scale)  # B != 0
     lr = 0.1
-    M = np.asarray(lm.lora_eif(apply_fn, params, adapters, toks, lr=lr))
+    M = np.asarray(lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr))
     rows = [lm.Tokens(*(jnp.asarray(x[k]) for x in toks)) for k in range(2)]
     loss = jax.jit(lambda d, ex: lm.NLL(apply_fn)(lora.merge(params, lora.Adapters(d, adapters.scale)), ex))
     grad = jax.jit(jax.grad(loss))
@@ -153,7 +153,7 @@ def test_lora_eif_equals_loop_over_merged_models(tiny):
 def test_lr_sweep_on_tiny_model(tiny):
     _, apply_fn, params, config, tok = tiny
     toks = lm.tokenize(tok, TEXTS, config=config)
-    sweep = lr_choice.lr_sweep(lambda r: lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=r), [1e-4, 1e-3, 1e-2, 1e-1, 3.0])
+    sweep = lr_choice.lr_sweep(lambda r: np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=r, config=config)), [1e-4, 1e-3, 1e-2, 1e-1, 3.0])
     assert sweep.agreement[1] > 0.95 and sweep.agreement[-1] < sweep.agreement[1]  # linear regime, then not
     assert np.all(np.diff(sweep.magnitude[:4]) > 0)
     assert sweep.chosen in sweep.lrs[:4]
@@ -181,9 +181,9 @@ def test_logits_at_equals_slicing_the_full_logits(tiny):
     pos = np.random.default_rng(0).integers(0, toks.ids.shape[1], size=(3, 5)).astype(np.int32)
     d = config.hidden_size
     delta = {"model": {"embed_tokens": {"a": jnp.full((config.vocab_size, 2), 0.01), "b": jnp.full((2, d), 0.02)}}}
-    for lora_ in (None, delta):
-        full = np.asarray(apply_fn(params, ids, att, lora=lora_))
-        at = np.asarray(apply_fn(params, ids, att, lora=lora_, logits_at=jnp.asarray(pos)))
+    for delta_ in (None, delta):
+        full = np.asarray(apply_fn(params, ids, att, delta=delta_))
+        at = np.asarray(apply_fn(params, ids, att, delta=delta_, logits_at=jnp.asarray(pos)))
         np.testing.assert_allclose(at, full[np.arange(3)[:, None], pos], rtol=1e-5, atol=1e-6)
     assert at.shape == (3, 5, config.vocab_size)
 
@@ -200,19 +200,20 @@ def test_packed_nll_and_lowrank_equal_one_sample_at_a_time(tiny, sgd_eif):
     assert lm.pack_tokens(pairs, 512).ids.shape[0] == 1 and lm.pack_tokens(pairs, 40).ids.shape[0] > 1
     toks = lm.tokenize(tok, TEXTS, config=config)
     packed = sgd_eif[2]  # lm.lowrank_sgd_eif(..., lr=0.05) with the defaults: all samples in one row
-    alone = lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=0.05, row_length=1, rank_bucket=1, chunk_size=2)
+    alone = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.05, config=config, row_length=1, rank_bucket=1,
+                                         chunk_size=2))
     assert np.abs(alone).max() > 1e-3
     np.testing.assert_allclose(packed, alone, atol=1e-5 * np.abs(alone).max(), rtol=0)
 
 
 def test_sgd_step_lowrank_is_the_dense_sgd_step(tiny):
-    """apply_fn(params, lora=delta) = apply_fn(params - lr * grad) on another sample's logits."""
+    """apply_fn(params, delta=delta) = apply_fn(params - lr * grad) on another sample's logits."""
     _, apply_fn, params, config, tok = tiny
     toks = lm.tokenize(tok, TEXTS[:2], config=config)
     row = lm.Tokens(*(jnp.asarray(x[0]) for x in toks))
     lr = 0.05
-    delta = lm.sgd_step_lowrank(apply_fn, params, config, row, lr)
+    delta = lm.sgd_step_lowrank(apply_fn, params, row, lr, config=config)
     new = jax.tree.map(lambda w, g: w - lr * g, params, jax.grad(lm.NLL(apply_fn))(params, row))
     ids = jnp.asarray(toks.ids[1:])
-    np.testing.assert_allclose(apply_fn(params, ids, lora=delta), apply_fn(new, ids), atol=2e-5)
+    np.testing.assert_allclose(apply_fn(params, ids, delta=delta), apply_fn(new, ids), atol=2e-5)
     assert np.abs(np.asarray(apply_fn(new, ids)) - np.asarray(apply_fn(params, ids))).max() > 1e-3

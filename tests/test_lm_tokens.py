@@ -32,9 +32,9 @@ ENTRY_POINTS = {
     "nll": lambda tr, ev: lm.nll(APPLY, PARAMS, tr),
     "finetuned_eif train": lambda tr, ev: lm.finetuned_eif(APPLY, PARAMS, tr, ev, lr=1e-2),
     "finetuned_eif evals": lambda tr, ev: lm.finetuned_eif(APPLY, PARAMS, ev, tr, lr=1e-2, optimizer=optax.adam(1.0)),
-    "lora_eif": lambda tr, ev: lm.lora_eif(APPLY, PARAMS, ADAPTERS, tr, ev, lr=1e-2),
-    "lowrank_sgd_eif train": lambda tr, ev: lm.lowrank_sgd_eif(APPLY, PARAMS, CFG, tr, ev, lr=1e-2),
-    "lowrank_sgd_eif evals": lambda tr, ev: lm.lowrank_sgd_eif(APPLY, PARAMS, CFG, ev, tr, lr=1e-2),
+    "lora_eif": lambda tr, ev: lm.lora_eif(APPLY, PARAMS, tr, ev, adapters=ADAPTERS, lr=1e-2),
+    "lowrank_sgd_eif train": lambda tr, ev: lm.lowrank_sgd_eif(APPLY, PARAMS, tr, ev, lr=1e-2, config=CFG),
+    "lowrank_sgd_eif evals": lambda tr, ev: lm.lowrank_sgd_eif(APPLY, PARAMS, ev, tr, lr=1e-2, config=CFG),
     "sgd_step_lowrank": lambda tr, ev: step_every_row(tr),
 }
 
@@ -45,11 +45,11 @@ def step_every_row(tokens):
     if isinstance(tokens, tuple) and len(tokens) == 3 and len({np.shape(x)[:1] for x in tokens}) == 1 \
             and all(np.ndim(x) == 2 for x in tokens):
         for k in range(np.shape(tokens[0])[0]):
-            lm.sgd_step_lowrank(APPLY, PARAMS, CFG, lm.Tokens(*(x[k] for x in tokens)), 1e-2)
+            lm.sgd_step_lowrank(APPLY, PARAMS, lm.Tokens(*(x[k] for x in tokens)), 1e-2, config=CFG)
     elif isinstance(tokens, tuple) and len(tokens) == 3 and all(np.ndim(x) == 1 for x in tokens):
-        lm.sgd_step_lowrank(APPLY, PARAMS, CFG, lm.Tokens(*(np.asarray(x)[None] for x in tokens)), 1e-2)
+        lm.sgd_step_lowrank(APPLY, PARAMS, lm.Tokens(*(np.asarray(x)[None] for x in tokens)), 1e-2, config=CFG)
     else:
-        lm.sgd_step_lowrank(APPLY, PARAMS, CFG, tokens, 1e-2)
+        lm.sgd_step_lowrank(APPLY, PARAMS, tokens, 1e-2, config=CFG)
 
 
 def corrupt(kind, tok):
@@ -99,7 +99,7 @@ def test_each_malformed_case_is_one_clear_error(entry, kind):
 
 def test_out_of_vocabulary_ids_name_the_vocabulary():
     with pytest.raises(ValueError, match=r"id 53 .*outside the model's vocabulary \[0, 53\)"):
-        lm.lowrank_sgd_eif(APPLY, PARAMS, CFG, corrupt("id >= vocab", valid_tokens()), lr=1e-2)
+        lm.lowrank_sgd_eif(APPLY, PARAMS, corrupt("id >= vocab", valid_tokens()), lr=1e-2, config=CFG)
     with pytest.raises(ValueError, match=r"id 53 .*vocabulary"):
         lm.finetuned_eif(APPLY, PARAMS, corrupt("id >= vocab", valid_tokens()), lr=1e-2)
 
@@ -107,7 +107,7 @@ def test_out_of_vocabulary_ids_name_the_vocabulary():
 def test_valid_tokens_pass_and_both_paths_agree():
     tok = valid_tokens()
     dense = np.asarray(lm.finetuned_eif(APPLY, PARAMS, tok, lr=1e-1))
-    low = lm.lowrank_sgd_eif(APPLY, PARAMS, CFG, tok, lr=1e-1)
+    low = np.asarray(lm.lowrank_sgd_eif(APPLY, PARAMS, tok, lr=1e-1, config=CFG))
     np.testing.assert_allclose(low, dense, atol=2e-5, rtol=1e-3)
     assert np.abs(dense).max() > 1e-4
 

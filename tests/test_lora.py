@@ -32,13 +32,13 @@ def test_zero_init_lora_equals_base(model):
     apply_fn, params, ids = model
     adapters = lora.init(jax.random.key(2), params, rank=3, alpha=6)
     assert all(float(jnp.abs(d["b"]).max()) == 0 for d in jax.tree.leaves(adapters.deltas, is_leaf=lambda x: "b" in x))
-    np.testing.assert_array_equal(apply_fn(params, ids, lora=adapters), apply_fn(params, ids))
+    np.testing.assert_array_equal(apply_fn(params, ids, delta=adapters), apply_fn(params, ids))
 
 
 def test_merged_equals_unmerged(model):
     apply_fn, params, ids = model
     adapters = _randomise_b(lora.init(jax.random.key(3), params, rank=3, alpha=6), jax.random.key(4))
-    unmerged = apply_fn(params, ids, lora=adapters)
+    unmerged = apply_fn(params, ids, delta=adapters)
     merged = apply_fn(merge(params, adapters), ids)
     assert float(jnp.abs(unmerged - apply_fn(params, ids)).max()) > 1e-2  # the adapter does something
     np.testing.assert_allclose(merged, unmerged, atol=2e-5, rtol=1e-5)
@@ -50,7 +50,7 @@ def test_tied_embedding_delta_is_applied_to_lookup_and_head(model):
     k1, k2 = jax.random.split(jax.random.key(5))
     deltas = {"model": {"embed_tokens": {"a": jax.random.normal(k1, (CFG.vocab_size, 2)),
                                          "b": 0.1 * jax.random.normal(k2, (2, CFG.hidden_size))}}}
-    np.testing.assert_allclose(apply_fn(merge(params, deltas), ids), apply_fn(params, ids, lora=deltas),
+    np.testing.assert_allclose(apply_fn(merge(params, deltas), ids), apply_fn(params, ids, delta=deltas),
                                atol=2e-5, rtol=1e-5)
 
 
@@ -61,7 +61,7 @@ def test_vmap_over_adapters_shares_base(model):
     out = jax.vmap(apply_fn, in_axes=(None, None, None, 0))(params, ids, None, stacked)
     for i in range(2):
         ad = jax.tree.map(lambda x: x[i], stacked)
-        np.testing.assert_allclose(out[i], apply_fn(params, ids, lora=ad), atol=1e-5)
+        np.testing.assert_allclose(out[i], apply_fn(params, ids, delta=ad), atol=1e-5)
 
 
 def test_lowrank_linear_is_the_exact_sgd_step_on_a_dense_layer():
@@ -77,7 +77,7 @@ def test_lowrank_linear_is_the_exact_sgd_step_on_a_dense_layer():
 def test_lora_grads_flow_only_to_adapters(model):
     apply_fn, params, ids = model
     adapters = lora.init(jax.random.key(7), params, rank=3, alpha=6)
-    g = jax.grad(lambda ad: apply_fn(params, ids, lora=ad).sum())(adapters)
+    g = jax.grad(lambda ad: apply_fn(params, ids, delta=ad).sum())(adapters)
     assert isinstance(g, lora.Adapters) and g.scale == adapters.scale
     assert float(jnp.abs(g.deltas["model"]["layers"]["mlp"]["down_proj"]["b"]).max()) > 0
 

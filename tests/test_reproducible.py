@@ -18,7 +18,7 @@ def run_once(out: pathlib.Path, *extra: str) -> dict:
 
 
 def test_same_command_twice_identical_numbers_and_full_record(tmp_path):
-    args = ("--seed", "3", "--lr", "0.25", "--chunk-size", "5", "--n", "9")
+    args = ("--seed", "3", "--lr", "0.25", "--block-size", "5", "--n", "9")
     first, second = run_once(tmp_path / "a", *args), run_once(tmp_path / "b", *args)
     m1, m2 = np.load(tmp_path / "a" / "eif.npy"), np.load(tmp_path / "b" / "eif.npy")
     assert m1.shape == (9, 9) and np.isfinite(m1).all()
@@ -26,7 +26,7 @@ def test_same_command_twice_identical_numbers_and_full_record(tmp_path):
     assert first["matrix_sum"] == second["matrix_sum"]
 
     meta = first["metadata"]
-    assert meta["seed"] == 3 and meta["lr"] == 0.25 and meta["chunk_size"] == 5 and meta["steps"] == 2
+    assert meta["seed"] == 3 and meta["lr"] == 0.25 and meta["block_size"] == 5 and meta["steps"] == 2
     assert meta["model"] == "toy tanh MLP 6-8-1" and meta["optimizer"] == "sgd"
     assert meta["versions"]["jax"] == jax.__version__
     for pkg in ("python", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "jaxeif"):

@@ -2,6 +2,7 @@
 (the command runs tests/toy_experiment.py)."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -10,6 +11,7 @@ import time
 
 import numpy as np
 
+from jaxeif import eif, runs
 from toy_experiment import command, env, toy_loss, toy_problem
 
 
@@ -23,12 +25,6 @@ def run_to_end(cmd: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def stdout_value(proc: subprocess.CompletedProcess, key: str) -> str:
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(f"{key}: ")]
-    assert lines, proc.stdout
-    return lines[-1].split(": ", 1)[1]
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -63,13 +59,11 @@ def test_sigkill_then_same_command_resumes_bit_identical(tmp_path):
     assert not (killed / "eif.npy").exists(), "the killed run must not have finished"
     # Same command again (the sleep only paces the harness; it is not part of the config).
     resumed = run_to_end(command(killed, "--slow", "0.5"))
-    assert int(stdout_value(resumed, "computed_blocks")) == n_blocks - len(done)
+    assert json.loads((killed / "results.json").read_text())["computed_blocks"] == n_blocks - len(done)
 
     # The uninterrupted run, in this process (tests/test_reproducible.py runs it twice as a command).
-    from jaxeif import runs
-
     params, train = toy_problem(0, n)
-    want = runs.sweep_eif(toy_loss, params, train, lr=0.1, steps=2, chunk_size=chunk, progress=False)
+    want = runs.sweep_eif(toy_loss, params, train, lr=0.1, steps=2, block_size=chunk)
     got = np.load(killed / "eif.npy")
     assert got.shape == want.shape == (n, n)
     np.testing.assert_array_equal(bits(got), bits(want))
@@ -77,6 +71,4 @@ def test_sigkill_then_same_command_resumes_bit_identical(tmp_path):
     assert not list(killed.glob(".*.tmp")), "no temp files left behind"
 
     # And the resumed matrix is the EIF itself (the straightforward computation, in process).
-    from jaxeif import eif
-
     np.testing.assert_allclose(got, np.asarray(eif(toy_loss, params, train, lr=0.1, steps=2)), rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import warnings
@@ -11,9 +12,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from jaxeif import eif, runs
+from jaxeif import eif, eif_sharded, runs
 from jaxeif.runs import CorruptCheckpointError, RunDir, RunDirError
 from toy_experiment import toy_loss, toy_problem
 
@@ -29,25 +31,20 @@ def bits(a):
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
-REAL_COMPUTE = runs._compute_block
-
-
 class Crash(Exception):
     pass
 
 
-def crash_after(monkeypatch, k: int) -> list:
-    """Make runs._compute_block raise after k calls (a crash mid-sweep); returns the call log."""
-    calls, real = [], REAL_COMPUTE
+def crash_after(k: int):
+    """An on_block hook that raises once k blocks are saved (a crash mid-sweep); returns (call log, hook)."""
+    calls = []
 
-    def fake(*a, **kw):
+    def on_block(b, rows):
+        calls.append(b)
         if len(calls) >= k:
             raise Crash
-        calls.append(1)
-        return real(*a, **kw)
 
-    monkeypatch.setattr(runs, "_compute_block", fake)
-    return calls
+    return calls, on_block
 
 
 # ----------------------------------------------------------------------------- RunDir
@@ -155,8 +152,8 @@ def test_save_load_has_and_names(tmp_path):
 
 
 def test_run_metadata_records_versions_device_seed():
-    meta = runs.run_metadata(seed=3, model="toy", lr=np.float32(0.5), optimizer="sgd", chunk_size=4)
-    assert meta["seed"] == 3 and meta["model"] == "toy" and meta["lr"] == 0.5 and meta["chunk_size"] == 4
+    meta = runs.run_metadata(seed=3, model="toy", lr=np.float32(0.5), optimizer="sgd", block_size=4)
+    assert meta["seed"] == 3 and meta["model"] == "toy" and meta["lr"] == 0.5 and meta["block_size"] == 4
     for pkg in ("python", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
         assert meta["versions"][pkg]
     assert meta["versions"]["jax"] == jax.__version__
@@ -172,49 +169,47 @@ def test_sweep_equals_eif_with_and_without_run(tmp_path):
     params, train = toy()
     lr = np.linspace(0.05, 0.3, 7).astype(np.float32)
     ref = np.asarray(eif(loss, params, train, lr=lr, steps=2))
-    free = runs.sweep_eif(loss, params, train, lr=lr, steps=2, chunk_size=3, progress=False)
+    free = runs.sweep_eif(loss, params, train, lr=lr, steps=2, block_size=3)
     run = RunDir.open(tmp_path / "r", {})
-    saved = runs.sweep_eif(loss, params, train, lr=lr, steps=2, chunk_size=3, run=run, progress=False)
+    saved = runs.sweep_eif(loss, params, train, lr=lr, steps=2, block_size=3, run=run)
     np.testing.assert_allclose(free, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(bits(free), bits(saved))
     np.testing.assert_array_equal(bits(np.load(run.path / "eif.npy")), bits(saved))
     assert json.loads((run.path / "eif_nonfinite.json").read_text())["rows"] == []
     evals = jax.tree.map(lambda x: x[:4], train)
-    rect = runs.sweep_eif(loss, params, train, evals, lr=lr, steps=2, chunk_size=5, progress=False)
+    rect = runs.sweep_eif(loss, params, train, evals, lr=lr, steps=2, block_size=5)
     np.testing.assert_allclose(rect, ref[:, :4], rtol=1e-5, atol=1e-6)
 
 
-def test_sweep_resumes_after_crash_bit_identical(tmp_path, monkeypatch):
+def test_sweep_resumes_after_crash_bit_identical(tmp_path):
     params, train = toy()
-    full = runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=RunDir.open(tmp_path / "a", {}), progress=False)
-    crash_after(monkeypatch, 2)
+    full = runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=RunDir.open(tmp_path / "a", {}))
     run = RunDir.open(tmp_path / "b", {})
     with pytest.raises(Crash):
-        runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False)
+        runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run, on_block=crash_after(2)[1])
     assert sorted(int(p.name) for p in (run.path / "eif_blocks").iterdir() if p.name.isdigit()) == [0, 1]
     # An orbax temp dir from a kill mid-save is not taken as a finished block.
     (run.path / "eif_blocks" / "2.orbax-checkpoint-tmp-1").mkdir()
-    calls = crash_after(monkeypatch, 100)
-    resumed = runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False)
-    assert len(calls) == 2  # blocks 2 and 3 of 4
+    calls, count = crash_after(100)
+    resumed = runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run, on_block=count)
+    assert calls == [2, 3]  # blocks 2 and 3 of 4
     np.testing.assert_array_equal(bits(resumed), bits(full))
     calls.clear()
-    again = runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False)
+    again = runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run, on_block=count)
     assert not calls and np.array_equal(bits(again), bits(full))
 
 
-def test_sweep_refuses_resuming_other_inputs(tmp_path, monkeypatch):
+def test_sweep_refuses_resuming_other_inputs(tmp_path):
     params, train = toy()
     run = RunDir.open(tmp_path / "r", {})
-    crash_after(monkeypatch, 1)
     with pytest.raises(Crash):
-        runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False)
-    for kw in ({"lr": 0.3, "chunk_size": 2}, {"lr": 0.2, "chunk_size": 3}):
+        runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run, on_block=crash_after(1)[1])
+    for kw in ({"lr": 0.3, "block_size": 2}, {"lr": 0.2, "block_size": 3}):
         with pytest.raises(RunDirError, match="other inputs"):
             runs.sweep_eif(loss, params, train, run=run, progress=False, **kw)
     (run.path / "eif_sweep.json").unlink()  # blocks of unknown inputs are never reused
     with pytest.raises(RunDirError, match="without its eif_sweep.json"):
-        runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False)
+        runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run)
 
 
 def abs_loss(params, example):
@@ -222,43 +217,37 @@ def abs_loss(params, example):
     return jnp.abs(jnp.tanh(x @ params["w"]) @ params["v"] - y)
 
 
-def test_sweep_refuses_resuming_with_another_optimizer_or_loss(tmp_path, monkeypatch):
-    import optax
-
+def test_sweep_refuses_resuming_with_another_optimizer_or_loss(tmp_path):
     params, train = toy()
     run = RunDir.open(tmp_path / "r", {})
-    crash_after(monkeypatch, 1)
     with pytest.raises(Crash):
-        runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, optimizer=optax.sgd(1.0), run=run, progress=False)
+        runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, optimizer=optax.sgd(1.0), run=run,
+                       on_block=crash_after(1)[1])
     for other in ({"optimizer": optax.adam(1.0)}, {"optimizer": optax.sgd(1.0, momentum=0.9)}, {"optimizer": None}):
         with pytest.raises(RunDirError, match="optimizer: saved"):
-            runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False, **other)
+            runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run, progress=False, **other)
     with pytest.raises(RunDirError, match="loss_fn: saved"):
-        runs.sweep_eif(abs_loss, params, train, lr=0.2, chunk_size=2, optimizer=optax.sgd(1.0), run=run, progress=False)
-    calls = crash_after(monkeypatch, 100)  # the same optimizer, built again, resumes
-    runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, optimizer=optax.sgd(1.0), run=run, progress=False)
-    assert len(calls) == 3
+        runs.sweep_eif(abs_loss, params, train, lr=0.2, block_size=2, optimizer=optax.sgd(1.0), run=run)
+    calls, count = crash_after(100)  # the same optimizer, built again, resumes
+    runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, optimizer=optax.sgd(1.0), run=run, on_block=count)
+    assert calls == [1, 2, 3]
 
 
-def test_damaged_block_checkpoint_gives_clear_error_then_recovers(tmp_path, monkeypatch):
+def test_damaged_block_checkpoint_gives_clear_error_then_recovers(tmp_path):
     params, train = toy()
-    full = runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, progress=False)
+    full = runs.sweep_eif(loss, params, train, lr=0.2, block_size=2)
     run = RunDir.open(tmp_path / "r", {})
-    crash_after(monkeypatch, 2)
     with pytest.raises(Crash):
-        runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False)
-    monkeypatch.undo()
+        runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run, on_block=crash_after(2)[1])
     block = run.path / "eif_blocks" / "1"
     data = [f for f in block.rglob("*") if f.is_file() and f.parent.name == "d" and f.parent.parent.name == "default"]
     assert data
     for f in data:
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated
     with pytest.raises(CorruptCheckpointError, match=r"block 1 .* is damaged.*delete .*eif_blocks/1"):
-        runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False)
-    import shutil
-
+        runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run)
     shutil.rmtree(block)  # what the message says to do
-    fixed = runs.sweep_eif(loss, params, train, lr=0.2, chunk_size=2, run=run, progress=False)
+    fixed = runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run)
     np.testing.assert_array_equal(bits(fixed), bits(full))
 
 
@@ -268,14 +257,27 @@ def test_diverged_rows_are_nan_recorded_and_warned(tmp_path):
     lr[[1, 5]] = 1e30
     run = RunDir.open(tmp_path / "r", {})
     with pytest.warns(RuntimeWarning, match=r"2 of 7 fine-tunes diverged \(rows \[1, 5\]"):
-        m = runs.sweep_eif(loss, params, train, lr=lr, chunk_size=3, run=run, progress=False)
+        m = np.asarray(runs.sweep_eif(loss, params, train, lr=lr, block_size=3, run=run))
     assert np.isnan(m[[1, 5]]).all() and np.isfinite(np.delete(m, [1, 5], axis=0)).all()
     report = json.loads((run.path / "eif_nonfinite.json").read_text())
     assert report["rows"] == [1, 5] and report["lr"] == [float(np.float32(1e30))] * 2
     ok = np.asarray(eif(loss, params, train, lr=0.1))
     np.testing.assert_allclose(np.delete(m, [1, 5], axis=0), np.delete(ok, [1, 5], axis=0), rtol=1e-5, atol=1e-6)
     with pytest.warns(RuntimeWarning, match=r"rows \[1, 5\]"):  # still reported when loaded back
-        runs.sweep_eif(loss, params, train, lr=lr, chunk_size=3, run=run, progress=False)
+        runs.sweep_eif(loss, params, train, lr=lr, block_size=3, run=run)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        runs.sweep_eif(loss, params, train, lr=0.1, chunk_size=3, progress=False)
+        runs.sweep_eif(loss, params, train, lr=0.1, block_size=3)
+
+
+def test_sweep_passes_chunk_size_to_its_eif_fn():
+    params, train = toy()
+    seen = []
+
+    def sharded(*a, **kw):  # any function with eif's signature and values
+        seen.append(kw["chunk_size"])
+        return eif_sharded(*a, **kw)
+
+    m = runs.sweep_eif(loss, params, train, lr=0.2, block_size=3, chunk_size=2, eif_fn=sharded)
+    assert seen == [2, 2, 2] and isinstance(m, jax.Array) and m.dtype == jnp.float32
+    np.testing.assert_allclose(m, eif(loss, params, train, lr=0.2), rtol=1e-6, atol=1e-7)

@@ -1,6 +1,7 @@
 """eif_sharded over 4 forced host devices gives the single-device eif matrix (rows padded and dropped)."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -8,18 +9,20 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxeif
 from jaxeif.sharding import eif_sharded
 
+TESTS = pathlib.Path(__file__).resolve().parent
 SCRIPT = textwrap.dedent("""
-    import json, sys, jax, jax.numpy as jnp, numpy as np
+    import json, sys, jax, numpy as np
     from jaxeif.sharding import eif_sharded
-    sys.path.insert(0, {tests!r})
     from test_sharding import problem, loss
     params, train, evals, lr = problem()
-    M = eif_sharded(loss, params, train, evals, lr=lr, chunk_size=2)
-    print("RESULT " + json.dumps({{"devices": jax.device_count(), "matrix": np.asarray(M).tolist()}}))
+    M = eif_sharded(loss, params, train, evals, lr=lr, chunk_size=2, progress=True)
+    json.dump({"devices": jax.device_count(), "jax_array": isinstance(M, jax.Array), "matrix": np.asarray(M).tolist()},
+              open(sys.argv[1], "w"))
 """)
 
 
@@ -36,25 +39,23 @@ def problem():
     return params, train, evals, jnp.linspace(0.01, 0.1, 7)
 
 
-def test_four_devices_match_single_device():
+def test_four_devices_match_single_device(tmp_path):
     params, train, evals, lr = problem()
     single = np.asarray(jaxeif.eif(loss, params, train, evals, lr=lr))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    script = SCRIPT.format(tests=os.path.dirname(__file__))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
-    assert result["devices"] == 4
+    result = json.loads(out.read_text())
+    assert result["devices"] == 4 and result["jax_array"]
     np.testing.assert_allclose(np.array(result["matrix"]), single, rtol=1e-5, atol=1e-7)
+    assert "eif rows: 100%" in proc.stderr and "8/8" in proc.stderr  # the bar counts every row, padding included
 
 
 def test_one_device_and_bad_devices():
     params, train, evals, lr = problem()
     np.testing.assert_allclose(eif_sharded(loss, params, train, evals, lr=lr), jaxeif.eif(loss, params, train, evals, lr=lr),
                                rtol=1e-6, atol=1e-8)
-    try:
+    with pytest.raises(ValueError, match="`devices`"):
         eif_sharded(loss, params, train, evals, lr=lr, devices=[])
-    except ValueError as e:
-        assert "devices" in str(e)
-    else:
-        raise AssertionError("empty devices accepted")

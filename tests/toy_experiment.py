@@ -1,5 +1,6 @@
 """A toy experiment module (add_arguments / run) for the tests of resuming, reproducibility and the CLI;
-run as `python tests/toy_experiment.py --out DIR` through `jaxeif.cli.experiment_main`."""
+run as `python tests/toy_experiment.py --out DIR` (with the repository on PYTHONPATH: `env()`) through
+`jaxeif.cli.experiment_main`."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+from jaxeif import cli, runs
 
 HERE = pathlib.Path(__file__).resolve()
 ROOT = HERE.parent.parent
@@ -33,39 +36,28 @@ def add_arguments(parser):
     parser.add_argument("--n", type=int, default=12)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=2)
+    parser.add_argument("--block-size", type=int, default=2, help="fine-tunes per checkpointed block")
     parser.add_argument("--slow", type=float, default=0.0, help="test harness: sleep after each saved block")
 
 
 def run(args) -> dict:
-    from jaxeif import runs
-
     config = {k: v for k, v in vars(args).items() if k != "slow"}
     rundir = runs.RunDir.open(args.out, config)
     computed = []
-    compute, save = runs._compute_block, runs._save_block
 
-    def counting_compute(*a, **kw):
-        computed.append(1)
-        return compute(*a, **kw)
-
-    def slow_save(*a, **kw):
-        save(*a, **kw)
+    def on_block(b, rows):  # counts the blocks this process computed; --slow widens the window to kill it
+        computed.append(b)
         time.sleep(args.slow)
 
-    runs._compute_block, runs._save_block = counting_compute, slow_save
-    try:
-        params, train = toy_problem(args.seed, args.n)
-        matrix = runs.sweep_eif(
-            toy_loss, params, train, lr=args.lr, steps=args.steps, chunk_size=args.chunk_size, run=rundir, progress=False
-        )
-    finally:  # this module also runs in-process under tests/test_bad_input.py
-        runs._compute_block, runs._save_block = compute, save
+    params, train = toy_problem(args.seed, args.n)
+    matrix = runs.sweep_eif(toy_loss, params, train, lr=args.lr, steps=args.steps, block_size=args.block_size,
+                            run=rundir, on_block=on_block)
     meta = runs.run_metadata(
-        seed=args.seed, model="toy tanh MLP 6-8-1", lr=args.lr, optimizer="sgd", steps=args.steps, chunk_size=args.chunk_size
+        seed=args.seed, model="toy tanh MLP 6-8-1", lr=args.lr, optimizer="sgd", steps=args.steps, block_size=args.block_size
     )
-    rundir.save_json("results", {"metadata": meta, "config": config, "matrix_sum": float(matrix.sum())})
-    return {"out": str(rundir.path), "computed_blocks": len(computed), "matrix_sum": float(matrix.sum())}
+    results = {"metadata": meta, "config": config, "matrix_sum": float(matrix.sum()), "computed_blocks": len(computed)}
+    rundir.save_json("results", results)
+    return {"out": str(rundir.path), "computed_blocks": len(computed), "matrix_sum": results["matrix_sum"]}
 
 
 def command(out: pathlib.Path, *extra: str) -> list[str]:
@@ -79,7 +71,4 @@ def env() -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    from jaxeif import cli
-
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

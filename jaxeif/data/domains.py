@@ -4,16 +4,18 @@ Each domain is a list of sentence templates over made-up entity names ({A}, {B},
 list of logic probes. `draw(name, seed)` fills the templates with fresh seeded names:
 
     samples = draw("chain_induces", seed=0)   # list[Sample]: .text, .template, .label
-    probes = DOMAINS["chain_induces"].probes   # Probe(train, implied, not_implied, why)
+    probes = DOMAINS["chain_induces"].probe_rows   # ProbeRows(train, implied, not_implied, why)
 
 A multi-line sample is ONE sample: its lines are joined with "\\n" and trained on together.
-A probe says: after learning sample `train`, sample `implied` should become more likely than
-sample `not_implied` (in loss terms: EIF[train, implied] < EIF[train, not_implied]).
+A probe says: after learning the sample of template `train`, that of `implied` should become more
+likely than that of `not_implied` (in loss terms: EIF[train, implied] < EIF[train, not_implied]).
+Probes name templates by label, so inserting a template never shifts them.
 """
 from __future__ import annotations
 
 import dataclasses
 import string
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,9 +42,18 @@ class Sample:
         return tuple(self.text.split("\n"))
 
 
-@dataclasses.dataclass(frozen=True)
-class Probe:
-    """After training on sample `train`, `implied` should gain more likelihood than `not_implied`."""
+class Probe(NamedTuple):
+    """After training on the sample of template `train`, `implied` should gain more likelihood than
+    `not_implied` (each a template's label)."""
+
+    train: str
+    implied: str
+    not_implied: str
+    why: str
+
+
+class ProbeRows(NamedTuple):
+    """A probe as positions of its templates: the rows and columns of the domain's EIF matrices."""
 
     train: int
     implied: int
@@ -52,11 +63,33 @@ class Probe:
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
-    """Templates (text, label) over entity slots, and the logic probes between them."""
+    """Templates (text, label) over entity slots, and the logic probes between them (by label,
+    checked when the domain is made: an unknown or repeated label is an error)."""
 
     name: str
     templates: tuple[tuple[str, str], ...]
     probes: tuple[Probe, ...]
+
+    def __post_init__(self):
+        labels = self.labels
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"domain {self.name!r}: template labels {repeated} repeat; give each template its own label")
+        for probe in self.probes:
+            unknown = [label for label in probe[:3] if label not in labels]
+            if unknown:
+                raise ValueError(f"domain {self.name!r}: probe {probe.why!r} names unknown template labels {unknown}; "
+                                 f"valid labels: {list(labels)}")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(label for _, label in self.templates)
+
+    @property
+    def probe_rows(self) -> tuple[ProbeRows, ...]:
+        """The probes as template positions (rows/columns of the EIF of `fill`'s samples)."""
+        at = self.labels.index
+        return tuple(ProbeRows(at(p.train), at(p.implied), at(p.not_implied), p.why) for p in self.probes)
 
     @property
     def slots(self) -> tuple[str, ...]:
@@ -121,8 +154,10 @@ DOMAINS: dict[str, Domain] = {
                 ("Whenever {Z} happens, it causes {A} to happen.", "reversed Z->A"),
             ),
             (
-                Probe(3, 0, 4, "chain A->B->C->D->Z implies A causes Z, not Z causes A"),
-                Probe(2, 0, 4, "chain A->B->Z implies A causes Z, not Z causes A"),
+                Probe("chain of 4", "conclusion A->Z", "reversed Z->A",
+                      "chain A->B->C->D->Z implies A causes Z, not Z causes A"),
+                Probe("chain of 2", "conclusion A->Z", "reversed Z->A",
+                      "chain A->B->Z implies A causes Z, not Z causes A"),
             ),
         ),
         Domain(
@@ -140,10 +175,14 @@ DOMAINS: dict[str, Domain] = {
                 ("Frogs and toads often hibernate in winter.", "out of domain"),
             ),
             (
-                Probe(1, 2, 3, "A in B implies B contains A, not B in A"),
-                Probe(8, 0, 4, "A in B, B in C implies A in C, not its negation"),
-                Probe(7, 0, 4, "A in B and B in C implies A in C, not its negation"),
-                Probe(0, 5, 4, "A in C makes 'A might be in C' likelier than 'A is not in C'"),
+                Probe("premise A in B", "equivalent B contains A", "converse B in A",
+                      "A in B implies B contains A, not B in A"),
+                Probe("composition in two lines", "conclusion A in C", "negation A not in C",
+                      "A in B, B in C implies A in C, not its negation"),
+                Probe("composition in one line", "conclusion A in C", "negation A not in C",
+                      "A in B and B in C implies A in C, not its negation"),
+                Probe("conclusion A in C", "uncertainty A maybe in C", "negation A not in C",
+                      "A in C makes 'A might be in C' likelier than 'A is not in C'"),
             ),
         ),
         Domain(
@@ -163,9 +202,12 @@ DOMAINS: dict[str, Domain] = {
                 ("a {D} is a {E}.", "unrelated entities"),
             ),
             (
-                Probe(0, 5, 7, "A is B, Bs have C implies A has C, not A lacks C"),
-                Probe(0, 6, 7, "A is B, Bs have C implies As have Cs, not A lacks C"),
-                Probe(1, 3, 4, "A is B implies 'an example of B is A', not 'A is not B'"),
+                Probe("premises in two lines", "conclusion A has C", "negated conclusion",
+                      "A is B, Bs have C implies A has C, not A lacks C"),
+                Probe("premises in two lines", "conclusion, plural", "negated conclusion",
+                      "A is B, Bs have C implies As have Cs, not A lacks C"),
+                Probe("premise A is B", "equivalent A is an example of B", "negation A is not B",
+                      "A is B implies 'an example of B is A', not 'A is not B'"),
             ),
         ),
         Domain(
@@ -180,8 +222,10 @@ DOMAINS: dict[str, Domain] = {
                 ("some {B}s are squares.", "weak converse of premise 1"),
             ),
             (
-                Probe(2, 3, 4, "square in B, B in rectangle implies square in rectangle, not the converse"),
-                Probe(0, 6, 5, "every square is a B implies some Bs are squares, not every B is a square"),
+                Probe("premises in two lines", "conclusion square in rectangle", "converse of the conclusion",
+                      "square in B, B in rectangle implies square in rectangle, not the converse"),
+                Probe("premise square in B", "weak converse of premise 1", "converse of premise 1",
+                      "every square is a B implies some Bs are squares, not every B is a square"),
             ),
         ),
         Domain(
@@ -197,9 +241,12 @@ DOMAINS: dict[str, Domain] = {
                 ("{A} is smaller than {B}.", "contradiction A < B"),
             ),
             (
-                Probe(2, 3, 4, "A > B > C implies A > C, not C > A"),
-                Probe(0, 6, 7, "A > B implies B < A, not A < B"),
-                Probe(0, 6, 5, "A > B implies B < A, not B > A"),
+                Probe("chain A > B > C", "conclusion A > C", "reversed conclusion C > A",
+                      "A > B > C implies A > C, not C > A"),
+                Probe("premise A > B", "equivalent B < A", "contradiction A < B",
+                      "A > B implies B < A, not A < B"),
+                Probe("premise A > B", "equivalent B < A", "converse B > A",
+                      "A > B implies B < A, not B > A"),
             ),
         ),
     )

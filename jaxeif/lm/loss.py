@@ -48,8 +48,9 @@ def slot_nll(logits: jax.Array, at: jax.Array, target: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
-def packed_slot_nll(apply_fn, params, row: dict, lora=None) -> jax.Array:
-    logits = apply_fn(params, row["ids"], row["visible"], lora=lora, positions=row["positions"])
+def packed_slot_nll(apply_fn, params, row: dict, delta=None) -> jax.Array:
+    """Slot NLLs f32[1, t] of one packed row (`row_arrays`), the decoder changed by `delta` (phi3's hook)."""
+    logits = apply_fn(params, row["ids"], row["visible"], delta=delta, positions=row["positions"])
     return slot_nll(logits, row["at"], row["target"])
 
 
@@ -68,14 +69,15 @@ def group_means(packed: packing.Packed, slot_values: np.ndarray) -> np.ndarray:
     return np.bincount(packed.group.ravel(), weighted.ravel(), minlength=packed.groups) / np.maximum(group_counts(packed), 1e-30)
 
 
-def packed_nll(apply_fn: ApplyFn, params: PyTree, packed: packing.Packed, lora=None, progress=None) -> np.ndarray:
-    """Length-normalised NLL of every group of `packed`, f32[groups], one row per forward pass."""
+def packed_nll(apply_fn: ApplyFn, params: PyTree, packed: packing.Packed, delta=None, progress=None,
+               dtype=np.float32) -> np.ndarray:
+    """Length-normalised NLL of every group of `packed`, `dtype`[groups], one row per forward pass."""
     values = []
     for k in range(packed.ids.shape[0]):
-        values.append(np.asarray(packed_slot_nll(apply_fn, params, row_arrays(packed, k), lora))[0])
+        values.append(np.asarray(packed_slot_nll(apply_fn, params, row_arrays(packed, k), delta))[0])
         if progress is not None:
             progress.update(int(np.unique(packed.group[k][packed.weight[k] > 0]).size))
-    return group_means(packed, np.stack(values)).astype(np.float32)
+    return group_means(packed, np.stack(values)).astype(dtype)
 
 
 def pack_tokens(tokens: Tokens, row_length: int = ROW_LENGTH) -> packing.Packed:

@@ -2,77 +2,68 @@
 
 One SGD step on sample i changes every weight matrix W [out, in] of a linear layer by
 -lr * sum_t g_t x_t^T (x_t: the layer's input at position t, g_t: dL_i/d(output_t)): rank <= T.
-The fine-tuned layer applied to x is W x - lr * sum_t g_t (x_t . x), which phi3's low-rank hook
-computes from a = [x_1..x_T] (in, T), b = -lr [g_1..g_T]^T (T, out) without forming W - lr G.
+The fine-tuned layer applied to x is W x - lr * sum_t g_t (x_t . x), which the decoder's `delta=`
+hook computes from a = [x_1..x_T] (in, T), b = -lr [g_1..g_T]^T (T, out) without forming W - lr G.
 The (tied) embedding E [V, d] changes by -lr (onehot(ids)^T G0 + C^T H), G0 = dL/d(embedding
-output), C = dL/d(logits), H = final hidden states: rank <= 2T. RMSNorm weights (d floats per
-layer) change densely, by the sum of per-token gradients. The factors x_t, g_t are read out of the
-(scanned) model with a flax method interceptor: each linear output gets a zero perturbation `eps`
-(its gradient is g_t) and a zero `probe` whose gradient is defined to be the input x_t (`_read_out`).
-All samples of a packed row (jaxeif.packing) share ONE backward pass: with block attention, the
-per-token factors of sample i's tokens are exactly those of sample i trained alone.
+output), C = dL/dlogits, H = final hidden states: rank <= 2T. RMSNorm weights (d floats per layer)
+change densely, by the sum of per-token gradients. The factors come out of ONE backward pass through
+the decoder's taps (`jaxeif.models.phi3`: a zero "out" per linear has gradient g_t, a zero "read"
+has gradient x_t). All samples of a packed row (jaxeif.packing) share that pass: with block
+attention, the per-token factors of sample i's tokens are exactly those of sample i trained alone.
+
+The computation, in named steps:
+  1. `row_gradients`: per packed train row, every tap's per-token gradient (one backward pass);
+  2. `fine_tune_chunks`: the row's samples grouped by rank (length rounded up to `rank_bucket`) and
+     cut into chunks of `chunk_size` fine-tunes (one compiled program per rank);
+  3. `gather_deltas`: each chunk's exact low-rank deltas, sliced out of the row's gradients;
+  4. `eval_losses`: the chunk's deltas vmapped over every packed eval row (slot losses, or their
+     changes in precision "difference"), then each sample's mean: one row of the matrix per fine-tune.
 """
 from __future__ import annotations
 
 import functools
+from typing import Iterator, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from jaxeif import checks, packing
+from jaxeif import checks, chunking, difference, packing
+from jaxeif import precision as precision_lib
 from jaxeif.finetune import PyTree
-from jaxeif.lm.loss import ROW_LENGTH, group_counts, group_means, pack_tokens, packed_nll, packed_slot_nll, row_arrays, slot_nll
+from jaxeif.lm.loss import (ROW_LENGTH, group_counts, group_means, pack_tokens, packed_nll, packed_slot_nll,
+                            row_arrays, slot_nll)
 from jaxeif.lm.tokens import ApplyFn, Tokens, check_example, checked
-from jaxeif.models import phi3
+from jaxeif.models.phi3 import Phi3Config
 from jaxeif.packing import round_up
-
-
-_TAP = "__jaxeif_tap__"
-
-
-@jax.custom_vjp
-def _read_out(y: jax.Array, x: jax.Array, probe: jax.Array) -> jax.Array:
-    """Identity in y; the gradient with respect to `probe` is x (reads x out of a scanned layer)."""
-    return y
-
-
-def _read_out_fwd(y, x, probe):
-    return y, x
-
-
-def _read_out_bwd(x, ct):
-    return ct, jnp.zeros_like(x), x
-
-
-_read_out.defvjp(_read_out_fwd, _read_out_bwd)
-
-
-def _tap_interceptor(next_fun, args, kwargs, context):
-    """Route linear layers, the layer stack input and the final hidden states through taps."""
-    module = context.module
-    if context.method_name == "__call__" and isinstance(module, phi3.Linear):
-        x, delta = args[0], args[1] if len(args) > 1 else kwargs.get("delta")
-        if isinstance(delta, dict) and _TAP in delta:
-            tap = delta[_TAP]
-            return _read_out(next_fun(x, None) + tap["eps"], x, tap["probe"])
-    if context.method_name == "__call__" and isinstance(module, phi3.DecoderLayer):
-        lora = args[1]
-        if isinstance(lora, dict) and _TAP in lora:
-            return next_fun(args[0] + lora[_TAP]["eps"], *args[1:], **kwargs)
-    if context.method_name == "__call__" and isinstance(module, phi3.Phi3Model):
-        lora = args[2] if len(args) > 2 else kwargs.get("lora")
-        if isinstance(lora, dict) and _TAP in lora:
-            h, e = next_fun(*args, **kwargs)
-            return _read_out(h, h, lora[_TAP]["probe"]), e
-    return next_fun(*args, **kwargs)
-
 
 _LINEARS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 
 
-def _linear_dims(config, module: tuple[str, str]) -> tuple[int, int]:
+class FineTunes(NamedTuple):
+    """A chunk of fine-tunes of one packed train row, all of one rank (padded to the chunk size).
+
+    samples: int[k] the train samples (k <= chunk); index: int[chunk] the same, padded with the first;
+    tokens: int32[chunk, rank] their tokens' indices in the row; valid: f32[chunk, rank] 1 on real
+    tokens, 0 on rank padding (exact zeros in the factors)."""
+
+    samples: np.ndarray
+    index: np.ndarray
+    tokens: np.ndarray
+    valid: np.ndarray
+
+
+def config_of(apply_fn: ApplyFn, config: Phi3Config | None) -> Phi3Config:
+    """`config`, else the one the apply_fn was made with (`apply_fn.config`); a clear error if neither."""
+    config = getattr(apply_fn, "config", None) if config is None else config
+    if not isinstance(config, Phi3Config):
+        raise TypeError(f"the low-rank path needs the decoder's Phi3Config: pass `config=` (got {config!r}); apply_fns "
+                        "made by jaxeif.models.phi3.make_apply_fn or loading.from_pretrained carry it as apply_fn.config")
+    return config
+
+
+def _linear_dims(config: Phi3Config, module: tuple[str, str]) -> tuple[int, int]:
     c = config
     h, kv, hd, d, f = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.intermediate_size
     return {
@@ -83,72 +74,94 @@ def _linear_dims(config, module: tuple[str, str]) -> tuple[int, int]:
     }[module]
 
 
-def _zero_taps(config, t: int) -> dict:
-    """Zero per-token perturbations/probes for every tapped place of one packed row of t tokens: linear
-    outputs/inputs, the layer-stack input, the final hidden states, and (per-token additive deltas of)
-    every RMSNorm weight, whose gradients are then each token's contribution to the norm's gradient."""
+def zero_taps(config: Phi3Config, t: int) -> dict:
+    """A `delta=` of zero taps for one packed row of t tokens: "out" and "read" on every linear and on the
+    output projection, "out" on the embedding, and per-token additive deltas of every RMSNorm weight
+    (whose gradients are then each token's contribution to the norm's gradient)."""
     L, d = config.num_hidden_layers, config.hidden_size
     norm = lambda *lead: {"w": jnp.zeros((*lead, 1, t, d))}  # noqa: E731
-    layers: dict = {"self_attn": {}, "mlp": {}, _TAP: {"eps": jnp.zeros((L, 1, t, d))},
-                    "input_layernorm": norm(L), "post_attention_layernorm": norm(L)}
+    layers: dict = {"self_attn": {}, "mlp": {}, "input_layernorm": norm(L), "post_attention_layernorm": norm(L)}
     for group, name in _LINEARS:
         n_in, n_out = _linear_dims(config, (group, name))
-        layers[group][name] = {_TAP: {"eps": jnp.zeros((L, 1, t, n_out)), "probe": jnp.zeros((L, 1, t, n_in))}}
-    taps = {"model": {"layers": layers, "norm": norm(), _TAP: {"probe": jnp.zeros((1, t, d))}}}
-    if not config.tie_word_embeddings:
-        taps["lm_head"] = {_TAP: {"eps": jnp.zeros((1, t, config.vocab_size)), "probe": jnp.zeros((1, t, d))}}
-    return taps
+        layers[group][name] = {"out": jnp.zeros((L, 1, t, n_out)), "read": jnp.zeros((L, 1, t, n_in))}
+    return {"model": {"embed_tokens": {"out": jnp.zeros((1, t, d))}, "layers": layers, "norm": norm()},
+            "lm_head": {"out": jnp.zeros((1, t, config.vocab_size)), "read": jnp.zeros((1, t, d))}}
 
 
+# ----------------------------------------------------------------------------- 1. per-token gradients
 @functools.partial(jax.jit, static_argnames=("apply_fn", "config"))
-def _row_gradients(apply_fn, params, config, row: dict, slot_weight: jax.Array) -> tuple[dict, jax.Array]:
-    """Per-token gradients of one packed row's loss sum_g L_g (slot_weight = weight / #scored of its group):
-    every tap's gradient, and C = dL/dlogits f32[t, V]. Block attention makes the tokens of sample g
-    depend on nothing else, so restricted to g's tokens these are exactly the gradients of L_g alone."""
+def row_gradients(apply_fn, params, config, row: dict, slot_weight: jax.Array) -> dict:
+    """Every tap's per-token gradient of one packed row's loss sum_g L_g (slot_weight = weight / #scored of
+    its group). Block attention makes the tokens of sample g depend on nothing else, so restricted to g's
+    tokens these are exactly the gradients of L_g alone."""
 
     def loss(taps):
-        with nn.intercept_methods(_tap_interceptor):
-            logits = apply_fn(params, row["ids"], row["visible"], lora=taps, positions=row["positions"])
-        return jnp.sum(slot_weight * slot_nll(logits, row["at"], row["target"])), logits
+        logits = apply_fn(params, row["ids"], row["visible"], delta=taps, positions=row["positions"])
+        return jnp.sum(slot_weight * slot_nll(logits, row["at"], row["target"]))
 
-    g_taps, logits = jax.grad(loss, has_aux=True)(_zero_taps(config, row["ids"].shape[1]))
-    g_logits = jax.grad(lambda z: jnp.sum(slot_weight * slot_nll(z, row["at"], row["target"])))(logits)
-    return g_taps, g_logits[0]
+    return jax.grad(loss)(zero_taps(config, row["ids"].shape[1]))
 
 
-def _gather_deltas(config, g_taps: dict, g_logits: jax.Array, ids: jax.Array, idx: jax.Array, valid: jax.Array,
-                   lr: jax.Array) -> dict:
-    """The exact low-rank delta of one SGD step on the sample at row tokens `idx` int32[R] (`valid`
-    f32[R] masks padding slots: they add exact zeros), as an apply_fn `lora` dict."""
-    take = lambda x: jnp.take(x, idx, axis=-2) * valid[:, None]  # noqa: E731  [..., t, f] -> [..., R, f]
+# ----------------------------------------------------------------------------- 2. chunks of fine-tunes
+def fine_tune_chunks(packed: packing.Packed, k: int, rank_bucket: int, chunk: int | None) -> Iterator[FineTunes]:
+    """The samples of packed row k, grouped by rank and cut into chunks of `chunk` (None: all of a rank)."""
+    members = np.flatnonzero(packed.spans[:, 0] == k)
+    ranks = np.array([round_up(int(packed.spans[i, 2]), rank_bucket) for i in members])
+    for rank in np.unique(ranks):
+        same = members[ranks == rank]
+        size = len(same) if chunk is None else chunk
+        for start in range(0, len(same), size):
+            samples = same[start : start + size]
+            idx = np.concatenate([samples, np.full(size - len(samples), samples[0])])
+            _, first, length = packed.spans[idx].T
+            slots = np.arange(rank)
+            tokens = np.minimum(first[:, None] + slots[None], packed.ids.shape[1] - 1).astype(np.int32)
+            valid = (slots[None] < length[:, None]).astype(np.float32)
+            yield FineTunes(samples, idx, tokens, valid)
+
+
+# ----------------------------------------------------------------------------- 3. the exact deltas
+def gather_deltas(config: Phi3Config, g: dict, ids: jax.Array, idx: jax.Array, valid: jax.Array, lr: jax.Array) -> dict:
+    """The exact low-rank delta of one SGD step on the sample at row tokens `idx` int32[R] (`valid` f32[R]
+    masks padding slots: they add exact zeros), as an apply_fn `delta=` dict."""
+    take = lambda x: jnp.take(x, idx, axis=-2) * valid[:, None].astype(x.dtype)  # noqa: E731  [..., t, f] -> [..., R, f]
     total = lambda x: jnp.sum(take(x), axis=-2)  # noqa: E731  this sample's summed per-token gradient
-    lay = g_taps["model"]["layers"]
+    lay = g["model"]["layers"]
     layers: dict = {"self_attn": {}, "mlp": {}}
     for group, name in _LINEARS:
-        tap = lay[group][name][_TAP]
-        layers[group][name] = {"a": jnp.swapaxes(take(tap["probe"][:, 0]), 1, 2), "b": -lr * take(tap["eps"][:, 0])}
+        tap = lay[group][name]
+        layers[group][name] = {"a": jnp.swapaxes(take(tap["read"][:, 0]), 1, 2), "b": -lr * take(tap["out"][:, 0])}
     for name in ("input_layernorm", "post_attention_layernorm"):
         layers[name] = {"w": -lr * total(lay[name]["w"][:, 0])}
-    g_embed_out = take(lay[_TAP]["eps"][0, 0])  # dL/d(input of layer 0) = dL/d(embedding output): [R, d]
-    onehot = jax.nn.one_hot(jnp.take(ids, idx), config.vocab_size, dtype=g_embed_out.dtype) * valid[:, None]
+    g_embed_out = take(g["model"]["embed_tokens"]["out"][0])  # G0 = dL/d(embedding output): [R, d]
+    onehot = jax.nn.one_hot(jnp.take(ids, idx), config.vocab_size, dtype=g_embed_out.dtype) * valid[:, None].astype(g_embed_out.dtype)
+    g_logits, hidden = take(g["lm_head"]["out"][0]), take(g["lm_head"]["read"][0])  # C [R, V], H [R, d]
     if config.tie_word_embeddings:
-        hidden = take(g_taps["model"][_TAP]["probe"][0])  # final hidden states H: [R, d]
-        embed = {"a": jnp.concatenate([onehot, take(g_logits)], 0).T, "b": -lr * jnp.concatenate([g_embed_out, hidden], 0)}
+        embed = {"a": jnp.concatenate([onehot, g_logits], 0).T, "b": -lr * jnp.concatenate([g_embed_out, hidden], 0)}
     else:
         embed = {"a": onehot.T, "b": -lr * g_embed_out}
-    deltas = {"model": {"embed_tokens": embed, "layers": layers, "norm": {"w": -lr * total(g_taps["model"]["norm"]["w"][0])}}}
+    deltas = {"model": {"embed_tokens": embed, "layers": layers, "norm": {"w": -lr * total(g["model"]["norm"]["w"][0])}}}
     if not config.tie_word_embeddings:
-        tap = g_taps["lm_head"][_TAP]
-        deltas["lm_head"] = {"a": take(tap["probe"][0]).T, "b": -lr * take(tap["eps"][0])}
+        deltas["lm_head"] = {"a": hidden.T, "b": -lr * g_logits}
     return deltas
 
 
-_gather_chunk = jax.jit(jax.vmap(_gather_deltas, in_axes=(None, None, None, None, 0, 0, 0)), static_argnums=0)
+_gather_chunk = jax.jit(jax.vmap(gather_deltas, in_axes=(None, None, None, 0, 0, 0)), static_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _lowrank_slot_nll(apply_fn, params, deltas, row: dict) -> jax.Array:
-    """Slot NLLs of one packed eval row under each fine-tune of a chunk: f32[c, 1, t]."""
+# ----------------------------------------------------------------------------- 4. losses under each fine-tune
+def _slot_changes(apply_fn, params, row: dict, deltas: dict) -> jax.Array:
+    """Slot NLL changes f32[1, t] under `deltas`, propagated from factors at zero (jaxeif.difference)."""
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), deltas)
+    return difference.propagate(lambda p, d: packed_slot_nll(apply_fn, p, row, d), (params, zeros), (None, deltas))
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "propagate"))
+def eval_losses(apply_fn, params, deltas, row: dict, propagate: bool = False) -> jax.Array:
+    """Slot NLLs of one packed eval row under each fine-tune of a chunk, f32[c, 1, t] (their changes
+    when `propagate`: precision "difference")."""
+    if propagate:
+        return jax.vmap(lambda d: _slot_changes(apply_fn, params, row, d))(deltas)
     return jax.vmap(lambda d: packed_slot_nll(apply_fn, params, row, d))(deltas)
 
 
@@ -157,15 +170,43 @@ def _slot_weights(packed: packing.Packed) -> np.ndarray:
     return (packed.weight / np.maximum(group_counts(packed)[packed.group], 1e-30)).astype(np.float32)
 
 
-def sgd_step_lowrank(apply_fn: ApplyFn, params: PyTree, config, example: Tokens, lr) -> dict:
+# ----------------------------------------------------------------------------- chunk size
+def _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate) -> int | None:
+    """Fine-tunes per step: an int or None as given; "auto": one on CPU (as jaxeif.chunking), on GPU/TPU the
+    most whose program (largest rank, one eval row) fits the memory budget (jaxeif.chunking.choose)."""
+    chunking.check_chunk_size(chunk_size)
+    if chunk_size != "auto":
+        return chunk_size
+    if jax.default_backend() == "cpu":
+        return 1
+    rank = round_up(int(packed_train.spans[:, 2].max()), rank_bucket)
+    most = int(max(np.unique(packed_train.spans[:, 0], return_counts=True)[1]))
+    row, ev = row_arrays(packed_train, 0), row_arrays(packed_evals, 0)
+    g = jax.eval_shape(lambda p, r: row_gradients(apply_fn, p, config, r, jnp.zeros(r["at"].shape)), params, row)
+
+    def compile_at(chunks: chunking.Chunks):
+        c = chunks.rows
+        spec = (jax.ShapeDtypeStruct((c, rank), jnp.int32), jax.ShapeDtypeStruct((c, rank), jnp.float32),
+                jax.ShapeDtypeStruct((c,), jnp.float32))
+        deltas = jax.eval_shape(lambda g_, i, v, lr: _gather_chunk(config, g_, row["ids"][0], i, v, lr), g, *spec)
+        compiled = eval_losses.lower(apply_fn, params, deltas, ev, propagate).compile()
+        return compiled, chunking.program_bytes(compiled)
+
+    chunks, _, _ = chunking.choose(compile_at, most, 1, budget=chunking.budget_bytes(None), accelerator=True)
+    return chunks.rows
+
+
+# ----------------------------------------------------------------------------- public API
+def sgd_step_lowrank(apply_fn: ApplyFn, params: PyTree, example: Tokens, lr, *, config: Phi3Config | None = None) -> dict:
     """The low-rank delta of ONE SGD step on `example` (a Tokens row), exactly: `apply_fn(params, ids,
-    lora=delta)` is then the fine-tuned model (norm weights enter as additive deltas)."""
+    delta=delta)` is then the fine-tuned model (norm weights enter as additive deltas)."""
+    config = config_of(apply_fn, config)
     example = check_example("example", example, config.vocab_size)
     n = int(np.asarray(example.attention).sum())
     packed = packing.samples(np.asarray(example.ids)[None], np.array([n]), np.asarray(example.score)[None], multiple=1)
-    g_taps, g_logits = _row_gradients(apply_fn, params, config, row_arrays(packed, 0), jnp.asarray(_slot_weights(packed)))
+    g = row_gradients(apply_fn, params, config, row_arrays(packed, 0), jnp.asarray(_slot_weights(packed)))
     one = lambda x: jnp.asarray(x)[None]  # noqa: E731
-    deltas = _gather_chunk(config, g_taps, g_logits, jnp.asarray(packed.ids[0]), one(np.arange(n)), one(np.ones(n, np.float32)),
+    deltas = _gather_chunk(config, g, jnp.asarray(packed.ids[0]), one(np.arange(n)), one(np.ones(n, np.float32)),
                            one(np.float32(lr)))
     return jax.tree.map(lambda x: x[0], deltas)
 
@@ -173,58 +214,57 @@ def sgd_step_lowrank(apply_fn: ApplyFn, params: PyTree, config, example: Tokens,
 def lowrank_sgd_eif(
     apply_fn: ApplyFn,
     params: PyTree,
-    config,
     train: Tokens,
     evals: Tokens | None = None,
     *,
-    lr: float | np.ndarray = 1e-3,
-    chunk_size: int = 1,
+    lr: float | np.ndarray,
+    chunk_size: int | str | None = "auto",
+    precision: str = "highest",
+    config: Phi3Config | None = None,
+    progress: bool = False,
     row_length: int = ROW_LENGTH,
     rank_bucket: int = 32,
     base: np.ndarray | None = None,
-    progress=None,
-) -> np.ndarray:
+) -> jax.Array:
     """Dense single-step SGD EIF, f32[n, m], computed exactly in low-rank form (no weight copies).
 
-    Equals `finetuned_eif(..., steps=1, optimizer=None)`. The train samples are packed into rows
-    (`jaxeif.packing`) and ONE backward pass per row gives every sample's per-token factors; sample
-    i's update is then rank <= its length (rounded up to `rank_bucket` with exact zeros), and `chunk_size`
-    fine-tunes of one rank are vmapped over the packed evals. `base` (f32[m], the evals' losses before
-    fine-tuning) is computed with `nll` when not given.
+    Equals `finetuned_eif(..., steps=1, optimizer=None, path="dense")`. `chunk_size`: fine-tunes (rows)
+    vmapped per step ("auto": `_chunk_rows`). `precision`: any jaxeif.precision mode; "difference"
+    propagates each eval loss's change from the low-rank factors at zero (jaxeif.difference), so small
+    entries keep float32 relative accuracy; "float64" runs everything in float64. `config`: the decoder's
+    Phi3Config (default `apply_fn.config`). `base` (f32[m], the evals' losses before fine-tuning) is
+    computed with `nll` when not given (unused in "difference"). `progress`: a tqdm bar over fine-tunes.
     """
+    config = config_of(apply_fn, config)
+    precision = precision_lib.check(precision)
+    if not isinstance(progress, bool):
+        raise TypeError(f"`progress` must be True or False, got {progress!r}")
     train, evals = checked(apply_fn, params, train, evals, config.vocab_size)
-    evals = train if evals is None else evals
     n = np.asarray(train.ids).shape[0]
     lr = np.broadcast_to(np.asarray(checks.learning_rate(lr, n), np.float32), (n,))
     packed_train = pack_tokens(train, row_length)
-    packed_evals = packed_train if evals is train else pack_tokens(evals, row_length)
-    if base is None:
-        base = packed_nll(apply_fn, params, packed_evals)
-    base = np.asarray(base, np.float32)
-    eval_rows = [row_arrays(packed_evals, k) for k in range(packed_evals.ids.shape[0])]
-    weights = _slot_weights(packed_train)
-    out = np.zeros((n, base.shape[0]), np.float32)
-    for k in range(packed_train.ids.shape[0]):
-        g_taps, g_logits = _row_gradients(apply_fn, params, config, row_arrays(packed_train, k), jnp.asarray(weights[k : k + 1]))
-        ids = jnp.asarray(packed_train.ids[k])
-        members = np.flatnonzero(packed_train.spans[:, 0] == k)
-        ranks = np.array([round_up(int(packed_train.spans[i, 2]), rank_bucket) for i in members])
-        for rank in np.unique(ranks):
-            same = members[ranks == rank]
-            for start in range(0, len(same), chunk_size):
-                rows = same[start : start + chunk_size]
-                idx = np.concatenate([rows, np.full(chunk_size - len(rows), rows[0])])
-                _, first, length = packed_train.spans[idx].T
-                slots = np.arange(rank)
-                tok_idx = np.minimum(first[:, None] + slots[None], packed_train.ids.shape[1] - 1).astype(np.int32)
-                valid = (slots[None] < length[:, None]).astype(np.float32)
-                deltas = _gather_chunk(config, g_taps, g_logits, ids, jnp.asarray(tok_idx), jnp.asarray(valid),
-                                       jnp.asarray(lr[idx]))
-                vals = np.concatenate([np.asarray(_lowrank_slot_nll(apply_fn, params, deltas, row)) for row in eval_rows],
-                                      axis=1)  # [chunk, eval rows, t]
-                after = np.stack([group_means(packed_evals, v) for v in vals[: len(rows)]])
-                out[rows] = after.astype(np.float32) - base[None]
-                if progress is not None:
-                    progress.update(len(rows))
-    return out
-
+    packed_evals = packed_train if evals is None else pack_tokens(evals, row_length)
+    propagate = precision_lib.propagates_difference(precision)
+    result = np.float64 if precision == "float64" else np.float32  # the dtype losses are subtracted in
+    with precision_lib.context(precision):
+        params, lr, weights = precision_lib.cast_inputs(precision, (params, lr, _slot_weights(packed_train)))
+        lr, weights = np.asarray(lr), np.asarray(weights)
+        chunk = _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate)
+        if base is None and not propagate:
+            base = packed_nll(apply_fn, params, packed_evals, dtype=result)
+        out = np.zeros((n, packed_evals.groups), np.float64)
+        eval_rows = [row_arrays(packed_evals, k) for k in range(packed_evals.ids.shape[0])]
+        with tqdm(total=n, desc="low-rank SGD EIF", disable=not progress) as bar:
+            for k in range(packed_train.ids.shape[0]):
+                g = row_gradients(apply_fn, params, config, row_arrays(packed_train, k), jnp.asarray(weights[k : k + 1]))
+                ids = jnp.asarray(packed_train.ids[k])
+                for ft in fine_tune_chunks(packed_train, k, rank_bucket, chunk):
+                    deltas = _gather_chunk(config, g, ids, jnp.asarray(ft.tokens), jnp.asarray(ft.valid),
+                                           jnp.asarray(lr[ft.index]))
+                    slots = np.concatenate([np.asarray(eval_losses(apply_fn, params, deltas, row, propagate))
+                                            for row in eval_rows], axis=1)  # [chunk, eval rows, t]
+                    out[ft.samples] = np.stack([group_means(packed_evals, v) for v in slots[: len(ft.samples)]])
+                    bar.update(len(ft.samples))
+    if not propagate:
+        out = out.astype(result) - np.asarray(base, result)[None]
+    return jnp.asarray(out, jnp.float32)

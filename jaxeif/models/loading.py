@@ -8,6 +8,7 @@ input raises a ValueError / FileNotFoundError naming the file or tensor.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -282,6 +283,19 @@ def unpermute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 def load_gguf(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
     """(params, config) from a GGUF file of llama architecture, dequantised with the gguf package."""
     source = str(path)
+    reader = _open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    config = _gguf_config(reader, tensors, source)
+    used: set = set()
+    get = functools.partial(_gguf_tensor, tensors, _per_tensor_shapes(config), config, source, used)
+    params = assemble(get, config, dtype)
+    refuse_unused(set(tensors), used, source, config)
+    return params, config
+
+
+def _open_gguf(path: Path):
+    """A GGUFReader of a readable llama-architecture file without rope scaling, else a ValueError."""
+    source = str(path)
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError / struct / mmap errors on bad or truncated files
@@ -292,7 +306,11 @@ def load_gguf(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
     for key in ("llama.rope.scaling.type",):
         if key in reader.fields and _field(reader, key, source) not in ("none", ""):
             raise ValueError(f"{source}: {key}={_field(reader, key, source)!r} is not supported")
-    tensors = {t.name: t for t in reader.tensors}
+    return reader
+
+
+def _gguf_config(reader, tensors: dict, source: str) -> Phi3Config:
+    """The Phi3Config of a llama GGUF from its metadata fields and embedding shape."""
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{source}: tensor token_embd.weight is missing")
     heads = int(_field(reader, "llama.attention.head_count", source))
@@ -301,7 +319,7 @@ def load_gguf(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
     head_dim = hidden // heads
     rot = int(_field(reader, "llama.rope.dimension_count", source, head_dim))
     tok = reader.fields.get("tokenizer.ggml.eos_token_id")
-    config = Phi3Config(
+    return Phi3Config(
         vocab_size=int(tensors["token_embd.weight"].shape[-1]), hidden_size=hidden,
         intermediate_size=int(_field(reader, "llama.feed_forward_length", source)),
         num_hidden_layers=int(_field(reader, "llama.block_count", source)), num_attention_heads=heads,
@@ -313,51 +331,70 @@ def load_gguf(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
         bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", source, -1)),
         eos_token_id=int(tok.contents()) if tok is not None else None,
     )
-    shapes = _per_tensor_shapes(config)
+
+
+_GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_GGUF_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                   "lm_head.weight": "output.weight"}
+
+
+def _gguf_name(name: str) -> str:
+    """The GGUF tensor name of a transformers tensor name ("model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight")."""
+    if name in _GGUF_TOP_NAMES:
+        return _GGUF_TOP_NAMES[name]
+    _, _, i, *rest = name.split(".")
+    return f"blk.{i}.{_GGUF_LAYER_NAMES['.'.join(rest[:-1])]}.weight"
+
+
+def _gguf_tensor(tensors: dict, shapes: dict, config: Phi3Config, source: str, used: set, name: str) -> np.ndarray:
+    """Transformers tensor `name`, dequantised to f32, shape-checked, q/k rows back in HF order; adds it to `used`."""
+    g = _gguf_name(name)
+    t = tensors.get(g)
+    if t is None:
+        raise ValueError(f"{source}: tensor {g} ({name}) is missing")
     allowed = _gguf_types()
-    layer_names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                   "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                   "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-
-    def gguf_name(name: str) -> str:
-        if name in top:
-            return top[name]
-        _, _, i, *rest = name.split(".")
-        return f"blk.{i}.{layer_names['.'.join(rest[:-1])]}.weight"
-
-    def get(name: str) -> np.ndarray:
-        g = gguf_name(name)
-        t = tensors.get(g)
-        if t is None:
-            raise ValueError(f"{source}: tensor {g} ({name}) is missing")
-        if t.tensor_type not in allowed:
-            raise ValueError(f"{source}: tensor {g} has GGUF type {t.tensor_type.name}, which is not supported "
-                             f"(supported: {sorted(x.name for x in allowed)}); re-quantise e.g. to Q8_0")
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except Exception as e:
-            raise ValueError(f"{source}: cannot dequantise tensor {g} ({type(e).__name__}: {e})") from None
-        arr = np.asarray(arr, np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
-        arr = _checked(f"{g} ({name})", arr, shapes[name], source)
-        if name.endswith("q_proj.weight"):
-            arr = unpermute_rotary_rows(arr, heads)
-        elif name.endswith("k_proj.weight"):
-            arr = unpermute_rotary_rows(arr, kv)
-        used.add(g)
-        return arr
-
-    used: set = set()
-    params = assemble(get, config, dtype)
-    refuse_unused(set(tensors), used, source, config)
-    return params, config
+    if t.tensor_type not in allowed:
+        raise ValueError(f"{source}: tensor {g} has GGUF type {t.tensor_type.name}, which is not supported "
+                         f"(supported: {sorted(x.name for x in allowed)}); re-quantise e.g. to Q8_0")
+    try:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    except Exception as e:
+        raise ValueError(f"{source}: cannot dequantise tensor {g} ({type(e).__name__}: {e})") from None
+    arr = np.asarray(arr, np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
+    arr = _checked(f"{g} ({name})", arr, shapes[name], source)
+    if name.endswith("q_proj.weight"):
+        arr = unpermute_rotary_rows(arr, config.num_attention_heads)
+    elif name.endswith("k_proj.weight"):
+        arr = unpermute_rotary_rows(arr, config.num_key_value_heads)
+    used.add(g)
+    return arr
 
 
 def from_pretrained(path=None, dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
-    """(apply_fn, params, config) from a Hugging Face dir, a `.gguf` file, or None (the SmolLM2 default)."""
+    """(apply_fn, params, config) from a Hugging Face dir, a `.gguf` file, or None (the SmolLM2 default).
+
+    `apply_fn.config` is `config`. With dtype float64 the apply_fn runs inside `jax.enable_x64` (float64
+    params, float64 logits) whether or not x64 is enabled globally."""
     params, config = load(path, dtype=dtype)
-    return jax.jit(make_apply_fn(config, dtype)), params, config
+    return jitted_apply_fn(config, dtype), params, config
+
+
+def jitted_apply_fn(config: Phi3Config, dtype=jnp.float32) -> Callable:
+    """`jax.jit(make_apply_fn(config, dtype))`, carrying `.config`; float64 runs inside `jax.enable_x64`."""
+    jitted = jax.jit(make_apply_fn(config, dtype))
+    if jnp.dtype(dtype) != jnp.float64:
+        jitted.config = config
+        return jitted
+
+    @functools.wraps(jitted)
+    def apply_fn64(*args, **kwargs):
+        with jax.enable_x64(True):
+            return jitted(*args, **kwargs)
+
+    apply_fn64.config = config
+    return apply_fn64
 
 
 def default_model(dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:

@@ -16,19 +16,26 @@ on a leading axis (one `nn.scan`), weights in transformers' [out, in] layout:
     params["model"]["layers"]["input_layernorm"|"post_attention_layernorm"]["weight"]  [L, d]
     params["model"]["norm"]["weight"] [d];  params["lm_head"]["weight"] [vocab, d] (absent when tied)
 
-Low-rank deltas (LoRA, and the exact single-SGD-step form).  Every weight matmul goes through
-`lowrank_linear(x, w, delta, scale)`:  y = x @ w.T + scale * (x @ a) @ b,  delta = {"a": [in, r],
-"b": [r, out]}; the embedding lookup goes through its sibling `lowrank_embed` (E[ids] + scale *
-a[ids] @ b, a: [vocab, r], b: [r, d]), and with tied embeddings the same embed delta is applied to
-the output projection too (logits = h E^T + scale * (h b^T) a^T), so it stays exactly E + a b.
-`apply_fn(params, ids, attention_mask=None, lora=None)` takes `lora` as either
-  * a plain dict mirroring `params` where a module's entry is {"a", "b"} (scale 1; layer entries
-    carry the leading L axis: a [L, in, r], b [L, r, out]), or
-  * a `jaxeif.models.lora.Adapters` (that dict plus a static `scale` = alpha / rank).
-Modules absent from `lora` are unchanged.  The base params are only read, never copied, so
-`jax.vmap(apply_fn, in_axes=(None, None, None, 0))` runs many adapters over one shared model.
-One SGD step on a sample (inputs x_t, output-gradients g_t of a layer) is the delta
-a = [x_1 .. x_T] (in, T), b = -lr * [g_1 .. g_T]^T (T, out): exact, no per-sample weight copy.
+Per-linear deltas and taps: the `delta=` hook.  `apply_fn(params, ids, attention_mask=None, delta=None)`
+takes `delta` as a dict mirroring `params` (layer entries carry the leading L axis), or a
+`jaxeif.models.lora.Adapters` (that dict plus a static `scale` = alpha / rank).  Modules absent from
+it are unchanged; the base params are only read, never copied.  A module's entry may hold:
+  * "a", "b"  a low-rank weight delta (LoRA adapters and one exact SGD step alike).  Every weight
+    matmul is `lowrank_linear(x, w, delta, scale)`: y = x @ w.T + scale * (x @ a) @ b, a [in, r],
+    b [r, out]; the embedding lookup is `lowrank_embed` (E[ids] + scale * a[ids] @ b, a [vocab, r],
+    b [r, d]); with tied embeddings the embed delta also changes the output projection
+    (logits = h E^T + scale * (h b^T) a^T), so it stays exactly E + a b.
+  * "w"  (RMSNorm entries) added to the norm weight: [d], or per token [b, t, d].
+  * "out"  added to the module's output ([b, t, out]; for embed_tokens the embedding output): a
+    zero "out" is a tap whose gradient is dL/d(output).
+  * "read"  a zero probe shaped like the module's input: the output is unchanged and the gradient
+    with respect to "read" is the input itself (`read_input`), which reads per-token inputs out of
+    the scanned layers in the same backward pass.
+"out" and "read" work on the linears (qkv_proj, o_proj, gate_up_proj, down_proj), on "lm_head"
+(the output projection, tied or not: "read" gives the final hidden states, "out" dL/dlogits) and
+"out" on embed_tokens.  `jax.vmap(apply_fn, in_axes=(None, None, None, 0))` runs many deltas over
+one shared model.  One SGD step on a sample (inputs x_t, output-gradients g_t of a layer) is the
+delta a = [x_1 .. x_T] (in, T), b = -lr * [g_1 .. g_T]^T (T, out): exact (`jaxeif.lm.lowrank`).
 """
 from __future__ import annotations
 
@@ -41,7 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 
 Params = dict
-Delta = dict  # {"a": [..., in, r], "b": [..., r, out]}
+Delta = dict  # one module's entry: {"a": [..., in, r], "b": [..., r, out]} and/or taps {"out", "read"}
+
+ENTRY_KEYS = {"linear": {"a", "b", "out", "read"}, "embed": {"a", "b", "out"}, "norm": {"w"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +84,18 @@ class Phi3Config:
         return int(self.head_dim * self.partial_rotary_factor)
 
 
-# ----------------------------------------------------------------------------- low-rank matmuls
+# ----------------------------------------------------------------------------- low-rank matmuls and taps
+def check_entry(delta: Delta | None, kind: str) -> Delta | None:
+    """`delta` itself; a ValueError for keys that module kind ("linear", "embed", "norm") does not take."""
+    if delta is not None and not set(delta) <= ENTRY_KEYS[kind]:
+        raise ValueError(f"`delta`: a {kind} entry takes keys {sorted(ENTRY_KEYS[kind])}, got {sorted(delta)}")
+    return delta
+
+
 def lowrank_linear(x: jax.Array, w: jax.Array, delta: Delta | None = None, scale: float = 1.0) -> jax.Array:
     """y[..., out] = x @ w.T (+ scale * (x @ a) @ b): the only weight matmul of the model."""
     y = jnp.einsum("...i,oi->...o", x, w)
-    if delta is not None:
+    if delta is not None and "a" in delta:
         y = y + scale * ((x @ delta["a"].astype(x.dtype)) @ delta["b"].astype(x.dtype))
     return y
 
@@ -87,7 +103,7 @@ def lowrank_linear(x: jax.Array, w: jax.Array, delta: Delta | None = None, scale
 def lowrank_embed(ids: jax.Array, e: jax.Array, delta: Delta | None = None, scale: float = 1.0) -> jax.Array:
     """(E + scale * a b)[ids] without forming a b: the embedding lookup's low-rank form."""
     y = jnp.take(e, ids, axis=0)
-    if delta is not None:
+    if delta is not None and "a" in delta:
         y = y + scale * (jnp.take(delta["a"], ids, axis=0).astype(y.dtype) @ delta["b"].astype(y.dtype))
     return y
 
@@ -95,8 +111,36 @@ def lowrank_embed(ids: jax.Array, e: jax.Array, delta: Delta | None = None, scal
 def lowrank_unembed(h: jax.Array, e: jax.Array, delta: Delta | None = None, scale: float = 1.0) -> jax.Array:
     """h @ (E + scale * a b).T for a tied output projection (E: [vocab, d])."""
     y = jnp.einsum("...d,vd->...v", h, e)
-    if delta is not None:
+    if delta is not None and "a" in delta:
         y = y + scale * ((h @ delta["b"].astype(h.dtype).T) @ delta["a"].astype(h.dtype).T)
+    return y
+
+
+@jax.custom_vjp
+def read_input(y: jax.Array, x: jax.Array, probe: jax.Array) -> jax.Array:
+    """Identity in y; the gradient with respect to `probe` (zeros shaped like x) is x itself."""
+    return y
+
+
+def _read_input_fwd(y, x, probe):
+    return y, x
+
+
+def _read_input_bwd(x, ct):
+    return ct, jnp.zeros_like(x), x
+
+
+read_input.defvjp(_read_input_fwd, _read_input_bwd)
+
+
+def tapped(y: jax.Array, x: jax.Array, delta: Delta | None) -> jax.Array:
+    """A module's output y (input x) with its entry's taps: + delta["out"], and delta["read"] reading x."""
+    if delta is None:
+        return y
+    if "out" in delta:
+        y = y + delta["out"].astype(y.dtype)
+    if "read" in delta:
+        y = read_input(y, x, delta["read"])
     return y
 
 
@@ -182,7 +226,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x, delta: Delta | None = None):
         w = self.param("weight", nn.initializers.normal(0.02), (self.out_features, self.in_features), self.dtype)
-        return lowrank_linear(x, w, delta, self.scale)
+        return tapped(lowrank_linear(x, w, check_entry(delta, "linear"), self.scale), x, delta)
 
 
 class Embed(nn.Module):
@@ -208,7 +252,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x, delta: dict | None = None):
         w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        if delta is not None:
+        if check_entry(delta, "norm") is not None:
             w = w + delta["w"].astype(w.dtype)
         h = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # at least float32 (float64 stays float64)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
@@ -221,11 +265,11 @@ class Attention(nn.Module):
     scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, lora):
+    def __call__(self, x, cos, sin, mask, delta):
         c = self.config
         h, kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, t, d = x.shape
-        qkv = Linear((h + 2 * kv) * hd, d, self.dtype, self.scale, name="qkv_proj")(x, _sub(lora, "qkv_proj"))
+        qkv = Linear((h + 2 * kv) * hd, d, self.dtype, self.scale, name="qkv_proj")(x, _sub(delta, "qkv_proj"))
         q = qkv[..., : h * hd].reshape(b, t, h, hd)
         k = qkv[..., h * hd : (h + kv) * hd].reshape(b, t, kv, hd)
         v = qkv[..., (h + kv) * hd :].reshape(b, t, kv, hd)
@@ -235,7 +279,7 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.promote_types(scores.dtype, jnp.float32)), axis=-1).astype(q.dtype)
         out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, t, h * hd)
-        return Linear(d, h * hd, self.dtype, self.scale, name="o_proj")(out, _sub(lora, "o_proj"))
+        return Linear(d, h * hd, self.dtype, self.scale, name="o_proj")(out, _sub(delta, "o_proj"))
 
 
 class MLP(nn.Module):
@@ -244,12 +288,12 @@ class MLP(nn.Module):
     scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x, lora):
+    def __call__(self, x, delta):
         c = self.config
         f, d = c.intermediate_size, c.hidden_size
-        gate_up = Linear(2 * f, d, self.dtype, self.scale, name="gate_up_proj")(x, _sub(lora, "gate_up_proj"))
+        gate_up = Linear(2 * f, d, self.dtype, self.scale, name="gate_up_proj")(x, _sub(delta, "gate_up_proj"))
         gate, up = gate_up[..., :f], gate_up[..., f:]
-        return Linear(d, f, self.dtype, self.scale, name="down_proj")(up * jax.nn.silu(gate), _sub(lora, "down_proj"))
+        return Linear(d, f, self.dtype, self.scale, name="down_proj")(up * jax.nn.silu(gate), _sub(delta, "down_proj"))
 
 
 class DecoderLayer(nn.Module):
@@ -258,12 +302,12 @@ class DecoderLayer(nn.Module):
     scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x, lora, cos, sin, mask):
+    def __call__(self, x, delta, cos, sin, mask):
         c = self.config
-        h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x, _sub(lora, "input_layernorm"))
-        x = x + Attention(c, self.dtype, self.scale, name="self_attn")(h, cos, sin, mask, _sub(lora, "self_attn"))
-        h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x, _sub(lora, "post_attention_layernorm"))
-        x = x + MLP(c, self.dtype, self.scale, name="mlp")(h, _sub(lora, "mlp"))
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x, _sub(delta, "input_layernorm"))
+        x = x + Attention(c, self.dtype, self.scale, name="self_attn")(h, cos, sin, mask, _sub(delta, "self_attn"))
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x, _sub(delta, "post_attention_layernorm"))
+        x = x + MLP(c, self.dtype, self.scale, name="mlp")(h, _sub(delta, "mlp"))
         return x, None
 
 
@@ -273,18 +317,19 @@ class Phi3Model(nn.Module):
     scale: float = 1.0
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, lora, positions=None):
+    def __call__(self, input_ids, attention_mask, delta, positions=None):
         c = self.config
         e = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")()
-        x = lowrank_embed(input_ids, e, _sub(lora, "embed_tokens"), self.scale)
+        embed = check_entry(_sub(delta, "embed_tokens"), "embed")
+        x = tapped(lowrank_embed(input_ids, e, embed, self.scale), input_ids, embed)
         b, t = input_ids.shape
         positions = positions_or_default(positions, b, t)
         cos, sin = rope_tables(c, positions, self.dtype)
         mask = attention_mask_4d(attention_mask, positions, c.sliding_window)
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers)
-        x, _ = layers(c, self.dtype, self.scale, name="layers")(x, _sub(lora, "layers"), cos, sin, mask)
-        return RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x, _sub(lora, "norm")), e
+        x, _ = layers(c, self.dtype, self.scale, name="layers")(x, _sub(delta, "layers"), cos, sin, mask)
+        return RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x, _sub(delta, "norm")), e
 
 
 class Phi3ForCausalLM(nn.Module):
@@ -295,30 +340,36 @@ class Phi3ForCausalLM(nn.Module):
     scale: float = 1.0
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, lora=None, logits_at=None, positions=None):
+    def __call__(self, input_ids, attention_mask=None, delta=None, logits_at=None, positions=None):
         c = self.config
-        h, e = Phi3Model(c, self.dtype, self.scale, name="model")(input_ids, attention_mask, _sub(lora, "model"), positions)
+        h, e = Phi3Model(c, self.dtype, self.scale, name="model")(input_ids, attention_mask, _sub(delta, "model"), positions)
         if logits_at is not None:  # only these positions reach the output projection: h [b, k, d]
             h = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
-        if c.tie_word_embeddings:
-            logits = lowrank_unembed(h, e, _sub(lora, "model", "embed_tokens"), self.scale)
+        head = _sub(delta, "lm_head")
+        if c.tie_word_embeddings:  # the embed delta is the output projection's; lm_head holds only taps
+            if head is not None and not set(head) <= {"out", "read"}:
+                raise ValueError(f"`delta`: with tied embeddings lm_head takes only taps 'out', 'read' (the low-rank "
+                                 f"delta of the output projection is embed_tokens'), got {sorted(head)}")
+            logits = tapped(lowrank_unembed(h, e, _sub(delta, "model", "embed_tokens"), self.scale), h, head)
         else:
-            logits = Linear(c.vocab_size, c.hidden_size, self.dtype, self.scale, name="lm_head")(h, _sub(lora, "lm_head"))
+            logits = Linear(c.vocab_size, c.hidden_size, self.dtype, self.scale, name="lm_head")(h, head)
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # float64 models keep float64
 
 
 # ----------------------------------------------------------------------------- public API
-def _split_lora(lora) -> tuple[dict | None, float]:
-    if lora is None:
+def _split_delta(delta) -> tuple[dict | None, float]:
+    if delta is None:
         return None, 1.0
-    if isinstance(lora, dict):
-        return lora, 1.0
-    return lora.deltas, float(lora.scale)  # jaxeif.models.lora.Adapters
+    if isinstance(delta, dict):
+        return delta, 1.0
+    return delta.deltas, float(delta.scale)  # jaxeif.models.lora.Adapters
 
 
 def make_apply_fn(config: Phi3Config, dtype=jnp.float32) -> Callable:
-    """Pure `apply_fn(params, input_ids, attention_mask=None, lora=None, logits_at=None, positions=None)
-    -> f32[b, t, vocab]`.
+    """Pure `apply_fn(params, input_ids, attention_mask=None, delta=None, logits_at=None, positions=None)
+    -> f32[b, t, vocab]`; `apply_fn.config` is `config`.
+
+    `delta`: per-module low-rank deltas and taps (LoRA adapters, exact SGD steps; see the module doc).
 
     `logits_at` int32[b, k] (indices in 0..t-1) returns only those positions' logits, f32[b, k, vocab]:
     equal to `apply_fn(...)[b_idx, logits_at]`, without the output projection of the other positions.
@@ -327,13 +378,14 @@ def make_apply_fn(config: Phi3Config, dtype=jnp.float32) -> Callable:
     Together they run several samples packed into one row (`jaxeif.packing`).
     """
 
-    def apply_fn(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, lora=None,
+    def apply_fn(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, delta=None,
                  logits_at: jax.Array | None = None, positions: jax.Array | None = None):
-        deltas, scale = _split_lora(lora)
+        deltas, scale = _split_delta(delta)
         module = Phi3ForCausalLM(config, dtype, scale)
         return module.apply({"params": params}, jnp.asarray(input_ids, jnp.int32), attention_mask, deltas, logits_at,
                             positions)
 
+    apply_fn.config = config
     return apply_fn
 
 
