@@ -24,8 +24,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "meta-llm": ("experiments.meta_llm_logic", "learn per-layer lr multipliers for the LLM logic study"),
     "bench-cnn": ("benchmarks.cnn", "CNN EIF speed: jaxeif vs a PyTorch loop"),
     "bench-lm": ("benchmarks.lm", "language-model EIF speed: jaxeif vs a PyTorch loop"),
+    "bench-lm-device": ("benchmarks.lm_device", "the logic study's five domains on a random Phi-3-mini-shaped decoder (one GPU; --sizes tiny on CPU)"),
+    "bench-lm-memory": ("benchmarks.lm_memory", "lm.memory_estimate against measured peak memory of each LM EIF path (CPU)"),
+    "bench-lm-bf16": ("benchmarks.lm_bf16", "error of the bfloat16-weight LM EIF against float32 (SmolLM2, five domains)"),
     "bench-meta-memory": ("benchmarks.meta_memory", "memory of a meta-gradient through eif, before/after rematerialisation"),
     "export-data": ("benchmarks.export_data", "write Fashion-MNIST to an .npz for a machine without TensorFlow"),
+    "export-tokenizer": ("benchmarks.export_tokenizer", "write the default tokenizer's files for `bench-lm-device`"),
 }
 
 # Exceptions that mean "the input was wrong", shown as one line. KeyError is left out on
