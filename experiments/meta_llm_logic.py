@@ -23,6 +23,7 @@ import argparse
 import functools
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -162,96 +163,140 @@ def scatter_into_nan_matrices(block: np.ndarray, n: int, rows, cols) -> np.ndarr
     return out
 
 
-# ----------------------------------------------------------------------------- the study
+# ----------------------------------------------------------------------------- the study, stage by stage
+
+
+class Draws(NamedTuple):
+    """Seeds and token blocks of the meta-training draws (train: the chain row [D, 1, t1], evals: the probe
+    pair [D, 2, t2]) and of the held-out draws (train: the EVAL_ROWS rows, evals: the probe pair)."""
+
+    train_seeds: list
+    heldout_seeds: list
+    train: lm.Tokens
+    evals: lm.Tokens
+    heldout_train: lm.Tokens
+    heldout_evals: lm.Tokens
+
+
+class Baseline(NamedTuple):
+    """The uniform-lr grid, the best uniform lr and its implied gain (the keep_learning reference)."""
+
+    grid: list
+    lr: float
+    keep_ref: float
+
+
+def prepare_draws(args: argparse.Namespace, tok, mconfig) -> Draws:
+    """Tokens of every draw, padded to one length for meta-training and held-out draws (fewer compiles)."""
+    train_seeds = list(range(args.seed, args.seed + args.draws))
+    held_seeds = list(range(args.heldout_seed, args.heldout_seed + args.heldout_draws))
+    all_train, all_evals = draw_tokens(tok, mconfig, train_seeds + held_seeds, EVAL_ROWS, PROBE_COLS)
+    D, row = len(train_seeds), EVAL_ROWS.index(TRAIN_ROW)
+    take = lambda tokens, sl: jax.tree.map(lambda x: jnp.asarray(x[sl]), tokens)  # noqa: E731
+    return Draws(train_seeds, held_seeds, take(all_train, (slice(None, D), slice(row, row + 1))),
+                 take(all_evals, slice(None, D)), take(all_train, slice(D, None)), take(all_evals, slice(D, None)))
+
+
+def uniform_grid(run_dir, fwd, params, draws: Draws, lr_grid, scales0) -> list:
+    """Per rate of the grid: logic objective and mean implied/reversed gains on the meta-training draws
+    (grid.json, resumed)."""
+    if not run_dir.has("grid.json"):
+        grid = []
+        for lr in lr_grid:
+            b = np.asarray(fwd(params, draws.train, draws.evals, scales0, jnp.float32(lr)))
+            _, logic = objective_terms(jnp.asarray(b), None, 0.0)
+            grid.append({"lr": lr, "logic": float(logic), "implied_gain": float(-b[:, 0, 0].mean()),
+                         "reversed_gain": float(-b[:, 0, 1].mean())})
+        run_dir.save_json("grid.json", grid)
+    return run_dir.load_json("grid.json")
+
+
+def best_uniform(grid: list, lr_grid) -> Baseline:
+    """The finite grid point with the lowest logic objective; it must teach "A causes Z"."""
+    finite = [g for g in grid if np.isfinite(g["logic"])]
+    if not finite:
+        raise ValueError(f"every rate of --lr-grid {lr_grid} diverged; try smaller rates")
+    best = min(finite, key=lambda g: g["logic"])
+    lr, keep_ref = float(best["lr"]), best["implied_gain"]
+    if not keep_ref > 0:
+        raise ValueError(f"at the best uniform lr {lr:g} the chain does not teach 'A causes Z' (gain {keep_ref:.3g} <= 0); "
+                         "try other --lr-grid rates")
+    return Baseline(grid, lr, keep_ref)
+
+
+def learn_multipliers(run_dir, apply_fn, params, draws: Draws, base: Baseline, scales0, args, *, center: bool):
+    """meta.fit of the log-multipliers on the meta-training draws (checkpointed in meta_ckpt/, resumed)."""
+
+    def objective(log_scales, params, train, evals):
+        b = blocks(apply_fn, params, train, evals, log_scales, base.lr, center=center)
+        return objective_terms(b, base.keep_ref, args.keep_weight)[0]
+
+    return meta.fit(objective, scales0, optimizer=optax.adam(args.meta_lr), steps=args.meta_steps,
+                    checkpoint_dir=run_dir.path / "meta_ckpt", every=args.every, progress=not args.no_progress,
+                    data=(params, draws.train, draws.evals))
+
+
+def meta_train_summary(fwd, params, draws: Draws, scales0, result, lr: float) -> dict:
+    """Objective history and the logic objective on the meta-training draws, before and after."""
+    logic = {name: float(objective_terms(jnp.asarray(np.asarray(fwd(params, draws.train, draws.evals, s, jnp.float32(lr)))),
+                                         None, 0.0)[1])
+             for name, s in (("after", result.controls), ("before", scales0))}
+    return {"objective_history": result.history.tolist(), "objective_final": result.final,
+            "resumed_from": result.resumed_from, "logic_before": logic["before"], "logic_after": logic["after"]}
+
+
+def heldout_scores(run_dir, fwd, params, draws: Draws, settings: dict, lr: float) -> dict:
+    """Per setting name ("before", "after": log-scales): the held-out probe blocks (heldout_{name}.npy, NaN
+    where not needed; resumed), their chain-4 logic objective, gains and scorecard."""
+    n_samples = len(domains.DOMAINS[DOMAIN].templates)
+    probes = [p for p in domains.DOMAINS[DOMAIN].probes if p.train in EVAL_ROWS and {p.implied, p.not_implied} <= set(PROBE_COLS)]
+    summary = {}
+    for name, scales in settings.items():
+        if not run_dir.has(f"heldout_{name}.npy"):
+            b = np.asarray(fwd(params, draws.heldout_train, draws.heldout_evals, scales, jnp.float32(lr)))
+            run_dir.save_npy(f"heldout_{name}", scatter_into_nan_matrices(b, n_samples, EVAL_ROWS, PROBE_COLS))
+        mats = run_dir.load_npy(f"heldout_{name}")
+        chain4 = mats[:, TRAIN_ROW][:, list(PROBE_COLS)]
+        summary[name] = {
+            "logic_objective_chain4": float(objective_terms(jnp.asarray(chain4[:, None]), None, 0.0)[1]),
+            "scorecard": desiderata.probe_scores(mats, probes),
+            "implied_gain_chain4": float(-chain4[:, 0].mean()), "reversed_gain_chain4": float(-chain4[:, 1].mean()),
+        }
+    return summary
 
 
 def run(args: argparse.Namespace) -> dict:
     """Pick the best uniform lr, learn per-layer multipliers, evaluate on held-out draws."""
     start = time.perf_counter()
     config = _config(args)
-    progress = not args.no_progress
     run_dir = runs.RunDir.open(args.out, config)
     apply_fn, params, mconfig, tok = load_model(args)
     center = config["center"]
-    n_samples = len(domains.DOMAINS[DOMAIN].templates)
-    train_seeds = list(range(args.seed, args.seed + args.draws))
-    held_seeds = list(range(args.heldout_seed, args.heldout_seed + args.heldout_draws))
-    # one padded length for meta-training and held-out draws: fewer compiles
-    all_train, all_evals = draw_tokens(tok, mconfig, train_seeds + held_seeds, EVAL_ROWS, PROBE_COLS)
-    D, row = len(train_seeds), EVAL_ROWS.index(TRAIN_ROW)
-    tr_train = jax.tree.map(lambda x: jnp.asarray(x[:D, row:row + 1]), all_train)
-    tr_evals, ho_train, ho_evals = (jax.tree.map(lambda x: jnp.asarray(x[sl]), t) for t, sl in
-                                    ((all_evals, slice(None, D)), (all_train, slice(D, None)), (all_evals, slice(D, None))))
+    draws = prepare_draws(args, tok, mconfig)
     scales0 = layers_lm.init_stacked_log_scales(params)
     fwd = _jitted_blocks(apply_fn, center)
     seconds = {}
 
-    # 1. best uniform lr on the meta-training draws
     t = time.perf_counter()
-    if not run_dir.has("grid.json"):
-        grid = []
-        for lr in config["lr_grid"]:
-            b = np.asarray(fwd(params, tr_train, tr_evals, scales0, jnp.float32(lr)))
-            _, logic = objective_terms(jnp.asarray(b), None, 0.0)
-            grid.append({"lr": lr, "logic": float(logic), "implied_gain": float(-b[:, 0, 0].mean()),
-                         "reversed_gain": float(-b[:, 0, 1].mean())})
-        run_dir.save_json("grid.json", grid)
-    grid = run_dir.load_json("grid.json")
-    finite = [g for g in grid if np.isfinite(g["logic"])]
-    if not finite:
-        raise ValueError(f"every rate of --lr-grid {config['lr_grid']} diverged; try smaller rates")
-    best = min(finite, key=lambda g: g["logic"])
-    lr = float(best["lr"])
-    keep_ref = best["implied_gain"]
-    if not keep_ref > 0:
-        raise ValueError(f"at the best uniform lr {lr:g} the chain does not teach 'A causes Z' (gain {keep_ref:.3g} <= 0); "
-                         "try other --lr-grid rates")
+    base = best_uniform(uniform_grid(run_dir, fwd, params, draws, config["lr_grid"], scales0), config["lr_grid"])
     seconds["grid"] = time.perf_counter() - t
-
-    # 2. learn the multipliers
-    def objective(log_scales, params, train, evals):
-        b = blocks(apply_fn, params, train, evals, log_scales, lr, center=center)
-        return objective_terms(b, keep_ref, args.keep_weight)[0]
-
     t = time.perf_counter()
-    result = meta.fit(objective, scales0, optimizer=optax.adam(args.meta_lr), steps=args.meta_steps,
-                      checkpoint_dir=run_dir.path / "meta_ckpt", every=args.every, progress=progress,
-                      data=(params, tr_train, tr_evals))
+    result = learn_multipliers(run_dir, apply_fn, params, draws, base, scales0, args, center=center)
     seconds["meta"] = time.perf_counter() - t
     run_dir.save_npy("history", result.history)
     learned = effective_log_scales(result.controls, center)
     run_dir.save_json("log_scales.json", {k: np.asarray(v) for k, v in learned.items()})
-    train_after = np.asarray(fwd(params, tr_train, tr_evals, result.controls, jnp.float32(lr)))
-    train_before = np.asarray(fwd(params, tr_train, tr_evals, scales0, jnp.float32(lr)))
-
-    # 3. held-out draws, before (best uniform lr) and after (learned multipliers)
+    meta_train = meta_train_summary(fwd, params, draws, scales0, result, base.lr)
     t = time.perf_counter()
-    mats, summary = {}, {}
-    probes = [p for p in domains.DOMAINS[DOMAIN].probes if p.train in EVAL_ROWS and {p.implied, p.not_implied} <= set(PROBE_COLS)]
-    for name, scales in (("before", scales0), ("after", result.controls)):
-        if not run_dir.has(f"heldout_{name}.npy"):
-            b = np.asarray(fwd(params, ho_train, ho_evals, scales, jnp.float32(lr)))
-            run_dir.save_npy(f"heldout_{name}", scatter_into_nan_matrices(b, n_samples, EVAL_ROWS, PROBE_COLS))
-        mats[name] = run_dir.load_npy(f"heldout_{name}")
-        chain4 = mats[name][:, TRAIN_ROW][:, list(PROBE_COLS)]
-        summary[name] = {
-            "logic_objective_chain4": float(objective_terms(jnp.asarray(chain4[:, None]), None, 0.0)[1]),
-            "scorecard": desiderata.probe_scores(mats[name], probes),
-            "implied_gain_chain4": float(-chain4[:, 0].mean()), "reversed_gain_chain4": float(-chain4[:, 1].mean()),
-        }
+    summary = heldout_scores(run_dir, fwd, params, draws, {"before": scales0, "after": result.controls}, base.lr)
     seconds["heldout"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - start
+
     results = {
         "config": config, "sign": "EIF = loss after - loss before (negative = learned); probe gain = M[not] - M[implied]",
-        "uniform_lr_grid": grid, "best_uniform_lr": lr, "keep_reference_implied_gain": keep_ref,
-        "meta_train": {
-            "objective_history": result.history.tolist(), "objective_final": result.final,
-            "resumed_from": result.resumed_from,
-            "logic_before": float(objective_terms(jnp.asarray(train_before), None, 0.0)[1]),
-            "logic_after": float(objective_terms(jnp.asarray(train_after), None, 0.0)[1]),
-        },
-        "log_scales": {k: np.asarray(v).tolist() for k, v in learned.items()},
-        "heldout": summary, "seeds": {"train": train_seeds, "heldout": held_seeds},
+        "uniform_lr_grid": base.grid, "best_uniform_lr": base.lr, "keep_reference_implied_gain": base.keep_ref,
+        "meta_train": meta_train, "log_scales": {k: np.asarray(v).tolist() for k, v in learned.items()},
+        "heldout": summary, "seeds": {"train": draws.train_seeds, "heldout": draws.heldout_seeds},
         "seconds": seconds, "seconds_per_meta_step": seconds["meta"] / max(1, args.meta_steps - (result.resumed_from or 0)),
         "metadata": runs.run_metadata(seed=args.seed, study="meta_llm_logic"),
     }
