@@ -46,14 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=cli.positive_int, default=4, help="base CNN training epochs")
     parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="base CNN training batch size")
     parser.add_argument("--train-size", type=cli.positive_int, default=None, help="train the base CNN on the first N images only")
-    parser.add_argument("--per-digit", type=cli.positive_int, default=2, help="meta-training MNIST test images per digit")
+    parser.add_argument("--per-digit", type=cli.positive_int, default=1, help="meta-training MNIST test images per digit")
     parser.add_argument("--heldout-per-digit", type=cli.positive_int, default=2, help="held-out images per digit (the next ones)")
     parser.add_argument("--noise-std", type=cli.positive_float, default=0.5, help="pixel noise of the noisy copies")
     parser.add_argument("--noisy-weight", type=cli.nonnegative_float, default=0.5,
                         help="drawn same-class learning from a noisy copy, relative to a clean digit's 1")
     parser.add_argument("--lr", type=cli.positive_float, default=1e-3, help="uniform fine-tuning rate (SGD), the start and the 'before'")
-    parser.add_argument("--chunk-size", type=cli.positive_int, default=10, help="fine-tunes vmapped at once (lax.map over chunks)")
-    parser.add_argument("--meta-steps", type=cli.positive_int, default=40, help="outer (Adam) steps")
+    parser.add_argument("--chunk-size", type=cli.chunk_size, default="auto", help="fine-tunes vmapped at once: auto (1 on CPU) or an int")
+    parser.add_argument("--meta-steps", type=cli.positive_int, default=30, help="outer (Adam) steps")
     parser.add_argument("--meta-lr", type=cli.positive_float, default=0.1, help="outer Adam learning rate (on log-lrs)")
     parser.add_argument("--every", type=cli.positive_int, default=10, help="checkpoint the outer loop every N steps")
     parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the base CNN and the noise")
@@ -132,7 +132,7 @@ def load_data(args: argparse.Namespace) -> Data:
     return Data(split_set(fs, total, 0, args.per_digit), split_set(fs, total, args.per_digit, args.heldout_per_digit))
 
 
-def make_objective(drawn: Drawn, chunk_size: int):
+def make_objective(drawn: Drawn, chunk_size):
     """(log_lr, params, images, labels) -> meta.toward(eif(train, train), target, mask)."""
 
     def objective(log_lr, params, images, labels):
@@ -142,14 +142,14 @@ def make_objective(drawn: Drawn, chunk_size: int):
     return objective
 
 
-def influence(params, rows: Split, cols: Split, lr, chunk_size: int) -> np.ndarray:
+def influence(params, rows: Split, cols: Split, lr, chunk_size) -> np.ndarray:
     """f32[n, m]: the EIF of the `rows` digits (one SGD step each at rates `lr`) on the `cols` digits."""
     return np.asarray(jaxeif.eif(cnn.loss_fn, params, (jnp.asarray(rows.images), jnp.asarray(rows.labels)),
                                  (jnp.asarray(cols.images), jnp.asarray(cols.labels)), lr=jnp.asarray(lr),
                                  chunk_size=chunk_size))
 
 
-def matrices(run_dir, params, data: Data, lrs: dict, chunk_size: int) -> dict:
+def matrices(run_dir, params, data: Data, lrs: dict, chunk_size) -> dict:
     """{(split, name): M} for split train (train x train) and heldout (train x held-out digits), name
     before (uniform lr) and after (learned lrs); saved as eif_{split}_{name}.npy and resumed."""
     out = {}

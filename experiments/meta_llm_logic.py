@@ -319,12 +319,14 @@ def meta_train_summary(evaluate_on, draws: Draws, scales0, result, lr: float) ->
             "resumed_from": result.resumed_from, "logic_before": before, "logic_after": after}
 
 
-def heldout_scores(run_dir, evaluate_on, draws: Draws, settings: dict, lr: float) -> dict:
+def heldout_scores(run_dir, evaluate_on, draws: Draws, settings: dict, lr: float, *, progress: bool = False) -> dict:
     """Per setting name ("before", "after": log-scales): the held-out probe blocks (heldout_{name}.npy, NaN
     where not needed; resumed), their chain-4 logic objective, gains and scorecard; "paired": after vs before."""
     n_samples = len(domains.DOMAINS[DOMAIN].templates)
     probes = [p for p in domains.DOMAINS[DOMAIN].probes if p.train in EVAL_ROWS and {p.implied, p.not_implied} <= set(PROBE_COLS)]
     if not all(run_dir.has(f"heldout_{name}.npy") for name in settings):
+        if progress:  # one jitted call: no per-draw bar
+            print(f"held-out: {len(draws.heldout_seeds)} draws x {len(settings)} settings in one call ...", file=sys.stderr, flush=True)
         out = evaluate_on(draws.heldout_train, draws.heldout_evals, [(scales, lr) for scales in settings.values()])
         for name, b in zip(settings, out):
             run_dir.save_npy(f"heldout_{name}", scatter_into_nan_matrices(b, n_samples, EVAL_ROWS, PROBE_COLS))
@@ -364,7 +366,8 @@ def run(args: argparse.Namespace) -> dict:
     run_dir.save_json("log_scales.json", {k: np.asarray(v) for k, v in learned.items()})
     meta_train = meta_train_summary(evaluate_on, draws, scales0, result, base.lr)
     t = time.perf_counter()
-    summary = heldout_scores(run_dir, evaluate_on, draws, {"before": scales0, "after": result.controls}, base.lr)
+    summary = heldout_scores(run_dir, evaluate_on, draws, {"before": scales0, "after": result.controls}, base.lr,
+                             progress=not args.no_progress)
     seconds["heldout"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - start
 
