@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "llm": ("experiments.llm_logic", "EIF of a language model on synthetic logic facts"),
     "meta-cnn": ("experiments.meta_cnn_noise", "learn an lr predictor for the CNN noise study"),
     "meta-cnn-transfer": ("experiments.meta_cnn_transfer", "does the meta-cnn lr predictor down-weight noise it never saw (salt-and-pepper, blur)?"),
+    "meta-cnn-toward": ("experiments.meta_cnn_toward", "per-sample lrs toward a hand-drawn influence target (meta.toward) on the CNN"),
     "meta-llm": ("experiments.meta_llm_logic", "learn per-layer lr multipliers for the LLM logic study"),
     "bench-cnn": ("benchmarks.cnn", "CNN EIF speed: jaxeif vs a PyTorch loop"),
     "bench-lm": ("benchmarks.lm", "language-model EIF speed: jaxeif vs a PyTorch loop"),

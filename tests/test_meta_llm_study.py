@@ -93,7 +93,7 @@ def test_quick_study_learns_and_writes_files(tiny, tmp_path, monkeypatch):
                               "--meta-steps", "4", "--meta-lr", "0.2", "--draws", "2"])
     res = study.run(args)["results"]
     for name in ("config.json", "grid.json", "history.npy", "log_scales.json", "heldout_before.npy",
-                 "heldout_after.npy", "objective.png", "results.json"):
+                 "heldout_after.npy", "objective.png", "heldout.png", "results.json"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     hist = np.load(out / "history.npy")
@@ -110,4 +110,59 @@ def test_quick_study_learns_and_writes_files(tiny, tmp_path, monkeypatch):
         diffs = M[:, 3, 4] - M[:, 3, 0]
         assert saved["heldout"][name]["scorecard"][0]["mean"] == pytest.approx(float(diffs.mean()), rel=1e-5)
     assert not np.allclose(np.load(out / "heldout_before.npy")[:, 3, [0, 4]], np.load(out / "heldout_after.npy")[:, 3, [0, 4]])
+    paired = saved["heldout"]["paired"]
+    gains = {k: np.load(out / f"heldout_{k}.npy")[:, 3, 4] - np.load(out / f"heldout_{k}.npy")[:, 3, 0] for k in ("before", "after")}
+    assert paired["per_draw"]["gain_after"] == pytest.approx(gains["after"].tolist(), rel=1e-6)
+    assert paired["gain_difference"]["mean"] == pytest.approx(float((gains["after"] - gains["before"]).mean()), rel=1e-5)
     assert saved["seeds"]["heldout"] and not set(saved["seeds"]["train"]) & set(saved["seeds"]["heldout"])
+
+
+def test_probe_blocks_equal_the_eif_blocks(tiny):
+    """The evaluation path (one gradient per draw, rescaled per setting; batched base losses) equals
+    jaxeif.eif with the stacked-layer optimizer, setting by setting."""
+    from experiments import meta_llm_logic as study
+
+    apply_fn, params, config, tok = tiny
+    train, evals = (jax.tree.map(jnp.asarray, t) for t in study.draw_tokens(tok, config, [5, 6], (2, 3), (0, 1, 4)))
+    s0 = layers_lm.init_stacked_log_scales(params)
+    s1 = {k: jax.random.normal(jax.random.key(i), v.shape) * 0.5 for i, (k, v) in enumerate(s0.items())}
+    settings = [(s0, 0.3), (s1, 1.0)]
+    fast = study.evaluate(apply_fn, params, train, evals, settings, center=True)
+    assert fast.shape == (2, 2, 2, 3)
+    for k, (scales, lr) in enumerate(settings):
+        ref = np.asarray(study.blocks(apply_fn, params, train, evals, scales, lr, center=True))
+        assert np.abs(ref).max() > 1e-2
+        np.testing.assert_allclose(fast[k], ref, rtol=0, atol=2e-6 * np.abs(ref).max() + 1e-6)
+    assert not np.allclose(fast[0], fast[1])
+
+
+def test_paired_summary_against_direct_formulas():
+    from scipy import stats
+
+    from experiments import meta_llm_logic as study
+
+    rng = np.random.default_rng(3)
+    before = rng.normal(size=(40, 2)) * 0.1
+    after = before + np.stack([rng.normal(-0.02, 0.05, 40), rng.normal(0.01, 0.05, 40)], 1)
+    out = study.paired_summary(before, after, resamples=2000)
+    g_before, g_after = before[:, 1] - before[:, 0], after[:, 1] - after[:, 0]
+    d = g_after - g_before
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    diff = out["gain_difference"]
+    assert diff["mean"] == pytest.approx(d.mean()) and diff["t_interval"] == pytest.approx([d.mean() - half, d.mean() + half])
+    lo, hi = diff["bootstrap_interval"]
+    assert lo < d.mean() < hi and hi - lo == pytest.approx(2 * half, rel=0.25)
+    logic_before = (before[:, 0] - before[:, 1]) / (np.abs(before).sum(1))
+    assert out["logic_term_difference"]["mean"] == pytest.approx(float(np.mean(study.per_draw_logic(after) - logic_before)))
+    assert np.mean(study.per_draw_logic(before)) == pytest.approx(float(study.objective_terms(jnp.asarray(before[:, None]), None, 0)[1]),
+                                                                  rel=1e-5)
+    for name, g in (("before", g_before), ("after", g_after)):
+        k = int((g > 0).sum())
+        share = out["right_direction"][name]
+        assert (share["right"], share["of"]) == (k, 40)
+        p = k / 40
+        z = stats.norm.ppf(0.975)
+        centre, width = (p + z**2 / 80) / (1 + z**2 / 40), z / (1 + z**2 / 40) * np.sqrt(p * (1 - p) / 40 + z**2 / 6400)
+        assert share["wilson_interval"] == pytest.approx([centre - width, centre + width])
+    assert out["flips"]["right_to_wrong"] == int(((g_before > 0) & (g_after <= 0)).sum())
+    assert out["flips"]["wrong_to_right"] == int(((g_before <= 0) & (g_after > 0)).sum())
