@@ -6,33 +6,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("torch", reason="the tiny checkpoint is written with transformers' PyTorch models")
-
-from tiny_lm import tiny_checkpoint  # noqa: E402
-
-import jaxeif  # noqa: E402
-from experiments import llm_linear  # noqa: E402
-from jaxeif import cli, lm  # noqa: E402
-from jaxeif.data import domains, noisy_digits  # noqa: E402
-from jaxeif.models import cnn, loading, tokenizer  # noqa: E402
+import jaxeif
+from experiments import llm_linear
+from jaxeif import cli, lm
+from jaxeif.data import domains, noisy_digits
+from jaxeif.models import cnn, loading, tokenizer
 
 DOMAIN, LRS = "squares", (1e-4, 1e-2, 1.0)
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("JAXEIF_COMPILE_CACHE", "")
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    tiny_checkpoint(ckpt, context=512)
+def study(tmp_path_factory, tiny_lm_ckpt):
+    ckpt = tiny_lm_ckpt
     cnn_ckpt = tmp_path_factory.mktemp("cnn") / "ckpt"
     cnn.load_or_train(cnn_ckpt, epochs=1, batch_size=128, train_size=1280, progress=False)
     out = tmp_path_factory.mktemp("runs") / "linear"
     argv = ["llm-linear", "--model", str(ckpt), "--out", str(out), "--domains", DOMAIN, "--lrs", *map(str, LRS),
             "--grad-block", "3", "--cnn-ckpt", str(cnn_ckpt), "--cnn-per-digit", "1", "--no-progress"]
     assert cli.main(argv) == 0
-    yield out, ckpt, cnn_ckpt, json.loads((out / "results.json").read_text())
-    mp.undo()
+    return out, ckpt, cnn_ckpt, json.loads((out / "results.json").read_text())
 
 
 def test_matrices_equal_the_library_called_directly(study):
@@ -72,7 +64,8 @@ def test_cnn_curve_is_the_cnn_studys_model_and_set(study):
     exact = np.load(out / "cnn_exact_difference.npy")
     np.testing.assert_allclose(exact[1], jaxeif.eif(cnn.loss_fn, params, train, lr=LRS[1], precision="difference"), rtol=1e-5)
     curve = results["cnn"]["precisions"]["difference"]["curve"]
-    assert curve[0]["corr"] > 0.999 and curve[0]["median_rel_error"] < 0.01
+    rel = [a["median_rel_error"] for a in curve]
+    assert curve[0]["corr"] > 0.999 and rel[0] < 0.05 and rel[0] < rel[1] < rel[2]  # -> exact as lr -> 0
 
 
 def test_linear_up_to():

@@ -6,30 +6,22 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip("torch", reason="the tiny checkpoint is written with transformers' PyTorch models")
-
-from tiny_lm import tiny_checkpoint  # noqa: E402
-
-from experiments import llm_logic, llm_peft  # noqa: E402
-from jaxeif import cli, desiderata, lm, lr_choice  # noqa: E402
-from jaxeif.data import domains  # noqa: E402
-from jaxeif.models import loading, lora, tokenizer  # noqa: E402
+from experiments import llm_logic, llm_peft
+from jaxeif import cli, desiderata, lm, lr_choice
+from jaxeif.data import domains
+from jaxeif.models import loading, lora, tokenizer
 
 DOMAIN = "squares"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("JAXEIF_COMPILE_CACHE", "")  # no persistent XLA cache: it would change jax config for later tests
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    tiny_checkpoint(ckpt, context=512)
+def study(tmp_path_factory, tiny_lm_ckpt):
+    ckpt = tiny_lm_ckpt
     out = tmp_path_factory.mktemp("runs") / "peft"
     argv = ["llm-peft", "--model", str(ckpt), "--out", str(out), "--domains", DOMAIN, "--sweep-domains", DOMAIN,
             "--repeats", "2", "--ranks", "2", "--lr-grid", "1e-3", "1e-2", "1e-1", "--seed", "3", "--no-progress"]
     assert cli.main(argv) == 0
-    yield argv, out, ckpt, json.loads((out / "results.json").read_text())
-    mp.undo()
+    return argv, out, ckpt, json.loads((out / "results.json").read_text())
 
 
 def test_matrices_equal_the_paths_called_directly(study):
