@@ -19,6 +19,8 @@ from jaxeif.checks import NonFiniteInfluenceError
 COMMANDS: dict[str, tuple[str, str]] = {
     "cnn": ("experiments.cnn_noise", "EIF of a Fashion-MNIST CNN fine-tuned on clean and noisy MNIST digits"),
     "llm": ("experiments.llm_logic", "EIF of a language model on synthetic logic facts"),
+    "llm-peft": ("experiments.llm_peft", "does LoRA (ranks 4, 16, 64) change the language-model EIF? beside dense SGD"),
+    "llm-linear": ("experiments.llm_linear", "where one SGD step stops being linear: eif_linearized vs the exact EIF over lr"),
     "meta-cnn": ("experiments.meta_cnn_noise", "learn an lr predictor for the CNN noise study"),
     "meta-cnn-transfer": ("experiments.meta_cnn_transfer", "does the meta-cnn lr predictor down-weight noise it never saw (salt-and-pepper, blur)?"),
     "meta-cnn-toward": ("experiments.meta_cnn_toward", "per-sample lrs toward a hand-drawn influence target (meta.toward) on the CNN"),
