@@ -207,33 +207,50 @@ def lr_sweep(
 
 def curves(
     xs: Sequence[float],
-    series: Mapping[str, Sequence[float]],
+    series: Mapping[str, Sequence[float] | Mapping[str, Sequence[float]]],
     *,
-    reference: Mapping[str, float] | None = None,
+    reference: Mapping[str, float | Mapping[str, float]] | None = None,
+    constant: Mapping[str, Mapping[str, float]] | None = None,
+    constant_label: str = "constant",
+    log_y: Sequence[str] = (),
     chosen: float | None = None,
     title: str | None = None,
     columns: int = 4,
 ):
-    """One small panel per series over log x (e.g. a metric against lr), a reference value as a
-    dashed line where given, the chosen x marked; signed series get a symmetric-log y axis."""
+    """One small panel per series over log x (e.g. a metric against lr), the chosen x marked.
+
+    A series is one line, or a mapping {label: ys} of lines (one colour per label). `reference`
+    (e.g. the paper's value; one value, or {label: value}) is drawn dashed, `constant` ({label:
+    value}, e.g. a quantity that does not depend on x) dotted, each in its label's colour. Panels
+    named in `log_y` get a log y axis; other signed series spanning decades a symmetric-log one."""
     xs = np.asarray(xs, dtype=float)
     rows = -(-len(series) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.7 * rows), sharex=True, layout="constrained",
                              squeeze=False)
     for ax, (name, ys) in zip(axes.flat, series.items()):
-        ys = np.asarray(ys, dtype=float)
-        ax.plot(xs, ys, "o-", ms=3)
+        lines = {k: np.asarray(v, dtype=float) for k, v in ys.items()} if isinstance(ys, Mapping) else {None: np.asarray(ys, dtype=float)}
+        colour = {label: f"C{k}" for k, label in enumerate(lines)}
+        for label, y in lines.items():
+            ax.plot(xs, y, "o-", ms=3, color=colour[label], label=label)
         ax.set_xscale("log")
-        finite = ys[np.isfinite(ys)]
+        finite = np.concatenate([y[np.isfinite(y)] for y in lines.values()])
         nonzero = np.abs(finite[finite != 0])
-        if nonzero.size and finite.min() < 0 < finite.max() and nonzero.max() > 100 * nonzero.min():
+        if name in log_y:
+            ax.set_yscale("log")
+        elif nonzero.size and finite.min() < 0 < finite.max() and nonzero.max() > 100 * nonzero.min():
             linthresh = 10.0 ** np.floor(np.log10(np.median(nonzero)))
             ax.set_yscale("symlog", linthresh=linthresh)
             ax.yaxis.set_major_locator(matplotlib.ticker.SymmetricalLogLocator(linthresh=linthresh, base=100))
             ax.axhline(0, color="0.6", lw=0.8)
-        if reference and name in reference:
-            ax.axhline(reference[name], color="C3", ls="--", lw=1, label=f"paper {reference[name]:g}")
-            ax.legend(fontsize=7, loc="best")
+        for values, style, what in ((reference, "--", "paper"), (constant, ":", constant_label)):
+            if not values or name not in values:
+                continue
+            flat = values[name] if isinstance(values[name], Mapping) else {None: values[name]}
+            for k, (label, value) in enumerate(flat.items()):
+                text = f"{what} {value:g}" if label is None else (what if k == 0 else None)
+                ax.axhline(value, color=colour.get(label, "C3"), ls=style, lw=1, label=text)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="best")
         if chosen is not None:
             ax.axvline(chosen, color="0.3", lw=0.8, ls=":")
         ax.set_title(name, fontsize=9)

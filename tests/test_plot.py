@@ -58,3 +58,20 @@ def test_save_is_atomic_png(tmp_path):
     path = plot.save(fig, tmp_path / "sub" / "h.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["h.png"]  # no temp file left
+
+
+def test_curves_draw_lines_references_and_constants():
+    """Several lines per panel, the paper's values dashed and lr-free values dotted in each line's colour."""
+    lrs = [1e-6, 1e-4, 1e-2]
+    fig = plot.curves(lrs, {"a": {"x": [1, 2, 3], "y": [3, 2, 1]}, "b": [0.1, 10.0, 1000.0]},
+                      reference={"a": {"y": 2.5}, "b": 5.0}, constant={"a": {"x": 1.5, "y": 0.5}}, log_y=["b"],
+                      chosen=1e-4, columns=2)
+    a, b = fig.axes[:2]
+    solid = [ln for ln in a.lines if ln.get_linestyle() == "-"]
+    np.testing.assert_allclose([ln.get_ydata() for ln in solid], [[1, 2, 3], [3, 2, 1]])
+    dashed = [ln for ln in a.lines if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and np.allclose(dashed[0].get_ydata(), 2.5) and dashed[0].get_color() == solid[1].get_color()
+    dotted = {tuple(ln.get_ydata()): ln.get_color() for ln in a.lines if ln.get_linestyle() == ":" and ln.get_ydata()[0] != 0}
+    assert dotted[(1.5, 1.5)] == solid[0].get_color() and dotted[(0.5, 0.5)] == solid[1].get_color()
+    assert b.get_yscale() == "log" and a.get_yscale() == "linear"
+    assert any(np.allclose(ln.get_xdata(), 1e-4) for ln in b.lines)  # the chosen lr is marked
