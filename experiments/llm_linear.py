@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
                                                    args.grad_block), timings)
         for lr in lrs:
             exact[(name, lr)] = llm_peft.cached(run_dir, f"exact_{name}_lr{lr:g}.npy",
-                                                lambda: lm.lowrank_sgd_eif(apply_fn, params, config, t, lr=lr), timings)
+                                                lambda: np.asarray(lm.lowrank_sgd_eif(apply_fn, params, t, config=config, lr=lr)), timings)
     results = {"config": config_dict, "lrs": lrs, "lm": {"pooled": [], "domains": {d: [] for d in args.domains}}}
     for lr in lrs:
         results["lm"]["pooled"].append(agreement([exact[(d, lr)] for d in args.domains],

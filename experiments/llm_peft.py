@@ -91,10 +91,10 @@ def cached(run_dir: runs.RunDir, key: str, compute, timings: dict | None = None)
 def eif_fn(method: str, apply_fn, params, config, seed: int):
     """(tokens, lr) -> f32[n, n]: one SGD step, dense (exact low-rank path) or LoRA of the method's rank."""
     if method == DENSE:
-        return lambda toks, lr: lm.lowrank_sgd_eif(apply_fn, params, config, toks, lr=lr)
+        return lambda toks, lr: np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, config=config, lr=lr))
     rank = int(method.removeprefix("lora"))
     adapters = lora.init(jax.random.key(seed), params, rank=rank, alpha=2.0 * rank)
-    return lambda toks, lr: np.asarray(lm.lora_eif(apply_fn, params, adapters, toks, lr=lr))
+    return lambda toks, lr: np.asarray(lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr))
 
 
 def matrix_key(method: str, name: str, repeat: int, lr: float) -> str:
@@ -170,7 +170,7 @@ def summarise(per_repeat: dict, methods, names, draws) -> dict:
                 "inverse_asymmetry": float(desiderata.inverse_asymmetry(mean)),
                 "symmetry_corr": float(desiderata.symmetry_corr(mean)),
                 "symmetry_corr_per_repeat": [float(desiderata.symmetry_corr(x)) for x in mats],
-                "probes": desiderata.probe_scores(mats, domains.domain(name).probes),
+                "probes": desiderata.probe_scores(mats, domains.domain(name).probe_rows),
             }
         out["domains"][name] = entry
     return out

