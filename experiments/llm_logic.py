@@ -14,7 +14,6 @@ finding at every lr (lr_findings.json/.png); with --float64-check also float64_c
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -380,20 +379,6 @@ def findings_figure(findings: dict):
 
 
 # ----------------------------------------------------------------------------- float64 check
-@dataclasses.dataclass(frozen=True)
-class WideNLL:
-    """lm.NLL with the log-softmax in the logits' own dtype: lm.sequence_nll casts logits to float32, which
-    would round a float64 reference to float32 in its last step."""
-
-    apply_fn: lm.ApplyFn
-
-    def __call__(self, params, example: lm.Tokens) -> jax.Array:
-        logits = self.apply_fn(params, example.ids[None], example.attention[None])[0]
-        token_logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:-1], axis=-1), example.ids[1:, None], axis=-1)[:, 0]
-        weight = example.score[1:].astype(token_logp.dtype)
-        return -jnp.sum(weight * token_logp) / jnp.sum(weight)
-
-
 def _float64_check(run_dir, draws, apply_fn, params, config, tok, args) -> None:
     """Repeat 0 of every domain: the dense EIF in float64 at each swept lr and in 'difference' at the smallest
     (matrices saved as they finish); the study's float32 matrices against float64 -> float64_check.json."""
@@ -407,7 +392,7 @@ def _float64_check(run_dir, draws, apply_fn, params, config, tok, args) -> None:
         for lr, precision in jobs:
             if not run_dir.has(key(lr, precision, name)):
                 wall = time.time()
-                loss = WideNLL(apply_fn) if precision == "float64" else lm.NLL(apply_fn)
+                loss = lm.NLL(apply_fn)  # keeps float64 logits and loss in float64
                 run_dir.save_npy(key(lr, precision, name),
                                  np.asarray(jaxeif.eif(loss, params, toks, lr=lr, chunk_size=1, precision=precision)))
                 timings[key(lr, precision, name)] = {"wall_s": time.time() - wall}
@@ -416,7 +401,7 @@ def _float64_check(run_dir, draws, apply_fn, params, config, tok, args) -> None:
     bar.close()
     pooled = lambda k: np.concatenate([lr_choice.offdiag(run_dir.load_npy(k(d))) for d in args.domains])  # noqa: E731
     out = {"domains": list(args.domains), "repeat": 0, "float32": "the study's matrices (lowrank_sgd_eif, float32)",
-           "truth": "jaxeif.eif(precision='float64'), dense, WideNLL", "per_lr": {}}
+           "truth": "jaxeif.eif(precision='float64'), dense, lm.NLL", "per_lr": {}}
     for lr in lrs:
         truth = pooled(lambda d: key(lr, "float64", d))
         entry = {"float32": float64_agreement(pooled(lambda d: _sweep_key(lr, d, 0))[None], truth[None]),

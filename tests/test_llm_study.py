@@ -145,7 +145,7 @@ def test_sweep_options_need_a_sweep(tmp_path, capsys):
 
 
 def test_float64_check_against_a_float64_eif(study, tmp_path):
-    """--float64-check: the float64 matrices are jaxeif.eif in float64 (logits and loss in float64: WideNLL), and
+    """--float64-check: the float64 matrices are jaxeif.eif in float64 (logits and loss in float64: lm.NLL), and
     the reported agreement is that of the study's float32 matrices with them."""
     _, _, ckpt = study
     out = tmp_path / "f64"
@@ -164,13 +164,15 @@ def test_float64_check_against_a_float64_eif(study, tmp_path):
         np.testing.assert_allclose(f32, f64, rtol=0.2, atol=1e-3 * np.abs(f64).max())  # the same matrix, up to rounding
 
 
-def test_wide_nll_keeps_float64():
-    """WideNLL is lm.NLL in float32 and keeps float64 logits float64."""
+def test_nll_keeps_float64():
+    """lm.NLL (the float64 check's loss) keeps float64 logits float64, equal to a float64 log-softmax by hand."""
     logits = jax.random.normal(jax.random.key(0), (1, 6, 11)) * 30
     apply_fn = lambda params, ids, attention: logits.astype(params.dtype) * params  # noqa: E731
     example = lm.Tokens(jnp.array([1, 4, 2, 7, 3, 0]), jnp.array([1, 1, 1, 1, 1, 0]), jnp.array([0., 1, 1, 1, 1, 0]))
-    np.testing.assert_allclose(llm_logic.WideNLL(apply_fn)(jnp.float32(1), example), lm.NLL(apply_fn)(jnp.float32(1), example),
-                               rtol=1e-6)
     with jax.enable_x64(True):
-        wide = llm_logic.WideNLL(apply_fn)(jnp.float64(1), example)
+        wide = lm.NLL(apply_fn)(jnp.float64(1), example)
         assert wide.dtype == jnp.float64
+        z = np.asarray(logits[0, :-1], np.float64)
+        logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+        w = np.array([1., 1, 1, 1, 0])
+        np.testing.assert_allclose(float(wide), -(w * logp[np.arange(5), [4, 2, 7, 3, 0]]).sum() / w.sum(), rtol=1e-13)
