@@ -2,7 +2,8 @@
 
 For repeat 0 of the logic study's domains (experiments/llm_logic.py), the exact single-step SGD EIF
 (`lm.lowrank_sgd_eif`, float32 loss differences) at each lr of --lrs beside the first-order EIF
--lr <g_i, g_j> (`jaxeif.eif_linearized`; linear in lr, so computed once at lr 1 and scaled). Agreement
+-lr <g_i, g_j> (`lm.linearized_sgd_eif`, equal to `jaxeif.eif_linearized` but in low-rank form, without
+weight-sized gradients; linear in lr, so computed once at lr 1 and scaled). Agreement
 is scale-free: Pearson correlation of the off-diagonal entries and their median relative error
 |lin - exact| / |exact|. The CNN of experiments/cnn_noise.py (its cached base model, its 150 clean and
 noisy digits) gets the same curve, its exact EIF in both jaxeif.precision modes "difference" and
@@ -38,8 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
     parser.add_argument("--lrs", type=cli.positive_float, nargs="+", default=list(DEFAULT_LRS), help="ascending lrs")
     parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="the draw of entity names (repeat 0)")
-    parser.add_argument("--grad-block", type=cli.positive_int, default=2,
-                        help="samples per eif_linearized call: each holds 2 x block gradients of every weight in memory")
     parser.add_argument("--cnn-ckpt", default="results/checkpoints/cnn_fashion_mnist",
                         help="the CNN study's base-model checkpoint (made by `jaxeif cnn`), or 'none' for no CNN curve")
     parser.add_argument("--cnn-per-digit", type=cli.positive_int, default=5, help="MNIST test digits per class (CNN)")
@@ -58,24 +57,7 @@ def _config(args: argparse.Namespace) -> dict:
                          "point --cnn-ckpt at one, or pass --cnn-ckpt none")
     return {"study": "llm_linear", "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
             "domains": list(args.domains), "lrs": lrs, "seed": args.seed, "cnn_ckpt": ckpt,
-            "cnn_per_digit": args.cnn_per_digit, "optimizer": "sgd, 1 step"}
-
-
-def gram(loss_fn, params, examples: lm.Tokens, block: int, progress=None) -> np.ndarray:
-    """-<g_i, g_j> for all pairs, f32[n, n] (= eif_linearized at lr 1), `block` samples per call; the matrix is
-    symmetric, so only blocks a <= b are computed and mirrored."""
-    n = int(examples.ids.shape[0])
-    starts = list(range(0, n, block))
-    take = lambda s: lm.Tokens(*(x[s : s + block] for x in examples))  # noqa: E731
-    out = np.zeros((n, n), np.float32)
-    for a, sa in enumerate(starts):
-        for sb in starts[a:]:
-            g = np.asarray(jaxeif.eif_linearized(loss_fn, params, take(sa), take(sb), lr=1.0))
-            out[sa : sa + block, sb : sb + block] = g
-            out[sb : sb + block, sa : sa + block] = g.T
-            if progress is not None:
-                progress.update(1)
-    return out
+            "cnn_per_digit": args.cnn_per_digit, "optimizer": "sgd, 1 step", "first_order": "lm.linearized_sgd_eif"}
 
 
 def agreement(exact, linear) -> dict:
@@ -113,8 +95,8 @@ def run(args: argparse.Namespace) -> dict:
     for name in tqdm(args.domains, desc="llm_linear: domains", disable=not progress):
         t = toks[(name, 0)]
         grams[name] = llm_peft.cached(run_dir, f"gram_{name}.npy",
-                                      lambda: gram(lm.NLL(apply_fn), params, lm.Tokens(*map(jnp.asarray, t)),
-                                                   args.grad_block), timings)
+                                      lambda: np.asarray(lm.linearized_sgd_eif(apply_fn, params, t, config=config, lr=1.0)),
+                                      timings)
         for lr in lrs:
             exact[(name, lr)] = llm_peft.cached(run_dir, f"exact_{name}_lr{lr:g}.npy",
                                                 lambda: np.asarray(lm.lowrank_sgd_eif(apply_fn, params, t, config=config, lr=lr)), timings)

@@ -122,7 +122,6 @@ def run(args: argparse.Namespace) -> dict:
         for name in tqdm(args.domains, desc=f"{method} at lr {lr:g}", disable=not progress):
             for r in range(args.repeats):
                 cached(run_dir, matrix_key(method, name, r, lr), lambda: fn(toks[(name, r)], lr), timings)
-            jax.clear_caches()  # lm.lora_eif compiles the base weights into each domain's program: free it
     elapsed, cpu = time.time() - t0, time.process_time() - cpu0
     per_repeat = {(m, d): np.stack([run_dir.load_npy(matrix_key(m, d, r, chosen[m])) for r in range(args.repeats)])
                   for m in methods for d in args.domains}

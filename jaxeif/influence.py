@@ -98,7 +98,8 @@ def chunk_plan(loss_fn, params, train, evals=None, *, lr=1e-3, steps=1, optimize
                             progress=progress)
     precision = precision_lib.check(precision)
     with precision_lib.context(precision):
-        args = precision_lib.cast_inputs(precision, (params, train, evals, jnp.broadcast_to(lr, (sweep_points, n))))
+        args = precision_lib.cast_inputs(precision, (params, train, evals, jnp.broadcast_to(lr, (sweep_points, n)),
+                                                     split_loss(loss_fn)[1]))
         static = program_static(loss_fn, steps, optimizer, precision, progress)
         chunks, _, nbytes = plan(jax.tree.map(jnp.asarray, args), static, chunk_size, memory_budget, precision)
     return chunks, nbytes
@@ -167,11 +168,23 @@ def _row(loss_fn, params, example, lrs: jax.Array, evals, base, *, steps: int, o
     return jax.lax.map(lambda lr: _losses(loss_fn, tune(lr), evals, tile) - base, lrs)
 
 
-def _program(params, train, evals, lrs, *, loss_fn, steps, optimizer, chunks: Chunks, difference: bool = False,
-             progress: bool = False):
+def split_loss(loss_fn) -> tuple[Any, list]:
+    """(static part, array inputs) of a loss_fn. A `jax.tree_util.Partial`'s bound arguments (frozen base
+    weights, say) enter the compiled program as inputs, not as constants compiled into it; any other
+    callable is static as a whole."""
+    if isinstance(loss_fn, jax.tree_util.Partial):
+        inputs, treedef = jax.tree.flatten(loss_fn)
+        return treedef, inputs
+    return loss_fn, []
+
+
+def _program(params, train, evals, lrs, loss_inputs=(), *, loss_fn, steps, optimizer, chunks: Chunks,
+             difference: bool = False, progress: bool = False):
     """f32[k, n, m]: every row's k fine-tunes against every eval. Each row is rematerialised in
     the backward pass (jax.checkpoint), so reverse mode keeps about one chunk of rows in memory.
     With `progress`, each finished row ticks the open bar (jaxeif.progress)."""
+    if isinstance(loss_fn, jax.tree_util.PyTreeDef):  # split_loss's static part: bind the inputs again
+        loss_fn = jax.tree.unflatten(loss_fn, loss_inputs)
     base = None if difference else _losses(loss_fn, params, evals, chunks.evals)
 
     @jax.checkpoint
@@ -204,9 +217,9 @@ def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size
              memory_budget) -> jax.Array:
     """The checked core of eif and eif_sweep: [k, n, m] for lrs f[k, n] (dtype: `result_dtype`)."""
     precision = precision_lib.check(precision)
-    progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lrs)))
+    progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lrs, split_loss(loss_fn)[1])))
     with precision_lib.context(precision), progress_lib.bar(lrs.shape[1], "eif rows", progress):
-        args = precision_lib.cast_inputs(precision, (params, train, evals, lrs))
+        args = precision_lib.cast_inputs(precision, (params, train, evals, lrs, split_loss(loss_fn)[1]))
         static = program_static(loss_fn, steps, optimizer, precision, progress)
         if checks.is_traced(args):
             chunks, _, _ = plan(args, static, chunk_size, memory_budget, precision, traced=True)
@@ -253,8 +266,8 @@ def _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, *, precisio
 
 
 def program_static(loss_fn, steps: int, optimizer, precision: str, progress: bool = False) -> dict:
-    """The static arguments of `_program` for a checked precision mode."""
-    return dict(loss_fn=loss_fn, steps=steps, optimizer=optimizer, difference=precision_lib.propagates_difference(precision),
+    """The static arguments of `_program` for a checked precision mode (loss_fn: split_loss's static part)."""
+    return dict(loss_fn=split_loss(loss_fn)[0], steps=steps, optimizer=optimizer, difference=precision_lib.propagates_difference(precision),
                 progress=progress)
 
 

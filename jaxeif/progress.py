@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +29,16 @@ def check(progress: Any, *, traced: bool = False) -> bool:
 
 
 @contextlib.contextmanager
-def bar(total: int, desc: str, enabled: bool) -> Iterator[None]:
-    """A bar of `total` rows for the duration of the block (none unless `enabled`); `tick` advances it."""
+def bar(total: int, desc: str, enabled: bool, unit: str = "row") -> Iterator[Callable[[int], None]]:
+    """A bar of `total` units for the duration of the block (none unless `enabled`). Compiled programs
+    advance it with `tick`; host loops with the function the block receives (`advance(k)`)."""
     if not enabled:
-        yield
+        yield lambda k=1: None
         return
-    with tqdm(total=total, desc=desc, unit="row", file=sys.stderr) as shown:
+    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr) as shown:
         _OPEN.append(shown)
         try:
-            yield
+            yield lambda k=1: shown.update(k)
         finally:
             _OPEN.remove(shown)
 

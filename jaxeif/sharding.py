@@ -63,18 +63,19 @@ def eif_sharded(
     precision = precision_lib.check(precision)
     static = influence.program_static(loss_fn, steps, optimizer, precision, progress)
     with precision_lib.context(precision), progress_lib.bar(n + pad, "eif rows", progress):
-        params, train, evals, lr_rows = precision_lib.cast_inputs(precision, (params, train, evals, lr_rows))
+        params, train, evals, lr_rows, loss_inputs = precision_lib.cast_inputs(
+            precision, (params, train, evals, lr_rows, influence.split_loss(loss_fn)[1]))
         per_device = (n + pad) // len(devices)
         local = jax.tree.map(lambda x: jax.ShapeDtypeStruct((per_device, *np.shape(x)[1:]), jnp.result_type(x)), train)
         local_lrs = jax.ShapeDtypeStruct((1, per_device), jnp.result_type(lr_rows))
-        chunks = influence.plan((params, local, evals, local_lrs), static, chunk_size, memory_budget, precision,
+        chunks = influence.plan((params, local, evals, local_lrs, loss_inputs), static, chunk_size, memory_budget, precision,
                                 traced=True)[0] if chunk_size == "auto" else influence.Chunks(chunk_size)
         run = jax.jit(jax.shard_map(
-            lambda tr, r, p, ev: influence._program(p, tr, ev, r[None], chunks=chunks, **static)[0],
-            mesh=mesh, in_specs=(P(_AXIS), P(_AXIS), P(), P()), out_specs=P(_AXIS), check_vma=False))
+            lambda tr, r, p, ev, li: influence._program(p, tr, ev, r[None], li, chunks=chunks, **static)[0],
+            mesh=mesh, in_specs=(P(_AXIS), P(_AXIS), P(), P(), P()), out_specs=P(_AXIS), check_vma=False))
         rows = NamedSharding(mesh, P(_AXIS))
         train_rows = jax.device_put(_pad_rows(train, pad), rows)
-        matrix = influence.result_dtype(run(train_rows, jax.device_put(lr_rows, rows), params, evals), precision)
+        matrix = influence.result_dtype(run(train_rows, jax.device_put(lr_rows, rows), params, evals, loss_inputs), precision)
         matrix = jax.block_until_ready(matrix)  # inside the bar's lifetime
     if not matrix.is_fully_addressable:  # multi-host: every process gets the whole matrix
         matrix = jnp.asarray(multihost_utils.process_allgather(matrix, tiled=True))

@@ -218,3 +218,28 @@ def test_progress_bar_counts_rows_and_changes_nothing(capsys):
         jax.jit(lambda lr: jaxeif.eif(mlp_loss, params, train, evals, lr=lr, progress=True))(0.05)
     with pytest.raises(TypeError, match="`progress` must be True or False"):
         jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, progress=1)
+
+
+def _head_loss(frozen, head, example):
+    """mlp_loss with w1 frozen (bound through a Partial) and only b1, w2 fine-tuned."""
+    return mlp_loss({"w1": frozen, **head}, example)
+
+
+def test_partial_loss_passes_its_bound_arrays_into_the_program():
+    """A jax.tree_util.Partial loss_fn: the same matrix as a closure over the same arrays, and its bound
+    arrays are program inputs, so the EIF is differentiable in them (a closure would leak a tracer)."""
+    params, train, _ = make_problem()
+    head = {"b1": params["b1"], "w2": params["w2"]}
+    bound = lambda w1: jax.tree_util.Partial(_head_loss, w1)  # noqa: E731
+    closure = lambda head_, example: _head_loss(params["w1"], head_, example)  # noqa: E731
+    partial_m = jaxeif.eif(bound(params["w1"]), head, train, lr=0.05)
+    np.testing.assert_allclose(partial_m, jaxeif.eif(closure, head, train, lr=0.05), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(partial_m, loop_eif(bound(params["w1"]), head, train, None, 0.05, 1, optax.sgd(1.0)),
+                               rtol=1e-4, atol=1e-6)
+    objective = lambda w1, h, t: jnp.sum(jaxeif.eif(bound(w1), h, t, lr=0.05) ** 2)  # noqa: E731
+    direction = jax.random.normal(jax.random.PRNGKey(7), params["w1"].shape)
+    grad = jnp.vdot(jax.grad(objective)(params["w1"], head, train), direction)
+    with jax.enable_x64(True):
+        w64, h64, t64, d64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), (params["w1"], head, train, direction))
+        fd = (objective(w64 + 1e-6 * d64, h64, t64) - objective(w64 - 1e-6 * d64, h64, t64)) / 2e-6
+    np.testing.assert_allclose(grad, fd, rtol=1e-3)

@@ -1,5 +1,5 @@
 """The linear-regime study on a tiny random checkpoint and a tiny CNN: the first-order matrix is
-eif_linearized's, the exact one is the dense path's, and their agreement tends to 1 as lr -> 0."""
+lm.linearized_sgd_eif's (= eif_linearized), the exact one is the dense path's, and their agreement tends to 1 as lr -> 0."""
 import json
 
 import jax.numpy as jnp
@@ -22,13 +22,13 @@ def study(tmp_path_factory, tiny_lm_ckpt):
     cnn.load_or_train(cnn_ckpt, epochs=1, batch_size=128, train_size=1280, progress=False)
     out = tmp_path_factory.mktemp("runs") / "linear"
     argv = ["llm-linear", "--model", str(ckpt), "--out", str(out), "--domains", DOMAIN, "--lrs", *map(str, LRS),
-            "--grad-block", "3", "--cnn-ckpt", str(cnn_ckpt), "--cnn-per-digit", "1", "--no-progress"]
+            "--cnn-ckpt", str(cnn_ckpt), "--cnn-per-digit", "1", "--no-progress"]
     assert cli.main(argv) == 0
     return out, ckpt, cnn_ckpt, json.loads((out / "results.json").read_text())
 
 
 def test_matrices_equal_the_library_called_directly(study):
-    """gram (blocks of 3 of 7 samples, mirrored) == eif_linearized at lr 1 on all samples; exact == dense eif."""
+    """gram == eif_linearized at lr 1 on all samples; exact == dense eif."""
     out, ckpt, _, _ = study
     apply_fn, params, config = loading.from_pretrained(str(ckpt))
     toks = lm.tokenize(tokenizer.load_tokenizer(str(ckpt)), [s.text for s in domains.draw(DOMAIN, 0)], config=config)

@@ -117,6 +117,21 @@ def test_prompted_matches_torch(tiny):
     _close(lm.prompted_eif(apply_fn, params, tok, config, TEXTS), ref)
 
 
+def test_prompted_and_nll_progress_is_a_bool_bar(tiny, capsys):
+    _, apply_fn, params, config, tok = tiny
+    toks = lm.tokenize(tok, TEXTS, config=config)
+    quiet = lm.prompted_eif(apply_fn, params, tok, config, TEXTS)
+    shown = lm.prompted_eif(apply_fn, params, tok, config, TEXTS, progress=True)
+    assert isinstance(shown, jax.Array)
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(quiet))
+    np.testing.assert_array_equal(lm.nll(apply_fn, params, toks, progress=True), lm.nll(apply_fn, params, toks))
+    err = capsys.readouterr().err
+    assert f"{len(TEXTS) ** 2}/{len(TEXTS) ** 2}" in err and f"{len(TEXTS)}/{len(TEXTS)}" in err
+    for bad in (None, 1, object()):
+        with pytest.raises(TypeError, match="`progress` must be True or False"):
+            lm.nll(apply_fn, params, toks, progress=bad)
+
+
 def test_nll_bos_padding_and_mask(tiny):
     _, apply_fn, params, config, tok = tiny
     toks = lm.tokenize(tok, ["Ab is big.", "Cd"], config=config)

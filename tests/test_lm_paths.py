@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the tiny checkpoint is written with transformers' PyTorch models")
 
+import jaxeif  # noqa: E402
 from jaxeif import lm  # noqa: E402
 from jaxeif.models import loading, lora, phi3, tokenizer  # noqa: E402
 from tiny_lm import tiny_checkpoint  # noqa: E402
@@ -132,3 +133,37 @@ def test_bad_arguments_are_named(tiny):
         lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.1, precision="double")
     with pytest.raises(ValueError, match="`chunk_size` must be >= 1"):
         lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.1, chunk_size=0)
+
+
+def test_finetuned_eif_refuses_a_run_over_its_memory_estimate(tiny):
+    """Refused before it runs, with lm.memory_estimate's number; the optimizer's state counts toward it."""
+    apply_fn, params, config, toks, _, _ = tiny
+    n, length = toks.ids.shape
+    assert [lm.memory.optimizer_states(o, params) for o in (None, optax.sgd(0.1), optax.sgd(0.1, momentum=0.9),
+                                                              optax.adam(1e-3))] == [0, 0, 1, 2]
+    low = lm.memory_estimate(config, n, n, path="lowrank", rank=32)  # samples <= 32 tokens: one rank bucket
+    lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="lowrank", memory_budget=low)  # exactly fits: runs
+    with pytest.raises(lm.MemoryBudgetError, match="the lowrank LM EIF of 6 x 6 needs an estimated"):
+        lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="lowrank", memory_budget=low - 1)
+    sgd = lm.memory_estimate(config, n, n, path="dense", tokens=length, eval_chunk=1)
+    assert lm.memory_estimate(config, n, n, path="dense", tokens=length, eval_chunk=1, optimizer="adam") > sgd
+    with pytest.raises(lm.MemoryBudgetError, match=r"the dense LM EIF of 6 x 6 needs an estimated .* try"):
+        lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="dense", optimizer=optax.adam(1e-3), memory_budget=sgd)
+
+
+def test_linearized_sgd_eif_is_eif_linearized_without_weight_gradients(tiny):
+    """The low-rank first-order EIF equals jaxeif.eif_linearized on the same loss, with and without evals,
+    and is the exact EIF's slope at lr -> 0."""
+    apply_fn, params, _, toks, _, _ = tiny
+    as_jnp = lambda t: lm.Tokens(*map(jnp.asarray, t))  # noqa: E731
+    evals = lm.Tokens(*(x[[4, 0, 2]] for x in toks))
+    for ev in (None, evals):
+        ref = np.asarray(jaxeif.eif_linearized(lm.NLL(apply_fn), params, as_jnp(toks), None if ev is None else as_jnp(ev),
+                                               lr=0.3, precision="float64"))
+        got = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, ev, lr=0.3, precision="float64"))
+        np.testing.assert_allclose(got, ref, rtol=2.5e-7, atol=1e-12 * np.abs(ref).max())  # both rounded to float32 at the end
+        f32 = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, ev, lr=0.3))
+        np.testing.assert_allclose(f32, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    exact = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=1e-4, precision="float64")) / 1e-4
+    slope = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, lr=1.0, precision="float64"))
+    np.testing.assert_allclose(exact, slope, rtol=0, atol=1e-3 * np.abs(slope).max())

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeif import packing
+from jaxeif import progress as progress_lib
 from jaxeif.finetune import PyTree
 from jaxeif.lm.tokens import ApplyFn, Tokens, check_tokens, model_vocab_size
 
@@ -74,14 +75,16 @@ def group_means(packed: packing.Packed, slot_values: np.ndarray) -> np.ndarray:
     return np.bincount(packed.group.ravel(), weighted.ravel(), minlength=packed.groups) / np.maximum(group_counts(packed), 1e-30)
 
 
-def packed_nll(apply_fn: ApplyFn, params: PyTree, packed: packing.Packed, delta=None, progress=None,
+def packed_nll(apply_fn: ApplyFn, params: PyTree, packed: packing.Packed, delta=None, progress: bool = False,
                dtype=np.float32) -> np.ndarray:
-    """Length-normalised NLL of every group of `packed`, `dtype`[groups], one row per forward pass."""
+    """Length-normalised NLL of every group of `packed`, `dtype`[groups], one row per forward pass
+    (`progress`: a bar of the groups done)."""
+    progress_lib.check(progress)
     values = []
-    for k in range(packed.ids.shape[0]):
-        values.append(np.asarray(packed_slot_nll(apply_fn, params, row_arrays(packed, k), delta))[0])
-        if progress is not None:
-            progress.update(int(np.unique(packed.group[k][packed.weight[k] > 0]).size))
+    with progress_lib.bar(packed.groups, "losses", progress, unit="sample") as advance:
+        for k in range(packed.ids.shape[0]):
+            values.append(np.asarray(packed_slot_nll(apply_fn, params, row_arrays(packed, k), delta))[0])
+            advance(int(np.unique(packed.group[k][packed.weight[k] > 0]).size))
     return group_means(packed, np.stack(values)).astype(dtype)
 
 
@@ -90,7 +93,8 @@ def pack_tokens(tokens: Tokens, row_length: int = ROW_LENGTH) -> packing.Packed:
     return packing.samples(np.asarray(tokens.ids), tokens.lengths, np.asarray(tokens.score), row_length=row_length)
 
 
-def nll(apply_fn: ApplyFn, params: PyTree, tokens: Tokens, *, row_length: int = ROW_LENGTH, progress=None) -> np.ndarray:
+def nll(apply_fn: ApplyFn, params: PyTree, tokens: Tokens, *, row_length: int = ROW_LENGTH,
+        progress: bool = False) -> np.ndarray:
     """Loss of every sample, f32[n]: samples packed into shared rows of <= `row_length` tokens, each
     sample attending only to itself (exact; no padding to the longest sample). `apply_fn` must accept
     3-d attention masks and `positions` (jaxeif.models.phi3's does)."""

@@ -27,7 +27,6 @@ from typing import Iterator, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxeif import checks, chunking, difference, packing
 from jaxeif import precision as precision_lib
@@ -157,10 +156,24 @@ def _slot_changes(apply_fn, params, row: dict, deltas: dict) -> jax.Array:
     return difference.propagate(lambda p, d: packed_slot_nll(apply_fn, p, row, d), (params, zeros), (None, deltas))
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "propagate"))
-def eval_losses(apply_fn, params, deltas, row: dict, propagate: bool = False) -> jax.Array:
-    """Slot NLLs of one packed eval row under each fine-tune of a chunk, f32[c, 1, t] (their changes
-    when `propagate`: precision "difference")."""
+def _scale_step(deltas: dict, s: jax.Array) -> dict:
+    """The deltas of a step `s` times as long: the lr-scaled factors ("b", norm "w") times s; "a" is fixed."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: s * x if path[-1].key in ("b", "w") else x, deltas)
+
+
+def _slot_slopes(apply_fn, params, row: dict, deltas: dict) -> jax.Array:
+    """d/ds of the slot NLLs under `_scale_step(deltas, s)` at s = 0, f32[1, t]: the first-order change."""
+    zero = jnp.zeros((), jax.tree.leaves(deltas)[0].dtype)
+    return jax.jvp(lambda s: packed_slot_nll(apply_fn, params, row, _scale_step(deltas, s)), (zero,),
+                   (jnp.ones_like(zero),))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "propagate", "first_order"))
+def eval_losses(apply_fn, params, deltas, row: dict, propagate: bool = False, first_order: bool = False) -> jax.Array:
+    """Slot NLLs of one packed eval row under each fine-tune of a chunk, f32[c, 1, t]; their changes when
+    `propagate` (precision "difference"); their first-order changes when `first_order`."""
+    if first_order:
+        return jax.vmap(lambda d: _slot_slopes(apply_fn, params, row, d))(deltas)
     if propagate:
         return jax.vmap(lambda d: _slot_changes(apply_fn, params, row, d))(deltas)
     return jax.vmap(lambda d: packed_slot_nll(apply_fn, params, row, d))(deltas)
@@ -172,7 +185,8 @@ def _slot_weights(packed: packing.Packed) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- chunk size
-def _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate) -> int | None:
+def _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate,
+                first_order=False) -> int | None:
     """Fine-tunes per step: an int or None as given; "auto": one on CPU (as jaxeif.chunking), on GPU/TPU the
     most whose program (largest rank, one eval row) fits the memory budget (jaxeif.chunking.choose)."""
     chunking.check_chunk_size(chunk_size)
@@ -190,7 +204,7 @@ def _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals
         spec = (jax.ShapeDtypeStruct((c, rank), jnp.int32), jax.ShapeDtypeStruct((c, rank), jnp.float32),
                 jax.ShapeDtypeStruct((c,), jnp.float32))
         deltas = jax.eval_shape(lambda g_, i, v, lr: _gather_chunk(config, g_, row["ids"][0], i, v, lr), g, *spec)
-        compiled = eval_losses.lower(apply_fn, params, deltas, ev, propagate).compile()
+        compiled = eval_losses.lower(apply_fn, params, deltas, ev, propagate, first_order).compile()
         return compiled, chunking.program_bytes(compiled)
 
     chunks, _, _ = chunking.choose(compile_at, most, 1, budget=chunking.budget_bytes(None), accelerator=True)
@@ -234,37 +248,70 @@ def lowrank_sgd_eif(
     propagates each eval loss's change from the low-rank factors at zero (jaxeif.difference), so small
     entries keep float32 relative accuracy; "float64" runs everything in float64. `config`: the decoder's
     Phi3Config (default `apply_fn.config`). `base` (f32[m], the evals' losses before fine-tuning) is
-    computed with `nll` when not given (unused in "difference"). `progress`: a tqdm bar over fine-tunes.
+    computed with `nll` when not given (unused in "difference"). `progress`: a bar over fine-tunes.
     """
+    return _lowrank_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
+                        config=config, progress=progress, row_length=row_length, rank_bucket=rank_bucket, base=base,
+                        first_order=False)
+
+
+def linearized_sgd_eif(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    train: Tokens,
+    evals: Tokens | None = None,
+    *,
+    lr: float | np.ndarray,
+    chunk_size: int | str | None = "auto",
+    precision: str = "highest",
+    config: Phi3Config | None = None,
+    progress: bool = False,
+    row_length: int = ROW_LENGTH,
+    rank_bucket: int = 32,
+) -> jax.Array:
+    """First-order single-step SGD EIF, -lr <g_i, g_j>, f32[n, m], in low-rank form: equals
+    `jaxeif.eif_linearized(lm.NLL(apply_fn), ...)` without any weight-sized gradient. Each entry is the
+    derivative of eval j's loss along sample i's low-rank step (a forward-mode pass per eval row)."""
+    return _lowrank_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
+                        config=config, progress=progress, row_length=row_length, rank_bucket=rank_bucket, base=None,
+                        first_order=True)
+
+
+def _lowrank_eif(apply_fn, params, train, evals, *, lr, chunk_size, precision, config, progress, row_length,
+                 rank_bucket, base, first_order: bool) -> jax.Array:
+    """The loop of both: per packed train row its gradients, per chunk of its fine-tunes their deltas,
+    per eval row the losses (or their changes, or first-order changes) under each."""
     config = config_of(apply_fn, config)
     precision = precision_lib.check(precision)
     progress_lib.check(progress)
     train, evals = checked(apply_fn, params, train, evals, config.vocab_size)
     n = np.asarray(train.ids).shape[0]
-    lr = np.broadcast_to(np.asarray(checks.learning_rate(lr, n), np.float32), (n,))
+    result = np.float64 if precision == "float64" else np.float32  # the dtype losses are subtracted in
+    lr = np.broadcast_to(np.asarray(checks.learning_rate(lr, n), result), (n,))
     packed_train = pack_tokens(train, row_length)
     packed_evals = packed_train if evals is None else pack_tokens(evals, row_length)
-    propagate = precision_lib.propagates_difference(precision)
-    result = np.float64 if precision == "float64" else np.float32  # the dtype losses are subtracted in
+    propagate = precision_lib.propagates_difference(precision) and not first_order
+    changes = propagate or first_order  # the programs give loss changes: nothing to subtract
     with precision_lib.context(precision):
         params, lr, weights = precision_lib.cast_inputs(precision, (params, lr, _slot_weights(packed_train)))
         lr, weights = np.asarray(lr), np.asarray(weights)
-        chunk = _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate)
-        if base is None and not propagate:
+        chunk = _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate,
+                            first_order)
+        if base is None and not changes:
             base = packed_nll(apply_fn, params, packed_evals, dtype=result)
         out = np.zeros((n, packed_evals.groups), np.float64)
         eval_rows = [row_arrays(packed_evals, k) for k in range(packed_evals.ids.shape[0])]
-        with tqdm(total=n, desc="low-rank SGD EIF", disable=not progress) as bar:
+        with progress_lib.bar(n, "low-rank SGD EIF", progress, unit="fine-tune") as advance:
             for k in range(packed_train.ids.shape[0]):
                 g = row_gradients(apply_fn, params, config, row_arrays(packed_train, k), jnp.asarray(weights[k : k + 1]))
                 ids = jnp.asarray(packed_train.ids[k])
                 for ft in fine_tune_chunks(packed_train, k, rank_bucket, chunk):
                     deltas = _gather_chunk(config, g, ids, jnp.asarray(ft.tokens), jnp.asarray(ft.valid),
                                            jnp.asarray(lr[ft.index]))
-                    slots = np.concatenate([np.asarray(eval_losses(apply_fn, params, deltas, row, propagate))
+                    slots = np.concatenate([np.asarray(eval_losses(apply_fn, params, deltas, row, propagate, first_order))
                                             for row in eval_rows], axis=1)  # [chunk, eval rows, t]
                     out[ft.samples] = np.stack([group_means(packed_evals, v) for v in slots[: len(ft.samples)]])
-                    bar.update(len(ft.samples))
-    if not propagate:
+                    advance(len(ft.samples))
+    if not changes:
         out = out.astype(result) - np.asarray(base, result)[None]
     return jnp.asarray(out, jnp.float32)

@@ -23,6 +23,7 @@ against measured peaks on CPU (tests/test_lm_memory.py, `jaxeif bench-lm-memory`
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -81,7 +82,7 @@ def memory_estimate(
     tokens: int = 64,
     chunk_size: int = 1,
     eval_chunk: int | None = None,
-    optimizer: str = "sgd",
+    optimizer: str | int = "sgd",
     steps: int = 1,
     row_length: int = ROW_LENGTH,
     rank: int = 64,
@@ -90,7 +91,8 @@ def memory_estimate(
 
     `dtype`: the params' (float32 or bfloat16); `compute_dtype` the activations' (default: `dtype`).
     `tokens`: padded sample length (dense); `chunk_size`: fine-tunes at once; `eval_chunk`: evals per
-    forward (dense; None: all m); `optimizer`: one of OPTIMIZER_STATES; `rank`: a fine-tune's factor
+    forward (dense; None: all m); `optimizer`: one of OPTIMIZER_STATES, or its number of weight-sized
+    state buffers (`optimizer_states`); `rank`: a fine-tune's factor
     rank (lowrank: the sample's length, rounded up to the rank bucket).
     """
     _check(config, n, m, path=path, tokens=tokens, chunk_size=chunk_size, eval_chunk=eval_chunk, optimizer=optimizer,
@@ -110,11 +112,21 @@ def memory_estimate(
         deltas = c * (L * rank * _linear_widths(config) + embed_rank * (config.vocab_size + config.hidden_size)) * F32
         evals = c * _forward_live(config, row_length, act, row_length, logits=2)
         return params + factors + max(gradients, deltas + evals)
-    copies = 1 + OPTIMIZER_STATES[optimizer] + (1 if steps > 1 else 0)  # update, optimizer state, summed delta
+    states = OPTIMIZER_STATES[optimizer] if isinstance(optimizer, str) else int(optimizer)
+    copies = 1 + states + (1 if steps > 1 else 0)  # update, optimizer state, summed delta
     tile = m if eval_chunk is None else min(eval_chunk, m)
     tune = c * _backward_live(config, tokens, act, tokens, logits=2)
     evals = c * _forward_live(config, tile * tokens, act, tokens, logits=1)
     return params + widened + c * copies * params + max(tune, evals) + (n + 1) * m * F32
+
+
+def optimizer_states(optimizer, params) -> int:
+    """Weight-sized buffers of an optax optimizer's state on `params` (None: plain SGD, 0), from its shapes."""
+    if optimizer is None:
+        return 0
+    state = jax.eval_shape(optimizer.init, params)
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating))  # noqa: E731
+    return round(size(state) / max(size(params), 1))
 
 
 def check_memory(config, n: int, m: int, *, path: str, budget: int | None = None, **options) -> int:
@@ -144,9 +156,10 @@ def check_memory(config, n: int, m: int, *, path: str, budget: int | None = None
 def _check(config, n, m, *, path, tokens, chunk_size, eval_chunk, optimizer, steps, row_length, rank) -> None:
     if path not in PATHS:
         raise ValueError(f"`path` must be one of {', '.join(map(repr, PATHS))}, got {path!r}")
-    if optimizer not in OPTIMIZER_STATES:
+    is_count = isinstance(optimizer, (int, np.integer)) and not isinstance(optimizer, bool) and optimizer >= 0
+    if not is_count and optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"`optimizer` must be one of {', '.join(map(repr, OPTIMIZER_STATES))} (its weight-sized "
-                         f"state buffers: {OPTIMIZER_STATES}), got {optimizer!r}")
+                         f"state buffers: {OPTIMIZER_STATES}) or a count of such buffers >= 0, got {optimizer!r}")
     for name, value in (("n", n), ("m", m), ("tokens", tokens), ("chunk_size", chunk_size), ("steps", steps),
                         ("row_length", row_length), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

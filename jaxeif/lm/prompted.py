@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxeif import packing
@@ -26,13 +28,14 @@ def prompted_eif(
     *,
     row_length: int = ROW_LENGTH,
     base: np.ndarray | None = None,
-    progress=None,
-) -> np.ndarray:
+    progress: bool = False,
+) -> jax.Array:
     """EIF_prompt[i, j] = L(p_j | context p_i) - L(p_j), f32[n, m]; context format: PROMPT_FORMAT.
 
     Each context is computed once and followed, in packed rows (`jaxeif.packing.prefixed`), by every
     p_j, each seeing only the context and itself: exactly the n * m separate sequences, at about half
-    their cost. `base` (f32[m], L(p_j) alone) is computed when not given.
+    their cost. `base` (f32[m], L(p_j) alone) is computed when not given. `progress`: a bar of the contexts'
+    continuations scored.
     """
     texts = list(texts)
     evals = texts if eval_texts is None else list(eval_texts)
@@ -49,5 +52,5 @@ def prompted_eif(
                          f"{config.max_position_embeddings} tokens; shorten the samples")
     packed = packing.prefixed(prefixes, bodies, row_length=row_length)
     after = packed_nll(apply_fn, params, packed, progress=progress)
-    return after.reshape(len(texts), len(evals)) - np.asarray(base, np.float32)[None]
+    return jnp.asarray(after.reshape(len(texts), len(evals)) - np.asarray(base, np.float32)[None])
 
