@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
-# Test processes (pytest-xdist); the suite is mostly XLA compiles, which run on one core each.
+# Test processes (pytest-xdist); the suite is mostly XLA compiles, which run on one core each. Tests go to
+# workers a file at a time (--dist loadfile), so a module's study fixture runs once, not once per worker.
 PYTEST_WORKERS ?= 2
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -30,7 +31,7 @@ demo: $(VENV)/.base data
 	$(PY) -m experiments.cnn_noise --out results/cnn_noise
 
 test: $(VENV)/.test data
-	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile tests
 
 clean-venv:
 	rm -rf $(VENV)

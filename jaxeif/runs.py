@@ -130,10 +130,14 @@ class RunDir:
         return target
 
     def save_figure(self, name: str, fig: Any, **savefig_kwargs: Any) -> pathlib.Path:
+        """Write `fig` atomically, then close it (pyplot would keep every figure of a long study alive)."""
+        import matplotlib.pyplot as plt  # slow to import; `fig` came from it, so it is loaded already
+
         target = self.file(name, ".png")
         savefig_kwargs.setdefault("bbox_inches", "tight")
         with io.atomic_file(target, "wb") as fh:
             fig.savefig(fh, format=target.suffix.lstrip("."), **savefig_kwargs)
+        plt.close(fig)
         return target
 
     # -- loading

@@ -17,16 +17,13 @@ from jaxeif.data import domains  # noqa: E402
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("JAXEIF_COMPILE_CACHE", "")  # no persistent XLA cache: it would change jax config for later tests
     ckpt = tmp_path_factory.mktemp("ckpt")
     tiny_checkpoint(ckpt, context=512)
     out = tmp_path_factory.mktemp("runs") / "llm"
     argv = ["llm", "--model", str(ckpt), "--out", str(out), "--domains", "bigger_than",
             "--repeats", "2", "--lr", "0.01", "--no-progress"]
     assert cli.main(argv) == 0
-    yield argv, out, ckpt
-    mp.undo()
+    return argv, out, ckpt
 
 
 def test_study_writes_figures_and_consistent_numbers(study):
