@@ -29,7 +29,7 @@ from jaxeif.models import cnn
 GPU_SIZES = dict(speed=2048, torch_rows=128, full=10_000, sweep=10_000, sweep_points=13, precision=512, meta=1000, epochs=3)
 GPU_QUICK_SIZES = dict(GPU_SIZES, sweep=2048)
 CPU_SIZES = dict(speed=128, torch_rows=8, full=256, sweep=128, sweep_points=3, precision=48, meta=24, epochs=1)
-TINY_SIZES = dict(speed=16, torch_rows=2, full=24, sweep=12, sweep_points=2, precision=12, meta=6, epochs=1)  # tests
+TINY_SIZES = dict(speed=12, torch_rows=2, full=12, sweep=12, sweep_points=2, precision=12, meta=12, epochs=1)  # tests: one n, so the stages share compiled programs
 PRECISION_LRS = (1e-4, 1e-3, 1e-2)
 MODES = ("highest", "tf32", "bfloat16", "difference", "difference-tf32")
 STAGES = ("train", "full", "speed", "precision", "sweep_vs_calls", "meta", "sweep")

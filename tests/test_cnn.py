@@ -1,4 +1,5 @@
 """The CNN model, its orbax cache, the noise helper and the figure-1 fine-tune set (real MNIST)."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +40,7 @@ def test_shifted_conv_equals_flax_conv_in_params_and_output(channels):
     p = jax.tree.map(lambda a: a + 0.1, p)  # nonzero bias
     np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), atol=1e-5)
     g = lambda m: jax.grad(lambda q: jnp.sum(jnp.sin(m.apply(q, x))))(p)  # noqa: E731
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g(ours), g(ref))
+    chex.assert_trees_all_close(g(ours), g(ref), atol=1e-5, rtol=1e-7)
 
     class FlaxConvCNN(nn.Module):
         @nn.compact
@@ -84,8 +85,7 @@ def test_load_or_train_saves_restores_and_refuses_other_config(tmp_path):
     assert info["config"]["train_size"] == 640 and info["n_train"] == 640
     assert 0.3 < info["test_accuracy"] <= 1.0  # 10 Adam steps beat chance (0.1) on the real test split
     restored = cnn.load_or_train(ckpt, epochs=1, batch_size=64, train_size=640, progress=False)
-    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(restored)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(trained, restored)
     fresh = cnn.init_params(jax.random.key(0))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(restored)))
     with pytest.raises(ValueError, match="trained with"):

@@ -1,4 +1,5 @@
 """jaxeif.difference: f(p + d) - f(p) propagated through the jaxpr, checked against float64 on CPU."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,11 +102,11 @@ def test_finetune_delta_is_the_finetune_step():
     example = (jnp.arange(3.0), jnp.ones(2))
     d1 = finetune_delta(loss_fn, params, example, lr=1e-3)
     g = jax.grad(loss_fn)(params, example)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, -1e-3 * b, rtol=1e-6), d1, g)  # lr * update, unrounded
+    chex.assert_trees_all_close(d1, jax.tree.map(lambda b: -1e-3 * b, g), rtol=1e-6, atol=0)  # lr * update, unrounded
     adam = optax.adam(1.0)
     d3 = finetune_delta(loss_fn, params, example, lr=1e-2, steps=3, optimizer=adam)
     theta = finetune(loss_fn, params, example, lr=1e-2, steps=3, optimizer=adam)
-    jax.tree.map(lambda d, t, p: np.testing.assert_allclose(d, t - p, atol=1e-6), d3, theta, params)
+    chex.assert_trees_all_close(d3, jax.tree.map(jnp.subtract, theta, params), atol=1e-6, rtol=1e-7)
 
 
 # ----------------------------------------------------------------------------- whole models against float64
@@ -169,7 +170,7 @@ def test_gradients_match_finite_differences():
             v = _random_like(arg, 1)
             np.testing.assert_allclose(_dot(grad, v), _fd(fn, arg, v, 1e-6), rtol=1e-6)
         direct = jax.jit(jax.grad(lambda q: f(jax.tree.map(jnp.add, q, delta), ev) - f(q, ev)))(p)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12), g_params, direct)
+        chex.assert_trees_all_close(g_params, direct, rtol=1e-8, atol=1e-12)
 
         @jax.jit
         def eif_sum(lr):

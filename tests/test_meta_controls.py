@@ -1,6 +1,7 @@
 """Controls: per-layer multipliers scale exactly the right updates; meta-gradients through
 jaxeif.eif agree with central finite differences in float64 for every kind of control."""
 import flax.linen as nn
+import chex
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ def test_layer_scale_multiplies_only_its_layer():
     g = jax.grad(loss_fn)(params, example)["params"]
     for name, factor in (("Dense_0", 3.0), ("Dense_1", 0.5)):
         expect = jax.tree.map(lambda p, gi: p - 0.1 * factor * gi, params["params"][name], g[name])
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), tuned["params"][name], expect)
+        chex.assert_trees_all_close(tuned["params"][name], expect, rtol=1e-5, atol=1e-7)
 
 
 def test_layer_scales_must_name_every_layer():

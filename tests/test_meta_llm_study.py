@@ -3,6 +3,7 @@ the stacked per-layer multipliers are exact, and the study runs end to end, lear
 import argparse
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +73,7 @@ def test_unit_scales_are_plain_sgd_and_each_scale_moves_only_its_own_layer(tiny)
         return jax.tree.map(jnp.subtract, tuned, params)
 
     unit = deltas(jax.tree.map(jnp.zeros_like, s))
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), deltas(None), unit)
+    chex.assert_trees_all_equal(deltas(None), unit)
     plain, tuned = jax.tree_util.tree_flatten_with_path(unit)[0], dict(jax.tree_util.tree_flatten_with_path(deltas(s))[0])
     for path, d_plain in plain:
         name = "/".join(str(k.key) for k in path)

@@ -4,6 +4,7 @@ jaxeif.eif(chunk_size=1) (one fine-tune at a time, all evals batched: the fastes
 CNN) must equal a plain Python loop of grad/update/evaluate and the default all-rows vmap, and
 the benchmark's straightforward jax.vmap baseline must compute the same matrix.
 """
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +59,5 @@ def test_chunk_paths_same_gradients_in_lr_and_params():
 
     grads = {c: jax.grad(total, argnums=(0, 1))(lr, params, c) for c in (None, 1, 3)}
     for c in (1, 3):
-        for a, b in zip(jax.tree.leaves(grads[None]), jax.tree.leaves(grads[c])):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        chex.assert_trees_all_close(grads[None], grads[c], rtol=1e-4, atol=1e-7)
     assert float(jnp.abs(grads[1][0]).max()) > 0
