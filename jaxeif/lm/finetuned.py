@@ -54,7 +54,7 @@ def finetuned_eif(
                          longest=int(train.lengths.max()), config=config)
     if config is not None:
         _check_fits(apply_fn, params, train, evals, config, path=chosen, optimizer=optimizer, steps=steps,
-                    chunk_size=chunk_size, memory_budget=memory_budget)
+                    chunk_size=chunk_size, memory_budget=memory_budget, float64=precision == "float64")
     if chosen == "lowrank":
         return lowrank_sgd_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
                                config=config, progress=progress)
@@ -63,8 +63,9 @@ def finetuned_eif(
 
 
 def _check_fits(apply_fn, params, train: Tokens, evals: Tokens | None, config, *, path, optimizer, steps, chunk_size,
-                memory_budget) -> int:
-    """`lm.check_memory` for this call: the smallest layout "auto" can pick, or the chunk asked for."""
+                memory_budget, float64: bool) -> int:
+    """`lm.check_memory` for this call: the smallest layout "auto" can pick, or the chunk asked for (float64:
+    precision "float64" runs params and activations in float64)."""
     n, length = train.ids.shape
     m = n if evals is None else evals.ids.shape[0]
     auto = chunk_size == "auto"
@@ -73,7 +74,8 @@ def _check_fits(apply_fn, params, train: Tokens, evals: Tokens | None, config, *
     probe = jnp.zeros((1, 1), jnp.int32)
     logits = jax.eval_shape(lambda p: apply_fn(p, probe), params)  # the activations' dtype (upcast models: float32)
     rank = round_up(int(train.lengths.max()), 32)
-    return check_memory(config, n, m, path=path, budget=memory_budget, dtype=weights.dtype, compute_dtype=logits.dtype,
+    dtype, compute_dtype = (jnp.float64, jnp.float64) if float64 else (weights.dtype, logits.dtype)
+    return check_memory(config, n, m, path=path, budget=memory_budget, dtype=dtype, compute_dtype=compute_dtype,
                         tokens=max(length, evals.ids.shape[1] if evals is not None else 1), chunk_size=rows,
                         eval_chunk=1 if auto else None, optimizer=optimizer_states(optimizer, params), steps=steps,
                         rank=rank)
