@@ -174,7 +174,7 @@ def split_loss(loss_fn) -> tuple[Any, list]:
     callable is static as a whole."""
     if isinstance(loss_fn, jax.tree_util.Partial):
         inputs, treedef = jax.tree.flatten(loss_fn)
-        return treedef, inputs
+        return treedef, [jnp.asarray(x) for x in inputs]  # python scalars too: the program takes arrays
     return loss_fn, []
 
 

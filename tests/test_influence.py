@@ -220,9 +220,9 @@ def test_progress_bar_counts_rows_and_changes_nothing(capsys):
         jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, progress=1)
 
 
-def _head_loss(frozen, head, example):
-    """mlp_loss with w1 frozen (bound through a Partial) and only b1, w2 fine-tuned."""
-    return mlp_loss({"w1": frozen, **head}, example)
+def _head_loss(frozen, scale, head, example):
+    """mlp_loss with w1 frozen (bound through a Partial, with a python float) and only b1, w2 fine-tuned."""
+    return scale * mlp_loss({"w1": frozen, **head}, example)
 
 
 def test_partial_loss_passes_its_bound_arrays_into_the_program():
@@ -230,8 +230,8 @@ def test_partial_loss_passes_its_bound_arrays_into_the_program():
     arrays are program inputs, so the EIF is differentiable in them (a closure would leak a tracer)."""
     params, train, _ = make_problem()
     head = {"b1": params["b1"], "w2": params["w2"]}
-    bound = lambda w1: jax.tree_util.Partial(_head_loss, w1)  # noqa: E731
-    closure = lambda head_, example: _head_loss(params["w1"], head_, example)  # noqa: E731
+    bound = lambda w1: jax.tree_util.Partial(_head_loss, w1, 0.5)  # noqa: E731
+    closure = lambda head_, example: _head_loss(params["w1"], 0.5, head_, example)  # noqa: E731
     partial_m = jaxeif.eif(bound(params["w1"]), head, train, lr=0.05)
     np.testing.assert_allclose(partial_m, jaxeif.eif(closure, head, train, lr=0.05), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(partial_m, loop_eif(bound(params["w1"]), head, train, None, 0.05, 1, optax.sgd(1.0)),
