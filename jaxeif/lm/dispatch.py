@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import optax
 
+from jaxeif.lm.lowrank import RANK_BUCKET
 from jaxeif.models.phi3 import Phi3Config
 from jaxeif.packing import round_up
 
@@ -24,7 +25,7 @@ LOWRANK_BACKENDS = ("cpu",)  # measured faster there; on GPU (H100) dense was 1.
 
 
 def choose_path(path: str, *, optimizer: optax.GradientTransformation | None, steps: int, backend: str,
-                longest: int, config: Phi3Config | None, rank_bucket: int = 32) -> str:
+                longest: int, config: Phi3Config | None, rank_bucket: int = RANK_BUCKET) -> str:
     """"dense" or "lowrank" for `path` ("auto" applies the rule above; a forced "lowrank" must be one SGD step)."""
     if path not in PATHS:
         raise ValueError(f"`path` must be one of {', '.join(map(repr, PATHS))}, got {path!r}")

@@ -14,7 +14,7 @@ from jaxeif import progress as progress_lib
 from jaxeif.finetune import PyTree
 from jaxeif.lm.dispatch import choose_path
 from jaxeif.lm.loss import NLL, sequence_nll
-from jaxeif.lm.lowrank import lowrank_sgd_eif
+from jaxeif.lm.lowrank import RANK_BUCKET, lowrank_sgd_eif
 from jaxeif.lm.memory import check_memory, optimizer_states
 from jaxeif.lm.tokens import ApplyFn, Tokens, checked
 from jaxeif.models.lora import Adapters
@@ -73,7 +73,7 @@ def _check_fits(apply_fn, params, train: Tokens, evals: Tokens | None, config, *
     weights = max((x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)), key=lambda x: x.size)
     probe = jnp.zeros((1, 1), jnp.int32)
     logits = jax.eval_shape(lambda p: apply_fn(p, probe), params)  # the activations' dtype (upcast models: float32)
-    rank = round_up(int(train.lengths.max()), 32)
+    rank = round_up(int(train.lengths.max()), RANK_BUCKET)
     dtype, compute_dtype = (jnp.float64, jnp.float64) if float64 else (weights.dtype, logits.dtype)
     return check_memory(config, n, m, path=path, budget=memory_budget, dtype=dtype, compute_dtype=compute_dtype,
                         tokens=max(length, evals.ids.shape[1] if evals is not None else 1), chunk_size=rows,

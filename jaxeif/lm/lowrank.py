@@ -38,6 +38,7 @@ from jaxeif.lm.tokens import ApplyFn, Tokens, check_example, checked
 from jaxeif.models.phi3 import Phi3Config
 from jaxeif.packing import round_up
 
+RANK_BUCKET = 32  # a fine-tune's rank: its sample's length rounded up to this (one program per bucket)
 _LINEARS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 
 
@@ -238,7 +239,7 @@ def lowrank_sgd_eif(
     config: Phi3Config | None = None,
     progress: bool = False,
     row_length: int = ROW_LENGTH,
-    rank_bucket: int = 32,
+    rank_bucket: int = RANK_BUCKET,
     base: np.ndarray | None = None,
 ) -> jax.Array:
     """Dense single-step SGD EIF, f32[n, m], computed exactly in low-rank form (no weight copies).
@@ -267,7 +268,7 @@ def linearized_sgd_eif(
     config: Phi3Config | None = None,
     progress: bool = False,
     row_length: int = ROW_LENGTH,
-    rank_bucket: int = 32,
+    rank_bucket: int = RANK_BUCKET,
 ) -> jax.Array:
     """First-order single-step SGD EIF, -lr <g_i, g_j>, f32[n, m], in low-rank form: equals
     `jaxeif.eif_linearized(lm.NLL(apply_fn), ...)` without any weight-sized gradient. Each entry is the
