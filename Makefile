@@ -28,7 +28,7 @@ data:
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 2; fi; }
 
 demo: $(VENV)/.base data
-	$(PY) -m experiments.cnn_noise --out results/cnn_noise
+	$(PY) -m jaxeif.experiments.cnn_noise --out results/cnn_noise
 
 test: $(VENV)/.test data
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile tests

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxeif
-from benchmarks import common
+from jaxeif.benchmarks import common
 from jaxeif import cli
 from jaxeif.data import images
 from jaxeif.linearized import eif_linearized
@@ -189,7 +189,7 @@ def _scale_point(point: str, chunk_size: int | str, lr: float) -> dict:
 def _scale_curve(points: list[str], chunk_size: int, lr: float) -> list[dict]:
     out = []
     for n in points:
-        cmd = [sys.executable, "-m", "benchmarks.cnn", "--scale-point", n, "--chunk-size", str(chunk_size), "--lr", str(lr)]
+        cmd = [sys.executable, "-m", "jaxeif.benchmarks.cnn", "--scale-point", n, "--chunk-size", str(chunk_size), "--lr", str(lr)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"scale point n={n} failed:\n{proc.stderr[-2000:]}")
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.device_report:
         if not args.data:
             raise ValueError("--device-report needs --data FILE.npz (write one with `jaxeif export-data --out FILE.npz`)")
-        from benchmarks import device_report
+        from jaxeif.benchmarks import device_report
         return device_report.run(argparse.Namespace(data=args.data, json=args.json, sizes=args.sizes, no_torch=args.no_torch,
                                                     stages=args.stages))
     if args.scale_point:

@@ -20,8 +20,8 @@ import numpy as np
 import optax
 
 import jaxeif
-from benchmarks import common, export_data
-from benchmarks import cnn as bench_cnn
+from jaxeif.benchmarks import common, export_data
+from jaxeif.benchmarks import cnn as bench_cnn
 from jaxeif import chunking
 from jaxeif.models import cnn
 

@@ -6,7 +6,7 @@ The truth is float64 on the same weights and the same (float32) fine-tune deltas
 sign agreement and median relative error against it, and the wall time of each method's EIF (fine-tunes,
 one row at a time, plus the matrix of loss changes; compilation excluded), all measured in the same run.
 
-    python -m benchmarks.difference [--n 64] [--models cnn,mlp,decoder] [--out results.json]
+    python -m jaxeif.benchmarks.difference [--n 64] [--models cnn,mlp,decoder] [--out results.json]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import common
+from jaxeif.benchmarks import common
 from jaxeif.difference import loss_difference
 from jaxeif.finetune import finetune_delta
 from jaxeif.models import cnn, phi3

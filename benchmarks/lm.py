@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from jaxeif.benchmarks import common
 from jaxeif import cli, io, lm
 from jaxeif.data import domains
 from jaxeif.models import loading, phi3, tokenizer

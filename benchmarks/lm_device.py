@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
-from benchmarks import common
+from jaxeif.benchmarks import common
 from jaxeif import chunking, cli, io, lm
 from jaxeif.lm import memory
 from jaxeif.data import domains

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from jaxeif.benchmarks import common
 from jaxeif import cli, io, lm, packing
 from jaxeif.lm import memory
 from jaxeif.models import phi3, upcast
@@ -101,7 +101,7 @@ def measure_subprocess(specs: list[dict]) -> list[dict]:
     buffers are freed before the next is measured; nothing of this process's memory is counted)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "benchmarks.lm_memory", "--child", json.dumps(specs)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "jaxeif.benchmarks.lm_memory", "--child", json.dumps(specs)], capture_output=True,
                          text=True, env=env, cwd=root, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory measurement of {specs} failed:\n{out.stderr[-3000:]}")

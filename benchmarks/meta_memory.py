@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxeif
-from benchmarks import common
+from jaxeif.benchmarks import common
 from jaxeif import cli
 from jaxeif.models import cnn
 
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     for n in sizes:
         row = {"n": n, "before_gib": _estimate(_before, n), "after_gib": _estimate(_after, n)}
         if args.run:
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.meta_memory", "--point", str(n)],
+            proc = subprocess.run([sys.executable, "-m", "jaxeif.benchmarks.meta_memory", "--point", str(n)],
                                   capture_output=True, text=True, check=False)
             if proc.returncode:
                 raise RuntimeError(f"n={n} failed:\n{proc.stderr[-2000:]}")

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxeif
-from experiments import llm_logic, llm_peft
+from jaxeif.experiments import llm_logic, llm_peft
 from jaxeif import cli, lm, lr_choice, runs
 from jaxeif.data import domains, noisy_digits
 from jaxeif.models import cnn, loading, tokenizer

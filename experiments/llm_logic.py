@@ -25,7 +25,7 @@ import optax
 from tqdm.auto import tqdm
 
 import jaxeif
-from benchmarks.difference import agreement as float64_agreement
+from jaxeif.benchmarks.difference import agreement as float64_agreement
 from jaxeif import cli, desiderata, lm, lr_choice, runs
 from jaxeif.data import domains
 from jaxeif.models import loading, lora, tokenizer

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import llm_logic
+from jaxeif.experiments import llm_logic
 from jaxeif import cli, desiderata, lm, lr_choice, runs
 from jaxeif.data import domains
 from jaxeif.models import loading, lora, tokenizer

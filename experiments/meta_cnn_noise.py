@@ -23,11 +23,11 @@ import numpy as np
 import optax
 
 import jaxeif
-import meta
+from jaxeif import meta
 from jaxeif import cli, runs
 from jaxeif.data import noisy_digits
 from jaxeif.models import cnn
-from meta.image_study import Split, clean_learning, heldout_metrics, pairs, split_set  # noqa: F401 (tests use them from here)
+from jaxeif.meta.image_study import Split, clean_learning, heldout_metrics, pairs, split_set  # noqa: F401 (tests use them from here)
 
 DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
 

@@ -28,11 +28,11 @@ import numpy as np
 import optax
 
 import jaxeif
-import meta
+from jaxeif import meta
 from jaxeif import cli, runs
 from jaxeif.data import noisy_digits
 from jaxeif.models import cnn
-from meta.image_study import Split, split_set
+from jaxeif.meta.image_study import Split, split_set
 
 DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
 

@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxeif
-import meta
-from experiments import meta_cnn_noise
+from jaxeif import meta
+from jaxeif.experiments import meta_cnn_noise
 from jaxeif import cli, runs
 from jaxeif.data import noisy_digits as data
 from jaxeif.models import cnn
-from meta.image_study import Split, heldout_metrics, split_set
+from jaxeif.meta.image_study import Split, heldout_metrics, split_set
 
 CLEAN = "clean"
 

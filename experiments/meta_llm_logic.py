@@ -35,12 +35,12 @@ import optax
 from scipy import stats
 
 import jaxeif
-import meta
+from jaxeif import meta
 from jaxeif import cli, desiderata, lm, runs
 from jaxeif.data import domains
 from jaxeif.finetune import first_update, scale_updates
 from jaxeif.models import loading, tokenizer
-from meta import layers_lm
+from jaxeif.meta import layers_lm
 
 DOMAIN = "chain_induces"
 TRAIN_ROW = 3  # the 4-line chain A->B->C->D->Z; its probe: implied 0 ("A causes Z"), not implied 4 ("Z causes A")

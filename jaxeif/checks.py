@@ -7,9 +7,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxeif.errors import Error
 
 
-class NonFiniteInfluenceError(FloatingPointError):
+class NonFiniteInfluenceError(Error, FloatingPointError):
     """Some fine-tunes diverged; `.rows` names them and `.matrix` holds the raw result."""
 
     def __init__(self, message: str, rows: np.ndarray, matrix: np.ndarray):

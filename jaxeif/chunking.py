@@ -14,6 +14,7 @@ import os
 from typing import Any, Callable, NamedTuple
 
 import jax
+from jaxeif.errors import Error
 
 MAX_ROWS = 1024  # beyond this, bigger chunks only cost compile time and memory
 DEFAULT_FRACTION = 0.75  # of the memory free on the device when the call starts
@@ -26,7 +27,7 @@ class Chunks(NamedTuple):
     evals: int | None = None
 
 
-class MemoryBudgetError(MemoryError):
+class MemoryBudgetError(Error, MemoryError):
     """The EIF does not fit in the memory budget; the message gives the estimate and what to change."""
 
 

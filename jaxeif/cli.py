@@ -14,25 +14,26 @@ import types
 from typing import Any, Sequence
 
 from jaxeif.checks import NonFiniteInfluenceError
+from jaxeif.errors import Error
 
 # subcommand -> (module, one-line help). Modules expose add_arguments(parser) and run(args) -> dict.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "cnn": ("experiments.cnn_noise", "EIF of a Fashion-MNIST CNN fine-tuned on clean and noisy MNIST digits"),
-    "llm": ("experiments.llm_logic", "EIF of a language model on synthetic logic facts"),
-    "llm-peft": ("experiments.llm_peft", "does LoRA (ranks 4, 16, 64) change the language-model EIF? beside dense SGD"),
-    "llm-linear": ("experiments.llm_linear", "where one SGD step stops being linear: eif_linearized vs the exact EIF over lr"),
-    "meta-cnn": ("experiments.meta_cnn_noise", "learn an lr predictor for the CNN noise study"),
-    "meta-cnn-transfer": ("experiments.meta_cnn_transfer", "does the meta-cnn lr predictor down-weight noise it never saw (salt-and-pepper, blur)?"),
-    "meta-cnn-toward": ("experiments.meta_cnn_toward", "per-sample lrs toward a hand-drawn influence target (meta.toward) on the CNN"),
-    "meta-llm": ("experiments.meta_llm_logic", "learn per-layer lr multipliers for the LLM logic study"),
-    "bench-cnn": ("benchmarks.cnn", "CNN EIF speed: jaxeif vs a PyTorch loop"),
-    "bench-lm": ("benchmarks.lm", "language-model EIF speed: jaxeif vs a PyTorch loop"),
-    "bench-lm-device": ("benchmarks.lm_device", "the logic study's five domains on a random Phi-3-mini-shaped decoder (one GPU; --sizes tiny on CPU)"),
-    "bench-lm-memory": ("benchmarks.lm_memory", "lm.memory_estimate against measured peak memory of each LM EIF path (CPU)"),
-    "bench-lm-bf16": ("benchmarks.lm_bf16", "error of the bfloat16-weight LM EIF against float32 (SmolLM2, five domains)"),
-    "bench-meta-memory": ("benchmarks.meta_memory", "memory of a meta-gradient through eif, before/after rematerialisation"),
-    "export-data": ("benchmarks.export_data", "write Fashion-MNIST to an .npz for a machine without TensorFlow"),
-    "export-tokenizer": ("benchmarks.export_tokenizer", "write the default tokenizer's files for `bench-lm-device`"),
+    "cnn": ("jaxeif.experiments.cnn_noise", "EIF of a Fashion-MNIST CNN fine-tuned on clean and noisy MNIST digits"),
+    "llm": ("jaxeif.experiments.llm_logic", "EIF of a language model on synthetic logic facts"),
+    "llm-peft": ("jaxeif.experiments.llm_peft", "does LoRA (ranks 4, 16, 64) change the language-model EIF? beside dense SGD"),
+    "llm-linear": ("jaxeif.experiments.llm_linear", "where one SGD step stops being linear: eif_linearized vs the exact EIF over lr"),
+    "meta-cnn": ("jaxeif.experiments.meta_cnn_noise", "learn an lr predictor for the CNN noise study"),
+    "meta-cnn-transfer": ("jaxeif.experiments.meta_cnn_transfer", "does the meta-cnn lr predictor down-weight noise it never saw (salt-and-pepper, blur)?"),
+    "meta-cnn-toward": ("jaxeif.experiments.meta_cnn_toward", "per-sample lrs toward a hand-drawn influence target (meta.toward) on the CNN"),
+    "meta-llm": ("jaxeif.experiments.meta_llm_logic", "learn per-layer lr multipliers for the LLM logic study"),
+    "bench-cnn": ("jaxeif.benchmarks.cnn", "CNN EIF speed: jaxeif vs a PyTorch loop"),
+    "bench-lm": ("jaxeif.benchmarks.lm", "language-model EIF speed: jaxeif vs a PyTorch loop"),
+    "bench-lm-device": ("jaxeif.benchmarks.lm_device", "the logic study's five domains on a random Phi-3-mini-shaped decoder (one GPU; --sizes tiny on CPU)"),
+    "bench-lm-memory": ("jaxeif.benchmarks.lm_memory", "lm.memory_estimate against measured peak memory of each LM EIF path (CPU)"),
+    "bench-lm-bf16": ("jaxeif.benchmarks.lm_bf16", "error of the bfloat16-weight LM EIF against float32 (SmolLM2, five domains)"),
+    "bench-meta-memory": ("jaxeif.benchmarks.meta_memory", "memory of a meta-gradient through eif, before/after rematerialisation"),
+    "export-data": ("jaxeif.benchmarks.export_data", "write Fashion-MNIST to an .npz for a machine without TensorFlow"),
+    "export-tokenizer": ("jaxeif.benchmarks.export_tokenizer", "write the default tokenizer's files for `bench-lm-device`"),
 }
 
 # Exceptions that mean "the input was wrong", shown as one line. KeyError is left out on
@@ -42,7 +43,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, 
 RESUME_HINT = "interrupted; finished work is saved in the results folder: run the same command again to resume"
 
 
-class UsageError(Exception):
+class UsageError(Error, ValueError):
     """Bad command line (unknown subcommand, bad option)."""
 
 
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def experiment_main(module: types.ModuleType, argv: Sequence[str] | None = None) -> int:
-    """`python -m experiments.X` entry: same options, errors and exit codes as `jaxeif X`."""
+    """`python -m jaxeif.experiments.X` entry: same options, errors and exit codes as `jaxeif X`."""
     argv = sys.argv[1:] if argv is None else list(argv)
     return _guarded(_run_module, module, argv, f"python -m {getattr(module.__spec__, 'name', None) or module.__name__}")
 

@@ -35,12 +35,13 @@ import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 from jax import lax
+from jaxeif.errors import Error
 
 PyTree = Any
 Slot = Any  # float values: the difference (None: zero); integer/bool values: the new value (None: unchanged)
 
 
-class UnsupportedPrimitiveError(NotImplementedError):
+class UnsupportedPrimitiveError(Error, NotImplementedError):
     """f uses a primitive that has no difference rule (or uses it in an unsupported way)."""
 
 

@@ -24,17 +24,18 @@ from jaxeif import checks, fingerprint, io
 from jaxeif import precision as precision_lib
 from jaxeif import progress as progress_lib
 from jaxeif.influence import eif
+from jaxeif.errors import Error
 
 CONFIG_FILE = "config.json"
 _LOCK_FILE = ".lock"
 _HELD_LOCKS: dict[pathlib.Path, int] = {}  # folder -> fd of its flock, one per process
 
 
-class RunDirError(ValueError):
+class RunDirError(Error, ValueError):
     """A results folder cannot be used as asked (exists with another config, unwritable, ...)."""
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(Error, ValueError):
     """A saved block or matrix cannot be read back; the message says which file to delete."""
 
 

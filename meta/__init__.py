@@ -3,7 +3,8 @@ by backpropagating an objective on the influence matrix through jaxeif.eif.
 
 Example (per-sample log-rates toward "learn within class, leave other classes alone")::
 
-    import jaxeif, meta, optax
+    import jaxeif, optax
+    from jaxeif import meta
 
     def objective(log_lr, params, train):   # arrays as arguments: no XLA constant folding
         M = jaxeif.eif(loss_fn, params, train, lr=meta.per_sample_lr(log_lr), steps=1)
@@ -16,7 +17,7 @@ Example (per-sample log-rates toward "learn within class, leave other classes al
 Per-layer multipliers: `optimizer=meta.layer_optimizer(log_scales)` inside the objective,
 with `log_scales = meta.init_layer_log_scales(params)` as the controls.
 """
-from meta.controls import (
+from jaxeif.meta.controls import (
     Amortised,
     LRPredictor,
     Standardizer,
@@ -31,7 +32,7 @@ from meta.controls import (
     save_amortised,
     scale_by_layer,
 )
-from meta.objectives import (
+from jaxeif.meta.objectives import (
     class_blocks,
     class_learning,
     keep_learning,
@@ -42,7 +43,7 @@ from meta.objectives import (
     symmetry,
     toward,
 )
-from meta.outer import MetaResult, StaleCheckpointError, fit, make_step
+from jaxeif.meta.outer import MetaResult, StaleCheckpointError, fit, make_step
 
 __all__ = [
     "Amortised", "LRPredictor", "Standardizer", "amortised", "image_features", "init_layer_log_scales",

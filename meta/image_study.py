@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from meta.objectives import class_learning, noise_invariance
+from jaxeif.meta.objectives import class_learning, noise_invariance
 
 CLEAN = "clean"
 

@@ -13,6 +13,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxeif import fingerprint, io
+from jaxeif.errors import Error
 
 PyTree = Any
 Objective = Callable[[PyTree], jax.Array]
@@ -73,7 +74,7 @@ def _nonfinite_leaves(finite: PyTree) -> list[str]:
 FINGERPRINT_FILE = "jaxeif_fit.json"
 
 
-class StaleCheckpointError(ValueError):
+class StaleCheckpointError(Error, ValueError):
     """A checkpoint_dir holds a run of other data, controls, optimizer or objective."""
 
 

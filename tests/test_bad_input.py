@@ -219,7 +219,7 @@ def test_run_file_names_stay_inside(name):
 @pytest.fixture
 def toy_command(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "toy", ("toy_experiment", "a toy sweep"))
-    monkeypatch.setitem(cli.COMMANDS, "ghost", ("experiments.not_written_yet", "missing"))
+    monkeypatch.setitem(cli.COMMANDS, "ghost", ("jaxeif.experiments.not_written_yet", "missing"))
     monkeypatch.delenv("JAXEIF_DEBUG", raising=False)
 
 

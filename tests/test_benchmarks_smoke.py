@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import cnn
-from benchmarks import lm as bench_lm
+from jaxeif.benchmarks import cnn
+from jaxeif.benchmarks import lm as bench_lm
 
 
 def test_cnn_benchmark_tiny(capsys):
@@ -37,7 +37,7 @@ def test_cnn_benchmark_checks_flags_before_any_work(capsys):
 
 
 def test_device_report_runs_on_cpu_at_tiny_sizes(tmp_path, capsys):
-    from benchmarks import device_report, export_data
+    from jaxeif.benchmarks import device_report, export_data
     data = tmp_path / "fm.npz"
     export_data.run(argparse.Namespace(out=str(data), test=40, train=200))
     loaded = export_data.load(str(data))
@@ -56,7 +56,7 @@ def test_device_report_runs_on_cpu_at_tiny_sizes(tmp_path, capsys):
 
 
 def test_meta_memory_benchmark_tiny(capsys):
-    from benchmarks import meta_memory
+    from jaxeif.benchmarks import meta_memory
     out = meta_memory.run(argparse.Namespace(sizes="12,48", run=False, point=0))
     small, large = out["rows"]
     # n 4x: before grows about 10-16x (n x m), after about 4x (one row over the m evals, m = n)
@@ -75,7 +75,7 @@ def test_lm_benchmark_random_tiny_decoder(tmp_path, capsys):
     assert saved["lowrank_over_dense"] == out["lowrank_over_dense"] > 0 and saved["auto_picks"] in ("lowrank", "dense")
     assert saved["max_abs_diff_vs_lowrank"][bench_lm.DENSE] < 1e-5  # the two paths compute the same matrix
     # the --random path imports neither TensorFlow nor torch (a GPU machine may have neither)
-    code = ("import sys, argparse; from benchmarks import lm; p = argparse.ArgumentParser(); lm.add_arguments(p); "
+    code = ("import sys, argparse; from jaxeif.benchmarks import lm; p = argparse.ArgumentParser(); lm.add_arguments(p); "
             "lm._model(p.parse_args(['--random', 'tiny', '--n', '2'])); "
             "assert not {'tensorflow', 'torch'} & set(sys.modules), sorted({'tensorflow', 'torch'} & set(sys.modules))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

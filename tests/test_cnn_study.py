@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxeif
-from experiments import cnn_noise
+from jaxeif.experiments import cnn_noise
 from jaxeif import cli, desiderata, lr_choice
 from jaxeif.data import noisy_digits
 from jaxeif.models import cnn
@@ -34,7 +34,7 @@ def test_study_metrics_on_a_constructed_matrix():
 
 
 def test_help_works():
-    out = subprocess.run([sys.executable, "-m", "experiments.cnn_noise", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "jaxeif.experiments.cnn_noise", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--out" in out.stdout and "--quick" in out.stdout and "plateau" in out.stdout
 
 

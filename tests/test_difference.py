@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 import jaxeif
-from benchmarks import difference as bench
+from jaxeif.benchmarks import difference as bench
 from jaxeif import difference
 from jaxeif.finetune import finetune, finetune_delta
 from jaxeif.models import cnn

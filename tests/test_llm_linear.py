@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxeif
-from experiments import llm_linear
+from jaxeif.experiments import llm_linear
 from jaxeif import cli, lm
 from jaxeif.data import domains, noisy_digits
 from jaxeif.models import cnn, loading, tokenizer

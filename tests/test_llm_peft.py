@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import llm_logic, llm_peft
+from jaxeif.experiments import llm_logic, llm_peft
 from jaxeif import cli, desiderata, lm, lr_choice
 from jaxeif.data import domains
 from jaxeif.models import loading, lora, tokenizer

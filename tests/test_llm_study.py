@@ -10,7 +10,7 @@ pytest.importorskip("torch", reason="the tiny checkpoint is written with transfo
 
 from tiny_lm import tiny_checkpoint  # noqa: E402
 
-from experiments import llm_logic  # noqa: E402
+from jaxeif.experiments import llm_logic  # noqa: E402
 from jaxeif import cli, desiderata, lm, lr_choice  # noqa: E402
 from jaxeif.data import domains  # noqa: E402
 

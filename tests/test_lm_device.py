@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import lm_device
+from jaxeif.benchmarks import lm_device
 from jaxeif import lm
 from jaxeif.models import phi3, tokenizer, upcast
 
@@ -51,7 +51,7 @@ def test_upcast_apply_fn_computes_in_float32_on_bfloat16_params():
 
 def _run(tokenizer_dir, tmp_path, *flags):
     out = tmp_path / "report.json"
-    code = (BLOCKED + "from jaxeif import cli; import benchmarks.lm_device as m; "
+    code = (BLOCKED + "from jaxeif import cli; import jaxeif.benchmarks.lm_device as m; "
             f"raise SystemExit(cli.experiment_main(m, {['--tokenizer', str(tokenizer_dir), '--json', str(out), *flags]!r}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import lm_device, lm_memory
+from jaxeif.benchmarks import lm_device, lm_memory
 from jaxeif import chunking, lm
 from jaxeif.lm import memory
 from jaxeif.models import phi3

@@ -1,7 +1,7 @@
 """Study 1 helpers: the meta-train / held-out split keeps every noisy sample paired with its own clean twin."""
 import numpy as np
 
-from experiments.meta_cnn_noise import pairs, split_set
+from jaxeif.experiments.meta_cnn_noise import pairs, split_set
 from jaxeif.data.noisy_digits import FinetuneSet
 
 

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-import meta
-from experiments import meta_cnn_toward as study
+from jaxeif import meta
+from jaxeif.experiments import meta_cnn_toward as study
 from jaxeif import cli
-from meta.image_study import Split
+from jaxeif.meta.image_study import Split
 
 
 def _split(labels, noise_std):

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-import meta
+from jaxeif import meta
 from jaxeif import cli
 from jaxeif.data import noisy_digits as data
 

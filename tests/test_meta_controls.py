@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import jaxeif
-import meta
-from meta import controls as C
+from jaxeif import meta
+from jaxeif.meta import controls as C
 
 
 class TinyMLP(nn.Module):

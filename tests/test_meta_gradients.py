@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jaxeif
-import meta
+from jaxeif import meta
 
 
 def relu_mlp_loss(p, example):

@@ -12,7 +12,7 @@ import pytest
 import jaxeif
 from jaxeif import lm
 from jaxeif.models import phi3
-from meta import layers_lm
+from jaxeif.meta import layers_lm
 
 CONFIG = phi3.Phi3Config(vocab_size=260, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
@@ -84,7 +84,7 @@ def test_unit_scales_are_plain_sgd_and_each_scale_moves_only_its_own_layer(tiny)
 
 
 def test_quick_study_learns_and_writes_files(tiny, tmp_path, monkeypatch):
-    from experiments import meta_llm_logic as study
+    from jaxeif.experiments import meta_llm_logic as study
 
     monkeypatch.setattr(study, "load_model", lambda args: tiny)
     parser = argparse.ArgumentParser()
@@ -121,7 +121,7 @@ def test_quick_study_learns_and_writes_files(tiny, tmp_path, monkeypatch):
 def test_probe_blocks_equal_the_eif_blocks(tiny):
     """The evaluation path (one gradient per draw, rescaled per setting; batched base losses) equals
     jaxeif.eif with the stacked-layer optimizer, setting by setting."""
-    from experiments import meta_llm_logic as study
+    from jaxeif.experiments import meta_llm_logic as study
 
     apply_fn, params, config, tok = tiny
     train, evals = (jax.tree.map(jnp.asarray, t) for t in study.draw_tokens(tok, config, [5, 6], (2, 3), (0, 1, 4)))
@@ -140,7 +140,7 @@ def test_probe_blocks_equal_the_eif_blocks(tiny):
 def test_paired_summary_against_direct_formulas():
     from scipy import stats
 
-    from experiments import meta_llm_logic as study
+    from jaxeif.experiments import meta_llm_logic as study
 
     rng = np.random.default_rng(3)
     before = rng.normal(size=(40, 2)) * 0.1

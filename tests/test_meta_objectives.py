@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxeif import desiderata
-from meta import objectives as O
+from jaxeif.meta import objectives as O
 
 RNG = np.random.default_rng(0)
 LABELS = np.repeat(np.arange(3), 4)  # 12 samples, 3 classes
@@ -139,7 +139,7 @@ def test_bad_input_is_named(call, message):
 
 
 def test_toward_is_minimised_by_the_target_and_scale_free():
-    import meta
+    from jaxeif import meta
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 4)
     noisy = np.tile([1.0, 1.0, 0.5, 0.5], 3)  # "learn only from the same class, half as much from noisy rows"

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jaxeif
-import meta
+from jaxeif import meta
 
 
 def loss_fn(p, example):

