@@ -15,7 +15,7 @@ import jaxeif
 import jaxeif.frameworks
 from jaxeif import checks, runs
 
-eqx = pytest.importorskip("equinox")
+import equinox as eqx  # noqa: E402  (in the test extra: a missing install fails loudly)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "your_model.md"
 LR = 0.05  # the rate the recipes use
@@ -117,6 +117,20 @@ def test_nnx_dropout_keys_make_each_matrix_reproducible_and_matter():
     scale = np.abs(np.asarray(ns["M"])).max()
     assert np.abs(other - np.asarray(ns["M"])).max() > 1e-3 * scale  # another mask, another fine-tune
     assert np.abs(no_dropout - np.asarray(ns["M"])).max() > 1e-3 * scale  # dropout is on in the fine-tunes
+
+
+def test_float64_mode_agrees_without_dropout_and_draws_other_masks_with_it():
+    """The page's precision note: float64 checks the recipe with dropout off; with it on, the masks change."""
+    ns = recipe("Flax NNX with BatchNorm and Dropout")
+    loss_fn, params, train, evals = ns["loss_fn"], ns["params"], ns["train"], ns["evals"]
+    no_keys = {k: v for k, v in train.items() if k != "key"}
+    M32 = np.asarray(jaxeif.eif(loss_fn, params, no_keys, evals, lr=LR))
+    M64 = np.asarray(jaxeif.eif(loss_fn, params, no_keys, evals, lr=LR, precision="float64"))
+    np.testing.assert_allclose(M64, M32, rtol=1e-4, atol=1e-5 * np.abs(M32).max())
+    masked64 = np.asarray(jaxeif.eif(loss_fn, params, train, evals, lr=LR, precision="float64"))
+    assert np.abs(masked64 - np.asarray(ns["M"])).max() > 0.1 * np.abs(np.asarray(ns["M"])).max()
+    masked_difference = np.asarray(jaxeif.eif(loss_fn, params, train, evals, lr=LR, precision="difference"))
+    np.testing.assert_allclose(masked_difference, ns["M"], rtol=1e-3, atol=1e-4 * np.abs(np.asarray(ns["M"])).max())
 
 
 def test_batchnorm_in_train_mode_is_degenerate_on_one_example_and_nnx_loss_warns():
