@@ -203,7 +203,7 @@ def _leaf_kind(leaf: Any) -> str:
 
 def check_param_leaves(params: Any, loss_fn: Any = None) -> None:
     """ParamsLeafError naming the first leaf of `params`, or of a `jax.tree_util.Partial` loss_fn's bound values,
-    that is not an array.
+    that is not an array (in params, Python numbers are refused too; bound in a Partial they become arrays).
 
     Every leaf of params is fine-tuned and every bound value of a Partial enters the compiled program as an
     input, so both must be arrays; a function (an Equinox module's activation), a module object or a string
@@ -213,6 +213,13 @@ def check_param_leaves(params: Any, loss_fn: Any = None) -> None:
         ParamsLeafError: naming the leaf's path (jax.tree_util.keystr), its type, and how to split it off.
     """
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if isinstance(leaf, numbers.Number) and not isinstance(leaf, (jax.Array, np.generic)):
+            raise ParamsLeafError(
+                f"`params`{jax.tree_util.keystr(path)} is a Python {type(leaf).__name__} ({leaf!r}), not an array: "
+                "jaxeif fine-tunes every leaf of params, and a Python number there is usually a setting (an Equinox "
+                "Dropout's rate or inference flag). If it is a weight to fine-tune, pass jnp.asarray(value); "
+                f"otherwise split it off. {_SPLIT_HINT}"
+            )
         if not _is_array_leaf(leaf):
             raise ParamsLeafError(
                 f"`params`{jax.tree_util.keystr(path)} is {_leaf_kind(leaf)}, not an array: jaxeif fine-tunes every "

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax
 import pytest
 from flax import nnx
 
@@ -233,9 +234,20 @@ def test_a_linen_variables_dict_is_refused_naming_the_collection(collection):
     params, _, train = tiny()
     variables = {"params": params, collection: {"mean": jnp.zeros(2)}}
     loss = lambda v, ex: (ex["x"] @ v["params"]["w"] - ex["y"]) ** 2  # noqa: E731
-    with pytest.raises(checks.ModelStateError, match=rf"\['{collection}'\].*variables\['params'\]") as info:
-        jaxeif.eif(loss, variables, train, lr=0.1)
-    assert isinstance(info.value, ValueError) and isinstance(info.value, jaxeif.Error)
+    for given in (variables, flax.core.freeze(variables)):  # a plain dict, or Linen's FrozenDict
+        with pytest.raises(checks.ModelStateError, match=rf"\['{collection}'\].*variables\['params'\]") as info:
+            jaxeif.eif(loss, given, train, lr=0.1)
+        assert isinstance(info.value, ValueError) and isinstance(info.value, jaxeif.Error)
+
+
+def test_an_equinox_dropout_setting_in_params_is_refused_naming_it():
+    model = eqx.nn.Sequential([eqx.nn.Linear(2, 1, key=jax.random.key(0)), eqx.nn.Dropout(0.1, inference=True)])
+    _, _, train = tiny()
+    with pytest.raises(checks.ParamsLeafError, match=r"`params`\.layers\[1\]\.p is a Python float \(0\.1\)"):
+        jaxeif.eif(lambda m, ex: (m(ex["x"])[0] - ex["y"]) ** 2, model, train, lr=0.1)
+    loss_fn, params = jaxeif.frameworks.eqx_loss(model, lambda m, ex: (m(ex["x"])[0] - ex["y"]) ** 2)
+    assert len(jax.tree.leaves(params)) == 2  # the Linear's weight and bias; the rate stays in the static part
+    assert np.isfinite(np.asarray(jaxeif.eif(loss_fn, params, train, lr=0.001))).all()
 
 
 def test_params_named_like_a_collection_without_params_beside_it_are_accepted():
@@ -287,7 +299,8 @@ def test_a_non_array_bound_in_a_partial_loss_is_refused_naming_its_path(bind, wh
 
 
 @pytest.mark.parametrize("leaf,kind", [("head", "str"), (np.array([None, 1.0], dtype=object), "ndarray"),
-                                       (jaxeif.frameworks, "module")])
+                                       (jaxeif.frameworks, "module"), (0.1, "Python float.*jnp.asarray"),
+                                       (False, "Python bool")])
 def test_a_non_array_leaf_in_params_is_refused_naming_its_path(leaf, kind):
     params, loss, train = tiny()
     with pytest.raises(checks.ParamsLeafError, match=rf"`params`\['extra'\] is .*{kind}"):
