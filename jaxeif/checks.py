@@ -183,7 +183,8 @@ _SPLIT_HINT = (
     "Keep only the arrays to fine-tune in params and pass the rest another way: an Equinox module through "
     "`params, static = eqx.partition(model, eqx.is_inexact_array)` (or jaxeif.frameworks.eqx_loss), an nnx module "
     "through `graphdef, params, rest = nnx.split(model, nnx.Param, ...)` (or jaxeif.frameworks.nnx_loss), other "
-    "values (functions, strings, settings) closed over by loss_fn or bound with functools.partial; see docs/your_model.md"
+    "values (functions, strings, settings) closed over by loss_fn or bound with functools.partial; "
+    "see docs/your_model.md"
 )
 
 

@@ -74,7 +74,8 @@ def nnx_loss(model: Any, loss: ModelLoss, wrt: Any = None) -> tuple[jax.tree_uti
 
     if not isinstance(model, nnx.Module):
         raise TypeError(f"`model` must be an nnx.Module, got {type(model).__name__}; for a Linen model pass "
-                        "variables['params'] as params and bind the other collections in a Partial (docs/your_model.md)")
+                        "variables['params'] as params and bind the other collections in a Partial "
+                        "(docs/your_model.md)")
     if not callable(loss):
         raise TypeError(f"`loss` must be callable as loss(model, example), got {type(loss).__name__}")
     train_mode = [".".join(map(str, path)) or "model" for path, node in nnx.iter_graph(model)

@@ -86,11 +86,11 @@ def test_plain_dict_recipe_fine_tunes_the_head_only():
     assert_matches(ns["M"], by_hand(tune, lambda w, ex: loss(*w, ex), tune.base, train, train))
 
 
-def nnx_sgd(model, loss, ex):
+def nnx_sgd(model, loss, ex, lr=None):
     """A copy of the nnx model after one SGD step on `ex` (nnx.grad: the gradient of the nnx.Param variables)."""
     tuned = nnx.clone(model)
     grads = nnx.grad(lambda m: loss(m, ex))(tuned)
-    nnx.update(tuned, jax.tree.map(lambda p, g: p - LR * g, nnx.state(tuned, nnx.Param), grads))
+    nnx.update(tuned, jax.tree.map(lambda p, g: p - (LR if lr is None else lr) * g, nnx.state(tuned, nnx.Param), grads))
     return tuned
 
 
@@ -104,6 +104,9 @@ def test_nnx_batchnorm_dropout_recipe_matches_a_hand_written_fine_tune():
     ns = recipe("Flax NNX with BatchNorm and Dropout")
     model, loss, train, evals = ns["model"], ns["loss"], ns["train"], ns["evals"]
     assert model.norm.use_running_average and model.drop.deterministic
+    bound = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(ns["loss_fn"])[0]]
+    assert any("['norm']['mean']" in p for p in bound)  # the running statistics: an input of the program
+    assert not any("mean" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(ns["params"])[0])
     assert_matches(ns["M"], by_hand(functools.partial(nnx_sgd, model, loss), loss, model, train, evals))
 
 
@@ -150,18 +153,45 @@ def test_batchnorm_in_train_mode_is_degenerate_on_one_example_and_nnx_loss_warns
 
 def test_nnx_loss_wrt_filter_fine_tunes_only_what_it_selects():
     ns = recipe("Flax NNX")
-    loss_fn, params = jaxeif.frameworks.nnx_loss(ns["model"], ns["loss"], wrt=nnx.All(nnx.Param, nnx.PathContains("out")))
+    only_out = nnx.All(nnx.Param, nnx.PathContains("out"))
+    loss_fn, params = jaxeif.frameworks.nnx_loss(ns["model"], ns["loss"], wrt=only_out)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     assert paths and all(p.startswith("['out']") for p in paths)
     M = jaxeif.eif(loss_fn, params, ns["train"], lr=LR)
 
     def tune(ex):  # SGD on the last layer alone
         tuned = nnx.clone(ns["model"])
-        only_out = nnx.All(nnx.Param, nnx.PathContains("out"))
         grads = nnx.grad(lambda m: ns["loss"](m, ex), argnums=nnx.DiffState(0, only_out))(tuned)
         nnx.update(tuned, jax.tree.map(lambda p, g: p - LR * g, nnx.state(tuned, only_out), grads))
         return tuned
     assert_matches(M, by_hand(tune, ns["loss"], ns["model"], ns["train"], ns["train"]))
+
+
+class TinyCNN(nnx.Module):
+    """x f32[b, 6, 6, 1] -> f32[b, 3] logits."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(1, 4, kernel_size=(3, 3), rngs=rngs)
+        self.norm = nnx.BatchNorm(4, rngs=rngs)
+        self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.norm(self.conv(x))).mean(axis=(1, 2)))
+
+
+def test_nnx_cnn_with_batchnorm_through_nnx_loss_matches_a_hand_written_fine_tune():
+    model = TinyCNN(nnx.Rngs(0))
+    k1, k2 = jax.random.split(jax.random.key(8))
+    model(jax.random.normal(k1, (16, 6, 6, 1)) + 0.5)  # the running statistics move
+    model.eval()
+    data = {"x": jax.random.normal(k2, (5, 6, 6, 1)), "y": jnp.arange(5) % 3}
+
+    def loss(m, ex):
+        return -jax.nn.log_softmax(m(ex["x"][None])[0])[ex["y"]]
+    loss_fn, params = jaxeif.frameworks.nnx_loss(model, loss)
+    assert not any("mean" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    M = jaxeif.eif(loss_fn, params, data, lr=0.2)
+    assert_matches(M, by_hand(functools.partial(nnx_sgd, model, loss, lr=0.2), loss, model, data, data))
 
 
 def test_linen_recipe_matches_a_hand_written_fine_tune():
@@ -311,7 +341,8 @@ def test_arrays_numbers_and_typed_keys_bound_in_a_partial_are_accepted():
     params, _, train = tiny()
 
     def loss(frozen, p, ex):
-        return (ex["x"] @ p["w"] * frozen["scale"] + frozen["shift"] - ex["y"]) ** 2 + 0.0 * jax.random.uniform(frozen["key"])
+        noise = 0.0 * jax.random.uniform(frozen["key"])  # a typed key bound in the Partial: an input too
+        return (ex["x"] @ p["w"] * frozen["scale"] + frozen["shift"] - ex["y"]) ** 2 + noise
     loss_fn = jax.tree_util.Partial(loss, {"scale": 2.0, "shift": np.float32(0.5), "key": jax.random.key(0)})
     M = jaxeif.eif(loss_fn, params, train, lr=0.001)
     expected = by_hand(lambda ex: {"w": params["w"] - 0.001 * jax.grad(loss_fn)(params, ex)["w"]}, loss_fn, params,
