@@ -47,7 +47,7 @@ lock:
 	{ echo "# Versions CI last tested (Linux x86-64, Python 3.11). Written by \`make lock\` from pyproject.toml;"; \
 	  echo "# do not edit by hand. Used by the Makefile as pip constraints (tests/test_dependencies.py checks it)."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -e '^-e ' -e '^jaxeif'; } > constraints.txt
-	rm -rf .venv-lock
+	rm -rf .venv-lock build
 
 clean-venv:
 	rm -rf $(VENV)
