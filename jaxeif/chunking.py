@@ -32,6 +32,14 @@ class MemoryBudgetError(Error, MemoryError):
 
 
 def gib(nbytes: float) -> str:
+    """`nbytes` as a short GiB string ("1.25 GiB") for error messages and reports.
+
+    Args:
+        nbytes: a size in bytes.
+
+    Returns:
+        The size in GiB with two decimals and its unit.
+    """
     return f"{nbytes / 2**30:.2f} GiB"
 
 
@@ -71,6 +79,15 @@ def program_bytes(compiled: Any) -> int:
 
 
 def check_chunk_size(chunk_size: Any) -> None:
+    """Check a `chunk_size=` argument before anything compiles.
+
+    Args:
+        chunk_size: "auto" (rows per step from XLA's memory analysis), None (all rows at once) or an int >= 1.
+
+    Raises:
+        TypeError: `chunk_size` is neither "auto", None nor an int (a bool is refused too).
+        ValueError: `chunk_size` is an int below 1.
+    """
     if chunk_size is None or chunk_size == "auto":
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):

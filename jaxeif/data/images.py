@@ -101,6 +101,14 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 
 
 def sha256_of(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks, to check a local data copy before it is loaded.
+
+    Args:
+        path: the file to hash.
+
+    Returns:
+        The hex digest.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
