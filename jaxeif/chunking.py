@@ -80,7 +80,8 @@ def check_memory_budget(memory_budget: Any) -> None:
     if memory_budget is None:
         return
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
-        raise ValueError(f"`memory_budget` must be a positive number of bytes or None (a fraction of free memory), got {memory_budget!r}")
+        raise ValueError(f"`memory_budget` must be a positive number of bytes or None (a fraction of free memory), "
+                         f"got {memory_budget!r}")
 
 
 def budget_bytes(memory_budget: float | int | None, device: jax.Device | None = None) -> int:
