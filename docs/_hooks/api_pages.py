@@ -74,10 +74,28 @@ def _default(p: inspect.Parameter) -> str:
         return "`*" + p.name + "`"
     if p.default is inspect.Parameter.empty:
         return "required"
-    text = repr(p.default)
+    text = repr(_bare(p).default)
     if len(text) > 28:  # an object's repr (an optax transformation): its type says enough
         text = type(p.default).__name__
     return "`" + text.replace("|", "\\|") + "`"
+
+
+class _Named:
+    """A default shown by name (a function's repr holds its memory address, which changes every run)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _bare(p: inspect.Parameter) -> inspect.Parameter:
+    """The parameter without its annotation, a callable default shown by its qualified name."""
+    p = p.replace(annotation=inspect.Parameter.empty)
+    if p.default is not inspect.Parameter.empty and callable(p.default) and hasattr(p.default, "__qualname__"):
+        p = p.replace(default=_Named(f"{p.default.__module__}.{p.default.__qualname__}"))
+    return p
 
 
 def signature_table() -> str:
@@ -88,8 +106,9 @@ def signature_table() -> str:
         sigs.append((shown, inspect.signature(fn)))
     lines = ["```python-norun"]
     for shown, sig in sigs:
-        params = ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in sig.parameters.values())
-        lines.append(f"{shown}({params})")
+        bare = sig.replace(parameters=[_bare(p) for p in sig.parameters.values()],
+                           return_annotation=inspect.Signature.empty)
+        lines.append(f"{shown}{bare}")
     lines += ["```", ""]
     # Keyword-only parameters, in first-appearance order, against each function.
     names: list[str] = []
