@@ -1,0 +1,162 @@
+"""Input checks shared by the public functions: one clear message naming the argument."""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxeif.errors import Error
+
+
+class NonFiniteInfluenceError(Error, FloatingPointError):
+    """Some fine-tunes diverged; `.rows` names them and `.matrix` holds the raw result."""
+
+    def __init__(self, message: str, rows: np.ndarray, matrix: np.ndarray):
+        super().__init__(message)
+        self.rows = rows
+        self.matrix = matrix
+
+
+def is_traced(x: Any) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
+
+
+def _describe(tree: Any) -> str:
+    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return ", ".join(f"{jax.tree_util.keystr(p) or 'leaf'}: {tuple(np.shape(x))}" for p, x in paths[:8])
+
+
+def leading_axis(name: str, tree: Any) -> int:
+    """The common leading-axis size of every leaf of `tree` (a batch of examples)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        raise ValueError(f"`{name}` has no arrays; pass a pytree of arrays with a leading example axis")
+    sizes = []
+    for leaf in leaves:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"`{name}` has a scalar leaf; every leaf needs a leading example axis "
+                f"(shapes: {_describe(tree)})"
+            )
+        sizes.append(shape[0])
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"the leaves of `{name}` disagree on the number of examples (leading axis): "
+            f"{_describe(tree)}; give every leaf the same first dimension{unbatched_hint(name)}"
+        )
+    if sizes[0] == 0:
+        raise ValueError(f"`{name}` is empty (0 examples); pass at least one example")
+    return sizes[0]
+
+
+def unbatched_hint(name: str) -> str:
+    """What to do when the leaves disagree because `name` is ONE example without its example axis."""
+    return (f" (if `{name}` is a single example, add a leading example axis: "
+            f"jax.tree.map(lambda x: x[None], {name}))")
+
+
+def float_params(params: Any) -> None:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not leaves:
+        raise ValueError("`params` has no arrays to fine-tune")
+    for path, leaf in leaves:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(
+                f"`params`{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}; "
+                "every parameter must be floating point to be fine-tuned"
+            )
+
+
+def learning_rate(lr: Any, n: int) -> jax.Array:
+    """lr as an array of shape () or (n,), finite and non-negative where it can be seen."""
+    if lr is None:
+        raise TypeError(f"`lr` must be a number or an array of shape ({n},), got None")
+    try:
+        arr = jnp.asarray(lr)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`lr` must be a number or an array of shape ({n},), got {type(lr).__name__}") from e
+    if not jnp.issubdtype(arr.dtype, jnp.floating) and not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(f"`lr` must be real-valued, got dtype {arr.dtype}")
+    if arr.shape not in ((), (n,)):
+        raise ValueError(f"`lr` has shape {arr.shape}; use a scalar or one rate per train example, shape ({n},)")
+    if not is_traced(arr):
+        host = np.asarray(arr)
+        if not np.all(np.isfinite(host)):
+            raise ValueError(f"`lr` has non-finite values at {np.flatnonzero(~np.isfinite(host.ravel())).tolist()[:10]}")
+        if np.any(host < 0):
+            raise ValueError("`lr` must be >= 0 (to ascend the loss, negate loss_fn instead)")
+    return arr if jnp.issubdtype(arr.dtype, jnp.floating) else arr.astype(jnp.float32)
+
+
+def learning_rates(lrs: Any, n: int) -> jax.Array:
+    """The learning rates of a sweep: f[k] or f[k, n], finite and non-negative where they can be seen."""
+    try:
+        arr = jnp.asarray(lrs)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`lrs` must be an array of shape (k,) or (k, {n}), got {type(lrs).__name__}") from e
+    if arr.ndim not in (1, 2) or arr.shape[0] == 0 or (arr.ndim == 2 and arr.shape[1] != n):
+        raise ValueError(f"`lrs` has shape {arr.shape}; use one rate per sweep point (k,) or per point and train example (k, {n})")
+    for a in range(arr.shape[0]):
+        learning_rate(arr[a], n)
+    return arr if jnp.issubdtype(arr.dtype, jnp.floating) else arr.astype(jnp.float32)
+
+
+def finite(name: str, tree: Any) -> None:
+    """ValueError naming the first floating leaf of `tree` with NaN or inf (traced leaves skipped)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if is_traced(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        bad = ~np.isfinite(np.asarray(leaf))
+        if bad.any():
+            first = tuple(int(i) for i in np.unravel_index(np.argmax(bad), bad.shape))
+            raise ValueError(
+                f"`{name}`{jax.tree_util.keystr(path)} has {int(bad.sum())} non-finite values (first at {first}); "
+                "remove or fix them: the EIF of non-finite inputs is undefined"
+            )
+
+
+def positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value}")
+
+
+def scalar_loss(loss_fn: Any, params: Any, example: Any, name: str) -> None:
+    """loss_fn(params, example) must be a floating scalar; checked abstractly (no compute)."""
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable as loss_fn(params, example), got {type(loss_fn).__name__}")
+    try:
+        out = jax.eval_shape(loss_fn, params, example)
+    except Exception as e:
+        e.add_note(f"jaxeif: raised by loss_fn(params, {name}[0]); loss_fn takes ONE example (no leading axis)")
+        raise
+    leaves = jax.tree.leaves(out)
+    if len(leaves) != 1 or leaves[0].shape != () or not jnp.issubdtype(leaves[0].dtype, jnp.floating):
+        raise TypeError(
+            f"loss_fn(params, {name}[0]) must return a float scalar, got {out}; "
+            "reduce the loss of one example to a scalar (e.g. with .mean())"
+        )
+
+
+def nonfinite_rows(matrix: jax.Array) -> np.ndarray:
+    """Indices of rows holding a NaN or infinity."""
+    return np.flatnonzero(~np.all(np.isfinite(np.asarray(matrix)), axis=1))
+
+
+def raise_if_nonfinite(matrix: jax.Array, lr: jax.Array) -> None:
+    rows = nonfinite_rows(matrix)
+    if rows.size:
+        lr_np = np.broadcast_to(np.asarray(lr), (matrix.shape[0],))
+        raise NonFiniteInfluenceError(
+            f"{rows.size} of {matrix.shape[0]} fine-tunes diverged (non-finite influence) in rows "
+            f"{rows.tolist()[:20]}{' ...' if rows.size > 20 else ''} with lr {lr_np[rows][:5].tolist()}; "
+            "lower lr or steps for those samples",
+            rows,
+            np.asarray(matrix),
+        )

@@ -1,0 +1,126 @@
+"""How many fine-tunes (rows) and evals go through the device at once: `chunk_size="auto"`.
+
+The EIF's memory grows as rows x evals x the largest activation. "auto" asks XLA: it compiles
+the real program at a few chunk sizes, reads each compiled program's memory analysis, and keeps
+the fastest layout that fits the budget:
+- CPU: one row at a time (measured fastest: vmapped rows become slow grouped convolutions);
+- GPU/TPU: the most rows whose program fits (throughput grows with the chunk), up to MAX_ROWS.
+When even one row over all evals does not fit, the eval axis is tiled too.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+from jaxeif.errors import Error
+
+MAX_ROWS = 1024  # beyond this, bigger chunks only cost compile time and memory
+DEFAULT_FRACTION = 0.75  # of the memory free on the device when the call starts
+
+
+class Chunks(NamedTuple):
+    """rows: fine-tunes vmapped together (None: all); evals: evals per tile (None: all)."""
+
+    rows: int | None
+    evals: int | None = None
+
+
+class MemoryBudgetError(Error, MemoryError):
+    """The EIF does not fit in the memory budget; the message gives the estimate and what to change."""
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def free_bytes(device: jax.Device | None = None) -> int:
+    """Memory free for new buffers: the device allocator's limit minus what is in use, else the host's available RAM."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory_budget(memory_budget: Any) -> None:
+    """ValueError unless `memory_budget` is None or a positive number of bytes."""
+    if memory_budget is None:
+        return
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+        raise ValueError(f"`memory_budget` must be a positive number of bytes or None (a fraction of free memory), got {memory_budget!r}")
+
+
+def budget_bytes(memory_budget: float | int | None, device: jax.Device | None = None) -> int:
+    """The budget in bytes: `memory_budget` itself, or DEFAULT_FRACTION of the free memory when None."""
+    check_memory_budget(memory_budget)
+    return int(DEFAULT_FRACTION * free_bytes(device)) if memory_budget is None else int(memory_budget)
+
+
+def program_bytes(compiled: Any) -> int:
+    """Peak memory of a compiled program from XLA's analysis: arguments + outputs + temporaries."""
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return 0
+    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+
+
+def check_chunk_size(chunk_size: Any) -> None:
+    if chunk_size is None or chunk_size == "auto":
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"`chunk_size` must be \"auto\", None (all rows at once) or an int >= 1, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1 (rows per step), got {chunk_size}")
+
+
+def _even(rows: int, n: int) -> int:
+    """The smallest chunk that takes as many steps over n rows as `rows` does (less padding)."""
+    return math.ceil(n / math.ceil(n / rows))
+
+
+def choose(
+    compile_at: Callable[[Chunks], tuple[Any, int]],
+    n: int,
+    m: int,
+    *,
+    budget: int,
+    accelerator: bool,
+) -> tuple[Chunks, Any, int]:
+    """(chunks, compiled program, its estimated bytes) for the fastest layout within `budget`.
+
+    `compile_at(chunks)` compiles the EIF program at that layout and returns (program, bytes).
+    """
+    evals = m
+    program, used = compile_at(Chunks(1, evals))
+    while used > budget and evals > 1:  # one row over all evals is too much: tile the evals
+        evals = math.ceil(evals / 2)
+        program, used = compile_at(Chunks(1, evals))
+    if used > budget:
+        raise MemoryBudgetError(
+            f"one fine-tune against one eval needs an estimated {gib(used)}, over the memory budget of "
+            f"{gib(budget)}; free device memory, raise `memory_budget`, or use a smaller model"
+        )
+    tile = None if evals >= m else evals
+    if not accelerator or n == 1 or tile is not None:
+        return Chunks(1, tile), program, used
+    # The one-row program's whole footprint bounds one row's share from above: a safe first guess.
+    rows = min(n, MAX_ROWS, max(1, budget // max(used, 1)))
+    while rows > 1:
+        rows = _even(rows, n)
+        program_r, used_r = compile_at(Chunks(rows, tile))
+        if used_r <= budget:
+            return Chunks(rows, tile), program_r, used_r
+        rows //= 2
+    return Chunks(1, tile), program, used
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an XLA runtime error is an allocation failure."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text

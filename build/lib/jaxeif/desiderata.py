@@ -1,0 +1,151 @@
+"""Metrics of an influence matrix M[i, j] (train i, eval j) for the paper's desiderata.
+
+Plain functions of a matrix plus labels or index pairings, written with jnp so that they are
+differentiable in M (meta/ uses them as objectives) and work under jit. Labels and indices are
+treated as constants. By default the diagonal (self-influence, which dwarfs everything else and
+is trivially symmetric) is left out of symmetry, class means and sparsity.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "symmetry_corr",
+    "block_symmetry_corr",
+    "inverse_asymmetry",
+    "within_between",
+    "noise_influence",
+    "sparsity",
+    "sign_shares",
+]
+
+
+def _square(M) -> jax.Array:
+    M = jnp.asarray(M)
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"expected a square influence matrix [n, n], got shape {M.shape}")
+    return M
+
+
+def _labels(labels, n: int) -> jax.Array:
+    labels = jnp.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"`labels` must have shape ({n},), one label per row of M; got {labels.shape}")
+    return labels
+
+
+def _mask(n: int, include_diagonal: bool) -> jax.Array:
+    return jnp.ones((n, n), bool) if include_diagonal else ~jnp.eye(n, dtype=bool)
+
+
+def _masked_corr(x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
+    """Pearson correlation of x and y over the entries where mask is true (nan if either is constant)."""
+    w = mask.astype(x.dtype)
+    count = w.sum()
+    xc = x - (w * x).sum() / count
+    yc = y - (w * y).sum() / count
+    return (w * xc * yc).sum() / jnp.sqrt((w * xc**2).sum() * (w * yc**2).sum())
+
+
+def symmetry_corr(M, *, include_diagonal: bool = False) -> jax.Array:
+    """corr(M, M^T) over the off-diagonal entries: 1 for a symmetric matrix, -1 for an antisymmetric one."""
+    M = _square(M)
+    return _masked_corr(M, M.T, _mask(M.shape[0], include_diagonal))
+
+
+def block_symmetry_corr(M, labels, *, include_diagonal: bool = False) -> jax.Array:
+    """corr(M, M^T) pooled over the diagonal blocks: entries (i, j) with labels[i] == labels[j]."""
+    M = _square(M)
+    labels = _labels(labels, M.shape[0])
+    same = labels[:, None] == labels[None, :]
+    return _masked_corr(M, M.T, same & _mask(M.shape[0], include_diagonal))
+
+
+def inverse_asymmetry(M) -> jax.Array:
+    """1 / ||M - M^T||_F (the paper's symmetry score; higher = more symmetric, inf if symmetric).
+
+    Not scale-free: multiplying M by c divides it by c. Compare matrices of similar scale only.
+    """
+    M = _square(M)
+    return 1.0 / jnp.sqrt(jnp.sum((M - M.T) ** 2))
+
+
+def within_between(M, labels, *, include_diagonal: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(mean of M over same-label pairs, mean over different-label pairs); diagonal excluded by default."""
+    M = _square(M)
+    labels = _labels(labels, M.shape[0])
+    same = labels[:, None] == labels[None, :]
+    within = (same & _mask(M.shape[0], include_diagonal)).astype(M.dtype)
+    between = (~same).astype(M.dtype)
+    return (M * within).sum() / within.sum(), (M * between).sum() / between.sum()
+
+
+def noise_influence(M, clean_idx, noisy_idx) -> jax.Array:
+    """EIF_noise rows f32[k, m]: M[noisy_idx[k]] - M[clean_idx[k]] (eq. 5-6 of the paper).
+
+    With M in loss units (after minus before), positive entries mean the noisy copy taught
+    sample j less than the clean copy did: the desired direction.
+    """
+    M = jnp.asarray(M)
+    if M.ndim != 2:
+        raise ValueError(f"expected an influence matrix [n, m], got shape {M.shape}")
+    clean_idx, noisy_idx = np.asarray(clean_idx), np.asarray(noisy_idx)
+    if clean_idx.shape != noisy_idx.shape or clean_idx.ndim != 1:
+        raise ValueError(
+            f"`clean_idx` {clean_idx.shape} and `noisy_idx` {noisy_idx.shape} must be 1-d and pair up one to one"
+        )
+    for name, idx in (("clean_idx", clean_idx), ("noisy_idx", noisy_idx)):
+        if idx.size and (idx.min() < -M.shape[0] or idx.max() >= M.shape[0]):
+            raise ValueError(f"`{name}` has indices outside the {M.shape[0]} rows of M")
+    return M[noisy_idx] - M[clean_idx]
+
+
+def sparsity(M, *, include_diagonal: bool = False) -> jax.Array:
+    """Hoyer sparsity of |M| in [0, 1]: 0 when all entries have equal magnitude, 1 when one entry is nonzero.
+
+    (sqrt(k) - ||x||_1 / ||x||_2) / (sqrt(k) - 1) over the k counted entries; scale-free and
+    differentiable (nan for an all-zero matrix). Non-square M is allowed when include_diagonal.
+    """
+    M = jnp.asarray(M)
+    if M.ndim != 2:
+        raise ValueError(f"expected an influence matrix [n, m], got shape {M.shape}")
+    mask = jnp.ones(M.shape, bool) if include_diagonal else _mask(_square(M).shape[0], False)
+    w = mask.astype(M.dtype)
+    k = w.sum()
+    l1 = (w * jnp.abs(M)).sum()
+    l2 = jnp.sqrt((w * M**2).sum())
+    return (jnp.sqrt(k) - l1 / l2) / (jnp.sqrt(k) - 1)
+
+
+def sign_shares(M, labels, *, floor=None, include_diagonal: bool = False) -> dict[str, jax.Array]:
+    """Sign counts that rounding cannot fake: among pairs with |M| > floor (f[n, n] or a scalar,
+    e.g. from `jaxeif.noise_floor`; None counts all), the share of same-label pairs learned (M < 0)
+    and of different-label pairs unlearned (M > 0), and the share of pairs the floor excluded."""
+    M = _square(M)
+    labels = _labels(labels, M.shape[0])
+    counted = _mask(M.shape[0], include_diagonal)
+    above = counted if floor is None else counted & (jnp.abs(M) > jnp.asarray(floor))
+    same = labels[:, None] == labels[None, :]
+    share = lambda hit, where: (hit & where).sum() / where.sum()  # noqa: E731  (nan when nothing is counted)
+    return {
+        "within_learned": share(M < 0, above & same),
+        "between_unlearned": share(M > 0, above & ~same),
+        "excluded": 1.0 - above.sum() / counted.sum(),
+    }
+
+
+def probe_scores(matrices: np.ndarray, probes) -> list[dict]:
+    """Per probe (`jaxeif.data.domains.ProbeRows`: train row, implied and not-implied columns): the log-prob gain of
+    implied minus not implied (= M[i, not] - M[i, implied]) over repeats, matrices f[repeats, n, m]. A host-side
+    summary for a results file (numpy, not differentiable), unlike the metrics above."""
+    out = []
+    for p in probes:
+        diffs = matrices[:, p.train, p.not_implied] - matrices[:, p.train, p.implied]
+        out.append({
+            "train": p.train, "implied": p.implied, "not_implied": p.not_implied, "why": p.why,
+            "mean": float(diffs.mean()), "std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
+            "right_direction": float(np.mean(diffs > 0)), "per_repeat": diffs.tolist(),
+        })
+    return out

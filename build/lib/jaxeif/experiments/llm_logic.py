@@ -1,0 +1,451 @@
+"""Figures 2 to 6 of the paper: fine-tuned vs prompted influence of a language model on synthetic facts.
+
+For each domain of jaxeif.data.domains and each repeat (fresh made-up names), compute the
+fine-tuned EIF (one optimizer step on each sample alone, loss after minus before on every
+sample; lm.finetuned_eif picks its exact path, low-rank for single-step SGD on CPU) and the prompted EIF
+(L(p_j | context p_i) - L(p_j), context format jaxeif.lm.PROMPT_FORMAT). Matrices are averaged
+over repeats. Writes into --out: config.json, per-repeat matrices (<mode>_<domain>_r<k>.npy,
+resumable), heatmaps_<domain>.png (fine-tuned beside prompted, sign -EIF: positive = more
+likely), histogram.png (fig 5A), symmetry.png (fig 5B: 1/||M - M^T||_F), scorecard.json and
+results.json (all numbers, model, lr, optimizer, seed). With --lr-sweep: the fine-tuned matrices
+at every swept lr (lr_sweep/lr<lr>/, resumable), the plateau choice (lr_sweep.json/.png) and every
+finding at every lr (lr_findings.json/.png); with --float64-check also float64_check.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import jaxeif
+from jaxeif.benchmarks.difference import agreement as float64_agreement
+from jaxeif import cli, desiderata, lm, lr_choice, runs
+from jaxeif.data import domains
+from jaxeif.models import loading, lora, tokenizer
+
+MODES = ("finetuned", "prompted")
+# Figure 5B of the paper (Phi-3-mini), 1/||M - M^T||: fine-tuned, prompted. "ontology" is belongs_to.
+PAPER_SYMMETRY = {"transitivity": (0.52, 0.28), "belongs_to": (0.56, 0.20), "chain_induces": (1.11, 0.45)}
+# Read off the paper's figures (PAPER.md): (domain, probe index) -> gain of implied over not implied, fine-tuned
+PAPER_PROBES = {("chain_induces", 0): 0.6, ("belongs_to", 0): 0.0}
+SWEEP = "lr_sweep.json"  # the --lr-sweep results
+SWEEP_DIR = "lr_sweep"  # the fine-tuned matrices of every swept lr: lr_sweep/lr<lr>/finetuned_<domain>_r<k>.npy
+FINDINGS = "lr_findings.json"  # every finding at every swept lr
+FLOAT64 = "float64_check.json"  # --float64-check: the study's float32 matrices against float64
+TIMINGS = "timings.json"  # wall and process CPU seconds of every computed matrix (compiles included)
+PAD_MULTIPLE = 16  # pad token lengths to multiples of this: fewer distinct shapes, fewer compiles
+DEFAULT_LR = 1e-4  # single-step SGD plateau for SmolLM2-135M-Instruct (see README, lr sweep)
+RULE = "middle_of_longest_plateau"  # jaxeif.lr_choice.RULES: the lr sweep's choice
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the study (defaults: all domains, 10 repeats, fine-tuned and prompted, SmolLM2)."""
+    parser.add_argument("--model", default=None,
+                        help="Phi-3 or Llama checkpoint directory (config.json + safetensors) or .gguf file; "
+                             "default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--out", default="results/llm_logic", help="results folder (resumed if its config matches)")
+    parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
+    parser.add_argument("--repeats", type=cli.positive_int, default=10, help="repeats with fresh entity names")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="which influences to compute")
+    parser.add_argument("--lr", type=_lr_arg, default=DEFAULT_LR,
+                        help="fine-tuning learning rate, or 'plateau': the one --lr-sweep chooses")
+    parser.add_argument("--lr-sweep", type=_lr_list, default=(),
+                        help="comma-separated lrs (>= 3): sweep them on repeat 0 of every domain first (paper 3.4: EIF "
+                             "magnitude and agreement vs lr, lr_sweep.png/.json) and pick the plateau; every finding "
+                             "at every lr goes to lr_findings.json/.png")
+    parser.add_argument("--sweep-repeats", type=cli.positive_int, default=1,
+                        help="repeats (the first ones, <= --repeats) whose fine-tuned EIF --lr-sweep computes at every lr "
+                             "for lr_findings (each costs about one study's fine-tuned part per lr)")
+    parser.add_argument("--float64-check", action="store_true",
+                        help="with --lr-sweep: also the dense EIF of repeat 0 of every domain in float64 at each swept lr "
+                             "and in precision 'difference' at the smallest; float32's sign agreement and relative "
+                             "error against float64 go to float64_check.json (slow: dense path, float64)")
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="fine-tuning optimizer (unit rate, times --lr)")
+    parser.add_argument("--lora-rank", type=cli.nonnegative_int, default=0,
+                        help="fine-tune LoRA adapters of this rank (alpha = 2 * rank) instead of all weights; 0: dense")
+    parser.add_argument("--steps", type=cli.positive_int, default=1, help="optimizer steps per one-sample fine-tune")
+    parser.add_argument("--chunk-size", type=cli.positive_int, default=1,
+                        help="fine-tunes computed together (1 suits a CPU; raise it on an accelerator)")
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="repeat k draws names with seed + k")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model parameter dtype")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="compute nothing: summarise the repeats already complete in --out (e.g. of a stopped run)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _lr_arg(text: str):
+    if text == "plateau":
+        return text
+    try:
+        return cli.positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--lr takes a number > 0 or 'plateau', got {text!r}") from None
+
+
+def _lr_list(text: str) -> tuple[float, ...]:
+    try:
+        lrs = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr-sweep takes comma-separated numbers, e.g. 1e-6,1e-5,1e-4; got {text!r}") from None
+    if len(lrs) < 3 or not all(0 < x < float("inf") for x in lrs):
+        raise argparse.ArgumentTypeError(f"--lr-sweep needs at least 3 positive learning rates, got {text!r}")
+    return lrs
+
+
+def _config(args: argparse.Namespace) -> dict:
+    for name in args.domains:
+        domains.domain(name)  # unknown names: clear error listing the valid ones
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.lr == "plateau" and not args.lr_sweep:
+        raise ValueError("--lr plateau needs --lr-sweep LR,LR,LR to choose it from")
+    if args.lr != "plateau" and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.steps < 1 or args.chunk_size < 1 or args.lora_rank < 0:
+        raise ValueError("--steps and --chunk-size must be >= 1, --lora-rank >= 0")
+    if not 1 <= args.sweep_repeats <= args.repeats:
+        raise ValueError(f"--sweep-repeats must be between 1 and --repeats ({args.repeats}), got {args.sweep_repeats}")
+    if (args.sweep_repeats > 1 or args.float64_check) and not args.lr_sweep:
+        raise ValueError("--sweep-repeats and --float64-check need --lr-sweep LR,LR,LR (the lrs to compute them at)")
+    if args.float64_check and (args.lora_rank or args.optimizer != "sgd" or args.steps != 1 or args.dtype != "float32"):
+        raise ValueError("--float64-check compares the float32 single-step SGD study with float64; drop --lora-rank, "
+                         "--optimizer adam, --steps and --dtype")
+    return {
+        "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
+        "domains": list(args.domains), "repeats": args.repeats, "modes": list(args.modes), "lr": args.lr,
+        "lr_sweep": list(args.lr_sweep), "sweep_repeats": args.sweep_repeats, "float64_check": args.float64_check,
+        "optimizer": args.optimizer, "steps": args.steps, "seed": args.seed, "dtype": args.dtype,
+        "lora_rank": args.lora_rank,
+    }
+
+
+def _finetuned(apply_fn, params, config, toks, args, lr=None) -> np.ndarray:
+    lr = args.lr if lr is None else lr
+    opt = None if args.optimizer == "sgd" else optax.adam(1.0)  # None: plain SGD (lets lm pick the low-rank path)
+    if args.lora_rank:
+        adapters = lora.init(jax.random.key(args.seed), params, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+        return np.asarray(lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr, steps=args.steps, optimizer=opt,
+                                      chunk_size=args.chunk_size))
+    return np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=lr, steps=args.steps, optimizer=opt,
+                                       chunk_size=args.chunk_size, config=config))
+
+
+def _figures(run, name, samples, means):
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
+
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
+
+    modes = list(means)
+    labels = [f"{k}: {s.template.replace(chr(10), ' / ')}"[:48] for k, s in enumerate(samples)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(9.5 * len(modes), 8.5), layout="constrained")
+    axes = np.atleast_1d(axes)
+    for ax, mode in zip(axes, modes):
+        row_label = "fine-tuned on sample i" if mode == "finetuned" else "sample i as the prompt's context"
+        plot.heatmap(means[mode], ax=ax, labels=labels, sign="logprob", title=f"{name}: {mode} (mean of repeats)",
+                     row_label=row_label)
+        ax.tick_params(axis="x", labelrotation=90)
+    run.save_figure(f"heatmaps_{name}.png", fig)
+
+
+def _enable_compile_cache() -> None:
+    """Keep compiled XLA programs on disk (JAXEIF_COMPILE_CACHE, '' disables): a rerun or resume skips compiling."""
+    path = os.environ.get("JAXEIF_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxeif", "xla"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
+
+    config_dict = _config(args)
+    run_dir = runs.RunDir.open(args.out, config_dict)
+    _enable_compile_cache()
+    t0, cpu0 = time.time(), time.process_time()
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    draws = {(d, r): domains.draw(d, args.seed + r) for r in range(args.repeats) for d in args.domains}
+    if not args.summarise_only:
+        apply_fn, params, config = loading.from_pretrained(args.model, dtype=dtype)
+        tok = tokenizer.load_tokenizer(args.model)
+        lm.check_vocab(tok, config)
+        if args.lr_sweep:
+            args.lr = _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args)
+        _compute(run_dir, draws, apply_fn, params, config, tok, args)
+        if args.float64_check:
+            _float64_check(run_dir, draws, apply_fn, params, config, tok, args)
+    elif args.lr == "plateau":
+        args.lr = run_dir.load_json(SWEEP)["chosen"] if run_dir.has(SWEEP) else float("nan")
+    elapsed, cpu = time.time() - t0, time.process_time() - cpu0
+    repeats = [r for r in range(args.repeats)
+               if all(run_dir.has(f"{m}_{d}_r{r}.npy") for m in args.modes for d in args.domains)]
+    if not repeats:
+        raise ValueError(f"{run_dir.path} holds no complete repeat yet; run without --summarise-only first")
+
+    results = {"config": config_dict, "metadata": runs.run_metadata(seed=args.seed, elapsed_s=elapsed, cpu_s=cpu),
+               "repeats_used": len(repeats), "lr_used": args.lr, "prompt_format": lm.PROMPT_FORMAT, "sign": "M[i, j] = loss after - loss before (negative = learned)",
+               "domains": {}}
+    histogram_values = {m: [] for m in args.modes}
+    for name in args.domains:
+        samples = draws[(name, 0)]
+        per_repeat = {m: np.stack([run_dir.load_npy(f"{m}_{name}_r{r}.npy") for r in repeats]) for m in args.modes}
+        means = {m: v.mean(axis=0) for m, v in per_repeat.items()}
+        entry = {"templates": [s.template for s in samples], "labels": [s.label for s in samples],
+                 **domain_summary(per_repeat, domains.domain(name).probe_rows)}
+        for m in args.modes:
+            histogram_values[m].append(per_repeat[m].ravel())
+        if name in PAPER_SYMMETRY:
+            entry["paper_inverse_asymmetry"] = dict(zip(MODES, PAPER_SYMMETRY[name]))
+        results["domains"][name] = entry
+        _figures(run_dir, name, samples, means)
+    fig = plot.histogram({m: np.concatenate(v) for m, v in histogram_values.items()}, sign="logprob",
+                         title="all EIF values (fig 5A)")
+    run_dir.save_figure("histogram.png", fig)
+    run_dir.save_figure("symmetry.png", _symmetry_figure(results, args.modes))
+    scorecard = {name: {m: results["domains"][name][m]["probes"] for m in args.modes} for name in args.domains}
+    run_dir.save_json("scorecard.json", scorecard)
+    run_dir.save_json("results.json", results)
+    if args.lr_sweep and all(run_dir.has(_sweep_key(lr, d, r)) for lr in args.lr_sweep for d in args.domains
+                             for r in range(args.sweep_repeats)):
+        findings = lr_findings(run_dir, args)
+        run_dir.save_json(FINDINGS, findings)
+        run_dir.save_figure("lr_findings.png", findings_figure(findings))
+    print(format_tables(results, args.modes))
+    return {"out": str(run_dir.path), "elapsed_s": round(elapsed, 1), "cpu_s": round(cpu, 1)}
+
+
+def _sweep_key(lr: float, name: str, r: int) -> str:
+    return f"{SWEEP_DIR}/lr{lr:g}/finetuned_{name}_r{r}.npy"
+
+
+def _domain_tokens(tok, config, samples) -> lm.Tokens:
+    return lm.tokenize(tok, [s.text for s in samples], config=config, pad_multiple=PAD_MULTIPLE)
+
+
+def _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args) -> float:
+    """Fine-tuned EIF of the first --sweep-repeats repeats of every domain at each swept lr (each matrix saved as
+    it finishes: resumable); the plateau from repeat 0 (lr_sweep.json/.png); returns the lr to use."""
+    lrs = sorted(args.lr_sweep)
+    cells = [(d, r) for r in range(args.sweep_repeats) for d in args.domains]
+    bar = tqdm(total=len(lrs) * sum(len(draws[c]) for c in cells), desc="lr sweep (fine-tunes)", disable=args.no_progress)
+    for name, r in cells:
+        toks, base = _domain_tokens(tok, config, draws[(name, r)]), None
+        for lr in lrs:
+            if not run_dir.has(_sweep_key(lr, name, r)):
+                base = lm.nll(apply_fn, params, toks) if base is None else base
+                run_dir.save_npy(_sweep_key(lr, name, r), _finetuned(apply_fn, params, config, toks, args, lr=lr))
+            bar.update(len(draws[(name, r)]))
+    bar.close()
+    if not run_dir.has(SWEEP):
+        matrices = [[run_dir.load_npy(_sweep_key(lr, d, 0)).astype(np.float64) for d in args.domains] for lr in lrs]
+        sweep = lr_choice.summarise(lrs, matrices, threshold=0.95, rule=RULE)
+        run_dir.save_json(SWEEP, {"lrs": sweep.lrs.tolist(), "median_abs_eif": sweep.magnitude.tolist(),
+                                  "agreement_with_previous": sweep.agreement.tolist(), "chosen": sweep.chosen,
+                                  "threshold": sweep.threshold, "domains": list(args.domains)})
+        run_dir.save_figure("lr_sweep.png", lr_choice.plot_lr_sweep(sweep, title="fine-tuned EIF vs lr (repeat 0, all domains)"))
+    chosen = run_dir.load_json(SWEEP)["chosen"]
+    print(f"lr sweep: plateau lr {chosen:g} (lr_sweep.png)")
+    return chosen if args.lr == "plateau" else args.lr
+
+
+def _compute(run_dir, draws, apply_fn, params, config, tok, args) -> None:
+    """Every missing per-repeat matrix, saved as it finishes (a stopped run resumes here); a fine-tuned one the
+    lr sweep already computed at this lr is copied."""
+    sizes = [len(s) for s in draws.values()]
+    total = sum(sizes) * ("finetuned" in args.modes) + sum(n * n for n in sizes) * ("prompted" in args.modes)
+    bar = tqdm(total=total, desc="llm_logic (fine-tunes + prompted pairs)", disable=args.no_progress)
+    timings = run_dir.load_json(TIMINGS) if run_dir.has(TIMINGS) else {}
+    swept = args.lr in args.lr_sweep
+    for (name, r), samples in draws.items():
+        texts = [s.text for s in samples]
+        toks = _domain_tokens(tok, config, samples)
+        base = None  # L(p_j) before fine-tuning = L(p_j) without context: computed once, shared by both modes
+        for mode in args.modes:
+            key = f"{mode}_{name}_r{r}.npy"
+            if not run_dir.has(key):
+                wall, cpu = time.time(), time.process_time()
+                if mode == "finetuned" and swept and run_dir.has(_sweep_key(args.lr, name, r)):
+                    run_dir.save_npy(key, run_dir.load_npy(_sweep_key(args.lr, name, r)))
+                    bar.update(len(texts))
+                    continue
+                if base is None:
+                    base = lm.nll(apply_fn, params, toks)
+                if mode == "finetuned":
+                    M = _finetuned(apply_fn, params, config, toks, args)
+                else:
+                    base = lm.nll(apply_fn, params, toks) if base is None else base
+                    M = lm.prompted_eif(apply_fn, params, tok, config, texts, base=base)
+                run_dir.save_npy(key, np.asarray(M, np.float32))
+                timings[key] = {"wall_s": time.time() - wall, "cpu_s": time.process_time() - cpu}
+                run_dir.save_json(TIMINGS, timings)
+            bar.update(len(texts) if mode == "finetuned" else len(texts) ** 2)
+    bar.close()
+
+
+# ----------------------------------------------------------------------------- the findings at every lr
+def mode_summary(per_repeat: np.ndarray, probes) -> dict:
+    """Symmetry, magnitude and logic probes of one mode's matrices f[repeats, n, n] (symmetry of their mean)."""
+    mean = per_repeat.mean(axis=0)
+    return {"mean_matrix": mean.tolist(), "inverse_asymmetry": float(desiderata.inverse_asymmetry(mean)),
+            "symmetry_corr": float(desiderata.symmetry_corr(mean)), "median_abs": lr_choice.magnitude(mean),
+            "probes": desiderata.probe_scores(per_repeat, probes)}
+
+
+def domain_summary(per_repeat: dict, probes) -> dict:
+    """mode_summary of each mode's matrices ({mode: f[repeats, n, n]}), and with both modes their comparison:
+    corr of the mean matrices off the diagonal, the ratio of median |EIF|, the share of probes whose mean
+    gains have the same sign."""
+    out = {m: mode_summary(v, probes) for m, v in per_repeat.items()}
+    if set(MODES) <= set(out):
+        ft, pr = out["finetuned"], out["prompted"]
+        out["comparison"] = {
+            "corr_finetuned_prompted": lr_choice.agreement(per_repeat["prompted"].mean(0), per_repeat["finetuned"].mean(0)),
+            "median_abs_ratio": ft["median_abs"] / pr["median_abs"],
+            "probes_same_sign": float(np.mean([np.sign(a["mean"]) == np.sign(b["mean"])
+                                               for a, b in zip(ft["probes"], pr["probes"])])),
+        }
+    return out
+
+
+def lr_findings(run_dir, args) -> dict:
+    """domain_summary of the first --sweep-repeats repeats at every swept lr (the prompted matrices do not
+    depend on lr: computed once), and the curves of lr_findings.png."""
+    lrs, repeats = sorted(args.lr_sweep), range(args.sweep_repeats)
+
+    def matrices(name: str, lr: float) -> dict:  # {mode: f[repeats, n, n]}; the prompted ones have no lr
+        out = {"finetuned": np.stack([run_dir.load_npy(_sweep_key(lr, name, r)) for r in repeats])}
+        if "prompted" in args.modes:
+            out["prompted"] = np.stack([run_dir.load_npy(f"prompted_{name}_r{r}.npy") for r in repeats])
+        return out
+
+    per_lr = [{d: domain_summary(matrices(d, lr), domains.domain(d).probe_rows) for d in args.domains} for lr in lrs]
+    return {"lrs": lrs, "chosen_lr": args.lr, "repeats": args.sweep_repeats, "domains": list(args.domains),
+            "sign": "M[i, j] = loss after - loss before; probe gain = implied minus not implied log-prob (> 0: right)",
+            **_curves(per_lr, args.domains), "per_lr": per_lr}
+
+
+def _probe_label(name: str, k: int) -> str:
+    p = domains.domain(name).probes[k]
+    return f"{name} {k}: {p.why.split(' implies ')[0][:24]}"
+
+
+def _curves(per_lr: list, names) -> dict:
+    """Each finding as curves over lr ({panel: {line: [value per lr]}}), the paper's values and the prompted
+    (lr-free) values of the same quantities."""
+    curves, paper, prompted = {}, {}, {}
+
+    def panel(title, value, lines, mode="finetuned", ref=None):
+        curves[title] = {line: [value(e[d], mode, k) for e in per_lr] for line, (d, k) in lines.items()}
+        if mode == "finetuned" and "prompted" in per_lr[0][names[0]]:
+            prompted[title] = {line: value(per_lr[0][d], "prompted", k) for line, (d, k) in lines.items()}
+        if ref:
+            paper[title] = ref
+
+    by_domain = {d: (d, None) for d in names}
+    panel("1/‖M−Mᵀ‖_F, fine-tuned (scales as 1/lr)", lambda e, m, _: e[m]["inverse_asymmetry"], by_domain,
+          ref={d: PAPER_SYMMETRY[d][0] for d in names if d in PAPER_SYMMETRY})
+    panel("corr(M, Mᵀ), fine-tuned", lambda e, m, _: e[m]["symmetry_corr"], by_domain)
+    for (name, k), ref in PAPER_PROBES.items():
+        if name in names:
+            lines = {_probe_label(name, j): (name, j) for j in range(len(domains.domain(name).probes))}
+            panel(f"{name}: probe gains (mean)", lambda e, m, j: e[m]["probes"][j]["mean"], lines,
+                  ref={_probe_label(name, k): ref})
+    panel("share of probe repeats right", lambda e, m, _: float(np.mean([p["right_direction"] for p in e[m]["probes"]])),
+          by_domain)
+    if "comparison" in per_lr[0][names[0]]:
+        panel("corr(fine-tuned M, prompted M)", lambda e, m, _: e["comparison"]["corr_finetuned_prompted"], by_domain,
+              mode="comparison")
+        panel("median |EIF|: fine-tuned / prompted", lambda e, m, _: e["comparison"]["median_abs_ratio"], by_domain,
+              mode="comparison")
+    return {"curves": curves, "paper": paper, "prompted": prompted}
+
+
+LOG_Y = ("1/‖M−Mᵀ‖_F, fine-tuned (scales as 1/lr)", "median |EIF|: fine-tuned / prompted")
+
+
+def findings_figure(findings: dict):
+    """lr_findings.png: every finding against lr (dashed: the paper, dotted: prompted, which has no lr)."""
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
+
+    return plot.curves(findings["lrs"], findings["curves"], reference=findings["paper"], constant=findings["prompted"],
+                       constant_label="prompted", log_y=LOG_Y, chosen=findings["chosen_lr"], columns=4,
+                       title=f"Language-model findings across the fine-tuning lr (SGD, 1 step; {findings['repeats']} "
+                             "repeat(s); dashed: paper, dotted: prompted, vertical: the study's lr)")
+
+
+# ----------------------------------------------------------------------------- float64 check
+def _float64_check(run_dir, draws, apply_fn, params, config, tok, args) -> None:
+    """Repeat 0 of every domain: the dense EIF in float64 at each swept lr and in 'difference' at the smallest
+    (matrices saved as they finish); the study's float32 matrices against float64 -> float64_check.json."""
+    lrs = sorted(args.lr_sweep)
+    jobs = [(lr, "float64") for lr in lrs] + [(lrs[0], "difference")]
+    key = lambda lr, precision, name: f"{precision}/lr{lr:g}/finetuned_{name}_r0.npy"  # noqa: E731
+    bar = tqdm(total=len(jobs) * len(args.domains), desc="float64 check (dense EIF)", disable=args.no_progress)
+    timings = run_dir.load_json(TIMINGS) if run_dir.has(TIMINGS) else {}
+    for name in args.domains:
+        toks = lm.Tokens(*(jnp.asarray(x) for x in _domain_tokens(tok, config, draws[(name, 0)])))
+        for lr, precision in jobs:
+            if not run_dir.has(key(lr, precision, name)):
+                wall = time.time()
+                loss = lm.NLL(apply_fn)  # keeps float64 logits and loss in float64
+                run_dir.save_npy(key(lr, precision, name),
+                                 np.asarray(jaxeif.eif(loss, params, toks, lr=lr, chunk_size=1, precision=precision)))
+                timings[key(lr, precision, name)] = {"wall_s": time.time() - wall}
+                run_dir.save_json(TIMINGS, timings)
+            bar.update()
+    bar.close()
+    pooled = lambda k: np.concatenate([lr_choice.offdiag(run_dir.load_npy(k(d))) for d in args.domains])  # noqa: E731
+    out = {"domains": list(args.domains), "repeat": 0, "float32": "the study's matrices (lowrank_sgd_eif, float32)",
+           "truth": "jaxeif.eif(precision='float64'), dense, lm.NLL", "per_lr": {}}
+    for lr in lrs:
+        truth = pooled(lambda d: key(lr, "float64", d))
+        entry = {"float32": float64_agreement(pooled(lambda d: _sweep_key(lr, d, 0))[None], truth[None]),
+                 "median_abs_entry": float(np.median(np.abs(truth)))}
+        if lr == lrs[0]:
+            entry["difference"] = float64_agreement(pooled(lambda d: key(lr, "difference", d))[None], truth[None])
+        out["per_lr"][f"{lr:g}"] = entry
+    run_dir.save_json(FLOAT64, out)
+
+
+def _symmetry_figure(results: dict, modes):
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
+
+    names = list(results["domains"])
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    width = 0.8 / len(modes)
+    for k, m in enumerate(modes):
+        vals = [results["domains"][n][m]["inverse_asymmetry"] for n in names]
+        ax.bar(np.arange(len(names)) + k * width, vals, width, label=m)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=20)
+    ax.set_ylabel("1 / ||M - M^T||_F (higher = more symmetric)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("symmetry per domain (fig 5B)")
+    return fig
+
+
+def format_tables(results: dict, modes) -> str:
+    """Markdown tables: symmetry per domain and the logic scorecard, beside the paper's numbers."""
+    lines = ["| domain | " + " | ".join(f"1/||M-M^T|| {m}" for m in modes) + " | paper (Phi-3-mini) ft / prompted |",
+             "|---|" + "---|" * (len(modes) + 1)]
+    for name, e in results["domains"].items():
+        paper = e.get("paper_inverse_asymmetry")
+        ptxt = f"{paper['finetuned']} / {paper['prompted']}" if paper else "-"
+        lines.append(f"| {name} | " + " | ".join(f"{e[m]['inverse_asymmetry']:.3g}" for m in modes) + f" | {ptxt} |")
+    lines += ["", "| domain | probe (train: implied vs not) | " + " | ".join(
+        f"{m}: mean ± sd, right" for m in modes) + " |", "|---|---|" + "---|" * len(modes)]
+    for name, e in results["domains"].items():
+        for k, p in enumerate(e[modes[0]]["probes"]):
+            cells = [f"{e[m]['probes'][k]['mean']:+.3g} ± {e[m]['probes'][k]['std']:.2g}, "
+                     f"{e[m]['probes'][k]['right_direction']:.0%}" for m in modes]
+            lines.append(f"| {name} | {p['train']}: {p['implied']} vs {p['not_implied']} ({p['why']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.experiment_main(sys.modules[__name__]))

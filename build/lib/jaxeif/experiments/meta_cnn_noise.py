@@ -1,0 +1,244 @@
+"""Meta study 1: learn a learning-rate predictor so that noisy digits influence less.
+
+The Fashion-MNIST CNN of figure 1 is fine-tuned on single MNIST digits, clean and with pixel
+noise. An amortised predictor lr = base_lr * exp(f_phi(image statistics)) (meta.amortised) is
+trained through jaxeif.eif on one set of digits (the first --per-digit of each class) so that
+noisy samples influence the clean ones less (meta.noise_invariance) while clean within-class
+learning and the size of between-class influence stay at the uniform-lr level. It is then evaluated on
+held-out digits (the next --heldout-per-digit of each class, never seen by the predictor):
+noise influence and within-class learning before (uniform base_lr) and after. Writes into --out:
+config.json, meta_ckpt/ (orbax; a rerun resumes), history.npy, objective.png, eif_heldout_*.npy,
+eif_heldout_before_after.png, lr_heldout.json, predictor.npz (meta.load_amortised), metrics.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxeif
+from jaxeif import meta
+from jaxeif import cli, runs
+from jaxeif.data import noisy_digits
+from jaxeif.models import cnn
+from jaxeif.meta.image_study import Split, clean_learning, heldout_metrics, pairs, split_set  # noqa: F401 (tests use them from here)
+
+DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the study."""
+    parser.add_argument("--out", default="results/meta_cnn_noise", help="results folder (resumed if its config matches)")
+    parser.add_argument("--ckpt", default=None,
+                        help=f"orbax checkpoint folder of the base CNN (default {DEFAULT_CKPT}, shared with `jaxeif cnn`; "
+                        "--quick: that + '_quick'); trained there on first use")
+    parser.add_argument("--epochs", type=cli.positive_int, default=4, help="base CNN training epochs")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="base CNN training batch size")
+    parser.add_argument("--train-size", type=cli.positive_int, default=None, help="train the base CNN on the first N images only")
+    parser.add_argument("--per-digit", type=cli.positive_int, default=2, help="meta-training MNIST test images per digit")
+    parser.add_argument("--heldout-per-digit", type=cli.positive_int, default=3, help="held-out images per digit (the next ones)")
+    parser.add_argument("--noise-stds", type=cli.positive_float, nargs="+", default=[0.5, 1.0], help="pixel noise standard deviations")
+    parser.add_argument("--lr", type=cli.positive_float, default=1e-3, help="uniform base fine-tuning rate (SGD; the 'before')")
+    parser.add_argument("--steps", type=cli.positive_int, default=1, help="SGD steps per one-sample fine-tune")
+    parser.add_argument("--chunk-size", type=cli.positive_int, default=10, help="fine-tunes vmapped at once (lax.map over chunks)")
+    parser.add_argument("--meta-steps", type=cli.positive_int, default=30, help="outer (Adam) steps")
+    parser.add_argument("--meta-lr", type=cli.positive_float, default=0.1, help="outer Adam learning rate")
+    parser.add_argument("--hidden", type=cli.positive_int, nargs="*", default=[16], help="hidden widths of the predictor MLP")
+    parser.add_argument("--max-log-gain", type=cli.positive_float, default=3.0, help="bound on |log(lr / base lr)|")
+    parser.add_argument("--keep-weight", type=cli.nonnegative_float, default=10.0, help="weight of keeping clean within-class learning")
+    parser.add_argument("--guard-weight", type=cli.nonnegative_float, default=1.0, help="weight of not raising |between-class influence|")
+    parser.add_argument("--every", type=cli.positive_int, default=5, help="checkpoint the outer loop every N steps")
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the base CNN, the noise and the predictor init")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2+2 digits per class, base CNN on 3000 images for 1 epoch, 6 meta steps")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _config(args: argparse.Namespace) -> dict:
+    """The run's configuration as plain data (after --quick); a resumed run must match it."""
+    if args.quick:
+        args.per_digit, args.heldout_per_digit = min(args.per_digit, 2), min(args.heldout_per_digit, 2)
+        args.train_size, args.epochs = args.train_size or 3000, 1
+        args.meta_steps, args.every = min(args.meta_steps, 6), min(args.every, 3)
+    if args.ckpt is None:
+        args.ckpt = DEFAULT_CKPT + ("_quick" if args.quick else "")
+    for name in ("per_digit", "heldout_per_digit", "steps", "meta_steps", "every", "chunk_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("lr", "meta_lr", "max_log_gain"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.noise_stds or min(args.noise_stds) <= 0:
+        raise ValueError(f"--noise-stds needs at least one positive std, got {args.noise_stds}")
+    return {
+        "study": "meta_cnn_noise",
+        "ckpt": str(Path(args.ckpt).expanduser().absolute()),
+        "epochs": args.epochs, "batch_size": args.batch_size, "train_size": args.train_size,
+        "per_digit": args.per_digit, "heldout_per_digit": args.heldout_per_digit,
+        "noise_stds": [float(s) for s in args.noise_stds],
+        "lr": args.lr, "steps": args.steps, "optimizer": "sgd", "chunk_size": args.chunk_size,
+        "meta_steps": args.meta_steps, "meta_lr": args.meta_lr, "meta_optimizer": "adam",
+        "hidden": list(args.hidden), "max_log_gain": args.max_log_gain, "features": "meta.image_features",
+        "keep_weight": args.keep_weight, "guard_weight": args.guard_weight,
+        "every": args.every, "seed": args.seed,
+    }
+
+
+# ----------------------------------------------------------------------------- objective
+# The split and the held-out metrics live in meta.image_study (shared with `jaxeif meta-cnn-transfer`).
+
+
+def make_objective(loss_fn, split: Split, predictor, *, steps, chunk_size, refs, keep_weight, guard_weight):
+    """(phi, params, images, labels, features) -> noise_invariance + keep * keep_learning(within)
+    + guard * stay_below(|between|); arrays are arguments so XLA does not constant-fold them."""
+    clean = np.flatnonzero(split.noise_std == 0)
+    twins, noisy = pairs(split)
+
+    def objective(phi, params, images, labels, features):
+        M = jaxeif.eif(loss_fn, params, (images, labels), (images[clean], labels[clean]),
+                       lr=predictor.lr(phi, features), steps=steps, chunk_size=chunk_size)
+        within, between = clean_learning(M, split)
+        return (meta.noise_invariance(M, twins, noisy)
+                + keep_weight * meta.keep_learning(within, refs["within"])
+                + guard_weight * meta.stay_below(jnp.abs(between), refs["between_abs"]))
+
+    return objective
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Restore the CNN, learn the predictor on the meta-training digits, evaluate on held-out digits."""
+    from jaxeif import plot  # matplotlib: slow to import, only the figures need it
+
+    start = time.perf_counter()
+    config = _config(args)
+    progress = not args.no_progress
+    run_dir = runs.RunDir.open(args.out, config)
+    params = cnn.load_or_train(args.ckpt, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                               progress=progress, train_size=args.train_size)
+    train_split, held = _splits(args)
+    refs = _references(params, train_split, args)
+    t = time.perf_counter()
+    predictor, result = _learn_predictor(params, train_split, refs, args, run_dir, progress)
+    meta_seconds = time.perf_counter() - t
+    run_dir.save_npy("history", result.history)
+    lr_after = np.asarray(predictor.lr(result.controls, meta.image_features(held.images)))
+    lrs = {"before": np.full_like(lr_after, args.lr), "after": lr_after}
+    mats = _heldout_matrices(params, held, lrs, args, run_dir)
+    metrics = _metrics(args, result, refs, predictor, train_split, held, mats, lrs, meta_seconds)
+    run_dir.save_json("lr_heldout.json", {"noise_std": held.noise_std, "labels": held.labels, "lr": lr_after})
+    meta.save_amortised(run_dir.file("predictor.npz"), predictor, result.controls)
+    _figures(run_dir, result.history, mats, held, plot)
+    metrics["seconds"]["total"] = time.perf_counter() - start
+    run_dir.save_json("metrics.json", metrics)
+    summary = _summary(metrics)
+    print(summary)
+    return {"out": str(run_dir.path), "summary": summary, "metrics": metrics, "predictor": str(run_dir.file("predictor.npz"))}
+
+
+def _splits(args) -> tuple[Split, Split]:
+    """(meta-training, held-out) digits: the first --per-digit of each class, then the next --heldout-per-digit."""
+    total = args.per_digit + args.heldout_per_digit
+    fs = noisy_digits.finetune_set(per_digit=total, noise_stds=tuple(args.noise_stds), seed=args.seed)
+    return split_set(fs, total, 0, args.per_digit), split_set(fs, total, args.per_digit, args.heldout_per_digit)
+
+
+def _references(params, split: Split, args) -> dict:
+    """Clean within- and |between|-class learning of the uniform-lr EIF on the meta-training digits."""
+    clean = np.flatnonzero(split.noise_std == 0)
+    x, y = jnp.asarray(split.images), jnp.asarray(split.labels)
+    M0 = jaxeif.eif(cnn.loss_fn, params, (x, y), (x[clean], y[clean]), lr=args.lr, steps=args.steps,
+                    chunk_size=args.chunk_size)
+    within0, between0 = (float(v) for v in clean_learning(M0, split))
+    if not (within0 > 0 and between0 != 0):
+        raise ValueError(f"at --lr {args.lr:g} the clean digits teach their class {within0:.3g} (must be > 0 to be "
+                         f"kept) and other classes {between0:.3g} (must be nonzero to be bounded); choose another --lr")
+    return {"within": within0, "between_abs": abs(between0)}
+
+
+def _learn_predictor(params, split: Split, refs: dict, args, run_dir, progress: bool):
+    """(predictor, meta.fit's result): the amortised lr predictor trained on `split` (resumed from meta_ckpt/)."""
+    features = meta.image_features(split.images)
+    predictor = meta.amortised(features, args.lr, hidden=args.hidden, max_log_gain=args.max_log_gain)
+    phi0 = predictor.init(jax.random.key(args.seed), features)
+    objective = make_objective(cnn.loss_fn, split, predictor, steps=args.steps, chunk_size=args.chunk_size,
+                               refs=refs, keep_weight=args.keep_weight, guard_weight=args.guard_weight)
+    result = meta.fit(objective, phi0, optimizer=optax.adam(args.meta_lr), steps=args.meta_steps,
+                      checkpoint_dir=run_dir.path / "meta_ckpt", every=args.every, progress=progress,
+                      data=(params, jnp.asarray(split.images), jnp.asarray(split.labels), features))
+    return predictor, result
+
+
+def _heldout_matrices(params, held: Split, lrs: dict, args, run_dir) -> dict:
+    """The square EIF of the held-out digits at each named lr vector, saved as eif_heldout_<name>.npy (reused)."""
+    x, y = jnp.asarray(held.images), jnp.asarray(held.labels)
+    mats = {}
+    for name, lr in lrs.items():
+        if not run_dir.has(f"eif_heldout_{name}.npy"):
+            run_dir.save_npy(f"eif_heldout_{name}", np.asarray(jaxeif.eif(cnn.loss_fn, params, (x, y), lr=lr, steps=args.steps,
+                                                                                chunk_size=args.chunk_size)))
+        mats[name] = run_dir.load_npy(f"eif_heldout_{name}")
+    return mats
+
+
+def _metrics(args, result, refs, predictor, train_split: Split, held: Split, mats, lrs, meta_seconds) -> dict:
+    """Every number of the study (metrics.json, less the total time)."""
+    lr_train = np.asarray(predictor.lr(result.controls, meta.image_features(train_split.images)))
+    return {
+        "sign": "loss after minus loss before (negative = learned); learning = -mean",
+        "objective": {"first": float(result.history[0]), "final": result.final, "resumed_from": result.resumed_from},
+        "references_meta_train": refs,
+        "meta_train_lr_mean": {f"std_{s:g}": float(lr_train[train_split.noise_std == s].mean())
+                               for s in sorted(set(train_split.noise_std.tolist()))},
+        "heldout": {name: heldout_metrics(mats[name], held, lrs[name]) for name in ("before", "after")},
+        "n_meta_train": int(len(train_split.labels)), "n_heldout": int(len(held.labels)),
+        "seconds": {"meta": meta_seconds},
+        "base_cnn": cnn.checkpoint_info(args.ckpt),
+        "metadata": runs.run_metadata(seed=args.seed, study="meta_cnn_noise"),
+    }
+
+
+def _figures(run_dir, history, mats, held, plot) -> None:
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
+    ax.plot(np.arange(len(history)), history)
+    ax.set_xlabel("meta step")
+    ax.set_ylabel("outer objective")
+    ax.set_title("Learning the lr predictor (meta-training digits)")
+    plot.save(fig, run_dir.path / "objective.png")
+    fig, axes = plt.subplots(1, 2, figsize=(16, 7.4), layout="constrained")
+    level = ["clean" if s == 0 else f"noise σ={s:g}" for s in held.noise_std]
+    major = [i for i in range(1, len(level)) if level[i] != level[i - 1]]
+    for ax, name in zip(axes, ("before", "after")):
+        plot.heatmap(mats[name], ax=ax, labels=held.labels.tolist(), groups=level, major_boundaries=major,
+                     sign="logprob", title=f"held-out EIF, {'uniform lr' if name == 'before' else 'learned lr'}")
+    plot.save(fig, run_dir.path / "eif_heldout_before_after.png")
+
+
+def _summary(m: dict) -> str:
+    b, a = m["heldout"]["before"], m["heldout"]["after"]
+    rows = [("within-class learning, clean rows", b["within_class_learning_clean"], a["within_class_learning_clean"]),
+            ("between-class learning, clean rows", b["between_class_learning_clean"], a["between_class_learning_clean"]),
+            ("mean lr, clean", b["lr_mean_clean"], a["lr_mean_clean"])]
+    for lvl in b["noise"]:
+        rows += [(f"rms noisy/clean rows, {lvl}", b["noise"][lvl]["rms_ratio_noisy_to_clean_rows"], a["noise"][lvl]["rms_ratio_noisy_to_clean_rows"]),
+                 (f"noisy/clean teaching ratio, {lvl}", b["noise"][lvl]["teaching_ratio_same_class"], a["noise"][lvl]["teaching_ratio_same_class"]),
+                 (f"mean lr, {lvl}", b["noise"][lvl]["lr_mean"], a["noise"][lvl]["lr_mean"])]
+    lines = [f"\nMeta study 1, held-out digits ({m['n_heldout']} samples): objective {m['objective']['first']:.4g} -> "
+             f"{m['objective']['final']:.4g} on meta-training digits", f"  {'metric':<40}{'uniform lr':>12}{'learned lr':>12}"]
+    lines += [f"  {name:<40}{x:>12.4g}{y:>12.4g}" for name, x, y in rows]
+    lines.append(f"  meta-training {m['seconds']['meta']:.0f} s, total {m['seconds']['total']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.experiment_main(sys.modules[__name__]))

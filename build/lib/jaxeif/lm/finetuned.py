@@ -1,0 +1,136 @@
+"""Fine-tuned EIF of a language model: `finetuned_eif` (dense through `jaxeif.eif`, or the exact low-rank
+path, chosen by `jaxeif.lm.dispatch`) and `lora_eif` (only the adapters trained, the base params shared
+by every fine-tune)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxeif
+from jaxeif import progress as progress_lib
+from jaxeif.finetune import PyTree
+from jaxeif.lm.dispatch import choose_path
+from jaxeif.lm.loss import NLL, sequence_nll
+from jaxeif.lm.lowrank import RANK_BUCKET, lowrank_sgd_eif
+from jaxeif.lm.memory import check_memory, optimizer_states
+from jaxeif.lm.tokens import ApplyFn, Tokens, checked
+from jaxeif.models.lora import Adapters
+from jaxeif.models.phi3 import Phi3Config
+from jaxeif.packing import round_up
+
+
+def finetuned_eif(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    train: Tokens,
+    evals: Tokens | None = None,
+    *,
+    lr: float = 1e-4,
+    steps: int = 1,
+    optimizer: optax.GradientTransformation | None = None,
+    chunk_size: int | str | None = "auto",
+    precision: str = "highest",
+    path: str = "auto",
+    config: Phi3Config | None = None,
+    progress: bool = False,
+    memory_budget: float | None = None,
+) -> jax.Array:
+    """Fine-tuned EIF, f32[n, m], with the length-normalised NLL (whole sample trained).
+
+    `path`: "auto" picks the faster exact path (`jaxeif.lm.dispatch`: low-rank for one plain SGD step on
+    CPU, else dense); "dense" / "lowrank" force one ("lowrank" needs optimizer=None, steps=1).
+    `optimizer` None is plain SGD. `chunk_size`: fine-tunes per step ("auto": jaxeif.chunking).
+    `precision`: a jaxeif.precision mode. `config`: the decoder's Phi3Config (default apply_fn.config).
+    With a config, a run whose `lm.memory_estimate` exceeds `memory_budget` bytes (default: 3/4 of the free
+    device memory) is refused before anything compiles (chunking.MemoryBudgetError, with the estimate).
+    """
+    progress_lib.check(progress)
+    train, evals = checked(apply_fn, params, train, evals)
+    config = getattr(apply_fn, "config", None) if config is None else config
+    chosen = choose_path(path, optimizer=optimizer, steps=steps, backend=jax.default_backend(),
+                         longest=int(train.lengths.max()), config=config)
+    if config is not None:
+        _check_fits(apply_fn, params, train, evals, config, path=chosen, optimizer=optimizer, steps=steps,
+                    chunk_size=chunk_size, memory_budget=memory_budget, float64=precision == "float64")
+    if chosen == "lowrank":
+        return lowrank_sgd_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
+                               config=config, progress=progress)
+    return _eif(NLL(apply_fn), params, train, evals, lr=lr, steps=steps, optimizer=optimizer, chunk_size=chunk_size,
+                precision=precision, progress=progress, memory_budget=memory_budget)
+
+
+def _check_fits(apply_fn, params, train: Tokens, evals: Tokens | None, config, *, path, optimizer, steps, chunk_size,
+                memory_budget, float64: bool) -> int:
+    """`lm.check_memory` for this call: the smallest layout "auto" can pick, or the chunk asked for (float64:
+    precision "float64" runs params and activations in float64)."""
+    n, length = train.ids.shape
+    m = n if evals is None else evals.ids.shape[0]
+    auto = chunk_size == "auto"
+    rows = 1 if auto else (n if chunk_size is None else int(chunk_size))
+    weights = max((x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)), key=lambda x: x.size)
+    probe = jnp.zeros((1, 1), jnp.int32)
+    logits = jax.eval_shape(lambda p: apply_fn(p, probe), params)  # the activations' dtype (upcast models: float32)
+    rank = round_up(int(train.lengths.max()), RANK_BUCKET)
+    dtype, compute_dtype = (jnp.float64, jnp.float64) if float64 else (weights.dtype, logits.dtype)
+    return check_memory(config, n, m, path=path, budget=memory_budget, dtype=dtype, compute_dtype=compute_dtype,
+                        tokens=max(length, evals.ids.shape[1] if evals is not None else 1), chunk_size=rows,
+                        eval_chunk=1 if auto else None, optimizer=optimizer_states(optimizer, params), steps=steps,
+                        rank=rank)
+
+
+def lora_eif(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    train: Tokens,
+    evals: Tokens | None = None,
+    *,
+    adapters,
+    lr: float,
+    steps: int = 1,
+    optimizer: optax.GradientTransformation | None = None,
+    chunk_size: int | str | None = "auto",
+    precision: str = "highest",
+    progress: bool = False,
+) -> jax.Array:
+    """LoRA EIF, f32[n, m]: only the adapters are fine-tuned (vmapped over samples); base params shared.
+
+    `adapters` is a `jaxeif.models.lora.Adapters` (deltas + static scale) or a plain delta dict.
+    """
+    deltas, scale = (adapters.deltas, float(adapters.scale)) if hasattr(adapters, "deltas") else (adapters, 1.0)
+    train, evals = checked(apply_fn, params, train, evals)
+    return _eif(_lora_loss(apply_fn, params, scale), deltas, train, evals, lr=lr, steps=steps, optimizer=optimizer,
+                chunk_size=chunk_size, precision=precision, progress=progress)
+
+
+def _eif(loss_fn, params, train: Tokens, evals: Tokens | None, **kwargs) -> jax.Array:
+    """`jaxeif.eif` on Tokens (its progress bar ticks per finished row: jaxeif.progress)."""
+    return jaxeif.eif(loss_fn, params, _as_jnp(train), None if evals is None else _as_jnp(evals), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraNLL:
+    """loss(base params, adapter deltas, example): the NLL of the decoder with its adapters; hashable, so
+    `jax.tree_util.Partial(LoraNLL(apply_fn, scale), params)` reuses eif's compiled program."""
+
+    apply_fn: ApplyFn
+    scale: float
+
+    def __call__(self, params: PyTree, deltas: PyTree, example: Tokens) -> jax.Array:
+        if jax.tree.leaves(deltas)[0].dtype == jnp.float64:  # precision "float64": the base params too
+            params = jax.tree.map(lambda w: w.astype(jnp.float64), params)
+        logits = self.apply_fn(params, example.ids[None], example.attention[None],
+                               delta=Adapters(deltas, self.scale))[0]
+        return sequence_nll(logits, example.ids, example.score)
+
+
+def _lora_loss(apply_fn, params, scale):
+    """loss_fn(deltas, example) with the base params bound as a Partial: they enter eif's program as an
+    input, not as constants compiled into it (jaxeif.influence.split_loss)."""
+    return jax.tree_util.Partial(LoraNLL(apply_fn, scale), params)
+
+
+def _as_jnp(tokens: Tokens) -> Tokens:
+    return Tokens(*(jnp.asarray(x) for x in tokens))

@@ -1,0 +1,223 @@
+"""Tokenised samples: the `Tokens` rows every language-model entry point takes, their checks, and
+`tokenize` (text -> Tokens).
+
+A sample is a `Tokens` row: ids, attention (1 = real token) and score (1 = this token's
+log-probability counts in the loss). Tokenisation: BOS (when the tokenizer or model has one) + the
+text's tokens (no other special tokens); padding is on the right with attention 0 and score 0; a
+multi-line sample is ONE sample (lines joined by "\\n"), every line scored and trained on.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxeif.finetune import PyTree
+from jaxeif.packing import round_up
+
+SEPARATOR = "\n"
+PROMPT_FORMAT = "BOS + tokens(p_i) + tokens('\\n') + tokens(p_j); only p_j's tokens scored; minus L(BOS + tokens(p_j))"
+ApplyFn = Callable[..., jax.Array]
+
+
+class Tokens(NamedTuple):
+    """A batch of tokenised samples, right-padded: ids int32[n, t], attention int32[n, t], score f32[n, t].
+
+    ids: token ids in [0, vocabulary size). attention: 1 for the sample's real tokens, then 0 for the
+    padding on the right. score: the weight of -log p(ids[t] | ids[<t]) in the sample's loss, >= 0,
+    0 at position 0 (nothing predicts it) and on padding, > 0 somewhere; `tokenize` makes 0/1 scores.
+    Every language-model entry point checks these rules (`check_tokens`).
+    """
+
+    ids: Any
+    attention: Any
+    score: Any
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.asarray(self.attention).sum(axis=1)
+
+
+def check_tokens(name: str, tokens: Any, vocab_size: int) -> Tokens:
+    """`tokens` as numpy Tokens (int32, int32, float32) after checking the rules of `Tokens`;
+    a ValueError or TypeError naming `name` and the field otherwise."""
+    if not isinstance(tokens, tuple) or len(tokens) != 3:
+        raise TypeError(f"`{name}` must be a jaxeif.lm.Tokens(ids, attention, score) (lm.tokenize makes one), "
+                        f"got {type(tokens).__name__}")
+    ids, att, score = (_host_array(f"{name}.{field}", x) for field, x in zip(Tokens._fields, tokens))
+    if not (np.issubdtype(ids.dtype, np.integer) and ids.dtype != bool):
+        raise TypeError(f"`{name}.ids` has dtype {ids.dtype}; token ids must be integers (int32)")
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"`{name}.ids` has shape {ids.shape}; pass int[n, t], one row per sample "
+                         "(add a leading axis for a single sample: ids[None])")
+    for field, x in (("attention", att), ("score", score)):
+        if x.shape != ids.shape:
+            raise ValueError(f"`{name}.{field}` has shape {x.shape} but `{name}.ids` has {ids.shape}; give all three "
+                             "fields the same [n, t] shape")
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == bool):
+            raise TypeError(f"`{name}.{field}` has dtype {x.dtype}; it must hold real numbers")
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        (r, t), value = bad[0], ids[tuple(bad[0])]
+        raise ValueError(f"`{name}.ids` holds id {value} (sample {r}, position {t}), outside the model's vocabulary "
+                         f"[0, {vocab_size}); tokenize with the model's own tokenizer (lm.tokenize)")
+    if not np.all((att == 0) | (att == 1)):
+        raise ValueError(f"`{name}.attention` must hold only 0 and 1, got {np.unique(att)[:5].tolist()}")
+    att = att.astype(np.int32)
+    lengths = att.sum(axis=1)
+    not_prefix = np.flatnonzero(np.any(att != (np.arange(att.shape[1])[None] < lengths[:, None]), axis=1))
+    if not_prefix.size:
+        raise ValueError(f"`{name}.attention` of sample {not_prefix[0]} is not 1s followed by 0s: pad on the right "
+                         "(real tokens first, attention 1)")
+    score = score.astype(np.float32)
+    if not np.all(np.isfinite(score)) or np.any(score < 0):
+        raise ValueError(f"`{name}.score` must be finite and >= 0 (a weight per token)")
+    if np.any(score[:, 0] != 0):
+        raise ValueError(f"`{name}.score` is nonzero at position 0 of sample {np.flatnonzero(score[:, 0])[0]}: "
+                         "nothing predicts the first token, so set its score to 0")
+    padded = np.argwhere((score != 0) & (att == 0))
+    if padded.size:
+        raise ValueError(f"`{name}.score` is nonzero where attention is 0 (sample {padded[0][0]}, position "
+                         f"{padded[0][1]}); score only real tokens")
+    empty = np.flatnonzero(score.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(f"`{name}.score` of sample {empty[0]} is all zero: nothing to score; mark the tokens whose "
+                         "log-probability counts with score > 0")
+    return Tokens(ids.astype(np.int32), att, score)
+
+
+def _host_array(name: str, x: Any) -> np.ndarray:
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"`{name}` is traced; the language-model entry points take concrete Tokens (call them outside jit)")
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}") from e
+
+
+def check_example(name: str, example: Any, vocab_size: int) -> Tokens:
+    """One sample (Tokens of 1-d rows), checked as `check_tokens` checks a batch; returns it with 1-d rows."""
+    if not isinstance(example, tuple) or len(example) != 3:
+        raise TypeError(f"`{name}` must be ONE sample, a jaxeif.lm.Tokens of 1-d rows, got {type(example).__name__}")
+    shapes = [np.shape(x) for x in example]
+    if any(len(shape) != 1 for shape in shapes):
+        raise ValueError(f"`{name}` must be ONE sample, Tokens of 1-d rows (e.g. Tokens(*(x[k] for x in toks))), "
+                         f"got shapes {shapes}")
+    one = check_tokens(name, Tokens(*(np.asarray(x)[None] for x in example)), vocab_size)
+    return Tokens(*(x[0] for x in one))
+
+
+def model_vocab_size(apply_fn: ApplyFn, params: PyTree) -> int:
+    """The vocabulary size of a model: the last axis of its logits, found abstractly (no compute)."""
+    out = jax.eval_shape(lambda p: apply_fn(p, jnp.zeros((1, 2), jnp.int32)), params)
+    return int(out.shape[-1])
+
+
+def checked(apply_fn, params, train, evals, vocab_size: int | None = None) -> tuple[Tokens, Tokens | None]:
+    """`train` and `evals` (None stays None) checked against the model's vocabulary."""
+    vocab_size = model_vocab_size(apply_fn, params) if vocab_size is None else int(vocab_size)
+    train = check_tokens("train", train, vocab_size)
+    return train, None if evals is None else check_tokens("evals", evals, vocab_size)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens added (HF tokenizers, or tokenizers.Tokenizer)."""
+    if not isinstance(text, str):
+        raise TypeError(f"a sample must be a str, got {type(text).__name__}")
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "get_vocab_size"):  # tokenizers.Tokenizer
+        return list(tokenizer.encode(text, add_special_tokens=False).ids)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def text_ids(tokenizer, text: str, k: int) -> list[int]:
+    """Tokens of sample k, which must have some text."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"sample {k} is empty ({text!r}); every sample needs some text to score")
+    return encode(tokenizer, text)
+
+
+def vocab_size(tokenizer) -> int:
+    """Number of token ids the tokenizer can produce (added tokens included)."""
+    if hasattr(tokenizer, "get_vocab_size"):
+        return int(tokenizer.get_vocab_size(with_added_tokens=True))
+    return int(len(tokenizer))
+
+
+def check_vocab(tokenizer, config) -> None:
+    """The tokenizer must not produce ids past the model's embedding table."""
+    n = vocab_size(tokenizer)
+    if n > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {n} tokens but the model's vocabulary has {config.vocab_size}: they do not belong "
+            "together; load the tokenizer from the same checkpoint as the model (jaxeif.models.tokenizer.load_tokenizer)"
+        )
+
+
+def bos_token_id(tokenizer, config) -> int | None:
+    """The BOS id (tokenizer first, then the model config); None when neither has one."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None and config is not None and getattr(config, "bos_token_id", None) is not None:
+        bos = config.bos_token_id if config.bos_token_id >= 0 else None
+    return None if bos is None else int(bos)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def tokenize(
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    config,
+    contexts: Sequence[str] | None = None,
+    length: int | None = None,
+    pad_multiple: int = 8,
+) -> Tokens:
+    """Tokens of `texts` (each optionally after a context, see PROMPT_FORMAT), right-padded.
+
+    Only the text's own tokens are scored. `length` fixes the padded length (else the longest,
+    rounded up to `pad_multiple`). Errors: empty sample, sample longer than the model's context.
+    """
+    check_vocab(tokenizer, config)
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no samples to tokenize; pass at least one text")
+    if contexts is not None and len(contexts) != len(texts):
+        raise ValueError(f"{len(contexts)} contexts for {len(texts)} texts; pass one context per text")
+    bos = bos_token_id(tokenizer, config)
+    head = [] if bos is None else [bos]
+    sep = encode(tokenizer, SEPARATOR)
+    rows = []
+    for k, text in enumerate(texts):
+        body = text_ids(tokenizer, text, k)
+        ctx = [] if contexts is None else encode(tokenizer, contexts[k]) + sep
+        ids = head + ctx + body
+        score = [0.0] * (len(head) + len(ctx)) + [1.0] * len(body)
+        score[0] = 0.0  # nothing predicts the first token
+        if sum(score) == 0:
+            raise ValueError(f"sample {k} ({text!r}) has no token to score: with no BOS token a sample needs two tokens")
+        limit = config.max_position_embeddings
+        if len(ids) > limit:
+            raise ValueError(
+                f"sample {k} is {len(ids)} tokens long (context included), longer than the model's context of "
+                f"{limit} tokens; shorten it"
+            )
+        rows.append((ids, score))
+    longest = max(len(ids) for ids, _ in rows)
+    t = round_up(longest, pad_multiple) if length is None else int(length)
+    if t < longest:
+        raise ValueError(f"length={t} is shorter than the longest sample ({longest} tokens)")
+    pad = _pad_id(tokenizer)
+    ids = np.full((len(rows), t), pad, np.int32)
+    att = np.zeros((len(rows), t), np.int32)
+    score = np.zeros((len(rows), t), np.float32)
+    for r, (row_ids, row_score) in enumerate(rows):
+        ids[r, : len(row_ids)] = row_ids
+        att[r, : len(row_ids)] = 1
+        score[r, : len(row_ids)] = row_score
+    return Tokens(ids, att, score)
+
