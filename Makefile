@@ -13,7 +13,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-
 DEMO_OUT ?= results/cnn_noise
 DEMO_ARGS ?=
 
-.PHONY: demo test data lock clean-venv
+.PHONY: demo test test-fast docs data lock clean-venv
 
 $(VENV)/.base: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(VENV)/.base: pyproject.toml $(CONSTRAINTS)
 $(VENV)/.test: $(VENV)/.base
 	# The CPU wheel of torch, for reference tests only (a bare `torch` pulls a CUDA build).
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,docs]'
 	touch $@
 
 data:
@@ -48,6 +48,19 @@ lock:
 	  echo "# do not edit by hand. Used by the Makefile as pip constraints (tests/test_dependencies.py checks it)."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -e '^-e ' -e '^jaxeif'; } > constraints.txt
 	rm -rf .venv-lock build
+
+# The unit tier: everything but the tests marked slow (studies, subprocesses, torch-built checkpoints,
+# measured memory peaks). Under 3 minutes on a 2-core CPU.
+test-fast: $(VENV)/.test data
+	JAXEIF_LOCKED=$(if $(CONSTRAINTS),1,0) $(PY) -m pytest -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile tests
+
+$(VENV)/.docs: $(VENV)/.base
+	$(PIP) -e '.[docs]'
+	touch $@
+
+# The documentation site, from docs/ and the docstrings, into site/ (warnings are errors).
+docs: $(VENV)/.docs
+	$(PY) -m mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)
