@@ -481,8 +481,10 @@ def fill(
     into the store at `path`, skipping tiles already complete.
 
     Tile (i, j) holds M[i*rows:(i+1)*rows, j*cols:(j+1)*cols], computed by jaxeif.eif on those train
-    rows and eval columns alone: bit-identical to the same block of one whole-matrix call on the same
-    backend (rows and evals are independent fine-tunes and losses). Any number of processes may fill
+    rows and eval columns alone. Rows are independent fine-tunes, so with cols >= n_eval the store is
+    bit-identical to one whole-matrix call on the same backend; a column block is bit-identical to
+    jaxeif.eif on that block, and equal to the whole call to float32 rounding of the losses (XLA
+    rounds an eval's loss differently with the number of evals batched beside it). Any number of processes may fill
     one store at once, each with its own `worker` of `workers` (or SLURM_ARRAY_TASK_ID/COUNT): the
     split is fixed, a killed worker loses only the tile it was computing, and a rerun does only what
     is missing or fails its checksum (with a warning).

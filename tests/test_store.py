@@ -47,6 +47,23 @@ def test_tiles_bit_identical_to_one_call(tmp_path, reference):
     assert again.verify() == {} and again.missing() == []
 
 
+def test_row_tiles_exact_column_tiles_exact_per_block(tmp_path):
+    """Row blocks are independent fine-tunes: tiles spanning every eval equal the whole call bit for bit.
+    XLA:CPU rounds an eval's loss differently with the number of evals batched beside it (vectorised
+    loops and their scalar tails), so a column block equals jaxeif.eif on that block bit for bit and
+    the whole call to float32 rounding: within jaxeif.noise_floor."""
+    params, train, evals, lr = problem(24, 20)
+    whole = np.asarray(jaxeif.eif(loss, params, train, evals, lr=lr))
+    rows = store.fill(loss, params, train, evals, lr=lr, path=tmp_path / "rows", tile=(5, 20)).store.to_numpy()
+    assert np.array_equal(rows, whole)
+    tiles = store.fill(loss, params, train, evals, lr=lr, path=tmp_path / "tiles", tile=(5, 6)).store
+    block = np.asarray(jaxeif.eif(loss, params, jax.tree.map(lambda x: x[5:10], train),
+                                  jax.tree.map(lambda x: x[6:12], evals), lr=lr[5:10]))
+    assert np.array_equal(tiles.read_tile((1, 1)), block)
+    floor = np.asarray(jaxeif.noise_floor(loss, params, train, evals, lr=lr, samples=24))  # 4 sigma of float32 vs 64
+    assert np.all(np.abs(tiles.to_numpy() - whole) <= floor)  # a difference of rounding, below the noise floor
+
+
 def test_evals_none_and_scalar_lr(tmp_path):
     params, train, _, _ = problem()
     ref = np.asarray(jaxeif.eif(loss, params, train, lr=0.05))
