@@ -47,7 +47,7 @@ MANIFEST = "manifest.json"
 ARRAY = "eif"
 TILES = "tiles"
 
-__all__ = ["fill", "open", "Store", "Grid", "FillResult", "StoreError", "StoreMismatchError",
+__all__ = ["fill", "fill_spmd", "open", "Store", "Grid", "FillResult", "StoreError", "StoreMismatchError",
            "TileError", "worker_share", "FORMAT"]
 
 
@@ -553,4 +553,119 @@ def fill(
         if progress:
             print(f"jaxeif.store: worker {worker}/{workers} tile {t} ({r.stop - r.start}x{c.stop - c.start}) "
                   f"in {seconds:.2f} s", flush=True)
+    return FillResult(store, computed, reused, repaired)
+
+
+# ----------------------------------------------------------------------------- one SPMD program over many hosts
+
+
+def fill_spmd(
+    loss_fn: LossFn,
+    params: PyTree,
+    train: PyTree,
+    evals: PyTree | None = None,
+    *,
+    lr: jax.Array | float,
+    path: os.PathLike | str,
+    tile: tuple[int, int],
+    steps: int = 1,
+    optimizer: optax.GradientTransformation | None = None,
+    chunk_size: int | str | None = "auto",
+    precision: str = "highest",
+    memory_budget: float | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    progress: bool = False,
+) -> FillResult:
+    """Fill the store with one SPMD program: every process calls this with the same arguments (after
+    `jax.distributed.initialize()`), rows are sharded over every device of every process, and each
+    process writes only the tiles its own devices computed. Nothing gathers the matrix.
+
+    One step computes one tile row block per device (devices x tile rows train rows) against one
+    column block of evals, with jaxeif.multihost.eif_rows. Process 0 decides which tiles are missing
+    (checksums checked) and broadcasts that, so every process runs the same steps; a step whose tiles
+    are all complete is skipped. Values: as in `fill` (with cols >= n_eval, bit-identical to
+    jaxeif.eif on the same backend).
+
+    Args:
+        As `fill`, without worker/workers/fresh; `devices`: the global devices to use (default all).
+
+    Returns:
+        FillResult of this process's tiles (the store, computed, reused; repaired: tiles whose data
+        failed the checksum, recomputed).
+
+    Raises:
+        StoreMismatchError, StoreError: as `fill`.
+        NonFiniteInfluenceError: a tile computed on this process diverged.
+    """
+    from jax.experimental import multihost_utils
+
+    from jaxeif import influence, multihost
+
+    rows, cols = _check_tile(tile)
+    evals_arg = evals
+    evals_, n, lr_arr = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
+                                           chunk_size=chunk_size)
+    if checks.is_traced(lr_arr):
+        raise StoreError("jaxeif.store.fill_spmd writes files and cannot be traced; use jaxeif.multihost.eif_rows")
+    m = checks.leading_axis("evals", evals_)
+    precision = precision_lib.check(precision)
+    lr_vec = np.broadcast_to(np.asarray(lr_arr), (n,))
+    grid = Grid(n, m, min(rows, n), min(cols, m))
+    call = call_fingerprint(loss_fn, params, train, evals_arg, lr_vec, steps=steps, optimizer=optimizer,
+                            precision=precision)
+    mesh_ = multihost.mesh(devices)
+    devices_ = list(mesh_.devices.flat)
+    from jaxeif import compile_cache
+    compile_cache.enable()
+    store = _open_or_create(path, _manifest(grid, _dtype(params), call), fresh=False)
+    # Process 0's view of what is missing, for everyone: all processes must run the same steps.
+    status = np.zeros(grid.shape, np.int32)  # 0 missing, 1 complete, 2 damaged
+    if jax.process_index() == 0:
+        for t in store.marked():
+            try:
+                store.check(t)
+                status[t] = 1
+            except TileError as e:
+                warnings.warn(f"jaxeif.store: {e}; recomputing it", RuntimeWarning, stacklevel=2)
+                status[t] = 2
+    status = np.asarray(multihost_utils.broadcast_one_to_all(status))
+    local = {d: k for k, d in enumerate(devices_) if d.process_index == jax.process_index()}
+    computed, reused, repaired = [], [], []
+    n_dev = len(devices_)
+    for first in range(0, grid.shape[0], n_dev):
+        tile_rows = list(range(first, min(first + n_dev, grid.shape[0])))
+        # device k takes tile row first + k, padded to `rows` rows (row 0 at lr 0), or nothing past the grid
+        idx = np.zeros(n_dev * grid.rows, np.int64)
+        lrs = np.zeros(n_dev * grid.rows, lr_vec.dtype)
+        for k, i in enumerate(tile_rows):
+            r = grid.bounds((i, 0))[0]
+            idx[k * grid.rows:k * grid.rows + r.stop - r.start] = np.arange(r.start, r.stop)
+            lrs[k * grid.rows:k * grid.rows + r.stop - r.start] = lr_vec[r]
+        batch = jax.tree.map(lambda x: np.asarray(x)[idx], train)
+        for j in range(grid.shape[1]):
+            mine = [(i, j) for i in tile_rows if devices_[i - first] in local]
+            for t in mine:
+                if status[t] == 1:
+                    reused.append(t)
+            if all(status[i, j] == 1 for i in tile_rows):
+                continue
+            c = grid.bounds((0, j))[1]
+            start = time.perf_counter()
+            block = multihost.eif_rows(loss_fn, params, batch, _take(evals_, c), lr=lrs, steps=steps,
+                                       optimizer=optimizer, chunk_size=chunk_size, precision=precision,
+                                       memory_budget=memory_budget, devices=devices_)
+            seconds = time.perf_counter() - start
+            for shard in block.addressable_shards:
+                i = first + (shard.index[0].start or 0) // grid.rows
+                if i not in tile_rows or status[i, j] == 1:
+                    continue
+                r = grid.bounds((i, j))[0]
+                values = np.asarray(shard.data)[: r.stop - r.start]
+                store.write_tile((i, j), values, process=jax.process_index(), processes=jax.process_count(),
+                                 device=str(shard.device), seconds=round(seconds, 4), host=socket.gethostname(),
+                                 backend=jax.default_backend())
+                (repaired if status[i, j] == 2 else computed).append((i, j))
+                if progress:
+                    print(f"jaxeif.store: process {jax.process_index()} device {shard.device} tile {(i, j)} "
+                          f"in {seconds:.2f} s", flush=True)
     return FillResult(store, computed, reused, repaired)

@@ -61,7 +61,7 @@ def test_row_tiles_exact_column_tiles_exact_per_block(tmp_path):
                                   jax.tree.map(lambda x: x[6:12], evals), lr=lr[5:10]))
     assert np.array_equal(tiles.read_tile((1, 1)), block)
     floor = np.asarray(jaxeif.noise_floor(loss, params, train, evals, lr=lr, samples=24))  # 4 sigma of float32 vs 64
-    assert np.all(np.abs(tiles.to_numpy() - whole) <= floor)  # a difference of rounding, below the noise floor
+    assert np.all(np.abs(tiles.to_numpy() - whole) <= 2 * floor)  # two float32 results, each within the floor
 
 
 def test_evals_none_and_scalar_lr(tmp_path):
