@@ -175,3 +175,25 @@ def test_bad_arguments(tmp_path):
         s.read_tile((0, 1))
     with pytest.raises(store.StoreError, match="max_bytes"):
         s.to_numpy(max_bytes=8)
+
+
+def test_plan_arithmetic():
+    p = store.plan(100_000, pairs_per_second=7.2e6, devices=8, tile=(4096, 4096), program_bytes=10**9)
+    assert p.tiles == 25 * 25 and p.pairs == 10**10
+    assert p.device_hours == pytest.approx(1e10 / 7.2e6 / 3600)
+    assert p.hours == pytest.approx(p.device_hours / 8 * 79 / (625 / 8))  # 79 rounds of 8 tiles, the last short
+    assert p.bytes_on_disk == 625 * (4096 * 4096 * 4 + store.MARKER_BYTES)
+    assert p.peak_bytes_per_worker == 10**9 + 2 * 4096 * 4096 * 4
+    assert "device-hours" in str(p) and "TB" in str(store.plan(10**6, pairs_per_second=7.2e6))
+    with pytest.raises(store.StoreError, match="pairs_per_second"):
+        store.plan(10, pairs_per_second=0)
+
+
+def test_compile_cache_default_and_off(monkeypatch):
+    from jaxeif import compile_cache
+
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    assert compile_cache.folder().endswith("/.cache/jaxeif/xla")
+    monkeypatch.setenv(compile_cache.ENV, "")
+    assert compile_cache.folder() is None
+    assert compile_cache.enable() == jax.config.jax_compilation_cache_dir  # the test suite's own cache is kept
