@@ -39,14 +39,30 @@ def problem(n=24, m=20):
 
 TILE = (3, 4)  # 8 x 5 = 40 tiles: 10 per worker
 WORKER = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     from jaxeif import store
     from test_multiprocess import problem, loss, TILE
     path, worker, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     params, train, evals, lr = problem()
+    write = store.Store.write_tile
+    def slow_write(self, *args, **kwargs):  # a slow disk: 0.2 s per tile, so that kills land mid-run
+        time.sleep(0.2)
+        return write(self, *args, **kwargs)
+    store.Store.write_tile = slow_write
     r = store.fill(loss, params, train, evals, lr=lr, path=path, tile=TILE, worker=worker, workers=workers, progress=True)
     print("RESULT", json.dumps({"computed": len(r.computed), "reused": len(r.reused), "repaired": len(r.repaired)}))
 """)
+
+
+def _marked(path, worker) -> int:
+    """Tiles of `worker` with a completion marker so far."""
+    count = 0
+    for f in (path / "tiles").glob("*.json") if (path / "tiles").exists() else ():
+        try:
+            count += json.loads(f.read_text())["worker"] == worker
+        except (OSError, ValueError, KeyError):
+            pass
+    return count
 
 
 def _worker(path, worker, workers):
@@ -60,11 +76,15 @@ def test_four_workers_two_killed_and_restarted(tmp_path):
     procs = {w: _worker(path, w, 4) for w in range(4)}
     rng = random.Random(int(time.time()))
     victims = rng.sample(range(4), 2)
-    for w in victims:  # kill at a random moment: before the store exists, mid-tile, or after some tiles
-        time.sleep(rng.uniform(0.5, 5.0))
+    before = {}
+    for w in victims:  # kill at a random moment after the worker has finished at least one tile
+        deadline = time.time() + 120
+        while time.time() < deadline and not _marked(path, w):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
         procs[w].send_signal(signal.SIGKILL)
         procs[w].wait()
-    killed_done = {w: len(list((path / "tiles").glob("*.json"))) if path.exists() else 0 for w in victims}
+        before[w] = _marked(path, w)
     for w in victims:
         procs[w] = _worker(path, w, 4)
     results = {}
@@ -73,6 +93,8 @@ def test_four_workers_two_killed_and_restarted(tmp_path):
         assert p.returncode == 0, err[-3000:]
         results[w] = json.loads(out.split("RESULT", 1)[1])
     assert all(r["computed"] + r["reused"] + r["repaired"] == 10 for r in results.values()), results
+    for w in victims:  # the restarted worker kept every tile marked before the kill: it lost at most one tile's work
+        assert results[w]["reused"] >= before[w] >= 1 and results[w]["computed"] <= 10 - before[w], (w, before, results)
     s = store.open(path)
     assert s.missing() == [] and s.verify() == {}
     params, train, evals, lr = problem()
@@ -82,7 +104,7 @@ def test_four_workers_two_killed_and_restarted(tmp_path):
     floor = np.asarray(jaxeif.noise_floor(loss, params, train, evals, lr=lr, samples=24))
     assert np.all(np.abs(reference - whole) <= 2 * floor)  # two float32 results, each within the floor of float64's
     assert not list(path.parent.glob(".store.*.tmp")), "a losing creator's temp folder was left behind"
-    print("killed", victims, "tiles marked when killed", killed_done, "results", results)
+    print("killed", victims, "tiles marked when killed", before, "results", results)
 
 
 SPMD = textwrap.dedent("""
