@@ -197,3 +197,36 @@ def test_compile_cache_default_and_off(monkeypatch):
     monkeypatch.setenv(compile_cache.ENV, "")
     assert compile_cache.folder() is None
     assert compile_cache.enable() == jax.config.jax_compilation_cache_dir  # the test suite's own cache is kept
+
+
+def test_first_auto_call_compiles_the_program_once(monkeypatch):
+    """On CPU, chunk_size="auto" plans with the one-row program it then runs: one compile of the EIF program
+    (store workers rely on it: a worker's first tile costs one compile, or none from the persistent cache)."""
+    from jaxeif import influence
+
+    lowered = []
+    real = influence._jitted_program
+
+    class Counting:
+        def lower(self, *args, **kwargs):
+            lowered.append(kwargs["chunks"])
+            return real.lower(*args, **kwargs)
+
+    monkeypatch.setattr(influence, "_jitted_program", Counting())
+    params, train, evals, lr = problem(13, 11)  # shapes no other test uses: nothing planned yet
+    jaxeif.eif(loss, params, train, evals, lr=lr)
+    assert lowered == [influence.Chunks(1, 11)]  # one row against all 11 evals: the program that runs
+    jaxeif.eif(loss, params, train, evals, lr=lr)
+    assert len(lowered) == 1  # warm: the planned, compiled program is reused
+
+
+def test_verify_false_trusts_markers(tmp_path, reference):
+    fill(tmp_path / "s")
+    chunk = tmp_path / "s" / "eif" / "0.0"
+    chunk.write_bytes(chunk.read_bytes()[:7])
+    trusting = fill(tmp_path / "s", verify=False)
+    assert trusting.computed == [] and trusting.repaired == []  # markers trusted: no tile read
+    with pytest.raises(store.TileError):  # ... but a read still checks
+        trusting.store.to_numpy()
+    with pytest.warns(RuntimeWarning, match="recomputing"):
+        assert fill(tmp_path / "s").repaired == [(0, 0)]
