@@ -36,7 +36,8 @@ print("RESULT", json.dumps({"tiles": len(r.computed), "end": time.time() - start
 """
 
 
-def _launch(data: pathlib.Path, path: pathlib.Path, worker: int, workers: int, tile: int, env: dict) -> subprocess.Popen:
+def _launch(data: pathlib.Path, path: pathlib.Path, worker: int, workers: int, tile: int,
+            env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", WORKER, str(data), str(path), f"{worker}/{workers}", str(tile),
                              repr(time.time())], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

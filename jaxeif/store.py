@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxeif import checks, fingerprint, io
+from jaxeif import checks, compile_cache, fingerprint, influence, io
 from jaxeif import precision as precision_lib
 from jaxeif.errors import Error
 from jaxeif.finetune import LossFn, PyTree
@@ -47,7 +47,8 @@ MANIFEST = "manifest.json"
 ARRAY = "eif"
 TILES = "tiles"
 
-__all__ = ["fill", "fill_spmd", "open", "plan", "Plan", "Store", "Grid", "FillResult", "StoreError", "StoreMismatchError",
+__all__ = ["fill", "fill_spmd", "open", "plan", "Plan", "Store", "Grid", "FillResult", "StoreError",
+           "StoreMismatchError",
            "TileError", "worker_share", "FORMAT"]
 
 
@@ -152,7 +153,8 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def call_fingerprint(loss_fn, params, train, evals, lr_vec: np.ndarray, *, steps: int, optimizer, precision: str) -> dict:
+def call_fingerprint(loss_fn, params, train, evals, lr_vec: np.ndarray, *, steps: int, optimizer,
+                     precision: str) -> dict:
     """What a tile's values depend on, one digest or value per entry (compared field by field on reuse)."""
     return {
         "loss_fn": fingerprint.digest(loss_fn),
@@ -269,7 +271,8 @@ class Store:
                 bad[t] = str(e)
         return bad
 
-    def iter_tiles(self, tiles: Sequence[tuple[int, int]] | None = None) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    def iter_tiles(self, tiles: Sequence[tuple[int, int]] | None = None,
+                   ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
         """((i, j), checked values) for `tiles` (default: the whole grid, row-major), one tile in memory at a time.
 
         Raises:
@@ -308,7 +311,8 @@ class Store:
         r, c = self.grid.bounds(tile)
         values = np.asarray(values)
         if values.shape != (r.stop - r.start, c.stop - c.start):
-            raise StoreError(f"tile {tile} takes values of shape {(r.stop - r.start, c.stop - c.start)}, got {values.shape}")
+            raise StoreError(f"tile {tile} takes values of shape {(r.stop - r.start, c.stop - c.start)}, "
+                             f"got {values.shape}")
         if not np.can_cast(values.dtype, self.dtype, "safe"):
             raise StoreError(f"tile {tile} has dtype {values.dtype}, which the store's {self.dtype} would round; "
                              "fill a new store (the dtype follows the params' dtype)")
@@ -509,11 +513,10 @@ def fill(
         StoreError: bad path, tile or worker arguments.
         NonFiniteInfluenceError: as jaxeif.eif, for the tile where a fine-tune diverged.
     """
-    from jaxeif import influence
-
     worker, workers = worker_share(worker, workers)
-    if not isinstance(fresh, bool):
-        raise StoreError(f"`fresh` must be True or False, got {fresh!r}")
+    for name, flag in (("fresh", fresh), ("verify", verify)):
+        if not isinstance(flag, bool):
+            raise StoreError(f"`{name}` must be True or False, got {flag!r}")
     if fresh and workers > 1:
         raise StoreError("fresh=True deletes the store, which the other workers are filling; delete it once "
                          "before starting them, or give every worker a new path")
@@ -532,7 +535,6 @@ def fill(
                             precision=precision)
     store = _open_or_create(path, _manifest(grid, _dtype(params), call), fresh=fresh)
     computed, reused, repaired = [], [], []
-    from jaxeif import compile_cache
     compile_cache.enable()
     for t in grid.share(worker, workers):
         if store._marker(t).exists():
@@ -605,7 +607,7 @@ def fill_spmd(
     """
     from jax.experimental import multihost_utils
 
-    from jaxeif import influence, multihost
+    from jaxeif import multihost
 
     rows, cols = _check_tile(tile)
     evals_arg = evals
@@ -621,7 +623,8 @@ def fill_spmd(
                             precision=precision)
     mesh_ = multihost.mesh(devices)
     devices_ = list(mesh_.devices.flat)
-    from jaxeif import compile_cache
+    if not isinstance(verify, bool):
+        raise StoreError(f"`verify` must be True or False, got {verify!r}")
     compile_cache.enable()
     store = _open_or_create(path, _manifest(grid, _dtype(params), call), fresh=False)
     # Process 0's view of what is missing, for everyone: all processes must run the same steps.

@@ -116,7 +116,8 @@ def _check(store: Store, labels, floor, k: int) -> tuple[np.ndarray | None, bool
             raise ValueError(f"`labels` must have shape ({n},), one label per row; got {labels.shape}")
         if not square:
             raise StoreError(f"class metrics need a square matrix in square tiles; this store is {n} x {m} in "
-                             f"{store.grid.rows} x {store.grid.cols} tiles: fill a train-vs-train store with tile=(t, t)")
+                             f"{store.grid.rows} x {store.grid.cols} tiles: fill a train-vs-train store with "
+                             "tile=(t, t)")
     if floor is not None and not isinstance(floor, Store) and np.ndim(floor) not in (0,) \
             and np.shape(floor) not in ((m,), (n, m)):
         raise ValueError(f"`floor` must be a scalar, f[{m}] (per eval, as jaxeif.noise_floor's rows) or f[{n}, {m}], "

@@ -49,7 +49,8 @@ WORKER = textwrap.dedent("""
         time.sleep(0.2)
         return write(self, *args, **kwargs)
     store.Store.write_tile = slow_write
-    r = store.fill(loss, params, train, evals, lr=lr, path=path, tile=TILE, worker=worker, workers=workers, progress=True)
+    r = store.fill(loss, params, train, evals, lr=lr, path=path, tile=TILE, worker=worker, workers=workers,
+                   progress=True)
     print("RESULT", json.dumps({"computed": len(r.computed), "reused": len(r.reused), "repaired": len(r.repaired)}))
 """)
 
