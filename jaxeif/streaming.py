@@ -165,9 +165,8 @@ def summarize(store: Store, labels: Any = None, *, floor: Any = None, k: int = 1
         nonlocal l1, l2, counted
         r, cs = grid.bounds(tile)
         rows_i, cols_j = np.arange(r.start, r.stop)[:, None], np.arange(cs.start, cs.stop)[None, :]
-        off = np.ones(T.shape, bool) if include_diagonal else rows_i != cols_j
-        if not square and not include_diagonal:
-            off = np.ones(T.shape, bool)  # no diagonal to leave out of a non-square matrix
+        # the diagonal is left out unless asked for; a non-square matrix has none (desiderata: square only)
+        off = rows_i != cols_j if n == m and not include_diagonal else np.ones(T.shape, bool)
         x = T.astype(np.float64)
         row_sums[r] += x.sum(axis=1)
         col_sums[cs] += x.sum(axis=0)

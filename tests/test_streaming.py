@@ -95,3 +95,23 @@ def test_bad_arguments(filled):
         streaming.summarize(s, k=0)
     with pytest.raises(TypeError, match="jaxeif.store.Store"):
         streaming.summarize(np.zeros((4, 4)))
+
+
+def test_non_square_store_and_non_square_tiles(tmp_path):
+    """Train-vs-eval stores (n != m) stream sums, top-k and sparsity; symmetry needs square tiles."""
+    k = jax.random.split(jax.random.key(5), 4)
+    params = {"w": jax.random.normal(k[0], (6, 8)), "v": jax.random.normal(k[1], (8, 4))}
+    data = lambda key, n: (jax.random.normal(key, (n, 6)), jax.nn.one_hot(jnp.arange(n) % 4, 4))  # noqa: E731
+    s = store.fill(loss, params, data(k[2], 30), data(k[3], 22), lr=0.05, path=tmp_path / "a", tile=(8, 6)).store
+    M = s.to_numpy()
+    got = streaming.summarize(s, k=4, include_diagonal=True)
+    assert got.symmetry_corr is None and got.within is None
+    np.testing.assert_allclose(got.sparsity, desiderata.sparsity(M, include_diagonal=True), rtol=2e-5)
+    np.testing.assert_allclose(got.col_sums, M.astype(np.float64).sum(0), rtol=1e-6)
+    assert np.array_equal(got.top_rows, streaming.top_k(M, 4)[0])
+    sq = store.fill(loss, params, data(k[2], 30), lr=0.05, path=tmp_path / "b", tile=(8, 6)).store  # 30 x 30
+    got = streaming.summarize(sq, k=2)
+    np.testing.assert_allclose(got.sparsity, desiderata.sparsity(sq.to_numpy()), rtol=2e-5)  # diagonal left out
+    assert got.symmetry_corr is None  # 8 x 6 tiles do not mirror onto tiles
+    with pytest.raises(store.StoreError, match="square tiles"):
+        streaming.summarize(sq, np.arange(30) % 3)
