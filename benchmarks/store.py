@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> dict:
     small = work / "small.npz"
     np.savez(small, x=np.asarray(x[: args.tile]), y=np.asarray(y[: args.tile]), lr=args.lr)
     for label, cache in (("cache_off", ""), ("cache_cold", str(work / "xla")), ("cache_warm", str(work / "xla"))):
-        t = time.time()
         res = _run(small, work / f"first_{label}", 1, args.tile, dict(env, JAXEIF_COMPILE_CACHE=cache))
         report[f"first_tile_{label}_s"] = round(res["workers"][0]["end"], 2)
         report[f"first_tile_{label}_compute_s"] = json.loads(next((work / f"first_{label}" / "tiles").glob("*.json"))

@@ -31,7 +31,8 @@ import socket
 import tempfile
 import time
 import warnings
-from typing import Any, Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -651,7 +652,7 @@ def fill_spmd(
             r = grid.bounds((i, 0))[0]
             idx[k * grid.rows:k * grid.rows + r.stop - r.start] = np.arange(r.start, r.stop)
             lrs[k * grid.rows:k * grid.rows + r.stop - r.start] = lr_vec[r]
-        batch = jax.tree.map(lambda x: np.asarray(x)[idx], train)
+        batch = jax.tree.map(lambda x, idx=idx: np.asarray(x)[idx], train)
         for j in range(grid.shape[1]):
             mine = [(i, j) for i in tile_rows if devices_[i - first] in local]
             for t in mine:
