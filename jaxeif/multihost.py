@@ -67,8 +67,10 @@ def eif_rows(
     is 0; slice `[:n]` inside your jitted objective, or ignore them). Each device runs jaxeif.eif's own
     per-row program on its rows, so row r is bit-identical to row r of jaxeif.eif on the same backend.
 
+    The other arguments are jaxeif.eif's.
+
     Args:
-        As jaxeif.eif; `devices`: the devices to spread rows over (all of every process by default).
+        devices: the devices to spread rows over (all of every process by default).
 
     Returns:
         f32[padded_rows(n, devices), m], sharded over rows (NamedSharding(mesh, P("rows"))); across

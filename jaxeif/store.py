@@ -495,12 +495,15 @@ def fill(
     split is fixed, a killed worker loses only the tile it was computing, and a rerun does only what
     is missing or fails its checksum (with a warning).
 
+    `loss_fn`, `params`, `train`, `evals`, `lr`, `steps`, `optimizer`, `chunk_size`, `precision` and
+    `memory_budget` are jaxeif.eif's (lr a scalar or f[n_train]); chunk_size and memory_budget do not
+    enter the manifest.
+
     Args:
-        loss_fn, params, train, evals, lr, steps, optimizer, chunk_size, precision, memory_budget: as in
-            jaxeif.eif (lr a scalar or f[n_train]); chunk_size and memory_budget do not enter the manifest.
         path: the store folder (created if missing or empty).
         tile: (rows, cols) of a tile; the zarr chunk shape.
-        worker, workers: this process's share (see `worker_share`); default all tiles.
+        worker: this process's index in the split (see `worker_share`); default 0.
+        workers: how many processes share the tiles; default 1 (all tiles).
         fresh: delete an existing store at `path` first (single process only).
         verify: before skipping a tile that has a marker, read it and check its checksum (a restart
             then reads this worker's finished share once); False trusts the markers.
@@ -594,9 +597,11 @@ def fill_spmd(
     are all complete is skipped. Values: as in `fill` (with cols >= n_eval, bit-identical to
     jaxeif.eif on the same backend).
 
+    The other arguments are `fill`'s, without worker/workers/fresh.
+
     Args:
-        As `fill`, without worker/workers/fresh; `devices`: the global devices to use (default all);
-        `verify`: process 0 reads and checks every marked tile first (False trusts the markers).
+        devices: the global devices to use (default all).
+        verify: process 0 reads and checks every marked tile first (False trusts the markers).
 
     Returns:
         FillResult of this process's tiles (the store, computed, reused; repaired: tiles whose data
@@ -725,7 +730,8 @@ def plan(n: int, m: int | None = None, *, pairs_per_second: float, devices: int 
     """Devices x hours, tiles, bytes on disk and peak memory per worker of an n x m store, on paper.
 
     Args:
-        n, m: train rows and eval columns (m defaults to n).
+        n: train rows.
+        m: eval columns (defaults to n).
         pairs_per_second: a measured rate of one device (e.g. n*m / seconds of a warm jaxeif.eif call
             with m at least the tile's columns; the fine-tune of a row is redone once per column block).
         devices: devices (or worker processes) filling the store at once.

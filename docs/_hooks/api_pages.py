@@ -36,7 +36,7 @@ EIF_FUNCTIONS = [
     ("lm.prompted_eif", "jaxeif.lm", "prompted_eif"),
 ]
 # Namespaces whose every public name must be on an API page.
-NAMESPACES = ["jaxeif", "jaxeif.lm", "jaxeif.meta"]
+NAMESPACES = ["jaxeif", "jaxeif.lm", "jaxeif.meta", "jaxeif.store", "jaxeif.streaming"]
 DIRECTIVE = re.compile(r"^:::\s+([\w.]+)", re.M)
 
 # Pages other engineers are writing: listed in mkdocs.yml's nav, left out of it until the file exists.
