@@ -1,6 +1,7 @@
 """Results folders that survive crashes: atomic writes (jaxeif.io), resume-or-refuse, checkpointed EIF sweeps."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import functools
@@ -155,13 +156,6 @@ class RunDir:
         files.update(entries)
         io.write_atomic(self.path / MANIFEST_FILE, io.json_text({"files": files}, MANIFEST_FILE).encode())
 
-    def _forget(self, prefix: str) -> None:
-        """Drop the records of files whose path starts with `prefix` (files being deleted)."""
-        files = self._manifest()
-        kept = {k: v for k, v in files.items() if not k.startswith(prefix)}
-        if len(kept) != len(files):
-            io.write_atomic(self.path / MANIFEST_FILE, io.json_text({"files": kept}, MANIFEST_FILE).encode())
-
     def _rel(self, target: pathlib.Path) -> str:
         return target.absolute().relative_to(self.path).as_posix()
 
@@ -267,14 +261,26 @@ class RunDir:
             raise CorruptCheckpointError(f"{target} is damaged ({e}); delete it and run the same command again") from None
 
     def discard(self, name: str) -> None:
-        """Delete the file or folder `name` and its records (only what this folder's manifest lists, or a
-        folder of checkpoints this run created under that name)."""
+        """Delete the file `name`, or the files under the folder `name`, that this folder's manifest records
+        (files jaxeif wrote), with their records; folders left empty go too. Any other file stays."""
         target = self.file(name)
-        self._forget(self._rel(target))
+        rel = self._rel(target)
+        files = self._manifest()
+        mine = [k for k in files if k == rel or k.startswith(rel + "/")]
+        for k in mine:
+            (self.path / k).unlink(missing_ok=True)
+        self._forget_exact(mine)
         if target.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            target.unlink(missing_ok=True)
+            for folder in sorted((p for p in target.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            with contextlib.suppress(OSError):
+                target.rmdir()
+
+    def _forget_exact(self, names: list[str]) -> None:
+        if names:
+            kept = {k: v for k, v in self._manifest().items() if k not in set(names)}
+            io.write_atomic(self.path / MANIFEST_FILE, io.json_text({"files": kept}, MANIFEST_FILE).encode())
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r}, resumed={self.resumed})"
