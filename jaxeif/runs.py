@@ -179,6 +179,10 @@ class RunDir:
         self._record({self._rel(f): {"bytes": f.stat().st_size, "sha256": io.sha256_file(f)}
                       for f in sorted(folder.rglob("*")) if f.is_file()})
 
+    def recorded_files(self, prefix: str = "") -> list[str]:
+        """The recorded files (paths relative to the folder) whose path starts with `prefix`."""
+        return sorted(k for k in self._manifest() if k.startswith(prefix))
+
     def recorded(self, folder: os.PathLike | str) -> bool:
         """Whether any file under `folder` was recorded by `record_files`."""
         prefix = self._rel(pathlib.Path(folder)) + "/"

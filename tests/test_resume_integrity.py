@@ -257,3 +257,21 @@ def test_any_damage_to_a_finished_folder_gives_the_matrix_or_a_named_error(finis
         np.testing.assert_array_equal(got, matrix)
         if kind == "extra":
             assert (folder / extra_name).exists()  # a file jaxeif did not write is never deleted
+
+
+def test_meta_fit_checkpoints_are_checksummed(tmp_path):
+    objective = LabelObjective([0.0, 1.0, 2.0])
+    fit = lambda steps: meta.fit(objective, jnp.zeros(3), optimizer=optax.sgd(0.1), steps=steps,  # noqa: E731
+                                 checkpoint_dir=tmp_path / "fit", every=1, progress=False)
+    first = fit(2)
+    data = sorted((tmp_path / "fit" / "checkpoints" / "2").rglob("*"), key=lambda p: -p.stat().st_size)
+    target = next(p for p in data if p.is_file())
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    target.write_bytes(bytes(raw))
+    with pytest.raises(runs.ChecksumError, match=r"checkpoints/2/.* is damaged.*delete .*checkpoints/2"):
+        fit(3)
+    shutil.rmtree(tmp_path / "fit" / "checkpoints" / "2")  # what the message says: resumes from step 1
+    again = fit(2)
+    assert again.resumed_from == 1
+    np.testing.assert_array_equal(np.asarray(again.controls), np.asarray(first.controls))
