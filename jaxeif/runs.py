@@ -264,6 +264,14 @@ class RunDir:
         except (ValueError, UnicodeDecodeError) as e:
             raise CorruptCheckpointError(f"{target} is damaged ({e}); delete it and run the same command again") from None
 
+    def cached(self, name: str, compute: Callable[[], Any]) -> np.ndarray:
+        """The array saved as `name` (checksum verified), computed by `compute()` and saved first when missing.
+
+        What the array depends on must be in the folder's config (a resume with another config is refused)."""
+        if not self.has(name):
+            self.save_npy(name, np.asarray(compute()))
+        return self.load_npy(name)
+
     def discard(self, name: str) -> None:
         """Delete the file `name`, or the files under the folder `name`, that this folder's manifest records
         (files jaxeif wrote), with their records; folders left empty go too. Any other file stays."""

@@ -275,3 +275,29 @@ def test_meta_fit_checkpoints_are_checksummed(tmp_path):
     again = fit(2)
     assert again.resumed_from == 1
     np.testing.assert_array_equal(np.asarray(again.controls), np.asarray(first.controls))
+
+
+def test_rundir_cached_computes_once_and_checks_what_it_reads(tmp_path):
+    run = RunDir.open(tmp_path / "r", {"study": "x"})
+    calls = []
+    compute = lambda: calls.append(1) or np.arange(6.0).reshape(2, 3)  # noqa: E731
+    first = run.cached("m", compute)
+    np.testing.assert_array_equal(run.cached("m", compute), first)
+    assert calls == [1]
+    (run.path / "m.npy").write_bytes((run.path / "m.npy").read_bytes()[:-8])
+    with pytest.raises(runs.ChecksumError, match="m.npy is damaged"):
+        run.cached("m", compute)
+
+
+@pytest.mark.slow  # trains the CNN and scores it on the 10,000 test images
+def test_cnn_cache_weights_are_checksummed(tmp_path):
+    from jaxeif.models import cnn
+
+    ckpt = tmp_path / "cnn"
+    cnn.load_or_train(ckpt, epochs=1, batch_size=32, train_size=64, progress=False)
+    files = sorted((p for p in (ckpt / "params").rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+    raw = bytearray(files[0].read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    files[0].write_bytes(bytes(raw))
+    with pytest.raises(runs.ChecksumError, match=r"params/.* is damaged.*delete .*cnn/params"):
+        cnn.load_or_train(ckpt, epochs=1, batch_size=32, train_size=64, progress=False)
