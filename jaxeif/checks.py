@@ -109,7 +109,8 @@ def learning_rates(lrs: Any, n: int) -> jax.Array:
                                                           np.isfinite(host) & (host < 0))):
             if bad.any():
                 at = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise ValueError(f"`lrs[{', '.join(map(str, at))}]` is {float(host[at]):.6g}; every learning rate must be {rule}")
+                where = ", ".join(map(str, at))
+                raise ValueError(f"`lrs[{where}]` is {float(host[at]):.6g}; every learning rate must be {rule}")
     return arr if jnp.issubdtype(arr.dtype, jnp.floating) else arr.astype(jnp.float32)
 
 

@@ -39,8 +39,8 @@ from jaxeif.errors import Error
 
 MAX_DEPTH = 256  # nesting levels of one description; deeper is refused (cycles are cut before)
 
-FRESH_HINT = ("start a fresh run instead: a new results folder or checkpoint_dir, or runs.sweep_eif(..., fresh=True)"
-              " (`--fresh` on the command line); or make it a dataclass or a jax.tree_util.Partial of arrays")
+FRESH_HINT = ("start a fresh run instead: a new results folder (--out) or checkpoint_dir, or "
+              "runs.sweep_eif(..., fresh=True); or make it a dataclass or a jax.tree_util.Partial of arrays")
 
 
 class FingerprintError(Error, TypeError):

@@ -597,8 +597,9 @@ def _finish(run: RunDir | None, name: str, matrix: np.ndarray, lr_vec: np.ndarra
         })
         run.save_npy(name, matrix)
         if not np.array_equal(run.load_npy(name), matrix, equal_nan=True):  # what a resume will read
-            raise CorruptCheckpointError(f"{run.file(name, '.npy')} reads back other numbers than were written; "
-                                         f"the blocks in {run.file(name + '_blocks')} are kept: run the same command again")
+            raise CorruptCheckpointError(
+                f"{run.file(name, '.npy')} reads back other numbers than were written; the blocks in "
+                f"{run.file(name + '_blocks')} are kept: run the same command again")
         run.discard(f"{name}_blocks")
     _warn_nonfinite(name, bad, lr_vec, run)
 

@@ -96,7 +96,8 @@ def _check_fingerprint(run: runs.RunDir, has_checkpoints: bool, expected: dict) 
     try:
         saved = run.load_json(FINGERPRINT_FILE)["fingerprint"]
     except (KeyError, TypeError) as e:
-        raise StaleCheckpointError(f"{run.file(FINGERPRINT_FILE)} is damaged ({e}); delete {run.path} to start over") from None
+        raise StaleCheckpointError(
+            f"{run.file(FINGERPRINT_FILE)} is damaged ({e}); delete {run.path} to start over") from None
     changed = [k for k in expected if saved.get(k) != expected[k]]
     if changed:
         raise StaleCheckpointError(

@@ -213,7 +213,7 @@ def test_files_get_the_users_umask(tmp_path):
         os.umask(old)
 
 
-# ----------------------------------------------------------------------------- property: any damage -> same numbers or a named error
+# ----------------------------------------------------------------------------- property: damage -> same or named error
 
 
 @pytest.fixture(scope="module")
