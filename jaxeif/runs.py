@@ -413,6 +413,7 @@ def sweep_eif(
     (ChecksumError names a damaged one). `fresh=True` discards this sweep's saved results in `run`
     and recomputes them (also the way to run a loss that jaxeif.fingerprint cannot hash).
     """
+    checks.model_inputs(params, loss_fn)  # before the run's fingerprint reads them
     evals, lr_vec = _check_sweep(train, evals, lr, steps=steps, block_size=block_size, progress=progress, run=run,
                                  name=name)
     if not isinstance(fresh, bool):
