@@ -64,7 +64,6 @@ def float_params(params: Any) -> None:
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     if not leaves:
         raise ValueError("`params` has no arrays to fine-tune")
-    string_leaves("params", leaves)
     for path, leaf in leaves:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             raise TypeError(
@@ -128,15 +127,6 @@ def finite(name: str, tree: Any) -> None:
                 f"`{name}`{jax.tree_util.keystr(path)} has {int(bad.sum())} non-finite values (first at {first}); "
                 "remove or fix them: the EIF of non-finite inputs is undefined"
             )
-
-
-def string_leaves(name: str, leaves_with_paths: list) -> None:
-    """TypeError naming the first str/bytes leaf (a name or setting stored among the arrays)."""
-    for path, leaf in leaves_with_paths:
-        if isinstance(leaf, (str, bytes)):
-            raise TypeError(f"{name}{jax.tree_util.keystr(path)}: a {type(leaf).__name__} leaf ({leaf[:30]!r}); "
-                            f"{name} must hold only arrays. Move names and settings out of {name} (e.g. bind them "
-                            "to the loss with jax.tree_util.Partial or functools.partial)")
 
 
 def device_list(devices: Any) -> list:

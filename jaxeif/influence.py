@@ -41,6 +41,14 @@ def eif(
     `precision`: see jaxeif.precision; `progress`: a bar of finished rows (jaxeif.progress).
     Jittable, differentiable in lr and params. Raises `NonFiniteInfluenceError` naming diverged
     rows (warns when traced).
+
+    Caching (docs/caching.md): the compiled program is reused for inputs of the same shapes, dtypes and
+    options, and recompiled when what `loss_fn` reads changes (its code, closure, attributes, the
+    module-level values it names: `jaxeif.sanity.loss_version`). Arrays `loss_fn` closes over are
+    compiled in as constants; bind them with `jax.tree_util.Partial(fn, arrays)` to pass them as inputs.
+    A loss closing over a value traced by an enclosing jax.grad/jit is refused (TypeError; use a
+    Partial). Warns (RuntimeWarning) when low-precision updates round away entirely, and in
+    precision="float64" when the loss computes something else with x64 enabled.
     """
     evals, n, lr = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
                             chunk_size=chunk_size, progress=progress)

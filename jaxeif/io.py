@@ -40,6 +40,7 @@ def is_draft(name: str) -> bool:
 
 
 def sha256_bytes(data: bytes) -> str:
+    """The sha256 of `data` as hex (what `write_atomic` returns and a RunDir's manifest records)."""
     return hashlib.sha256(data).hexdigest()
 
 
