@@ -301,3 +301,47 @@ def test_cnn_cache_weights_are_checksummed(tmp_path):
     files[0].write_bytes(bytes(raw))
     with pytest.raises(runs.ChecksumError, match=r"params/.* is damaged.*delete .*cnn/params"):
         cnn.load_or_train(ckpt, epochs=1, batch_size=32, train_size=64, progress=False)
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after_first_block(b, rows):
+    raise Stop
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A sweep folder killed after its first block of two, and the uninterrupted matrix."""
+    folder = tmp_path_factory.mktemp("interrupted") / "run"
+    with pytest.raises(Stop):
+        sweep(RunDir.open(folder, {"study": "toy"}), on_block=stop_after_first_block)
+    return folder, sweep(None)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=DAMAGE, which=st.integers(0, 1000), where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
+def test_any_damage_to_an_interrupted_folder_gives_the_matrix_or_a_named_error(interrupted, kind, which, where, bit):
+    source, matrix = interrupted
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp) / "run"
+        shutil.copytree(source, folder)
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ".lock")
+        target = files[which % len(files)]
+        data = target.read_bytes()
+        if kind == "flip" and data:
+            pos = int(where * len(data))
+            target.write_bytes(data[:pos] + bytes([data[pos] ^ (1 << bit)]) + data[pos + 1:])
+        elif kind == "truncate":
+            target.write_bytes(data[: int(where * len(data))])
+        elif kind == "delete":
+            target.unlink()
+        elif kind == "extra":
+            (target.parent / f"extra{bit}").write_bytes(bytes([bit]) * (which % 50))
+        try:
+            got = sweep(RunDir.open(folder, {"study": "toy"}))
+        except jaxeif.Error as e:
+            assert str(folder) in str(e), e
+            return
+        np.testing.assert_array_equal(got, matrix)
