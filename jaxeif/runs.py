@@ -1,4 +1,7 @@
-"""Results folders that survive crashes: atomic writes (jaxeif.io), resume-or-refuse, checkpointed EIF sweeps."""
+"""Results folders that survive crashes and never return another run's numbers: verified atomic writes
+(jaxeif.io), a sha256 per file checked on every read, resume-or-refuse by config and by fingerprint
+(jaxeif.fingerprint), checkpointed EIF sweeps. The one resume mechanism of jaxeif: sweeps, meta.fit, the
+base CNN cache and the studies' matrix caches all keep their files in a RunDir (docs/caching.md)."""
 from __future__ import annotations
 
 import contextlib
