@@ -102,8 +102,8 @@ class RunDir:
                     "pass another --out, or delete that folder to start over"
                 )
             return run
-        others = [p.name for p in path.iterdir() if p.name != _LOCK_FILE]
-        if others:
+        others = [p.name for p in path.iterdir() if p.name != _LOCK_FILE and not io.is_draft(p.name)]
+        if others:  # (a draft alone: a first write was killed; it stays, never read)
             raise RunDirError(
                 f"results folder {path} is not empty and has no {CONFIG_FILE} (holds {sorted(others)[:5]}); "
                 "it is not a jaxeif run: pass another --out"

@@ -345,3 +345,12 @@ def test_any_damage_to_an_interrupted_folder_gives_the_matrix_or_a_named_error(i
             assert str(folder) in str(e), e
             return
         np.testing.assert_array_equal(got, matrix)
+
+
+def test_a_folder_whose_first_write_was_killed_can_be_opened(tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    draft = folder / ".config.json.0123456789abcdef.draft.tmp"
+    draft.write_text("{")
+    run = RunDir.open(folder, {"a": 1})
+    assert not run.resumed and run.load_json("config") == {"a": 1}
