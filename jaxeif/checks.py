@@ -94,15 +94,24 @@ def learning_rate(lr: Any, n: int) -> jax.Array:
 
 
 def learning_rates(lrs: Any, n: int) -> jax.Array:
-    """The learning rates of a sweep: f[k] or f[k, n], finite and non-negative where they can be seen."""
+    """The learning rates of a sweep: f[k] or f[k, n], finite and non-negative where they can be seen; an
+    error names the index of the first bad rate."""
     try:
         arr = jnp.asarray(lrs)
     except (TypeError, ValueError) as e:
         raise TypeError(f"`lrs` must be an array of shape (k,) or (k, {n}), got {type(lrs).__name__}") from e
+    if not jnp.issubdtype(arr.dtype, jnp.floating) and not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(f"`lrs` must be real-valued, got dtype {arr.dtype}")
     if arr.ndim not in (1, 2) or arr.shape[0] == 0 or (arr.ndim == 2 and arr.shape[1] != n):
         raise ValueError(f"`lrs` has shape {arr.shape}; use one rate per sweep point (k,) or per point and train example (k, {n})")
-    for a in range(arr.shape[0]):
-        learning_rate(arr[a], n)
+    if not is_traced(arr):
+        host = np.asarray(arr)
+        for rule, bad in (("finite", ~np.isfinite(host)), (">= 0 (to ascend the loss, negate loss_fn instead)",
+                                                          np.isfinite(host) & (host < 0))):
+            if bad.any():
+                at = tuple(int(i) for i in np.argwhere(bad)[0])
+                where = ", ".join(map(str, at))
+                raise ValueError(f"`lrs[{where}]` is {float(host[at]):.6g}; every learning rate must be {rule}")
     return arr if jnp.issubdtype(arr.dtype, jnp.floating) else arr.astype(jnp.float32)
 
 
@@ -118,6 +127,38 @@ def finite(name: str, tree: Any) -> None:
                 f"`{name}`{jax.tree_util.keystr(path)} has {int(bad.sum())} non-finite values (first at {first}); "
                 "remove or fix them: the EIF of non-finite inputs is undefined"
             )
+
+
+def device_list(devices: Any) -> list:
+    """`devices` (None: all of jax.devices()) as a non-empty list of distinct jax.Device; errors name the
+    entry that is not one."""
+    if devices is None:
+        return list(jax.devices())
+    if isinstance(devices, (str, bytes, jax.Device)):
+        raise TypeError(f"`devices` must be a list of jax.Device (e.g. jax.devices() or jax.devices('cpu')), got "
+                        f"{devices!r}; pass [device] for one device")
+    try:
+        out = list(devices)
+    except TypeError:
+        raise TypeError(f"`devices` must be a list of jax.Device, got {type(devices).__name__}") from None
+    if not out:
+        raise ValueError("`devices` is empty; pass at least one jax.Device or None for all devices")
+    for k, d in enumerate(out):
+        if not isinstance(d, jax.Device):
+            raise TypeError(f"`devices[{k}]` is a {type(d).__name__} ({d!r}), not a jax.Device; pass devices from "
+                            "jax.devices()")
+    if len(set(out)) != len(out):
+        raise ValueError(f"`devices` lists a device twice ({out}); pass each device once")
+    return out
+
+
+def positive_real(name: str, value: Any) -> float:
+    """`value` as a float, finite and > 0; a TypeError or ValueError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"`{name}` must be a number > 0, got {value!r} ({type(value).__name__})")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxeif import desiderata
 
@@ -245,6 +246,7 @@ def toward(M: jax.Array, target, mask=None) -> jax.Array:
         ValueError: M is not 2-d, or `target` / `mask` has another shape than M.
     """
     M = _as_matrix(M)
+    _something_to_match(mask, target)
     target = jnp.asarray(target, M.dtype)
     if target.shape != M.shape:
         raise ValueError(f"`target` must have the shape of M {M.shape}, got {target.shape}")
@@ -253,3 +255,20 @@ def toward(M: jax.Array, target, mask=None) -> jax.Array:
         raise ValueError(f"`mask` must have the shape of M {M.shape}, got {w.shape}")
     dot = (w * M * target).sum()
     return 1.0 - dot / jnp.sqrt((w * M**2).sum() * (w * target**2).sum() + _EPS)
+
+
+def _something_to_match(mask, target) -> None:
+    """ValueError when `toward` has nothing to match (it would be 1 with zero gradient, and meta.fit would
+    change nothing): an all-False mask, or a target that is 0 on every kept entry. Checked on the values as
+    passed (constants stay concrete inside meta.fit's jit); skipped for traced ones."""
+    if any(isinstance(x, jax.core.Tracer) for x in (mask, target)):
+        return
+    target = np.asarray(target)
+    w = np.ones(target.shape, bool) if mask is None else np.asarray(mask).astype(bool)
+    if w.shape != target.shape:
+        return  # the shape checks below name it
+    if not w.any():
+        raise ValueError("`mask` of toward is False everywhere: no entry counts; keep at least one entry (True)")
+    if not np.any(w & (target != 0)):
+        raise ValueError("`target` of toward is 0 on every entry the mask keeps: there is no direction to pull M "
+                         "toward; draw the structure to match with nonzero entries (e.g. -1.0 * same_class_mask)")

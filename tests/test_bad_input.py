@@ -210,7 +210,7 @@ def test_run_file_names_stay_inside(name):
         run = runs.RunDir.open(pathlib.Path(d) / "r", {})
         with pytest.raises((ValueError, TypeError), match="file name"):
             run.save_json(name, {})
-        assert sorted(p.name for p in run.path.iterdir()) == [".lock", "config.json"]
+        assert sorted(p.name for p in run.path.iterdir()) == [".lock", "config.json", "manifest.json"]
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -154,8 +154,9 @@ def model_vocab_size(apply_fn: ApplyFn, params: PyTree) -> int:
     return int(out.shape[-1])
 
 
-def checked(apply_fn, params, train, evals, vocab_size: int | None = None) -> tuple[Tokens, Tokens | None]:
-    """`train` and `evals` checked against the model's vocabulary.
+def checked(apply_fn, params, train, evals, vocab_size: int | None = None,
+            context: int | None = None) -> tuple[Tokens, Tokens | None]:
+    """`train` and `evals` checked against the model's vocabulary and context length.
 
     Args:
         apply_fn: the model.
@@ -163,13 +164,52 @@ def checked(apply_fn, params, train, evals, vocab_size: int | None = None) -> tu
         train: the train samples.
         evals: the eval samples, or None.
         vocab_size: the vocabulary size; None: read from the model (`model_vocab_size`).
+        context: the model's context length (max_position_embeddings); None: from `apply_fn.config` where
+            it has one, else not checked.
 
     Returns:
         (train, evals) as checked `Tokens`; evals stays None when None.
+
+    Raises:
+        ValueError: a sample longer than the context (positions past it have no trained embedding).
     """
     vocab_size = model_vocab_size(apply_fn, params) if vocab_size is None else int(vocab_size)
-    train = check_tokens("train", train, vocab_size)
-    return train, None if evals is None else check_tokens("evals", evals, vocab_size)
+    if context is None:
+        context = getattr(getattr(apply_fn, "config", None), "max_position_embeddings", None)
+    train = check_context("train", check_tokens("train", train, vocab_size), context)
+    return train, None if evals is None else check_context("evals", check_tokens("evals", evals, vocab_size), context)
+
+
+def check_context(name: str, tokens: Tokens, context: int | None) -> Tokens:
+    """ValueError when a sample of `tokens` has more real tokens than the model's `context` (None: unknown,
+    not checked); positions past the context have no trained position embedding, so the numbers mean nothing."""
+    if context is None:
+        return tokens
+    lengths = tokens.lengths
+    over = np.flatnonzero(lengths > int(context))
+    if over.size:
+        raise ValueError(f"`{name}` sample {over[0]} is {int(lengths[over[0]])} tokens long, longer than the model's "
+                         f"context of {int(context)} tokens ({over.size} such samples); shorten them (lm.tokenize "
+                         "refuses them too)")
+    return tokens
+
+
+def check_texts(name: str, texts: Any) -> list[str]:
+    """`texts` as a non-empty list of str: a single str (which would be split into one-letter samples) and an
+    empty list are refused, naming `name`."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"`{name}` must be a list of str, one per sample, got a single {type(texts).__name__} "
+                        f"({texts[:30]!r}); pass [{texts[:30]!r}] for one sample")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(f"`{name}` must be a list of str, one per sample, got {type(texts).__name__}") from None
+    if not texts:
+        raise ValueError(f"`{name}` is empty; pass at least one text")
+    for k, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"`{name}[{k}]` is a {type(t).__name__}; every sample must be a str")
+    return texts
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -294,9 +334,13 @@ def tokenize(
             tokenizer that does not fit the model's vocabulary.
     """
     check_vocab(tokenizer, config)
-    texts = list(texts)
-    if not texts:
-        raise ValueError("no samples to tokenize; pass at least one text")
+    texts = check_texts("texts", texts)
+    if contexts is not None:
+        contexts = check_texts("contexts", contexts)
+    if isinstance(pad_multiple, bool) or not isinstance(pad_multiple, int) or pad_multiple < 1:
+        raise ValueError(f"`pad_multiple` must be an int >= 1 (pad lengths to a multiple of it), got {pad_multiple!r}")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise ValueError(f"`length` must be None or an int >= 1 (the padded length), got {length!r}")
     if contexts is not None and len(contexts) != len(texts):
         raise ValueError(f"{len(contexts)} contexts for {len(texts)} texts; pass one context per text")
     bos = bos_token_id(tokenizer, config)
