@@ -15,6 +15,8 @@ import optax
 from jaxeif import influence
 from jaxeif import precision as precision_lib
 from jaxeif.finetune import LossFn, PyTree
+from jaxeif.options import ChunkSize
+from jaxeif.precision import Precision
 
 EPS_RATIO_64_32 = float(np.finfo(np.float64).eps / np.finfo(np.float32).eps)
 
@@ -28,20 +30,33 @@ def noise_floor(
     lr: jax.Array | float,
     steps: int = 1,
     optimizer: optax.GradientTransformation | None = None,
-    precision: str = "highest",
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
+    memory_budget: float | None = None,
     samples: int = 16,
     sigmas: float = 4.0,
-    chunk_size: int | str | None = "auto",
 ) -> jax.Array:
-    """f32[n, m]: per entry, an estimate of the rounding error of `eif(..., precision=precision)`.
+    """Per entry, an estimate of the rounding error of `eif(..., precision=precision)`.
 
     Entries with |M| above the floor have a trustworthy sign (validated against float64 in the
-    tests). Costs two EIFs of `samples` rows (one in float64). For precision="float64" the
-    float32 floor is scaled by the ratio of the two machine epsilons.
+    tests). Costs two EIFs of `samples` rows (one in float64). For dtype "float64" the float32
+    floor is scaled by the ratio of the two machine epsilons.
+
+    Args:
+        loss_fn, params, train, evals, lr, steps, optimizer, chunk_size, precision, memory_budget: as in
+            `jaxeif.eif` (the EIF whose floor is measured).
+        samples: evenly spaced train rows compared with float64.
+        sigmas: the floor in root-mean-square errors of those rows.
+
+    Returns:
+        f32[n, m], the same floor for every row of a column.
+
+    Raises:
+        TypeError, ValueError: bad arguments, named in the message.
     """
-    evals, n, lr = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                                      chunk_size=chunk_size)
-    precision = precision_lib.check(precision)
+    evals, n, lr, precision = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
+                                                 chunk_size=chunk_size, precision=precision,
+                                                 memory_budget=memory_budget)
     if not (isinstance(samples, int) and samples >= 1):
         raise ValueError(f"`samples` must be an int >= 1 (train rows compared with float64), got {samples!r}")
     if not sigmas > 0:
@@ -50,9 +65,9 @@ def noise_floor(
     sub = jax.tree.map(lambda x: x[rows], train)
     sub_lr = lr if jnp.ndim(lr) == 0 else lr[rows]
     run = lambda mode: influence.eif(loss_fn, params, sub, evals, lr=sub_lr, steps=steps, optimizer=optimizer,  # noqa: E731
-                                     chunk_size=chunk_size, precision=mode)
-    reference = run("float64")
-    measured = run("highest" if precision == "float64" else precision)
+                                     chunk_size=chunk_size, precision=mode, memory_budget=memory_budget)
+    reference = run(Precision(dtype="float64"))
+    measured = run(Precision() if precision_lib.is_float64(precision) else precision)
     rms = jnp.sqrt(jnp.mean((measured.astype(jnp.float32) - reference) ** 2, axis=0))
-    scale = sigmas * (EPS_RATIO_64_32 if precision == "float64" else 1.0)
+    scale = sigmas * (EPS_RATIO_64_32 if precision_lib.is_float64(precision) else 1.0)
     return jnp.broadcast_to(scale * rms, (n, rms.shape[0])).astype(jnp.float32)

@@ -26,7 +26,7 @@ def test_float64_mode_equals_a_float64_computation():
 def test_precision_modes_are_checked_and_run():
     params, train, _ = make_problem(n=3)
     with pytest.raises(ValueError, match="`precision` must be one of"):
-        jaxeif.eif(mlp_loss, params, train, precision="fp8")
+        jaxeif.eif(mlp_loss, params, train, lr=0.1, precision="fp8")
     ref = jaxeif.eif(mlp_loss, params, train, lr=0.1)
     for mode in ("tf32", "bfloat16"):  # on CPU both compute in float32
         M = jaxeif.eif(mlp_loss, params, train, lr=0.1, precision=mode)
