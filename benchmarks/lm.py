@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxeif.benchmarks import common
 from jaxeif import cli, io, lm
+from jaxeif.lm import dispatch
 from jaxeif.data import domains
 from jaxeif.models import loading, phi3, tokenizer
 
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
              first_call.get(name, "-"), pair_flops * rate / 1e9, pair_flops * rate / 1e9 / matmul, f"{diffs[name]:.1e}"]
             for name, rate in rates.items()]
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
-    chosen = lm.choose_path("auto", optimizer=None, steps=1, backend=jax.default_backend(), longest=int(toks.lengths.max()),
+    chosen = dispatch.choose_path("auto", optimizer=None, steps=1, backend=jax.default_backend(), longest=int(toks.lengths.max()),
                             config=config)
     print(f"LM EIF benchmark, {datetime.date.today().isoformat()}, {common.machine()}, {os.cpu_count()} CPU cores, "
           f"{device}; {what}: n=m={n}, {t} tokens, 1 SGD step lr={args.lr}, chunk_size={args.chunk_size}, "

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxeif.benchmarks import common
 from jaxeif import cli, io, lm, packing
+from jaxeif.lm import loss as lm_loss
 from jaxeif.lm import memory
 from jaxeif.models import phi3, upcast
 
@@ -68,7 +69,7 @@ def run_path(path: str, apply_fn, params, config, toks: lm.Tokens, n: int, m: in
         return lm.lowrank_sgd_eif(apply_fn, params, train, evals, config=config, lr=1e-4, chunk_size=1)
     ids = [list(map(int, row)) for row in np.asarray(toks.ids)]
     packed = packing.prefixed(ids[:n], ids[:m])  # what lm.prompted_eif runs, from token ids
-    return lm.packed_nll(apply_fn, params, packed)
+    return lm_loss.packed_nll(apply_fn, params, packed)
 
 
 def _rss(field: str) -> int:
