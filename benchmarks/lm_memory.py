@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeif.experiments import options
 from jaxeif.benchmarks import common
-from jaxeif import cli, io, lm, packing
+from jaxeif import io, lm, packing
 from jaxeif.lm import loss as lm_loss
 from jaxeif.lm import memory
 from jaxeif.models import phi3, upcast
@@ -38,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES) + list(TEST_SIZES))
     parser.add_argument("--paths", nargs="+", default=list(memory.PATHS), choices=memory.PATHS)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--n", type=cli.positive_int, default=8, help="fine-tunes")
-    parser.add_argument("--m", type=cli.positive_int, default=16, help="evals")
-    parser.add_argument("--tokens", type=cli.positive_int, default=32, help="tokens per sample")
+    parser.add_argument("--n", type=options.positive_int, default=8, help="fine-tunes")
+    parser.add_argument("--m", type=options.positive_int, default=16, help="evals")
+    parser.add_argument("--tokens", type=options.positive_int, default=32, help="tokens per sample")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
 
@@ -142,4 +143,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

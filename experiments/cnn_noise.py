@@ -20,8 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxeif
-from jaxeif import cli, desiderata as D, lr_choice, runs
-from jaxeif import precision as precision_modes
+from jaxeif.experiments import options
+from jaxeif import desiderata as D, lr_choice, runs
 from jaxeif.data import noisy_digits
 from jaxeif.models import cnn
 
@@ -31,25 +31,25 @@ DEFAULT_LR_GRID = tuple(float(x) for x in 10.0 ** np.arange(-6.0, 0.01, 0.5))
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the study (defaults reproduce the paper's figure 1)."""
-    parser.add_argument("--out", default="results/cnn_noise", help="results folder (resumed if its config matches)")
+    options.add_out(parser, "results/cnn_noise")
     parser.add_argument("--ckpt", default="results/checkpoints/cnn_fashion_mnist",
                         help="orbax checkpoint folder of the base CNN (trained there on first use)")
-    parser.add_argument("--epochs", type=cli.positive_int, default=4, help="base CNN training epochs (Adam, lr 1e-3)")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="base CNN training batch size")
-    parser.add_argument("--train-size", type=cli.positive_int, default=None, help="train the base CNN on the first N images only")
-    parser.add_argument("--per-digit", type=cli.positive_int, default=5, help="MNIST test images per digit")
-    parser.add_argument("--noise-stds", type=cli.positive_float, nargs="*", default=[0.5, 1.0], help="pixel noise standard deviations")
-    parser.add_argument("--lr", type=cli.positive_float, default=None, help="fine-tuning learning rate (default: chosen by the sweep)")
-    parser.add_argument("--lr-grid", type=cli.positive_float, nargs="+", default=list(DEFAULT_LR_GRID),
+    parser.add_argument("--epochs", type=options.positive_int, default=4, help="base CNN training epochs (Adam, lr 1e-3)")
+    parser.add_argument("--batch-size", type=options.positive_int, default=128, help="base CNN training batch size")
+    parser.add_argument("--train-size", type=options.positive_int, default=None, help="train the base CNN on the first N images only")
+    parser.add_argument("--per-digit", type=options.positive_int, default=5, help="MNIST test images per digit")
+    parser.add_argument("--noise-stds", type=options.positive_float, nargs="*", default=[0.5, 1.0], help="pixel noise standard deviations")
+    parser.add_argument("--lr", type=options.positive_float, default=None, help="fine-tuning learning rate (default: chosen by the sweep)")
+    parser.add_argument("--lr-grid", type=options.positive_float, nargs="+", default=list(DEFAULT_LR_GRID),
                         help="learning rates of the sweep, ascending (default 1e-6 .. 1 in half decades)")
-    parser.add_argument("--plateau", type=cli.unit_fraction, default=0.95,
+    parser.add_argument("--plateau", type=options.unit_fraction, default=0.95,
                         help="sweep rule: the largest lr whose EIF correlates >= this with the previous lr's")
-    parser.add_argument("--precision", default="difference", choices=precision_modes.MODES,
+    parser.add_argument("--precision", default="difference", type=options.precision,
                         help="arithmetic of the EIF (jaxeif.precision); default: the propagated difference, float32 "
                         "relative accuracy per entry at any lr (1.2x the cost of 'highest' on CPU)")
-    parser.add_argument("--steps", type=cli.positive_int, default=1, help="SGD steps per one-sample fine-tune")
-    parser.add_argument("--block-size", type=cli.positive_int, default=50, help="fine-tunes per checkpointed block")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the base CNN and of the pixel noise")
+    parser.add_argument("--steps", type=options.positive_int, default=1, help="SGD steps per one-sample fine-tune")
+    parser.add_argument("--block-size", type=options.positive_int, default=50, help="fine-tunes per checkpointed block")
+    options.add_seed(parser, "seed of the base CNN and of the pixel noise")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 digits per class, base CNN on 3000 images for 1 epoch, short lr grid")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -98,7 +98,7 @@ def sweep_matrices(params, train, lrs, *, steps: int, precision: str, progress: 
     lr's noise floor f32[k, n, n] (NaN where rows diverged: they are counted, not hidden)."""
     try:
         matrices = np.asarray(jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32), steps=steps,
-                                               precision=precision))
+                                               precision=options.precision_of(precision)))
     except jaxeif.NonFiniteInfluenceError as e:
         matrices = np.array(e.matrix)
     floors = np.full_like(matrices, np.nan)
@@ -127,7 +127,8 @@ def lr_sweep(lrs, matrices: np.ndarray, floors: np.ndarray, *, threshold: float)
 
 def noise_floor(params, train, lr: float, steps: int, precision: str) -> np.ndarray:
     """jaxeif.noise_floor of the study's EIF at this lr and precision (against float64 on 16 rows)."""
-    return np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps, precision=precision))
+    return np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps,
+                                         precision=options.precision_of(precision)))
 
 
 # Each finding of the paper as a curve over lr: (panel title, metrics key path, paper's value or None)
@@ -299,7 +300,8 @@ def run(args: argparse.Namespace) -> dict:
     lr = args.lr if args.lr is not None else sweep["chosen_lr"]
 
     t = time.perf_counter()
-    M = np.asarray(runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=args.steps, precision=args.precision,
+    M = np.asarray(runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=args.steps,
+                                  precision=options.precision_of(args.precision),
                                   progress=progress, block_size=args.block_size, run=run_dir, name="eif"))
     eif_seconds = time.perf_counter() - t  # diverged rows raise NonFiniteInfluenceError (matrix saved as eif.npy)
 
@@ -344,4 +346,6 @@ def _print_summary(path: Path, m: dict) -> None:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -22,8 +22,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxeif
+from jaxeif.experiments import options
 from jaxeif.experiments import llm_logic, llm_peft
-from jaxeif import cli, lm, lr_choice, runs
+from jaxeif import lm, lr_choice, runs
 from jaxeif.data import domains, noisy_digits
 from jaxeif.models import cnn, loading, tokenizer
 
@@ -35,13 +36,13 @@ LINEAR_CORR = 0.95  # "still linear": off-diagonal corr of first-order and exact
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options (defaults: SmolLM2, all five domains, repeat 0, lrs 1e-6..1e-1, the CNN study's cached model)."""
     parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", default="results/llm_linear", help="results folder (resumed if its config matches)")
+    options.add_out(parser, "results/llm_linear")
     parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
-    parser.add_argument("--lrs", type=cli.positive_float, nargs="+", default=list(DEFAULT_LRS), help="ascending lrs")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="the draw of entity names (repeat 0)")
+    parser.add_argument("--lrs", type=options.positive_float, nargs="+", default=list(DEFAULT_LRS), help="ascending lrs")
+    options.add_seed(parser, "the draw of entity names (repeat 0)")
     parser.add_argument("--cnn-ckpt", default="results/checkpoints/cnn_fashion_mnist",
                         help="the CNN study's base-model checkpoint (made by `jaxeif cnn`), or 'none' for no CNN curve")
-    parser.add_argument("--cnn-per-digit", type=cli.positive_int, default=5, help="MNIST test digits per class (CNN)")
+    parser.add_argument("--cnn-per-digit", type=options.positive_int, default=5, help="MNIST test digits per class (CNN)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -82,7 +83,7 @@ def linear_up_to(lrs, corrs, threshold: float = LINEAR_CORR) -> float:
 def run(args: argparse.Namespace) -> dict:
     config_dict = _config(args)
     run_dir = runs.RunDir.open(args.out, config_dict)
-    llm_logic._enable_compile_cache()
+    options.enable_compile_cache()
     progress = not args.no_progress
     t0, cpu0 = time.time(), time.process_time()
     timings = run_dir.load_json(llm_logic.TIMINGS) if run_dir.has(llm_logic.TIMINGS) else {}
@@ -132,7 +133,7 @@ def _cnn(run_dir, config_dict, lrs, timings) -> dict:
     for p in CNN_PRECISIONS:
         mats = llm_peft.cached(run_dir, f"cnn_exact_{p}.npy",
                                lambda: jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32),
-                                                        precision=p), timings)
+                                                        precision=options.precision_of(p)), timings)
         curve = [agreement(M, lr * g) for M, lr in zip(mats, lrs)]
         out["precisions"][p] = {"curve": curve, "linear_up_to": linear_up_to(lrs, [a["corr"] for a in curve])}
     return out
@@ -173,4 +174,6 @@ def format_table(results: dict) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

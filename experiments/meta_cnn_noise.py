@@ -23,8 +23,9 @@ import numpy as np
 import optax
 
 import jaxeif
+from jaxeif.experiments import options
 from jaxeif import meta
-from jaxeif import cli, runs
+from jaxeif import runs
 from jaxeif.data import noisy_digits
 from jaxeif.models import cnn
 from jaxeif.meta.image_study import Split, clean_learning, heldout_metrics, pairs, split_set  # noqa: F401 (tests use them from here)
@@ -34,27 +35,27 @@ DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the study."""
-    parser.add_argument("--out", default="results/meta_cnn_noise", help="results folder (resumed if its config matches)")
+    options.add_out(parser, "results/meta_cnn_noise")
     parser.add_argument("--ckpt", default=None,
                         help=f"orbax checkpoint folder of the base CNN (default {DEFAULT_CKPT}, shared with `jaxeif cnn`; "
                         "--quick: that + '_quick'); trained there on first use")
-    parser.add_argument("--epochs", type=cli.positive_int, default=4, help="base CNN training epochs")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="base CNN training batch size")
-    parser.add_argument("--train-size", type=cli.positive_int, default=None, help="train the base CNN on the first N images only")
-    parser.add_argument("--per-digit", type=cli.positive_int, default=2, help="meta-training MNIST test images per digit")
-    parser.add_argument("--heldout-per-digit", type=cli.positive_int, default=3, help="held-out images per digit (the next ones)")
-    parser.add_argument("--noise-stds", type=cli.positive_float, nargs="+", default=[0.5, 1.0], help="pixel noise standard deviations")
-    parser.add_argument("--lr", type=cli.positive_float, default=1e-3, help="uniform base fine-tuning rate (SGD; the 'before')")
-    parser.add_argument("--steps", type=cli.positive_int, default=1, help="SGD steps per one-sample fine-tune")
-    parser.add_argument("--chunk-size", type=cli.positive_int, default=10, help="fine-tunes vmapped at once (lax.map over chunks)")
-    parser.add_argument("--meta-steps", type=cli.positive_int, default=30, help="outer (Adam) steps")
-    parser.add_argument("--meta-lr", type=cli.positive_float, default=0.1, help="outer Adam learning rate")
-    parser.add_argument("--hidden", type=cli.positive_int, nargs="*", default=[16], help="hidden widths of the predictor MLP")
-    parser.add_argument("--max-log-gain", type=cli.positive_float, default=3.0, help="bound on |log(lr / base lr)|")
-    parser.add_argument("--keep-weight", type=cli.nonnegative_float, default=10.0, help="weight of keeping clean within-class learning")
-    parser.add_argument("--guard-weight", type=cli.nonnegative_float, default=1.0, help="weight of not raising |between-class influence|")
-    parser.add_argument("--every", type=cli.positive_int, default=5, help="checkpoint the outer loop every N steps")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the base CNN, the noise and the predictor init")
+    parser.add_argument("--epochs", type=options.positive_int, default=4, help="base CNN training epochs")
+    parser.add_argument("--batch-size", type=options.positive_int, default=128, help="base CNN training batch size")
+    parser.add_argument("--train-size", type=options.positive_int, default=None, help="train the base CNN on the first N images only")
+    parser.add_argument("--per-digit", type=options.positive_int, default=2, help="meta-training MNIST test images per digit")
+    parser.add_argument("--heldout-per-digit", type=options.positive_int, default=3, help="held-out images per digit (the next ones)")
+    parser.add_argument("--noise-stds", type=options.positive_float, nargs="+", default=[0.5, 1.0], help="pixel noise standard deviations")
+    parser.add_argument("--lr", type=options.positive_float, default=1e-3, help="uniform base fine-tuning rate (SGD; the 'before')")
+    parser.add_argument("--steps", type=options.positive_int, default=1, help="SGD steps per one-sample fine-tune")
+    parser.add_argument("--chunk-size", type=options.positive_int, default=10, help="fine-tunes vmapped at once (lax.map over chunks)")
+    parser.add_argument("--meta-steps", type=options.positive_int, default=30, help="outer (Adam) steps")
+    parser.add_argument("--meta-lr", type=options.positive_float, default=0.1, help="outer Adam learning rate")
+    parser.add_argument("--hidden", type=options.positive_int, nargs="*", default=[16], help="hidden widths of the predictor MLP")
+    parser.add_argument("--max-log-gain", type=options.positive_float, default=3.0, help="bound on |log(lr / base lr)|")
+    parser.add_argument("--keep-weight", type=options.nonnegative_float, default=10.0, help="weight of keeping clean within-class learning")
+    parser.add_argument("--guard-weight", type=options.nonnegative_float, default=1.0, help="weight of not raising |between-class influence|")
+    parser.add_argument("--every", type=options.positive_int, default=5, help="checkpoint the outer loop every N steps")
+    options.add_seed(parser, "seed of the base CNN, the noise and the predictor init")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2+2 digits per class, base CNN on 3000 images for 1 epoch, 6 meta steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -241,4 +242,6 @@ def _summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

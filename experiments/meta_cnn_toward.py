@@ -28,8 +28,9 @@ import numpy as np
 import optax
 
 import jaxeif
+from jaxeif.experiments import options
 from jaxeif import meta
-from jaxeif import cli, runs
+from jaxeif import runs
 from jaxeif.data import noisy_digits
 from jaxeif.models import cnn
 from jaxeif.meta.image_study import Split, split_set
@@ -39,24 +40,24 @@ DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the study."""
-    parser.add_argument("--out", default="results/meta_cnn_toward", help="results folder (resumed if its config matches)")
+    options.add_out(parser, "results/meta_cnn_toward")
     parser.add_argument("--ckpt", default=None,
                         help=f"orbax checkpoint folder of the base CNN (default {DEFAULT_CKPT}, shared with `jaxeif cnn`; "
                         "--quick: that + '_quick'); trained there on first use")
-    parser.add_argument("--epochs", type=cli.positive_int, default=4, help="base CNN training epochs")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="base CNN training batch size")
-    parser.add_argument("--train-size", type=cli.positive_int, default=None, help="train the base CNN on the first N images only")
-    parser.add_argument("--per-digit", type=cli.positive_int, default=1, help="meta-training MNIST test images per digit")
-    parser.add_argument("--heldout-per-digit", type=cli.positive_int, default=2, help="held-out images per digit (the next ones)")
-    parser.add_argument("--noise-std", type=cli.positive_float, default=0.5, help="pixel noise of the noisy copies")
-    parser.add_argument("--noisy-weight", type=cli.nonnegative_float, default=0.5,
+    parser.add_argument("--epochs", type=options.positive_int, default=4, help="base CNN training epochs")
+    parser.add_argument("--batch-size", type=options.positive_int, default=128, help="base CNN training batch size")
+    parser.add_argument("--train-size", type=options.positive_int, default=None, help="train the base CNN on the first N images only")
+    parser.add_argument("--per-digit", type=options.positive_int, default=1, help="meta-training MNIST test images per digit")
+    parser.add_argument("--heldout-per-digit", type=options.positive_int, default=2, help="held-out images per digit (the next ones)")
+    parser.add_argument("--noise-std", type=options.positive_float, default=0.5, help="pixel noise of the noisy copies")
+    parser.add_argument("--noisy-weight", type=options.nonnegative_float, default=0.5,
                         help="drawn same-class learning from a noisy copy, relative to a clean digit's 1")
-    parser.add_argument("--lr", type=cli.positive_float, default=1e-3, help="uniform fine-tuning rate (SGD), the start and the 'before'")
-    parser.add_argument("--chunk-size", type=cli.chunk_size, default="auto", help="fine-tunes vmapped at once: auto (1 on CPU) or an int")
-    parser.add_argument("--meta-steps", type=cli.positive_int, default=30, help="outer (Adam) steps")
-    parser.add_argument("--meta-lr", type=cli.positive_float, default=0.1, help="outer Adam learning rate (on log-lrs)")
-    parser.add_argument("--every", type=cli.positive_int, default=10, help="checkpoint the outer loop every N steps")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the base CNN and the noise")
+    parser.add_argument("--lr", type=options.positive_float, default=1e-3, help="uniform fine-tuning rate (SGD), the start and the 'before'")
+    parser.add_argument("--chunk-size", type=options.chunk_size, default="auto", help="fine-tunes vmapped at once: auto (1 on CPU) or an int")
+    parser.add_argument("--meta-steps", type=options.positive_int, default=30, help="outer (Adam) steps")
+    parser.add_argument("--meta-lr", type=options.positive_float, default=0.1, help="outer Adam learning rate (on log-lrs)")
+    parser.add_argument("--every", type=options.positive_int, default=10, help="checkpoint the outer loop every N steps")
+    options.add_seed(parser, "seed of the base CNN and the noise")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1+1 digits per class, base CNN on 3000 images for 1 epoch, 4 meta steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -255,4 +256,6 @@ def format_summary(results: dict) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxeif
+from jaxeif.experiments import options
 from jaxeif import meta
 from jaxeif.experiments import meta_cnn_noise
-from jaxeif import cli, runs
+from jaxeif import runs
 from jaxeif.data import noisy_digits as data
 from jaxeif.models import cnn
 from jaxeif.meta.image_study import Split, heldout_metrics, split_set
@@ -47,9 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meta-out", default=None,
                         help="results folder of the study-1 run that trains the predictor (default OUT/meta_cnn_noise; "
                         "a finished `jaxeif meta-cnn` folder with the same options is reused)")
-    parser.add_argument("--salt-pepper", type=cli.unit_fraction, nargs="+", default=[0.1, 0.3],
+    parser.add_argument("--salt-pepper", type=options.unit_fraction, nargs="+", default=[0.1, 0.3],
                         help="salt-and-pepper fractions p (each pixel set to 0 or 1 with probability p)")
-    parser.add_argument("--blur-sigmas", type=cli.positive_float, nargs="+", default=[1.0, 2.0],
+    parser.add_argument("--blur-sigmas", type=options.positive_float, nargs="+", default=[1.0, 2.0],
                         help="Gaussian blur standard deviations (pixels, < 28/3)")
 
 
@@ -225,4 +226,6 @@ def _summary(r: dict) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -35,8 +35,9 @@ import optax
 from scipy import stats
 
 import jaxeif
+from jaxeif.experiments import options
 from jaxeif import meta
-from jaxeif import cli, desiderata, lm, runs
+from jaxeif import desiderata, lm, runs
 from jaxeif.data import domains
 from jaxeif.finetune import first_update, scale_updates
 from jaxeif.models import loading, tokenizer
@@ -53,19 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the study."""
     parser.add_argument("--model", default=None,
                         help="Phi-3 or Llama checkpoint directory or .gguf; default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--out", default="results/meta_llm_logic", help="results folder (resumed if its config matches)")
-    parser.add_argument("--draws", type=cli.positive_int, default=4, help="meta-training name draws (seeds --seed ...)")
-    parser.add_argument("--heldout-draws", type=cli.positive_int, default=64, help="held-out name draws (seeds --heldout-seed ...)")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="first seed of the meta-training draws")
-    parser.add_argument("--heldout-seed", type=cli.nonnegative_int, default=1000, help="first seed of the held-out draws")
-    parser.add_argument("--lr-grid", type=cli.positive_float, nargs="+", default=[1e-4, 3e-4, 1e-3],
+    options.add_out(parser, "results/meta_llm_logic")
+    parser.add_argument("--draws", type=options.positive_int, default=4, help="meta-training name draws (seeds --seed ...)")
+    parser.add_argument("--heldout-draws", type=options.positive_int, default=64, help="held-out name draws (seeds --heldout-seed ...)")
+    options.add_seed(parser, "first seed of the meta-training draws")
+    parser.add_argument("--heldout-seed", type=options.nonnegative_int, default=1000, help="first seed of the held-out draws")
+    parser.add_argument("--lr-grid", type=options.positive_float, nargs="+", default=[1e-4, 3e-4, 1e-3],
                         help="uniform SGD rates tried on the meta-training draws; the best is the baseline and the base rate")
-    parser.add_argument("--meta-steps", type=cli.positive_int, default=8, help="outer (Adam) steps")
-    parser.add_argument("--meta-lr", type=cli.positive_float, default=0.2, help="outer Adam learning rate (on log-multipliers)")
-    parser.add_argument("--keep-weight", type=cli.nonnegative_float, default=1.0,
+    parser.add_argument("--meta-steps", type=options.positive_int, default=8, help="outer (Adam) steps")
+    parser.add_argument("--meta-lr", type=options.positive_float, default=0.2, help="outer Adam learning rate (on log-multipliers)")
+    parser.add_argument("--keep-weight", type=options.nonnegative_float, default=1.0,
                         help="weight of keeping the implied statement's gain at the uniform-lr level")
     parser.add_argument("--no-center", action="store_true", help="do not centre the log-multipliers (lets the overall rate move)")
-    parser.add_argument("--every", type=cli.positive_int, default=3, help="checkpoint the outer loop every N steps")
+    parser.add_argument("--every", type=options.positive_int, default=3, help="checkpoint the outer loop every N steps")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 draws, 2 held-out draws, 4 meta steps, 2 grid rates")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -462,4 +463,6 @@ def format_summary(results: dict) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -63,8 +63,8 @@ def eif_linearized(
     if steps != 1:
         raise ValueError(f"eif_linearized approximates one step, got steps={steps}; use jaxeif.eif for steps > 1")
     if precision_lib.propagates_difference(precision):
-        raise ValueError(f"precision={precision} applies to the exact EIF only; eif_linearized takes a Precision with "
-                         "difference=False")
+        raise ValueError(f"precision={precision_lib.name(precision)!r} applies to the exact EIF only; eif_linearized "
+                         "takes a Precision with difference=False")
     progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lr)))
     total = n + checks.leading_axis("evals", evals)
     with precision_lib.context(precision), progress_lib.bar(total, "eif_linearized examples", progress):

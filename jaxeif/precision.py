@@ -90,13 +90,6 @@ def named(short: Name) -> Precision:
     return NAMES[short]
 
 
-def check(precision: Any) -> Precision:
-    """The checked Precision of a `precision=` argument (see jaxeif.options.check_precision)."""
-    from jaxeif import options  # options imports this module for the Precision type
-
-    return options.check_precision(precision)
-
-
 def _matmul_setting(precision: Precision) -> str:
     """The jax.default_matmul_precision value of a checked Precision."""
     if precision.dtype == "bfloat16":
