@@ -88,3 +88,21 @@ def test_options_are_checked_in_one_place_with_the_argument_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert options.check_precision(jaxeif.Precision(difference=True)).difference
+
+
+def test_public_namespaces_list_what_users_call_and_old_names_warn():
+    import jaxeif.meta as meta
+    from jaxeif.lm import loss, lowrank
+
+    assert "slot_nll" not in lm.__all__ and "ROW_LENGTH" not in lm.__all__ and "make_step" not in meta.__all__
+    for namespace in (jaxeif, lm, meta):
+        assert all(hasattr(namespace, name) for name in namespace.__all__)
+    with pytest.warns(DeprecationWarning, match=r"jaxeif\.lm\.slot_nll .* import it from jaxeif\.lm\.loss"):
+        assert lm.slot_nll is loss.slot_nll
+    with pytest.warns(DeprecationWarning, match="jaxeif.lm.lowrank"):
+        from jaxeif.lm import sgd_step_lowrank
+    assert sgd_step_lowrank is lowrank.sgd_step_lowrank
+    with pytest.warns(DeprecationWarning, match="jaxeif.meta.outer"):
+        assert meta.make_step is not None
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        lm.nothing_here  # noqa: B018
