@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import jaxeif
 from jaxeif.experiments import options
 from jaxeif.experiments import llm_logic, llm_peft
-from jaxeif import lm, lr_choice, runs
+from jaxeif import compile_cache, lm, lr_choice, runs
 from jaxeif.data import domains, noisy_digits
 from jaxeif.models import cnn, loading, tokenizer
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
     args = options.config_of(Config, args)
     config_dict = _config(args)
     run_dir = runs.RunDir.open(args.out, config_dict)
-    options.enable_compile_cache()
+    compile_cache.enable()  # a rerun or resume loads its programs from disk
     progress = not args.no_progress
     t0, cpu0 = time.time(), time.process_time()
     timings = run_dir.load_json(llm_logic.TIMINGS) if run_dir.has(llm_logic.TIMINGS) else {}

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import jaxeif
 from jaxeif.experiments import options
-from jaxeif import desiderata, lm, lr_choice, runs
+from jaxeif import compile_cache, desiderata, lm, lr_choice, runs
 from jaxeif.data import domains
 from jaxeif.models import loading, lora, tokenizer
 
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
 
     config_dict = _config(args)
     run_dir = runs.RunDir.open(args.out, config_dict)
-    options.enable_compile_cache()
+    compile_cache.enable()  # a rerun or resume loads its programs from disk
     t0, cpu0 = time.time(), time.process_time()
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     draws = {(d, r): domains.draw(d, args.seed + r) for r in range(args.repeats) for d in args.domains}

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from jaxeif.experiments import options
 from jaxeif.experiments import llm_logic
-from jaxeif import desiderata, lm, lr_choice, runs
+from jaxeif import compile_cache, desiderata, lm, lr_choice, runs
 from jaxeif.data import domains
 from jaxeif.models import loading, lora, tokenizer
 
@@ -105,7 +105,7 @@ def matrix_key(method: str, name: str, repeat: int, lr: float) -> str:
 def run(args: argparse.Namespace) -> dict:
     config_dict = _config(args)
     run_dir = runs.RunDir.open(args.out, config_dict)
-    options.enable_compile_cache()
+    compile_cache.enable()  # a rerun or resume loads its programs from disk
     t0, cpu0 = time.time(), time.process_time()
     apply_fn, params, config = loading.from_pretrained(args.model)
     tok = tokenizer.load_tokenizer(args.model)

@@ -1,4 +1,4 @@
-"""The options studies and benchmarks share: argparse types, `--out`, `--seed`, the compile cache, and
+"""The options studies and benchmarks share: argparse types, `--out`, `--seed`, and
 config dataclasses that generate both a study's flags and its `config.json` (configs as data).
 
 A study lists each option once, as a field of a frozen dataclass:
@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 from typing import Any, Callable, Sequence, TypeVar
-
-import jax
 
 from jaxeif import precision as precision_lib
 
@@ -95,13 +92,6 @@ def add_out(parser: argparse.ArgumentParser, default: str | None, help: str | No
 def add_seed(parser: argparse.ArgumentParser, help: str, default: int = 0) -> None:
     """`--seed`: an int >= 0."""
     parser.add_argument("--seed", type=nonnegative_int, default=default, help=help)
-
-
-def enable_compile_cache() -> None:
-    """Keep compiled XLA programs on disk (JAXEIF_COMPILE_CACHE, '' disables): a rerun or resume skips compiling."""
-    path = os.environ.get("JAXEIF_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxeif", "xla"))
-    if path:
-        jax.config.update("jax_compilation_cache_dir", path)
 
 
 # ----------------------------------------------------------------------------- config dataclasses

@@ -166,6 +166,7 @@ def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size,
     checks.positive_int("steps", steps)
     options.check_chunk_size(chunk_size)
     options.check_optimizer(optimizer)
+    checks.model_inputs(params, loss_fn)  # framework state and non-array leaves, before any dtype is asked
     checks.float_params(params)
     checks.finite("params", params)
     checks.finite("train", train)

@@ -280,6 +280,7 @@ def sweep_eif(
     """
     precision = options.check_precision(precision)
     options.check_memory_budget(memory_budget)
+    checks.model_inputs(params, loss_fn)  # before the run's fingerprint reads them
     evals, lr_vec = _check_sweep(train, evals, lr, steps=steps, block_size=block_size, progress=progress, run=run,
                                  name=name)
     n, m = lr_vec.shape[0], checks.leading_axis("evals", evals)
