@@ -93,7 +93,15 @@ def eif_sweep(
     scales it).
 
     Args:
-        loss_fn, params, train, evals, steps, optimizer, chunk_size, precision, memory_budget: as in `eif`.
+        loss_fn: loss_fn(params, example) -> f32[], the loss of ONE example (no leading axis).
+        params: the pytree of floating parameters to fine-tune from.
+        train: pytree of arrays with a leading example axis of size n.
+        evals: pytree with a leading axis of size m (None: `train`).
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        chunk_size: rows per step ("auto": planned by XLA's memory analysis within `memory_budget`).
+        precision: the arithmetic, a jaxeif.Precision.
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
         lrs: the learning rates, f[k] (one per sweep point) or f[k, n] (per point and train example).
         progress: a bar of rows, each row being its k fine-tunes.
 
@@ -133,8 +141,17 @@ def chunk_plan(loss_fn: LossFn, params: PyTree, train: PyTree, evals: PyTree | N
     """The layout `eif` (or an eif_sweep of `sweep_points` rates) runs with, without running it.
 
     Args:
-        loss_fn, params, train, evals, lr, steps, optimizer, chunk_size, precision, progress, memory_budget:
-            as in `eif`.
+        loss_fn: loss_fn(params, example) -> f32[], the loss of ONE example (no leading axis).
+        params: the pytree of floating parameters to fine-tune from.
+        train: pytree of arrays with a leading example axis of size n.
+        evals: pytree with a leading axis of size m (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        chunk_size: rows per step ("auto": planned by XLA's memory analysis within `memory_budget`).
+        precision: the arithmetic, a jaxeif.Precision.
+        progress: show a progress bar on stderr.
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
         sweep_points: the number of learning rates of an eif_sweep (1: `eif`).
 
     Returns:

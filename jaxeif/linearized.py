@@ -43,7 +43,13 @@ def eif_linearized(
     per example and one matrix product. Differentiable in lr and params.
 
     Args:
-        loss_fn, params, train, evals, lr, optimizer, progress: as in `jaxeif.eif` (`progress`: a bar of examples).
+        loss_fn: loss_fn(params, example) -> f32[], the loss of ONE example (no leading axis).
+        params: the pytree of floating parameters to fine-tune from.
+        train: pytree of arrays with a leading example axis of size n.
+        evals: pytree with a leading axis of size m (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        progress: a bar of examples on stderr.
         steps: must be 1 (the approximation is of one step).
         chunk_size: examples whose gradients are computed per step; "auto" picks the most that fit
             `memory_budget` by XLA's memory analysis (as in `jaxeif.eif`); None: all at once.

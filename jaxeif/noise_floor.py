@@ -43,8 +43,16 @@ def noise_floor(
     floor is scaled by the ratio of the two machine epsilons.
 
     Args:
-        loss_fn, params, train, evals, lr, steps, optimizer, chunk_size, precision, memory_budget: as in
-            `jaxeif.eif` (the EIF whose floor is measured).
+        loss_fn: loss_fn(params, example) -> f32[], the loss of ONE example (no leading axis).
+        params: the pytree of floating parameters to fine-tune from.
+        train: pytree of arrays with a leading example axis of size n.
+        evals: pytree with a leading axis of size m (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        chunk_size: rows per step ("auto": planned by XLA's memory analysis within `memory_budget`).
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+        precision: the arithmetic of the EIF whose floor is measured, a jaxeif.Precision.
         samples: evenly spaced train rows compared with float64.
         sigmas: the floor in root-mean-square errors of those rows.
 

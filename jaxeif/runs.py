@@ -259,8 +259,16 @@ def sweep_eif(
     A killed sweep resumes from its finished blocks (bit-identical result).
 
     Args:
-        loss_fn, params, train, evals, lr, steps, optimizer, chunk_size, precision, memory_budget: as in
-            `jaxeif.eif`, passed through to `eif_fn` (precision is part of what a resume must match).
+        loss_fn: loss_fn(params, example) -> f32[], the loss of ONE example (no leading axis).
+        params: the pytree of floating parameters to fine-tune from.
+        train: pytree of arrays with a leading example axis of size n.
+        evals: pytree with a leading axis of size m (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        chunk_size: rows per step ("auto": planned by XLA's memory analysis within `memory_budget`).
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+        precision: the arithmetic, a jaxeif.Precision (part of what a resume must match).
         progress: a bar of blocks.
         block_size: train rows per checkpointed block.
         run: the RunDir to checkpoint in (None: nothing saved).

@@ -53,7 +53,16 @@ def eif_sharded(
     dropped.
 
     Args:
-        loss_fn, params, train, evals, lr, steps, optimizer, precision, progress, memory_budget: as in `jaxeif.eif`.
+        loss_fn: loss_fn(params, example) -> f32[], the loss of ONE example (no leading axis).
+        params: the pytree of floating parameters to fine-tune from.
+        train: pytree of arrays with a leading example axis of size n.
+        evals: pytree with a leading axis of size m (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        precision: the arithmetic, a jaxeif.Precision.
+        progress: show a progress bar on stderr.
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
         chunk_size: rows in flight per device; "auto" is planned for one device's share of rows
             (jaxeif.chunking), as in `jaxeif.eif`.
         devices: the devices to split rows over (None: all of `jax.devices()`, every host's).

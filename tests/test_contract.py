@@ -7,11 +7,11 @@ import optax
 import pytest
 
 import jaxeif
-from jaxeif import lm, options, runs
+from jaxeif import lm, multihost, options, runs, store
 
 EIF_FUNCTIONS = [jaxeif.eif, jaxeif.eif_sweep, jaxeif.eif_linearized, jaxeif.eif_sharded, jaxeif.noise_floor,
                  jaxeif.chunk_plan, runs.sweep_eif, lm.finetuned_eif, lm.lora_eif, lm.lowrank_sgd_eif,
-                 lm.linearized_sgd_eif, lm.prompted_eif]
+                 lm.linearized_sgd_eif, lm.prompted_eif, store.fill, store.fill_spmd, multihost.eif_rows]
 SHARED = ("lr", "steps", "optimizer", "chunk_size", "precision", "progress", "memory_budget")
 WITHOUT_A_BUDGET = {lm.prompted_eif}  # one packed forward pass per row: nothing to plan
 

@@ -48,8 +48,14 @@ def finetuned_eif(
     Args:
         apply_fn: the decoder, apply_fn(params, ids, attention_mask=None, delta=None, positions=None).
         params: its parameters (every floating leaf is fine-tuned).
-        train, evals: jaxeif.lm.Tokens (evals None: train).
-        lr, steps, optimizer, chunk_size, precision, progress: as in `jaxeif.eif` (`chunk_size`: fine-tunes per step).
+        train: the fine-tune samples, jaxeif.lm.Tokens.
+        evals: the evaluated samples, jaxeif.lm.Tokens (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        chunk_size: fine-tunes per step ("auto": planned by XLA's memory analysis within `memory_budget`).
+        precision: the arithmetic, a jaxeif.Precision.
+        progress: show a progress bar on stderr.
         path: "auto" picks the faster exact path (`jaxeif.lm.dispatch`: low-rank for one plain SGD step on
             CPU, else dense); "dense" / "lowrank" force one ("lowrank" needs optimizer=None, steps=1).
         config: the decoder's Phi3Config (default apply_fn.config).
@@ -116,9 +122,18 @@ def lora_eif(
     """LoRA EIF: only the adapters are fine-tuned (vmapped over samples); the base params are shared.
 
     Args:
-        apply_fn, params, train, evals: as in `finetuned_eif`.
+        apply_fn: the decoder, apply_fn(params, ids, attention_mask=None, delta=None, positions=None).
+        params: the base parameters, shared by every fine-tune.
+        train: the fine-tune samples, jaxeif.lm.Tokens.
+        evals: the evaluated samples, jaxeif.lm.Tokens (None: `train`).
         adapters: a `jaxeif.models.lora.Adapters` (deltas + static scale) or a plain delta dict.
-        lr, steps, optimizer, chunk_size, precision, progress, memory_budget: as in `jaxeif.eif`.
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        chunk_size: rows per step ("auto": planned by XLA's memory analysis within `memory_budget`).
+        precision: the arithmetic, a jaxeif.Precision.
+        progress: show a progress bar on stderr.
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
 
     Returns:
         f32[n, m].

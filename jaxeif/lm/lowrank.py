@@ -250,8 +250,12 @@ def lowrank_sgd_eif(
     Equals `finetuned_eif(..., steps=1, optimizer=None, path="dense")`.
 
     Args:
-        apply_fn, params, train, evals, config: as in `finetuned_eif`.
-        lr: as in `jaxeif.eif`.
+        apply_fn: the decoder, apply_fn(params, ids, attention_mask=None, delta=None, positions=None).
+        params: the decoder's parameters.
+        train: the fine-tune samples, jaxeif.lm.Tokens.
+        evals: the evaluated samples, jaxeif.lm.Tokens (None: `train`).
+        config: the decoder's Phi3Config (default apply_fn.config).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
         chunk_size: fine-tunes (rows) vmapped per step; "auto": one on CPU, on GPU/TPU the most whose
             program fits `memory_budget` (jaxeif.chunking), as in `jaxeif.eif`.
         precision: any jaxeif.Precision; difference=True propagates each eval loss's change from the
@@ -296,9 +300,18 @@ def linearized_sgd_eif(
     is the derivative of eval j's loss along sample i's low-rank step (a forward-mode pass per eval row).
 
     Args:
-        apply_fn, params, train, evals, lr, chunk_size, precision, config, progress, memory_budget, row_length,
-            rank_bucket: as in `lowrank_sgd_eif` (difference=True changes nothing here: there is no
-            difference of losses).
+        apply_fn: the decoder, apply_fn(params, ids, attention_mask=None, delta=None, positions=None).
+        params: the decoder's parameters.
+        train: the fine-tune samples, jaxeif.lm.Tokens.
+        evals: the evaluated samples, jaxeif.lm.Tokens (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        chunk_size: fine-tunes (rows) vmapped per step, as in `lowrank_sgd_eif`.
+        precision: a jaxeif.Precision (difference=True changes nothing here: no losses are subtracted).
+        config: the decoder's Phi3Config (default apply_fn.config).
+        progress: show a progress bar on stderr.
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+        row_length: tokens per packed row.
+        rank_bucket: ranks are rounded up to a multiple of this (fewer compiled shapes).
 
     Returns:
         f32[n, m].
