@@ -21,8 +21,9 @@ import optax
 
 import jaxeif
 from jaxeif.benchmarks import common, export_data
-from jaxeif.benchmarks import cnn as bench_cnn
+from jaxeif.benchmarks import torch_cnn
 from jaxeif import chunking
+from jaxeif import precision as precision_lib
 from jaxeif.models import cnn
 
 # sizes: (speed n = m, PyTorch rows, full n, sweep n, sweep lrs, precision n, meta n, train epochs)
@@ -95,8 +96,8 @@ def _speed(params, x, y, n: int, torch_rows: int, use_torch: bool) -> dict:
     out.update(auto_chunks=list(chunks), auto_bytes_gib=nbytes / 2**30)
     for mode in MODES[1:] + ("float64",):
         try:
-            _wall(lambda: jaxeif.eif(cnn.loss_fn, params, train, evals, lr=lr, precision=mode))
-            _, sec = _wall(lambda: jaxeif.eif(cnn.loss_fn, params, train, evals, lr=lr, precision=mode))
+            _wall(lambda: jaxeif.eif(cnn.loss_fn, params, train, evals, lr=lr, precision=precision_lib.named(mode)))
+            _, sec = _wall(lambda: jaxeif.eif(cnn.loss_fn, params, train, evals, lr=lr, precision=precision_lib.named(mode)))
             out[f"eif_{mode}_pairs_per_s"] = n * n / sec
         except Exception as e:  # a mode the backend refuses is reported, not hidden
             out[f"eif_{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -109,12 +110,12 @@ def _speed(params, x, y, n: int, torch_rows: int, use_torch: bool) -> dict:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False  # true float32, as precision="highest"
-        net = bench_cnn.torch_net(params).to(dev)
+        net = torch_cnn.torch_net(params).to(dev)
         t = lambda a, dtype=None: torch.from_numpy(np.array(a)).to(dev) if dtype is None else torch.from_numpy(np.array(a)).to(dev).to(dtype)  # noqa: E731
         t_train = (t(train[0][:torch_rows]), t(train[1][:torch_rows], torch.long))
         t_evals = (t(evals[0]), t(evals[1], torch.long))
         sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-        for name, fn in (("torch_loop", bench_cnn.torch_loop), ("torch_func_vmap", bench_cnn.torch_func_vmap)):
+        for name, fn in (("torch_loop", torch_cnn.torch_loop), ("torch_func_vmap", torch_cnn.torch_func_vmap)):
             fn(net, t_train, t_evals, lr)
             sync()
             start = time.perf_counter()
@@ -142,12 +143,12 @@ def _precision(params, x, y) -> list[dict]:
     off = ~np.eye(len(x), dtype=bool)
     rows = []
     for lr in PRECISION_LRS:
-        ref, sec64 = _wall(lambda: jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision="float64"))
+        ref, sec64 = _wall(lambda: jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision=jaxeif.Precision(dtype="float64")))
         ref = np.asarray(ref, np.float64)
         scale = np.abs(ref).max()
         for mode in MODES:
             try:
-                M, sec = _wall(lambda: jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision=mode))
+                M, sec = _wall(lambda: jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision=precision_lib.named(mode)))
             except Exception as e:
                 rows.append({"lr": lr, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 continue
@@ -158,7 +159,7 @@ def _precision(params, x, y) -> list[dict]:
                    "sign_agreement": float(np.mean(np.sign(M[off]) == np.sign(ref[off]))),
                    "seconds": sec, "float64_seconds": sec64}
             if mode == "highest":
-                floor = np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, precision=mode))
+                floor = np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, precision=precision_lib.named(mode)))
                 above = (np.abs(M) > floor) & off
                 row["share_above_floor"] = float(above.sum() / off.sum())
                 row["sign_agreement_above_floor"] = float(np.mean(np.sign(M[above]) == np.sign(ref[above])))

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from jaxeif.benchmarks import common
+from jaxeif.desiderata import agreement
 from jaxeif.difference import loss_difference
 from jaxeif.finetune import finetune_delta
 from jaxeif.models import cnn, phi3
@@ -46,10 +47,10 @@ class Problem:
 # ----------------------------------------------------------------------------- models
 def _fashion_mnist(split: str, n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The first n (after `offset`) Fashion-MNIST images f32[n, 28, 28, 1] and labels, read from the local IDX."""
-    from jaxeif.data.images import _IDX_FILES, FASHION_MNIST_DIR
+    from jaxeif.data.images import IDX_FILES, FASHION_MNIST_DIR
 
     def idx(key):
-        with gzip.open(FASHION_MNIST_DIR / _IDX_FILES[f"{split}_{key}"]) as f:
+        with gzip.open(FASHION_MNIST_DIR / IDX_FILES[f"{split}_{key}"]) as f:
             raw = f.read()
         ndim = raw[3]
         shape = np.frombuffer(raw[4:4 + 4 * ndim], ">u4").astype(int)
@@ -193,18 +194,6 @@ def truth64(loss_fn, params, ds, evals) -> np.ndarray:
     """The direct matrix in float64 on the same weights and float32 deltas."""
     with jax.enable_x64(True):
         return np.asarray(direct_matrix(loss_fn, to_float64(params), to_float64(ds), to_float64(evals)))
-
-
-def agreement(matrix, truth) -> dict:
-    """Off-diagonal sign agreement and median / 99th-percentile relative error of `matrix` against `truth`."""
-    matrix, truth = np.asarray(matrix, np.float64), np.asarray(truth, np.float64)
-    off = ~np.eye(*truth.shape, dtype=bool) if truth.shape[0] == truth.shape[1] else np.ones(truth.shape, bool)
-    zero = off & (truth == 0)  # no sign, no relative error: counted, left out
-    off &= truth != 0
-    rel = np.abs(matrix - truth)[off] / np.abs(truth[off])
-    return {"sign_agreement": float(np.mean(np.sign(matrix[off]) == np.sign(truth[off]))),
-            "median_rel_error": float(np.median(rel)), "p99_rel_error": float(np.quantile(rel, 0.99)),
-            "zero_truth_entries": int(zero.sum())}
 
 
 # ----------------------------------------------------------------------------- the run

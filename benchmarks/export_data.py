@@ -11,12 +11,13 @@ import sys
 
 import numpy as np
 
-from jaxeif import cli, io
+from jaxeif.experiments import options
+from jaxeif import io
 from jaxeif.data import images
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="the .npz file to write")
+    options.add_out(parser, None, "the .npz file to write")
     parser.add_argument("--test", type=int, default=10_000, help="test images (the first N of the split)")
     parser.add_argument("--train", type=int, default=20_000, help="train images (the first N; 0 for none)")
 
@@ -55,4 +56,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxeif import cli
+from jaxeif.experiments import options
 from jaxeif.models import tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="the folder to write the tokenizer files into")
+    options.add_out(parser, None, "the folder to write the tokenizer files into")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -24,4 +24,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeif.experiments import options
 from jaxeif.benchmarks import common
-from jaxeif import cli, io, lm
+from jaxeif import io, lm
+from jaxeif.lm import dispatch
 from jaxeif.data import domains
 from jaxeif.models import loading, phi3, tokenizer
 
@@ -43,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", default="transitivity", help=f"one of {', '.join(domains.DOMAINS)}")
     parser.add_argument("--n", type=int, default=0, help="use the first n samples (0: all; with --random: 64)")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chunk-size", type=cli.chunk_size, default="auto", help="fine-tunes per step, or auto")
-    parser.add_argument("--precision", default="highest", help="a jaxeif.precision mode")
+    options.add_seed(parser, "seed of the drawn entity names")
+    parser.add_argument("--chunk-size", type=options.chunk_size, default="auto", help="fine-tunes per step, or auto")
+    parser.add_argument("--precision", default="highest", type=options.precision, help="a jaxeif.precision name")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch loop")
     parser.add_argument("--no-dense", action="store_true", help="skip jaxeif's dense path")
     parser.add_argument("--matmul-size", type=int, default=2048)
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     pair_flops = common.compiled_flops(lm.NLL(apply_fn), params, one)
     matmul = common.matmul_gflops(args.matmul_size)
     path = lambda p: lambda: lm.finetuned_eif(apply_fn, params, toks, lr=args.lr, path=p, chunk_size=args.chunk_size,  # noqa: E731
-                                              precision=args.precision, config=config)
+                                              precision=options.precision_of(args.precision), config=config)
     contenders = [(LOWRANK, path("lowrank"))]
     if not args.no_dense:
         contenders.append((DENSE, path("dense")))
@@ -143,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
              first_call.get(name, "-"), pair_flops * rate / 1e9, pair_flops * rate / 1e9 / matmul, f"{diffs[name]:.1e}"]
             for name, rate in rates.items()]
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
-    chosen = lm.choose_path("auto", optimizer=None, steps=1, backend=jax.default_backend(), longest=int(toks.lengths.max()),
+    chosen = dispatch.choose_path("auto", optimizer=None, steps=1, backend=jax.default_backend(), longest=int(toks.lengths.max()),
                             config=config)
     print(f"LM EIF benchmark, {datetime.date.today().isoformat()}, {common.machine()}, {os.cpu_count()} CPU cores, "
           f"{device}; {what}: n=m={n}, {t} tokens, 1 SGD step lr={args.lr}, chunk_size={args.chunk_size}, "
@@ -165,4 +167,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

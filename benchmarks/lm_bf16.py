@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeif.experiments import options
 from jaxeif.benchmarks import common
-from jaxeif import cli, io, lm, runs
+from jaxeif import io, lm, runs
 from jaxeif.data import domains
 from jaxeif.models import loading, phi3, tokenizer, upcast
 
@@ -35,9 +36,9 @@ VARIANTS = ("bf16-model", "bf16-weights", "f32-rounded")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="docs/lm_bf16_error.json", help="write every number here")
-    parser.add_argument("--lr", type=cli.positive_float, default=1e-4, help="SGD learning rate (the study's: 1e-4)")
+    parser.add_argument("--lr", type=options.positive_float, default=1e-4, help="SGD learning rate (the study's: 1e-4)")
     parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="entity names of domains.draw")
+    options.add_seed(parser, "entity names of domains.draw")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--reference", default="results/lm_bf16_reference.npz",
@@ -113,4 +114,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

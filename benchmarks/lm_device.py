@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
+from jaxeif.experiments import options
 from jaxeif.benchmarks import common
-from jaxeif import chunking, cli, io, lm
+from jaxeif import chunking, io, lm
 from jaxeif.lm import memory
 from jaxeif.data import domains
 from jaxeif.models import phi3, upcast
@@ -50,16 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="phi3-mini (3.8B) or tiny (CPU tests); auto: phi3-mini on an accelerator, tiny on CPU")
     parser.add_argument("--stages", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
-    parser.add_argument("--budget-s", type=cli.positive_float, default=420.0,
+    parser.add_argument("--budget-s", type=options.positive_float, default=420.0,
                         help="overall seconds: no new step starts after this (a running one finishes)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="the params' dtype")
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default="float32", help="activations' dtype")
-    parser.add_argument("--lr", type=cli.positive_float, default=1e-4, help="SGD learning rate")
-    parser.add_argument("--chunk-size", type=cli.positive_int, default=1, help="dense: fine-tunes at once")
-    parser.add_argument("--lowrank-chunk-size", type=cli.chunk_size, default="auto",
+    parser.add_argument("--lr", type=options.positive_float, default=1e-4, help="SGD learning rate")
+    parser.add_argument("--chunk-size", type=options.positive_int, default=1, help="dense: fine-tunes at once")
+    parser.add_argument("--lowrank-chunk-size", type=options.chunk_size, default="auto",
                         help="low-rank: fine-tunes at once (auto: as many as fit on an accelerator, one on CPU)")
     parser.add_argument("--warm", action="store_true", help="time a second (compiled) call of every step too")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="entity names and random weights")
+    options.add_seed(parser, "entity names and random weights")
     parser.add_argument("--json", default=None, help="write every number here (after each step)")
 
 
@@ -253,4 +254,6 @@ def table(report: dict) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

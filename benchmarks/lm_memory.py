@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeif.experiments import options
 from jaxeif.benchmarks import common
-from jaxeif import cli, io, lm, packing
+from jaxeif import io, lm, packing
+from jaxeif.lm import loss as lm_loss
 from jaxeif.lm import memory
 from jaxeif.models import phi3, upcast
 
@@ -37,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES) + list(TEST_SIZES))
     parser.add_argument("--paths", nargs="+", default=list(memory.PATHS), choices=memory.PATHS)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--n", type=cli.positive_int, default=8, help="fine-tunes")
-    parser.add_argument("--m", type=cli.positive_int, default=16, help="evals")
-    parser.add_argument("--tokens", type=cli.positive_int, default=32, help="tokens per sample")
+    parser.add_argument("--n", type=options.positive_int, default=8, help="fine-tunes")
+    parser.add_argument("--m", type=options.positive_int, default=16, help="evals")
+    parser.add_argument("--tokens", type=options.positive_int, default=32, help="tokens per sample")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
 
@@ -68,7 +70,7 @@ def run_path(path: str, apply_fn, params, config, toks: lm.Tokens, n: int, m: in
         return lm.lowrank_sgd_eif(apply_fn, params, train, evals, config=config, lr=1e-4, chunk_size=1)
     ids = [list(map(int, row)) for row in np.asarray(toks.ids)]
     packed = packing.prefixed(ids[:n], ids[:m])  # what lm.prompted_eif runs, from token ids
-    return lm.packed_nll(apply_fn, params, packed)
+    return lm_loss.packed_nll(apply_fn, params, packed)
 
 
 def _rss(field: str) -> int:
@@ -141,4 +143,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -20,7 +20,6 @@ import numpy as np
 
 import jaxeif
 from jaxeif.benchmarks import common
-from jaxeif import cli
 from jaxeif.models import cnn
 
 
@@ -91,4 +90,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -10,6 +10,7 @@ eif_heatmap.png (sign: -EIF, positive = more likely, as in the paper), eif_histo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -20,8 +21,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxeif
-from jaxeif import cli, desiderata as D, lr_choice, runs
-from jaxeif import precision as precision_modes
+from jaxeif.experiments import options
+from jaxeif import desiderata as D, lr_choice, runs
 from jaxeif.data import noisy_digits
 from jaxeif.models import cnn
 
@@ -33,64 +34,59 @@ DEFAULT_LR_GRID = tuple(float(x) for x in 10.0 ** np.arange(-6.0, 0.01, 0.5))
 QUICK_OVERRIDES = ("epochs", "per_digit")
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The study's options (defaults reproduce the paper's figure 1), listed once: they generate its flags
+    (`add_arguments`) and its config.json (`_config`)."""
+
+    out: str = options.out("results/cnn_noise")
+    ckpt: str = options.field("results/checkpoints/cnn_fashion_mnist",
+                              "orbax checkpoint folder of the base CNN (trained there on first use)")
+    epochs: int = options.field(4, "base CNN training epochs (Adam, lr 1e-3)", type=options.positive_int)
+    batch_size: int = options.field(128, "base CNN training batch size", type=options.positive_int)
+    train_size: int | None = options.field(None, "train the base CNN on the first N images only",
+                                           type=options.positive_int)
+    per_digit: int = options.field(5, "MNIST test images per digit", type=options.positive_int)
+    noise_stds: list = options.field([0.5, 1.0], "pixel noise standard deviations", type=options.positive_float,
+                                     nargs="*")
+    lr: float | None = options.field(None, "fine-tuning learning rate (default: chosen by the sweep)",
+                                     type=options.positive_float)
+    lr_grid: list = options.field(list(DEFAULT_LR_GRID), "learning rates of the sweep, ascending (default 1e-6 .. 1 "
+                                                         "in half decades)", type=options.positive_float, nargs="+")
+    plateau: float = options.field(0.95, "sweep rule: the largest lr whose EIF correlates >= this with the previous "
+                                         "lr's", type=options.unit_fraction)
+    precision: str = options.field("difference", "arithmetic of the EIF (jaxeif.precision); default: the propagated "
+                                                 "difference, float32 relative accuracy per entry at any lr (1.2x the "
+                                                 "cost of 'highest' on CPU)", type=options.precision)
+    steps: int = options.field(1, "SGD steps per one-sample fine-tune", type=options.positive_int)
+    block_size: int = options.field(50, "fine-tunes per checkpointed block", type=options.positive_int)
+    seed: int = options.seed("seed of the base CNN and of the pixel noise")
+    quick: bool = options.switch("smoke run: 2 digits per class, base CNN on 3000 images for 1 epoch, short lr grid")
+    no_progress: bool = options.switch("no progress bars")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the study (defaults reproduce the paper's figure 1)."""
-    parser.add_argument("--out", default="results/cnn_noise", help="results folder (resumed if its config matches)")
-    parser.add_argument("--ckpt", default="results/checkpoints/cnn_fashion_mnist",
-                        help="orbax checkpoint folder of the base CNN (trained there on first use)")
-    parser.add_argument("--epochs", type=cli.positive_int, default=4, help="base CNN training epochs (Adam, lr 1e-3)")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="base CNN training batch size")
-    parser.add_argument("--train-size", type=cli.positive_int, default=None, help="train the base CNN on the first N images only")
-    parser.add_argument("--per-digit", type=cli.positive_int, default=5, help="MNIST test images per digit")
-    parser.add_argument("--noise-stds", type=cli.positive_float, nargs="*", default=[0.5, 1.0], help="pixel noise standard deviations")
-    parser.add_argument("--lr", type=cli.positive_float, default=None, help="fine-tuning learning rate (default: chosen by the sweep)")
-    parser.add_argument("--lr-grid", type=cli.positive_float, nargs="+", default=list(DEFAULT_LR_GRID),
-                        help="learning rates of the sweep, ascending (default 1e-6 .. 1 in half decades)")
-    parser.add_argument("--plateau", type=cli.unit_fraction, default=0.95,
-                        help="sweep rule: the largest lr whose EIF correlates >= this with the previous lr's")
-    parser.add_argument("--precision", default="difference", choices=precision_modes.MODES,
-                        help="arithmetic of the EIF (jaxeif.precision); default: the propagated difference, float32 "
-                        "relative accuracy per entry at any lr (1.2x the cost of 'highest' on CPU)")
-    parser.add_argument("--steps", type=cli.positive_int, default=1, help="SGD steps per one-sample fine-tune")
-    parser.add_argument("--block-size", type=cli.positive_int, default=50, help="fine-tunes per checkpointed block")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the base CNN and of the pixel noise")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 digits per class, base CNN on 3000 images for 1 epoch, short lr grid")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    """Options of the study: the fields of `Config`."""
+    options.add_config(parser, Config)
 
 
-def _config(args: argparse.Namespace) -> dict:
-    """The run's configuration as plain data (after --quick is applied); a resumed run must match it."""
-    if args.quick:
-        args.per_digit = min(args.per_digit, 2)
-        args.train_size = args.train_size or 3000
-        args.epochs = 1
-        if args.lr_grid == list(DEFAULT_LR_GRID):
-            args.lr_grid = [1e-3, 3e-3, 1e-2, 3e-2]
-    if list(args.lr_grid) != sorted(args.lr_grid) or len(args.lr_grid) < 2 or min(args.lr_grid) <= 0:
-        raise ValueError(f"--lr-grid must hold at least two positive learning rates in ascending order, got {args.lr_grid}")
-    if args.lr is not None and not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    if not 0 < args.plateau <= 1:
-        raise ValueError(f"--plateau is a correlation threshold in (0, 1], got {args.plateau}")
-    return {
-        "study": "cnn_noise",
-        "ckpt": str(Path(args.ckpt).expanduser().absolute()),
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "train_size": args.train_size,
-        "per_digit": args.per_digit,
-        "noise_stds": [float(s) for s in args.noise_stds],
-        "lr": args.lr,
-        "lr_grid": [float(x) for x in args.lr_grid],
-        "plateau": args.plateau,
-        "steps": args.steps,
-        "precision": args.precision,
-        "block_size": args.block_size,
-        "seed": args.seed,
-        "optimizer": "sgd",
-        "loss": "softmax cross-entropy toward Fashion class = digit",
-    }
+def _resolved(config: Config) -> Config:
+    """The options a run uses: --quick's smaller sizes and short lr grid applied; the grid checked ascending."""
+    if config.quick:
+        grid = [1e-3, 3e-3, 1e-2, 3e-2] if list(config.lr_grid) == list(DEFAULT_LR_GRID) else config.lr_grid
+        config = dataclasses.replace(config, per_digit=min(config.per_digit, 2), train_size=config.train_size or 3000,
+                                     epochs=1, lr_grid=grid)
+    if list(config.lr_grid) != sorted(config.lr_grid) or len(config.lr_grid) < 2:
+        raise ValueError(f"--lr-grid must hold at least two learning rates in ascending order, got {config.lr_grid}")
+    return config
+
+
+def _config(config: Config) -> dict:
+    """config.json: the resolved options that change results, and what the study fixes; a resumed run must match it."""
+    varying = {k: v for k, v in options.as_json(config).items() if k not in ("out", "quick", "no_progress")}
+    return {**varying, "study": "cnn_noise", "ckpt": str(Path(config.ckpt).expanduser().absolute()),
+            "noise_stds": [float(s) for s in config.noise_stds], "lr_grid": [float(x) for x in config.lr_grid],
+            "optimizer": "sgd", "loss": "softmax cross-entropy toward Fashion class = digit"}
 
 
 # ----------------------------------------------------------------------------- the lr rule
@@ -102,7 +98,7 @@ def sweep_matrices(params, train, lrs, *, steps: int, precision: str, progress: 
     lr's noise floor f32[k, n, n] (NaN where rows diverged: they are counted, not hidden)."""
     try:
         matrices = np.asarray(jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32), steps=steps,
-                                               precision=precision))
+                                               precision=options.precision_of(precision)))
     except jaxeif.NonFiniteInfluenceError as e:
         matrices = np.array(e.matrix)
     floors = np.full_like(matrices, np.nan)
@@ -131,7 +127,8 @@ def lr_sweep(lrs, matrices: np.ndarray, floors: np.ndarray, *, threshold: float)
 
 def noise_floor(params, train, lr: float, steps: int, precision: str) -> np.ndarray:
     """jaxeif.noise_floor of the study's EIF at this lr and precision (against float64 on 16 rows)."""
-    return np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps, precision=precision))
+    return np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps,
+                                         precision=options.precision_of(precision)))
 
 
 # Each finding of the paper as a curve over lr: (panel title, metrics key path, paper's value or None)
@@ -278,6 +275,7 @@ def _figures(run, M, fs, lr: float, sweep: dict | None, findings: dict | None, t
 def run(args: argparse.Namespace) -> dict:
     """Train or restore the CNN, sweep lr, compute the EIF, write matrix, metrics and figures."""
     start = time.perf_counter()
+    args = _resolved(options.config_of(Config, args))
     config = _config(args)
     progress = not args.no_progress
     run_dir = runs.RunDir.open(args.out, config)
@@ -303,13 +301,10 @@ def run(args: argparse.Namespace) -> dict:
     lr = args.lr if args.lr is not None else sweep["chosen_lr"]
 
     t = time.perf_counter()
-    M = np.asarray(runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=args.steps, precision=args.precision,
+    M = np.asarray(runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=args.steps,
+                                  precision=options.precision_of(args.precision),
                                   progress=progress, block_size=args.block_size, run=run_dir, name="eif"))
-    eif_seconds = time.perf_counter() - t
-    nan_rows = np.flatnonzero(~np.all(np.isfinite(M), axis=1))
-    if nan_rows.size:
-        raise ValueError(f"{nan_rows.size} fine-tunes diverged at lr {lr:g} (rows {nan_rows[:10].tolist()}); "
-                         "lower --lr or --steps (the matrix with NaN rows is saved as eif.npy)")
+    eif_seconds = time.perf_counter() - t  # diverged rows raise NonFiniteInfluenceError (matrix saved as eif.npy)
 
     metrics = study_metrics(M, fs.labels, fs.noise_std, fs.source, floor=noise_floor(params, train, lr, args.steps, args.precision))
     metrics.update({
@@ -352,4 +347,6 @@ def _print_summary(path: Path, m: dict) -> None:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

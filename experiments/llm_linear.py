@@ -13,6 +13,7 @@ cnn_exact_<precision>.npy, cnn_gram.npy (all resumable), linear_regime.png, timi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,8 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxeif
+from jaxeif.experiments import options
 from jaxeif.experiments import llm_logic, llm_peft
-from jaxeif import cli, lm, lr_choice, runs
+from jaxeif import compile_cache, lm, lr_choice, runs
 from jaxeif.data import domains, noisy_digits
 from jaxeif.models import cnn, loading, tokenizer
 
@@ -32,32 +34,41 @@ CNN_PRECISIONS = ("difference", "highest")
 LINEAR_CORR = 0.95  # "still linear": off-diagonal corr of first-order and exact EIF at least this
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The study's options (defaults: SmolLM2, all five domains, repeat 0, lrs 1e-6..1e-1, the CNN study's cached
+    model), listed once: they generate its flags (`add_arguments`) and its config.json (`_config`)."""
+
+    model: str | None = options.field(None, "checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
+    out: str = options.out("results/llm_linear")
+    domains: list = options.field(list(domains.DOMAINS), f"any of {', '.join(domains.DOMAINS)}", nargs="+",
+                                  choices=domains.DOMAINS)
+    lrs: list = options.field(list(DEFAULT_LRS), "ascending lrs", type=options.positive_float, nargs="+")
+    seed: int = options.seed("the draw of entity names (repeat 0)")
+    cnn_ckpt: str = options.field("results/checkpoints/cnn_fashion_mnist", "the CNN study's base-model checkpoint "
+                                  "(made by `jaxeif cnn`), or 'none' for no CNN curve")
+    cnn_per_digit: int = options.field(5, "MNIST test digits per class (CNN)", type=options.positive_int)
+    no_progress: bool = options.switch("no progress bars")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options (defaults: SmolLM2, all five domains, repeat 0, lrs 1e-6..1e-1, the CNN study's cached model)."""
-    parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", default="results/llm_linear", help="results folder (resumed if its config matches)")
-    parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
-    parser.add_argument("--lrs", type=cli.positive_float, nargs="+", default=list(DEFAULT_LRS), help="ascending lrs")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="the draw of entity names (repeat 0)")
-    parser.add_argument("--cnn-ckpt", default="results/checkpoints/cnn_fashion_mnist",
-                        help="the CNN study's base-model checkpoint (made by `jaxeif cnn`), or 'none' for no CNN curve")
-    parser.add_argument("--cnn-per-digit", type=cli.positive_int, default=5, help="MNIST test digits per class (CNN)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    """Options of the study: the fields of `Config`."""
+    options.add_config(parser, Config)
 
 
-def _config(args: argparse.Namespace) -> dict:
-    for name in args.domains:
-        domains.domain(name)
-    lrs = [float(x) for x in args.lrs]
+def _config(config: Config) -> dict:
+    """config.json (what a resumed run must match), after checking what argparse cannot: the lrs ascend, the CNN
+    checkpoint exists."""
+    lrs = [float(x) for x in config.lrs]
     if len(lrs) < 2 or lrs != sorted(lrs):
         raise ValueError(f"--lrs needs at least 2 learning rates in ascending order, got {lrs}")
-    ckpt = None if args.cnn_ckpt == "none" else str(Path(args.cnn_ckpt).expanduser().absolute())
+    ckpt = None if config.cnn_ckpt == "none" else str(Path(config.cnn_ckpt).expanduser().absolute())
     if ckpt is not None and cnn.checkpoint_info(ckpt) is None:
         raise ValueError(f"no CNN checkpoint in {ckpt}: run `jaxeif cnn` first (it trains and caches the base CNN), "
                          "point --cnn-ckpt at one, or pass --cnn-ckpt none")
-    return {"study": "llm_linear", "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
-            "domains": list(args.domains), "lrs": lrs, "seed": args.seed, "cnn_ckpt": ckpt,
-            "cnn_per_digit": args.cnn_per_digit, "optimizer": "sgd, 1 step", "first_order": "lm.linearized_sgd_eif"}
+    return {"study": "llm_linear", "model": config.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
+            "domains": list(config.domains), "lrs": lrs, "seed": config.seed, "cnn_ckpt": ckpt,
+            "cnn_per_digit": config.cnn_per_digit, "optimizer": "sgd, 1 step", "first_order": "lm.linearized_sgd_eif"}
 
 
 def agreement(exact, linear) -> dict:
@@ -80,9 +91,10 @@ def linear_up_to(lrs, corrs, threshold: float = LINEAR_CORR) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
+    args = options.config_of(Config, args)
     config_dict = _config(args)
     run_dir = runs.RunDir.open(args.out, config_dict)
-    llm_logic._enable_compile_cache()
+    compile_cache.enable()  # a rerun or resume loads its programs from disk
     progress = not args.no_progress
     t0, cpu0 = time.time(), time.process_time()
     timings = run_dir.load_json(llm_logic.TIMINGS) if run_dir.has(llm_logic.TIMINGS) else {}
@@ -132,7 +144,7 @@ def _cnn(run_dir, config_dict, lrs, timings) -> dict:
     for p in CNN_PRECISIONS:
         mats = llm_peft.cached(run_dir, f"cnn_exact_{p}.npy",
                                lambda: jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32),
-                                                        precision=p), timings)
+                                                        precision=options.precision_of(p)), timings)
         curve = [agreement(M, lr * g) for M, lr in zip(mats, lrs)]
         out["precisions"][p] = {"curve": curve, "linear_up_to": linear_up_to(lrs, [a["corr"] for a in curve])}
     return out
@@ -173,4 +185,6 @@ def format_table(results: dict) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -14,7 +14,6 @@ finding at every lr (lr_findings.json/.png); with --float64-check also float64_c
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -25,8 +24,8 @@ import optax
 from tqdm.auto import tqdm
 
 import jaxeif
-from jaxeif.benchmarks.difference import agreement as float64_agreement
-from jaxeif import cli, desiderata, lm, lr_choice, runs
+from jaxeif.experiments import options
+from jaxeif import compile_cache, desiderata, lm, lr_choice, runs
 from jaxeif.data import domains
 from jaxeif.models import loading, lora, tokenizer
 
@@ -50,9 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="Phi-3 or Llama checkpoint directory (config.json + safetensors) or .gguf file; "
                              "default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--out", default="results/llm_logic", help="results folder (resumed if its config matches)")
+    options.add_out(parser, "results/llm_logic")
     parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
-    parser.add_argument("--repeats", type=cli.positive_int, default=10, help="repeats with fresh entity names")
+    parser.add_argument("--repeats", type=options.positive_int, default=10, help="repeats with fresh entity names")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="which influences to compute")
     parser.add_argument("--lr", type=_lr_arg, default=DEFAULT_LR,
                         help="fine-tuning learning rate, or 'plateau': the one --lr-sweep chooses")
@@ -60,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated lrs (>= 3): sweep them on repeat 0 of every domain first (paper 3.4: EIF "
                              "magnitude and agreement vs lr, lr_sweep.png/.json) and pick the plateau; every finding "
                              "at every lr goes to lr_findings.json/.png")
-    parser.add_argument("--sweep-repeats", type=cli.positive_int, default=1,
+    parser.add_argument("--sweep-repeats", type=options.positive_int, default=1,
                         help="repeats (the first ones, <= --repeats) whose fine-tuned EIF --lr-sweep computes at every lr "
                              "for lr_findings (each costs about one study's fine-tuned part per lr)")
     parser.add_argument("--float64-check", action="store_true",
@@ -68,12 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and in precision 'difference' at the smallest; float32's sign agreement and relative "
                              "error against float64 go to float64_check.json (slow: dense path, float64)")
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="fine-tuning optimizer (unit rate, times --lr)")
-    parser.add_argument("--lora-rank", type=cli.nonnegative_int, default=0,
+    parser.add_argument("--lora-rank", type=options.nonnegative_int, default=0,
                         help="fine-tune LoRA adapters of this rank (alpha = 2 * rank) instead of all weights; 0: dense")
-    parser.add_argument("--steps", type=cli.positive_int, default=1, help="optimizer steps per one-sample fine-tune")
-    parser.add_argument("--chunk-size", type=cli.positive_int, default=1,
+    parser.add_argument("--steps", type=options.positive_int, default=1, help="optimizer steps per one-sample fine-tune")
+    parser.add_argument("--chunk-size", type=options.positive_int, default=1,
                         help="fine-tunes computed together (1 suits a CPU; raise it on an accelerator)")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="repeat k draws names with seed + k")
+    options.add_seed(parser, "repeat k draws names with seed + k")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model parameter dtype")
     parser.add_argument("--summarise-only", action="store_true",
                         help="compute nothing: summarise the repeats already complete in --out (e.g. of a stopped run)")
@@ -84,7 +83,7 @@ def _lr_arg(text: str):
     if text == "plateau":
         return text
     try:
-        return cli.positive_float(text)
+        return options.positive_float(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"--lr takes a number > 0 or 'plateau', got {text!r}") from None
 
@@ -154,19 +153,12 @@ def _figures(run, name, samples, means):
     run.save_figure(f"heatmaps_{name}.png", fig)
 
 
-def _enable_compile_cache() -> None:
-    """Keep compiled XLA programs on disk (JAXEIF_COMPILE_CACHE, '' disables): a rerun or resume skips compiling."""
-    path = os.environ.get("JAXEIF_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxeif", "xla"))
-    if path:
-        jax.config.update("jax_compilation_cache_dir", path)
-
-
 def run(args: argparse.Namespace) -> dict:
     from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     config_dict = _config(args)
     run_dir = runs.RunDir.open(args.out, config_dict)
-    _enable_compile_cache()
+    compile_cache.enable()  # a rerun or resume loads its programs from disk
     t0, cpu0 = time.time(), time.process_time()
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     draws = {(d, r): domains.draw(d, args.seed + r) for r in range(args.repeats) for d in args.domains}
@@ -394,7 +386,8 @@ def _float64_check(run_dir, draws, apply_fn, params, config, tok, args) -> None:
                 wall = time.time()
                 loss = lm.NLL(apply_fn)  # keeps float64 logits and loss in float64
                 run_dir.save_npy(key(lr, precision, name),
-                                 np.asarray(jaxeif.eif(loss, params, toks, lr=lr, chunk_size=1, precision=precision)))
+                                 np.asarray(jaxeif.eif(loss, params, toks, lr=lr, chunk_size=1,
+                                                            precision=options.precision_of(precision))))
                 timings[key(lr, precision, name)] = {"wall_s": time.time() - wall}
                 run_dir.save_json(TIMINGS, timings)
             bar.update()
@@ -404,10 +397,10 @@ def _float64_check(run_dir, draws, apply_fn, params, config, tok, args) -> None:
            "truth": "jaxeif.eif(precision='float64'), dense, lm.NLL", "per_lr": {}}
     for lr in lrs:
         truth = pooled(lambda d: key(lr, "float64", d))
-        entry = {"float32": float64_agreement(pooled(lambda d: _sweep_key(lr, d, 0))[None], truth[None]),
+        entry = {"float32": desiderata.agreement(pooled(lambda d: _sweep_key(lr, d, 0))[None], truth[None]),
                  "median_abs_entry": float(np.median(np.abs(truth)))}
         if lr == lrs[0]:
-            entry["difference"] = float64_agreement(pooled(lambda d: key(lr, "difference", d))[None], truth[None])
+            entry["difference"] = desiderata.agreement(pooled(lambda d: key(lr, "difference", d))[None], truth[None])
         out["per_lr"][f"{lr:g}"] = entry
     run_dir.save_json(FLOAT64, out)
 
@@ -448,4 +441,6 @@ def format_tables(results: dict, modes) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -19,8 +19,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxeif.experiments import options
 from jaxeif.experiments import llm_logic
-from jaxeif import cli, desiderata, lm, lr_choice, runs
+from jaxeif import compile_cache, desiderata, lm, lr_choice, runs
 from jaxeif.data import domains
 from jaxeif.models import loading, lora, tokenizer
 
@@ -33,15 +34,15 @@ SWEEP_DOMAINS = ("squares",)  # the cheapest domain (shortest samples): one swee
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options (defaults: SmolLM2, all five domains, 3 repeats, ranks 4/16/64, lr grid 1e-6..1)."""
     parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", default="results/llm_peft", help="results folder (resumed if its config matches)")
+    options.add_out(parser, "results/llm_peft")
     parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
-    parser.add_argument("--repeats", type=cli.positive_int, default=3, help="repeats with fresh entity names (seed + k)")
-    parser.add_argument("--ranks", type=cli.positive_int, nargs="+", default=list(DEFAULT_RANKS), help="LoRA ranks")
-    parser.add_argument("--lr-grid", type=cli.positive_float, nargs="+", default=list(DEFAULT_GRID),
+    parser.add_argument("--repeats", type=options.positive_int, default=3, help="repeats with fresh entity names (seed + k)")
+    parser.add_argument("--ranks", type=options.positive_int, nargs="+", default=list(DEFAULT_RANKS), help="LoRA ranks")
+    parser.add_argument("--lr-grid", type=options.positive_float, nargs="+", default=list(DEFAULT_GRID),
                         help="ascending lrs (>= 3) swept for each method; the plateau rule picks each method's lr")
     parser.add_argument("--sweep-domains", nargs="+", default=list(SWEEP_DOMAINS),
                         help="domains whose repeat 0 the lr sweep pools (a subset of --domains)")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="repeat k draws names with seed + k; LoRA A draws")
+    options.add_seed(parser, "repeat k draws names with seed + k; LoRA A draws")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -109,7 +110,7 @@ def matrix_key(method: str, name: str, repeat: int, lr: float) -> str:
 def run(args: argparse.Namespace) -> dict:
     config_dict = _config(args)
     run_dir = runs.RunDir.open(args.out, config_dict)
-    llm_logic._enable_compile_cache()
+    compile_cache.enable()  # a rerun or resume loads its programs from disk
     t0, cpu0 = time.time(), time.process_time()
     apply_fn, params, config = loading.from_pretrained(args.model)
     tok = tokenizer.load_tokenizer(args.model)
@@ -217,4 +218,6 @@ def format_table(results: dict, methods) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

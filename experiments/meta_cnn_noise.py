@@ -13,6 +13,7 @@ eif_heldout_before_after.png, lr_heldout.json, predictor.npz (meta.load_amortise
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,9 @@ import numpy as np
 import optax
 
 import jaxeif
+from jaxeif.experiments import options
 from jaxeif import meta
-from jaxeif import cli, runs
+from jaxeif import runs
 from jaxeif.data import noisy_digits
 from jaxeif.models import cnn
 from jaxeif.meta.image_study import Split, clean_learning, heldout_metrics, pairs, split_set  # noqa: F401 (tests use them from here)
@@ -32,62 +34,61 @@ from jaxeif.meta.image_study import Split, clean_learning, heldout_metrics, pair
 DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The study's options, listed once: they generate its flags (`add_arguments`) and its config.json (`_config`)."""
+
+    out: str = options.out("results/meta_cnn_noise")
+    ckpt: str | None = options.field(None, f"orbax checkpoint folder of the base CNN (default {DEFAULT_CKPT}, shared "
+                                           "with `jaxeif cnn`; --quick: that + '_quick'); trained there on first use")
+    epochs: int = options.field(4, "base CNN training epochs", type=options.positive_int)
+    batch_size: int = options.field(128, "base CNN training batch size", type=options.positive_int)
+    train_size: int | None = options.field(None, "train the base CNN on the first N images only",
+                                           type=options.positive_int)
+    per_digit: int = options.field(2, "meta-training MNIST test images per digit", type=options.positive_int)
+    heldout_per_digit: int = options.field(3, "held-out images per digit (the next ones)", type=options.positive_int)
+    noise_stds: list = options.field([0.5, 1.0], "pixel noise standard deviations", type=options.positive_float,
+                                     nargs="+")
+    lr: float = options.field(1e-3, "uniform base fine-tuning rate (SGD; the 'before')", type=options.positive_float)
+    steps: int = options.field(1, "SGD steps per one-sample fine-tune", type=options.positive_int)
+    chunk_size: int = options.field(10, "fine-tunes vmapped at once (lax.map over chunks)", type=options.positive_int)
+    meta_steps: int = options.field(30, "outer (Adam) steps", type=options.positive_int)
+    meta_lr: float = options.field(0.1, "outer Adam learning rate", type=options.positive_float)
+    hidden: list = options.field([16], "hidden widths of the predictor MLP", type=options.positive_int, nargs="*")
+    max_log_gain: float = options.field(3.0, "bound on |log(lr / base lr)|", type=options.positive_float)
+    keep_weight: float = options.field(10.0, "weight of keeping clean within-class learning",
+                                       type=options.nonnegative_float)
+    guard_weight: float = options.field(1.0, "weight of not raising |between-class influence|",
+                                        type=options.nonnegative_float)
+    every: int = options.field(5, "checkpoint the outer loop every N steps", type=options.positive_int)
+    seed: int = options.seed("seed of the base CNN, the noise and the predictor init")
+    quick: bool = options.switch("smoke run: 2+2 digits per class, base CNN on 3000 images for 1 epoch, 6 meta steps")
+    no_progress: bool = options.switch("no progress bars")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the study."""
-    parser.add_argument("--out", default="results/meta_cnn_noise", help="results folder (resumed if its config matches)")
-    parser.add_argument("--ckpt", default=None,
-                        help=f"orbax checkpoint folder of the base CNN (default {DEFAULT_CKPT}, shared with `jaxeif cnn`; "
-                        "--quick: that + '_quick'); trained there on first use")
-    parser.add_argument("--epochs", type=cli.positive_int, default=4, help="base CNN training epochs")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="base CNN training batch size")
-    parser.add_argument("--train-size", type=cli.positive_int, default=None, help="train the base CNN on the first N images only")
-    parser.add_argument("--per-digit", type=cli.positive_int, default=2, help="meta-training MNIST test images per digit")
-    parser.add_argument("--heldout-per-digit", type=cli.positive_int, default=3, help="held-out images per digit (the next ones)")
-    parser.add_argument("--noise-stds", type=cli.positive_float, nargs="+", default=[0.5, 1.0], help="pixel noise standard deviations")
-    parser.add_argument("--lr", type=cli.positive_float, default=1e-3, help="uniform base fine-tuning rate (SGD; the 'before')")
-    parser.add_argument("--steps", type=cli.positive_int, default=1, help="SGD steps per one-sample fine-tune")
-    parser.add_argument("--chunk-size", type=cli.positive_int, default=10, help="fine-tunes vmapped at once (lax.map over chunks)")
-    parser.add_argument("--meta-steps", type=cli.positive_int, default=30, help="outer (Adam) steps")
-    parser.add_argument("--meta-lr", type=cli.positive_float, default=0.1, help="outer Adam learning rate")
-    parser.add_argument("--hidden", type=cli.positive_int, nargs="*", default=[16], help="hidden widths of the predictor MLP")
-    parser.add_argument("--max-log-gain", type=cli.positive_float, default=3.0, help="bound on |log(lr / base lr)|")
-    parser.add_argument("--keep-weight", type=cli.nonnegative_float, default=10.0, help="weight of keeping clean within-class learning")
-    parser.add_argument("--guard-weight", type=cli.nonnegative_float, default=1.0, help="weight of not raising |between-class influence|")
-    parser.add_argument("--every", type=cli.positive_int, default=5, help="checkpoint the outer loop every N steps")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the base CNN, the noise and the predictor init")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2+2 digits per class, base CNN on 3000 images for 1 epoch, 6 meta steps")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    """Options of the study: the fields of `Config`."""
+    options.add_config(parser, Config)
 
 
-def _config(args: argparse.Namespace) -> dict:
-    """The run's configuration as plain data (after --quick); a resumed run must match it."""
-    if args.quick:
-        args.per_digit, args.heldout_per_digit = min(args.per_digit, 2), min(args.heldout_per_digit, 2)
-        args.train_size, args.epochs = args.train_size or 3000, 1
-        args.meta_steps, args.every = min(args.meta_steps, 6), min(args.every, 3)
-    if args.ckpt is None:
-        args.ckpt = DEFAULT_CKPT + ("_quick" if args.quick else "")
-    for name in ("per_digit", "heldout_per_digit", "steps", "meta_steps", "every", "chunk_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "meta_lr", "max_log_gain"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if not args.noise_stds or min(args.noise_stds) <= 0:
-        raise ValueError(f"--noise-stds needs at least one positive std, got {args.noise_stds}")
-    return {
-        "study": "meta_cnn_noise",
-        "ckpt": str(Path(args.ckpt).expanduser().absolute()),
-        "epochs": args.epochs, "batch_size": args.batch_size, "train_size": args.train_size,
-        "per_digit": args.per_digit, "heldout_per_digit": args.heldout_per_digit,
-        "noise_stds": [float(s) for s in args.noise_stds],
-        "lr": args.lr, "steps": args.steps, "optimizer": "sgd", "chunk_size": args.chunk_size,
-        "meta_steps": args.meta_steps, "meta_lr": args.meta_lr, "meta_optimizer": "adam",
-        "hidden": list(args.hidden), "max_log_gain": args.max_log_gain, "features": "meta.image_features",
-        "keep_weight": args.keep_weight, "guard_weight": args.guard_weight,
-        "every": args.every, "seed": args.seed,
-    }
+def _resolved(config: Config) -> Config:
+    """The options a run uses: --quick's smaller sizes applied, the default checkpoint folder filled in."""
+    if config.quick:
+        config = dataclasses.replace(
+            config, per_digit=min(config.per_digit, 2), heldout_per_digit=min(config.heldout_per_digit, 2),
+            train_size=config.train_size or 3000, epochs=1, meta_steps=min(config.meta_steps, 6),
+            every=min(config.every, 3))
+    if config.ckpt is None:
+        config = dataclasses.replace(config, ckpt=DEFAULT_CKPT + ("_quick" if config.quick else ""))
+    return config
+
+
+def _config(config: Config) -> dict:
+    """config.json: the resolved options that change results, and what the study fixes; a resumed run must match it."""
+    varying = {k: v for k, v in options.as_json(config).items() if k not in ("out", "quick", "no_progress")}
+    return {**varying, "study": "meta_cnn_noise", "ckpt": str(Path(config.ckpt).expanduser().absolute()),
+            "noise_stds": [float(s) for s in config.noise_stds], "hidden": list(config.hidden),
+            "optimizer": "sgd", "meta_optimizer": "adam", "features": "meta.image_features"}
 
 
 # ----------------------------------------------------------------------------- objective
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     start = time.perf_counter()
+    args = _resolved(options.config_of(Config, args))
     config = _config(args)
     progress = not args.no_progress
     run_dir = runs.RunDir.open(args.out, config)
@@ -241,4 +243,6 @@ def _summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

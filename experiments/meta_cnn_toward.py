@@ -17,6 +17,7 @@ curve, the learned rates), results.json (every number).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -28,8 +29,9 @@ import numpy as np
 import optax
 
 import jaxeif
+from jaxeif.experiments import options
 from jaxeif import meta
-from jaxeif import cli, runs
+from jaxeif import runs
 from jaxeif.data import noisy_digits
 from jaxeif.models import cnn
 from jaxeif.meta.image_study import Split, split_set
@@ -41,48 +43,57 @@ DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
 QUICK_OVERRIDES = ("per_digit", "heldout_per_digit", "epochs", "meta_steps", "every")
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The study's options, listed once: they generate its flags (`add_arguments`) and its config.json (`_config`)."""
+
+    out: str = options.out("results/meta_cnn_toward")
+    ckpt: str | None = options.field(None, f"orbax checkpoint folder of the base CNN (default {DEFAULT_CKPT}, shared "
+                                           "with `jaxeif cnn`; --quick: that + '_quick'); trained there on first use")
+    epochs: int = options.field(4, "base CNN training epochs", type=options.positive_int)
+    batch_size: int = options.field(128, "base CNN training batch size", type=options.positive_int)
+    train_size: int | None = options.field(None, "train the base CNN on the first N images only",
+                                           type=options.positive_int)
+    per_digit: int = options.field(1, "meta-training MNIST test images per digit", type=options.positive_int)
+    heldout_per_digit: int = options.field(2, "held-out images per digit (the next ones)", type=options.positive_int)
+    noise_std: float = options.field(0.5, "pixel noise of the noisy copies", type=options.positive_float)
+    noisy_weight: float = options.field(0.5, "drawn same-class learning from a noisy copy, relative to a clean "
+                                             "digit's 1", type=options.nonnegative_float)
+    lr: float = options.field(1e-3, "uniform fine-tuning rate (SGD), the start and the 'before'",
+                              type=options.positive_float)
+    chunk_size: int | str = options.field("auto", "fine-tunes vmapped at once: auto (1 on CPU) or an int",
+                                          type=options.chunk_size)
+    meta_steps: int = options.field(30, "outer (Adam) steps", type=options.positive_int)
+    meta_lr: float = options.field(0.1, "outer Adam learning rate (on log-lrs)", type=options.positive_float)
+    every: int = options.field(10, "checkpoint the outer loop every N steps", type=options.positive_int)
+    seed: int = options.seed("seed of the base CNN and the noise")
+    quick: bool = options.switch("smoke run: 1+1 digits per class, base CNN on 3000 images for 1 epoch, 4 meta steps")
+    no_progress: bool = options.switch("no progress bars")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the study."""
-    parser.add_argument("--out", default="results/meta_cnn_toward", help="results folder (resumed if its config matches)")
-    parser.add_argument("--ckpt", default=None,
-                        help=f"orbax checkpoint folder of the base CNN (default {DEFAULT_CKPT}, shared with `jaxeif cnn`; "
-                        "--quick: that + '_quick'); trained there on first use")
-    parser.add_argument("--epochs", type=cli.positive_int, default=4, help="base CNN training epochs")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="base CNN training batch size")
-    parser.add_argument("--train-size", type=cli.positive_int, default=None, help="train the base CNN on the first N images only")
-    parser.add_argument("--per-digit", type=cli.positive_int, default=1, help="meta-training MNIST test images per digit")
-    parser.add_argument("--heldout-per-digit", type=cli.positive_int, default=2, help="held-out images per digit (the next ones)")
-    parser.add_argument("--noise-std", type=cli.positive_float, default=0.5, help="pixel noise of the noisy copies")
-    parser.add_argument("--noisy-weight", type=cli.nonnegative_float, default=0.5,
-                        help="drawn same-class learning from a noisy copy, relative to a clean digit's 1")
-    parser.add_argument("--lr", type=cli.positive_float, default=1e-3, help="uniform fine-tuning rate (SGD), the start and the 'before'")
-    parser.add_argument("--chunk-size", type=cli.chunk_size, default="auto", help="fine-tunes vmapped at once: auto (1 on CPU) or an int")
-    parser.add_argument("--meta-steps", type=cli.positive_int, default=30, help="outer (Adam) steps")
-    parser.add_argument("--meta-lr", type=cli.positive_float, default=0.1, help="outer Adam learning rate (on log-lrs)")
-    parser.add_argument("--every", type=cli.positive_int, default=10, help="checkpoint the outer loop every N steps")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the base CNN and the noise")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1+1 digits per class, base CNN on 3000 images for 1 epoch, 4 meta steps")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    """Options of the study: the fields of `Config`."""
+    options.add_config(parser, Config)
 
 
-def _config(args: argparse.Namespace) -> dict:
-    """The run's configuration as plain data (after --quick); a resumed run must match it."""
-    if args.quick:
-        args.per_digit, args.heldout_per_digit = min(args.per_digit, 1), min(args.heldout_per_digit, 1)
-        args.train_size, args.epochs = args.train_size or 3000, 1
-        args.meta_steps, args.every = min(args.meta_steps, 4), min(args.every, 2)
-    if args.ckpt is None:
-        args.ckpt = DEFAULT_CKPT + ("_quick" if args.quick else "")
-    return {
-        "study": "meta_cnn_toward", "ckpt": str(Path(args.ckpt).expanduser().absolute()),
-        "epochs": args.epochs, "batch_size": args.batch_size, "train_size": args.train_size,
-        "per_digit": args.per_digit, "heldout_per_digit": args.heldout_per_digit, "noise_std": args.noise_std,
-        "noisy_weight": args.noisy_weight, "target": "T[i, j] = -[same class] * (noisy_weight if i noisy else 1), "
-        "self-influence masked", "lr": args.lr, "steps": 1, "optimizer": "sgd", "chunk_size": args.chunk_size,
-        "meta_steps": args.meta_steps, "meta_lr": args.meta_lr, "meta_optimizer": "adam", "controls": "per-sample log-lr",
-        "every": args.every, "seed": args.seed,
-    }
+def _resolved(config: Config) -> Config:
+    """The options a run uses: --quick's smaller sizes applied, the default checkpoint folder filled in."""
+    if config.quick:
+        config = dataclasses.replace(
+            config, per_digit=min(config.per_digit, 1), heldout_per_digit=min(config.heldout_per_digit, 1),
+            train_size=config.train_size or 3000, epochs=1, meta_steps=min(config.meta_steps, 4),
+            every=min(config.every, 2))
+    if config.ckpt is None:
+        config = dataclasses.replace(config, ckpt=DEFAULT_CKPT + ("_quick" if config.quick else ""))
+    return config
+
+
+def _config(config: Config) -> dict:
+    """config.json: the resolved options that change results, and what the study fixes; a resumed run must match it."""
+    varying = {k: v for k, v in options.as_json(config).items() if k not in ("out", "quick", "no_progress")}
+    return {**varying, "study": "meta_cnn_toward", "ckpt": str(Path(config.ckpt).expanduser().absolute()),
+            "target": "T[i, j] = -[same class] * (noisy_weight if i noisy else 1), self-influence masked",
+            "steps": 1, "optimizer": "sgd", "meta_optimizer": "adam", "controls": "per-sample log-lr"}
 
 
 # ----------------------------------------------------------------------------- the drawn target
@@ -169,6 +180,7 @@ def matrices(run_dir, params, data: Data, lrs: dict, chunk_size) -> dict:
 def run(args: argparse.Namespace) -> dict:
     """Fit per-sample lrs toward the drawn target on the meta-training digits, score train and held-out."""
     start = time.perf_counter()
+    args = _resolved(options.config_of(Config, args))
     config = _config(args)
     progress = not args.no_progress
     run_dir = runs.RunDir.open(args.out, config)
@@ -259,4 +271,6 @@ def format_summary(results: dict) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

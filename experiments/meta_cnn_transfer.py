@@ -19,7 +19,7 @@ A rerun of the same command resumes both.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import sys
 import time
@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxeif
+from jaxeif.experiments import options
 from jaxeif import meta
 from jaxeif.experiments import meta_cnn_noise
-from jaxeif import cli, runs
+from jaxeif import runs
 from jaxeif.data import noisy_digits as data
 from jaxeif.models import cnn
 from jaxeif.meta.image_study import Split, heldout_metrics, split_set
@@ -40,40 +41,40 @@ from jaxeif.meta.image_study import Split, heldout_metrics, split_set
 CLEAN = "clean"
 
 
+@dataclasses.dataclass(frozen=True)
+class Config(meta_cnn_noise.Config):
+    """Study 1's options (the predictor is trained with them) plus the unseen corruptions, listed once."""
+
+    out: str = options.out("results/meta_cnn_transfer")
+    meta_out: str | None = options.field(None, "results folder of the study-1 run that trains the predictor (default "
+                                               "OUT/meta_cnn_noise; a finished `jaxeif meta-cnn` folder with the same "
+                                               "options is reused)")
+    salt_pepper: list = options.field([0.1, 0.3], "salt-and-pepper fractions p (each pixel set to 0 or 1 with "
+                                                  "probability p)", type=options.unit_fraction, nargs="+")
+    blur_sigmas: list = options.field([1.0, 2.0], "Gaussian blur standard deviations (pixels, < 28/3)",
+                                      type=options.positive_float, nargs="+")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Study 1's options (the predictor is trained with them) plus the unseen corruptions."""
-    meta_cnn_noise.add_arguments(parser)
-    parser.set_defaults(out="results/meta_cnn_transfer")
-    parser.add_argument("--meta-out", default=None,
-                        help="results folder of the study-1 run that trains the predictor (default OUT/meta_cnn_noise; "
-                        "a finished `jaxeif meta-cnn` folder with the same options is reused)")
-    parser.add_argument("--salt-pepper", type=cli.unit_fraction, nargs="+", default=[0.1, 0.3],
-                        help="salt-and-pepper fractions p (each pixel set to 0 or 1 with probability p)")
-    parser.add_argument("--blur-sigmas", type=cli.positive_float, nargs="+", default=[1.0, 2.0],
-                        help="Gaussian blur standard deviations (pixels, < 28/3)")
+    """Options of the study: the fields of `Config`."""
+    options.add_config(parser, Config)
 
 
-def _config(args: argparse.Namespace) -> dict:
-    """The run's configuration (the command line as given; --quick is applied by study 1); checked before any work."""
-    if not args.salt_pepper or not args.blur_sigmas:
-        raise ValueError("--salt-pepper and --blur-sigmas need at least one value each")
-    for p in args.salt_pepper:
-        if not 0 < p <= 1:
-            raise ValueError(f"--salt-pepper fractions must be in (0, 1], got {p}")
-    for s in args.blur_sigmas:
-        if not s > 0 or int(np.ceil(3 * s)) >= 28:
-            raise ValueError(f"--blur-sigmas must be > 0 with radius ceil(3 sigma) < 28 pixels (sigma <= 9), got {s}")
+def _config(config: Config) -> tuple[Config, dict]:
+    """(the options with meta_out filled in, config.json: the command line as given; --quick is applied by study 1)."""
+    for s in config.blur_sigmas:
+        if int(np.ceil(3 * s)) >= 28:
+            raise ValueError(f"--blur-sigmas must have radius ceil(3 sigma) < 28 pixels (sigma <= 9), got {s}")
         data.gaussian_kernel(s)
-    if not args.noise_stds or min(args.noise_stds) <= 0:
-        raise ValueError(f"--noise-stds needs at least one positive std, got {args.noise_stds}")
-    if args.meta_out is None:
-        args.meta_out = str(Path(args.out) / "meta_cnn_noise")
-    study1 = {k: v for k, v in vars(args).items() if k not in ("out", "meta_out", "salt_pepper", "blur_sigmas", "no_progress")}
-    return {
+    if config.meta_out is None:
+        config = dataclasses.replace(config, meta_out=str(Path(config.out) / "meta_cnn_noise"))
+    study1 = {k: v for k, v in options.as_json(config).items()
+              if k not in ("out", "meta_out", "salt_pepper", "blur_sigmas", "no_progress")}
+    return config, {
         "study": "meta_cnn_transfer",
-        "meta_out": str(Path(args.meta_out).expanduser().absolute()),
-        "salt_pepper": [float(p) for p in args.salt_pepper],
-        "blur_sigmas": [float(s) for s in args.blur_sigmas],
+        "meta_out": str(Path(config.meta_out).expanduser().absolute()),
+        "salt_pepper": [float(p) for p in config.salt_pepper],
+        "blur_sigmas": [float(s) for s in config.blur_sigmas],
         "study1_options": study1,
         "corruption_seed_offset": 1000,
     }
@@ -123,10 +124,9 @@ def run(args: argparse.Namespace) -> dict:
     from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
     start = time.perf_counter()
-    config = _config(args)
+    args, config = _config(options.config_of(Config, args))
     run_dir = runs.RunDir.open(args.out, config)
-    study1_args = copy.copy(args)
-    study1_args.out = config["meta_out"]
+    study1_args = dataclasses.replace(args, out=config["meta_out"])
     t = time.perf_counter()
     study1 = meta_cnn_noise.run(study1_args)
     study1_seconds = time.perf_counter() - t
@@ -225,4 +225,6 @@ def _summary(r: dict) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

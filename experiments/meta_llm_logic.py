@@ -23,6 +23,7 @@ gains and differences), results.json (every number, model, lr, seeds, timings).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
@@ -35,8 +36,9 @@ import optax
 from scipy import stats
 
 import jaxeif
+from jaxeif.experiments import options
 from jaxeif import meta
-from jaxeif import cli, desiderata, lm, runs
+from jaxeif import desiderata, lm, runs
 from jaxeif.data import domains
 from jaxeif.finetune import first_update, scale_updates
 from jaxeif.models import loading, tokenizer
@@ -53,52 +55,56 @@ PAD_MULTIPLE = 8
 QUICK_OVERRIDES = ("draws", "heldout_draws", "meta_steps", "every")
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The study's options, listed once: they generate its flags (`add_arguments`) and its config.json (`_config`)."""
+
+    model: str | None = options.field(None, "Phi-3 or Llama checkpoint directory or .gguf; default: the embedded "
+                                            "SmolLM2-135M-Instruct")
+    out: str = options.out("results/meta_llm_logic")
+    draws: int = options.field(4, "meta-training name draws (seeds --seed ...)", type=options.positive_int)
+    heldout_draws: int = options.field(64, "held-out name draws (seeds --heldout-seed ...)", type=options.positive_int)
+    seed: int = options.seed("first seed of the meta-training draws")
+    heldout_seed: int = options.field(1000, "first seed of the held-out draws", type=options.nonnegative_int)
+    lr_grid: list = options.field([1e-4, 3e-4, 1e-3], "uniform SGD rates tried on the meta-training draws; the best "
+                                                      "is the baseline and the base rate", type=options.positive_float,
+                                  nargs="+")
+    meta_steps: int = options.field(8, "outer (Adam) steps", type=options.positive_int)
+    meta_lr: float = options.field(0.2, "outer Adam learning rate (on log-multipliers)", type=options.positive_float)
+    keep_weight: float = options.field(1.0, "weight of keeping the implied statement's gain at the uniform-lr level",
+                                       type=options.nonnegative_float)
+    no_center: bool = options.switch("do not centre the log-multipliers (lets the overall rate move)")
+    every: int = options.field(3, "checkpoint the outer loop every N steps", type=options.positive_int)
+    quick: bool = options.switch("smoke run: 2 draws, 2 held-out draws, 4 meta steps, 2 grid rates")
+    no_progress: bool = options.switch("no progress bars")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the study."""
-    parser.add_argument("--model", default=None,
-                        help="Phi-3 or Llama checkpoint directory or .gguf; default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--out", default="results/meta_llm_logic", help="results folder (resumed if its config matches)")
-    parser.add_argument("--draws", type=cli.positive_int, default=4, help="meta-training name draws (seeds --seed ...)")
-    parser.add_argument("--heldout-draws", type=cli.positive_int, default=64, help="held-out name draws (seeds --heldout-seed ...)")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="first seed of the meta-training draws")
-    parser.add_argument("--heldout-seed", type=cli.nonnegative_int, default=1000, help="first seed of the held-out draws")
-    parser.add_argument("--lr-grid", type=cli.positive_float, nargs="+", default=[1e-4, 3e-4, 1e-3],
-                        help="uniform SGD rates tried on the meta-training draws; the best is the baseline and the base rate")
-    parser.add_argument("--meta-steps", type=cli.positive_int, default=8, help="outer (Adam) steps")
-    parser.add_argument("--meta-lr", type=cli.positive_float, default=0.2, help="outer Adam learning rate (on log-multipliers)")
-    parser.add_argument("--keep-weight", type=cli.nonnegative_float, default=1.0,
-                        help="weight of keeping the implied statement's gain at the uniform-lr level")
-    parser.add_argument("--no-center", action="store_true", help="do not centre the log-multipliers (lets the overall rate move)")
-    parser.add_argument("--every", type=cli.positive_int, default=3, help="checkpoint the outer loop every N steps")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 draws, 2 held-out draws, 4 meta steps, 2 grid rates")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    """Options of the study: the fields of `Config`."""
+    options.add_config(parser, Config)
 
 
-def _config(args: argparse.Namespace) -> dict:
-    """The run's configuration as plain data (after --quick); a resumed run must match it."""
-    if args.quick:
-        args.draws, args.heldout_draws = min(args.draws, 2), min(args.heldout_draws, 2)
-        args.meta_steps, args.every = min(args.meta_steps, 4), min(args.every, 2)
-        args.lr_grid = list(args.lr_grid)[:2]
-    for name in ("draws", "heldout_draws", "meta_steps", "every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.lr_grid or min(args.lr_grid) <= 0:
-        raise ValueError(f"--lr-grid needs positive rates, got {args.lr_grid}")
-    if not args.meta_lr > 0 or args.keep_weight < 0:
-        raise ValueError("--meta-lr must be > 0 and --keep-weight >= 0")
-    train_seeds = set(range(args.seed, args.seed + args.draws))
-    if train_seeds & set(range(args.heldout_seed, args.heldout_seed + args.heldout_draws)):
-        raise ValueError(f"held-out seeds from {args.heldout_seed} overlap the meta-training seeds from {args.seed}; "
+def _resolved(config: Config) -> Config:
+    """The options a run uses (--quick's smaller sizes applied); held-out seeds must not overlap training seeds."""
+    if config.quick:
+        config = dataclasses.replace(config, draws=min(config.draws, 2), heldout_draws=min(config.heldout_draws, 2),
+                                     meta_steps=min(config.meta_steps, 4), every=min(config.every, 2),
+                                     lr_grid=list(config.lr_grid)[:2])
+    train_seeds = set(range(config.seed, config.seed + config.draws))
+    if train_seeds & set(range(config.heldout_seed, config.heldout_seed + config.heldout_draws)):
+        raise ValueError(f"held-out seeds from {config.heldout_seed} overlap the meta-training seeds from {config.seed}; "
                          "choose a --heldout-seed past them")
-    return {
-        "study": "meta_llm_logic", "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
-        "domain": DOMAIN, "train_row": TRAIN_ROW, "eval_rows": list(EVAL_ROWS), "probe_cols": list(PROBE_COLS),
-        "draws": args.draws, "heldout_draws": args.heldout_draws, "seed": args.seed, "heldout_seed": args.heldout_seed,
-        "lr_grid": [float(x) for x in args.lr_grid], "optimizer": "sgd", "steps": 1,
-        "meta_steps": args.meta_steps, "meta_lr": args.meta_lr, "meta_optimizer": "adam",
-        "keep_weight": args.keep_weight, "center": not args.no_center, "every": args.every,
-    }
+    return config
+
+
+def _config(config: Config) -> dict:
+    """config.json: the resolved options that change results, and what the study fixes; a resumed run must match it."""
+    varying = {k: v for k, v in options.as_json(config).items()
+               if k not in ("out", "quick", "no_progress", "no_center", "model")}
+    return {**varying, "study": "meta_llm_logic", "model": config.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
+            "domain": DOMAIN, "train_row": TRAIN_ROW, "eval_rows": list(EVAL_ROWS), "probe_cols": list(PROBE_COLS),
+            "lr_grid": [float(x) for x in config.lr_grid], "optimizer": "sgd", "steps": 1, "meta_optimizer": "adam",
+            "center": not config.no_center}
 
 
 def load_model(args: argparse.Namespace):
@@ -350,6 +356,7 @@ def heldout_scores(run_dir, evaluate_on, draws: Draws, settings: dict, lr: float
 def run(args: argparse.Namespace) -> dict:
     """Pick the best uniform lr, learn per-layer multipliers, evaluate on held-out draws."""
     start = time.perf_counter()
+    args = _resolved(options.config_of(Config, args))
     config = _config(args)
     run_dir = runs.RunDir.open(args.out, config)
     apply_fn, params, mconfig, tok = load_model(args)
@@ -466,4 +473,6 @@ def format_summary(results: dict) -> str:
 
 
 if __name__ == "__main__":
+    from jaxeif import cli
+
     raise SystemExit(cli.experiment_main(sys.modules[__name__]))

@@ -6,8 +6,9 @@ from jaxeif.chunking import MemoryBudgetError
 from jaxeif.influence import chunk_plan, eif, eif_sweep
 from jaxeif.linearized import eif_linearized
 from jaxeif.noise_floor import noise_floor
+from jaxeif.precision import Precision
 from jaxeif.sharding import eif_sharded
 
 __all__ = ["Error", "eif", "eif_sweep", "eif_linearized", "eif_sharded", "noise_floor", "chunk_plan", "finetune", "losses",
-           "NonFiniteInfluenceError", "MemoryBudgetError"]
+           "Precision", "NonFiniteInfluenceError", "MemoryBudgetError"]
 __version__ = "0.1.0"

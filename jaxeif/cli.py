@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import sys
 import types
@@ -53,45 +52,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-# --- argparse `type=` checks: a bad number stops the command before any work starts --------------
-def _number(kind: type, text: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return value
-
-
-def _checked_number(kind: type, name: str, ok, rule: str, doc: str):
-    """An argparse `type=`: text -> a `kind` number for which ok(value) holds, else "must be {rule}"."""
-
-    def parse(text: str):
-        value = _number(kind, text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
-        return value
-
-    parse.__name__, parse.__doc__ = name, doc
-    return parse
-
-
-positive_int = _checked_number(int, "positive_int", lambda v: v >= 1, ">= 1", "An int >= 1 (steps, sizes, counts).")
-nonnegative_int = _checked_number(int, "nonnegative_int", lambda v: v >= 0, ">= 0",
-                                  "An int >= 0 (seeds, ranks where 0 means off).")
-positive_float = _checked_number(float, "positive_float", lambda v: v > 0, "> 0", "A finite number > 0 (learning rates).")
-nonnegative_float = _checked_number(float, "nonnegative_float", lambda v: v >= 0, ">= 0",
-                                    "A finite number >= 0 (noise levels, weights).")
-unit_fraction = _checked_number(float, "unit_fraction", lambda v: 0 < v <= 1, "in (0, 1]",
-                                "A number in (0, 1] (thresholds such as a correlation plateau).")
-
-
-def chunk_size(text: str) -> int | str:
-    """"auto" or an int >= 1 (fine-tunes per step, see jaxeif.chunking)."""
-    return text if text == "auto" else positive_int(text)
 
 
 def _top_parser() -> _Parser:
@@ -208,14 +168,21 @@ def _main(argv: Sequence[str]) -> int:
     return _run_module(load_command(ns.command), ns.args, f"jaxeif {ns.command}")
 
 
+def _headless() -> None:
+    """Commands write figures to files: matplotlib's file backend unless the user chose one (MPLBACKEND)."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The `jaxeif` entry point; returns the exit code."""
+    _headless()
     return _guarded(_main, sys.argv[1:] if argv is None else list(argv))
 
 
 def experiment_main(module: types.ModuleType, argv: Sequence[str] | None = None) -> int:
     """`python -m jaxeif.experiments.X` entry: same options, errors and exit codes as `jaxeif X`."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    _headless()
     return _guarded(_run_module, module, argv, f"python -m {getattr(module.__spec__, 'name', None) or module.__name__}")
 
 

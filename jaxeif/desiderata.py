@@ -242,3 +242,25 @@ def probe_scores(matrices: np.ndarray, probes) -> list[dict]:
             "right_direction": float(np.mean(diffs > 0)), "per_repeat": diffs.tolist(),
         })
     return out
+
+
+def agreement(matrix, truth) -> dict:
+    """How well `matrix` reproduces a reference `truth` (e.g. its float64 computation), entry by entry.
+
+    Args:
+        matrix: f[n, m], the matrix to judge.
+        truth: f[n, m], the reference; on a square matrix the diagonal is left out (self-influence).
+
+    Returns:
+        {"sign_agreement": share of off-diagonal entries with truth's sign, "median_rel_error",
+        "p99_rel_error": |matrix - truth| / |truth| over them, "zero_truth_entries": entries whose truth
+        is exactly 0 (no sign, no relative error: counted and left out)}.
+    """
+    matrix, truth = np.asarray(matrix, np.float64), np.asarray(truth, np.float64)
+    off = ~np.eye(*truth.shape, dtype=bool) if truth.shape[0] == truth.shape[1] else np.ones(truth.shape, bool)
+    zero = off & (truth == 0)
+    off &= truth != 0
+    rel = np.abs(matrix - truth)[off] / np.abs(truth[off])
+    return {"sign_agreement": float(np.mean(np.sign(matrix[off]) == np.sign(truth[off]))),
+            "median_rel_error": float(np.median(rel)), "p99_rel_error": float(np.quantile(rel, 0.99)),
+            "zero_truth_entries": int(zero.sum())}

@@ -90,8 +90,8 @@ def propagate(f: Callable, primals: Sequence[PyTree], deltas: Sequence[PyTree | 
 def loss_difference(loss_fn: Callable, params: PyTree, delta: PyTree, example: PyTree) -> jax.Array:
     """loss_fn(params + delta, example) - loss_fn(params, example), to the relative accuracy of the dtype.
 
-    What `precision="difference"` computes per entry of the EIF. Vmappable over delta (rows) and example
-    (evals), jittable, differentiable in delta and params.
+    What `precision=jaxeif.Precision(difference=True)` computes per entry of the EIF. Vmappable over delta
+    (rows) and example (evals), jittable, differentiable in delta and params.
 
     Args:
         loss_fn: `loss_fn(params, example) -> scalar`.

@@ -11,12 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxeif import checks, chunking, sanity
+from jaxeif import checks, chunking, options, sanity
 from jaxeif import precision as precision_lib
 from jaxeif import progress as progress_lib
 from jaxeif.chunking import Chunks
 from jaxeif.difference import loss_difference
 from jaxeif.finetune import LossFn, PyTree, finetune, finetune_delta, first_update, scale_updates
+from jaxeif.options import ChunkSize
+from jaxeif.precision import Precision
 
 
 def eif(
@@ -25,22 +27,19 @@ def eif(
     train: PyTree,
     evals: PyTree | None = None,
     *,
-    lr: jax.Array | float = 1e-3,
+    lr: jax.Array | float,
     steps: int = 1,
     optimizer: optax.GradientTransformation | None = None,
-    chunk_size: int | str | None = "auto",
-    precision: str = "highest",
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
     progress: bool = False,
     memory_budget: float | None = None,
 ) -> jax.Array:
-    """M[i, j] = loss(theta_i, evals[j]) - loss(params, evals[j]): f32[n_train, n_eval].
+    """The exact empirical influence matrix: fine-tune on each train example alone, measure every eval.
 
-    theta_i is `params` after `steps` optimizer steps on train[i] alone, each update scaled by lr
-    (scalar or shape (n,)); `optimizer` defaults to SGD with unit rate. `chunk_size`: rows per
-    step ("auto": chosen from the backend and `memory_budget` bytes, see jaxeif.chunking);
-    `precision`: see jaxeif.precision; `progress`: a bar of finished rows (jaxeif.progress).
-    Jittable, differentiable in lr and params. Raises `NonFiniteInfluenceError` naming diverged
-    rows (warns when traced).
+    M[i, j] = loss(theta_i, evals[j]) - loss(params, evals[j]), with theta_i = `params` after
+    `steps` optimizer steps on train[i] alone, each update scaled by lr. Jittable and
+    differentiable in lr and params.
 
     Caching (docs/caching.md): the compiled program is reused for inputs of the same shapes, dtypes and
     options, and recompiled when what `loss_fn` reads changes (its code, closure, attributes, the
@@ -49,9 +48,33 @@ def eif(
     A loss closing over a value traced by an enclosing jax.grad/jit is refused (TypeError; use a
     Partial). Warns (RuntimeWarning) when low-precision updates round away entirely, and in
     precision="float64" when the loss computes something else with x64 enabled.
+
+    Args:
+        loss_fn: loss_fn(params, example) -> f32[], the loss of ONE example (no leading axis).
+        params: the pytree of floating parameters to fine-tune from.
+        train: pytree of arrays with a leading example axis of size n.
+        evals: pytree with a leading axis of size m (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required, every finding depends on it.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate; lr scales its updates).
+        chunk_size: rows per step; "auto" picks the fastest layout within `memory_budget` from XLA's
+            memory analysis (jaxeif.chunking); None: all rows at once.
+        precision: the arithmetic, a jaxeif.Precision (see jaxeif.precision).
+        progress: show a bar of finished rows on stderr (not under jit/grad).
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+
+    Returns:
+        f32[n, m], the influence matrix M.
+
+    Raises:
+        NonFiniteInfluenceError: some fine-tunes diverged; `.rows` names them, `.matrix` holds the raw
+            result (a RuntimeWarning instead when traced).
+        MemoryBudgetError: the program does not fit the device or `memory_budget`.
+        TypeError, ValueError: bad arguments, named in the message.
     """
-    evals, n, lr = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                            chunk_size=chunk_size, progress=progress)
+    evals, n, lr, precision = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
+                                       chunk_size=chunk_size, progress=progress, precision=precision,
+                                       memory_budget=memory_budget)
     lrs = jnp.broadcast_to(lr, (n,))[None]
     matrix = matrices(loss_fn, params, train, evals, lrs, steps=steps, optimizer=optimizer, chunk_size=chunk_size,
                       precision=precision, progress=progress, memory_budget=memory_budget)[0]
@@ -67,20 +90,40 @@ def eif_sweep(
     lrs: jax.Array | Any,
     steps: int = 1,
     optimizer: optax.GradientTransformation | None = None,
-    chunk_size: int | str | None = "auto",
-    precision: str = "highest",
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
     progress: bool = False,
     memory_budget: float | None = None,
 ) -> jax.Array:
-    """The EIF at k learning rates in one program: f32[k, n, m], entry [a] equal to `eif(..., lr=lrs[a])`.
+    """The EIF at k learning rates in one program; entry [a] equals `eif(..., lr=lrs[a])`.
 
-    `lrs` is f[k] (one rate per sweep point) or f[k, n] (per sample). Base losses are shared, and
-    for steps == 1 so is each row's first optimizer update (lr only scales it). Rows that diverge at
-    some lr raise NonFiniteInfluenceError like eif (warn when traced). The other arguments as in eif
-    (`progress`: a bar of rows, each row being its k fine-tunes).
+    Base losses are shared, and for steps == 1 so is each row's first optimizer update (lr only
+    scales it).
+
+    Args:
+        loss_fn: loss_fn(params, example) -> f32[], the loss of ONE example (no leading axis).
+        params: the pytree of floating parameters to fine-tune from.
+        train: pytree of arrays with a leading example axis of size n.
+        evals: pytree with a leading axis of size m (None: `train`).
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        chunk_size: rows per step ("auto": planned by XLA's memory analysis within `memory_budget`).
+        precision: the arithmetic, a jaxeif.Precision.
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+        lrs: the learning rates, f[k] (one per sweep point) or f[k, n] (per point and train example).
+        progress: a bar of rows, each row being its k fine-tunes.
+
+    Returns:
+        f32[k, n, m].
+
+    Raises:
+        NonFiniteInfluenceError: rows diverged at some rate; `.rows` holds the (point, row) pairs and
+            `.matrix` the whole [k, n, m] result (a RuntimeWarning instead when traced).
+        MemoryBudgetError, TypeError, ValueError: as in `eif`.
     """
-    evals, n, _ = validate(loss_fn, params, train, evals, lr=0.0, steps=steps, optimizer=optimizer,
-                           chunk_size=chunk_size, progress=progress)
+    evals, n, _, precision = validate(loss_fn, params, train, evals, lr=0.0, steps=steps, optimizer=optimizer,
+                                      chunk_size=chunk_size, progress=progress, precision=precision,
+                                      memory_budget=memory_budget)
     lrs = checks.learning_rates(lrs, n)
     out = matrices(loss_fn, params, train, evals, jnp.broadcast_to(lrs[:, None], (lrs.shape[0], n)) if lrs.ndim == 1 else lrs,
                    steps=steps, optimizer=optimizer, chunk_size=chunk_size, precision=precision, progress=progress,
@@ -99,12 +142,35 @@ def eif_sweep(
     return out
 
 
-def chunk_plan(loss_fn, params, train, evals=None, *, lr=1e-3, steps=1, optimizer=None, chunk_size="auto",
-               precision="highest", progress=False, memory_budget=None, sweep_points: int = 1) -> tuple[Chunks, int]:
-    """(Chunks, XLA's estimated bytes) that `eif` (or an eif_sweep of `sweep_points` rates) runs with."""
-    evals, n, lr = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer, chunk_size=chunk_size,
-                            progress=progress)
-    precision = precision_lib.check(precision)
+def chunk_plan(loss_fn: LossFn, params: PyTree, train: PyTree, evals: PyTree | None = None, *, lr: jax.Array | float,
+               steps: int = 1, optimizer: optax.GradientTransformation | None = None, chunk_size: ChunkSize = "auto",
+               precision: Precision = Precision(), progress: bool = False, memory_budget: float | None = None,
+               sweep_points: int = 1) -> tuple[Chunks, int]:
+    """The layout `eif` (or an eif_sweep of `sweep_points` rates) runs with, without running it.
+
+    Args:
+        loss_fn: loss_fn(params, example) -> f32[], the loss of ONE example (no leading axis).
+        params: the pytree of floating parameters to fine-tune from.
+        train: pytree of arrays with a leading example axis of size n.
+        evals: pytree with a leading axis of size m (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        chunk_size: rows per step ("auto": planned by XLA's memory analysis within `memory_budget`).
+        precision: the arithmetic, a jaxeif.Precision.
+        progress: show a progress bar on stderr.
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+        sweep_points: the number of learning rates of an eif_sweep (1: `eif`).
+
+    Returns:
+        (Chunks(rows, evals), XLA's estimated peak bytes of the compiled program).
+
+    Raises:
+        MemoryBudgetError: no layout fits; TypeError, ValueError: bad arguments.
+    """
+    evals, n, lr, precision = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
+                                       chunk_size=chunk_size, progress=progress, precision=precision,
+                                       memory_budget=memory_budget)
     with precision_lib.context(precision):
         args = precision_lib.cast_inputs(precision, (params, train, evals, jnp.broadcast_to(lr, (sweep_points, n)),
                                                      split_loss(loss_fn)[1]))
@@ -113,16 +179,18 @@ def chunk_plan(loss_fn, params, train, evals=None, *, lr=1e-3, steps=1, optimize
     return chunks, nbytes
 
 
-def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size, progress=False):
-    """eif's input checks, shared by the sharded and linearised variants: returns (evals, n, lr)."""
-    progress_lib.check(progress)
+def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size, progress=False,
+             precision: Any = Precision(), memory_budget: Any = None) -> tuple[PyTree, int, jax.Array, Precision]:
+    """The input checks every EIF function shares (jaxeif.options): returns (evals, n, lr, precision)."""
+    options.check_progress(progress)
+    precision = options.check_precision(precision)
+    options.check_memory_budget(memory_budget)
     evals = train if evals is None else evals
     n = checks.leading_axis("train", train)
     checks.leading_axis("evals", evals)
     checks.positive_int("steps", steps)
-    chunking.check_chunk_size(chunk_size)
-    if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}")
+    options.check_chunk_size(chunk_size)
+    options.check_optimizer(optimizer)
     checks.model_inputs(params, loss_fn)  # framework state and non-array leaves, before any dtype is asked
     checks.float_params(params)
     checks.finite("params", params)
@@ -133,7 +201,7 @@ def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size,
     first = functools.partial(jax.tree.map, lambda x: x[0])
     checks.scalar_loss(loss_fn, params, first(train), "train")
     checks.scalar_loss(loss_fn, params, first(evals), "evals")
-    return evals, n, lr
+    return evals, n, lr, precision
 
 
 def report_nonfinite(matrix: jax.Array, lr: jax.Array) -> jax.Array:
@@ -226,7 +294,7 @@ _CACHE_SIZE = 16
 def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size, precision, progress,
              memory_budget) -> jax.Array:
     """The checked core of eif and eif_sweep: [k, n, m] for lrs f[k, n] (dtype: `result_dtype`)."""
-    precision = precision_lib.check(precision)
+    precision = options.check_precision(precision)
     progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lrs, split_loss(loss_fn)[1])))
     with precision_lib.context(precision), progress_lib.bar(lrs.shape[1], "eif rows", progress):
         args = precision_lib.cast_inputs(precision, (params, train, evals, lrs, split_loss(loss_fn)[1]))
@@ -255,16 +323,16 @@ def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size
         return result_dtype(out, precision)
 
 
-def _meaningful(loss_fn, params, train, lrs, optimizer, precision: str) -> None:
+def _meaningful(loss_fn, params, train, lrs, optimizer, precision: Precision) -> None:
     """jaxeif.sanity's checks before a compiled (untraced) call: a loss closing over a tracer is refused;
     updates that round away in the params' dtype, and a loss that float64 mode changes, are warned of."""
     sanity.closed_over_tracer(loss_fn)
     sanity.warn_if_updates_round_away(loss_fn, params, train, lrs, optimizer, precision)
-    if precision == "float64":
+    if precision_lib.is_float64(precision):
         sanity.warn_if_float64_differs(loss_fn, params, jax.tree.map(lambda x: x[0], train))
 
 
-def _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, *, precision: str, **kwargs) -> jax.Array:
+def _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, *, precision: Precision, **kwargs) -> jax.Array:
     """Entries whose propagated difference overflowed, recomputed as a difference of two losses.
 
     A huge step (the CNN at lr 1 moves logits by ~1e8) can overflow the propagated form where the
@@ -279,24 +347,25 @@ def _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, *, precisio
                                  **kwargs))
     fixed = np.array(out)
     fixed[:, rows] = np.where(bad[:, rows], redone, fixed[:, rows])
-    warnings.warn(f"jaxeif: {int(bad.sum())} entries in rows {rows.tolist()[:20]} overflowed in precision={precision!r} "
-                  f"(very large loss changes); they were recomputed in {direct!r}, which is as accurate at that size",
+    warnings.warn(f"jaxeif: {int(bad.sum())} entries in rows {rows.tolist()[:20]} overflowed in "
+                  f"precision={precision_lib.name(precision)!r} (very large loss changes); they were recomputed in "
+                  f"{precision_lib.name(direct)!r}, which is as accurate at that size",
                   RuntimeWarning)
     return jnp.asarray(fixed)
 
 
-def program_static(loss_fn, steps: int, optimizer, precision: str, progress: bool = False) -> dict:
-    """The static arguments of `_program` for a checked precision mode (loss_fn: split_loss's static part)."""
+def program_static(loss_fn, steps: int, optimizer, precision: Precision, progress: bool = False) -> dict:
+    """The static arguments of `_program` for a checked Precision (loss_fn: split_loss's static part)."""
     return dict(loss_fn=split_loss(loss_fn)[0], steps=steps, optimizer=optimizer, difference=precision_lib.propagates_difference(precision),
                 progress=progress, loss_version=sanity.loss_version(loss_fn))
 
 
-def result_dtype(out: jax.Array, precision: str) -> jax.Array:
-    """float32 in "float64" mode (the float64 result keeps its relative accuracy when rounded), else as computed."""
-    return out.astype(jnp.float32) if precision == "float64" else out
+def result_dtype(out: jax.Array, precision: Precision) -> jax.Array:
+    """float32 for dtype "float64" (the float64 result keeps its relative accuracy when rounded), else as computed."""
+    return out.astype(jnp.float32) if precision_lib.is_float64(precision) else out
 
 
-def plan(args, static: dict, chunk_size, memory_budget, mode: str, *, traced: bool = False) -> tuple[Chunks, Any, int]:
+def plan(args, static: dict, chunk_size, memory_budget, mode: Precision, *, traced: bool = False) -> tuple[Chunks, Any, int]:
     """(chunks, compiled program (unused when traced), its estimated bytes) for these arguments,
     under precision `mode` (call inside its context).
 

@@ -22,6 +22,8 @@ from jax.sharding import PartitionSpec as P
 from jaxeif import checks, influence
 from jaxeif import precision as precision_lib
 from jaxeif.finetune import LossFn, PyTree
+from jaxeif.options import ChunkSize
+from jaxeif.precision import Precision
 
 AXIS = "rows"
 
@@ -56,8 +58,8 @@ def eif_rows(
     lr: jax.Array | float,
     steps: int = 1,
     optimizer: optax.GradientTransformation | None = None,
-    chunk_size: int | str | None = "auto",
-    precision: str = "highest",
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
     memory_budget: float | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> jax.Array:
@@ -79,13 +81,13 @@ def eif_rows(
     Raises:
         NonFiniteInfluenceError: a fine-tune computed on this process diverged (a warning when traced).
     """
-    evals, n, lr = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                                      chunk_size=chunk_size)
+    evals, n, lr, precision = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
+                                                 optimizer=optimizer, chunk_size=chunk_size, precision=precision,
+                                                 memory_budget=memory_budget)
     mesh_ = mesh(devices)
     d = mesh_.devices.size
     pad = padded_rows(n, d) - n
     lr_rows = jnp.concatenate([jnp.broadcast_to(lr, (n,)), jnp.zeros((pad,), jnp.result_type(lr))])
-    precision = precision_lib.check(precision)
     static = influence.program_static(loss_fn, steps, optimizer, precision)
     with precision_lib.context(precision):
         params, train, evals, lr_rows, loss_inputs = precision_lib.cast_inputs(

@@ -1,8 +1,10 @@
-"""Figures of influence matrices: heatmaps with block boundaries, histograms, lr sweeps (matplotlib Agg).
+"""Figures of influence matrices: heatmaps with block boundaries, histograms, lr sweeps (matplotlib).
 
 Every figure states which sign it shows. sign="loss" shows M as eif() returns it (loss after
 minus before; negative = learned); sign="logprob" shows -M, the paper's figure sign (change in
 log-probability of the target; positive = more likely). Either way "learned" is drawn blue.
+Importing this module leaves matplotlib's backend alone (a notebook keeps its own); the `jaxeif`
+command and `python -m jaxeif.experiments.X` pick the file backend Agg (jaxeif.cli).
 """
 from __future__ import annotations
 
@@ -11,13 +13,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxeif import io  # noqa: E402
+from jaxeif import io
 
 SIGNS = {
     "loss": ("Δ loss = loss after − loss before\n(negative = learned)", "RdBu_r"),

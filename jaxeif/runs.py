@@ -16,19 +16,21 @@ import pathlib
 import platform
 import shutil
 import sys
-import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
-from jaxeif import checks, fingerprint, io
+from jaxeif import checks, fingerprint, io, options
 from jaxeif import precision as precision_lib
 from jaxeif import progress as progress_lib
 from jaxeif.influence import eif
 from jaxeif.errors import Error
+from jaxeif.options import ChunkSize
+from jaxeif.precision import Precision
 
 CONFIG_FILE = "config.json"
 _LOCK_FILE = ".lock"
@@ -389,12 +391,13 @@ def sweep_eif(
     train: Any,
     evals: Any = None,
     *,
-    lr: Any,
+    lr: jax.Array | float,
     steps: int = 1,
-    optimizer: Any = None,
-    chunk_size: int | str | None = "auto",
-    precision: str = "highest",
+    optimizer: optax.GradientTransformation | None = None,
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
     progress: bool = False,
+    memory_budget: float | None = None,
     block_size: int = 64,
     run: RunDir | None = None,
     name: str = "eif",
@@ -402,20 +405,47 @@ def sweep_eif(
     on_block: BlockHook | None = None,
     fresh: bool = False,
 ) -> jax.Array:
-    """The EIF f32[n, m] by `eif_fn` on blocks of `block_size` train rows, each checkpointed in `run`.
+    """The EIF by `eif_fn` on blocks of `block_size` train rows, each checkpointed in `run`.
 
-    `chunk_size` and `precision` pass through to `eif_fn` (precision is part of what a resume must
-    match); `progress` shows a bar of blocks. `eif_fn`: any function with jaxeif.eif's signature and
-    values (e.g. jaxeif.eif_sharded); `on_block(b, rows)` runs after block b is computed (and saved).
-    A killed sweep resumes from its finished blocks (bit-identical result). Diverged rows are
-    NaN rows, listed in run.path/"<name>_nonfinite.json" and in a RuntimeWarning.
+    A killed sweep resumes from its finished blocks (bit-identical result).
 
     A resume must match everything that determines the numbers (jaxeif.fingerprint: `eif_fn`, the
     loss with its state and the module-level values it reads, the optimizer to any depth, the arrays,
     lr, steps, block_size, precision), else RunDirError; every file is checked against its sha256
     (ChecksumError names a damaged one). `fresh=True` discards this sweep's saved results in `run`
     and recomputes them (also the way to run a loss that jaxeif.fingerprint cannot hash).
+
+    Args:
+        loss_fn: loss_fn(params, example) -> f32[], the loss of ONE example (no leading axis).
+        params: the pytree of floating parameters to fine-tune from.
+        train: pytree of arrays with a leading example axis of size n.
+        evals: pytree with a leading axis of size m (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        chunk_size: rows per step ("auto": planned by XLA's memory analysis within `memory_budget`).
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+        precision: the arithmetic, a jaxeif.Precision (part of what a resume must match).
+        progress: a bar of blocks.
+        block_size: train rows per checkpointed block.
+        run: the RunDir to checkpoint in (None: nothing saved).
+        name: the file stem of this sweep's files in `run`.
+        eif_fn: any function with jaxeif.eif's signature and values (e.g. jaxeif.eif_sharded).
+        on_block: on_block(b, rows) runs after block b is computed (and saved).
+        fresh: discard this sweep's saved results in `run` and recompute them.
+
+    Returns:
+        f32[n, m].
+
+    Raises:
+        NonFiniteInfluenceError: some fine-tunes diverged, as in `jaxeif.eif`; raised after every block
+            ran and the matrix was saved, with `.rows` the diverged rows and `.matrix` the matrix with
+            those rows NaN (also saved as <name>.npy, the rows in <name>_nonfinite.json). A resumed
+            sweep raises the same error.
+        RunDirError, CorruptCheckpointError: `run` holds another sweep's results, or damaged ones.
     """
+    precision = options.check_precision(precision)
+    options.check_memory_budget(memory_budget)
     checks.model_inputs(params, loss_fn)  # before the run's fingerprint reads them
     evals, lr_vec = _check_sweep(train, evals, lr, steps=steps, block_size=block_size, progress=progress, run=run,
                                  name=name)
@@ -433,11 +463,12 @@ def sweep_eif(
                            block_size=blocks.size, precision=precision, eif_fn=eif_fn, fresh=fresh)
         finished = _resume_or_start(run, name, info, (n, m))
         if finished is not None:
-            _warn_nonfinite(name, checks.nonfinite_rows(finished), lr_vec, run)
+            _raise_nonfinite(name, finished, lr_vec, run)
             return jnp.asarray(finished)
         manager = _manager(run.file(f"{name}_blocks"))
     compute = functools.partial(_compute_block, eif_fn, loss_fn, params, train, evals, lr_vec, steps=steps,
-                                optimizer=optimizer, chunk_size=chunk_size, precision=precision)
+                                optimizer=optimizer, chunk_size=chunk_size, precision=precision,
+                                memory_budget=memory_budget)
     matrix = _run_blocks(compute, blocks, manager, m, name=name, progress=progress, on_block=on_block, run=run)
     _finish(run, name, matrix, lr_vec)
     return jnp.asarray(matrix)
@@ -498,7 +529,7 @@ def _sweep_info(loss_fn, params, train, evals, lr_vec, *, steps, optimizer, bloc
         "eif_fn": digest(eif_fn),
         "optimizer": None if optimizer is None else digest(optimizer),
         "loss_fn": digest(loss_fn),
-        "precision": precision_lib.check(precision),
+        "precision": precision_lib.name(precision),
         "fingerprint": fingerprint.digest(params, train, evals, lr_vec),
     }
 
@@ -532,11 +563,11 @@ def _resume_or_start(run: RunDir, name: str, info: dict, shape: tuple[int, int])
 
 
 def _compute_block(eif_fn: Callable, loss_fn, params, train, evals, lr_vec, idx: np.ndarray, *, steps, optimizer,
-                   chunk_size, precision: str) -> np.ndarray:
-    """Rows `idx` of the EIF; diverged rows come back as all-NaN rows."""
+                   chunk_size, precision: Precision, memory_budget) -> np.ndarray:
+    """Rows `idx` of the EIF; diverged rows come back as all-NaN rows (sweep_eif raises once all blocks ran)."""
     try:
         block = eif_fn(loss_fn, params, _take(train, idx), evals, lr=lr_vec[idx], steps=steps, optimizer=optimizer,
-                       chunk_size=chunk_size, precision=precision)
+                       chunk_size=chunk_size, precision=precision, memory_budget=memory_budget)
         block = np.array(block, dtype=np.float32)
     except checks.NonFiniteInfluenceError as e:
         block = np.array(e.matrix, dtype=np.float32)
@@ -590,7 +621,7 @@ def _block_folder(manager, b: int) -> pathlib.Path:
 
 def _finish(run: RunDir | None, name: str, matrix: np.ndarray, lr_vec: np.ndarray) -> None:
     """Save the matrix and its diverged rows in `run` (each verified on disk before the blocks are dropped),
-    and warn of those rows."""
+    then raise NonFiniteInfluenceError naming those rows, as jaxeif.eif does."""
     bad = checks.nonfinite_rows(matrix)
     if run is not None:
         run.save_json(f"{name}_nonfinite.json", {
@@ -605,21 +636,21 @@ def _finish(run: RunDir | None, name: str, matrix: np.ndarray, lr_vec: np.ndarra
                 f"{run.file(name, '.npy')} reads back other numbers than were written; the blocks in "
                 f"{run.file(name + '_blocks')} are kept: run the same command again")
         run.discard(f"{name}_blocks")
-    _warn_nonfinite(name, bad, lr_vec, run)
+    _raise_nonfinite(name, matrix, lr_vec, run)
 
 
-def _warn_nonfinite(name: str, bad: np.ndarray, lr_vec: np.ndarray, run: RunDir | None) -> None:
-    """A RuntimeWarning naming the diverged rows (never silent)."""
+def _raise_nonfinite(name: str, matrix: np.ndarray, lr_vec: np.ndarray, run: RunDir | None) -> None:
+    """NonFiniteInfluenceError naming the diverged rows, as jaxeif.eif raises (`.matrix`: their rows NaN)."""
+    bad = checks.nonfinite_rows(matrix)
     if not bad.size:
         return
-    where = f"; listed in {run.file(name + '_nonfinite.json')}" if run is not None else ""
-    warnings.warn(
-        f"sweep_eif '{name}': {bad.size} of {lr_vec.shape[0]} fine-tunes diverged (rows {bad.tolist()[:20]}"
-        f"{' ...' if bad.size > 20 else ''}, lr {lr_vec[bad][:5].tolist()}); kept as NaN rows{where}. "
-        "Lower lr or steps for them.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    where = f"; the matrix is saved as {run.file(name, '.npy')}, the rows in {run.file(name + '_nonfinite.json')}" \
+        if run is not None else ""
+    raise checks.NonFiniteInfluenceError(
+        f"sweep_eif '{name}': {bad.size} of {lr_vec.shape[0]} fine-tunes diverged (non-finite influence) in rows "
+        f"{bad.tolist()[:20]}{' ...' if bad.size > 20 else ''} with lr {lr_vec[bad][:5].tolist()}; lower lr or steps "
+        f"for those samples (`.matrix` holds the result with those rows NaN{where})",
+        bad, np.asarray(matrix))
 
 
 def _manager(folder: pathlib.Path):

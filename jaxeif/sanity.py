@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from jaxeif import fingerprint
+from jaxeif import precision as precision_lib
 from jaxeif.finetune import first_update, scale_updates
 
 _TRACER_DEPTH = 8
@@ -79,13 +80,13 @@ def _filled(cell) -> bool:
     return True
 
 
-def warn_if_updates_round_away(loss_fn: Any, params: Any, train: Any, lrs: Any, optimizer: Any, precision: str) -> None:
+def warn_if_updates_round_away(loss_fn: Any, params: Any, train: Any, lrs: Any, optimizer: Any, precision: Any) -> None:
     """RuntimeWarning when params hold a floating dtype narrower than float32 and train[0]'s update at the
     largest lr leaves every parameter unchanged in that dtype (the influence row would be exactly 0)."""
     leaves = jax.tree.leaves(params)
     narrow = sorted({str(jnp.result_type(x)) for x in leaves
                      if jnp.issubdtype(jnp.result_type(x), jnp.floating) and jnp.finfo(jnp.result_type(x)).bits < 32})
-    if not narrow or precision == "float64":
+    if not narrow or precision_lib.is_float64(precision):
         return
     lr = float(np.max(np.asarray(lrs)))
     if lr == 0:

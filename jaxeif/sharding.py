@@ -19,6 +19,8 @@ from jaxeif import checks, influence
 from jaxeif import precision as precision_lib
 from jaxeif import progress as progress_lib
 from jaxeif.finetune import LossFn, PyTree
+from jaxeif.options import ChunkSize
+from jaxeif.precision import Precision
 
 _AXIS = "rows"
 
@@ -36,29 +38,49 @@ def eif_sharded(
     train: PyTree,
     evals: PyTree | None = None,
     *,
-    lr: jax.Array | float = 1e-3,
+    lr: jax.Array | float,
     steps: int = 1,
     optimizer: optax.GradientTransformation | None = None,
-    chunk_size: int | str | None = "auto",
-    precision: str = "highest",
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
     progress: bool = False,
     memory_budget: float | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> jax.Array:
-    """`jaxeif.eif` with train rows split evenly over `devices` (default: all): f32[n, m], same values.
+    """`jaxeif.eif` with the train rows split evenly over `devices`: the same values.
 
-    `chunk_size` bounds rows in flight per device ("auto": chosen for one device's share of rows,
-    see jaxeif.chunking); `precision` and `progress` as in eif. Rows are padded to a multiple of the
-    device count with copies of row 0 (lr 0) and dropped. Raises NonFiniteInfluenceError like eif.
+    Rows are padded to a multiple of the device count with copies of row 0 (lr 0), computed and
+    dropped.
+
+    Args:
+        loss_fn: loss_fn(params, example) -> f32[], the loss of ONE example (no leading axis).
+        params: the pytree of floating parameters to fine-tune from.
+        train: pytree of arrays with a leading example axis of size n.
+        evals: pytree with a leading axis of size m (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        precision: the arithmetic, a jaxeif.Precision.
+        progress: show a progress bar on stderr.
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+        chunk_size: rows in flight per device; "auto" is planned for one device's share of rows
+            (jaxeif.chunking), as in `jaxeif.eif`.
+        devices: the devices to split rows over (None: all of `jax.devices()`, every host's).
+
+    Returns:
+        f32[n, m], gathered to every process.
+
+    Raises:
+        NonFiniteInfluenceError, MemoryBudgetError, TypeError, ValueError: as in `jaxeif.eif`.
     """
-    evals, n, lr = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
-                                      optimizer=optimizer, chunk_size=chunk_size, progress=progress)
+    evals, n, lr, precision = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
+                                                 optimizer=optimizer, chunk_size=chunk_size, progress=progress,
+                                                 precision=precision, memory_budget=memory_budget)
     progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lr)))
     devices = checks.device_list(devices)
     pad = -n % len(devices)
     lr_rows = jnp.concatenate([jnp.broadcast_to(lr, (n,)), jnp.zeros((pad,), jnp.result_type(lr))])
     mesh = Mesh(np.asarray(devices), (_AXIS,))
-    precision = precision_lib.check(precision)
     static = influence.program_static(loss_fn, steps, optimizer, precision, progress)
     with precision_lib.context(precision), progress_lib.bar(n + pad, "eif rows", progress):
         params, train, evals, lr_rows, loss_inputs = precision_lib.cast_inputs(

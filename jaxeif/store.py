@@ -42,6 +42,8 @@ from jaxeif import checks, compile_cache, fingerprint, influence, io
 from jaxeif import precision as precision_lib
 from jaxeif.errors import Error
 from jaxeif.finetune import LossFn, PyTree
+from jaxeif.options import ChunkSize
+from jaxeif.precision import Precision
 
 FORMAT = "jaxeif.store/1"
 MANIFEST = "manifest.json"
@@ -155,7 +157,7 @@ def _version(dist: str) -> str | None:
 
 
 def call_fingerprint(loss_fn, params, train, evals, lr_vec: np.ndarray, *, steps: int, optimizer,
-                     precision: str) -> dict:
+                     precision: Precision) -> dict:
     """What a tile's values depend on, one digest or value per entry (compared field by field on reuse)."""
     return {
         "loss_fn": fingerprint.digest(loss_fn),
@@ -165,7 +167,7 @@ def call_fingerprint(loss_fn, params, train, evals, lr_vec: np.ndarray, *, steps
         "lr": _tree_digest(lr_vec),
         "steps": steps,
         "optimizer": None if optimizer is None else fingerprint.digest(optimizer),
-        "precision": precision,
+        "precision": precision_lib.name(precision),  # the short name: stable across releases
         "versions": {d: _version(d) for d in ("jax", "jaxlib", "jaxeif")},
     }
 
@@ -474,8 +476,8 @@ def fill(
     tile: tuple[int, int],
     steps: int = 1,
     optimizer: optax.GradientTransformation | None = None,
-    chunk_size: int | str | None = "auto",
-    precision: str = "highest",
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
     memory_budget: float | None = None,
     worker: int | None = None,
     workers: int | None = None,
@@ -526,13 +528,13 @@ def fill(
                          "before starting them, or give every worker a new path")
     rows, cols = _check_tile(tile)
     evals_arg = evals
-    evals_, n, lr_arr = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                                           chunk_size=chunk_size)
+    evals_, n, lr_arr, precision = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
+                                                      optimizer=optimizer, chunk_size=chunk_size, progress=progress,
+                                                      precision=precision, memory_budget=memory_budget)
     if checks.is_traced(lr_arr):
         raise StoreError("jaxeif.store.fill writes files and cannot be traced (jit/grad); call jaxeif.eif inside "
                          "the transformation instead")
     m = checks.leading_axis("evals", evals_)
-    precision = precision_lib.check(precision)
     lr_vec = np.broadcast_to(np.asarray(lr_arr), (n,))
     grid = Grid(n, m, min(rows, n), min(cols, m))
     call = call_fingerprint(loss_fn, params, train, evals_arg, lr_vec, steps=steps, optimizer=optimizer,
@@ -580,8 +582,8 @@ def fill_spmd(
     tile: tuple[int, int],
     steps: int = 1,
     optimizer: optax.GradientTransformation | None = None,
-    chunk_size: int | str | None = "auto",
-    precision: str = "highest",
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
     memory_budget: float | None = None,
     devices: Sequence[jax.Device] | None = None,
     verify: bool = True,
@@ -617,12 +619,12 @@ def fill_spmd(
 
     rows, cols = _check_tile(tile)
     evals_arg = evals
-    evals_, n, lr_arr = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                                           chunk_size=chunk_size)
+    evals_, n, lr_arr, precision = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
+                                                      optimizer=optimizer, chunk_size=chunk_size, progress=progress,
+                                                      precision=precision, memory_budget=memory_budget)
     if checks.is_traced(lr_arr):
         raise StoreError("jaxeif.store.fill_spmd writes files and cannot be traced; use jaxeif.multihost.eif_rows")
     m = checks.leading_axis("evals", evals_)
-    precision = precision_lib.check(precision)
     lr_vec = np.broadcast_to(np.asarray(lr_arr), (n,))
     grid = Grid(n, m, min(rows, n), min(cols, m))
     call = call_fingerprint(loss_fn, params, train, evals_arg, lr_vec, steps=steps, optimizer=optimizer,

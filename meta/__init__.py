@@ -17,20 +17,17 @@ Example (per-sample log-rates toward "learn within class, leave other classes al
 Per-layer multipliers: `optimizer=meta.layer_optimizer(log_scales)` inside the objective,
 with `log_scales = meta.init_layer_log_scales(params)` as the controls.
 """
+from jaxeif import deprecation
 from jaxeif.meta.controls import (
     Amortised,
-    LRPredictor,
-    Standardizer,
     amortised,
     image_features,
     init_layer_log_scales,
     init_log_lr,
-    layer_names,
     layer_optimizer,
     load_amortised,
     per_sample_lr,
     save_amortised,
-    scale_by_layer,
 )
 from jaxeif.meta.objectives import (
     class_blocks,
@@ -43,11 +40,17 @@ from jaxeif.meta.objectives import (
     symmetry,
     toward,
 )
-from jaxeif.meta.outer import MetaResult, StaleCheckpointError, fit, make_step
+from jaxeif.meta.outer import MetaResult, StaleCheckpointError, fit
 
 __all__ = [
-    "Amortised", "LRPredictor", "Standardizer", "amortised", "image_features", "init_layer_log_scales",
-    "init_log_lr", "layer_names", "layer_optimizer", "load_amortised", "per_sample_lr", "save_amortised", "scale_by_layer",
+    "Amortised", "amortised", "image_features", "init_layer_log_scales", "init_log_lr", "layer_optimizer",
+    "load_amortised", "per_sample_lr", "save_amortised",
     "class_blocks", "class_learning", "keep_learning", "logic", "noise_invariance", "sparsity",
-    "stay_below", "symmetry", "toward", "MetaResult", "StaleCheckpointError", "fit", "make_step",
+    "stay_below", "symmetry", "toward", "MetaResult", "StaleCheckpointError", "fit",
 ]
+
+# helpers importable from jaxeif.meta before its public list was cut to what users call (one release)
+__getattr__ = deprecation.moved("jaxeif.meta", {
+    "LRPredictor": "jaxeif.meta.controls", "Standardizer": "jaxeif.meta.controls", "layer_names": "jaxeif.meta.controls",
+    "scale_by_layer": "jaxeif.meta.controls", "make_step": "jaxeif.meta.outer",
+})

@@ -12,6 +12,7 @@ import pytest
 
 XLA_CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "xla"
 os.environ["JAXEIF_COMPILE_CACHE"] = str(XLA_CACHE)
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files: no display needed
 jax.config.update("jax_compilation_cache_dir", str(XLA_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

@@ -113,11 +113,11 @@ def test_bad_chunk_size_and_budget():
     params, train, _ = make_problem(n=4)
     for bad in ("big", 0, 2.5, True):
         with pytest.raises((TypeError, ValueError), match="chunk_size"):
-            jaxeif.eif(mlp_loss, params, train, chunk_size=bad)
+            jaxeif.eif(mlp_loss, params, train, lr=0.1, chunk_size=bad)
     with pytest.raises(ValueError, match="memory_budget"):
-        jaxeif.eif(mlp_loss, params, train, memory_budget=-1)
+        jaxeif.eif(mlp_loss, params, train, lr=0.1, memory_budget=-1)
     with pytest.raises(ValueError, match="memory_budget"):  # also under jit, and with a fixed chunk
-        jax.jit(lambda p: jaxeif.eif(mlp_loss, p, train, chunk_size=2, memory_budget="lots"))(params)
+        jax.jit(lambda p: jaxeif.eif(mlp_loss, p, train, lr=0.1, chunk_size=2, memory_budget="lots"))(params)
 
 
 def wide_loss(params, example):

@@ -42,5 +42,5 @@ def test_one_unbatched_example_says_add_a_leading_axis():
     params = {"w": jnp.ones((3, 2))}
     x, y = jnp.ones((3,)), jnp.zeros((2,))
     with pytest.raises(ValueError, match=r"single example, add a leading example axis"):
-        jaxeif.eif(lambda p, ex: jnp.sum((ex[0] @ p["w"] - ex[1]) ** 2), params, (x, y))
-    jaxeif.eif(lambda p, ex: jnp.sum((ex[0] @ p["w"] - ex[1]) ** 2), params, jax.tree.map(lambda a: a[None], (x, y)))
+        jaxeif.eif(lambda p, ex: jnp.sum((ex[0] @ p["w"] - ex[1]) ** 2), params, (x, y), lr=0.1)
+    jaxeif.eif(lambda p, ex: jnp.sum((ex[0] @ p["w"] - ex[1]) ** 2), params, jax.tree.map(lambda a: a[None], (x, y)), lr=0.1)

@@ -238,11 +238,11 @@ def test_overflowed_entries_are_recomputed_directly_with_a_warning():
     raw = np.asarray(propagated(deltas, data))
     assert not np.isfinite(raw).all()  # the case this guards against really happens
     with pytest.warns(RuntimeWarning, match=r"overflowed in precision='difference'.*recomputed in 'highest'"):
-        M = np.asarray(jaxeif.eif(loss_fn, w, data, lr=1e9, precision="difference"))
-    direct = np.asarray(jaxeif.eif(loss_fn, w, data, lr=1e9, precision="highest"))
+        M = np.asarray(jaxeif.eif(loss_fn, w, data, lr=1e9, precision=jaxeif.Precision(difference=True)))
+    direct = np.asarray(jaxeif.eif(loss_fn, w, data, lr=1e9, precision=jaxeif.Precision()))
     assert np.isfinite(M).all()
     np.testing.assert_array_equal(M[~np.isfinite(raw)], direct[~np.isfinite(raw)])
     np.testing.assert_array_equal(M[np.isfinite(raw)], raw[np.isfinite(raw)])  # the rest stays propagated
     with pytest.warns(RuntimeWarning, match="overflowed"):
-        S = np.asarray(jaxeif.eif_sweep(loss_fn, w, data, lrs=jnp.array([1.0, 1e9]), precision="difference"))
+        S = np.asarray(jaxeif.eif_sweep(loss_fn, w, data, lrs=jnp.array([1.0, 1e9]), precision=jaxeif.Precision(difference=True)))
     np.testing.assert_array_equal(S[1], M)

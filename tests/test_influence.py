@@ -201,7 +201,7 @@ def test_loss_fn_given_a_batch_by_mistake_is_explained():
         return jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2, axis=0) + x[0, 0]  # needs x 2-d
 
     with pytest.raises(Exception) as info:
-        jaxeif.eif(batch_loss, params, train)
+        jaxeif.eif(batch_loss, params, train, lr=0.1)
     assert "ONE example" in "".join(getattr(info.value, "__notes__", []))
 
 

@@ -73,4 +73,4 @@ def test_one_step_and_no_difference_mode():
     with pytest.raises(ValueError, match="steps=2"):
         eif_linearized(loss, params, train, lr=0.01, steps=2)
     with pytest.raises(ValueError, match="'difference' applies to the exact EIF only"):
-        eif_linearized(loss, params, train, lr=0.01, precision="difference")
+        eif_linearized(loss, params, train, lr=0.01, precision=jaxeif.Precision(difference=True))

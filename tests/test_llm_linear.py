@@ -65,7 +65,7 @@ def test_cnn_curve_is_the_cnn_studys_model_and_set(study):
     g = np.asarray(jaxeif.eif_linearized(cnn.loss_fn, params, train, lr=1.0))
     np.testing.assert_allclose(np.load(out / "cnn_gram.npy"), g, rtol=1e-5, atol=1e-7)
     exact = np.load(out / "cnn_exact_difference.npy")
-    np.testing.assert_allclose(exact[1], jaxeif.eif(cnn.loss_fn, params, train, lr=LRS[1], precision="difference"), rtol=1e-5)
+    np.testing.assert_allclose(exact[1], jaxeif.eif(cnn.loss_fn, params, train, lr=LRS[1], precision=jaxeif.Precision(difference=True)), rtol=1e-5)
     curve = results["cnn"]["precisions"]["difference"]["curve"]
     rel = [a["median_rel_error"] for a in curve]
     assert curve[0]["corr"] > 0.999 and rel[0] < 0.05 and rel[0] < min(rel[1:])  # -> exact as lr -> 0

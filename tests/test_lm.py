@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch", reason="reference tests need torch==2.13.0 
 transformers = pytest.importorskip("transformers")
 
 from jaxeif import lm, lr_choice  # noqa: E402
+from jaxeif.lm import loss as lm_loss, lowrank  # noqa: E402
 from jaxeif.models import loading, lora, tokenizer  # noqa: E402
 from tiny_lm import tiny_checkpoint  # noqa: E402
 
@@ -214,7 +215,7 @@ def test_packed_nll_and_lowrank_equal_one_sample_at_a_time(tiny, sgd_eif):
     slow = [float(lm.NLL(apply_fn)(params, lm.Tokens(*(jnp.asarray(x[k]) for x in pairs)))) for k in range(4)]
     for row_length in (1, 40, 512):  # one sample per row, several rows of several, all in one row
         np.testing.assert_allclose(lm.nll(apply_fn, params, pairs, row_length=row_length), slow, rtol=1e-5)
-    assert lm.pack_tokens(pairs, 512).ids.shape[0] == 1 and lm.pack_tokens(pairs, 40).ids.shape[0] > 1
+    assert lm_loss.pack_tokens(pairs, 512).ids.shape[0] == 1 and lm_loss.pack_tokens(pairs, 40).ids.shape[0] > 1
     toks = lm.tokenize(tok, TEXTS, config=config)
     packed = sgd_eif[2]  # lm.lowrank_sgd_eif(..., lr=0.05) with the defaults: all samples in one row
     alone = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.05, config=config, row_length=1, rank_bucket=1,
@@ -229,7 +230,7 @@ def test_sgd_step_lowrank_is_the_dense_sgd_step(tiny):
     toks = lm.tokenize(tok, TEXTS[:2], config=config)
     row = lm.Tokens(*(jnp.asarray(x[0]) for x in toks))
     lr = 0.05
-    delta = lm.sgd_step_lowrank(apply_fn, params, row, lr, config=config)
+    delta = lowrank.sgd_step_lowrank(apply_fn, params, row, lr, config=config)
     new = jax.tree.map(lambda w, g: w - lr * g, params, jax.grad(lm.NLL(apply_fn))(params, row))
     ids = jnp.asarray(toks.ids[1:])
     np.testing.assert_allclose(apply_fn(params, ids, delta=delta), apply_fn(new, ids), atol=2e-5)

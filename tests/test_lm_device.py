@@ -12,6 +12,7 @@ import pytest
 
 from jaxeif.benchmarks import lm_device
 from jaxeif import lm
+from jaxeif.lm import tokens
 from jaxeif.models import phi3, tokenizer, upcast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,9 +31,9 @@ def test_folded_tokenizer_maps_ids_modulo_the_vocabulary(tokenizer_dir):
     full = tokenizer.load_tokenizer(None)
     folded = lm_device.load_folded(str(tokenizer_dir), 32064)
     text = "Klarbu causes Pimjon.\nZoo"
-    ids = lm.encode(full, text)
-    assert max(ids) >= 0 and lm.encode(folded, text) == [i % 32064 for i in ids]
-    assert folded.bos_token_id == full.bos_token_id % 32064 and lm.vocab_size(folded) == 32064
+    ids = tokens.encode(full, text)
+    assert max(ids) >= 0 and tokens.encode(folded, text) == [i % 32064 for i in ids]
+    assert folded.bos_token_id == full.bos_token_id % 32064 and tokens.vocab_size(folded) == 32064
     toks = lm.tokenize(folded, [text], config=lm_device.PHI3_MINI)
     assert int(np.asarray(toks.ids).max()) < 32064
 

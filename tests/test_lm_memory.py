@@ -5,6 +5,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxeif.benchmarks import lm_device, lm_memory
@@ -27,7 +28,7 @@ def test_estimate_grows_where_the_path_holds_more():
     params = memory.param_count(CONFIG) * 4
     assert est("lowrank") > est("prompted") > params
     assert est("dense") - params >= params  # the update: one weight-sized buffer per fine-tune
-    assert est("dense", chunk_size=4) > est("dense") and est("dense", optimizer="adam") > est("dense")
+    assert est("dense", chunk_size=4) > est("dense") and est("dense", optimizer=optax.adam(1.0)) > est("dense")
     assert lm.memory_estimate(CONFIG, 8, 64, path="dense") > est("dense")  # all evals in one forward
     assert lm.memory_estimate(CONFIG, 8, 64, path="dense", eval_chunk=8) == est("dense") + 56 * 9 * 4  # only the result grows
     assert lm.memory_estimate(CONFIG, 100, 100, path="lowrank") == est("lowrank")  # streams rows: no n, m
@@ -43,7 +44,7 @@ def test_phi3_mini_on_80gb():
     assert memory.param_count(config) == pytest.approx(3.82e9, rel=0.01)
     gib = lambda path, dtype=jnp.bfloat16, **kw: lm.memory_estimate(config, 12, 12, path=path, dtype=dtype, **kw) / 2**30  # noqa: E731
     assert gib("prompted") < gib("lowrank") < gib("dense") < 80
-    assert gib("dense", dtype=jnp.float32, optimizer="adam") > 40
+    assert gib("dense", dtype=jnp.float32, optimizer=optax.adam(1.0)) > 40
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -52,6 +53,17 @@ def test_phi3_mini_on_80gb():
 def test_bad_arguments_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
         lm.memory_estimate(CONFIG, 4, 4, **{"path": "dense", **bad})
+
+
+def test_optimizer_states_are_counted_from_the_optax_object():
+    est = lambda opt: lm.memory_estimate(CONFIG, 4, 4, path="dense", optimizer=opt)  # noqa: E731
+    params = memory.param_count(CONFIG) * 4
+    assert est(optax.adam(1e-3)) - est(None) == 2 * params  # mu and nu: two weight-sized buffers per fine-tune
+    assert est(optax.sgd(1.0, momentum=0.9)) - est(None) == params
+    assert est(optax.sgd(1.0)) == est(None) == est(0)
+    for name, opt in (("adam", optax.adam(1.0)), ("momentum", optax.sgd(1.0, momentum=0.9)), ("sgd", None)):
+        with pytest.warns(DeprecationWarning, match="optimizer="):
+            assert est(name) == est(opt)
 
 
 def test_check_memory_refuses_with_the_estimate_and_the_fixes():

@@ -1,5 +1,5 @@
 """The language-model EIF paths side by side: dense, low-rank and path="auto" equal; each path's
-precision="difference" against float64 at the paper's lr; the decoder's `delta=` hook; the path rule."""
+precision=jaxeif.Precision(difference=True) against float64 at the paper's lr; the decoder's `delta=` hook; the path rule."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +10,7 @@ pytest.importorskip("torch", reason="the tiny checkpoint is written with transfo
 
 import jaxeif  # noqa: E402
 from jaxeif import lm  # noqa: E402
+from jaxeif.lm import dispatch  # noqa: E402
 from jaxeif.models import loading, lora, phi3, tokenizer  # noqa: E402
 from tiny_lm import tiny_checkpoint  # noqa: E402
 
@@ -59,8 +60,8 @@ def test_difference_mode_of_every_path_matches_float64(tiny, lr):
     apply_fn, params, _, toks, adapters, _ = tiny
     off = ~np.eye(len(TEXTS), dtype=bool)
     for name, path in _paths(apply_fn, params, toks, adapters).items():
-        ref = np.asarray(path(lr=lr, precision="float64"))
-        got = np.asarray(path(lr=lr, precision="difference"))
+        ref = np.asarray(path(lr=lr, precision=jaxeif.Precision(dtype="float64")))
+        got = np.asarray(path(lr=lr, precision=jaxeif.Precision(difference=True)))
         assert np.all(np.abs(ref[off]) > 0), name
         signs = np.mean(np.sign(got[off]) == np.sign(ref[off]))
         rel = np.median(np.abs(got[off] - ref[off]) / np.abs(ref[off]))
@@ -71,7 +72,7 @@ def test_difference_mode_of_every_path_matches_float64(tiny, lr):
 def test_float64_is_a_different_computation_than_float32_at_small_lr(tiny):
     """The float64 reference above can fail: at lr 1e-6 direct float32 entries carry visible rounding error."""
     apply_fn, params, _, toks, _, _ = tiny
-    ref = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=1e-6, precision="float64"))
+    ref = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=1e-6, precision=jaxeif.Precision(dtype="float64")))
     direct = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=1e-6))
     off = ~np.eye(len(TEXTS), dtype=bool)
     assert np.median(np.abs(direct[off] - ref[off]) / np.abs(ref[off])) > 1e-3
@@ -116,7 +117,7 @@ def test_delta_hook_rejects_unknown_keys(tiny):
 def test_choose_path_rule():
     cfg = phi3.Phi3Config(vocab_size=10, hidden_size=576, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
                           num_key_value_heads=1, head_dim=8)
-    rule = lambda path="auto", **kw: lm.choose_path(path, **{"optimizer": None, "steps": 1, "backend": "cpu",  # noqa: E731
+    rule = lambda path="auto", **kw: dispatch.choose_path(path, **{"optimizer": None, "steps": 1, "backend": "cpu",  # noqa: E731
                                                              "longest": 30, "config": cfg, **kw})
     assert rule() == "lowrank"
     assert rule(backend="gpu") == rule(backend="tpu") == "dense"  # measured: low-rank 0.45x dense on an H100
@@ -151,11 +152,11 @@ def test_finetuned_eif_refuses_a_run_over_its_memory_estimate(tiny):
                                                               optax.adam(1e-3))] == [0, 0, 1, 2]
     low = lm.memory_estimate(config, n, n, path="lowrank", rank=32)  # samples <= 32 tokens: one rank bucket
     lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="lowrank", memory_budget=low)  # exactly fits: runs
-    with pytest.raises(lm.MemoryBudgetError, match="the lowrank LM EIF of 6 x 6 needs an estimated"):
+    with pytest.raises(jaxeif.MemoryBudgetError, match="the lowrank LM EIF of 6 x 6 needs an estimated"):
         lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="lowrank", memory_budget=low - 1)
     sgd = lm.memory_estimate(config, n, n, path="dense", tokens=length, eval_chunk=1)
-    assert lm.memory_estimate(config, n, n, path="dense", tokens=length, eval_chunk=1, optimizer="adam") > sgd
-    with pytest.raises(lm.MemoryBudgetError, match=r"the dense LM EIF of 6 x 6 needs an estimated .* try"):
+    assert lm.memory_estimate(config, n, n, path="dense", tokens=length, eval_chunk=1, optimizer=optax.adam(1.0)) > sgd
+    with pytest.raises(jaxeif.MemoryBudgetError, match=r"the dense LM EIF of 6 x 6 needs an estimated .* try"):
         lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="dense", optimizer=optax.adam(1e-3), memory_budget=sgd)
 
 
@@ -168,11 +169,11 @@ def test_linearized_sgd_eif_is_eif_linearized_without_weight_gradients(tiny):
     evals = lm.Tokens(*(x[[4, 0, 2]] for x in toks))
     for ev in (None, evals):
         ref = np.asarray(jaxeif.eif_linearized(lm.NLL(apply_fn), params, as_jnp(toks), None if ev is None else as_jnp(ev),
-                                               lr=0.3, precision="float64"))
-        got = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, ev, lr=0.3, precision="float64"))
+                                               lr=0.3, precision=jaxeif.Precision(dtype="float64")))
+        got = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, ev, lr=0.3, precision=jaxeif.Precision(dtype="float64")))
         np.testing.assert_allclose(got, ref, rtol=2.5e-7, atol=1e-12 * np.abs(ref).max())  # both rounded to float32 at the end
         f32 = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, ev, lr=0.3))
         np.testing.assert_allclose(f32, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-    exact = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=1e-4, precision="float64")) / 1e-4
-    slope = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, lr=1.0, precision="float64"))
+    exact = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=1e-4, precision=jaxeif.Precision(dtype="float64"))) / 1e-4
+    slope = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, lr=1.0, precision=jaxeif.Precision(dtype="float64")))
     np.testing.assert_allclose(exact, slope, rtol=0, atol=1e-3 * np.abs(slope).max())

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxeif import lm
+from jaxeif.lm import lowrank
 from jaxeif.models import lora, phi3
 
 CFG = phi3.Phi3Config(vocab_size=53, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
@@ -45,11 +46,11 @@ def step_every_row(tokens):
     if isinstance(tokens, tuple) and len(tokens) == 3 and len({np.shape(x)[:1] for x in tokens}) == 1 \
             and all(np.ndim(x) == 2 for x in tokens):
         for k in range(np.shape(tokens[0])[0]):
-            lm.sgd_step_lowrank(APPLY, PARAMS, lm.Tokens(*(x[k] for x in tokens)), 1e-2, config=CFG)
+            lowrank.sgd_step_lowrank(APPLY, PARAMS, lm.Tokens(*(x[k] for x in tokens)), 1e-2, config=CFG)
     elif isinstance(tokens, tuple) and len(tokens) == 3 and all(np.ndim(x) == 1 for x in tokens):
-        lm.sgd_step_lowrank(APPLY, PARAMS, lm.Tokens(*(np.asarray(x)[None] for x in tokens)), 1e-2, config=CFG)
+        lowrank.sgd_step_lowrank(APPLY, PARAMS, lm.Tokens(*(np.asarray(x)[None] for x in tokens)), 1e-2, config=CFG)
     else:
-        lm.sgd_step_lowrank(APPLY, PARAMS, tokens, 1e-2, config=CFG)
+        lowrank.sgd_step_lowrank(APPLY, PARAMS, tokens, 1e-2, config=CFG)
 
 
 def corrupt(kind, tok):

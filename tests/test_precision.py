@@ -6,13 +6,14 @@ import pytest
 
 import jaxeif
 from jaxeif import desiderata
+from jaxeif import precision as precision_lib
 from jaxeif.models import cnn
 from tests.test_influence import make_problem, mlp_loss
 
 
 def test_float64_mode_equals_a_float64_computation():
     params, train, evals = make_problem(n=5, m=6)
-    M = jaxeif.eif(mlp_loss, params, train, evals, lr=1e-5, precision="float64")
+    M = jaxeif.eif(mlp_loss, params, train, evals, lr=1e-5, precision=jaxeif.Precision(dtype="float64"))
     assert M.dtype == jnp.float32
     with jax.enable_x64(True):
         to64 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)  # noqa: E731
@@ -26,16 +27,16 @@ def test_float64_mode_equals_a_float64_computation():
 def test_precision_modes_are_checked_and_run():
     params, train, _ = make_problem(n=3)
     with pytest.raises(ValueError, match="`precision` must be one of"):
-        jaxeif.eif(mlp_loss, params, train, precision="fp8")
+        jaxeif.eif(mlp_loss, params, train, lr=0.1, precision="fp8")
     ref = jaxeif.eif(mlp_loss, params, train, lr=0.1)
-    for mode in ("tf32", "bfloat16"):  # on CPU both compute in float32
+    for mode in (jaxeif.Precision(matmul="tf32"), jaxeif.Precision(dtype="bfloat16")):  # on CPU both compute in float32
         M = jaxeif.eif(mlp_loss, params, train, lr=0.1, precision=mode)
         np.testing.assert_allclose(np.asarray(M), np.asarray(ref), rtol=1e-2, atol=1e-4)
 
 
 def test_highest_sets_the_matmul_precision_of_the_traced_program():
     params, train, _ = make_problem(n=2)
-    jaxpr = jax.make_jaxpr(lambda p: jaxeif.eif(mlp_loss, p, train, lr=0.1, precision="highest"))(params)
+    jaxpr = jax.make_jaxpr(lambda p: jaxeif.eif(mlp_loss, p, train, lr=0.1, precision=jaxeif.Precision()))(params)
     text = str(jaxpr)
     assert "precision=(Precision.HIGHEST, Precision.HIGHEST)" in text and "Precision.DEFAULT" not in text
 
@@ -53,7 +54,7 @@ def cnn_problem():
 def test_noise_floor_separates_trustworthy_signs(cnn_problem, lr):
     params, train = cnn_problem
     M = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr))
-    ref = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision="float64"))
+    ref = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision=jaxeif.Precision(dtype="float64")))
     floor = np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, samples=8))
     off = ~np.eye(len(M), dtype=bool)
     above = (np.abs(M) > floor) & off
@@ -88,13 +89,13 @@ def test_sign_shares_counts_only_above_the_floor():
 @pytest.mark.parametrize("lr", [1e-7, 1e-3])
 def test_difference_mode_has_float64_accuracy_at_float32_cost(cnn_problem, lr):
     params, train = cnn_problem
-    ref = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision="float64"), np.float64)
-    M = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision="difference"))
+    ref = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision=jaxeif.Precision(dtype="float64")), np.float64)
+    M = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision=jaxeif.Precision(difference=True)))
     assert M.dtype == np.float32
     off = ~np.eye(len(M), dtype=bool)
     rel = np.abs(M - ref)[off] / np.abs(ref[off])
     assert np.median(rel) < 1e-4 and np.mean(np.sign(M[off]) == np.sign(ref[off])) >= 0.999
-    S = jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=[lr, 2 * lr], precision="difference")
+    S = jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=[lr, 2 * lr], precision=jaxeif.Precision(difference=True))
     np.testing.assert_allclose(np.asarray(S[0]), M, rtol=1e-6, atol=0)
 
 
@@ -102,7 +103,7 @@ def test_difference_mode_gradients_match_finite_differences():
     with jax.enable_x64(True):
         params, train, evals = make_problem(n=3, m=4, dtype=jnp.float64)
         w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)))
-        f = lambda lr: jnp.sum(w * jaxeif.eif(mlp_loss, params, train, evals, lr=lr, steps=2, precision="difference"))  # noqa: E731
+        f = lambda lr: jnp.sum(w * jaxeif.eif(mlp_loss, params, train, evals, lr=lr, steps=2, precision=jaxeif.Precision(difference=True)))  # noqa: E731
         lr0 = np.array([0.05, 0.02, 0.1])
         got = np.asarray(jax.grad(f)(jnp.asarray(lr0)))
         eps = 1e-6
@@ -111,3 +112,24 @@ def test_difference_mode_gradients_match_finite_differences():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
         direct = np.asarray(jax.grad(lambda lr: jnp.sum(w * jaxeif.eif(mlp_loss, params, train, evals, lr=lr, steps=2)))(jnp.asarray(lr0)))
         np.testing.assert_allclose(got, direct, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["highest", "tf32", "bfloat16", "float64", "difference", "difference-tf32"])
+def test_short_names_warn_with_their_precision_and_compute_the_same(name):
+    params, train, evals = make_problem(n=3, m=4)
+    want = jaxeif.eif(mlp_loss, params, train, evals, lr=1e-3, precision=precision_lib.NAMES[name])
+    with pytest.warns(DeprecationWarning, match=r"precision='.*' is deprecated; pass precision=jaxeif\.Precision\(") as w:
+        got = jaxeif.eif(mlp_loss, params, train, evals, lr=1e-3, precision=name)
+    assert w[0].filename == __file__  # attributed to the caller's line, not to jaxeif
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    spelled = str(w[0].message).split("pass precision=jaxeif.")[1]
+    assert eval(spelled, {"Precision": jaxeif.Precision}) == precision_lib.NAMES[name]
+
+
+def test_unsupported_precision_combinations_are_refused_with_the_supported_ones():
+    params, train, _ = make_problem(n=2)
+    with pytest.raises(ValueError, match=r"not a supported combination; use one of Precision\(\), "):
+        jaxeif.eif(mlp_loss, params, train, lr=0.1, precision=jaxeif.Precision(matmul="tf32", dtype="float64"))
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        jaxeif.eif(mlp_loss, params, train, lr=0.1, precision=("highest", "float32", False))
+    assert {precision_lib.name(p) for p in precision_lib.NAMES.values()} == set(precision_lib.MODES)

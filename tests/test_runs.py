@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxeif import eif, eif_sharded, runs
+from jaxeif import NonFiniteInfluenceError, eif, eif_sharded, runs
 from jaxeif.runs import CorruptCheckpointError, RunDir, RunDirError
 from toy_experiment import toy_loss, toy_problem
 
@@ -256,19 +256,24 @@ def test_damaged_block_checkpoint_gives_clear_error_then_recovers(tmp_path):
     np.testing.assert_array_equal(bits(fixed), bits(full))
 
 
-def test_diverged_rows_are_nan_recorded_and_warned(tmp_path):
+def test_diverged_rows_raise_like_eif_after_being_recorded(tmp_path):
     params, train = toy()
     lr = np.full(7, 0.1, np.float32)
     lr[[1, 5]] = 1e30
+    with pytest.raises(NonFiniteInfluenceError) as direct:  # what eif does with the same rows
+        eif(loss, params, train, lr=lr)
     run = RunDir.open(tmp_path / "r", {})
-    with pytest.warns(RuntimeWarning, match=r"2 of 7 fine-tunes diverged \(rows \[1, 5\]"):
-        m = np.asarray(runs.sweep_eif(loss, params, train, lr=lr, block_size=3, run=run))
+    with pytest.raises(NonFiniteInfluenceError, match=r"2 of 7 fine-tunes diverged \(non-finite influence\) in rows \[1, 5\]") as e:
+        runs.sweep_eif(loss, params, train, lr=lr, block_size=3, run=run)
+    assert e.value.rows.tolist() == direct.value.rows.tolist() == [1, 5]
+    m = e.value.matrix
     assert np.isnan(m[[1, 5]]).all() and np.isfinite(np.delete(m, [1, 5], axis=0)).all()
+    np.testing.assert_array_equal(np.load(run.path / "eif.npy"), m)  # saved before raising
     report = json.loads((run.path / "eif_nonfinite.json").read_text())
     assert report["rows"] == [1, 5] and report["lr"] == [float(np.float32(1e30))] * 2
     ok = np.asarray(eif(loss, params, train, lr=0.1))
     np.testing.assert_allclose(np.delete(m, [1, 5], axis=0), np.delete(ok, [1, 5], axis=0), rtol=1e-5, atol=1e-6)
-    with pytest.warns(RuntimeWarning, match=r"rows \[1, 5\]"):  # still reported when loaded back
+    with pytest.raises(NonFiniteInfluenceError, match=r"rows \[1, 5\]"):  # a resumed sweep raises the same
         runs.sweep_eif(loss, params, train, lr=lr, block_size=3, run=run)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -129,11 +129,11 @@ def test_float64_mode_agrees_without_dropout_and_draws_other_masks_with_it():
     loss_fn, params, train, evals = ns["loss_fn"], ns["params"], ns["train"], ns["evals"]
     no_keys = {k: v for k, v in train.items() if k != "key"}
     M32 = np.asarray(jaxeif.eif(loss_fn, params, no_keys, evals, lr=LR))
-    M64 = np.asarray(jaxeif.eif(loss_fn, params, no_keys, evals, lr=LR, precision="float64"))
+    M64 = np.asarray(jaxeif.eif(loss_fn, params, no_keys, evals, lr=LR, precision=jaxeif.Precision(dtype="float64")))
     np.testing.assert_allclose(M64, M32, rtol=1e-4, atol=1e-5 * np.abs(M32).max())
-    masked64 = np.asarray(jaxeif.eif(loss_fn, params, train, evals, lr=LR, precision="float64"))
+    masked64 = np.asarray(jaxeif.eif(loss_fn, params, train, evals, lr=LR, precision=jaxeif.Precision(dtype="float64")))
     assert np.abs(masked64 - np.asarray(ns["M"])).max() > 0.1 * np.abs(np.asarray(ns["M"])).max()
-    masked_difference = np.asarray(jaxeif.eif(loss_fn, params, train, evals, lr=LR, precision="difference"))
+    masked_difference = np.asarray(jaxeif.eif(loss_fn, params, train, evals, lr=LR, precision=jaxeif.Precision(difference=True)))
     np.testing.assert_allclose(masked_difference, ns["M"], rtol=1e-3, atol=1e-4 * np.abs(np.asarray(ns["M"])).max())
 
 

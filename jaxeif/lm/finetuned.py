@@ -4,12 +4,15 @@ by every fine-tune)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import jaxeif
+from jaxeif import options
+from jaxeif import precision as precision_lib
 from jaxeif import progress as progress_lib
 from jaxeif.finetune import PyTree
 from jaxeif.lm.dispatch import choose_path
@@ -19,6 +22,8 @@ from jaxeif.lm.memory import check_memory, optimizer_states
 from jaxeif.lm.tokens import ApplyFn, Tokens, checked
 from jaxeif.models.lora import Adapters
 from jaxeif.models.phi3 import Phi3Config
+from jaxeif.options import ChunkSize
+from jaxeif.precision import Precision
 from jaxeif.packing import round_up
 
 
@@ -28,36 +33,54 @@ def finetuned_eif(
     train: Tokens,
     evals: Tokens | None = None,
     *,
-    lr: float = 1e-4,
+    lr: jax.Array | float,
     steps: int = 1,
     optimizer: optax.GradientTransformation | None = None,
-    chunk_size: int | str | None = "auto",
-    precision: str = "highest",
-    path: str = "auto",
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
+    path: Literal["auto", "dense", "lowrank"] = "auto",
     config: Phi3Config | None = None,
     progress: bool = False,
     memory_budget: float | None = None,
 ) -> jax.Array:
-    """Fine-tuned EIF, f32[n, m], with the length-normalised NLL (whole sample trained).
+    """Fine-tuned EIF of a language model with the length-normalised NLL (whole sample trained).
 
-    `path`: "auto" picks the faster exact path (`jaxeif.lm.dispatch`: low-rank for one plain SGD step on
-    CPU, else dense); "dense" / "lowrank" force one ("lowrank" needs optimizer=None, steps=1).
-    `optimizer` None is plain SGD. `chunk_size`: fine-tunes per step ("auto": jaxeif.chunking).
-    `precision`: a jaxeif.precision mode. `config`: the decoder's Phi3Config (default apply_fn.config).
-    With a config, a run whose `lm.memory_estimate` exceeds `memory_budget` bytes (default: 3/4 of the free
-    device memory) is refused before anything compiles (chunking.MemoryBudgetError, with the estimate).
+    Args:
+        apply_fn: the decoder, apply_fn(params, ids, attention_mask=None, delta=None, positions=None).
+        params: its parameters (every floating leaf is fine-tuned).
+        train: the fine-tune samples, jaxeif.lm.Tokens.
+        evals: the evaluated samples, jaxeif.lm.Tokens (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        chunk_size: fine-tunes per step ("auto": planned by XLA's memory analysis within `memory_budget`).
+        precision: the arithmetic, a jaxeif.Precision.
+        progress: show a progress bar on stderr.
+        path: "auto" picks the faster exact path (`jaxeif.lm.dispatch`: low-rank for one plain SGD step on
+            CPU, else dense); "dense" / "lowrank" force one ("lowrank" needs optimizer=None, steps=1).
+        config: the decoder's Phi3Config (default apply_fn.config).
+        memory_budget: with a config, a run whose `lm.memory_estimate` exceeds this many bytes (default: 3/4
+            of the free device memory) is refused before anything compiles; also the budget of "auto".
+
+    Returns:
+        f32[n, m].
+
+    Raises:
+        MemoryBudgetError: the estimate exceeds the budget (the message gives it).
+        NonFiniteInfluenceError, TypeError, ValueError: as in `jaxeif.eif`.
     """
     progress_lib.check(progress)
+    precision = options.check_precision(precision)
     train, evals = checked(apply_fn, params, train, evals)
     config = getattr(apply_fn, "config", None) if config is None else config
     chosen = choose_path(path, optimizer=optimizer, steps=steps, backend=jax.default_backend(),
                          longest=int(train.lengths.max()), config=config)
     if config is not None:
         _check_fits(apply_fn, params, train, evals, config, path=chosen, optimizer=optimizer, steps=steps,
-                    chunk_size=chunk_size, memory_budget=memory_budget, float64=precision == "float64")
+                    chunk_size=chunk_size, memory_budget=memory_budget, float64=precision_lib.is_float64(precision))
     if chosen == "lowrank":
         return lowrank_sgd_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
-                               config=config, progress=progress)
+                               config=config, progress=progress, memory_budget=memory_budget)
     return _eif(NLL(apply_fn), params, train, evals, lr=lr, steps=steps, optimizer=optimizer, chunk_size=chunk_size,
                 precision=precision, progress=progress, memory_budget=memory_budget)
 
@@ -88,21 +111,40 @@ def lora_eif(
     evals: Tokens | None = None,
     *,
     adapters,
-    lr: float,
+    lr: jax.Array | float,
     steps: int = 1,
     optimizer: optax.GradientTransformation | None = None,
-    chunk_size: int | str | None = "auto",
-    precision: str = "highest",
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
     progress: bool = False,
+    memory_budget: float | None = None,
 ) -> jax.Array:
-    """LoRA EIF, f32[n, m]: only the adapters are fine-tuned (vmapped over samples); base params shared.
+    """LoRA EIF: only the adapters are fine-tuned (vmapped over samples); the base params are shared.
 
-    `adapters` is a `jaxeif.models.lora.Adapters` (deltas + static scale) or a plain delta dict.
+    Args:
+        apply_fn: the decoder, apply_fn(params, ids, attention_mask=None, delta=None, positions=None).
+        params: the base parameters, shared by every fine-tune.
+        train: the fine-tune samples, jaxeif.lm.Tokens.
+        evals: the evaluated samples, jaxeif.lm.Tokens (None: `train`).
+        adapters: a `jaxeif.models.lora.Adapters` (deltas + static scale) or a plain delta dict.
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        steps: optimizer steps per fine-tune.
+        optimizer: an optax.GradientTransformation (None: SGD with unit rate).
+        chunk_size: rows per step ("auto": planned by XLA's memory analysis within `memory_budget`).
+        precision: the arithmetic, a jaxeif.Precision.
+        progress: show a progress bar on stderr.
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+
+    Returns:
+        f32[n, m].
+
+    Raises:
+        NonFiniteInfluenceError, MemoryBudgetError, TypeError, ValueError: as in `jaxeif.eif`.
     """
     deltas, scale = (adapters.deltas, float(adapters.scale)) if hasattr(adapters, "deltas") else (adapters, 1.0)
     train, evals = checked(apply_fn, params, train, evals)
     return _eif(_lora_loss(apply_fn, params, scale), deltas, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                chunk_size=chunk_size, precision=precision, progress=progress)
+                chunk_size=chunk_size, precision=precision, progress=progress, memory_budget=memory_budget)
 
 
 def _eif(loss_fn, params, train: Tokens, evals: Tokens | None, **kwargs) -> jax.Array:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeif import checks, chunking, difference, packing
+from jaxeif import checks, chunking, difference, options, packing
 from jaxeif import precision as precision_lib
 from jaxeif import progress as progress_lib
 from jaxeif.finetune import PyTree
@@ -36,6 +36,8 @@ from jaxeif.lm.loss import (ROW_LENGTH, group_counts, group_means, pack_tokens, 
                             row_arrays, slot_nll)
 from jaxeif.lm.tokens import ApplyFn, Tokens, check_example, checked
 from jaxeif.models.phi3 import Phi3Config
+from jaxeif.options import ChunkSize
+from jaxeif.precision import Precision
 from jaxeif.packing import round_up
 
 RANK_BUCKET = 32  # a fine-tune's rank: its sample's length rounded up to this (one program per bucket)
@@ -187,7 +189,7 @@ def _slot_weights(packed: packing.Packed) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- chunk size
 def _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate,
-                first_order=False) -> int | None:
+                first_order=False, memory_budget=None) -> int | None:
     """Fine-tunes per step: an int or None as given; "auto": one on CPU (as jaxeif.chunking), on GPU/TPU the
     most whose program (largest rank, one eval row) fits the memory budget (jaxeif.chunking.choose)."""
     chunking.check_chunk_size(chunk_size)
@@ -208,7 +210,7 @@ def _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals
         compiled = eval_losses.lower(apply_fn, params, deltas, ev, propagate, first_order).compile()
         return compiled, chunking.program_bytes(compiled)
 
-    chunks, _, _ = chunking.choose(compile_at, most, 1, budget=chunking.budget_bytes(None), accelerator=True)
+    chunks, _, _ = chunking.choose(compile_at, most, 1, budget=chunking.budget_bytes(memory_budget), accelerator=True)
     return chunks.rows
 
 
@@ -234,26 +236,47 @@ def lowrank_sgd_eif(
     evals: Tokens | None = None,
     *,
     lr: float | np.ndarray,
-    chunk_size: int | str | None = "auto",
-    precision: str = "highest",
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
     config: Phi3Config | None = None,
     progress: bool = False,
+    memory_budget: float | None = None,
     row_length: int = ROW_LENGTH,
     rank_bucket: int = RANK_BUCKET,
     base: np.ndarray | None = None,
 ) -> jax.Array:
-    """Dense single-step SGD EIF, f32[n, m], computed exactly in low-rank form (no weight copies).
+    """Dense single-step SGD EIF computed exactly in low-rank form (no weight copies).
 
-    Equals `finetuned_eif(..., steps=1, optimizer=None, path="dense")`. `chunk_size`: fine-tunes (rows)
-    vmapped per step ("auto": `_chunk_rows`). `precision`: any jaxeif.precision mode; "difference"
-    propagates each eval loss's change from the low-rank factors at zero (jaxeif.difference), so small
-    entries keep float32 relative accuracy; "float64" runs everything in float64. `config`: the decoder's
-    Phi3Config (default `apply_fn.config`). `base` (f32[m], the evals' losses before fine-tuning) is
-    computed with `nll` when not given (unused in "difference"). `progress`: a bar over fine-tunes.
+    Equals `finetuned_eif(..., steps=1, optimizer=None, path="dense")`.
+
+    Args:
+        apply_fn: the decoder, apply_fn(params, ids, attention_mask=None, delta=None, positions=None).
+        params: the decoder's parameters.
+        train: the fine-tune samples, jaxeif.lm.Tokens.
+        evals: the evaluated samples, jaxeif.lm.Tokens (None: `train`).
+        config: the decoder's Phi3Config (default apply_fn.config).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        chunk_size: fine-tunes (rows) vmapped per step; "auto": one on CPU, on GPU/TPU the most whose
+            program fits `memory_budget` (jaxeif.chunking), as in `jaxeif.eif`.
+        precision: any jaxeif.Precision; difference=True propagates each eval loss's change from the
+            low-rank factors at zero (jaxeif.difference), so small entries keep float32 relative accuracy;
+            dtype "float64" runs everything in float64.
+        progress: a bar over fine-tunes.
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+        row_length: tokens per packed row.
+        rank_bucket: ranks are rounded up to a multiple of this (fewer compiled shapes).
+        base: f32[m], the evals' losses before fine-tuning (computed with `nll` when None; unused with
+            difference=True).
+
+    Returns:
+        f32[n, m].
+
+    Raises:
+        TypeError, ValueError: bad arguments, named in the message.
     """
     return _lowrank_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
                         config=config, progress=progress, row_length=row_length, rank_bucket=rank_bucket, base=base,
-                        first_order=False)
+                        first_order=False, memory_budget=memory_budget)
 
 
 def linearized_sgd_eif(
@@ -263,32 +286,56 @@ def linearized_sgd_eif(
     evals: Tokens | None = None,
     *,
     lr: float | np.ndarray,
-    chunk_size: int | str | None = "auto",
-    precision: str = "highest",
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
     config: Phi3Config | None = None,
     progress: bool = False,
+    memory_budget: float | None = None,
     row_length: int = ROW_LENGTH,
     rank_bucket: int = RANK_BUCKET,
 ) -> jax.Array:
-    """First-order single-step SGD EIF, -lr <g_i, g_j>, f32[n, m], in low-rank form: equals
-    `jaxeif.eif_linearized(lm.NLL(apply_fn), ...)` without any weight-sized gradient. Each entry is the
-    derivative of eval j's loss along sample i's low-rank step (a forward-mode pass per eval row)."""
+    """First-order single-step SGD EIF, -lr <g_i, g_j>, in low-rank form.
+
+    Equals `jaxeif.eif_linearized(lm.NLL(apply_fn), ...)` without any weight-sized gradient. Each entry
+    is the derivative of eval j's loss along sample i's low-rank step (a forward-mode pass per eval row).
+
+    Args:
+        apply_fn: the decoder, apply_fn(params, ids, attention_mask=None, delta=None, positions=None).
+        params: the decoder's parameters.
+        train: the fine-tune samples, jaxeif.lm.Tokens.
+        evals: the evaluated samples, jaxeif.lm.Tokens (None: `train`).
+        lr: learning rate, a scalar or f[n] (one per train example); required.
+        chunk_size: fine-tunes (rows) vmapped per step, as in `lowrank_sgd_eif`.
+        precision: a jaxeif.Precision (difference=True changes nothing here: no losses are subtracted).
+        config: the decoder's Phi3Config (default apply_fn.config).
+        progress: show a progress bar on stderr.
+        memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+        row_length: tokens per packed row.
+        rank_bucket: ranks are rounded up to a multiple of this (fewer compiled shapes).
+
+    Returns:
+        f32[n, m].
+
+    Raises:
+        TypeError, ValueError: bad arguments, named in the message.
+    """
     return _lowrank_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
                         config=config, progress=progress, row_length=row_length, rank_bucket=rank_bucket, base=None,
-                        first_order=True)
+                        first_order=True, memory_budget=memory_budget)
 
 
 def _lowrank_eif(apply_fn, params, train, evals, *, lr, chunk_size, precision, config, progress, row_length,
-                 rank_bucket, base, first_order: bool) -> jax.Array:
+                 rank_bucket, base, first_order: bool, memory_budget=None) -> jax.Array:
     """The loop of both: per packed train row its gradients, per chunk of its fine-tunes their deltas,
     per eval row the losses (or their changes, or first-order changes) under each."""
     config = config_of(apply_fn, config)
-    precision = precision_lib.check(precision)
+    precision = options.check_precision(precision)
+    options.check_memory_budget(memory_budget)
     progress_lib.check(progress)
     train, evals = checked(apply_fn, params, train, evals, config.vocab_size,
                            context=config.max_position_embeddings)
     n = np.asarray(train.ids).shape[0]
-    result = np.float64 if precision == "float64" else np.float32  # the dtype losses are subtracted in
+    result = np.float64 if precision_lib.is_float64(precision) else np.float32  # the dtype losses are subtracted in
     lr = np.broadcast_to(np.asarray(checks.learning_rate(lr, n), result), (n,))
     packed_train = pack_tokens(train, row_length)
     packed_evals = packed_train if evals is None else pack_tokens(evals, row_length)
@@ -298,7 +345,7 @@ def _lowrank_eif(apply_fn, params, train, evals, *, lr, chunk_size, precision, c
         params, lr, weights = precision_lib.cast_inputs(precision, (params, lr, _slot_weights(packed_train)))
         lr, weights = np.asarray(lr), np.asarray(weights)
         chunk = _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate,
-                            first_order)
+                            first_order, memory_budget)
         if base is None and not changes:
             base = packed_nll(apply_fn, params, packed_evals, dtype=result)
         out = np.zeros((n, packed_evals.groups), np.float64)

@@ -27,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import optax
+
 from jaxeif import chunking
+from jaxeif import options as options_lib
 from jaxeif.lm.loss import ROW_LENGTH
 
 PATHS = ("dense", "lowrank", "prompted")
@@ -82,7 +85,7 @@ def memory_estimate(
     tokens: int = 64,
     chunk_size: int = 1,
     eval_chunk: int | None = None,
-    optimizer: str | int = "sgd",
+    optimizer: optax.GradientTransformation | int | None = None,
     steps: int = 1,
     row_length: int = ROW_LENGTH,
     rank: int = 64,
@@ -91,10 +94,21 @@ def memory_estimate(
 
     `dtype`: the params' (float32 or bfloat16); `compute_dtype` the activations' (default: `dtype`).
     `tokens`: padded sample length (dense); `chunk_size`: fine-tunes at once; `eval_chunk`: evals per
-    forward (dense; None: all m); `optimizer`: one of OPTIMIZER_STATES, or its number of weight-sized
-    state buffers (`optimizer_states`); `rank`: a fine-tune's factor
-    rank (lowrank: the sample's length, rounded up to the rank bucket).
+    forward (dense; None: all m); `rank`: a fine-tune's factor rank (lowrank: the sample's length, rounded
+    up to the rank bucket).
+
+    Args:
+        optimizer: the fine-tunes' optax optimizer (None: plain SGD), whose weight-sized state buffers are
+            counted from `optimizer.init`'s shapes; or that count. The names "sgd", "momentum", "adam" are
+            accepted for one release with a DeprecationWarning.
+
+    Returns:
+        The estimated peak bytes.
+
+    Raises:
+        ValueError, TypeError: a bad argument, named in the message.
     """
+    optimizer = _state_buffers(optimizer)
     _check(config, n, m, path=path, tokens=tokens, chunk_size=chunk_size, eval_chunk=eval_chunk, optimizer=optimizer,
            steps=steps, row_length=row_length, rank=rank)
     _check_dtype("dtype", dtype)
@@ -114,12 +128,32 @@ def memory_estimate(
         deltas = c * (L * rank * _linear_widths(config) + embed_rank * (config.vocab_size + config.hidden_size)) * F32
         evals = c * _forward_live(config, row_length, act, row_length, logits=2)
         return params + factors + max(gradients, deltas + evals)
-    states = OPTIMIZER_STATES[optimizer] if isinstance(optimizer, str) else int(optimizer)
+    states = int(optimizer)
     copies = 1 + states + (1 if steps > 1 else 0)  # update, optimizer state, summed delta
     tile = m if eval_chunk is None else min(eval_chunk, m)
     tune = c * _backward_live(config, tokens, act, tokens, logits=2)
     evals = c * _forward_live(config, tile * tokens, act, tokens, logits=1)
     return params + widened + c * copies * params + max(tune, evals) + (n + 1) * m * F32
+
+
+_PROBE = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}  # one weight matrix: factored states count too
+_EQUIVALENT = {"sgd": "None", "momentum": "optax.sgd(1.0, momentum=0.9)", "adam": "optax.adam(1.0)"}
+
+
+def _state_buffers(optimizer) -> int:
+    """Weight-sized optimizer state buffers of `optimizer` (an optax optimizer, None, a count, or a deprecated name)."""
+    if isinstance(optimizer, str) and optimizer in OPTIMIZER_STATES:
+        options_lib.warn_deprecated(f"optimizer={optimizer!r} is deprecated; pass optimizer={_EQUIVALENT[optimizer]}")
+        return OPTIMIZER_STATES[optimizer]
+    if isinstance(optimizer, (int, np.integer)) and not isinstance(optimizer, bool):
+        if optimizer < 0:
+            raise ValueError(f"`optimizer` as a count of weight-sized state buffers must be >= 0, got {optimizer}")
+        return int(optimizer)
+    if isinstance(optimizer, str):
+        raise ValueError(f"`optimizer` must be an optax.GradientTransformation, None (plain SGD) or a count of "
+                         f"weight-sized state buffers, got {optimizer!r}; pass e.g. optax.adam(1.0)")
+    options_lib.check_optimizer(optimizer)
+    return optimizer_states(optimizer, _PROBE)
 
 
 def optimizer_states(optimizer, params) -> int:
@@ -134,6 +168,8 @@ def optimizer_states(optimizer, params) -> int:
 def check_memory(config, n: int, m: int, *, path: str, budget: int | None = None, **options) -> int:
     """`memory_estimate(...)` if it fits `budget` bytes (default: chunking's share of the device's free
     memory); else a MemoryBudgetError giving the estimate, the budget and what would fit."""
+    if "optimizer" in options:
+        options["optimizer"] = _state_buffers(options["optimizer"])
     need = memory_estimate(config, n, m, path=path, **options)
     budget = chunking.budget_bytes(budget)
     if need <= budget:
@@ -158,10 +194,6 @@ def check_memory(config, n: int, m: int, *, path: str, budget: int | None = None
 def _check(config, n, m, *, path, tokens, chunk_size, eval_chunk, optimizer, steps, row_length, rank) -> None:
     if path not in PATHS:
         raise ValueError(f"`path` must be one of {', '.join(map(repr, PATHS))}, got {path!r}")
-    is_count = isinstance(optimizer, (int, np.integer)) and not isinstance(optimizer, bool) and optimizer >= 0
-    if not is_count and optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"`optimizer` must be one of {', '.join(map(repr, OPTIMIZER_STATES))} (its weight-sized "
-                         f"state buffers: {OPTIMIZER_STATES}) or a count of such buffers >= 0, got {optimizer!r}")
     for name, value in (("n", n), ("m", m), ("tokens", tokens), ("chunk_size", chunk_size), ("steps", steps),
                         ("row_length", row_length), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
