@@ -98,13 +98,13 @@ def warn_if_updates_round_away(loss_fn: Any, params: Any, train: Any, lrs: Any, 
             f"jaxeif: with {'/'.join(narrow)} params, lr={lr:g} times the update of train[0] rounds away in every "
             f"parameter (the fine-tuned params equal params exactly), so its influence row is exactly 0, not a "
             "measurement. Fine-tune float32 params (jax.tree.map(lambda x: x.astype(jnp.float32), params)), pass "
-            "precision='float64', or use a larger lr", RuntimeWarning, stacklevel=4)
+            "precision=jaxeif.Precision(dtype='float64'), or use a larger lr", RuntimeWarning, stacklevel=4)
 
 
 def warn_if_float64_differs(loss_fn: Any, params: Any, example: Any) -> None:
     """RuntimeWarning when the loss of `example` under `jax.enable_x64` (float64 inputs) is not a float64
     value, or differs from its float32 value by far more than float32 rounding (random draws that change
-    with x64, say): precision="float64" and noise_floor would then compare different computations."""
+    with x64, say): float64 precision and noise_floor would then compare different computations."""
     f32 = float(loss_fn(params, example))
     with jax.enable_x64(True):
         cast = functools.partial(jax.tree.map, lambda x: jnp.asarray(x, jnp.float64)
@@ -113,17 +113,17 @@ def warn_if_float64_differs(loss_fn: Any, params: Any, example: Any) -> None:
         dtype, f64 = jnp.result_type(out), float(out)
     if dtype != jnp.float64 or (f64 == float(np.float32(f64)) and f64 != float(np.float16(f64))):
         warnings.warn(
-            f"jaxeif: under precision='float64' loss_fn returns {'a ' + str(dtype) if dtype != jnp.float64 else 'a '}"
+            f"jaxeif: under precision=Precision(dtype='float64') loss_fn returns {'a ' + str(dtype) if dtype != jnp.float64 else 'a '}"
             f"{'' if dtype != jnp.float64 else 'float64 value with float32 rounding'} (loss {f64!r}): it casts to "
             "float32 inside, so the float64 reference carries float32 rounding and noise_floor would be 0. Keep "
             "the loss in its inputs' dtype (no .astype(jnp.float32), no float32 constants forced)",
             RuntimeWarning, stacklevel=4)
     elif abs(f64 - f32) > 1e-3 * max(abs(f32), abs(f64)) + 1e-30:
         warnings.warn(
-            f"jaxeif: loss_fn(params, train[0]) is {f32!r} in float32 but {f64!r} under precision='float64', far "
+            f"jaxeif: loss_fn(params, train[0]) is {f32!r} in float32 but {f64!r} under precision=Precision(dtype='float64'), far "
             "more apart than float32 rounding: the loss computes something else with x64 enabled (random draws "
             "from a fixed key draw other numbers). The float64 EIF and noise_floor are then not references for "
-            "the float32 one; draw the randomness outside the loss (pass it in train) or use precision='highest'",
+            "the float32 one; draw the randomness outside the loss (pass it in train) or keep the default float32 precision",
             RuntimeWarning, stacklevel=4)
 
 

@@ -53,10 +53,10 @@ def test_float64_mode_that_changes_the_loss_is_warned():
     with pytest.warns(RuntimeWarning, match="random draws from a fixed key"):
         jaxeif.noise_floor(random_loss, P, TR, lr=0.1, samples=2)
     with pytest.warns(RuntimeWarning, match="casts to float32 inside.*noise_floor would be 0"):
-        jaxeif.eif(float32_loss, P, TR, lr=0.1, precision="float64")
+        jaxeif.eif(float32_loss, P, TR, lr=0.1, precision=jaxeif.Precision(dtype="float64"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        jaxeif.eif(loss, P, TR, lr=0.1, precision="float64")
+        jaxeif.eif(loss, P, TR, lr=0.1, precision=jaxeif.Precision(dtype="float64"))
 
 
 def test_toward_with_nothing_to_match_is_refused_also_inside_meta_fit():
