@@ -17,6 +17,7 @@ from jaxeif.lm.loss import NLL, sequence_nll
 from jaxeif.lm.lowrank import RANK_BUCKET, lowrank_sgd_eif
 from jaxeif.lm.memory import check_memory, optimizer_states
 from jaxeif.lm.tokens import ApplyFn, Tokens, checked
+from jaxeif.models import peft
 from jaxeif.models.lora import Adapters
 from jaxeif.models.phi3 import Phi3Config
 from jaxeif.packing import round_up
@@ -97,12 +98,23 @@ def lora_eif(
 ) -> jax.Array:
     """LoRA EIF, f32[n, m]: only the adapters are fine-tuned (vmapped over samples); base params shared.
 
-    `adapters` is a `jaxeif.models.lora.Adapters` (deltas + static scale) or a plain delta dict.
+    `adapters` is a `jaxeif.models.lora.Adapters` (deltas + static scale), a plain delta dict, or a
+    `jaxeif.models.peft.PeftLora` (a user's peft adapter, `peft.load_adapter`): then exactly peft's
+    per-module A and B are fine-tuned, from their loaded values, and M is measured from the model with
+    the loaded adapter.
     """
-    deltas, scale = (adapters.deltas, float(adapters.scale)) if hasattr(adapters, "deltas") else (adapters, 1.0)
+    deltas, loss_fn = lora_parts(apply_fn, params, adapters)
     train, evals = checked(apply_fn, params, train, evals)
-    return _eif(_lora_loss(apply_fn, params, scale), deltas, train, evals, lr=lr, steps=steps, optimizer=optimizer,
+    return _eif(loss_fn, deltas, train, evals, lr=lr, steps=steps, optimizer=optimizer,
                 chunk_size=chunk_size, precision=precision, progress=progress)
+
+
+def lora_parts(apply_fn: ApplyFn, params: PyTree, adapters) -> tuple[PyTree, jax.tree_util.Partial]:
+    """(the trained adapter weights, loss_fn(weights, example)) of `lora_eif`'s `adapters`."""
+    if isinstance(adapters, peft.PeftLora):
+        return adapters.weights, jax.tree_util.Partial(LoraNLL(apply_fn, 1.0, adapters.layout), params)
+    deltas, scale = (adapters.deltas, float(adapters.scale)) if hasattr(adapters, "deltas") else (adapters, 1.0)
+    return deltas, _lora_loss(apply_fn, params, scale)
 
 
 def _eif(loss_fn, params, train: Tokens, evals: Tokens | None, **kwargs) -> jax.Array:
@@ -117,10 +129,13 @@ class LoraNLL:
 
     apply_fn: ApplyFn
     scale: float
+    layout: peft.Layout | None = None  # a peft adapter's layout: deltas are its per-module weights
 
     def __call__(self, params: PyTree, deltas: PyTree, example: Tokens) -> jax.Array:
         if jax.tree.leaves(deltas)[0].dtype == jnp.float64:  # precision "float64": the base params too
             params = jax.tree.map(lambda w: w.astype(jnp.float64), params)
+        if self.layout is not None:
+            deltas = self.layout.delta(deltas)
         logits = self.apply_fn(params, example.ids[None], example.attention[None],
                                delta=Adapters(deltas, self.scale))[0]
         return sequence_nll(logits, example.ids, example.score)
