@@ -16,6 +16,7 @@ from jaxeif.lm.dispatch import choose_path
 from jaxeif.lm.loss import NLL, sequence_nll
 from jaxeif.lm.lowrank import RANK_BUCKET, lowrank_sgd_eif
 from jaxeif.lm.memory import check_memory, optimizer_states
+from jaxeif.lm.per_token import TokenInfluence, check_per_token, from_columns, token_evals
 from jaxeif.lm.tokens import ApplyFn, Tokens, checked
 from jaxeif.models import peft
 from jaxeif.models.lora import Adapters
@@ -38,7 +39,8 @@ def finetuned_eif(
     config: Phi3Config | None = None,
     progress: bool = False,
     memory_budget: float | None = None,
-) -> jax.Array:
+    per_token: bool = False,
+) -> jax.Array | TokenInfluence:
     """Fine-tuned EIF, f32[n, m], with the length-normalised NLL (whole sample trained).
 
     `path`: "auto" picks the faster exact path (`jaxeif.lm.dispatch`: low-rank for one plain SGD step on
@@ -47,18 +49,27 @@ def finetuned_eif(
     `precision`: a jaxeif.precision mode. `config`: the decoder's Phi3Config (default apply_fn.config).
     With a config, a run whose `lm.memory_estimate` exceeds `memory_budget` bytes (default: 3/4 of the free
     device memory) is refused before anything compiles (chunking.MemoryBudgetError, with the estimate).
+    `per_token`: return a `lm.TokenInfluence` (every scored eval token's NLL change, f32[n, m, T], whose
+    `.matrix()` is the f32[n, m] above; jaxeif.lm.per_token says what each path costs).
     """
     progress_lib.check(progress)
+    per_token = check_per_token(per_token)
     train, evals = checked(apply_fn, params, train, evals)
     config = getattr(apply_fn, "config", None) if config is None else config
     chosen = choose_path(path, optimizer=optimizer, steps=steps, backend=jax.default_backend(),
                          longest=int(train.lengths.max()), config=config)
+    if per_token and chosen == "dense":
+        te = token_evals(train if evals is None else evals)
+        m = finetuned_eif(apply_fn, params, train, te.evals, lr=lr, steps=steps, optimizer=optimizer,
+                          chunk_size=chunk_size, precision=precision, path=chosen, config=config, progress=progress,
+                          memory_budget=memory_budget)
+        return from_columns(m, te)
     if config is not None:
         _check_fits(apply_fn, params, train, evals, config, path=chosen, optimizer=optimizer, steps=steps,
                     chunk_size=chunk_size, memory_budget=memory_budget, float64=precision == "float64")
     if chosen == "lowrank":
         return lowrank_sgd_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
-                               config=config, progress=progress)
+                               config=config, progress=progress, per_token=per_token)
     return _eif(NLL(apply_fn), params, train, evals, lr=lr, steps=steps, optimizer=optimizer, chunk_size=chunk_size,
                 precision=precision, progress=progress, memory_budget=memory_budget)
 
@@ -95,18 +106,22 @@ def lora_eif(
     chunk_size: int | str | None = "auto",
     precision: str = "highest",
     progress: bool = False,
-) -> jax.Array:
+    per_token: bool = False,
+) -> jax.Array | TokenInfluence:
     """LoRA EIF, f32[n, m]: only the adapters are fine-tuned (vmapped over samples); base params shared.
 
     `adapters` is a `jaxeif.models.lora.Adapters` (deltas + static scale), a plain delta dict, or a
     `jaxeif.models.peft.PeftLora` (a user's peft adapter, `peft.load_adapter`): then exactly peft's
     per-module A and B are fine-tuned, from their loaded values, and M is measured from the model with
-    the loaded adapter.
+    the loaded adapter. `per_token`: a `lm.TokenInfluence` instead (as `finetuned_eif`).
     """
     deltas, loss_fn = lora_parts(apply_fn, params, adapters)
+    per_token = check_per_token(per_token)
     train, evals = checked(apply_fn, params, train, evals)
-    return _eif(loss_fn, deltas, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                chunk_size=chunk_size, precision=precision, progress=progress)
+    te = token_evals(train if evals is None else evals) if per_token else None
+    m = _eif(loss_fn, deltas, train, evals if te is None else te.evals, lr=lr, steps=steps, optimizer=optimizer,
+             chunk_size=chunk_size, precision=precision, progress=progress)
+    return m if te is None else from_columns(m, te)
 
 
 def lora_parts(apply_fn: ApplyFn, params: PyTree, adapters) -> tuple[PyTree, jax.tree_util.Partial]:
