@@ -132,3 +132,43 @@ def test_per_token_arguments_are_checked(tiny):
         lm.lowrank_sgd_eif(apply_fn, params, train, evals, lr=LR, base=np.zeros(len(EVALS)), per_token=True)
     with pytest.raises(ValueError, match="per_token=True needs every token's: pass base=None"):
         lm.prompted_eif(apply_fn, params, tok, config, TRAIN, EVALS, base=np.zeros(len(EVALS)), per_token=True)
+
+
+# ----------------------------------------------------------------------------- the logic study's per-token stage
+def test_logic_study_per_token_stage(tiny_lm_ckpt, tmp_path):
+    """The study's per-token arrays are its fine-tuned matrices token by token (their mean over scored tokens is
+    the saved M), the answer tokens decode to each sample's last entity, and results.json's numbers are the
+    mean |change| over those tokens."""
+    import json
+
+    from jaxeif import cli
+    from jaxeif.data import domains
+    from jaxeif.experiments import llm_logic
+
+    out = tmp_path / "study"
+    names = ["bigger_than", "squares"]
+    assert cli.main(["llm", "--model", str(tiny_lm_ckpt), "--out", str(out), "--domains", *names, "--repeats", "1",
+                     "--modes", "finetuned", "--lr", "0.05", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "per_token.png").stat().st_size > 0 and results["config"]["per_token"] is True
+    tok = tokenizer.load_tokenizer(tiny_lm_ckpt)
+    for name in names:
+        per_token = np.load(out / "per_token" / f"finetuned_{name}_r0.npy")
+        scored = np.load(out / "per_token" / f"scored_{name}_r0.npy")
+        answer = np.load(out / "per_token" / f"answer_{name}_r0.npy")
+        matrix = np.load(out / f"finetuned_{name}_r0.npy")
+        np.testing.assert_allclose((per_token * scored).sum(-1) / scored.sum(-1), matrix, rtol=0,
+                                   atol=1e-5 * np.abs(matrix).max())
+        samples = domains.draw(name, 0)
+        toks = lm.tokenize(tok, [s.text for s in samples], config=loading.from_pretrained(tiny_lm_ckpt)[2],
+                           pad_multiple=llm_logic.PAD_MULTIPLE)
+        for k, s in enumerate(samples):
+            span = llm_logic.answer_span(s)
+            got = tok.decode(np.asarray(toks.ids)[k, answer[k]].tolist())
+            assert got == ("" if span is None else s.text[span[0]:span[1]]), (s.text, got)
+        assert answer.any() and not np.any(answer & ~scored)
+        size = np.abs(per_token.astype(np.float64))
+        entry = results["per_token"][name]
+        np.testing.assert_allclose(entry["answer_mean_abs"], size[:, answer].mean(), rtol=1e-12)
+        np.testing.assert_allclose(entry["other_mean_abs"], size[:, scored & ~answer].mean(), rtol=1e-12)
+        assert entry["answer_tokens"] == answer.sum() and entry["other_tokens"] == (scored & ~answer).sum()
