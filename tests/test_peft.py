@@ -162,3 +162,16 @@ def test_bad_folders_and_tensors_are_refused(setup, tmp_path):
         peft.load_adapter(embed, config)
     with pytest.warns(RuntimeWarning, match="lora_dropout=0.1 is ignored"):
         peft.load_adapter(_saved(adapter_dir, tmp_path / "d", lora_dropout=0.1), config)
+
+
+def test_phi3_adapter_on_its_fused_linears(tmp_path):
+    """Phi-3 has qkv_proj and gate_up_proj as single modules: a peft adapter on them loads as one block each."""
+    model = tiny_checkpoint(tmp_path / "base", arch="phi3")
+    wrapped = _adapter(model, tmp_path / "adapter", target_modules=["qkv_proj", "gate_up_proj", "down_proj"]).eval()
+    apply_fn, params, config = loading.from_pretrained(tmp_path / "base")
+    adapter = peft.load_adapter(tmp_path / "adapter", config)
+    assert set(adapter.weights) == {"self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"}
+    ids = np.asarray(lm.tokenize(tokenizer.load_tokenizer(tmp_path / "base"), EVALS, config=config).ids)
+    with torch.no_grad():
+        ref = wrapped(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(apply_fn(params, ids, delta=adapter.delta())), ref, atol=1e-4)

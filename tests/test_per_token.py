@@ -1,27 +1,36 @@
 """per_token=True: every scored eval token's NLL change, on each language-model path. Each path's tokens are
 checked against the straightforward computation (a hand-written SGD step, then every token's -log p), and
-their weighted mean over tokens against the M the default call returns."""
+their weighted mean over tokens against the M the default call returns; docs/per_token.md's example runs."""
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("torch", reason="the tiny checkpoint is written with transformers' PyTorch models")
+from jaxeif import lm
+from jaxeif.lm.finetuned import lora_parts
+from jaxeif.models import loading, lora, tokenizer
 
-from jaxeif import lm  # noqa: E402
-from jaxeif.lm.finetuned import lora_parts  # noqa: E402
-from jaxeif.models import loading, lora, tokenizer  # noqa: E402
-from tiny_lm import tiny_checkpoint  # noqa: E402
-
-pytestmark = pytest.mark.slow  # a torch-built checkpoint
+slow = pytest.mark.slow  # a torch-built checkpoint
 
 TRAIN = ["Ab is big.", "Cd is small.", "Ef is Gh.\nGh is Ef."]
 EVALS = ["Ab is small.", "Cd is big.", "Gh is Ef.", "Ab is Cd."]
 LR = 0.05
 
 
+def test_docs_example_runs():
+    """The tested example of docs/per_token.md (its last python block), as written."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "per_token.md").read_text()
+    exec(compile(re.findall(r"```python\n(.*?)```", text, re.DOTALL)[-1], "docs/per_token.md", "exec"), {})
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    pytest.importorskip("torch", reason="the tiny checkpoint is written with transformers' PyTorch models")
+    from tiny_lm import tiny_checkpoint  # imports torch
+
     path = tmp_path_factory.mktemp("tiny_tokens")
     tiny_checkpoint(path)
     apply_fn, params, config = loading.from_pretrained(path)
@@ -74,6 +83,7 @@ def _check(inf, default, ref, evals, tol, losses):
 _ULPS = 4 * np.finfo(np.float32).eps
 
 
+@slow
 @pytest.mark.parametrize("path", ["dense", "lowrank"])
 def test_finetuned_per_token_is_each_tokens_change(tiny, path):
     apply_fn, params, _, _, train, evals, _ = tiny
@@ -83,6 +93,7 @@ def test_finetuned_per_token_is_each_tokens_change(tiny, path):
            lm.nll(apply_fn, params, evals))
 
 
+@slow
 def test_lowrank_per_token_in_difference_precision_and_without_evals(tiny):
     apply_fn, params, _, _, train, _, _ = tiny
     dense = lm.finetuned_eif(apply_fn, params, train, lr=LR, path="dense", per_token=True)
@@ -92,6 +103,7 @@ def test_lowrank_per_token_in_difference_precision_and_without_evals(tiny):
     np.testing.assert_allclose(np.asarray(low.per_token), np.asarray(dense.per_token), rtol=0, atol=2e-5 * scale)
 
 
+@slow
 def test_lora_per_token_is_each_tokens_change(tiny):
     apply_fn, params, _, _, train, evals, adapters = tiny
     deltas, loss_fn = lora_parts(apply_fn, params, adapters)
@@ -102,6 +114,7 @@ def test_lora_per_token_is_each_tokens_change(tiny):
            lm.nll(apply_fn, lora.merge(params, adapters), evals))
 
 
+@slow
 def test_prompted_per_token_is_each_tokens_change_after_the_context(tiny):
     apply_fn, params, config, tok, _, _, _ = tiny
     bos, sep = lm.bos_token_id(tok, config), lm.encode(tok, lm.SEPARATOR)
@@ -122,6 +135,7 @@ def test_prompted_per_token_is_each_tokens_change_after_the_context(tiny):
     np.testing.assert_allclose(np.asarray(inf.matrix()), default, rtol=0, atol=_ULPS * losses.max())
 
 
+@slow
 def test_per_token_arguments_are_checked(tiny):
     apply_fn, params, config, tok, train, evals, adapters = tiny
     with pytest.raises(TypeError, match="`per_token` must be True or False"):
@@ -135,6 +149,7 @@ def test_per_token_arguments_are_checked(tiny):
 
 
 # ----------------------------------------------------------------------------- the logic study's per-token stage
+@slow
 def test_logic_study_per_token_stage(tiny_lm_ckpt, tmp_path):
     """The study's per-token arrays are its fine-tuned matrices token by token (their mean over scored tokens is
     the saved M), the answer tokens decode to each sample's last entity, and results.json's numbers are the

@@ -43,6 +43,7 @@ def prompted_eif(
     texts = list(texts)
     evals = texts if eval_texts is None else list(eval_texts)
     check_vocab(tokenizer, config)
+    per_token = check_per_token(per_token)
     if base is None and not per_token:
         base = nll(apply_fn, params, tokenize(tokenizer, evals, config=config), row_length=row_length)
     bos = bos_token_id(tokenizer, config)
@@ -54,7 +55,7 @@ def prompted_eif(
         raise ValueError(f"a context plus a sample is {longest} tokens long, longer than the model's context of "
                          f"{config.max_position_embeddings} tokens; shorten the samples")
     packed = packing.prefixed(prefixes, bodies, row_length=row_length)
-    if check_per_token(per_token):
+    if per_token:
         return prompted_tokens(apply_fn, params, packed, bodies, head, base, row_length=row_length)
     after = packed_nll(apply_fn, params, packed, progress=progress)
     return jnp.asarray(after.reshape(len(texts), len(evals)) - np.asarray(base, np.float32)[None])
