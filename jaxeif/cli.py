@@ -13,6 +13,7 @@ import sys
 import types
 from typing import Any, Sequence
 
+from jaxeif import compile_cache
 from jaxeif.checks import NonFiniteInfluenceError
 from jaxeif.errors import Error
 
@@ -164,6 +165,7 @@ def _guarded(fn, *args: Any) -> int:
 
 def _run_module(module: types.ModuleType, argv: Sequence[str], prog: str) -> int:
     args = module_parser(module, prog).parse_args(list(argv))
+    compile_cache.enable()  # on disk ($JAXEIF_COMPILE_CACHE, default ~/.cache/jaxeif/xla): a rerun skips compiling
     _report(module.run(args))
     return 0
 

@@ -115,6 +115,7 @@ def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size,
     chunking.check_chunk_size(chunk_size)
     if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}")
+    checks.model_inputs(params, loss_fn)  # framework state and non-array leaves, before any dtype is asked
     checks.float_params(params)
     checks.finite("params", params)
     checks.finite("train", train)

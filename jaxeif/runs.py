@@ -259,6 +259,7 @@ def sweep_eif(
     A killed sweep resumes from its finished blocks (bit-identical result). Diverged rows are
     NaN rows, listed in run.path/"<name>_nonfinite.json" and in a RuntimeWarning.
     """
+    checks.model_inputs(params, loss_fn)  # before the run's fingerprint reads them
     evals, lr_vec = _check_sweep(train, evals, lr, steps=steps, block_size=block_size, progress=progress, run=run,
                                  name=name)
     n, m = lr_vec.shape[0], checks.leading_axis("evals", evals)

@@ -95,6 +95,7 @@ def test_config_must_be_plain_data(tmp_path):
     assert not (tmp_path / "r" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_folder_in_use_by_another_process_is_refused(tmp_path):
     RunDir.open(tmp_path / "r", {"a": 1})  # this process now holds the folder's lock
     code = f"from jaxeif.runs import RunDir; RunDir.open({str(tmp_path / 'r')!r}, {{'a': 1}})"
