@@ -480,7 +480,8 @@ def answer_tokens(tok, toks: lm.Tokens, samples) -> np.ndarray:
         ids = np.asarray(toks.ids)[k, positions]
         if _decode(tok, ids) != sample.text:
             raise ValueError(f"decoding sample {k}'s tokens gives {_decode(tok, ids)!r}, not {sample.text!r}: this "
-                             "tokenizer does not round-trip, so its tokens cannot be matched to the answer's characters")
+                             "tokenizer does not round-trip, so its tokens cannot be matched to the answer's "
+                             "characters")
         if span is None:
             continue
         ends = np.array([len(_decode(tok, ids[: t + 1])) for t in range(len(ids))])

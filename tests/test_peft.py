@@ -12,9 +12,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="the adapter is written by peft, the reference loop runs in PyTorch")
 peft_torch = pytest.importorskip("peft")
 
+from tiny_lm import tiny_checkpoint  # noqa: E402
+
 from jaxeif import lm  # noqa: E402
 from jaxeif.models import loading, peft, tokenizer  # noqa: E402
-from tiny_lm import tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow  # torch-built checkpoints and a PyTorch reference loop
 

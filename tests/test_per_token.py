@@ -1,9 +1,7 @@
 """per_token=True: every scored eval token's NLL change, on each language-model path. Each path's tokens are
 checked against the straightforward computation (a hand-written SGD step, then every token's -log p), and
-their weighted mean over tokens against the M the default call returns; docs/per_token.md's example runs."""
-import re
-from pathlib import Path
-
+their weighted mean over tokens against the M the default call returns (docs/per_token.md's example runs in
+tests/test_docs.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,12 +16,6 @@ slow = pytest.mark.slow  # a torch-built checkpoint
 TRAIN = ["Ab is big.", "Cd is small.", "Ef is Gh.\nGh is Ef."]
 EVALS = ["Ab is small.", "Cd is big.", "Gh is Ef.", "Ab is Cd."]
 LR = 0.05
-
-
-def test_docs_example_runs():
-    """The tested example of docs/per_token.md (its last python block), as written."""
-    text = (Path(__file__).resolve().parent.parent / "docs" / "per_token.md").read_text()
-    exec(compile(re.findall(r"```python\n(.*?)```", text, re.DOTALL)[-1], "docs/per_token.md", "exec"), {})
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +99,9 @@ def test_lowrank_per_token_in_difference_precision_and_without_evals(tiny):
 def test_lora_per_token_is_each_tokens_change(tiny):
     apply_fn, params, _, _, train, evals, adapters = tiny
     deltas, loss_fn = lora_parts(apply_fn, params, adapters)
-    logits_of = lambda d: apply_fn(params, evals.ids, evals.attention, delta=lora.Adapters(d, adapters.scale))  # noqa: E731
+    def logits_of(d):
+        return apply_fn(params, evals.ids, evals.attention, delta=lora.Adapters(d, adapters.scale))
+
     ref = _reference(loss_fn, deltas, logits_of, train, evals)
     inf = lm.lora_eif(apply_fn, params, train, evals, adapters=adapters, lr=LR, per_token=True)
     _check(inf, lm.lora_eif(apply_fn, params, train, evals, adapters=adapters, lr=LR), ref, evals, 2e-5,

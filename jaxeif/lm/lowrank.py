@@ -307,9 +307,11 @@ def _lowrank_eif(apply_fn, params, train, evals, *, lr, chunk_size, precision, c
         chunk = _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate,
                             first_order)
         eval_rows = [row_arrays(packed_evals, k) for k in range(packed_evals.ids.shape[0])]
-        if base is None and not changes:
-            base = packed_nll(apply_fn, params, packed_evals, dtype=result) if tokens is None else tokens.scatter(
-                np.concatenate([np.asarray(packed_slot_nll(apply_fn, params, row)) for row in eval_rows])).astype(result)
+        if base is None and not changes and tokens is None:
+            base = packed_nll(apply_fn, params, packed_evals, dtype=result)
+        elif base is None and not changes:  # every token's NLL before fine-tuning
+            before = np.concatenate([np.asarray(packed_slot_nll(apply_fn, params, row)) for row in eval_rows])
+            base = tokens.scatter(before).astype(result)
         out = np.zeros((n, packed_evals.groups) + (() if tokens is None else tokens.mask.shape[1:]), np.float64)
         with progress_lib.bar(n, "low-rank SGD EIF", progress, unit="fine-tune") as advance:
             for k in range(packed_train.ids.shape[0]):

@@ -14,7 +14,8 @@ How each path gets there, exactly:
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +109,8 @@ def slot_tokens(packed: packing.Packed, scored: Sequence[np.ndarray], length: in
     ordinal[order] = np.arange(order.size) - np.repeat(starts, counts)
     expected = np.array([len(s) for s in scored])
     if not np.array_equal(counts, expected):
-        raise AssertionError(f"packed slots per group {counts.tolist()} differ from the scored tokens {expected.tolist()}")
+        raise AssertionError(f"packed slots per group {counts.tolist()} differ from the scored tokens "
+                             f"{expected.tolist()}")
     position = np.zeros(packed.weight.shape, np.int64)
     position[valid] = [scored[g][k] for g, k in zip(flat_group, ordinal)]
     group = np.where(valid, packed.group, 0)

@@ -26,7 +26,6 @@ import warnings
 from pathlib import Path
 
 import flax.struct
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -91,14 +90,18 @@ class Layout:
         "b": [L, r, out]}}: A's concatenated, scaled B's placed block-diagonally in the fused outputs."""
         out: dict = {}
         for path, total, blocks in self.modules:
-            a = jnp.concatenate([weights[b.name]["a"] for b in blocks], axis=-1)
-            b = jnp.concatenate([jnp.pad(b.scaling * weights[b.name]["b"], ((0, 0), (0, 0), (b.start, total - b.start - b.size)))
-                                 for b in blocks], axis=-2)
+            a = jnp.concatenate([weights[blk.name]["a"] for blk in blocks], axis=-1)
+            b = jnp.concatenate([_place(blk.scaling * weights[blk.name]["b"], blk, total) for blk in blocks], axis=-2)
             node = out
             for k in path[:-1]:
                 node = node.setdefault(k, {})
             node[path[-1]] = {"a": a, "b": b}
         return out
+
+
+def _place(b: jnp.ndarray, block: Block, total: int) -> jnp.ndarray:
+    """One module's B^T [L, r, out] padded with zeros to the fused module's outputs [L, r, total]."""
+    return jnp.pad(b, ((0, 0), (0, 0), (block.start, total - block.start - block.size)))
 
 
 @flax.struct.dataclass
@@ -211,9 +214,9 @@ def load_adapter(path, config: Phi3Config, dtype=jnp.float32) -> PeftLora:
         if blocks:
             modules.append((("model", "layers") + dest, start, tuple(blocks)))
     if found:
+        linears = sorted(n for ns in fused.values() for n in ns if len(shapes[f"model.layers.0.{n}.weight"]) == 2)
         raise PeftAdapterError(f"{path / WEIGHTS_NAME}: LoRA factors for {sorted(found)}, which the "
-                               f"{config.model_type} decoder does not have (its linears: "
-                               f"{sorted(n for ns in fused.values() for n in ns if len(shapes[f'model.layers.0.{n}.weight']) == 2)})")
+                               f"{config.model_type} decoder does not have (its linears: {linears})")
     return PeftLora(weights=weights, layout=Layout(tuple(modules)))
 
 
@@ -222,11 +225,13 @@ def _stack(pairs: dict, name: str, L: int, r: int, out: int, inp: int, path: Pat
     for which, shape in (("A", (r, inp)), ("B", (out, r))):
         layers = pairs.get(which, {})
         if sorted(layers) != list(range(L)):
-            raise PeftAdapterError(f"{path / WEIGHTS_NAME}: {name}.lora_{which} is present for layers {sorted(layers)}, "
-                                   f"the decoder has {L}; adapters on a subset of layers are not supported")
+            raise PeftAdapterError(f"{path / WEIGHTS_NAME}: {name}.lora_{which} is present for layers "
+                                   f"{sorted(layers)}, the decoder has {L}; adapters on a subset of layers are not "
+                                   "supported")
         for layer, x in layers.items():
             if tuple(x.shape) != shape:
                 raise PeftAdapterError(f"{path / WEIGHTS_NAME}: layer {layer} {name}.lora_{which} has shape "
                                        f"{tuple(x.shape)}, r={r} and the decoder need {shape}")
     stack = lambda which: np.stack([np.asarray(pairs[which][k], np.float32) for k in range(L)])  # noqa: E731
-    return {"a": jnp.asarray(np.swapaxes(stack("A"), 1, 2), dtype), "b": jnp.asarray(np.swapaxes(stack("B"), 1, 2), dtype)}
+    transposed = lambda which: jnp.asarray(np.swapaxes(stack(which), 1, 2), dtype)  # noqa: E731
+    return {"a": transposed("A"), "b": transposed("B")}
