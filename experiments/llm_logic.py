@@ -434,9 +434,20 @@ def _token_key(name: str, what: str = "finetuned") -> str:
 
 
 def per_token_stage(run_dir, draws, apply_fn, params, config, tok, args) -> None:
-    """Repeat 0 of every domain: every eval token's NLL change under every fine-tune, f32[n, n, T], from the
-    study's own fine-tuned path with per_token=True, with its masks bool[n, T] of scored and answer tokens
-    (`answer_tokens`); each saved as it finishes (resumable)."""
+    """Which eval tokens a fine-tune moved, on repeat 0 of every domain (saved as each finishes: resumable).
+
+    Writes per_token/finetuned_<domain>_r0.npy (f32[n, n, T], the study's own fine-tuned path with
+    per_token=True) and its masks bool[n, T] of scored (scored_...) and answer tokens (answer_...).
+
+    Args:
+        run_dir: the study's RunDir.
+        draws: {(domain, repeat): samples}.
+        apply_fn: the decoder.
+        params: its params.
+        config: its Phi3Config.
+        tok: its tokenizer.
+        args: the study's options.
+    """
     for name in args.domains:
         if not run_dir.has(_token_key(name)):
             samples = draws[(name, 0)]
@@ -448,8 +459,17 @@ def per_token_stage(run_dir, draws, apply_fn, params, config, tok, args) -> None
 
 
 def answer_span(sample: domains.Sample) -> tuple[int, int] | None:
-    """Character span of the sample's answer: the last entity it names (its template's last slot), in
-    sample.text; None for a template without slots."""
+    """Where a sample's answer is: the last entity it names (its template's last slot).
+
+    Args:
+        sample: a domain sample.
+
+    Returns:
+        (start, end) of that name in sample.text; None for a template without slots.
+
+    Raises:
+        ValueError: the text does not follow its template.
+    """
     pattern, slots = "", 0
     for literal, field, _, _ in string.Formatter().parse(sample.template):
         pattern += re.escape(literal)
@@ -470,8 +490,21 @@ def _decode(tok, ids) -> str:
 
 
 def answer_tokens(tok, toks: lm.Tokens, samples) -> np.ndarray:
-    """bool[n, T]: the scored tokens of each sample that overlap its answer (`answer_span`); a token's characters
-    are found by decoding the sample's scored tokens one more at a time."""
+    """The scored tokens of each sample that overlap its answer (`answer_span`).
+
+    A token's characters are found by decoding the sample's scored tokens one more at a time.
+
+    Args:
+        tok: the tokenizer `toks` were made with.
+        toks: the samples' Tokens, [n, T].
+        samples: the domain samples.
+
+    Returns:
+        bool[n, T].
+
+    Raises:
+        ValueError: the tokenizer does not decode a sample's tokens back to its text.
+    """
     score = np.asarray(toks.score) > 0
     out = np.zeros(score.shape, bool)
     for k, sample in enumerate(samples):
@@ -491,8 +524,17 @@ def answer_tokens(tok, toks: lm.Tokens, samples) -> np.ndarray:
 
 
 def token_split(per_token: np.ndarray, scored: np.ndarray, answer: np.ndarray) -> dict:
-    """Mean |per-token change| f[n, m, T] over the answer tokens (bool[m, T]) and over the other scored ones,
-    pooled over every fine-tune and eval, with the token counts."""
+    """Mean |per-token change| over the answer tokens and over the other scored ones.
+
+    Args:
+        per_token: f[n, m, T], every fine-tune's change of every eval token's NLL.
+        scored: bool[m, T], the scored tokens.
+        answer: bool[m, T], the answer tokens (a subset of scored).
+
+    Returns:
+        {"answer_mean_abs", "other_mean_abs", "answer_over_other", "answer_tokens", "other_tokens"}, pooled
+        over every fine-tune and eval.
+    """
     size = np.abs(np.asarray(per_token, np.float64))
     other = scored & ~answer
     a = float(size[:, answer].mean()) if answer.any() else float("nan")
@@ -502,13 +544,28 @@ def token_split(per_token: np.ndarray, scored: np.ndarray, answer: np.ndarray) -
 
 
 def per_token_summary(run_dir, names) -> dict:
-    """`token_split` of repeat 0 of every domain."""
+    """`token_split` of repeat 0 of every domain, from `per_token_stage`'s files.
+
+    Args:
+        run_dir: the study's RunDir.
+        names: the domains.
+
+    Returns:
+        {domain: token_split}.
+    """
     return {name: token_split(run_dir.load_npy(_token_key(name)), run_dir.load_npy(_token_key(name, "scored")),
                               run_dir.load_npy(_token_key(name, "answer"))) for name in names}
 
 
 def per_token_figure(summary: dict):
-    """per_token.png: mean |NLL change| of answer tokens vs the other scored tokens, per domain (repeat 0)."""
+    """per_token.png: mean |NLL change| of answer tokens vs the other scored tokens, per domain (repeat 0).
+
+    Args:
+        summary: `per_token_summary`'s result.
+
+    Returns:
+        The matplotlib figure.
+    """
     import matplotlib.pyplot as plt  # slow to import, only the figures need it
 
     names = list(summary)

@@ -35,13 +35,27 @@ class TokenInfluence(NamedTuple):
     weight: np.ndarray
 
     def matrix(self) -> jax.Array:
-        """f32[n, m]: the length-normalised (weighted) mean over tokens, which is the EIF matrix M."""
+        """The length-normalised (weighted) mean over tokens: the EIF matrix M.
+
+        Returns:
+            f32[n, m], sum_t weight * per_token / sum_t weight.
+        """
         w = jnp.asarray(self.weight, self.per_token.dtype)
         return jnp.sum(self.per_token * w[None], axis=-1) / jnp.sum(w, axis=-1)[None]
 
 
 def check_per_token(per_token) -> bool:
-    """`per_token` itself; a TypeError unless it is True or False."""
+    """Check the `per_token` argument.
+
+    Args:
+        per_token: the argument as given.
+
+    Returns:
+        It, as a bool.
+
+    Raises:
+        TypeError: it is not True or False.
+    """
     if not isinstance(per_token, (bool, np.bool_)):
         raise TypeError(f"`per_token` must be True or False, got {per_token!r}")
     return bool(per_token)
@@ -60,7 +74,14 @@ class TokenEvals(NamedTuple):
 
 
 def token_evals(evals: Tokens) -> TokenEvals:
-    """Every scored token of `evals` as an eval of its own: its loss (lm.NLL) is that token's NLL."""
+    """Every scored token of `evals` as an eval of its own: its loss (lm.NLL) is that token's NLL.
+
+    Args:
+        evals: the evals, Tokens of [m, T].
+
+    Returns:
+        A `TokenEvals` with S rows, S the number of scored tokens.
+    """
     ids, att, score = (np.asarray(x) for x in evals)
     mask = score > 0
     sample, position = np.nonzero(mask)
@@ -71,7 +92,15 @@ def token_evals(evals: Tokens) -> TokenEvals:
 
 
 def from_columns(columns: jax.Array, te: TokenEvals) -> TokenInfluence:
-    """f32[n, S] (one column per `token_evals` row) put back at their tokens: a TokenInfluence."""
+    """The EIF of `token_evals`' rows put back at their tokens.
+
+    Args:
+        columns: f32[n, S], one column per row of `te.evals`.
+        te: what `token_evals` returned.
+
+    Returns:
+        The TokenInfluence, per_token f32[n, m, T].
+    """
     m, t = te.mask.shape
     out = jnp.zeros((columns.shape[0], m, t), columns.dtype).at[:, te.sample, te.position].set(columns)
     return TokenInfluence(out, te.mask, te.weight)
@@ -89,7 +118,14 @@ class SlotTokens(NamedTuple):
     weight: np.ndarray
 
     def scatter(self, values: np.ndarray) -> np.ndarray:
-        """Slot values f[r, t] of a packed layout as f64[groups, T] (0 off the mask)."""
+        """Slot values put at their tokens.
+
+        Args:
+            values: f[r, t], one per slot of the packed layout.
+
+        Returns:
+            f64[groups, T], 0 off the mask.
+        """
         out = np.zeros(self.mask.shape, np.float64)
         out[self.group[self.valid], self.position[self.valid]] = np.asarray(values, np.float64).reshape(
             self.valid.shape)[self.valid]
@@ -98,8 +134,20 @@ class SlotTokens(NamedTuple):
 
 def slot_tokens(packed: packing.Packed, scored: Sequence[np.ndarray], length: int,
                 weights: Sequence[np.ndarray] | None = None) -> SlotTokens:
-    """The token of every slot: a group's slots come in the order of its scored tokens (jaxeif.packing lays
-    them out so), so its k-th slot scores token `scored[group][k]`. `length`: T; `weights` default 1."""
+    """The token of every slot of a packed layout.
+
+    A group's slots come in the order of its scored tokens (jaxeif.packing lays them out so), so its k-th slot
+    scores token `scored[group][k]`.
+
+    Args:
+        packed: the packed layout.
+        scored: per group, the positions of its scored tokens, in order.
+        length: T, the token axis' length.
+        weights: per group, its scored tokens' weights (default 1).
+
+    Returns:
+        The SlotTokens.
+    """
     valid = packed.weight > 0
     flat_group = packed.group[valid]  # row-major: each group's slots in order
     order = np.argsort(flat_group, kind="stable")
@@ -123,7 +171,15 @@ def slot_tokens(packed: packing.Packed, scored: Sequence[np.ndarray], length: in
 
 
 def tokens_slots(packed: packing.Packed, tokens: Tokens) -> SlotTokens:
-    """`slot_tokens` of `tokens` packed with `lm.pack_tokens` (group k = sample k, T = tokens' length)."""
+    """`slot_tokens` of samples packed with `lm.pack_tokens` (group k = sample k).
+
+    Args:
+        packed: `lm.pack_tokens(tokens, ...)`.
+        tokens: the samples, Tokens of [m, T].
+
+    Returns:
+        The SlotTokens (T: the tokens' length; weights: their scores).
+    """
     score = np.asarray(tokens.score)
     scored = [np.flatnonzero(s > 0) for s in score]
     return slot_tokens(packed, scored, score.shape[1], [s[k] for s, k in zip(score, scored)])
@@ -132,9 +188,23 @@ def tokens_slots(packed: packing.Packed, tokens: Tokens) -> SlotTokens:
 # ----------------------------------------------------------------------------- prompted
 def prompted_tokens(apply_fn, params, packed: packing.Packed, bodies: Sequence[Sequence[int]], head: Sequence[int],
                     base, *, row_length: int) -> TokenInfluence:
-    """`prompted_eif`'s TokenInfluence: every token of p_j after context p_i (`packed`: packing.prefixed of the
-    contexts and `bodies`) minus the same token of `head` + p_j alone (head: the BOS, which predicts p_j's
-    first token). T is the longest body."""
+    """`prompted_eif`'s TokenInfluence: every token of p_j after context p_i minus the same token alone.
+
+    Args:
+        apply_fn: the decoder.
+        params: its params.
+        packed: `packing.prefixed` of the contexts and `bodies`.
+        bodies: the m evals' own token ids (T: the longest).
+        head: the BOS (as a list), which predicts p_j's first token in the reference.
+        base: must be None (a mean loss per eval cannot give each token's).
+        row_length: tokens per packed row of the reference.
+
+    Returns:
+        The TokenInfluence, per_token f32[n, m, T].
+
+    Raises:
+        ValueError: `base` given, or no BOS.
+    """
     from jaxeif.lm.loss import packed_slot_nll, row_arrays  # loss imports nothing of this module
 
     if base is not None:

@@ -86,8 +86,14 @@ class Layout:
     modules: tuple
 
     def delta(self, weights: dict) -> dict:
-        """The decoder's `delta=` dict (scale 1) of peft's per-module weights {name: {"a": [L, in, r],
-        "b": [L, r, out]}}: A's concatenated, scaled B's placed block-diagonally in the fused outputs."""
+        """The decoder's `delta=` dict (scale 1): A's concatenated, scaled B's block-diagonal in the fused outputs.
+
+        Args:
+            weights: peft's per-module weights {name: {"a": [L, in, r], "b": [L, r, out]}}.
+
+        Returns:
+            The fused linears' low-rank entries, nested as the decoder's params.
+        """
         out: dict = {}
         for path, total, blocks in self.modules:
             a = jnp.concatenate([weights[blk.name]["a"] for blk in blocks], axis=-1)
@@ -113,7 +119,14 @@ class PeftLora:
     layout: Layout = flax.struct.field(pytree_node=False)
 
     def delta(self, weights: dict | None = None) -> dict:
-        """The decoder's `delta=` dict for `weights` (default: the loaded ones)."""
+        """The decoder's `delta=` dict (scale 1) for this adapter.
+
+        Args:
+            weights: peft's per-module weights, shaped as `self.weights` (default: the loaded ones).
+
+        Returns:
+            {"model": {"layers": {...: {"a": [L, in, R], "b": [L, R, out]}}}} for the fused linears.
+        """
         return self.layout.delta(self.weights if weights is None else weights)
 
 
@@ -160,12 +173,20 @@ def _read(path: Path) -> tuple[dict, dict]:
 
 
 def load_adapter(path, config: Phi3Config, dtype=jnp.float32) -> PeftLora:
-    """The peft LoRA adapter in folder `path` (adapter_config.json + adapter_model.safetensors), for the
-    decoder of `config` (`loading.from_pretrained`'s third result), as a `PeftLora` in `dtype`.
+    """The peft LoRA adapter in a folder, for the decoder it was trained on.
 
     Honours r, lora_alpha (scaling alpha / r; alpha / sqrt(r) with use_rslora) and target_modules (the
     file's modules must be exactly those targeted). lora_dropout > 0 warns: jaxeif's fine-tunes and losses
     run without dropout, as peft's model in eval mode.
+
+    Args:
+        path: the folder peft's `save_pretrained` wrote (adapter_config.json + adapter_model.safetensors).
+        config: the base decoder's Phi3Config (`loading.from_pretrained`'s third result).
+        dtype: the dtype of the loaded A and B.
+
+    Returns:
+        A `PeftLora`: `lm.lora_eif(..., adapters=...)` fine-tunes its weights; `.delta()` is the decoder's
+        `delta=` for it.
 
     Raises:
         PeftAdapterError: a missing file, a non-LoRA adapter, a config field outside plain LoRA (named, with
