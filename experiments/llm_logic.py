@@ -9,11 +9,16 @@ resumable), heatmaps_<domain>.png (fine-tuned beside prompted, sign -EIF: positi
 likely), histogram.png (fig 5A), symmetry.png (fig 5B: 1/||M - M^T||_F), scorecard.json and
 results.json (all numbers, model, lr, optimizer, seed). With --lr-sweep: the fine-tuned matrices
 at every swept lr (lr_sweep/lr<lr>/, resumable), the plateau choice (lr_sweep.json/.png) and every
-finding at every lr (lr_findings.json/.png); with --float64-check also float64_check.json.
+finding at every lr (lr_findings.json/.png); with --float64-check also float64_check.json. Unless
+--no-per-token: which eval tokens a fine-tune moved (repeat 0, `per_token_stage`): every eval token's
+NLL change (per_token/finetuned_<domain>_r0.npy), its mean |change| on the answer tokens (the last
+entity a sample names) against the other tokens per domain in results.json ("per_token") and per_token.png.
 """
 from __future__ import annotations
 
 import argparse
+import re
+import string
 import sys
 import time
 
@@ -77,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summarise-only", action="store_true",
                         help="compute nothing: summarise the repeats already complete in --out (e.g. of a stopped run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-per-token", action="store_true",
+                        help="skip the per-token stage (every eval token's NLL change on repeat 0: answer tokens vs the "
+                             "rest, per_token.png); it costs one more fine-tuned EIF per domain")
 
 
 def _lr_arg(text: str):
@@ -121,19 +129,22 @@ def _config(args: argparse.Namespace) -> dict:
         "domains": list(args.domains), "repeats": args.repeats, "modes": list(args.modes), "lr": args.lr,
         "lr_sweep": list(args.lr_sweep), "sweep_repeats": args.sweep_repeats, "float64_check": args.float64_check,
         "optimizer": args.optimizer, "steps": args.steps, "seed": args.seed, "dtype": args.dtype,
-        "lora_rank": args.lora_rank,
+        "lora_rank": args.lora_rank, "per_token": not args.no_per_token and "finetuned" in args.modes,
     }
 
 
-def _finetuned(apply_fn, params, config, toks, args, lr=None) -> np.ndarray:
+def _finetuned(apply_fn, params, config, toks, args, lr=None, per_token=False):
+    """The fine-tuned EIF f32[n, n] of one draw (per_token: its lm.TokenInfluence, per_token f32[n, n, T])."""
     lr = args.lr if lr is None else lr
     opt = None if args.optimizer == "sgd" else optax.adam(1.0)  # None: plain SGD (lets lm pick the low-rank path)
     if args.lora_rank:
         adapters = lora.init(jax.random.key(args.seed), params, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
-        return np.asarray(lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr, steps=args.steps, optimizer=opt,
-                                      chunk_size=args.chunk_size))
-    return np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=lr, steps=args.steps, optimizer=opt,
-                                       chunk_size=args.chunk_size, config=config))
+        out = lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr, steps=args.steps, optimizer=opt,
+                          chunk_size=args.chunk_size, per_token=per_token)
+    else:
+        out = lm.finetuned_eif(apply_fn, params, toks, lr=lr, steps=args.steps, optimizer=opt,
+                               chunk_size=args.chunk_size, config=config, per_token=per_token)
+    return out if per_token else np.asarray(out)
 
 
 def _figures(run, name, samples, means):
@@ -169,6 +180,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.lr_sweep:
             args.lr = _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args)
         _compute(run_dir, draws, apply_fn, params, config, tok, args)
+        if config_dict["per_token"]:
+            per_token_stage(run_dir, draws, apply_fn, params, config, tok, args)
         if args.float64_check:
             _float64_check(run_dir, draws, apply_fn, params, config, tok, args)
     elif args.lr == "plateau":
@@ -199,6 +212,9 @@ def run(args: argparse.Namespace) -> dict:
                          title="all EIF values (fig 5A)")
     run_dir.save_figure("histogram.png", fig)
     run_dir.save_figure("symmetry.png", _symmetry_figure(results, args.modes))
+    if config_dict["per_token"] and all(run_dir.has(_token_key(d)) for d in args.domains):
+        results["per_token"] = per_token_summary(run_dir, args.domains)
+        run_dir.save_figure("per_token.png", per_token_figure(results["per_token"]))
     scorecard = {name: {m: results["domains"][name][m]["probes"] for m in args.modes} for name in args.domains}
     run_dir.save_json("scorecard.json", scorecard)
     run_dir.save_json("results.json", results)
@@ -403,6 +419,160 @@ def _float64_check(run_dir, draws, apply_fn, params, config, tok, args) -> None:
             entry["difference"] = desiderata.agreement(pooled(lambda d: key(lr, "difference", d))[None], truth[None])
         out["per_lr"][f"{lr:g}"] = entry
     run_dir.save_json(FLOAT64, out)
+
+
+# ----------------------------------------------------------------------------- which eval tokens a fine-tune moved
+def _token_key(name: str, what: str = "finetuned") -> str:
+    return f"per_token/{what}_{name}_r0.npy"
+
+
+def per_token_stage(run_dir, draws, apply_fn, params, config, tok, args) -> None:
+    """Which eval tokens a fine-tune moved, on repeat 0 of every domain (saved as each finishes: resumable).
+
+    Writes per_token/finetuned_<domain>_r0.npy (f32[n, n, T], the study's own fine-tuned path with
+    per_token=True) and its masks bool[n, T] of scored (scored_...) and answer tokens (answer_...).
+
+    Args:
+        run_dir: the study's RunDir.
+        draws: {(domain, repeat): samples}.
+        apply_fn: the decoder.
+        params: its params.
+        config: its Phi3Config.
+        tok: its tokenizer.
+        args: the study's options.
+    """
+    for name in args.domains:
+        if not run_dir.has(_token_key(name)):
+            samples = draws[(name, 0)]
+            toks = _domain_tokens(tok, config, samples)
+            inf = _finetuned(apply_fn, params, config, toks, args, per_token=True)
+            run_dir.save_npy(_token_key(name, "scored"), np.asarray(inf.mask))
+            run_dir.save_npy(_token_key(name, "answer"), answer_tokens(tok, toks, samples))
+            run_dir.save_npy(_token_key(name), np.asarray(inf.per_token, np.float32))
+
+
+def answer_span(sample: domains.Sample) -> tuple[int, int] | None:
+    """Where a sample's answer is: the last entity it names (its template's last slot).
+
+    Args:
+        sample: a domain sample.
+
+    Returns:
+        (start, end) of that name in sample.text; None for a template without slots.
+
+    Raises:
+        ValueError: the text does not follow its template.
+    """
+    pattern, slots = "", 0
+    for literal, field, _, _ in string.Formatter().parse(sample.template):
+        pattern += re.escape(literal)
+        if field:
+            pattern, slots = pattern + r"(\w+)", slots + 1
+    if not slots:
+        return None
+    match = re.fullmatch(pattern, sample.text, flags=re.IGNORECASE | re.DOTALL)
+    if match is None:
+        raise ValueError(f"sample {sample.text!r} does not follow its template {sample.template!r}")
+    return match.span(slots)
+
+
+def _decode(tok, ids) -> str:
+    if hasattr(tok, "get_vocab_size"):  # tokenizers.Tokenizer
+        return tok.decode(list(ids), skip_special_tokens=False)
+    return tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def answer_tokens(tok, toks: lm.Tokens, samples) -> np.ndarray:
+    """The scored tokens of each sample that overlap its answer (`answer_span`).
+
+    A token's characters are found by decoding the sample's scored tokens one more at a time.
+
+    Args:
+        tok: the tokenizer `toks` were made with.
+        toks: the samples' Tokens, [n, T].
+        samples: the domain samples.
+
+    Returns:
+        bool[n, T].
+
+    Raises:
+        ValueError: the tokenizer does not decode a sample's tokens back to its text.
+    """
+    score = np.asarray(toks.score) > 0
+    out = np.zeros(score.shape, bool)
+    for k, sample in enumerate(samples):
+        span = answer_span(sample)
+        positions = np.flatnonzero(score[k])
+        ids = np.asarray(toks.ids)[k, positions]
+        if _decode(tok, ids) != sample.text:
+            raise ValueError(f"decoding sample {k}'s tokens gives {_decode(tok, ids)!r}, not {sample.text!r}: this "
+                             "tokenizer does not round-trip, so its tokens cannot be matched to the answer's "
+                             "characters")
+        if span is None:
+            continue
+        ends = np.array([len(_decode(tok, ids[: t + 1])) for t in range(len(ids))])
+        starts = np.concatenate([[0], ends[:-1]])
+        out[k, positions] = (starts < span[1]) & (ends > span[0])
+    return out
+
+
+def token_split(per_token: np.ndarray, scored: np.ndarray, answer: np.ndarray) -> dict:
+    """Mean |per-token change| over the answer tokens and over the other scored ones.
+
+    Args:
+        per_token: f[n, m, T], every fine-tune's change of every eval token's NLL.
+        scored: bool[m, T], the scored tokens.
+        answer: bool[m, T], the answer tokens (a subset of scored).
+
+    Returns:
+        {"answer_mean_abs", "other_mean_abs", "answer_over_other", "answer_tokens", "other_tokens"}, pooled
+        over every fine-tune and eval.
+    """
+    size = np.abs(np.asarray(per_token, np.float64))
+    other = scored & ~answer
+    a = float(size[:, answer].mean()) if answer.any() else float("nan")
+    b = float(size[:, other].mean()) if other.any() else float("nan")
+    return {"answer_mean_abs": a, "other_mean_abs": b, "answer_over_other": a / b if b > 0 else float("nan"),
+            "answer_tokens": int(answer.sum()), "other_tokens": int(other.sum())}
+
+
+def per_token_summary(run_dir, names) -> dict:
+    """`token_split` of repeat 0 of every domain, from `per_token_stage`'s files.
+
+    Args:
+        run_dir: the study's RunDir.
+        names: the domains.
+
+    Returns:
+        {domain: token_split}.
+    """
+    return {name: token_split(run_dir.load_npy(_token_key(name)), run_dir.load_npy(_token_key(name, "scored")),
+                              run_dir.load_npy(_token_key(name, "answer"))) for name in names}
+
+
+def per_token_figure(summary: dict):
+    """per_token.png: mean |NLL change| of answer tokens vs the other scored tokens, per domain (repeat 0).
+
+    Args:
+        summary: `per_token_summary`'s result.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import matplotlib.pyplot as plt  # slow to import, only the figures need it
+
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)), 4), layout="constrained")
+    x = np.arange(len(names))
+    for k, (key, label) in enumerate((("answer_mean_abs", "answer tokens (the last entity named)"),
+                                      ("other_mean_abs", "other scored tokens"))):
+        ax.bar(x + (k - 0.5) * 0.4, [summary[n][key] for n in names], 0.4, label=label)
+    ax.set_xticks(x, names, rotation=20)
+    ax.set_ylabel("mean |per-token NLL change|")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("which eval tokens a fine-tune moved (repeat 0, all fine-tunes x evals)")
+    return fig
 
 
 def _symmetry_figure(results: dict, modes):

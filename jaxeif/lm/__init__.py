@@ -15,6 +15,7 @@ shared contract, jaxeif.options) and returns a jax.Array f32[n, m].
     lowrank.py    lowrank_sgd_eif: single-step SGD EIF, exactly, in low-rank form (named steps);
                   linearized_sgd_eif: its first-order term -lr <g_i, g_j>, the same way
     prompted.py   prompted_eif: L(p_j | context p_i) - L(p_j)
+    per_token.py  TokenInfluence: every scored eval token's change (per_token=True on the paths above)
     memory.py     memory_estimate / check_memory: peak device bytes of each path, before it runs
 The learning-rate sweep lives in `jaxeif.lr_choice`: nothing in it is language-specific.
 """
@@ -23,11 +24,13 @@ from jaxeif.lm.finetuned import finetuned_eif, lora_eif
 from jaxeif.lm.loss import NLL, nll
 from jaxeif.lm.memory import check_memory, memory_estimate
 from jaxeif.lm.lowrank import linearized_sgd_eif, lowrank_sgd_eif
+from jaxeif.lm.per_token import TokenInfluence
 from jaxeif.lm.prompted import prompted_eif
 from jaxeif.lm.tokens import PROMPT_FORMAT, Tokens, check_vocab, tokenize
 
 __all__ = ["Tokens", "tokenize", "check_vocab", "PROMPT_FORMAT", "NLL", "nll", "finetuned_eif", "lora_eif",
-           "lowrank_sgd_eif", "linearized_sgd_eif", "prompted_eif", "memory_estimate", "check_memory"]
+           "lowrank_sgd_eif", "linearized_sgd_eif", "prompted_eif", "TokenInfluence", "memory_estimate",
+           "check_memory"]
 
 # helpers importable from jaxeif.lm before its public list was cut to what users call (one release)
 __getattr__ = deprecation.moved("jaxeif.lm", {

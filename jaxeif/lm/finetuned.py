@@ -19,7 +19,9 @@ from jaxeif.lm.dispatch import choose_path
 from jaxeif.lm.loss import NLL, sequence_nll
 from jaxeif.lm.lowrank import RANK_BUCKET, lowrank_sgd_eif
 from jaxeif.lm.memory import check_memory, optimizer_states
+from jaxeif.lm.per_token import TokenInfluence, check_per_token, from_columns, token_evals
 from jaxeif.lm.tokens import ApplyFn, Tokens, checked
+from jaxeif.models import peft
 from jaxeif.models.lora import Adapters
 from jaxeif.models.phi3 import Phi3Config
 from jaxeif.options import ChunkSize
@@ -42,7 +44,8 @@ def finetuned_eif(
     config: Phi3Config | None = None,
     progress: bool = False,
     memory_budget: float | None = None,
-) -> jax.Array:
+    per_token: bool = False,
+) -> jax.Array | TokenInfluence:
     """Fine-tuned EIF of a language model with the length-normalised NLL (whole sample trained).
 
     Args:
@@ -61,9 +64,11 @@ def finetuned_eif(
         config: the decoder's Phi3Config (default apply_fn.config).
         memory_budget: with a config, a run whose `lm.memory_estimate` exceeds this many bytes (default: 3/4
             of the free device memory) is refused before anything compiles; also the budget of "auto".
+        per_token: return a `lm.TokenInfluence` (every scored eval token's NLL change, f32[n, m, T], whose
+            `.matrix()` is M; jaxeif.lm.per_token says what each path costs).
 
     Returns:
-        f32[n, m].
+        f32[n, m], or a TokenInfluence with per_token=True.
 
     Raises:
         MemoryBudgetError: the estimate exceeds the budget (the message gives it).
@@ -71,16 +76,23 @@ def finetuned_eif(
     """
     progress_lib.check(progress)
     precision = options.check_precision(precision)
+    per_token = check_per_token(per_token)
     train, evals = checked(apply_fn, params, train, evals)
     config = getattr(apply_fn, "config", None) if config is None else config
     chosen = choose_path(path, optimizer=optimizer, steps=steps, backend=jax.default_backend(),
                          longest=int(train.lengths.max()), config=config)
+    if per_token and chosen == "dense":  # each scored token an eval of its own (exact; costs T x the evals)
+        te = token_evals(train if evals is None else evals)
+        m = finetuned_eif(apply_fn, params, train, te.evals, lr=lr, steps=steps, optimizer=optimizer,
+                          chunk_size=chunk_size, precision=precision, path=chosen, config=config, progress=progress,
+                          memory_budget=memory_budget)
+        return from_columns(m, te)
     if config is not None:
         _check_fits(apply_fn, params, train, evals, config, path=chosen, optimizer=optimizer, steps=steps,
                     chunk_size=chunk_size, memory_budget=memory_budget, float64=precision_lib.is_float64(precision))
     if chosen == "lowrank":
         return lowrank_sgd_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
-                               config=config, progress=progress, memory_budget=memory_budget)
+                               config=config, progress=progress, memory_budget=memory_budget, per_token=per_token)
     return _eif(NLL(apply_fn), params, train, evals, lr=lr, steps=steps, optimizer=optimizer, chunk_size=chunk_size,
                 precision=precision, progress=progress, memory_budget=memory_budget)
 
@@ -118,7 +130,8 @@ def lora_eif(
     precision: Precision = Precision(),
     progress: bool = False,
     memory_budget: float | None = None,
-) -> jax.Array:
+    per_token: bool = False,
+) -> jax.Array | TokenInfluence:
     """LoRA EIF: only the adapters are fine-tuned (vmapped over samples); the base params are shared.
 
     Args:
@@ -126,7 +139,10 @@ def lora_eif(
         params: the base parameters, shared by every fine-tune.
         train: the fine-tune samples, jaxeif.lm.Tokens.
         evals: the evaluated samples, jaxeif.lm.Tokens (None: `train`).
-        adapters: a `jaxeif.models.lora.Adapters` (deltas + static scale) or a plain delta dict.
+        adapters: a `jaxeif.models.lora.Adapters` (deltas + static scale), a plain delta dict, or a
+            `jaxeif.models.peft.PeftLora` (a user's peft adapter, `peft.load_adapter`): then exactly peft's
+            per-module A and B are fine-tuned from their loaded values, and M is measured from the model
+            with the loaded adapter.
         lr: learning rate, a scalar or f[n] (one per train example); required.
         steps: optimizer steps per fine-tune.
         optimizer: an optax.GradientTransformation (None: SGD with unit rate).
@@ -134,17 +150,29 @@ def lora_eif(
         precision: the arithmetic, a jaxeif.Precision.
         progress: show a progress bar on stderr.
         memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
+        per_token: a `lm.TokenInfluence` instead of M (as `finetuned_eif`).
 
     Returns:
-        f32[n, m].
+        f32[n, m], or a TokenInfluence with per_token=True.
 
     Raises:
         NonFiniteInfluenceError, MemoryBudgetError, TypeError, ValueError: as in `jaxeif.eif`.
     """
-    deltas, scale = (adapters.deltas, float(adapters.scale)) if hasattr(adapters, "deltas") else (adapters, 1.0)
+    deltas, loss_fn = lora_parts(apply_fn, params, adapters)
+    per_token = check_per_token(per_token)
     train, evals = checked(apply_fn, params, train, evals)
-    return _eif(_lora_loss(apply_fn, params, scale), deltas, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                chunk_size=chunk_size, precision=precision, progress=progress, memory_budget=memory_budget)
+    te = token_evals(train if evals is None else evals) if per_token else None
+    m = _eif(loss_fn, deltas, train, evals if te is None else te.evals, lr=lr, steps=steps, optimizer=optimizer,
+             chunk_size=chunk_size, precision=precision, progress=progress, memory_budget=memory_budget)
+    return m if te is None else from_columns(m, te)
+
+
+def lora_parts(apply_fn: ApplyFn, params: PyTree, adapters) -> tuple[PyTree, jax.tree_util.Partial]:
+    """(the trained adapter weights, loss_fn(weights, example)) of `lora_eif`'s `adapters`."""
+    if isinstance(adapters, peft.PeftLora):
+        return adapters.weights, jax.tree_util.Partial(LoraNLL(apply_fn, 1.0, adapters.layout), params)
+    deltas, scale = (adapters.deltas, float(adapters.scale)) if hasattr(adapters, "deltas") else (adapters, 1.0)
+    return deltas, _lora_loss(apply_fn, params, scale)
 
 
 def _eif(loss_fn, params, train: Tokens, evals: Tokens | None, **kwargs) -> jax.Array:
@@ -159,10 +187,13 @@ class LoraNLL:
 
     apply_fn: ApplyFn
     scale: float
+    layout: peft.Layout | None = None  # a peft adapter's layout: deltas are its per-module weights
 
     def __call__(self, params: PyTree, deltas: PyTree, example: Tokens) -> jax.Array:
         if jax.tree.leaves(deltas)[0].dtype == jnp.float64:  # precision "float64": the base params too
             params = jax.tree.map(lambda w: w.astype(jnp.float64), params)
+        if self.layout is not None:
+            deltas = self.layout.delta(deltas)
         logits = self.apply_fn(params, example.ids[None], example.attention[None],
                                delta=Adapters(deltas, self.scale))[0]
         return sequence_nll(logits, example.ids, example.score)

@@ -34,6 +34,7 @@ from jaxeif import progress as progress_lib
 from jaxeif.finetune import PyTree
 from jaxeif.lm.loss import (ROW_LENGTH, group_counts, group_means, pack_tokens, packed_nll, packed_slot_nll,
                             row_arrays, slot_nll)
+from jaxeif.lm.per_token import TokenInfluence, check_per_token, tokens_slots
 from jaxeif.lm.tokens import ApplyFn, Tokens, check_example, checked
 from jaxeif.models.phi3 import Phi3Config
 from jaxeif.options import ChunkSize
@@ -244,7 +245,8 @@ def lowrank_sgd_eif(
     row_length: int = ROW_LENGTH,
     rank_bucket: int = RANK_BUCKET,
     base: np.ndarray | None = None,
-) -> jax.Array:
+    per_token: bool = False,
+) -> jax.Array | TokenInfluence:
     """Dense single-step SGD EIF computed exactly in low-rank form (no weight copies).
 
     Equals `finetuned_eif(..., steps=1, optimizer=None, path="dense")`.
@@ -266,17 +268,21 @@ def lowrank_sgd_eif(
         row_length: tokens per packed row.
         rank_bucket: ranks are rounded up to a multiple of this (fewer compiled shapes).
         base: f32[m], the evals' losses before fine-tuning (computed with `nll` when None; unused with
-            difference=True).
+            difference=True; must be None with per_token=True).
+        per_token: return a `lm.TokenInfluence`, every scored eval token's NLL change (the same slot
+            losses, not averaged) instead of M.
 
     Returns:
-        f32[n, m].
+        f32[n, m], or a TokenInfluence with per_token=True.
 
     Raises:
         TypeError, ValueError: bad arguments, named in the message.
     """
+    if check_per_token(per_token) and base is not None:
+        raise ValueError("`base` holds each eval's mean loss; per_token=True needs every token's: pass base=None")
     return _lowrank_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
                         config=config, progress=progress, row_length=row_length, rank_bucket=rank_bucket, base=base,
-                        first_order=False, memory_budget=memory_budget)
+                        first_order=False, memory_budget=memory_budget, per_token=per_token)
 
 
 def linearized_sgd_eif(
@@ -325,7 +331,8 @@ def linearized_sgd_eif(
 
 
 def _lowrank_eif(apply_fn, params, train, evals, *, lr, chunk_size, precision, config, progress, row_length,
-                 rank_bucket, base, first_order: bool, memory_budget=None) -> jax.Array:
+                 rank_bucket, base, first_order: bool, memory_budget=None,
+                 per_token: bool = False) -> jax.Array | TokenInfluence:
     """The loop of both: per packed train row its gradients, per chunk of its fine-tunes their deltas,
     per eval row the losses (or their changes, or first-order changes) under each."""
     config = config_of(apply_fn, config)
@@ -341,15 +348,20 @@ def _lowrank_eif(apply_fn, params, train, evals, *, lr, chunk_size, precision, c
     packed_evals = packed_train if evals is None else pack_tokens(evals, row_length)
     propagate = precision_lib.propagates_difference(precision) and not first_order
     changes = propagate or first_order  # the programs give loss changes: nothing to subtract
+    tokens = tokens_slots(packed_evals, train if evals is None else evals) if per_token else None
+    reduce = (lambda v: group_means(packed_evals, v)) if tokens is None else tokens.scatter  # noqa: E731
     with precision_lib.context(precision):
         params, lr, weights = precision_lib.cast_inputs(precision, (params, lr, _slot_weights(packed_train)))
         lr, weights = np.asarray(lr), np.asarray(weights)
         chunk = _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate,
                             first_order, memory_budget)
-        if base is None and not changes:
-            base = packed_nll(apply_fn, params, packed_evals, dtype=result)
-        out = np.zeros((n, packed_evals.groups), np.float64)
         eval_rows = [row_arrays(packed_evals, k) for k in range(packed_evals.ids.shape[0])]
+        if base is None and not changes and tokens is None:
+            base = packed_nll(apply_fn, params, packed_evals, dtype=result)
+        elif base is None and not changes:  # every token's NLL before fine-tuning
+            before = np.concatenate([np.asarray(packed_slot_nll(apply_fn, params, row)) for row in eval_rows])
+            base = tokens.scatter(before).astype(result)
+        out = np.zeros((n, packed_evals.groups) + (() if tokens is None else tokens.mask.shape[1:]), np.float64)
         with progress_lib.bar(n, "low-rank SGD EIF", progress, unit="fine-tune") as advance:
             for k in range(packed_train.ids.shape[0]):
                 g = row_gradients(apply_fn, params, config, row_arrays(packed_train, k), jnp.asarray(weights[k : k + 1]))
@@ -359,8 +371,10 @@ def _lowrank_eif(apply_fn, params, train, evals, *, lr, chunk_size, precision, c
                                            jnp.asarray(lr[ft.index]))
                     slots = np.concatenate([np.asarray(eval_losses(apply_fn, params, deltas, row, propagate, first_order))
                                             for row in eval_rows], axis=1)  # [chunk, eval rows, t]
-                    out[ft.samples] = np.stack([group_means(packed_evals, v) for v in slots[: len(ft.samples)]])
+                    out[ft.samples] = np.stack([reduce(v) for v in slots[: len(ft.samples)]])
                     advance(len(ft.samples))
     if not changes:
         out = out.astype(result) - np.asarray(base, result)[None]
+    if tokens is not None:
+        return TokenInfluence(jnp.asarray(np.where(tokens.mask[None], out, 0), jnp.float32), tokens.mask, tokens.weight)
     return jnp.asarray(out, jnp.float32)

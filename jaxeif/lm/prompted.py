@@ -15,6 +15,7 @@ import numpy as np
 from jaxeif import packing
 from jaxeif.finetune import PyTree
 from jaxeif.lm.loss import ROW_LENGTH, nll, packed_nll
+from jaxeif.lm.per_token import TokenInfluence, check_per_token, prompted_tokens
 from jaxeif.lm.tokens import SEPARATOR, ApplyFn, check_texts, bos_token_id, check_vocab, encode, text_ids, tokenize
 
 
@@ -29,18 +30,21 @@ def prompted_eif(
     row_length: int = ROW_LENGTH,
     base: np.ndarray | None = None,
     progress: bool = False,
-) -> jax.Array:
+    per_token: bool = False,
+) -> jax.Array | TokenInfluence:
     """EIF_prompt[i, j] = L(p_j | context p_i) - L(p_j), f32[n, m]; context format: PROMPT_FORMAT.
 
     Each context is computed once and followed, in packed rows (`jaxeif.packing.prefixed`), by every
     p_j, each seeing only the context and itself: exactly the n * m separate sequences, at about half
     their cost. `base` (f32[m], L(p_j) alone) is computed when not given. `progress`: a bar of the contexts'
-    continuations scored.
+    continuations scored. `per_token`: a `lm.TokenInfluence` instead, over p_j's own tokens (T: the longest
+    eval's), each token's NLL after the context minus alone (`prompted_tokens`; `base` must be None).
     """
     texts = check_texts("texts", texts)
     evals = texts if eval_texts is None else check_texts("eval_texts", eval_texts)
     check_vocab(tokenizer, config)
-    if base is None:
+    per_token = check_per_token(per_token)
+    if base is None and not per_token:
         base = nll(apply_fn, params, tokenize(tokenizer, evals, config=config), row_length=row_length)
     bos = bos_token_id(tokenizer, config)
     head, sep = ([] if bos is None else [bos]), encode(tokenizer, SEPARATOR)
@@ -51,6 +55,8 @@ def prompted_eif(
         raise ValueError(f"a context plus a sample is {longest} tokens long, longer than the model's context of "
                          f"{config.max_position_embeddings} tokens; shorten the samples")
     packed = packing.prefixed(prefixes, bodies, row_length=row_length)
+    if per_token:
+        return prompted_tokens(apply_fn, params, packed, bodies, head, base, row_length=row_length)
     after = packed_nll(apply_fn, params, packed, progress=progress)
     return jnp.asarray(after.reshape(len(texts), len(evals)) - np.asarray(base, np.float32)[None])
 
