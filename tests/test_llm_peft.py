@@ -26,7 +26,11 @@ def study(tmp_path_factory, tiny_lm_ckpt):
 
 @pytest.mark.slow
 def test_matrices_equal_the_paths_called_directly(study):
-    """LoRA rank 2 == lm.lora_eif with lora.init(key(seed)); dense == the dense jaxeif.eif path (finetuned_eif)."""
+    """LoRA rank 2 == lm.lora_eif with lora.init(key(seed)); dense == the dense jaxeif.eif path (finetuned_eif).
+
+    The study pads each domain to one length over its repeats, so its programs are compiled for other shapes
+    and round the two float32 losses of an entry differently: small entries agree to a few float32 ulps of
+    the losses themselves (8 ulps of the largest), larger ones to rtol."""
     _, out, ckpt, results = study
     apply_fn, params, config = loading.from_pretrained(str(ckpt))
     tok = tokenizer.load_tokenizer(str(ckpt))
@@ -34,8 +38,9 @@ def test_matrices_equal_the_paths_called_directly(study):
     for r in range(2):
         toks = lm.tokenize(tok, [s.text for s in domains.draw(DOMAIN, 3 + r)], config=config)
         lr = results["lr"]["lora2"]
+        ulps = 8 * np.finfo(np.float32).eps * float(np.max(np.abs(lm.nll(apply_fn, params, toks))))
         np.testing.assert_allclose(np.load(out / llm_peft.matrix_key("lora2", DOMAIN, r, lr)),
-                                   lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr), rtol=1e-4, atol=1e-6)
+                                   lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr), rtol=1e-4, atol=ulps)
         lr = results["lr"]["dense"]
         np.testing.assert_allclose(np.load(out / llm_peft.matrix_key("dense", DOMAIN, r, lr)),
                                    lm.finetuned_eif(apply_fn, params, toks, lr=lr), rtol=1e-3, atol=1e-5)
