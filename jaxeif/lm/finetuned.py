@@ -14,11 +14,11 @@ from jaxeif import progress as progress_lib
 from jaxeif.finetune import PyTree
 from jaxeif.lm.dispatch import choose_path
 from jaxeif.lm.loss import NLL, sequence_nll
-from jaxeif.lm.lowrank import RANK_BUCKET, lowrank_sgd_eif
+from jaxeif.lm.lowrank import RANK_BUCKET, decoder_config, lowrank_sgd_eif
 from jaxeif.lm.memory import check_memory, optimizer_states
 from jaxeif.lm.tokens import ApplyFn, Tokens, checked
 from jaxeif.models.lora import Adapters
-from jaxeif.models.phi3 import Phi3Config
+from jaxeif.models.decoder import DecoderConfig
 from jaxeif.packing import round_up
 
 
@@ -34,7 +34,7 @@ def finetuned_eif(
     chunk_size: int | str | None = "auto",
     precision: str = "highest",
     path: str = "auto",
-    config: Phi3Config | None = None,
+    config: DecoderConfig | None = None,
     progress: bool = False,
     memory_budget: float | None = None,
 ) -> jax.Array:
@@ -43,13 +43,15 @@ def finetuned_eif(
     `path`: "auto" picks the faster exact path (`jaxeif.lm.dispatch`: low-rank for one plain SGD step on
     CPU, else dense); "dense" / "lowrank" force one ("lowrank" needs optimizer=None, steps=1).
     `optimizer` None is plain SGD. `chunk_size`: fine-tunes per step ("auto": jaxeif.chunking).
-    `precision`: a jaxeif.precision mode. `config`: the decoder's Phi3Config (default apply_fn.config).
+    `precision`: a jaxeif.precision mode. `config`: the decoder's DecoderConfig (from
+    `loading.from_pretrained`; omitted for a jaxeif decoder, it is taken from the apply_fn with a
+    DeprecationWarning; None for any other model: the dense path, no memory check).
     With a config, a run whose `lm.memory_estimate` exceeds `memory_budget` bytes (default: 3/4 of the free
     device memory) is refused before anything compiles (chunking.MemoryBudgetError, with the estimate).
     """
     progress_lib.check(progress)
     train, evals = checked(apply_fn, params, train, evals)
-    config = getattr(apply_fn, "config", None) if config is None else config
+    config = decoder_config(apply_fn, config)
     chosen = choose_path(path, optimizer=optimizer, steps=steps, backend=jax.default_backend(),
                          longest=int(train.lengths.max()), config=config)
     if config is not None:

@@ -36,10 +36,13 @@ F32 = 4
 
 
 def param_count(config) -> int:
-    """Number of parameters of a Phi-3 / Llama decoder with this config."""
+    """Number of parameters of a decoder with this config (jaxeif.models.decoder: biases, q/k and extra norms)."""
     c = config
     d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    layer = d * (c.num_attention_heads + 2 * c.num_key_value_heads) * hd + c.num_attention_heads * hd * d + 3 * d * f + 2 * d
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd
+    layer = d * qkv + c.num_attention_heads * hd * d + 3 * d * f + len(getattr(c, "norms", ("", ""))) * d
+    layer += qkv if getattr(c, "qkv_bias", False) else 0
+    layer += 2 * hd if getattr(c, "qk_norm", False) else 0
     embed = c.vocab_size * d * (1 if c.tie_word_embeddings else 2)
     return c.num_hidden_layers * layer + embed + d
 
@@ -169,4 +172,4 @@ def _check(config, n, m, *, path, tokens, chunk_size, eval_chunk, optimizer, ste
         raise ValueError(f"`eval_chunk` must be None (all evals at once) or an int >= 1, got {eval_chunk!r}")
     for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "head_dim"):
         if not hasattr(config, name):
-            raise TypeError(f"`config` must be a jaxeif.models.phi3.Phi3Config (no `{name}`), got {type(config).__name__}")
+            raise TypeError(f"`config` must be a jaxeif.models.decoder.DecoderConfig (no `{name}`), got {type(config).__name__}")
