@@ -112,7 +112,8 @@ def test_gguf_logits_match_transformers(tmp_path, arch, gguf_arch, overrides):
     model = arch_checkpoint(tmp_path / "hf", arch, **overrides)
     path = _write_gguf(tmp_path / "m.gguf", model, gguf_arch)
     apply_fn, params, config = loading.from_pretrained(path)
-    assert config.model_type == gguf_arch and config.qkv_bias == (arch == "qwen2") and config.qk_norm == (arch == "qwen3")
+    assert config.model_type == gguf_arch
+    assert config.qkv_bias == (arch == "qwen2") and config.qk_norm == (arch == "qwen3")
     ids = _ids(2, 10, seed=2)
     with torch.no_grad():
         ref = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
@@ -276,7 +277,8 @@ def test_float64_forward_has_no_float32_op(arch):
             assert _float_dtypes(jaxpr) == {jnp.dtype(jnp.float64)}, (arch, dtype, _float_dtypes(jaxpr))
         cos, _ = decoder.rope_tables(config, jnp.arange(9)[None], jnp.float64)
         assert cos.dtype == jnp.float64
-        exact = np.cos(np.arange(9)[:, None] * config.rope_theta ** (-np.arange(0, config.rotary_dim, 2) / config.rotary_dim))
+        rd = config.rotary_dim
+        exact = np.cos(np.arange(9)[:, None] * config.rope_theta ** (-np.arange(0, rd, 2) / rd))
         np.testing.assert_allclose(np.asarray(cos)[0, :, : config.rotary_dim // 2], exact, rtol=0, atol=1e-14)
         # the float64 model agrees with the float32 one to float32 rounding, and is not the same numbers
         l64 = np.asarray(decoder.make_apply_fn(config, jnp.float64)(p64, ids))

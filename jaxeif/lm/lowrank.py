@@ -112,7 +112,8 @@ def zero_taps(config: DecoderConfig, t: int) -> dict:
     for group, name in _LINEARS:
         n_in, n_out = _linear_dims(config, (group, name))
         layers[group][name] = {"out": jnp.zeros((L, 1, t, n_out)), "read": jnp.zeros((L, 1, t, n_in))}
-    return {"model": {"embed_tokens": {"out": jnp.zeros((1, t, d))}, "layers": layers, "norm": {"w": jnp.zeros((1, t, d))}},
+    model = {"embed_tokens": {"out": jnp.zeros((1, t, d))}, "layers": layers, "norm": {"w": jnp.zeros((1, t, d))}}
+    return {"model": model,
             "lm_head": {"out": jnp.zeros((1, t, config.vocab_size)), "read": jnp.zeros((1, t, d))}}
 
 
@@ -289,7 +290,8 @@ def lowrank_sgd_eif(
     vmapped per step ("auto": `_chunk_rows`). `precision`: any jaxeif.precision mode; "difference"
     propagates each eval loss's change from the low-rank factors at zero (jaxeif.difference), so small
     entries keep float32 relative accuracy; "float64" runs everything in float64. `config`: the decoder's
-    DecoderConfig (required; taken from a jaxeif apply_fn with a DeprecationWarning when omitted). `base` (f32[m], the evals' losses before fine-tuning) is
+    DecoderConfig (required; taken from a jaxeif apply_fn with a DeprecationWarning when omitted).
+    `base` (f32[m], the evals' losses before fine-tuning) is
     computed with `nll` when not given (unused in "difference"). `progress`: a bar over fine-tunes.
     """
     return _lowrank_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,

@@ -40,7 +40,8 @@ it are unchanged; the base params are only read, never copied.  A module's entry
 "out" and "read" work on the linears (qkv_proj, o_proj, gate_up_proj, down_proj), on "lm_head"
 (the output projection, tied or not: "read" gives the final hidden states, "out" dL/d(logits before
 soft-capping)) and "out" on embed_tokens (before Gemma's sqrt(hidden) scale).
-`jax.vmap(apply_fn, in_axes=(None, None, None, 0))` runs many deltas over one shared model.  One SGD step on a sample (inputs x_t, output-gradients g_t of a layer) is the
+`jax.vmap(apply_fn, in_axes=(None, None, None, 0))` runs many deltas over one shared model.  One SGD
+step on a sample (inputs x_t, output-gradients g_t of a layer) is the
 delta a = [x_1 .. x_T] (in, T), b = -lr * [g_1 .. g_T]^T (T, out): exact (`jaxeif.lm.lowrank`).
 """
 from __future__ import annotations
@@ -115,7 +116,8 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"DecoderConfig: hidden_act={self.hidden_act!r} is not supported; use one of {ACTIVATIONS}")
+            raise ValueError(f"DecoderConfig: hidden_act={self.hidden_act!r} is not supported; use one of "
+                             f"{ACTIVATIONS}")
         if self.layer_types is not None:
             bad = [t for t in self.layer_types if t not in LAYER_TYPES]
             if len(self.layer_types) != self.num_hidden_layers or bad:
@@ -370,7 +372,8 @@ class Attention(nn.Module):
         c = self.config
         h, kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, t, d = x.shape
-        qkv = Linear((h + 2 * kv) * hd, d, self.dtype, self.scale, c.qkv_bias, name="qkv_proj")(x, _sub(delta, "qkv_proj"))
+        qkv_proj = Linear((h + 2 * kv) * hd, d, self.dtype, self.scale, c.qkv_bias, name="qkv_proj")
+        qkv = qkv_proj(x, _sub(delta, "qkv_proj"))
         q = qkv[..., : h * hd].reshape(b, t, h, hd)
         k = qkv[..., h * hd : (h + kv) * hd].reshape(b, t, kv, hd)
         v = qkv[..., (h + kv) * hd :].reshape(b, t, kv, hd)
@@ -417,8 +420,11 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, scanned, cos, sin, masks):
         delta, sliding = scanned
         c = self.config
-        norm = lambda name: functools.partial(RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name=name),  # noqa: E731
-                                              delta=_sub(delta, name))
+
+        def norm(name):
+            return functools.partial(RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name=name),
+                                     delta=_sub(delta, name))
+
         mask = masks[0] if masks[1] is None else jnp.where(sliding, masks[1], masks[0])
         attn = Attention(c, self.dtype, self.scale, name="self_attn")(norm("input_layernorm")(x), cos, sin, mask,
                                                                       _sub(delta, "self_attn"))

@@ -116,7 +116,8 @@ def _required(cfg: dict, name: str, source: str, kind=int):
     value = cfg[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
             or value <= 0:
-        raise ConfigError(f"{source}: field {name!r} must be a positive {kind.__name__}, got {value!r}; fix it in {source}")
+        raise ConfigError(f"{source}: field {name!r} must be a positive {kind.__name__}, got {value!r}; "
+                          f"fix it in {source}")
     return kind(value)
 
 
@@ -126,7 +127,8 @@ def _optional(cfg: dict, name: str, source: str, default=None, kind=float):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{source}: field {name!r} must be a positive number or null, got {value!r}; fix it in {source}")
+        raise ConfigError(f"{source}: field {name!r} must be a positive number or null, got {value!r}; "
+                          f"fix it in {source}")
     return kind(value)
 
 
@@ -141,7 +143,8 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> DecoderConfig:
         raise ConfigError(f"{source}: model_type={model_type!r} ({_REFUSED[model_type]}) is not supported; supported: "
                           f"{SUPPORTED_ARCHITECTURES} (Gemma 2 is)")
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(f"{source}: unknown architecture model_type={model_type!r}; supported: {SUPPORTED_ARCHITECTURES}")
+        raise ConfigError(f"{source}: unknown architecture model_type={model_type!r}; "
+                          f"supported: {SUPPORTED_ARCHITECTURES}")
     gemma = model_type == "gemma2"
     act = (cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh") if gemma \
         else cfg.get("hidden_act", "silu")
@@ -323,6 +326,9 @@ def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[dict, DecoderConfig]:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{cfg_file}: expected a JSON object of config fields, got {type(cfg).__name__}; "
+                          "re-save the model with save_pretrained")
     config = config_from_hf(cfg, str(cfg_file))
     where: dict[str, Path] = {}
     handles = {}
