@@ -4,6 +4,7 @@ float64 forward, the config passed explicitly (upcast keeps it), and config.json
 import json
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -257,7 +258,7 @@ def _float_dtypes(jaxpr) -> set:
         for v in eqn.outvars:
             if jnp.issubdtype(v.aval.dtype, jnp.floating):
                 found.add(jnp.dtype(v.aval.dtype))
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             found |= _float_dtypes(sub)
     return found
 
