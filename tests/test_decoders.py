@@ -50,6 +50,11 @@ def test_logits_match_transformers(tmp_path, arch):
         assert np.abs(ours).max() <= 3.0  # logits are capped
     if arch == "mistral":
         assert config.sliding_window == 5 and all(config.sliding_layers)
+    if arch in ("mistral", "gemma2"):  # the window matters at this length: without it the logits differ
+        import dataclasses
+
+        unwindowed = decoder.make_apply_fn(dataclasses.replace(config, sliding_window=None, layer_types=None))
+        assert np.abs(np.asarray(unwindowed(params, ids))[0] - ref[0]).max() > 1e-3  # row 0: no padding
 
 
 def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
