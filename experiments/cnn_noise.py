@@ -29,6 +29,10 @@ PAPER = {"symmetry_corr": 0.81, "block_symmetry_corr": 0.9}
 DEFAULT_LR_GRID = tuple(float(x) for x in 10.0 ** np.arange(-6.0, 0.01, 0.5))
 
 
+# options --quick sets itself (jaxeif.cli refuses both together)
+QUICK_OVERRIDES = ("epochs", "per_digit")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the study (defaults reproduce the paper's figure 1)."""
     parser.add_argument("--out", default="results/cnn_noise", help="results folder (resumed if its config matches)")

@@ -78,14 +78,19 @@ def domain_tokens(tok, config, draws: dict, names) -> dict:
 
 
 def cached(run_dir: runs.RunDir, key: str, compute, timings: dict | None = None) -> np.ndarray:
-    """run_dir's f32 matrix `key`, computed (and timed into `timings`, saved as timings.json) when missing."""
-    if not run_dir.has(key):
+    """run_dir's f32 matrix `key` (`RunDir.cached`: checksummed), computed (and timed into `timings`, saved as
+    timings.json) when missing."""
+    def timed() -> np.ndarray:
         wall, cpu = time.time(), time.process_time()
-        run_dir.save_npy(key, np.asarray(compute(), np.float32))
+        out = np.asarray(compute(), np.float32)
         if timings is not None:
             timings[key] = {"wall_s": time.time() - wall, "cpu_s": time.process_time() - cpu}
-            run_dir.save_json(llm_logic.TIMINGS, timings)
-    return run_dir.load_npy(key)
+        return out
+
+    matrix = run_dir.cached(key, timed)
+    if timings is not None and key in timings:
+        run_dir.save_json(llm_logic.TIMINGS, timings)
+    return matrix
 
 
 def eif_fn(method: str, apply_fn, params, config, seed: int):

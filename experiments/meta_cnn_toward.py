@@ -37,6 +37,10 @@ from jaxeif.meta.image_study import Split, split_set
 DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
 
 
+# options --quick sets itself (jaxeif.cli refuses both together)
+QUICK_OVERRIDES = ("per_digit", "heldout_per_digit", "epochs", "meta_steps", "every")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the study."""
     parser.add_argument("--out", default="results/meta_cnn_toward", help="results folder (resumed if its config matches)")

@@ -49,6 +49,10 @@ PROBE_COLS = (0, 4)
 PAD_MULTIPLE = 8
 
 
+# options --quick sets itself (jaxeif.cli refuses both together)
+QUICK_OVERRIDES = ("draws", "heldout_draws", "meta_steps", "every")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the study."""
     parser.add_argument("--model", default=None,

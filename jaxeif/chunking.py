@@ -21,7 +21,12 @@ DEFAULT_FRACTION = 0.75  # of the memory free on the device when the call starts
 
 
 class Chunks(NamedTuple):
-    """rows: fine-tunes vmapped together (None: all); evals: evals per tile (None: all)."""
+    """A layout of the EIF program: how many fine-tunes and evals run at once.
+
+    Attributes:
+        rows: fine-tunes vmapped together (None: all).
+        evals: evals per tile (None: all).
+    """
 
     rows: int | None
     evals: int | None = None
@@ -32,11 +37,26 @@ class MemoryBudgetError(Error, MemoryError):
 
 
 def gib(nbytes: float) -> str:
+    """`nbytes` as a short GiB string ("1.25 GiB") for error messages and reports.
+
+    Args:
+        nbytes: a size in bytes.
+
+    Returns:
+        The size in GiB with two decimals and its unit.
+    """
     return f"{nbytes / 2**30:.2f} GiB"
 
 
 def free_bytes(device: jax.Device | None = None) -> int:
-    """Memory free for new buffers: the device allocator's limit minus what is in use, else the host's available RAM."""
+    """Memory free for new buffers on a device.
+
+    Args:
+        device: the device; None: the first of `jax.devices()`.
+
+    Returns:
+        The allocator's limit minus what is in use on an accelerator, else the host's available RAM, in bytes.
+    """
     device = device or jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
@@ -49,21 +69,47 @@ def free_bytes(device: jax.Device | None = None) -> int:
 
 
 def check_memory_budget(memory_budget: Any) -> None:
-    """ValueError unless `memory_budget` is None or a positive number of bytes."""
+    """Check a `memory_budget=` argument.
+
+    Args:
+        memory_budget: a positive number of bytes, or None (a share of the free memory).
+
+    Raises:
+        ValueError: anything else (a bool, a non-number, a number <= 0).
+    """
     if memory_budget is None:
         return
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
-        raise ValueError(f"`memory_budget` must be a positive number of bytes or None (a fraction of free memory), got {memory_budget!r}")
+        raise ValueError(f"`memory_budget` must be a positive number of bytes or None (a fraction of free memory), "
+                         f"got {memory_budget!r}")
 
 
 def budget_bytes(memory_budget: float | int | None, device: jax.Device | None = None) -> int:
-    """The budget in bytes: `memory_budget` itself, or DEFAULT_FRACTION of the free memory when None."""
+    """The memory budget in bytes.
+
+    Args:
+        memory_budget: bytes, or None for `DEFAULT_FRACTION` of the free memory.
+        device: the device whose free memory counts; None: the first device.
+
+    Returns:
+        The budget in bytes.
+
+    Raises:
+        ValueError: `memory_budget` is not None or a positive number.
+    """
     check_memory_budget(memory_budget)
     return int(DEFAULT_FRACTION * free_bytes(device)) if memory_budget is None else int(memory_budget)
 
 
 def program_bytes(compiled: Any) -> int:
-    """Peak memory of a compiled program from XLA's analysis: arguments + outputs + temporaries."""
+    """Peak memory of a compiled program from XLA's own analysis: arguments + outputs + temporaries - aliased.
+
+    Args:
+        compiled: a compiled JAX program (`jax.jit(f).lower(...).compile()`).
+
+    Returns:
+        Bytes; 0 when the backend gives no analysis.
+    """
     ma = compiled.memory_analysis()
     if ma is None:
         return 0
@@ -71,6 +117,15 @@ def program_bytes(compiled: Any) -> int:
 
 
 def check_chunk_size(chunk_size: Any) -> None:
+    """Check a `chunk_size=` argument before anything compiles.
+
+    Args:
+        chunk_size: "auto" (rows per step from XLA's memory analysis), None (all rows at once) or an int >= 1.
+
+    Raises:
+        TypeError: `chunk_size` is neither "auto", None nor an int (a bool is refused too).
+        ValueError: `chunk_size` is an int below 1.
+    """
     if chunk_size is None or chunk_size == "auto":
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
@@ -92,9 +147,24 @@ def choose(
     budget: int,
     accelerator: bool,
 ) -> tuple[Chunks, Any, int]:
-    """(chunks, compiled program, its estimated bytes) for the fastest layout within `budget`.
+    """The fastest layout within `budget`, compiled.
 
-    `compile_at(chunks)` compiles the EIF program at that layout and returns (program, bytes).
+    One fine-tune at a time over all evals first; if that does not fit, the evals are tiled (halved until it
+    fits). On an accelerator with all evals at once, the most rows that fit are vmapped together (each
+    candidate is compiled and measured by XLA's memory analysis).
+
+    Args:
+        compile_at: `compile_at(chunks) -> (program, bytes)` compiles the EIF program at a layout.
+        n: train rows.
+        m: evals.
+        budget: bytes the program may use.
+        accelerator: whether to try more than one row at once.
+
+    Returns:
+        (chunks, compiled program, its estimated bytes).
+
+    Raises:
+        MemoryBudgetError: one fine-tune against one eval does not fit.
     """
     evals = m
     program, used = compile_at(Chunks(1, evals))
@@ -121,6 +191,13 @@ def choose(
 
 
 def out_of_memory(error: BaseException) -> bool:
-    """Whether an XLA runtime error is an allocation failure."""
+    """Whether an XLA runtime error is an allocation failure (so it can be re-raised as `MemoryBudgetError`).
+
+    Args:
+        error: the exception XLA raised.
+
+    Returns:
+        True for an out-of-memory error.
+    """
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text

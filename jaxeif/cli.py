@@ -13,6 +13,7 @@ import sys
 import types
 from typing import Any, Sequence
 
+from jaxeif import compile_cache
 from jaxeif.checks import NonFiniteInfluenceError
 from jaxeif.errors import Error
 
@@ -163,9 +164,39 @@ def _guarded(fn, *args: Any) -> int:
 
 
 def _run_module(module: types.ModuleType, argv: Sequence[str], prog: str) -> int:
-    args = module_parser(module, prog).parse_args(list(argv))
+    parser = module_parser(module, prog)
+    args = parser.parse_args(list(argv))
+    check_quick_overrides(parser, args, list(argv), getattr(module, "QUICK_OVERRIDES", ()))
+    compile_cache.enable()  # on disk ($JAXEIF_COMPILE_CACHE, default ~/.cache/jaxeif/xla): a rerun skips compiling
     _report(module.run(args))
     return 0
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The `dest` names of the options given on the command line `argv` (not left at their defaults)."""
+    unset = object()
+    saved = {action: action.default for action in parser._actions}
+    try:
+        for action in saved:
+            action.default = unset
+        ns, _ = parser.parse_known_args(list(argv))
+    finally:
+        for action, default in saved.items():
+            action.default = default
+    return {name for name, value in vars(ns).items() if value is not unset}
+
+
+def check_quick_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str],
+                          overrides: Sequence[str]) -> None:
+    """UsageError when `--quick` is combined with options it sets itself (`overrides`: their dest names),
+    which would otherwise be replaced without a word."""
+    if not overrides or not getattr(args, "quick", False):
+        return
+    clash = sorted(explicit_options(parser, argv) & set(overrides))
+    if clash:
+        flags = ", ".join("--" + name.replace("_", "-") for name in clash)
+        raise UsageError(f"--quick sets {flags} itself, so the value given would be ignored; drop {flags} or drop "
+                         f"--quick (see `{parser.prog} --help`)")
 
 
 def _main(argv: Sequence[str]) -> int:

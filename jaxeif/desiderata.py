@@ -50,13 +50,38 @@ def _masked_corr(x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def symmetry_corr(M, *, include_diagonal: bool = False) -> jax.Array:
-    """corr(M, M^T) over the off-diagonal entries: 1 for a symmetric matrix, -1 for an antisymmetric one."""
+    """corr(M, M^T) over the off-diagonal entries: 1 for a symmetric matrix, -1 for an antisymmetric one.
+
+    Scale-free, so matrices of different size (different lr) compare directly.
+
+    Args:
+        M: f32[n, n] influence matrix.
+        include_diagonal: count the diagonal too.
+
+    Returns:
+        f32 scalar in [-1, 1] (nan when M is constant off the diagonal).
+
+    Raises:
+        ValueError: M is not square.
+    """
     M = _square(M)
     return _masked_corr(M, M.T, _mask(M.shape[0], include_diagonal))
 
 
 def block_symmetry_corr(M, labels, *, include_diagonal: bool = False) -> jax.Array:
-    """corr(M, M^T) pooled over the diagonal blocks: entries (i, j) with labels[i] == labels[j]."""
+    """corr(M, M^T) pooled over the diagonal blocks: entries (i, j) with labels[i] == labels[j].
+
+    Args:
+        M: f32[n, n] influence matrix.
+        labels: int[n] label per sample.
+        include_diagonal: count the diagonal too.
+
+    Returns:
+        f32 scalar in [-1, 1].
+
+    Raises:
+        ValueError: M is not square or `labels` has the wrong length.
+    """
     M = _square(M)
     labels = _labels(labels, M.shape[0])
     same = labels[:, None] == labels[None, :]
@@ -64,16 +89,40 @@ def block_symmetry_corr(M, labels, *, include_diagonal: bool = False) -> jax.Arr
 
 
 def inverse_asymmetry(M) -> jax.Array:
-    """1 / ||M - M^T||_F (the paper's symmetry score; higher = more symmetric, inf if symmetric).
+    """1 / ||M - M^T||_F, the paper's symmetry score: higher = more symmetric, inf when symmetric.
 
-    Not scale-free: multiplying M by c divides it by c. Compare matrices of similar scale only.
+    Not scale-free: multiplying M by c divides it by c, so compare matrices of similar scale only
+    (`symmetry_corr` is the scale-free form).
+
+    Args:
+        M: f32[n, n] influence matrix.
+
+    Returns:
+        f32 scalar > 0.
+
+    Raises:
+        ValueError: M is not square.
     """
     M = _square(M)
     return 1.0 / jnp.sqrt(jnp.sum((M - M.T) ** 2))
 
 
 def within_between(M, labels, *, include_diagonal: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(mean of M over same-label pairs, mean over different-label pairs); diagonal excluded by default."""
+    """(mean of M over same-label pairs, mean over different-label pairs).
+
+    Negative within = the class was learned; positive between = other classes were unlearned.
+
+    Args:
+        M: f32[n, n] influence matrix.
+        labels: int[n] label per sample.
+        include_diagonal: count self-influence among the same-label pairs.
+
+    Returns:
+        (within, between): two f32 scalars.
+
+    Raises:
+        ValueError: M is not square or `labels` has the wrong length.
+    """
     M = _square(M)
     labels = _labels(labels, M.shape[0])
     same = labels[:, None] == labels[None, :]
@@ -83,10 +132,21 @@ def within_between(M, labels, *, include_diagonal: bool = False) -> tuple[jax.Ar
 
 
 def noise_influence(M, clean_idx, noisy_idx) -> jax.Array:
-    """EIF_noise rows f32[k, m]: M[noisy_idx[k]] - M[clean_idx[k]] (eq. 5-6 of the paper).
+    """EIF_noise rows: M[noisy_idx[k]] - M[clean_idx[k]] (eq. 5-6 of the paper).
 
-    With M in loss units (after minus before), positive entries mean the noisy copy taught
-    sample j less than the clean copy did: the desired direction.
+    With M in loss units (after minus before), positive entries mean the noisy copy taught sample j less
+    than the clean copy did: the desired direction.
+
+    Args:
+        M: f32[n, m] influence matrix.
+        clean_idx: int[k] rows of the clean samples.
+        noisy_idx: int[k] rows of their noisy copies, paired one to one with `clean_idx`.
+
+    Returns:
+        f32[k, m].
+
+    Raises:
+        ValueError: M is not 2-d, or the index arrays are not 1-d, differ in length or leave M's rows.
     """
     M = jnp.asarray(M)
     if M.ndim != 2:
@@ -103,10 +163,20 @@ def noise_influence(M, clean_idx, noisy_idx) -> jax.Array:
 
 
 def sparsity(M, *, include_diagonal: bool = False) -> jax.Array:
-    """Hoyer sparsity of |M| in [0, 1]: 0 when all entries have equal magnitude, 1 when one entry is nonzero.
+    """Hoyer sparsity of |M|: 0 when all entries have equal magnitude, 1 when one entry is nonzero.
 
-    (sqrt(k) - ||x||_1 / ||x||_2) / (sqrt(k) - 1) over the k counted entries; scale-free and
-    differentiable (nan for an all-zero matrix). Non-square M is allowed when include_diagonal.
+    (sqrt(k) - ||x||_1 / ||x||_2) / (sqrt(k) - 1) over the k counted entries; scale-free and differentiable
+    (nan for an all-zero matrix).
+
+    Args:
+        M: f32[n, m] influence matrix.
+        include_diagonal: count the diagonal too; a non-square M needs True.
+
+    Returns:
+        f32 scalar in [0, 1].
+
+    Raises:
+        ValueError: M is not 2-d, or not square while `include_diagonal` is False.
     """
     M = jnp.asarray(M)
     if M.ndim != 2:
@@ -120,9 +190,22 @@ def sparsity(M, *, include_diagonal: bool = False) -> jax.Array:
 
 
 def sign_shares(M, labels, *, floor=None, include_diagonal: bool = False) -> dict[str, jax.Array]:
-    """Sign counts that rounding cannot fake: among pairs with |M| > floor (f[n, n] or a scalar,
-    e.g. from `jaxeif.noise_floor`; None counts all), the share of same-label pairs learned (M < 0)
-    and of different-label pairs unlearned (M > 0), and the share of pairs the floor excluded."""
+    """Sign counts that rounding cannot fake, among pairs with |M| above a noise floor.
+
+    Args:
+        M: f32[n, n] influence matrix.
+        labels: int[n] label per sample.
+        floor: f[n, n] or a scalar, e.g. from `jaxeif.noise_floor`; None counts every pair.
+        include_diagonal: count the diagonal too.
+
+    Returns:
+        {"within_learned": share of counted same-label pairs with M < 0, "between_unlearned": share of counted
+        different-label pairs with M > 0, "excluded": share of pairs the floor left out}; nan where nothing
+        is counted.
+
+    Raises:
+        ValueError: M is not square or `labels` has the wrong length.
+    """
     M = _square(M)
     labels = _labels(labels, M.shape[0])
     counted = _mask(M.shape[0], include_diagonal)
@@ -137,9 +220,19 @@ def sign_shares(M, labels, *, floor=None, include_diagonal: bool = False) -> dic
 
 
 def probe_scores(matrices: np.ndarray, probes) -> list[dict]:
-    """Per probe (`jaxeif.data.domains.ProbeRows`: train row, implied and not-implied columns): the log-prob gain of
-    implied minus not implied (= M[i, not] - M[i, implied]) over repeats, matrices f[repeats, n, m]. A host-side
-    summary for a results file (numpy, not differentiable), unlike the metrics above."""
+    """Per logic probe, the log-prob gain of the implied statement minus the not-implied one, over repeats.
+
+    The gain is M[i, not_implied] - M[i, implied]. A host-side summary for a results file (numpy, not
+    differentiable), unlike the metrics above.
+
+    Args:
+        matrices: f[repeats, n, m] influence matrices of the repeats.
+        probes: `jaxeif.data.domains.ProbeRows` (train row, implied and not-implied columns, why).
+
+    Returns:
+        One dict per probe: its rows and reason, the gain's mean and std over repeats, the share of repeats in
+        the right direction (gain > 0) and the gain per repeat.
+    """
     out = []
     for p in probes:
         diffs = matrices[:, p.train, p.not_implied] - matrices[:, p.train, p.implied]

@@ -42,17 +42,33 @@ Slot = Any  # float values: the difference (None: zero); integer/bool values: th
 
 
 class UnsupportedPrimitiveError(Error, NotImplementedError):
-    """f uses a primitive that has no difference rule (or uses it in an unsupported way)."""
+    """The function uses a primitive that has no difference rule, or uses it in an unsupported way.
+
+    The message names the primitive; `supported_primitives()` lists those with a rule.
+    """
 
 
 # ----------------------------------------------------------------------------- public API
 def propagate(f: Callable, primals: Sequence[PyTree], deltas: Sequence[PyTree | None]) -> PyTree:
     """f(*(p + d)) - f(*p), computed by propagating the differences d through the jaxpr of f.
 
-    `primals` and `deltas` are tuples of pytrees of the same structure; a delta (or any leaf of one)
-    may be None for an unchanged argument. Integer leaves of a delta are added to the primal exactly;
-    integer outputs give new - old, boolean outputs new != old.
-    Jittable, vmappable and differentiable in primals and deltas.
+    No two outputs are subtracted: each intermediate carries its base value and its change, with one exact
+    rule per primitive, so a tiny change keeps the dtype's relative accuracy. Jittable, vmappable and
+    differentiable in primals and deltas.
+
+    Args:
+        f: a JAX-traceable function.
+        primals: its arguments p, a tuple of pytrees.
+        deltas: one change per argument, same structure as its primal; None (or a None leaf) leaves it
+            unchanged. Integer leaves are added to the primal exactly.
+
+    Returns:
+        The change of every output: float outputs their difference, integer outputs new - old, boolean
+        outputs new != old.
+
+    Raises:
+        ValueError: `primals` and `deltas` differ in length or structure.
+        UnsupportedPrimitiveError: f uses a primitive without a rule.
     """
     primals, deltas = tuple(primals), tuple(deltas)
     if len(primals) != len(deltas):
@@ -72,15 +88,32 @@ def propagate(f: Callable, primals: Sequence[PyTree], deltas: Sequence[PyTree | 
 
 
 def loss_difference(loss_fn: Callable, params: PyTree, delta: PyTree, example: PyTree) -> jax.Array:
-    """loss_fn(params + delta, example) - loss_fn(params, example) to the relative accuracy of the dtype.
+    """loss_fn(params + delta, example) - loss_fn(params, example), to the relative accuracy of the dtype.
 
-    Vmappable over delta (rows) and example (evals), jittable, differentiable in delta and params.
+    What `precision="difference"` computes per entry of the EIF. Vmappable over delta (rows) and example
+    (evals), jittable, differentiable in delta and params.
+
+    Args:
+        loss_fn: `loss_fn(params, example) -> scalar`.
+        params: the base params.
+        delta: the change of the params (e.g. a fine-tune's summed updates), same structure.
+        example: one example.
+
+    Returns:
+        f32[] (the loss's dtype) the change of the loss.
+
+    Raises:
+        UnsupportedPrimitiveError: loss_fn uses a primitive without a rule.
     """
     return propagate(loss_fn, (params, example), (delta, None))
 
 
 def supported_primitives() -> list[str]:
-    """Names of the primitives with a difference rule."""
+    """Names of the primitives with a difference rule.
+
+    Returns:
+        Sorted primitive names.
+    """
     return sorted(set(_RULES) | set(_CALLS))
 
 

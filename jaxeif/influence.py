@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxeif import checks, chunking
+from jaxeif import checks, chunking, sanity
 from jaxeif import precision as precision_lib
 from jaxeif import progress as progress_lib
 from jaxeif.chunking import Chunks
@@ -41,6 +41,14 @@ def eif(
     `precision`: see jaxeif.precision; `progress`: a bar of finished rows (jaxeif.progress).
     Jittable, differentiable in lr and params. Raises `NonFiniteInfluenceError` naming diverged
     rows (warns when traced).
+
+    Caching (docs/caching.md): the compiled program is reused for inputs of the same shapes, dtypes and
+    options, and recompiled when what `loss_fn` reads changes (its code, closure, attributes, the
+    module-level values it names: `jaxeif.sanity.loss_version`). Arrays `loss_fn` closes over are
+    compiled in as constants; bind them with `jax.tree_util.Partial(fn, arrays)` to pass them as inputs.
+    A loss closing over a value traced by an enclosing jax.grad/jit is refused (TypeError; use a
+    Partial). Warns (RuntimeWarning) when low-precision updates round away entirely, and in
+    precision="float64" when the loss computes something else with x64 enabled.
     """
     evals, n, lr = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
                             chunk_size=chunk_size, progress=progress)
@@ -115,6 +123,7 @@ def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size,
     chunking.check_chunk_size(chunk_size)
     if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}")
+    checks.model_inputs(params, loss_fn)  # framework state and non-array leaves, before any dtype is asked
     checks.float_params(params)
     checks.finite("params", params)
     checks.finite("train", train)
@@ -179,10 +188,11 @@ def split_loss(loss_fn) -> tuple[Any, list]:
 
 
 def _program(params, train, evals, lrs, loss_inputs=(), *, loss_fn, steps, optimizer, chunks: Chunks,
-             difference: bool = False, progress: bool = False):
+             difference: bool = False, progress: bool = False, loss_version: str | None = None):
     """f32[k, n, m]: every row's k fine-tunes against every eval. Each row is rematerialised in
     the backward pass (jax.checkpoint), so reverse mode keeps about one chunk of rows in memory.
-    With `progress`, each finished row ticks the open bar (jaxeif.progress)."""
+    With `progress`, each finished row ticks the open bar (jaxeif.progress). `loss_version` (unused in the
+    body) keys the compiled program on what loss_fn reads (jaxeif.sanity.loss_version)."""
     if isinstance(loss_fn, jax.tree_util.PyTreeDef):  # split_loss's static part: bind the inputs again
         loss_fn = jax.tree.unflatten(loss_fn, loss_inputs)
     base = None if difference else _losses(loss_fn, params, evals, chunks.evals)
@@ -207,7 +217,7 @@ def _program(params, train, evals, lrs, loss_inputs=(), *, loss_fn, steps, optim
     return jnp.moveaxis(out, 0, 1)
 
 
-_STATIC = ("loss_fn", "steps", "optimizer", "chunks", "difference", "progress")
+_STATIC = ("loss_fn", "steps", "optimizer", "chunks", "difference", "progress", "loss_version")
 _jitted_program = jax.jit(_program, static_argnames=_STATIC)
 _CACHE: collections.OrderedDict = collections.OrderedDict()  # (call signature) -> (chunks, compiled, bytes)
 _CACHE_SIZE = 16
@@ -225,6 +235,7 @@ def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size
             chunks, _, _ = plan(args, static, chunk_size, memory_budget, precision, traced=True)
             out = _program(*args, chunks=chunks, **static)
         else:
+            _meaningful(loss_fn, params, train, lrs, optimizer, precision)
             args = jax.tree.map(jnp.asarray, args)
             chunks, compiled, nbytes = plan(args, static, chunk_size, memory_budget, precision)
             try:
@@ -242,6 +253,15 @@ def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size
                                               chunk_size=chunk_size, precision=precision, progress=False,
                                               memory_budget=memory_budget)
         return result_dtype(out, precision)
+
+
+def _meaningful(loss_fn, params, train, lrs, optimizer, precision: str) -> None:
+    """jaxeif.sanity's checks before a compiled (untraced) call: a loss closing over a tracer is refused;
+    updates that round away in the params' dtype, and a loss that float64 mode changes, are warned of."""
+    sanity.closed_over_tracer(loss_fn)
+    sanity.warn_if_updates_round_away(loss_fn, params, train, lrs, optimizer, precision)
+    if precision == "float64":
+        sanity.warn_if_float64_differs(loss_fn, params, jax.tree.map(lambda x: x[0], train))
 
 
 def _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, *, precision: str, **kwargs) -> jax.Array:
@@ -268,7 +288,7 @@ def _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, *, precisio
 def program_static(loss_fn, steps: int, optimizer, precision: str, progress: bool = False) -> dict:
     """The static arguments of `_program` for a checked precision mode (loss_fn: split_loss's static part)."""
     return dict(loss_fn=split_loss(loss_fn)[0], steps=steps, optimizer=optimizer, difference=precision_lib.propagates_difference(precision),
-                progress=progress)
+                progress=progress, loss_version=sanity.loss_version(loss_fn))
 
 
 def result_dtype(out: jax.Array, precision: str) -> jax.Array:

@@ -2,39 +2,116 @@
 
 A write goes to a temp file (or folder) beside its target and is renamed into place when complete,
 so a reader sees the old content or the new, never half of it; a process killed mid-write leaves a
-`.NAME.*.tmp` behind, which never looks complete (`RunDir.open` removes them).
+`.NAME.<16 hex>.draft.tmp` behind, which never looks complete (`RunDir.open` removes them, and only them).
+A file is read back and compared with what was meant (size and sha256) before its rename.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import io as stdio
 import json
 import os
 import pathlib
+import re
+import secrets
 import shutil
-import tempfile
 from typing import Any, Iterator
 
 import jax
 import numpy as np
 
+from jaxeif.errors import Error
+
 
 # ----------------------------------------------------------------------------- atomic files and folders
-@contextlib.contextmanager
-def atomic_file(path: os.PathLike | str, mode: str = "wb") -> Iterator[Any]:
-    """Open a temp file beside `path`; on success fsync and os.replace it into place."""
+DRAFT_SUFFIX = ".draft.tmp"
+_DRAFT = re.compile(r"^\..+\.[0-9a-f]{16}" + re.escape(DRAFT_SUFFIX) + "$")
+
+
+class WriteError(Error, OSError):
+    """A file could not be written in full (disk full, file-size limit, ...); the previous file is intact."""
+
+
+def is_draft(name: str) -> bool:
+    """Whether a file name is one of jaxeif's temp files (`.NAME.<16 hex>.draft.tmp`), never a user's file."""
+    return bool(_DRAFT.match(name))
+
+
+def sha256_bytes(data: bytes) -> str:
+    """The sha256 of `data` as hex (what `write_atomic` returns and a RunDir's manifest records)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: os.PathLike | str) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def _write_error(path: pathlib.Path, nbytes: int, e: OSError) -> WriteError:
+    """A WriteError naming the file, the bytes it needed and the fix for the OS's reason."""
+    fixes = {errno.ENOSPC: "free space on that file system or write elsewhere (--out)",
+             errno.EDQUOT: "free space within your disk quota or write elsewhere (--out)",
+             errno.EFBIG: "raise the file-size limit (`ulimit -f unlimited`) or write elsewhere (--out)",
+             errno.EACCES: "make the folder writable or write elsewhere (--out)",
+             errno.EROFS: "the file system is read-only; write elsewhere (--out)"}
+    fix = fixes.get(e.errno, "check the folder and the file system, then run the same command again")
+    err = WriteError(e.errno or errno.EIO, f"could not write {path} ({e.strerror or e}): {nbytes} bytes needed; "
+                     f"{fix}. The previous {path.name}, if any, is unchanged")
+    return err
+
+
+def write_atomic(path: os.PathLike | str, data: bytes) -> str:
+    """Write `data` to `path` through a draft file beside it; returns its sha256.
+
+    The draft is created with mode 0o666 less the umask (as any program's files), written in full,
+    fsynced, read back and compared (size and sha256) before it is renamed into place, so a short
+    write (file-size limit, full disk) never replaces the previous file. Raises WriteError naming the
+    file, the bytes needed and the fix."""
     path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    data = bytes(data)
+    expected = sha256_bytes(data)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}{DRAFT_SUFFIX}"
     try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        size = os.stat(tmp).st_size
+        if size != len(data) or sha256_file(tmp) != expected:
+            raise WriteError(errno.EIO, f"{path} read back as {size} bytes that differ from the {len(data)} "
+                             "written (a full disk or a failing file system); free space or write elsewhere (--out)."
+                             f" The previous {path.name}, if any, is unchanged")
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise _write_error(path, len(data), e) from None
         raise
     _fsync_dir(path.parent)
+    return expected
+
+
+@contextlib.contextmanager
+def atomic_file(path: os.PathLike | str, mode: str = "wb") -> Iterator[Any]:
+    """A buffer to fill; on success its content is written to `path` by `write_atomic` (verified, then
+    renamed into place). `mode` "wb" gives a binary buffer, "w" a text one (UTF-8)."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_file writes whole files: mode must be 'wb' or 'w', got {mode!r}")
+    buffer = stdio.BytesIO() if mode == "wb" else stdio.StringIO()
+    yield buffer
+    data = buffer.getvalue()
+    write_atomic(path, data if mode == "wb" else data.encode("utf-8"))
 
 
 def _fsync_dir(folder: pathlib.Path) -> None:
@@ -52,7 +129,8 @@ def atomic_dir(target: os.PathLike | str) -> Iterator[pathlib.Path]:
     writer got there first (`target` exists), its folder is kept and this one dropped."""
     target = pathlib.Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}{DRAFT_SUFFIX}"
+    tmp.mkdir()  # 0o777 less the umask, as any program's folders
     try:
         yield tmp
         os.replace(tmp, target)
@@ -99,9 +177,7 @@ def json_text(obj: Any, where: str = "value") -> str:
 def save_json(path: os.PathLike | str, obj: Any, where: str | None = None) -> pathlib.Path:
     """Write `obj` as JSON to `path` atomically; a TypeError names the key that cannot be saved."""
     path = pathlib.Path(path)
-    text = json_text(obj, path.name if where is None else where)
-    with atomic_file(path, "w") as fh:
-        fh.write(text)
+    write_atomic(path, json_text(obj, path.name if where is None else where).encode("utf-8"))
     return path
 
 

@@ -100,11 +100,30 @@ def _runs(good: np.ndarray) -> list[tuple[int, int]]:
 
 def summarise(lrs: Sequence[float], matrices: Sequence, *, threshold: float,
               rule: str = "middle_of_longest_plateau") -> LrSweep:
-    """The sweep of EIF `matrices` (one per lr of `lrs`, increasing; each a matrix or a list pooled): magnitudes,
-    neighbour agreements and the lr the rule chooses."""
+    """The sweep of EIF `matrices` (one per lr of `lrs`; each a matrix or a list pooled): magnitudes,
+    neighbour agreements and the lr the rule chooses. The pairs are sorted by lr first (agreement is between
+    neighbouring rates), so any order of the grid gives the sorted grid's choice; repeated rates are refused."""
+    lrs, matrices = _sorted_grid(lrs, matrices)
     agree = np.array([agreement(prev, cur) for prev, cur in zip([None, *matrices[:-1]], matrices)])
     return LrSweep(np.asarray(lrs, dtype=float), np.array([magnitude(M) for M in matrices]), agree, 1.0 - agree,
                    choose_lr(lrs, agree, threshold, rule=rule), threshold, rule)
+
+
+def _sorted_grid(lrs: Sequence[float], matrices: Sequence) -> tuple[np.ndarray, list]:
+    """(lrs ascending, matrices in the same order), after checking the grid: finite, > 0, distinct, one matrix
+    per rate."""
+    lrs = np.asarray(lrs, dtype=float)
+    if lrs.ndim != 1 or len(lrs) != len(matrices):
+        raise ValueError(f"`lrs` ({lrs.shape}) and `matrices` ({len(matrices)}) must pair up: one matrix per lr")
+    bad = np.flatnonzero(~np.isfinite(lrs) | (lrs <= 0))
+    if bad.size:
+        raise ValueError(f"`lrs[{bad[0]}]` is {lrs[bad[0]]}; every learning rate must be finite and > 0")
+    order = np.argsort(lrs, kind="stable")
+    lrs = lrs[order]
+    repeated = np.flatnonzero(np.diff(lrs) == 0)
+    if repeated.size:
+        raise ValueError(f"`lrs` holds {lrs[repeated[0]]} twice; pass each learning rate once")
+    return lrs, [matrices[i] for i in order]
 
 
 def lr_sweep(eif_at: Callable[[float], np.ndarray], lrs: Sequence[float], *, threshold: float = 0.95,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxeif import influence
+from jaxeif import checks, influence
 from jaxeif import precision as precision_lib
 from jaxeif.finetune import LossFn, PyTree
 
@@ -42,10 +42,9 @@ def noise_floor(
     evals, n, lr = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
                                       chunk_size=chunk_size)
     precision = precision_lib.check(precision)
-    if not (isinstance(samples, int) and samples >= 1):
+    if isinstance(samples, bool) or not (isinstance(samples, int) and samples >= 1):
         raise ValueError(f"`samples` must be an int >= 1 (train rows compared with float64), got {samples!r}")
-    if not sigmas > 0:
-        raise ValueError(f"`sigmas` must be > 0, got {sigmas!r}")
+    sigmas = checks.positive_real("sigmas", sigmas)
     rows = np.unique(np.round(np.linspace(0, n - 1, min(samples, n))).astype(int))
     sub = jax.tree.map(lambda x: x[rows], train)
     sub_lr = lr if jnp.ndim(lr) == 0 else lr[rows]

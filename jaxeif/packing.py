@@ -18,8 +18,15 @@ import numpy as np
 
 
 class Piece(NamedTuple):
-    """ids: the tokens; score[k]: weight of -log p(ids[k]) in group `group`'s loss (ids[0] is predicted
-    by the parent's last token, or by nothing: then score[0] must be 0); parent: index of the prefix piece."""
+    """One token sequence to pack, optionally continuing a prefix piece.
+
+    Attributes:
+        ids: the tokens.
+        score: weight of -log p(ids[k]) in group `group`'s loss, one per token. ids[0] is predicted by the
+            parent's last token, or by nothing (no parent: then score[0] must be 0).
+        group: the output (loss) this piece's scored tokens count toward.
+        parent: index of the prefix piece, a root listed before this one; None: no prefix.
+    """
 
     ids: Sequence[int]
     score: Sequence[float]
@@ -28,7 +35,19 @@ class Piece(NamedTuple):
 
 
 class Packed(NamedTuple):
-    """Rows of packed pieces. Token arrays [r, t]; slot arrays [r, t] (a row has at most t scored tokens)."""
+    """Rows of packed pieces: token arrays and slot arrays of shape [r, t] (a row has at most t scored tokens).
+
+    Attributes:
+        ids: int32[r, t] tokens.
+        positions: int32[r, t] rotary position of each token within its chain (parent + piece).
+        visible: bool[r, t, t] key k visible to query q (block attention).
+        at: int32[r, t] the index whose logits predict each slot's token.
+        target: int32[r, t] each slot's token.
+        weight: f32[r, t] each slot's weight (0: empty slot).
+        group: int32[r, t] the output each slot counts toward.
+        spans: int32[pieces, 3] (row, start, length) of every piece.
+        groups: number of outputs.
+    """
 
     ids: np.ndarray  # int32[r, t]
     positions: np.ndarray  # int32[r, t] rotary position of each token within its chain
@@ -42,7 +61,15 @@ class Packed(NamedTuple):
 
 
 def round_up(n: int, multiple: int) -> int:
-    """The smallest multiple of `multiple` that is >= n."""
+    """The smallest multiple of `multiple` that is >= n.
+
+    Args:
+        n: the number to round.
+        multiple: the step, >= 1.
+
+    Returns:
+        The rounded number.
+    """
     return -(-int(n) // int(multiple)) * int(multiple)
 
 
@@ -68,10 +95,24 @@ def _families(pieces: Sequence[Piece]) -> list[tuple[int, list[int]]]:
 
 
 def pack(pieces: Sequence[Piece], *, row_length: int = 512, multiple: int = 32) -> Packed:
-    """Pack pieces first-fit, in order, into rows of at most `row_length` tokens (a family longer than
-    that is split into copies of its root, each with some children, when the root is unscored; a
-    single root + child longer than `row_length` gets a row of its own). Rows are padded to the
-    longest row rounded up to `multiple`."""
+    """Pack pieces first-fit, in order, into rows of at most `row_length` tokens.
+
+    A family (a root and its children) longer than `row_length` is split into copies of its root, each with
+    some children, when the root is unscored; a single root + child longer than `row_length` gets a row of
+    its own. Rows are padded to the longest row rounded up to `multiple` (fewer distinct shapes to compile).
+
+    Args:
+        pieces: the pieces; a parent must be a root listed before its children.
+        row_length: the most tokens per row.
+        multiple: rounding of the padded row length.
+
+    Returns:
+        The packed rows.
+
+    Raises:
+        ValueError: no pieces, an empty piece, scores and tokens of different lengths, a first token scored
+            with nothing to predict it, or a parent that is not an earlier root.
+    """
     if not pieces:
         raise ValueError("nothing to pack: pass at least one piece")
     units = []  # (root, children) that must share a row
@@ -144,14 +185,35 @@ def _layout(pieces, rows, t: int) -> Packed:
 
 
 def samples(ids: np.ndarray, lengths: np.ndarray, score: np.ndarray, **kwargs) -> Packed:
-    """Independent samples (right-padded rows of `ids`/`score`, true `lengths`), group k = sample k."""
+    """Independent samples packed into rows; group k is sample k.
+
+    Args:
+        ids: int[n, t] right-padded token ids.
+        lengths: int[n] true length of each sample.
+        score: f[n, t] weight of each token's -log p (0 at position 0 and on padding).
+        **kwargs: `row_length` and `multiple` of `pack`.
+
+    Returns:
+        The packed rows.
+    """
     pieces = [Piece(ids[k, :n].tolist(), score[k, :n].tolist(), k) for k, n in enumerate(np.asarray(lengths))]
     return pack(pieces, **kwargs)
 
 
 def prefixed(prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], **kwargs) -> Packed:
-    """Every continuation j after every prefix i, all continuation tokens scored, group i * m + j
-    (prefix tokens unscored and computed once per prefix)."""
+    """Every continuation j after every prefix i, packed; group i * m + j.
+
+    Prefix tokens are unscored and computed once per prefix; every continuation token is scored. This is
+    the prompted EIF's layout: m continuations share each prompt.
+
+    Args:
+        prefixes: the n prefixes' token ids.
+        continuations: the m continuations' token ids.
+        **kwargs: `row_length` and `multiple` of `pack`.
+
+    Returns:
+        The packed rows, n * m groups.
+    """
     m = len(continuations)
     pieces = []
     for i, pre in enumerate(prefixes):

@@ -56,12 +56,29 @@ def heatmap(
     diagonal: bool = True,
     row_label: str = "fine-tuned on sample i",
 ):
-    """Heatmap of M[i, j] (rows: fine-tuned on i, or `row_label`; columns: evaluated on j); returns the Figure.
+    """Heatmap of M[i, j] (rows: fine-tuned on i; columns: evaluated on j) with block lines and run labels.
 
-    boundaries / major_boundaries: indices where thin / thick block lines go. labels: one per row,
-    shown once per run of equal labels (e.g. digits); groups: one per row, an outer label per run
-    (e.g. noise level). Colours are symmetric about 0 and clipped at the `clip_percentile` of |M|
-    off the diagonal (the colour bar says so); diagonal=False greys out self-influence.
+    Colours are symmetric about 0 and clipped at the `clip_percentile` of |M| off the diagonal (the colour
+    bar says so); "learned" is blue whichever `sign` is shown.
+
+    Args:
+        M: f[n, m] influence matrix.
+        ax: a matplotlib Axes to draw into; None: a new Figure.
+        boundaries: indices where thin block lines go.
+        major_boundaries: indices where thick block lines go.
+        labels: one label per row, shown once per run of equal labels (e.g. digits).
+        groups: one outer label per row, shown once per run (e.g. noise level).
+        sign: "loss" shows M as computed (negative = learned); "logprob" shows -M, the paper's sign.
+        title: the title.
+        clip_percentile: percentile of |M| off the diagonal where the colours saturate.
+        diagonal: False greys out self-influence.
+        row_label: the y axis label.
+
+    Returns:
+        The matplotlib Figure.
+
+    Raises:
+        ValueError: M is not 2-d, an unknown `sign`, or `labels`/`groups` of the wrong length.
     """
     values = _heatmap_values(M, sign, labels=labels, groups=groups)
     vmax = _clip_value(values, clip_percentile)
@@ -150,7 +167,22 @@ def histogram(
     title: str | None = None,
     clip_percentile: float = 99.5,
 ):
-    """Overlaid density histograms of named value sets (e.g. within- vs between-class influences)."""
+    """Overlaid density histograms of named value sets (e.g. within- vs between-class influences).
+
+    Args:
+        groups: {name: values} the sets to overlay.
+        ax: a matplotlib Axes to draw into; None: a new Figure.
+        bins: number of bins over the common range.
+        sign: "loss" (values as computed) or "logprob" (negated, the paper's sign).
+        title: the title.
+        clip_percentile: percentile of |values| where the range ends; values beyond it count in the edge bins.
+
+    Returns:
+        The matplotlib Figure.
+
+    Raises:
+        ValueError: no sets, or an unknown `sign`.
+    """
     if not groups:
         raise ValueError("histogram needs at least one named set of values")
     data = {k: _signed(v, sign).ravel() for k, v in groups.items()}
@@ -182,8 +214,20 @@ def lr_sweep(
     title: str | None = None,
     above_floor: Sequence[float] | None = None,
 ):
-    """Two panels over log lr: influence magnitude, and agreement of each matrix with the previous
-    lr's (with, if given, the share of off-diagonal entries above the noise floor)."""
+    """Two panels over log lr: influence magnitude, and each matrix's agreement with the previous lr's.
+
+    Args:
+        lrs: the swept learning rates.
+        magnitude: a size of the EIF at each lr (e.g. median |M|).
+        agreement: correlation of each lr's matrix with the previous lr's (the first is not defined).
+        threshold: the plateau threshold, drawn as a line.
+        chosen: the chosen lr, marked; None: none.
+        title: the title.
+        above_floor: share of off-diagonal entries above the noise floor at each lr, drawn when given.
+
+    Returns:
+        The matplotlib Figure.
+    """
     lrs = np.asarray(lrs, dtype=float)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True, layout="constrained")
     top.loglog(lrs, np.asarray(magnitude, float), "o-")
@@ -219,10 +263,22 @@ def curves(
 ):
     """One small panel per series over log x (e.g. a metric against lr), the chosen x marked.
 
-    A series is one line, or a mapping {label: ys} of lines (one colour per label). `reference`
-    (e.g. the paper's value; one value, or {label: value}) is drawn dashed, `constant` ({label:
-    value}, e.g. a quantity that does not depend on x) dotted, each in its label's colour. Panels
-    named in `log_y` get a log y axis; other signed series spanning decades a symmetric-log one."""
+    Panels named in `log_y` get a log y axis; other signed series spanning decades a symmetric-log one.
+
+    Args:
+        xs: the x values (e.g. learning rates).
+        series: {panel: ys} or {panel: {label: ys}} (one line per label, one colour per label).
+        reference: {panel: value or {label: value}} drawn dashed (e.g. the paper's value).
+        constant: {panel: {label: value}} drawn dotted (a quantity that does not depend on x).
+        constant_label: legend text of the dotted lines.
+        log_y: panels with a log y axis.
+        chosen: the chosen x, marked; None: none.
+        title: the figure's title.
+        columns: panels per row.
+
+    Returns:
+        The matplotlib Figure.
+    """
     xs = np.asarray(xs, dtype=float)
     rows = -(-len(series) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.7 * rows), sharex=True, layout="constrained",
@@ -264,7 +320,16 @@ def curves(
 
 
 def save(fig, path: str | os.PathLike, *, dpi: int = 150) -> Path:
-    """Write `fig` atomically (jaxeif.io) in the format of the suffix; closes it."""
+    """Write a figure atomically (`jaxeif.io`) in the format of the path's suffix, then close it.
+
+    Args:
+        fig: the matplotlib Figure.
+        path: the file to write; its folder is created.
+        dpi: resolution of raster formats.
+
+    Returns:
+        The path written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

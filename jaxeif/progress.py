@@ -19,7 +19,19 @@ _OPEN: list = []  # bars of the calls now running, innermost last
 
 
 def check(progress: Any, *, traced: bool = False) -> bool:
-    """`progress` as a bool, or an error naming it (a bar cannot follow a traced call)."""
+    """`progress` as a bool, or an error naming it.
+
+    Args:
+        progress: the `progress=` argument.
+        traced: whether the call is traced (under jit, grad or vmap), where a bar cannot follow the program.
+
+    Returns:
+        `progress`.
+
+    Raises:
+        TypeError: `progress` is not a bool.
+        ValueError: `progress=True` in a traced call.
+    """
     if not isinstance(progress, bool):
         raise TypeError(f"`progress` must be True or False, got {progress!r}")
     if progress and traced:
@@ -30,8 +42,19 @@ def check(progress: Any, *, traced: bool = False) -> bool:
 
 @contextlib.contextmanager
 def bar(total: int, desc: str, enabled: bool, unit: str = "row") -> Iterator[Callable[[int], None]]:
-    """A bar of `total` units for the duration of the block (none unless `enabled`). Compiled programs
-    advance it with `tick`; host loops with the function the block receives (`advance(k)`)."""
+    """A tqdm bar of `total` units for the duration of the block (none unless `enabled`).
+
+    Compiled programs advance it with `tick`; host loops with the function the block receives.
+
+    Args:
+        total: units in all.
+        desc: the bar's label.
+        enabled: show the bar; False gives a no-op advance function.
+        unit: the unit's name.
+
+    Yields:
+        `advance(k=1)`, which moves the bar by k units.
+    """
     if not enabled:
         yield lambda k=1: None
         return
@@ -44,7 +67,13 @@ def bar(total: int, desc: str, enabled: bool, unit: str = "row") -> Iterator[Cal
 
 
 def tick(row: jax.Array) -> None:
-    """Inside a program: advance the open bar by one once `row` (a finished row's result) is computed."""
+    """Inside a compiled program: advance the open bar by one once `row` is computed.
+
+    The callback depends on `row`, so XLA runs it only after the row is finished.
+
+    Args:
+        row: a finished row's result (any array).
+    """
     io_callback(_advance, None, jnp.ravel(row)[0])
 
 

@@ -54,9 +54,7 @@ def eif_sharded(
     evals, n, lr = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
                                       optimizer=optimizer, chunk_size=chunk_size, progress=progress)
     progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lr)))
-    devices = list(jax.devices() if devices is None else devices)
-    if not devices:
-        raise ValueError("`devices` is empty; pass at least one jax.Device or None for all devices")
+    devices = checks.device_list(devices)
     pad = -n % len(devices)
     lr_rows = jnp.concatenate([jnp.broadcast_to(lr, (n,)), jnp.zeros((pad,), jnp.result_type(lr))])
     mesh = Mesh(np.asarray(devices), (_AXIS,))

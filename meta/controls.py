@@ -24,22 +24,53 @@ PyTree = Any
 # --- free per-sample learning rates -------------------------------------------------------
 
 def init_log_lr(n: int, lr: float) -> jax.Array:
-    """f32[n] of log(lr): every sample starts at the same rate."""
+    """f32[n] of log(lr): the free per-sample controls, every sample starting at the same rate.
+
+    Learning the log keeps every rate positive (`per_sample_lr` takes the exp).
+
+    Args:
+        n: number of train samples.
+        lr: the starting rate, > 0.
+
+    Returns:
+        f32[n], every entry log(lr).
+
+    Raises:
+        ValueError: `lr` <= 0.
+    """
     if lr <= 0:
         raise ValueError(f"`lr` must be > 0 to take its log, got {lr}")
     return jnp.full((n,), np.log(lr), jnp.float32)
 
 
 def per_sample_lr(log_lr: jax.Array) -> jax.Array:
-    """The per-sample rates f32[n] = exp(log_lr), positive by construction."""
+    """The per-sample rates exp(log_lr), positive by construction; pass them as `jaxeif.eif(..., lr=...)`.
+
+    Args:
+        log_lr: f32[n] log-rates (from `init_log_lr` or learned by `meta.fit`).
+
+    Returns:
+        f32[n] rates.
+    """
     return jnp.exp(log_lr)
 
 
 # --- amortised predictor ------------------------------------------------------------------
 
 def image_features(images: jax.Array) -> jax.Array:
-    """f32[n, 6] simple statistics of images f32[n, h, w, c]: mean, std, mean |dx|+|dy|,
-    fraction of pixels outside [0, 1], min and max. Noise raises roughness and range."""
+    """f32[n, 6] simple statistics of each image: mean, std, mean |dx|+|dy|, share of pixels outside [0, 1], min, max.
+
+    The features of the amortised lr predictor of the image meta studies: noise raises roughness and range.
+
+    Args:
+        images: f[n, h, w, c] images.
+
+    Returns:
+        f32[n, 6].
+
+    Raises:
+        ValueError: `images` is not 4-d.
+    """
     images = jnp.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"`images` must be f[n, h, w, c], got shape {images.shape}")
@@ -51,7 +82,12 @@ def image_features(images: jax.Array) -> jax.Array:
 
 
 class Standardizer(NamedTuple):
-    """Per-feature mean and std fitted on the meta-training samples (fixed, not learned)."""
+    """Per-feature mean and std fitted on the meta-training samples (fixed, not learned).
+
+    Attributes:
+        mean: f32[k] feature means.
+        std: f32[k] feature standard deviations (at least 1e-6).
+    """
 
     mean: jax.Array
     std: jax.Array
@@ -66,10 +102,14 @@ class Standardizer(NamedTuple):
 
 
 class LRPredictor(nn.Module):
-    """log-rate offset of each sample from its standardised features: f32[n, k] -> f32[n].
+    """Flax MLP: the log-rate offset of each sample from its standardised features, f32[n, k] -> f32[n].
 
-    The last layer starts at zero, so an untrained predictor gives exactly the uniform base
-    rate; the offset is bounded to +-max_log_gain (tanh) so no rate can run away.
+    The last layer starts at zero, so an untrained predictor gives exactly the uniform base rate; the offset
+    is bounded to +-max_log_gain (tanh), so no rate can run away.
+
+    Attributes:
+        hidden: widths of the tanh hidden layers.
+        max_log_gain: bound on |log(lr / base_lr)|.
     """
 
     hidden: Sequence[int] = (32,)
@@ -85,7 +125,16 @@ class LRPredictor(nn.Module):
 
 
 class Amortised(NamedTuple):
-    """lr = base_lr * exp(predictor(standardizer(features))): f32[n]; phi is the learned part."""
+    """An amortised rate predictor: lr = base_lr * exp(predictor(standardizer(features))), f32[n].
+
+    `init(key, features)` gives the learnable params phi; `lr(phi, features)` the rates of any samples,
+    seen or unseen. Build it with `amortised`.
+
+    Attributes:
+        predictor: the `LRPredictor` MLP.
+        standardizer: the fixed feature standardisation.
+        base_lr: the rate of an untrained predictor.
+    """
 
     predictor: LRPredictor
     standardizer: Standardizer
@@ -99,7 +148,20 @@ class Amortised(NamedTuple):
 
 
 def amortised(train_features: jax.Array, base_lr: float, *, hidden: Sequence[int] = (32,), max_log_gain: float = 3.0) -> Amortised:
-    """An amortised rate predictor whose features are standardised on `train_features` f32[n, k]."""
+    """An `Amortised` rate predictor whose features are standardised on `train_features`.
+
+    Args:
+        train_features: f32[n, k] features of the meta-training samples (e.g. `image_features`).
+        base_lr: the uniform rate the untrained predictor gives, > 0.
+        hidden: widths of the MLP's hidden layers.
+        max_log_gain: bound on |log(lr / base_lr)|.
+
+    Returns:
+        The predictor; `predictor.init(key, train_features)` gives its params.
+
+    Raises:
+        ValueError: `train_features` is not 2-d or `base_lr` <= 0.
+    """
     train_features = jnp.asarray(train_features)
     if train_features.ndim != 2:
         raise ValueError(f"`train_features` must be f32[n, k], got shape {train_features.shape}")
@@ -120,18 +182,47 @@ def _layers(tree: PyTree) -> dict:
 
 
 def layer_names(params: PyTree) -> tuple[str, ...]:
-    """Names of the top-level layers (modules) of a params dict (inside "params" for Flax)."""
+    """Names of the top-level layers (modules) of a params dict, looking inside a lone Flax "params" collection.
+
+    Args:
+        params: a non-empty dict of layers.
+
+    Returns:
+        The layer names, in the dict's order.
+
+    Raises:
+        TypeError: `params` is not a non-empty dict.
+    """
     return tuple(_layers(params))
 
 
 def init_layer_log_scales(params: PyTree) -> dict[str, jax.Array]:
-    """{layer: f32[] 0.0}: log-multipliers of every top-level layer, all starting at x1."""
+    """{layer: f32[] 0.0}: log-multipliers of every top-level layer, all starting at x1.
+
+    Args:
+        params: the model's params dict.
+
+    Returns:
+        One zero scalar per layer name of `layer_names(params)`.
+    """
     return {name: jnp.zeros((), jnp.float32) for name in layer_names(params)}
 
 
 def scale_by_layer(log_scales: dict[str, jax.Array]) -> optax.GradientTransformationExtraArgs:
-    """Multiply each top-level layer's update by exp(log_scales[layer]); build it inside the
-    function you differentiate (it closes over the scales)."""
+    """An optax transformation multiplying each top-level layer's update by exp(log_scales[layer]).
+
+    Build it inside the function you differentiate: it closes over the scales, so the meta-gradient flows
+    into them.
+
+    Args:
+        log_scales: {layer: f32[]} log-multipliers naming exactly the layers of the params.
+
+    Returns:
+        The transformation; its `init` checks the layer names.
+
+    Raises:
+        ValueError: (at `init`) `log_scales` names other layers than the params have.
+    """
 
     def init_fn(params):
         missing = set(layer_names(params)) ^ set(log_scales)
@@ -152,15 +243,31 @@ def scale_by_layer(log_scales: dict[str, jax.Array]) -> optax.GradientTransforma
 
 
 def layer_optimizer(log_scales: dict[str, jax.Array], base: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
-    """`base` (default unit-rate SGD, as in jaxeif.eif) followed by the per-layer multipliers."""
+    """`base` (default unit-rate SGD, as in `jaxeif.eif`) followed by the per-layer multipliers.
+
+    Args:
+        log_scales: {layer: f32[]} log-multipliers (`init_layer_log_scales`).
+        base: a unit-rate optax transformation; None: `optax.sgd(1.0)`.
+
+    Returns:
+        An optax transformation to pass as `jaxeif.eif(..., optimizer=...)`.
+    """
     return optax.chain(optax.sgd(1.0) if base is None else base, scale_by_layer(log_scales))
 
 
 # --- saving an amortised predictor --------------------------------------------------------
 
 def save_amortised(path, predictor: Amortised, phi: PyTree) -> None:
-    """Write `predictor` (architecture, base rate, standardizer) and its learned `phi` to an .npz
-    file that load_amortised reads back (numpy arrays only: nothing in it runs code)."""
+    """Write an amortised predictor and its learned params to an .npz file that `load_amortised` reads back.
+
+    The file holds numpy arrays only (architecture, base rate, standardizer, phi), so loading it runs no code;
+    it is written atomically.
+
+    Args:
+        path: the .npz file to write.
+        predictor: the `Amortised` predictor.
+        phi: its learned params.
+    """
     flat, _ = jax.tree_util.tree_flatten_with_path(phi)
     arrays = {"phi/" + "/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(v) for keys, v in flat}
     arrays.update(standardizer_mean=np.asarray(predictor.standardizer.mean),
@@ -173,7 +280,17 @@ def save_amortised(path, predictor: Amortised, phi: PyTree) -> None:
 
 
 def load_amortised(path) -> tuple[Amortised, PyTree]:
-    """(predictor, phi) saved by save_amortised."""
+    """Read a predictor and its params written by `save_amortised`.
+
+    Args:
+        path: the .npz file.
+
+    Returns:
+        (predictor, phi).
+
+    Raises:
+        ValueError: the file is not a saved amortised predictor, or its params do not fit its architecture.
+    """
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     missing = {"hidden", "max_log_gain", "standardizer_mean", "standardizer_std", "base_lr"} - set(arrays)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxeif import desiderata
 
@@ -42,7 +43,15 @@ def _labels(name: str, labels, n: int) -> jax.Array:
 
 
 def same_class_mask(row_labels, col_labels) -> jax.Array:
-    """bool[n, m]: True where row i and column j share a label."""
+    """bool[n, m]: True where row i and column j share a label.
+
+    Args:
+        row_labels: int[n], the label of each train sample (row of M).
+        col_labels: int[m], the label of each eval sample (column of M).
+
+    Returns:
+        bool[n, m] with entry (i, j) = row_labels[i] == col_labels[j].
+    """
     return jnp.asarray(row_labels)[:, None] == jnp.asarray(col_labels)[None, :]
 
 
@@ -51,9 +60,23 @@ def class_learning(
 ) -> tuple[jax.Array, jax.Array]:
     """(within, between) learning: -mean of M over same-class pairs and over different-class pairs.
 
-    Positive within = the class was learned. `rows` restricts to some rows; `exclude` bool[n, m]
-    drops pairs (e.g. self-influence, jnp.eye). For square M with exclude=eye this is minus
-    jaxeif.desiderata.within_between(M, labels).
+    Positive within = the class was learned. For square M with `exclude=jnp.eye(n, dtype=bool)` this is
+    minus `jaxeif.desiderata.within_between(M, labels)`. Not scale-invariant: use it with `keep_learning` /
+    `stay_below` to hold the amount learned.
+
+    Args:
+        M: f32[n, m] influence matrix (negative = learned).
+        row_labels: int[n] label per row.
+        col_labels: int[m] label per column; None: `row_labels` (square M).
+        rows: int[k] row indices to keep; None: all rows.
+        exclude: bool[n, m] pairs to drop (e.g. self-influence); None: keep all.
+
+    Returns:
+        (within, between): two f32 scalars, -mean(M) over same-class and over different-class pairs.
+
+    Raises:
+        ValueError: M is not 2-d, a label array has the wrong length, `exclude` has another shape, or `rows`
+            is out of range.
     """
     M = _as_matrix(M)
     col_labels = row_labels if col_labels is None else col_labels
@@ -71,7 +94,20 @@ def class_learning(
 def noise_invariance(M: jax.Array, clean_rows, noisy_rows) -> jax.Array:
     """||M[noisy_rows]||^2 / ||M[clean_rows]||^2: 0 when noisy samples influence nothing.
 
-    Scale-invariant; `clean_rows[k]` is the clean twin of `noisy_rows[k]` (equal lengths).
+    Scale-invariant, so it asks noisy copies to teach less than their clean twins without asking for less
+    learning overall.
+
+    Args:
+        M: f32[n, m] influence matrix.
+        clean_rows: int[k] rows of the clean samples.
+        noisy_rows: int[k] rows of their noisy copies; `noisy_rows[i]` is the copy of `clean_rows[i]`.
+
+    Returns:
+        f32 scalar >= 0.
+
+    Raises:
+        ValueError: the two index arrays differ in length, are empty or out of range.
+        TypeError: an index array is not 1-d integer.
     """
     M = _as_matrix(M)
     clean = _index("clean_rows", clean_rows, M.shape[0])
@@ -82,9 +118,20 @@ def noise_invariance(M: jax.Array, clean_rows, noisy_rows) -> jax.Array:
 
 
 def class_blocks(M: jax.Array, row_labels, col_labels=None) -> jax.Array:
-    """1 - cosine(M, T), T = -1 on same-class pairs and 0 elsewhere: in [0, 2], 0 iff M = c*T, c > 0.
+    """1 - cosine(M, T), T = -1 on same-class pairs and 0 elsewhere: "learn within class, leave others alone".
 
-    "Learn within class, leave other classes alone"; scale-invariant.
+    In [0, 2], 0 exactly when M = c * T for some c > 0; scale-invariant.
+
+    Args:
+        M: f32[n, m] influence matrix.
+        row_labels: int[n] label per row.
+        col_labels: int[m] label per column; None: `row_labels` (square M).
+
+    Returns:
+        f32 scalar in [0, 2].
+
+    Raises:
+        ValueError: M is not 2-d or a label array has the wrong length.
     """
     M = _as_matrix(M)
     col_labels = row_labels if col_labels is None else col_labels
@@ -96,21 +143,51 @@ def class_blocks(M: jax.Array, row_labels, col_labels=None) -> jax.Array:
 
 
 def sparsity(M: jax.Array, *, include_diagonal: bool = False) -> jax.Array:
-    """1 - Hoyer sparsity (jaxeif.desiderata.sparsity): 0 when a single entry is nonzero, 1 when
-    all entries have equal magnitude. Scale-invariant; non-square M needs include_diagonal=True."""
+    """1 - Hoyer sparsity of M (`jaxeif.desiderata.sparsity`): 0 when one entry is nonzero, 1 when all are equal.
+
+    Scale-invariant.
+
+    Args:
+        M: f32[n, m] influence matrix.
+        include_diagonal: count the diagonal (self-influence) too; a non-square M needs True.
+
+    Returns:
+        f32 scalar in [0, 1].
+    """
     return 1.0 - desiderata.sparsity(_as_matrix(M), include_diagonal=include_diagonal)
 
 
 def symmetry(M: jax.Array, *, include_diagonal: bool = False) -> jax.Array:
-    """1 - corr(M, M^T) (jaxeif.desiderata.symmetry_corr): in [0, 2], 0 iff M is symmetric."""
+    """1 - corr(M, M^T) (`jaxeif.desiderata.symmetry_corr`): 0 exactly when M is symmetric.
+
+    Args:
+        M: f32[n, n] influence matrix (square).
+        include_diagonal: count the diagonal too (it is symmetric by definition, so False by default).
+
+    Returns:
+        f32 scalar in [0, 2].
+    """
     return 1.0 - desiderata.symmetry_corr(_as_matrix(M), include_diagonal=include_diagonal)
 
 
 def logic(M: jax.Array, rows, implied_cols, reversed_cols) -> jax.Array:
-    """Mean over probes k of (a - b) / (|a| + |b|), a = M[rows[k], implied_cols[k]], b = ... reversed.
+    """Mean over probes k of (a - b) / (|a| + |b|), a = M[rows[k], implied_cols[k]], b = M[rows[k], reversed_cols[k]].
 
-    In [-1, 1]; -1 when every implied statement is learned (a < 0) while its reversal is not
-    (b >= 0): "fine-tuning on A->B->Z makes A->Z gain more than Z->A".
+    -1 when every implied statement is learned (a < 0) while its reversal is not (b >= 0): "fine-tuning on
+    A->B->Z makes A->Z gain more than Z->A". Each probe's term is scale-free.
+
+    Args:
+        M: f32[n, m] influence matrix.
+        rows: int[k] the trained sample of each probe.
+        implied_cols: int[k] the eval that should gain.
+        reversed_cols: int[k] the eval that should not.
+
+    Returns:
+        f32 scalar in [-1, 1].
+
+    Raises:
+        ValueError: the three index arrays differ in length, are empty or out of range.
+        TypeError: an index array is not 1-d integer.
     """
     M = _as_matrix(M)
     r = _index("rows", rows, M.shape[0])
@@ -123,12 +200,30 @@ def logic(M: jax.Array, rows, implied_cols, reversed_cols) -> jax.Array:
 
 
 def keep_learning(current: jax.Array, reference: jax.Array) -> jax.Array:
-    """relu(1 - current/reference)^2: 0 while `current` learning stays >= a positive `reference`."""
+    """relu(1 - current/reference)^2: 0 while `current` learning stays at or above a positive `reference`.
+
+    Pair it with a scale-free objective so the controls cannot reach it by learning nothing.
+
+    Args:
+        current: f32 scalar, e.g. the within-class learning of `class_learning` under the current controls.
+        reference: f32 scalar > 0, the same quantity under the starting controls.
+
+    Returns:
+        f32 scalar >= 0.
+    """
     return jax.nn.relu(1.0 - current / reference) ** 2
 
 
 def stay_below(current: jax.Array, reference: jax.Array) -> jax.Array:
-    """relu(current/reference - 1)^2: 0 while `current` stays <= a positive `reference`."""
+    """relu(current/reference - 1)^2: 0 while `current` stays at or below a positive `reference`.
+
+    Args:
+        current: f32 scalar, e.g. the between-class learning under the current controls.
+        reference: f32 scalar > 0, the bound.
+
+    Returns:
+        f32 scalar >= 0.
+    """
     return jax.nn.relu(current / reference - 1.0) ** 2
 
 
@@ -137,10 +232,21 @@ def toward(M: jax.Array, target, mask=None) -> jax.Array:
 
     A scale-free pull toward any influence structure a user can draw, e.g. `target = -1.0 *
     same_class_mask(labels, labels)` ("learn only from the same class"); scaling M leaves it unchanged.
-    `mask` bool[n, m] keeps the entries that count (None: all; pass ~jnp.eye(n, dtype=bool) to drop
-    self-influence). Uncentred on purpose: an entry drawn as 0 must stay near 0, not at an offset.
+    Uncentred on purpose: an entry drawn as 0 must stay near 0, not at an offset.
+
+    Args:
+        M: f32[n, m] influence matrix.
+        target: f32[n, m] the drawn structure (negative = should be learned).
+        mask: bool[n, m] entries that count; None: all (pass `~jnp.eye(n, dtype=bool)` to drop self-influence).
+
+    Returns:
+        f32 scalar in [0, 2].
+
+    Raises:
+        ValueError: M is not 2-d, or `target` / `mask` has another shape than M.
     """
     M = _as_matrix(M)
+    _something_to_match(mask, target)
     target = jnp.asarray(target, M.dtype)
     if target.shape != M.shape:
         raise ValueError(f"`target` must have the shape of M {M.shape}, got {target.shape}")
@@ -149,3 +255,20 @@ def toward(M: jax.Array, target, mask=None) -> jax.Array:
         raise ValueError(f"`mask` must have the shape of M {M.shape}, got {w.shape}")
     dot = (w * M * target).sum()
     return 1.0 - dot / jnp.sqrt((w * M**2).sum() * (w * target**2).sum() + _EPS)
+
+
+def _something_to_match(mask, target) -> None:
+    """ValueError when `toward` has nothing to match (it would be 1 with zero gradient, and meta.fit would
+    change nothing): an all-False mask, or a target that is 0 on every kept entry. Checked on the values as
+    passed (constants stay concrete inside meta.fit's jit); skipped for traced ones."""
+    if any(isinstance(x, jax.core.Tracer) for x in (mask, target)):
+        return
+    target = np.asarray(target)
+    w = np.ones(target.shape, bool) if mask is None else np.asarray(mask).astype(bool)
+    if w.shape != target.shape:
+        return  # the shape checks below name it
+    if not w.any():
+        raise ValueError("`mask` of toward is False everywhere: no entry counts; keep at least one entry (True)")
+    if not np.any(w & (target != 0)):
+        raise ValueError("`target` of toward is 0 on every entry the mask keeps: there is no direction to pull M "
+                         "toward; draw the structure to match with nonzero entries (e.g. -1.0 * same_class_mask)")

@@ -1,8 +1,8 @@
 """The outer loop: optax on the controls, the gradient flowing through jaxeif.eif's unrolled
-fine-tunes, one jitted meta-step, a progress bar, and orbax checkpoints for resuming."""
+fine-tunes, one jitted meta-step, a progress bar, and orbax checkpoints for resuming, kept in a
+`jaxeif.runs.RunDir` (locked, every file checksummed) and matched by `jaxeif.fingerprint`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxeif import fingerprint, io
+from jaxeif import fingerprint, io, runs
 from jaxeif.errors import Error
 
 PyTree = Any
@@ -84,26 +84,64 @@ def run_fingerprint(objective: Objective, controls: PyTree, optimizer: optax.Gra
             "optimizer": fingerprint.digest(optimizer), "objective": fingerprint.digest(objective)}
 
 
-def _check_fingerprint(directory: Path, has_checkpoints: bool, expected: dict) -> None:
-    """Refuse a checkpoint_dir written by another run; record `expected` in a new one."""
-    file = directory / FINGERPRINT_FILE
-    if not file.exists():
+def _check_fingerprint(run: runs.RunDir, has_checkpoints: bool, expected: dict) -> None:
+    """Refuse a checkpoint_dir written by another run; record `expected` in a new one (checksummed)."""
+    if not run.has(FINGERPRINT_FILE):
         if has_checkpoints:
             raise StaleCheckpointError(
-                f"{directory} holds checkpoints without {FINGERPRINT_FILE}, so they cannot be checked against this "
+                f"{run.path} holds checkpoints without {FINGERPRINT_FILE}, so they cannot be checked against this "
                 "run; use a new checkpoint_dir or delete that folder to start over")
-        directory.mkdir(parents=True, exist_ok=True)
-        io.save_json(file, {"fingerprint": expected})
+        run.save_json(FINGERPRINT_FILE, {"fingerprint": expected})
         return
     try:
-        saved = json.loads(file.read_text())["fingerprint"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise StaleCheckpointError(f"{file} is damaged ({e}); delete {directory} to start over") from None
+        saved = run.load_json(FINGERPRINT_FILE)["fingerprint"]
+    except (KeyError, TypeError) as e:
+        raise StaleCheckpointError(
+            f"{run.file(FINGERPRINT_FILE)} is damaged ({e}); delete {run.path} to start over") from None
     changed = [k for k in expected if saved.get(k) != expected[k]]
     if changed:
         raise StaleCheckpointError(
-            f"{directory} holds a meta.fit run with other {', '.join(changed)}; resuming it would return that run's "
+            f"{run.path} holds a meta.fit run with other {', '.join(changed)}; resuming it would return that run's "
             "controls. Use a new checkpoint_dir, or delete that folder to start over")
+
+
+def _open_run(checkpoint_dir) -> runs.RunDir:
+    """The checkpoint_dir as a results folder (jaxeif.runs: locked, every file checksummed)."""
+    try:
+        return runs.RunDir.open(checkpoint_dir, {"kind": "jaxeif.meta.fit"})
+    except runs.RunDirError as e:
+        raise StaleCheckpointError(f"checkpoint_dir: {e}") from None
+
+
+def _saved_steps(run: runs.RunDir, manager) -> list[int]:
+    """Steps saved in `manager` and recorded in `run` (a step saved by a process killed before recording it
+    is deleted, never trusted); records of steps orbax dropped (max_to_keep) are forgotten."""
+    steps = []
+    for step in manager.all_steps():
+        if run.recorded(_step_folder(manager, step)):
+            steps.append(step)
+        else:
+            manager.delete(step)
+    return sorted(steps)
+
+
+def _step_folder(manager, step: int) -> Path:
+    return Path(manager.directory) / str(step)
+
+
+def _save(run: runs.RunDir, manager, step: int, state: dict, *, force: bool = False) -> None:
+    """Save `state` as `step` (when due, or `force`), record its files' checksums, forget dropped steps."""
+    io.save_step(manager, step, state, force=force)
+    manager.wait_until_finished()
+    folder = _step_folder(manager, step)
+    if folder.exists():
+        run.record_files(folder)
+    kept = {str(s) for s in manager.all_steps()}
+    for name in {n.split("/")[1] for n in run.recorded_files(_CHECKPOINTS + "/")} - kept:
+        run.discard(f"{_CHECKPOINTS}/{name}")
+
+
+_CHECKPOINTS = "checkpoints"
 
 
 def _saved_history_length(directory: Path, step: int) -> int | None:
@@ -115,7 +153,8 @@ def _saved_history_length(directory: Path, step: int) -> int | None:
         return None
 
 
-def _restore(manager, step: int, template: dict, directory: Path) -> dict:
+def _restore(run: runs.RunDir, manager, step: int, template: dict, directory: Path) -> dict:
+    run.verify_files(_step_folder(manager, step))  # ChecksumError names a damaged file
     steps = template["history"].shape[0]
     saved_length = _saved_history_length(directory, step) or steps
     like = {**template, "history": jnp.zeros((saved_length,), jnp.float32)}
@@ -164,19 +203,22 @@ def fit(
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     state = init_state(controls, optimizer, steps)
-    manager, resumed_from = None, None
+    manager, resumed_from, run = None, None, None
     if checkpoint_dir is not None:
-        directory = Path(checkpoint_dir)
+        expected = run_fingerprint(objective, controls, optimizer, data)
+        run = _open_run(checkpoint_dir)
+        directory = run.file(_CHECKPOINTS)
         manager = io.checkpoint_manager(directory, save_interval_steps=every, max_to_keep=2)
         try:
-            latest = manager.latest_step()
-            _check_fingerprint(directory, latest is not None, run_fingerprint(objective, controls, optimizer, data))
+            saved = _saved_steps(run, manager)
+            latest = saved[-1] if saved else None
+            _check_fingerprint(run, latest is not None, expected)
             if latest is not None and latest > steps:
                 raise StaleCheckpointError(
                     f"{directory} holds this run at step {latest}, past steps={steps}; pass steps >= {latest} to "
                     "continue it, or use a new checkpoint_dir")
             if latest is not None:
-                state = _restore(manager, latest, state, directory)
+                state = _restore(run, manager, latest, state, directory)
                 resumed_from = int(latest)
         except BaseException:
             manager.close()  # an open manager left behind buries the error under orbax tracebacks at exit
@@ -202,14 +244,14 @@ def fit(
                     "of exact zeros) or bound the controls"
                 )
             state = new_state
-            if manager is not None:
-                io.save_step(manager, k + 1, state)
+            if manager is not None and (k + 1) % every == 0:
+                _save(run, manager, k + 1, state)
             bar.update(1)
             bar.set_postfix(objective=f"{value:.4g}")
             if callback is not None:
                 callback(k + 1, value)
         if manager is not None and manager.latest_step() != steps:
-            io.save_step(manager, steps, state, force=True)
+            _save(run, manager, steps, state, force=True)
     finally:
         bar.close()
         if manager is not None:

@@ -210,7 +210,7 @@ def test_run_file_names_stay_inside(name):
         run = runs.RunDir.open(pathlib.Path(d) / "r", {})
         with pytest.raises((ValueError, TypeError), match="file name"):
             run.save_json(name, {})
-        assert sorted(p.name for p in run.path.iterdir()) == [".lock", "config.json"]
+        assert sorted(p.name for p in run.path.iterdir()) == [".lock", "config.json", "manifest.json"]
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -312,6 +312,7 @@ def test_cli_missing_dependency_is_named(tmp_path, capsys, monkeypatch):
     assert "not_a_real_package_jaxeif" in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_real_processes_exit_2_without_traceback(tmp_path):
     env = toy_experiment.env()
     (tmp_path / "file").write_text("keep me")

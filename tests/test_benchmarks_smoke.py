@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from jaxeif.benchmarks import cnn
 from jaxeif.benchmarks import lm as bench_lm
 
 
+@pytest.mark.slow
 def test_cnn_benchmark_tiny(capsys):
     parser = argparse.ArgumentParser()
     cnn.add_arguments(parser)
@@ -36,6 +39,7 @@ def test_cnn_benchmark_checks_flags_before_any_work(capsys):
         assert match in err and err.startswith("error:"), (argv, err)
 
 
+@pytest.mark.slow
 def test_device_report_runs_on_cpu_at_tiny_sizes(tmp_path, capsys):
     from jaxeif.benchmarks import device_report, export_data
     data = tmp_path / "fm.npz"
@@ -55,6 +59,7 @@ def test_device_report_runs_on_cpu_at_tiny_sizes(tmp_path, capsys):
     assert "default eif" in capsys.readouterr().out and json_out.exists()
 
 
+@pytest.mark.slow
 def test_meta_memory_benchmark_tiny(capsys):
     from jaxeif.benchmarks import meta_memory
     out = meta_memory.run(argparse.Namespace(sizes="12,48", run=False, point=0))
@@ -63,6 +68,7 @@ def test_meta_memory_benchmark_tiny(capsys):
     assert large["before_gib"] > 8 * small["before_gib"] and large["after_gib"] < 5 * small["after_gib"]
 
 
+@pytest.mark.slow
 def test_lm_benchmark_random_tiny_decoder(tmp_path, capsys):
     """bench-lm --random: both exact paths side by side on a random decoder, no checkpoint, a JSON of every number."""
     parser = argparse.ArgumentParser()

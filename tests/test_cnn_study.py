@@ -33,11 +33,13 @@ def test_study_metrics_on_a_constructed_matrix():
     assert m["class_mean_matrix_clean"][3][4] == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_help_works():
     out = subprocess.run([sys.executable, "-m", "jaxeif.experiments.cnn_noise", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--out" in out.stdout and "--quick" in out.stdout and "plateau" in out.stdout
 
 
+@pytest.mark.slow
 def test_end_to_end_quick_run_writes_consistent_results(tmp_path, capsys):
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
     argv = ["--out", str(out), "--ckpt", str(ckpt), "--quick", "--no-progress", "--train-size", "1280"]

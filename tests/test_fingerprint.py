@@ -8,6 +8,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxeif import fingerprint
 
@@ -36,6 +37,7 @@ def test_digest_separates_optimizers_losses_and_closed_over_arrays():
     assert d((np.ones(3),)) != d((np.ones(3) * 3,)) and d(np.ones(3)) != d(np.ones(3, np.float64).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_digest_is_the_same_in_every_process():
     script = ("import optax\nfrom jaxeif import fingerprint\n"
               "def f(x):\n    return x in {'alpha', 'beta', 'gamma', 'delta', 'eps'}\n"

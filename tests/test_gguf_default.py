@@ -8,6 +8,8 @@ import pytest
 
 from jaxeif.models import loading, phi3, tokenizer
 
+pytestmark = pytest.mark.slow  # SmolLM2-135M against transformers, logits and greedy tokens
+
 torch = pytest.importorskip("torch", reason="reference tests need torch==2.13.0 (make test installs it)")
 transformers = pytest.importorskip("transformers")
 

@@ -27,6 +27,7 @@ def study(tmp_path_factory, tiny_lm_ckpt):
     return out, ckpt, cnn_ckpt, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_matrices_equal_the_library_called_directly(study):
     """gram == eif_linearized at lr 1 on all samples; exact == dense eif."""
     out, ckpt, _, _ = study
@@ -38,6 +39,7 @@ def test_matrices_equal_the_library_called_directly(study):
                                rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_agreement_tends_to_one_as_lr_goes_to_zero(study):
     out, _, _, results = study
     g = np.load(out / f"gram_{DOMAIN}.npy")
@@ -54,6 +56,7 @@ def test_agreement_tends_to_one_as_lr_goes_to_zero(study):
     assert (out / "linear_regime.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_cnn_curve_is_the_cnn_studys_model_and_set(study):
     out, _, cnn_ckpt, results = study
     params = cnn.load_or_train(cnn_ckpt, epochs=1, batch_size=128, train_size=1280, progress=False)

@@ -24,6 +24,7 @@ def study(tmp_path_factory, tiny_lm_ckpt):
     return argv, out, ckpt, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_matrices_equal_the_paths_called_directly(study):
     """LoRA rank 2 == lm.lora_eif with lora.init(key(seed)); dense == the dense jaxeif.eif path (finetuned_eif)."""
     _, out, ckpt, results = study
@@ -40,6 +41,7 @@ def test_matrices_equal_the_paths_called_directly(study):
                                    lm.finetuned_eif(apply_fn, params, toks, lr=lr), rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_summary_numbers_are_recomputed_from_the_matrices(study):
     _, out, _, results = study
     assert (out / "heatmaps.png").stat().st_size > 0
@@ -67,6 +69,7 @@ def test_summary_numbers_are_recomputed_from_the_matrices(study):
     assert not np.allclose(mats, dense)  # LoRA is a different fine-tune, not the dense one relabelled
 
 
+@pytest.mark.slow
 def test_resumes_without_recomputing(study):
     argv, out, _, _ = study
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}

@@ -26,6 +26,7 @@ def study(tmp_path_factory):
     return argv, out, ckpt
 
 
+@pytest.mark.slow
 def test_study_writes_figures_and_consistent_numbers(study):
     _, out, ckpt = study
     for name in ("heatmaps_bigger_than.png", "histogram.png", "symmetry.png",
@@ -49,6 +50,7 @@ def test_study_writes_figures_and_consistent_numbers(study):
     assert "paper_inverse_asymmetry" not in results["domains"]["bigger_than"]  # the paper has no number for it
 
 
+@pytest.mark.slow
 def test_study_resumes_without_recomputing(study):
     argv, out, _ = study
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*_r*.npy")}
@@ -61,6 +63,7 @@ def test_unknown_domain_is_a_clear_error(tmp_path, capsys):
     assert "valid domains: chain_induces, belongs_to" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lr_sweep_picks_the_plateau_and_the_study_uses_it(study, tmp_path):
     """--lr-sweep on a tiny model: the sweep file and figure exist, the chosen lr is the plateau rule's
     on the recorded agreements, and with --lr plateau the matrices are those of that lr."""
@@ -98,6 +101,7 @@ def findings(study, tmp_path_factory):
     return out, json.loads((out / "lr_findings.json").read_text())
 
 
+@pytest.mark.slow
 def test_lr_findings_equal_separate_single_lr_runs(study, findings, tmp_path):
     """Every point of every curve is the number a separate study at that lr writes into results.json."""
     _, single_out, ckpt = study
@@ -141,6 +145,7 @@ def test_sweep_options_need_a_sweep(tmp_path, capsys):
     assert "--sweep-repeats must be between 1 and --repeats (2)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_float64_check_against_a_float64_eif(study, tmp_path):
     """--float64-check: the float64 matrices are jaxeif.eif in float64 (logits and loss in float64: lm.NLL), and
     the reported agreement is that of the study's float32 matrices with them."""

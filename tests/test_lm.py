@@ -16,6 +16,8 @@ from jaxeif import lm, lr_choice  # noqa: E402
 from jaxeif.models import loading, lora, tokenizer  # noqa: E402
 from tiny_lm import tiny_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test compares with a torch-built tiny checkpoint (tests/tiny_lm.py)
+
 TEXTS = ["Ab is big.", "Cd is big.", "Ab is big.\nCd is big.", "Cd is small.", "Ab is small."]
 def torch_loss(model, ids, att, score):
     """The same length-normalised NLL, written directly in torch for one row."""

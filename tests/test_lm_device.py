@@ -59,6 +59,7 @@ def _run(tokenizer_dir, tmp_path, *flags):
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_tiny_run_of_every_path_without_tensorflow(tokenizer_dir, tmp_path):
     report, stdout = _run(tokenizer_dir, tmp_path, "--sizes", "tiny", "--domains", "squares")
     assert report["size"] == "tiny" and report["dtype"] == "bfloat16" and report["compute_dtype"] == "float32"
@@ -72,6 +73,7 @@ def test_tiny_run_of_every_path_without_tensorflow(tokenizer_dir, tmp_path):
     assert "pairs/s" in stdout and "prompted squares" in stdout  # progress printed as it goes
 
 
+@pytest.mark.slow
 def test_budget_stops_new_steps_and_says_so(tokenizer_dir, tmp_path):
     report, _ = _run(tokenizer_dir, tmp_path, "--sizes", "tiny", "--domains", "squares", "--stages", "prompted",
                      "--budget-s", "1e-6")

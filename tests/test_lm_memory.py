@@ -64,6 +64,7 @@ def test_check_memory_refuses_with_the_estimate_and_the_fixes():
     assert "chunk_size=1" in text and "bfloat16" in text and "path='lowrank'" in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc")
 def test_estimate_within_25_percent_of_measured_peaks_at_three_sizes():
     """float32 at three sizes, and bfloat16 params computing in float32 (models.upcast). A bfloat16-compute

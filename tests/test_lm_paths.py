@@ -36,6 +36,7 @@ def _paths(apply_fn, params, toks, adapters):
     }
 
 
+@pytest.mark.slow
 def test_dense_lowrank_and_auto_agree_in_default_precision(tiny):
     apply_fn, params, config, toks, _, _ = tiny
     dense = np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=0.05, path="dense"))
@@ -51,6 +52,7 @@ def test_dense_lowrank_and_auto_agree_in_default_precision(tiny):
         np.testing.assert_allclose(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.05, chunk_size=chunk), low, atol=1e-6 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lr", [1e-6, 1e-3])
 def test_difference_mode_of_every_path_matches_float64(tiny, lr):
     """Off-diagonal signs >= 99.9% right and median relative error <= 1e-4 against the same path in float64."""
@@ -65,6 +67,7 @@ def test_difference_mode_of_every_path_matches_float64(tiny, lr):
         assert signs >= 0.999 and rel <= 1e-4, (name, lr, signs, rel)
 
 
+@pytest.mark.slow
 def test_float64_is_a_different_computation_than_float32_at_small_lr(tiny):
     """The float64 reference above can fail: at lr 1e-6 direct float32 entries carry visible rounding error."""
     apply_fn, params, _, toks, _, _ = tiny
@@ -74,6 +77,7 @@ def test_float64_is_a_different_computation_than_float32_at_small_lr(tiny):
     assert np.median(np.abs(direct[off] - ref[off]) / np.abs(ref[off])) > 1e-3
 
 
+@pytest.mark.slow
 def test_from_pretrained_float64_gives_float64_logits(tiny):
     apply_fn, params, config, toks, _, path = tiny
     apply64, params64, _ = loading.from_pretrained(path, dtype=jnp.float64)
@@ -83,6 +87,7 @@ def test_from_pretrained_float64_gives_float64_logits(tiny):
     np.testing.assert_allclose(np.asarray(logits64), np.asarray(apply_fn(params, toks.ids)), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_delta_taps_read_inputs_and_output_gradients(tiny):
     """A zero "read" probe's gradient is the module's input; a zero "out" tap's gradient is dL/d(output)."""
     apply_fn, params, config, toks, _, _ = tiny
@@ -98,6 +103,7 @@ def test_delta_taps_read_inputs_and_output_gradients(tiny):
     np.testing.assert_allclose(jnp.einsum("btd,vd->btv", g["lm_head"]["read"], embed), logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_delta_hook_rejects_unknown_keys(tiny):
     apply_fn, params, config, toks, _, _ = tiny
     ids = jnp.asarray(toks.ids[:1])
@@ -123,6 +129,7 @@ def test_choose_path_rule():
         rule("fast")
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_named(tiny):
     apply_fn, params, _, toks, _, _ = tiny
     with pytest.raises(TypeError, match="`progress` must be True or False"):
@@ -135,6 +142,7 @@ def test_bad_arguments_are_named(tiny):
         lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.1, chunk_size=0)
 
 
+@pytest.mark.slow
 def test_finetuned_eif_refuses_a_run_over_its_memory_estimate(tiny):
     """Refused before it runs, with lm.memory_estimate's number; the optimizer's state counts toward it."""
     apply_fn, params, config, toks, _, _ = tiny
@@ -152,6 +160,7 @@ def test_finetuned_eif_refuses_a_run_over_its_memory_estimate(tiny):
                          memory_budget=sgd)
 
 
+@pytest.mark.slow
 def test_linearized_sgd_eif_is_eif_linearized_without_weight_gradients(tiny):
     """The low-rank first-order EIF equals jaxeif.eif_linearized on the same loss, with and without evals,
     and is the exact EIF's slope at lr -> 0."""

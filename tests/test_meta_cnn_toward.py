@@ -33,6 +33,7 @@ def test_drawn_target_is_the_sentence_and_its_metrics_read_it_back():
     assert uniform["noisy_to_clean_ratio"] == pytest.approx(1.0) and uniform["toward"] > 0.01
 
 
+@pytest.mark.slow
 def test_quick_run_moves_toward_the_target_and_saves_consistent_numbers(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["meta-cnn-toward", "--out", str(out), "--ckpt", str(tmp_path / "ckpt"), "--quick", "--no-progress",

@@ -100,6 +100,7 @@ def test_bad_flags_stop_before_any_work(flag, value, expected, tmp_path, capsys)
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_quick_run_writes_consistent_results(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["meta-cnn-transfer", "--out", str(out), "--ckpt", str(tmp_path / "ckpt"), "--quick", "--no-progress",

@@ -83,6 +83,7 @@ def test_unit_scales_are_plain_sgd_and_each_scale_moves_only_its_own_layer(tiny)
         np.testing.assert_allclose(np.asarray(tuned[path]), factor * np.asarray(d_plain), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_quick_study_learns_and_writes_files(tiny, tmp_path, monkeypatch):
     from jaxeif.experiments import meta_llm_logic as study
 

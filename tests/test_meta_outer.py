@@ -100,6 +100,7 @@ def test_a_finished_run_extends_to_more_steps(tmp_path):
         run(tmp_path, steps=3)
 
 
+@pytest.mark.slow
 def test_refusal_is_one_clear_error_without_orbax_noise_at_exit(tmp_path):
     """The manager is closed before raising: no orbax tracebacks after the error when Python exits."""
     import subprocess

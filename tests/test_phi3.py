@@ -11,6 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from jaxeif.models import loading  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test writes a torch-built transformers checkpoint and compares with it
+
 TOL = 1e-4
 
 

@@ -7,8 +7,11 @@ import subprocess
 
 import jax
 import numpy as np
+import pytest
 
 from toy_experiment import command, env, toy_problem
+
+pytestmark = pytest.mark.slow  # every test runs the toy study twice in subprocesses
 
 
 def run_once(out: pathlib.Path, *extra: str) -> dict:

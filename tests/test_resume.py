@@ -10,9 +10,12 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from jaxeif import eif, runs
 from toy_experiment import command, env, toy_loss, toy_problem
+
+pytestmark = pytest.mark.slow  # SIGKILLs a study subprocess and reruns it
 
 
 def finished_blocks(out: pathlib.Path) -> list[int]:

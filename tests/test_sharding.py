@@ -39,6 +39,7 @@ def problem():
     return params, train, evals, jnp.linspace(0.01, 0.1, 7)
 
 
+@pytest.mark.slow
 def test_four_devices_match_single_device(tmp_path):
     params, train, evals, lr = problem()
     single = np.asarray(jaxeif.eif(loss, params, train, evals, lr=lr))

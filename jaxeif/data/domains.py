@@ -31,7 +31,13 @@ SYLLABLE_WEIGHTS = (0.45, 0.3, 0.15, 0.1)
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """One training/eval sample: filled text, the template it came from, what it tests."""
+    """One training/eval sample of a logic domain.
+
+    Attributes:
+        text: the filled text (a multi-line sample is one sample; `lines` splits it).
+        template: the template it was filled from.
+        label: the template's label, which the domain's probes name.
+    """
 
     text: str
     template: str
@@ -43,8 +49,15 @@ class Sample:
 
 
 class Probe(NamedTuple):
-    """After training on the sample of template `train`, `implied` should gain more likelihood than
-    `not_implied` (each a template's label)."""
+    """A logic probe: after training on template `train`'s sample, `implied` should gain more likelihood than
+    `not_implied`.
+
+    Attributes:
+        train: the trained template's label.
+        implied: the label of the statement the training implies.
+        not_implied: the label of the statement it does not imply (e.g. the reversal).
+        why: the probe in words.
+    """
 
     train: str
     implied: str
@@ -53,7 +66,14 @@ class Probe(NamedTuple):
 
 
 class ProbeRows(NamedTuple):
-    """A probe as positions of its templates: the rows and columns of the domain's EIF matrices."""
+    """A probe as positions of its templates: the rows and columns of the domain's EIF matrices.
+
+    Attributes:
+        train: row of the trained sample.
+        implied: column of the implied statement.
+        not_implied: column of the not-implied statement.
+        why: the probe in words.
+    """
 
     train: int
     implied: int
@@ -63,8 +83,18 @@ class ProbeRows(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
-    """Templates (text, label) over entity slots, and the logic probes between them (by label,
-    checked when the domain is made: an unknown or repeated label is an error)."""
+    """A logic domain: templates (text, label) over entity slots, and the probes between them.
+
+    Labels are checked when the domain is made.
+
+    Attributes:
+        name: the domain's name.
+        templates: (text with {slot} fields, label) pairs, in the order of the EIF's rows.
+        probes: the logic probes, naming templates by label.
+
+    Raises:
+        ValueError: a template label repeats, or a probe names an unknown label.
+    """
 
     name: str
     templates: tuple[tuple[str, str], ...]
@@ -118,7 +148,14 @@ def _syllable(rng: np.random.Generator, prev_coda: str) -> tuple[str, str]:
 
 
 def random_name(rng: np.random.Generator) -> str:
-    """A made-up, pronounceable lower-case name of 2 to 5 syllables."""
+    """A made-up, pronounceable lower-case name of 2 to 5 syllables (fresh entities the model has not seen).
+
+    Args:
+        rng: the numpy random generator to draw from.
+
+    Returns:
+        The name.
+    """
     count = int(rng.choice(SYLLABLE_COUNTS, p=SYLLABLE_WEIGHTS))
     parts, coda = [], ""
     for _ in range(count):
@@ -128,7 +165,18 @@ def random_name(rng: np.random.Generator) -> str:
 
 
 def random_names(k: int, seed: int) -> list[str]:
-    """`k` distinct names, reproducible from `seed`."""
+    """`k` distinct made-up names, reproducible from `seed`.
+
+    Args:
+        k: how many, >= 0.
+        seed: the seed.
+
+    Returns:
+        The names.
+
+    Raises:
+        ValueError: `k` is not a non-negative int.
+    """
     if not isinstance(k, (int, np.integer)) or k < 0:
         raise ValueError(f"the number of names must be a non-negative int, got {k!r}")
     rng = np.random.default_rng(seed)
@@ -254,14 +302,35 @@ DOMAINS: dict[str, Domain] = {
 
 
 def domain(name: str) -> Domain:
-    """The domain called `name`; an unknown name lists the valid ones."""
+    """The domain called `name`.
+
+    Args:
+        name: one of `DOMAINS`.
+
+    Returns:
+        The domain.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+    """
     if name not in DOMAINS:
         raise ValueError(f"unknown domain {name!r}; valid domains: {', '.join(DOMAINS)}")
     return DOMAINS[name]
 
 
 def draw(name: str, seed: int) -> list[Sample]:
-    """The samples of domain `name` with fresh entity names drawn from `seed`."""
+    """The samples of a domain with fresh entity names drawn from `seed`.
+
+    Args:
+        name: one of `DOMAINS`.
+        seed: the seed of the names (a new seed gives a new repeat of the study).
+
+    Returns:
+        One sample per template, in the domain's order.
+
+    Raises:
+        ValueError: an unknown domain.
+    """
     d = domain(name)
     names = random_names(len(d.slots), seed)
     return d.fill(dict(zip(d.slots, names)))

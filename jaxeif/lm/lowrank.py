@@ -328,7 +328,8 @@ def _lowrank_eif(apply_fn, params, train, evals, *, lr, chunk_size, precision, c
     config = config_of(apply_fn, config)
     precision = precision_lib.check(precision)
     progress_lib.check(progress)
-    train, evals = checked(apply_fn, params, train, evals, config.vocab_size)
+    train, evals = checked(apply_fn, params, train, evals, config.vocab_size,
+                           context=config.max_position_embeddings)
     n = np.asarray(train.ids).shape[0]
     result = np.float64 if precision == "float64" else np.float32  # the dtype losses are subtracted in
     lr = np.broadcast_to(np.asarray(checks.learning_rate(lr, n), result), (n,))

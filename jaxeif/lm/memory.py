@@ -100,6 +100,8 @@ def memory_estimate(
     """
     _check(config, n, m, path=path, tokens=tokens, chunk_size=chunk_size, eval_chunk=eval_chunk, optimizer=optimizer,
            steps=steps, row_length=row_length, rank=rank)
+    _check_dtype("dtype", dtype)
+    _check_dtype("compute_dtype", compute_dtype, allow_none=True)
     w = np.dtype(dtype).itemsize
     act = np.dtype(dtype if compute_dtype is None else compute_dtype).itemsize
     params = param_count(config) * w
@@ -170,6 +172,24 @@ def _check(config, n, m, *, path, tokens, chunk_size, eval_chunk, optimizer, ste
     if eval_chunk is not None and (isinstance(eval_chunk, bool) or not isinstance(eval_chunk, (int, np.integer))
                                    or eval_chunk < 1):
         raise ValueError(f"`eval_chunk` must be None (all evals at once) or an int >= 1, got {eval_chunk!r}")
-    for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "head_dim"):
+    for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "head_dim",
+                 "num_attention_heads", "num_key_value_heads"):
         if not hasattr(config, name):
-            raise TypeError(f"`config` must be a jaxeif.models.decoder.DecoderConfig (no `{name}`), got {type(config).__name__}")
+            raise TypeError(f"`config` must be a jaxeif.models.decoder.DecoderConfig (no `{name}`), "
+                            f"got {type(config).__name__}")
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"`config.{name}` must be an int >= 1, got {value!r}; fix the model config")
+
+
+def _check_dtype(name: str, dtype, allow_none: bool = False) -> None:
+    """`dtype` must be a floating dtype (None only where it means "as the params")."""
+    if dtype is None and allow_none:
+        return
+    try:
+        ok = dtype is not None and jnp.issubdtype(np.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError(f"`{name}` must be a floating dtype such as jnp.float32 or jnp.bfloat16, got {dtype!r}")
+

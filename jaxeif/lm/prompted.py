@@ -15,7 +15,7 @@ import numpy as np
 from jaxeif import packing
 from jaxeif.finetune import PyTree
 from jaxeif.lm.loss import ROW_LENGTH, nll, packed_nll
-from jaxeif.lm.tokens import SEPARATOR, ApplyFn, bos_token_id, check_vocab, encode, text_ids, tokenize
+from jaxeif.lm.tokens import SEPARATOR, ApplyFn, check_texts, bos_token_id, check_vocab, encode, text_ids, tokenize
 
 
 def prompted_eif(
@@ -37,8 +37,8 @@ def prompted_eif(
     their cost. `base` (f32[m], L(p_j) alone) is computed when not given. `progress`: a bar of the contexts'
     continuations scored.
     """
-    texts = list(texts)
-    evals = texts if eval_texts is None else list(eval_texts)
+    texts = check_texts("texts", texts)
+    evals = texts if eval_texts is None else check_texts("eval_texts", eval_texts)
     check_vocab(tokenizer, config)
     if base is None:
         base = nll(apply_fn, params, tokenize(tokenizer, evals, config=config), row_length=row_length)

@@ -5,7 +5,6 @@ The model knows nothing of influence: `loss_fn(params, example)` is the per-exam
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxeif import io
+from jaxeif import io, runs
 from jaxeif.data import images as data
 
 Params = Any
@@ -152,10 +151,17 @@ def _config(epochs: int, batch_size: int, seed: int, learning_rate: float, train
     }
 
 
+_KIND = {"kind": "jaxeif.models.cnn base model"}
+
+
 def checkpoint_info(ckpt_dir: str | os.PathLike) -> dict | None:
-    """The saved meta data of a checkpoint (config, test accuracy, training time), or None if absent."""
-    path = Path(ckpt_dir) / _META
-    return json.loads(path.read_text()) if path.exists() else None
+    """The saved meta data of a checkpoint (config, test accuracy, training time), or None if absent.
+
+    Raises jaxeif.runs.ChecksumError when the file is damaged, RunDirError when the folder is not a CNN cache."""
+    ckpt_dir = Path(ckpt_dir).expanduser().absolute()
+    if not (ckpt_dir / _META).exists():
+        return None
+    return runs.RunDir.open(ckpt_dir, _KIND).load_json(_META)
 
 
 def load_or_train(
@@ -168,22 +174,27 @@ def load_or_train(
     learning_rate: float = 1e-3,
     train_size: int | None = None,
 ) -> Params:
-    """Restore the CNN from `ckpt_dir` (orbax), or train it on Fashion-MNIST train and save it there.
+    """Restore the CNN from `ckpt_dir`, or train it on Fashion-MNIST train and save it there.
 
-    `train_size` limits training to the first n train images (tests). A checkpoint made with
-    another configuration is refused rather than silently reused.
+    The folder is a `jaxeif.runs.RunDir` (locked; the orbax weights and meta.json checksummed, so a
+    damaged file is an error naming it, never other weights). `train_size` limits training to the
+    first n train images (tests). A checkpoint made with another configuration is refused rather than
+    silently reused.
     """
     ckpt_dir = Path(ckpt_dir).expanduser().absolute()
     config = _config(epochs, batch_size, seed, learning_rate, train_size)
-    info = checkpoint_info(ckpt_dir)
-    if info is not None and (ckpt_dir / _WEIGHTS).exists():
+    run = runs.RunDir.open(ckpt_dir, _KIND)
+    weights = run.file(_WEIGHTS)
+    if run.has(_META) and weights.exists():
+        info = run.load_json(_META)
         if info["config"] != config:
             raise ValueError(
                 f"the CNN checkpoint in {ckpt_dir} was trained with {info['config']}, not the requested "
                 f"{config}; pass another checkpoint folder or delete {ckpt_dir} to retrain"
             )
+        run.verify_files(weights)
         target = init_params(jax.random.key(seed))
-        return io.restore_checkpoint(ckpt_dir / _WEIGHTS, target)
+        return io.restore_checkpoint(weights, target)
 
     if train_size is None:
         x_train, y_train = data.load("fashion_mnist", "train")
@@ -197,11 +208,12 @@ def load_or_train(
     x_test, y_test = data.load("fashion_mnist", "test")
     acc = accuracy(params, x_test, y_test)
 
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if (ckpt_dir / _WEIGHTS).exists():  # weights without meta: an interrupted save; redo it
-        shutil.rmtree(ckpt_dir / _WEIGHTS)
-    io.save_checkpoint(ckpt_dir / _WEIGHTS, params)
+    if weights.exists():  # this cache's weights without meta: an interrupted save; redo it
+        run.discard(_WEIGHTS)
+        shutil.rmtree(weights, ignore_errors=True)
+    io.save_checkpoint(weights, params)
+    run.record_files(weights)
     meta = {"config": config, "test_accuracy": acc, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
             "n_train": int(len(x_train)), "backend": jax.default_backend()}
-    io.save_json(ckpt_dir / _META, meta)  # meta last: its presence marks a complete checkpoint
+    run.save_json(_META, meta)  # meta last: its presence marks a complete checkpoint
     return params
