@@ -50,8 +50,9 @@ def finetuned_eif(
     device memory) is refused before anything compiles (chunking.MemoryBudgetError, with the estimate).
     """
     progress_lib.check(progress)
-    train, evals = checked(apply_fn, params, train, evals)
     config = decoder_config(apply_fn, config)
+    train, evals = checked(apply_fn, params, train, evals,
+                           context=None if config is None else config.max_position_embeddings)
     chosen = choose_path(path, optimizer=optimizer, steps=steps, backend=jax.default_backend(),
                          longest=int(train.lengths.max()), config=config)
     if config is not None:
