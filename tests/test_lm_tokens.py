@@ -31,7 +31,8 @@ def valid_tokens(n=3, t=6):
 ENTRY_POINTS = {
     "nll": lambda tr, ev: lm.nll(APPLY, PARAMS, tr),
     "finetuned_eif train": lambda tr, ev: lm.finetuned_eif(APPLY, PARAMS, tr, ev, lr=1e-2, config=CFG),
-    "finetuned_eif evals": lambda tr, ev: lm.finetuned_eif(APPLY, PARAMS, ev, tr, lr=1e-2, optimizer=optax.adam(1.0)),
+    "finetuned_eif evals": lambda tr, ev: lm.finetuned_eif(APPLY, PARAMS, ev, tr, lr=1e-2, optimizer=optax.adam(1.0),
+                                                          config=CFG),
     "lora_eif": lambda tr, ev: lm.lora_eif(APPLY, PARAMS, tr, ev, adapters=ADAPTERS, lr=1e-2),
     "lowrank_sgd_eif train": lambda tr, ev: lm.lowrank_sgd_eif(APPLY, PARAMS, tr, ev, lr=1e-2, config=CFG),
     "lowrank_sgd_eif evals": lambda tr, ev: lm.lowrank_sgd_eif(APPLY, PARAMS, ev, tr, lr=1e-2, config=CFG),
