@@ -35,7 +35,8 @@ def test_matrices_equal_the_library_called_directly(study):
     toks = lm.tokenize(tokenizer.load_tokenizer(str(ckpt)), [s.text for s in domains.draw(DOMAIN, 0)], config=config)
     direct = jaxeif.eif_linearized(lm.NLL(apply_fn), params, lm.Tokens(*map(jnp.asarray, toks)), lr=1.0)
     np.testing.assert_allclose(np.load(out / f"gram_{DOMAIN}.npy"), direct, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.load(out / f"exact_{DOMAIN}_lr0.01.npy"), lm.finetuned_eif(apply_fn, params, toks, lr=1e-2),
+    np.testing.assert_allclose(np.load(out / f"exact_{DOMAIN}_lr0.01.npy"),
+                               lm.finetuned_eif(apply_fn, params, toks, lr=1e-2, config=config),
                                rtol=1e-3, atol=1e-6)
 
 

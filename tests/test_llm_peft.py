@@ -43,7 +43,7 @@ def test_matrices_equal_the_paths_called_directly(study):
                                    lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr), rtol=1e-4, atol=ulps)
         lr = results["lr"]["dense"]
         np.testing.assert_allclose(np.load(out / llm_peft.matrix_key("dense", DOMAIN, r, lr)),
-                                   lm.finetuned_eif(apply_fn, params, toks, lr=lr), rtol=1e-3, atol=1e-5)
+                                   lm.finetuned_eif(apply_fn, params, toks, lr=lr, config=config), rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -68,7 +68,7 @@ def sgd_eif(tiny):
     toks = lm.tokenize(tok, TEXTS, config=config)
     lr = 0.05
     ref = torch_eif(model, toks, lambda p: torch.optim.SGD(p, lr=lr))
-    dense = np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=lr, chunk_size=None))
+    dense = np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=lr, chunk_size=None, config=config))
     low = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=lr, config=config))
     return ref, dense, low
 
@@ -95,7 +95,8 @@ def test_phi3_untied_adam_and_lowrank_sgd_with_context_match_torch_loop(tmp_path
     toks = lm.tokenize(tok, TEXTS[:4], config=config)
     lr = 3e-3
     ref = torch_eif(model, toks, lambda p: torch.optim.Adam(p, lr=lr), steps=2)
-    ours = lm.finetuned_eif(apply_fn, params, toks, lr=lr, steps=2, optimizer=optax.adam(1.0), chunk_size=None)
+    ours = lm.finetuned_eif(apply_fn, params, toks, lr=lr, steps=2, optimizer=optax.adam(1.0), chunk_size=None,
+                            config=config)
     _close(np.asarray(ours), ref)
     with_context = lm.tokenize(tok, TEXTS[:3], contexts=TEXTS[2:5], config=config)
     assert 0 < with_context.score.sum() < with_context.attention.sum() - 3

@@ -84,7 +84,7 @@ def test_from_pretrained_float64_gives_float64_logits(tiny):
     apply64, params64, _ = loading.from_pretrained(path, dtype=jnp.float64)
     assert {x.dtype for x in jax.tree.leaves(params64)} == {jnp.dtype(jnp.float64)}
     logits64 = apply64(params64, toks.ids)
-    assert logits64.dtype == jnp.float64 and apply64.config == config == apply_fn.config
+    assert logits64.dtype == jnp.float64 and phi3.attached_config(apply64) == config == phi3.attached_config(apply_fn)
     np.testing.assert_allclose(np.asarray(logits64), np.asarray(apply_fn(params, toks.ids)), atol=1e-4)
 
 
@@ -151,13 +151,14 @@ def test_finetuned_eif_refuses_a_run_over_its_memory_estimate(tiny):
     assert [lm.memory.optimizer_states(o, params) for o in (None, optax.sgd(0.1), optax.sgd(0.1, momentum=0.9),
                                                               optax.adam(1e-3))] == [0, 0, 1, 2]
     low = lm.memory_estimate(config, n, n, path="lowrank", rank=32)  # samples <= 32 tokens: one rank bucket
-    lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="lowrank", memory_budget=low)  # exactly fits: runs
+    lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="lowrank", config=config, memory_budget=low)  # exactly fits: runs
     with pytest.raises(jaxeif.MemoryBudgetError, match="the lowrank LM EIF of 6 x 6 needs an estimated"):
-        lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="lowrank", memory_budget=low - 1)
+        lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="lowrank", config=config, memory_budget=low - 1)
     sgd = lm.memory_estimate(config, n, n, path="dense", tokens=length, eval_chunk=1)
     assert lm.memory_estimate(config, n, n, path="dense", tokens=length, eval_chunk=1, optimizer=optax.adam(1.0)) > sgd
     with pytest.raises(jaxeif.MemoryBudgetError, match=r"the dense LM EIF of 6 x 6 needs an estimated .* try"):
-        lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="dense", optimizer=optax.adam(1e-3), memory_budget=sgd)
+        lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="dense", optimizer=optax.adam(1e-3), config=config,
+                         memory_budget=sgd)
 
 
 @pytest.mark.slow

@@ -31,8 +31,9 @@ def valid_tokens(n=3, t=6):
 
 ENTRY_POINTS = {
     "nll": lambda tr, ev: lm.nll(APPLY, PARAMS, tr),
-    "finetuned_eif train": lambda tr, ev: lm.finetuned_eif(APPLY, PARAMS, tr, ev, lr=1e-2),
-    "finetuned_eif evals": lambda tr, ev: lm.finetuned_eif(APPLY, PARAMS, ev, tr, lr=1e-2, optimizer=optax.adam(1.0)),
+    "finetuned_eif train": lambda tr, ev: lm.finetuned_eif(APPLY, PARAMS, tr, ev, lr=1e-2, config=CFG),
+    "finetuned_eif evals": lambda tr, ev: lm.finetuned_eif(APPLY, PARAMS, ev, tr, lr=1e-2, optimizer=optax.adam(1.0),
+                                                          config=CFG),
     "lora_eif": lambda tr, ev: lm.lora_eif(APPLY, PARAMS, tr, ev, adapters=ADAPTERS, lr=1e-2),
     "lowrank_sgd_eif train": lambda tr, ev: lm.lowrank_sgd_eif(APPLY, PARAMS, tr, ev, lr=1e-2, config=CFG),
     "lowrank_sgd_eif evals": lambda tr, ev: lm.lowrank_sgd_eif(APPLY, PARAMS, ev, tr, lr=1e-2, config=CFG),
@@ -102,12 +103,12 @@ def test_out_of_vocabulary_ids_name_the_vocabulary():
     with pytest.raises(ValueError, match=r"id 53 .*outside the model's vocabulary \[0, 53\)"):
         lm.lowrank_sgd_eif(APPLY, PARAMS, corrupt("id >= vocab", valid_tokens()), lr=1e-2, config=CFG)
     with pytest.raises(ValueError, match=r"id 53 .*vocabulary"):
-        lm.finetuned_eif(APPLY, PARAMS, corrupt("id >= vocab", valid_tokens()), lr=1e-2)
+        lm.finetuned_eif(APPLY, PARAMS, corrupt("id >= vocab", valid_tokens()), lr=1e-2, config=CFG)
 
 
 def test_valid_tokens_pass_and_both_paths_agree():
     tok = valid_tokens()
-    dense = np.asarray(lm.finetuned_eif(APPLY, PARAMS, tok, lr=1e-1))
+    dense = np.asarray(lm.finetuned_eif(APPLY, PARAMS, tok, lr=1e-1, config=CFG))
     low = np.asarray(lm.lowrank_sgd_eif(APPLY, PARAMS, tok, lr=1e-1, config=CFG))
     np.testing.assert_allclose(low, dense, atol=2e-5, rtol=1e-3)
     assert np.abs(dense).max() > 1e-4

@@ -9,7 +9,7 @@ The rule for "auto": low-rank iff one plain SGD step, on CPU, with the rank belo
 Measured (SmolLM2-135M shape, n = m = 64): on a 2-core CPU low-rank was 2.5x dense; on one H100 it was
 0.73x with its fine-tunes batched (2,660 vs 3,640 pairs/s), so GPU/TPU take the dense path (`jaxeif
 bench-lm --random` measures both on any device). A rank at or above the hidden size is no lower than the weights themselves.
-Without a Phi3Config (neither `config=` nor `apply_fn.config`) the decoder's layers are unknown and
+Without a DecoderConfig (`config=`) the decoder's layers are unknown and
 "auto" takes the dense path.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import optax
 
 from jaxeif.lm.lowrank import RANK_BUCKET
-from jaxeif.models.phi3 import Phi3Config
+from jaxeif.models.decoder import DecoderConfig
 from jaxeif.packing import round_up
 
 PATHS = ("auto", "dense", "lowrank")
@@ -25,7 +25,7 @@ LOWRANK_BACKENDS = ("cpu",)  # measured faster there; on GPU (H100) dense was 1.
 
 
 def choose_path(path: str, *, optimizer: optax.GradientTransformation | None, steps: int, backend: str,
-                longest: int, config: Phi3Config | None, rank_bucket: int = RANK_BUCKET) -> str:
+                longest: int, config: DecoderConfig | None, rank_bucket: int = RANK_BUCKET) -> str:
     """"dense" or "lowrank" for `path` ("auto" applies the rule above; a forced "lowrank" must be one SGD step)."""
     if path not in PATHS:
         raise ValueError(f"`path` must be one of {', '.join(map(repr, PATHS))}, got {path!r}")

@@ -17,13 +17,13 @@ from jaxeif import progress as progress_lib
 from jaxeif.finetune import PyTree
 from jaxeif.lm.dispatch import choose_path
 from jaxeif.lm.loss import NLL, sequence_nll
-from jaxeif.lm.lowrank import RANK_BUCKET, lowrank_sgd_eif
+from jaxeif.lm.lowrank import RANK_BUCKET, decoder_config, lowrank_sgd_eif
 from jaxeif.lm.memory import check_memory, optimizer_states
 from jaxeif.lm.per_token import TokenInfluence, check_per_token, from_columns, token_evals
 from jaxeif.lm.tokens import ApplyFn, Tokens, checked
 from jaxeif.models import peft
 from jaxeif.models.lora import Adapters
-from jaxeif.models.phi3 import Phi3Config
+from jaxeif.models.decoder import DecoderConfig
 from jaxeif.options import ChunkSize
 from jaxeif.precision import Precision
 from jaxeif.packing import round_up
@@ -41,7 +41,7 @@ def finetuned_eif(
     chunk_size: ChunkSize = "auto",
     precision: Precision = Precision(),
     path: Literal["auto", "dense", "lowrank"] = "auto",
-    config: Phi3Config | None = None,
+    config: DecoderConfig | None = None,
     progress: bool = False,
     memory_budget: float | None = None,
     per_token: bool = False,
@@ -61,7 +61,9 @@ def finetuned_eif(
         progress: show a progress bar on stderr.
         path: "auto" picks the faster exact path (`jaxeif.lm.dispatch`: low-rank for one plain SGD step on
             CPU, else dense); "dense" / "lowrank" force one ("lowrank" needs optimizer=None, steps=1).
-        config: the decoder's Phi3Config (default apply_fn.config).
+        config: the decoder's DecoderConfig (from `loading.from_pretrained`; omitted for a jaxeif
+            decoder, it is taken from the apply_fn with a DeprecationWarning; None for any other model:
+            the dense path, no memory check).
         memory_budget: with a config, a run whose `lm.memory_estimate` exceeds this many bytes (default: 3/4
             of the free device memory) is refused before anything compiles; also the budget of "auto".
         per_token: return a `lm.TokenInfluence` (every scored eval token's NLL change, f32[n, m, T], whose
@@ -77,8 +79,9 @@ def finetuned_eif(
     progress_lib.check(progress)
     precision = options.check_precision(precision)
     per_token = check_per_token(per_token)
-    train, evals = checked(apply_fn, params, train, evals)
-    config = getattr(apply_fn, "config", None) if config is None else config
+    config = decoder_config(apply_fn, config)
+    train, evals = checked(apply_fn, params, train, evals,
+                           context=None if config is None else config.max_position_embeddings)
     chosen = choose_path(path, optimizer=optimizer, steps=steps, backend=jax.default_backend(),
                          longest=int(train.lengths.max()), config=config)
     if per_token and chosen == "dense":  # each scored token an eval of its own (exact; costs T x the evals)

@@ -22,6 +22,7 @@ The computation, in named steps:
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Iterator, NamedTuple
 
 import jax
@@ -36,7 +37,7 @@ from jaxeif.lm.loss import (ROW_LENGTH, group_counts, group_means, pack_tokens, 
                             row_arrays, slot_nll)
 from jaxeif.lm.per_token import TokenInfluence, check_per_token, tokens_slots
 from jaxeif.lm.tokens import ApplyFn, Tokens, check_example, checked
-from jaxeif.models.phi3 import Phi3Config
+from jaxeif.models.decoder import DecoderConfig, attached_config
 from jaxeif.options import ChunkSize
 from jaxeif.precision import Precision
 from jaxeif.packing import round_up
@@ -58,16 +59,31 @@ class FineTunes(NamedTuple):
     valid: np.ndarray
 
 
-def config_of(apply_fn: ApplyFn, config: Phi3Config | None) -> Phi3Config:
-    """`config`, else the one the apply_fn was made with (`apply_fn.config`); a clear error if neither."""
-    config = getattr(apply_fn, "config", None) if config is None else config
-    if not isinstance(config, Phi3Config):
-        raise TypeError(f"the low-rank path needs the decoder's Phi3Config: pass `config=` (got {config!r}); apply_fns "
-                        "made by jaxeif.models.phi3.make_apply_fn or loading.from_pretrained carry it as apply_fn.config")
+def decoder_config(apply_fn: ApplyFn, config: DecoderConfig | None) -> DecoderConfig | None:
+    """`config` when given (checked to be a DecoderConfig); else, deprecated, the config a jaxeif decoder's
+    apply_fn was built with (a DeprecationWarning: pass `config=`); else None (any other apply_fn)."""
+    if config is not None:
+        if not isinstance(config, DecoderConfig):
+            raise TypeError(f"`config` must be a jaxeif.models.decoder.DecoderConfig (from loading.from_pretrained or "
+                            f"loading.load), got {type(config).__name__}")
+        return config
+    config = attached_config(apply_fn)
+    if config is not None:
+        warnings.warn("taking the decoder config from the apply_fn is deprecated and will be removed: pass `config=` "
+                      "(the config returned by loading.from_pretrained)", DeprecationWarning, stacklevel=3)
     return config
 
 
-def _linear_dims(config: Phi3Config, module: tuple[str, str]) -> tuple[int, int]:
+def config_of(apply_fn: ApplyFn, config: DecoderConfig | None) -> DecoderConfig:
+    """`decoder_config(apply_fn, config)`; a TypeError when there is none (the low-rank path needs it)."""
+    config = decoder_config(apply_fn, config)
+    if config is None:
+        raise TypeError("the low-rank path needs the decoder's DecoderConfig: pass `config=` (the config returned by "
+                        "jaxeif.models.loading.from_pretrained or loading.load)")
+    return config
+
+
+def _linear_dims(config: DecoderConfig, module: tuple[str, str]) -> tuple[int, int]:
     c = config
     h, kv, hd, d, f = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.intermediate_size
     return {
@@ -78,18 +94,42 @@ def _linear_dims(config: Phi3Config, module: tuple[str, str]) -> tuple[int, int]
     }[module]
 
 
-def zero_taps(config: Phi3Config, t: int) -> dict:
+def _norm_paths(config: DecoderConfig) -> list[tuple[tuple[str, ...], int]]:
+    """(path in the layers' params, width) of every per-layer RMSNorm: hidden-size norms, and the per-head
+    q/k norms (head_dim wide) of a qk_norm architecture."""
+    paths = [((name,), config.hidden_size) for name in config.norms]
+    if config.qk_norm:
+        paths += [(("self_attn", "q_norm"), config.head_dim), (("self_attn", "k_norm"), config.head_dim)]
+    return paths
+
+
+def zero_taps(config: DecoderConfig, t: int) -> dict:
     """A `delta=` of zero taps for one packed row of t tokens: "out" and "read" on every linear and on the
     output projection, "out" on the embedding, and per-token additive deltas of every RMSNorm weight
-    (whose gradients are then each token's contribution to the norm's gradient)."""
+    (whose gradients are then each token's contribution to the norm's gradient). A linear's bias needs
+    no tap of its own: its per-token gradient is the "out" tap's."""
     L, d = config.num_hidden_layers, config.hidden_size
-    norm = lambda *lead: {"w": jnp.zeros((*lead, 1, t, d))}  # noqa: E731
-    layers: dict = {"self_attn": {}, "mlp": {}, "input_layernorm": norm(L), "post_attention_layernorm": norm(L)}
+    layers: dict = {"self_attn": {}, "mlp": {}}
+    for path, width in _norm_paths(config):
+        _put(layers, path, {"w": jnp.zeros((L, 1, t, width))})
     for group, name in _LINEARS:
         n_in, n_out = _linear_dims(config, (group, name))
         layers[group][name] = {"out": jnp.zeros((L, 1, t, n_out)), "read": jnp.zeros((L, 1, t, n_in))}
-    return {"model": {"embed_tokens": {"out": jnp.zeros((1, t, d))}, "layers": layers, "norm": norm()},
+    model = {"embed_tokens": {"out": jnp.zeros((1, t, d))}, "layers": layers, "norm": {"w": jnp.zeros((1, t, d))}}
+    return {"model": model,
             "lm_head": {"out": jnp.zeros((1, t, config.vocab_size)), "read": jnp.zeros((1, t, d))}}
+
+
+def _put(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 # ----------------------------------------------------------------------------- 1. per-token gradients
@@ -125,7 +165,7 @@ def fine_tune_chunks(packed: packing.Packed, k: int, rank_bucket: int, chunk: in
 
 
 # ----------------------------------------------------------------------------- 3. the exact deltas
-def gather_deltas(config: Phi3Config, g: dict, ids: jax.Array, idx: jax.Array, valid: jax.Array, lr: jax.Array) -> dict:
+def gather_deltas(config: DecoderConfig, g: dict, ids: jax.Array, idx: jax.Array, valid: jax.Array, lr: jax.Array) -> dict:
     """The exact low-rank delta of one SGD step on the sample at row tokens `idx` int32[R] (`valid` f32[R]
     masks padding slots: they add exact zeros), as an apply_fn `delta=` dict."""
     take = lambda x: jnp.take(x, idx, axis=-2) * valid[:, None].astype(x.dtype)  # noqa: E731  [..., t, f] -> [..., R, f]
@@ -135,8 +175,10 @@ def gather_deltas(config: Phi3Config, g: dict, ids: jax.Array, idx: jax.Array, v
     for group, name in _LINEARS:
         tap = lay[group][name]
         layers[group][name] = {"a": jnp.swapaxes(take(tap["read"][:, 0]), 1, 2), "b": -lr * take(tap["out"][:, 0])}
-    for name in ("input_layernorm", "post_attention_layernorm"):
-        layers[name] = {"w": -lr * total(lay[name]["w"][:, 0])}
+    if config.qkv_bias:  # dL/d(bias) is the sum of the output's per-token gradients
+        layers["self_attn"]["qkv_proj"]["bias"] = -lr * total(lay["self_attn"]["qkv_proj"]["out"][:, 0])
+    for path, _ in _norm_paths(config):
+        _put(layers, path, {"w": -lr * total(_get(lay, path)["w"][:, 0])})
     g_embed_out = take(g["model"]["embed_tokens"]["out"][0])  # G0 = dL/d(embedding output): [R, d]
     onehot = jax.nn.one_hot(jnp.take(ids, idx), config.vocab_size, dtype=g_embed_out.dtype) * valid[:, None].astype(g_embed_out.dtype)
     g_logits, hidden = take(g["lm_head"]["out"][0]), take(g["lm_head"]["read"][0])  # C [R, V], H [R, d]
@@ -161,8 +203,8 @@ def _slot_changes(apply_fn, params, row: dict, deltas: dict) -> jax.Array:
 
 
 def _scale_step(deltas: dict, s: jax.Array) -> dict:
-    """The deltas of a step `s` times as long: the lr-scaled factors ("b", norm "w") times s; "a" is fixed."""
-    return jax.tree_util.tree_map_with_path(lambda path, x: s * x if path[-1].key in ("b", "w") else x, deltas)
+    """The deltas of a step `s` times as long: the lr-scaled factors ("b", norm "w", "bias") times s; "a" is fixed."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: s * x if path[-1].key in ("b", "w", "bias") else x, deltas)
 
 
 def _slot_slopes(apply_fn, params, row: dict, deltas: dict) -> jax.Array:
@@ -216,7 +258,7 @@ def _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals
 
 
 # ----------------------------------------------------------------------------- public API
-def sgd_step_lowrank(apply_fn: ApplyFn, params: PyTree, example: Tokens, lr, *, config: Phi3Config | None = None) -> dict:
+def sgd_step_lowrank(apply_fn: ApplyFn, params: PyTree, example: Tokens, lr, *, config: DecoderConfig | None = None) -> dict:
     """The low-rank delta of ONE SGD step on `example` (a Tokens row), exactly: `apply_fn(params, ids,
     delta=delta)` is then the fine-tuned model (norm weights enter as additive deltas)."""
     config = config_of(apply_fn, config)
@@ -239,7 +281,7 @@ def lowrank_sgd_eif(
     lr: float | np.ndarray,
     chunk_size: ChunkSize = "auto",
     precision: Precision = Precision(),
-    config: Phi3Config | None = None,
+    config: DecoderConfig | None = None,
     progress: bool = False,
     memory_budget: float | None = None,
     row_length: int = ROW_LENGTH,
@@ -256,7 +298,8 @@ def lowrank_sgd_eif(
         params: the decoder's parameters.
         train: the fine-tune samples, jaxeif.lm.Tokens.
         evals: the evaluated samples, jaxeif.lm.Tokens (None: `train`).
-        config: the decoder's Phi3Config (default apply_fn.config).
+        config: the decoder's DecoderConfig (required; taken from a jaxeif apply_fn with a
+            DeprecationWarning when omitted).
         lr: learning rate, a scalar or f[n] (one per train example); required.
         chunk_size: fine-tunes (rows) vmapped per step; "auto": one on CPU, on GPU/TPU the most whose
             program fits `memory_budget` (jaxeif.chunking), as in `jaxeif.eif`.
@@ -294,7 +337,7 @@ def linearized_sgd_eif(
     lr: float | np.ndarray,
     chunk_size: ChunkSize = "auto",
     precision: Precision = Precision(),
-    config: Phi3Config | None = None,
+    config: DecoderConfig | None = None,
     progress: bool = False,
     memory_budget: float | None = None,
     row_length: int = ROW_LENGTH,
@@ -313,7 +356,8 @@ def linearized_sgd_eif(
         lr: learning rate, a scalar or f[n] (one per train example); required.
         chunk_size: fine-tunes (rows) vmapped per step, as in `lowrank_sgd_eif`.
         precision: a jaxeif.Precision (difference=True changes nothing here: no losses are subtracted).
-        config: the decoder's Phi3Config (default apply_fn.config).
+        config: the decoder's DecoderConfig (required; taken from a jaxeif apply_fn with a DeprecationWarning
+            when omitted).
         progress: show a progress bar on stderr.
         memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
         row_length: tokens per packed row.

@@ -39,10 +39,13 @@ F32 = 4
 
 
 def param_count(config) -> int:
-    """Number of parameters of a Phi-3 / Llama decoder with this config."""
+    """Number of parameters of a decoder with this config (jaxeif.models.decoder: biases, q/k and extra norms)."""
     c = config
     d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    layer = d * (c.num_attention_heads + 2 * c.num_key_value_heads) * hd + c.num_attention_heads * hd * d + 3 * d * f + 2 * d
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd
+    layer = d * qkv + c.num_attention_heads * hd * d + 3 * d * f + len(getattr(c, "norms", ("", ""))) * d
+    layer += qkv if getattr(c, "qkv_bias", False) else 0
+    layer += 2 * hd if getattr(c, "qk_norm", False) else 0
     embed = c.vocab_size * d * (1 if c.tie_word_embeddings else 2)
     return c.num_hidden_layers * layer + embed + d
 
@@ -204,7 +207,8 @@ def _check(config, n, m, *, path, tokens, chunk_size, eval_chunk, optimizer, ste
     for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "head_dim",
                  "num_attention_heads", "num_key_value_heads"):
         if not hasattr(config, name):
-            raise TypeError(f"`config` must be a jaxeif.models.phi3.Phi3Config (no `{name}`), got {type(config).__name__}")
+            raise TypeError(f"`config` must be a jaxeif.models.decoder.DecoderConfig (no `{name}`), "
+                            f"got {type(config).__name__}")
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"`config.{name}` must be an int >= 1, got {value!r}; fix the model config")

