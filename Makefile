@@ -13,7 +13,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-
 DEMO_OUT ?= results/cnn_noise
 DEMO_ARGS ?=
 
-.PHONY: demo test test-fast docs data lock clean-venv
+.PHONY: demo test test-fast docs lint data lock clean-venv
 
 $(VENV)/.base: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ $(VENV)/.docs: $(VENV)/.base
 # The documentation site, from docs/ and the docstrings, into site/ (warnings are errors).
 docs: $(VENV)/.docs
 	$(PY) -m mkdocs build --strict
+
+# Formatting and lint (ruff, configured in pyproject.toml); `ruff format .` fixes the formatting.
+lint: $(VENV)/.test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean-venv:
 	rm -rf $(VENV)

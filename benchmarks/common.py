@@ -1,10 +1,11 @@
 """Shared benchmark helpers: timing, the matmul reference rate, peak memory, table printing."""
+
 from __future__ import annotations
 
 import platform
 import resource
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,8 @@ def peak_rss_mb() -> float:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {jax.device_count()}x {jax.devices()[0].platform}, jax {jax.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {jax.device_count()}x {jax.devices()[0].platform}, jax {jax.__version__}"
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
@@ -58,4 +60,6 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     cells = [[str(h) for h in headers]] + [[f"{v:,.3g}" if isinstance(v, float) else str(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+    return "\n".join(
+        [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]]
+    )

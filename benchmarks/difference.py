@@ -8,6 +8,7 @@ one row at a time, plus the matrix of loss changes; compilation excluded), all m
 
     python -m jaxeif.benchmarks.difference [--n 64] [--models cnn,mlp,decoder] [--out results.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,8 @@ import functools
 import gzip
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,14 +49,14 @@ class Problem:
 # ----------------------------------------------------------------------------- models
 def _fashion_mnist(split: str, n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The first n (after `offset`) Fashion-MNIST images f32[n, 28, 28, 1] and labels, read from the local IDX."""
-    from jaxeif.data.images import IDX_FILES, FASHION_MNIST_DIR
+    from jaxeif.data.images import FASHION_MNIST_DIR, IDX_FILES
 
     def idx(key):
         with gzip.open(FASHION_MNIST_DIR / IDX_FILES[f"{split}_{key}"]) as f:
             raw = f.read()
         ndim = raw[3]
-        shape = np.frombuffer(raw[4:4 + 4 * ndim], ">u4").astype(int)
-        return np.frombuffer(raw[4 + 4 * ndim:], np.uint8).reshape(shape)
+        shape = np.frombuffer(raw[4 : 4 + 4 * ndim], ">u4").astype(int)
+        return np.frombuffer(raw[4 + 4 * ndim :], np.uint8).reshape(shape)
 
     images, labels = idx("images"), idx("labels")
     sl = slice(offset, offset + n)
@@ -91,8 +93,14 @@ def cnn_problem(n: int, *, train_steps: int = 300, checkpoint: str | None = None
         note = f"trained checkpoint {checkpoint}"
     else:
         tx, ty = _fashion_mnist("train", 8192)
-        params = _adam_train(cnn.loss_fn, cnn.init_params(jax.random.key(seed)), (jnp.asarray(tx), jnp.asarray(ty)),
-                             train_steps, 128, seed=seed)
+        params = _adam_train(
+            cnn.loss_fn,
+            cnn.init_params(jax.random.key(seed)),
+            (jnp.asarray(tx), jnp.asarray(ty)),
+            train_steps,
+            128,
+            seed=seed,
+        )
         note = f"{train_steps} Adam steps (batch 128) on 8,192 Fashion-MNIST train images"
     acc = cnn.accuracy(params, x, y)
     return Problem("cnn", cnn.loss_fn, params, data, f"{note}; accuracy on these {n} test images {acc:.1%}")
@@ -101,8 +109,13 @@ def cnn_problem(n: int, *, train_steps: int = 300, checkpoint: str | None = None
 def mlp_init(key, sizes=(32, 64, 64, 10)) -> dict:
     """Params of the tanh/GELU MLP: {"w0", "b0", ...} with LeCun-normal weights."""
     keys = jax.random.split(key, len(sizes) - 1)
-    return {**{f"w{i}": jax.random.normal(k, (a, b)) / np.sqrt(a) for i, (k, a, b) in enumerate(zip(keys, sizes, sizes[1:]))},
-            **{f"b{i}": jnp.zeros(b) for i, b in enumerate(sizes[1:])}}
+    return {
+        **{
+            f"w{i}": jax.random.normal(k, (a, b)) / np.sqrt(a)
+            for i, (k, a, b) in enumerate(zip(keys, sizes, sizes[1:]))
+        },
+        **{f"b{i}": jnp.zeros(b) for i, b in enumerate(sizes[1:])},
+    }
 
 
 def mlp_loss(params: dict, example) -> jax.Array:
@@ -123,16 +136,31 @@ def mlp_problem(n: int, *, train_steps: int = 300, seed: int = 0) -> Problem:
     flip = jax.random.bernoulli(kf, 0.2, y.shape)  # label noise: the model cannot become certain of every sample
     y = jnp.where(flip, jax.random.randint(kr, y.shape, 0, 10), y).astype(jnp.int32)
     params = _adam_train(mlp_loss, mlp_init(kp), (x[n:], y[n:]), train_steps, 128, lr=1e-3, seed=seed)
-    return Problem("mlp", mlp_loss, params, (x[:n], y[:n]),
-                   f"32-64-64-10 tanh/GELU, {train_steps} Adam steps on a random teacher with 20% label noise")
+    return Problem(
+        "mlp",
+        mlp_loss,
+        params,
+        (x[:n], y[:n]),
+        f"32-64-64-10 tanh/GELU, {train_steps} Adam steps on a random teacher with 20% label noise",
+    )
 
 
-DECODER = phi3.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
-                          model_type="llama", rms_norm_eps=1e-5)
+DECODER = phi3.Phi3Config(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+    model_type="llama",
+    rms_norm_eps=1e-5,
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _decoder_apply(config: phi3.Phi3Config):
     return phi3.make_apply_fn(config)
 
@@ -155,11 +183,22 @@ def decoder_problem(n: int, *, length: int = 12, seed: int = 0, config: phi3.Phi
     params = phi3.init_params(kp, config)
     leaves, tree = jax.tree.flatten_with_path(params)
     keys = jax.random.split(kn, len(leaves))
-    params = jax.tree.unflatten(tree, [v + 0.1 * jax.random.normal(k, v.shape) if "norm" in jax.tree_util.keystr(p) else v
-                                       for (p, v), k in zip(leaves, keys)])
+    params = jax.tree.unflatten(
+        tree,
+        [
+            v + 0.1 * jax.random.normal(k, v.shape) if "norm" in jax.tree_util.keystr(p) else v
+            for (p, v), k in zip(leaves, keys)
+        ],
+    )
     ids = jax.random.randint(kd, (n, length), 0, config.vocab_size, jnp.int32)
-    return Problem("decoder", DecoderLoss(config), params, ids,
-                   f"random Llama: {config.num_hidden_layers} layers, d={config.hidden_size}, vocab {config.vocab_size}, t={length}")
+    return Problem(
+        "decoder",
+        DecoderLoss(config),
+        params,
+        ids,
+        f"random Llama: {config.num_hidden_layers} layers, d={config.hidden_size}, vocab {config.vocab_size}, "
+        f"t={length}",
+    )
 
 
 # ----------------------------------------------------------------------------- the matrices
@@ -186,8 +225,10 @@ def propagated_matrix(loss_fn, params, ds, evals):
 
 def to_float64(tree):
     """Float leaves as float64 (call under jax.enable_x64(True))."""
-    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)) if jnp.issubdtype(a.dtype, jnp.floating)
-                        else jnp.asarray(a), tree)
+    return jax.tree.map(
+        lambda a: jnp.asarray(np.asarray(a, np.float64)) if jnp.issubdtype(a.dtype, jnp.floating) else jnp.asarray(a),
+        tree,
+    )
 
 
 def truth64(loss_fn, params, ds, evals) -> np.ndarray:
@@ -225,17 +266,23 @@ def evaluate(problem: Problem, lrs=LRS, repeats: int = 3) -> dict:
     lr = jnp.float32(lrs[len(lrs) // 2])
     ds = deltas(f, p, data, lr)
     finetune = _time(lambda: deltas(f, p, data, lr), repeats)
-    matrix = {"direct_f32": _time(lambda: direct_matrix(f, p, ds, data), repeats),
-              "propagated_f32": _time(lambda: propagated_matrix(f, p, ds, data), repeats)}
+    matrix = {
+        "direct_f32": _time(lambda: direct_matrix(f, p, ds, data), repeats),
+        "propagated_f32": _time(lambda: propagated_matrix(f, p, ds, data), repeats),
+    }
     with jax.enable_x64(True):
         p64, data64, lr64 = to_float64(p), to_float64(data), jnp.float64(lr)
         ds64 = deltas(f, p64, data64, lr64)
         finetune64 = _time(lambda: deltas(f, p64, data64, lr64), repeats)
         matrix["direct_f64"] = _time(lambda: direct_matrix(f, p64, ds64, data64), repeats)
     seconds = {k: v + (finetune64 if k.endswith("f64") else finetune) for k, v in matrix.items()}
-    out.update(seconds=seconds, matrix_seconds=matrix, finetune_seconds={"f32": finetune, "f64": finetune64},
-               ratio_to_direct_f32={k: v / seconds["direct_f32"] for k, v in seconds.items()},
-               matrix_ratio_to_direct_f32={k: v / matrix["direct_f32"] for k, v in matrix.items()})
+    out.update(
+        seconds=seconds,
+        matrix_seconds=matrix,
+        finetune_seconds={"f32": finetune, "f64": finetune64},
+        ratio_to_direct_f32={k: v / seconds["direct_f32"] for k, v in seconds.items()},
+        matrix_ratio_to_direct_f32={k: v / matrix["direct_f32"] for k, v in matrix.items()},
+    )
     return out
 
 
@@ -244,16 +291,37 @@ def report(name: str, result: dict) -> str:
     rows = []
     for lr, r in result["lr"].items():
         d, q = r["direct_f32"], r["propagated_f32"]
-        rows.append([lr, f"{d['sign_agreement']:.2%}", f"{d['median_rel_error']:.2g}",
-                     f"{q['sign_agreement']:.2%}", f"{q['median_rel_error']:.2g}", f"{q['p99_rel_error']:.2g}"])
-    acc = common.table(["lr", "direct f32 signs", "direct f32 med. rel. err", "propagated f32 signs",
-                        "propagated med. rel. err", "propagated p99 rel. err"], rows)
+        rows.append(
+            [
+                lr,
+                f"{d['sign_agreement']:.2%}",
+                f"{d['median_rel_error']:.2g}",
+                f"{q['sign_agreement']:.2%}",
+                f"{q['median_rel_error']:.2g}",
+                f"{q['p99_rel_error']:.2g}",
+            ]
+        )
+    acc = common.table(
+        [
+            "lr",
+            "direct f32 signs",
+            "direct f32 med. rel. err",
+            "propagated f32 signs",
+            "propagated med. rel. err",
+            "propagated p99 rel. err",
+        ],
+        rows,
+    )
     keys = ("direct_f32", "propagated_f32", "direct_f64")
-    cost = common.table(["", "direct f32", "propagated f32", "direct f64"], [
-        ["EIF seconds (fine-tunes + matrix)", *[result["seconds"][k] for k in keys]],
-        ["x direct f32", *[result["ratio_to_direct_f32"][k] for k in keys]],
-        ["matrix seconds (loss changes only)", *[result["matrix_seconds"][k] for k in keys]],
-        ["x direct f32", *[result["matrix_ratio_to_direct_f32"][k] for k in keys]]])
+    cost = common.table(
+        ["", "direct f32", "propagated f32", "direct f64"],
+        [
+            ["EIF seconds (fine-tunes + matrix)", *[result["seconds"][k] for k in keys]],
+            ["x direct f32", *[result["ratio_to_direct_f32"][k] for k in keys]],
+            ["matrix seconds (loss changes only)", *[result["matrix_seconds"][k] for k in keys]],
+            ["x direct f32", *[result["matrix_ratio_to_direct_f32"][k] for k in keys]],
+        ],
+    )
     return f"## {name} (n = m = {result['n']}; {result['note']})\n{acc}\n\n{cost}\n"
 
 

@@ -4,6 +4,7 @@ The file holds uint8 images [n, 28, 28] and int32 labels of the test split (and 
 --train images of the train split, to train the CNN there): what `jaxeif bench-cnn --device-report
 --data FILE` reads on an accelerator that has jax, flax, optax, orbax and torch but no TensorFlow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,9 @@ import sys
 
 import numpy as np
 
-from jaxeif.experiments import options
 from jaxeif import io
 from jaxeif.data import images
+from jaxeif.experiments import options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +32,9 @@ def load(path: str) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as f:
         missing = {"test_images", "test_labels"} - set(f.files)
         if missing:
-            raise ValueError(f"{path} is not a jaxeif data export (missing {sorted(missing)}); write one with `jaxeif export-data`")
+            raise ValueError(
+                f"{path} is not a jaxeif data export (missing {sorted(missing)}); write one with `jaxeif export-data`"
+            )
         out = {k: f[k] for k in f.files}
     for split in ("test", "train"):
         if f"{split}_images" in out:

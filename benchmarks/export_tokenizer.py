@@ -4,6 +4,7 @@ Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into --
 what `jaxeif bench-lm-device --tokenizer DIR` reads on an accelerator without the GGUF weights or the
 `gguf` package (only the `tokenizers` library is needed there).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -11,6 +11,7 @@ with it entry by entry; every number goes to --json. Variants:
 Each with the low-rank path and the dense path (`lm.finetuned_eif`, whose fine-tuned copy has the
 params' dtype). A path that fails is recorded with its error, not hidden.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeif.experiments import options
-from jaxeif.benchmarks import common
 from jaxeif import io, lm, runs
+from jaxeif.benchmarks import common
 from jaxeif.data import domains
+from jaxeif.experiments import options
 from jaxeif.models import loading, phi3, tokenizer, upcast
 
 PATHS = ("lowrank", "dense")
@@ -37,12 +38,17 @@ VARIANTS = ("bf16-model", "bf16-weights", "f32-rounded")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="docs/lm_bf16_error.json", help="write every number here")
     parser.add_argument("--lr", type=options.positive_float, default=1e-4, help="SGD learning rate (the study's: 1e-4)")
-    parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
+    parser.add_argument(
+        "--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}"
+    )
     options.add_seed(parser, "entity names of domains.draw")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--reference", default="results/lm_bf16_reference.npz",
-                        help="the float32 matrices: read if there (same domains, seed, lr), else computed and written")
+    parser.add_argument(
+        "--reference",
+        default="results/lm_bf16_reference.npz",
+        help="the float32 matrices: read if there (same domains, seed, lr), else computed and written",
+    )
 
 
 def agreement(M: np.ndarray, ref: np.ndarray) -> dict:
@@ -50,10 +56,13 @@ def agreement(M: np.ndarray, ref: np.ndarray) -> dict:
     M, ref = np.asarray(M, np.float64), np.asarray(ref, np.float64)
     err = np.abs(M - ref)
     nonzero = ref != 0
-    return {"max_rel_error": float(err.max() / np.abs(ref).max()),
-            "median_rel_error": float(np.median(err[nonzero] / np.abs(ref[nonzero]))),
-            "sign_agreement": float(np.mean(np.sign(M) == np.sign(ref))), "entries": int(ref.size),
-            "max_abs_ref": float(np.abs(ref).max())}
+    return {
+        "max_rel_error": float(err.max() / np.abs(ref).max()),
+        "median_rel_error": float(np.median(err[nonzero] / np.abs(ref[nonzero]))),
+        "sign_agreement": float(np.mean(np.sign(M) == np.sign(ref))),
+        "entries": int(ref.size),
+        "max_abs_ref": float(np.abs(ref).max()),
+    }
 
 
 def eif(path: str, apply_fn, params, config, toks: lm.Tokens, lr: float) -> np.ndarray:
@@ -81,18 +90,29 @@ def reference(args, compute) -> dict:
 def run(args: argparse.Namespace) -> dict:
     apply32, p32, config = loading.from_pretrained(None)
     tok = tokenizer.load_tokenizer(None)
-    toks = {d: lm.tokenize(tok, [s.text for s in domains.draw(d, args.seed)], config=config, pad_multiple=16)
-            for d in args.domains}
+    toks = {
+        d: lm.tokenize(tok, [s.text for s in domains.draw(d, args.seed)], config=config, pad_multiple=16)
+        for d in args.domains
+    }
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
-    variants = {"f32-rounded": (apply32, jax.tree.map(lambda x: x.astype(jnp.float32), p16)),
-                "bf16-weights": (jax.jit(upcast.upcast_apply_fn(phi3.make_apply_fn(config))), p16),
-                "bf16-model": (jax.jit(phi3.make_apply_fn(config, jnp.bfloat16)), p16)}
+    variants = {
+        "f32-rounded": (apply32, jax.tree.map(lambda x: x.astype(jnp.float32), p16)),
+        "bf16-weights": (jax.jit(upcast.upcast_apply_fn(phi3.make_apply_fn(config))), p16),
+        "bf16-model": (jax.jit(phi3.make_apply_fn(config, jnp.bfloat16)), p16),
+    }
     logits_dtype = str(variants["bf16-model"][0](p16, jnp.asarray(toks[args.domains[0]].ids[:1])).dtype)
-    report = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", "lr": args.lr, "optimizer": "sgd, 1 step",
-              "domains": {d: int(np.asarray(t.ids).shape[0]) for d, t in toks.items()},
-              "bf16_model_logits_dtype": logits_dtype, "date": datetime.date.today().isoformat(),
-              "machine": common.machine(), "metadata": runs.run_metadata(seed=args.seed), "reference": "float32 lowrank",
-              "results": {}}
+    report = {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
+        "lr": args.lr,
+        "optimizer": "sgd, 1 step",
+        "domains": {d: int(np.asarray(t.ids).shape[0]) for d, t in toks.items()},
+        "bf16_model_logits_dtype": logits_dtype,
+        "date": datetime.date.today().isoformat(),
+        "machine": common.machine(),
+        "metadata": runs.run_metadata(seed=args.seed),
+        "reference": "float32 lowrank",
+        "results": {},
+    }
     ref = reference(args, lambda: {d: eif("lowrank", apply32, p32, config, t, args.lr) for d, t in toks.items()})
     for variant in args.variants:
         apply_fn, params = variants[variant]
@@ -103,7 +123,9 @@ def run(args: argparse.Namespace) -> dict:
             except Exception as e:  # a path that cannot run this dtype is a result, recorded
                 row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             else:
-                row = agreement(np.concatenate([got[d].ravel() for d in toks]), np.concatenate([ref[d].ravel() for d in toks]))
+                row = agreement(
+                    np.concatenate([got[d].ravel() for d in toks]), np.concatenate([ref[d].ravel() for d in toks])
+                )
                 row["finite"] = bool(all(np.isfinite(m).all() for m in got.values()))
             row["seconds"] = time.perf_counter() - start
             report["results"][f"{variant}/{path}"] = row

@@ -5,6 +5,7 @@ the path runs, in a fresh subprocess: the path runs once first (compiling), its 
 the kernel's peak counter is reset (/proc/self/clear_refs), and the second run is measured. glibc's
 mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_) so freed buffers go back to the system. Linux only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeif.experiments import options
-from jaxeif.benchmarks import common
 from jaxeif import io, lm, packing
+from jaxeif.benchmarks import common
+from jaxeif.experiments import options
 from jaxeif.lm import loss as lm_loss
 from jaxeif.lm import memory
 from jaxeif.models import phi3, upcast
@@ -29,9 +30,12 @@ from jaxeif.models import phi3, upcast
 SIZES = {"small": (2, 256, 768, 4, 8192), "medium": (4, 512, 1536, 8, 16384), "large": (4, 768, 2304, 12, 32064)}
 TEST_SIZES = {"s2": (2, 256, 768, 4, 8192), "s3": (2, 384, 1024, 6, 12288), "s4": (2, 512, 1536, 8, 16384)}
 # name -> (params dtype, compute dtype); "bf16-weights" computes through jaxeif.models.upcast
-DTYPES = {"float32": (jnp.float32, jnp.float32), "bfloat16": (jnp.bfloat16, jnp.bfloat16),
-          "bf16-weights": (jnp.bfloat16, jnp.float32)}
-# not measured: the low-rank path of a bfloat16-compute model (it failed before the `delta=` hook; runs since)
+DTYPES = {
+    "float32": (jnp.float32, jnp.float32),
+    "bfloat16": (jnp.bfloat16, jnp.bfloat16),
+    "bf16-weights": (jnp.bfloat16, jnp.float32),
+}
+# not measured: the low-rank path of a bfloat16-compute model (its estimate is not compared with a measured peak)
 UNSUPPORTED = {("lowrank", "bfloat16")}
 
 
@@ -48,9 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_of(size: str) -> phi3.Phi3Config:
     layers, d, f, h, vocab = {**SIZES, **TEST_SIZES}[size]
-    return phi3.Phi3Config(vocab_size=vocab, hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
-                           num_attention_heads=h, num_key_value_heads=h, head_dim=d // h, tie_word_embeddings=True,
-                           max_position_embeddings=4096)
+    return phi3.Phi3Config(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=f,
+        num_hidden_layers=layers,
+        num_attention_heads=h,
+        num_key_value_heads=h,
+        head_dim=d // h,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    )
 
 
 def random_tokens(config, n: int, tokens: int, seed: int = 0) -> lm.Tokens:
@@ -62,7 +74,8 @@ def random_tokens(config, n: int, tokens: int, seed: int = 0) -> lm.Tokens:
 
 
 def run_path(path: str, apply_fn, params, config, toks: lm.Tokens, n: int, m: int):
-    """The path's EIF of the first n samples against the first m (prompted: the packed forward passes of n x m pairs)."""
+    """The path's EIF of the first n samples against the first m (prompted: the packed forward passes of n x m
+    pairs)."""
     train, evals = (lm.Tokens(*(x[:k] for x in toks)) for k in (n, m))
     if path == "dense":
         return np.asarray(lm.finetuned_eif(apply_fn, params, train, evals, lr=1e-4, chunk_size=1, path="dense"))
@@ -94,8 +107,17 @@ def measure(size: str, path: str, dtype: str, n: int, m: int, tokens: int) -> di
     jax.block_until_ready(run_path(path, apply_fn, params, config, toks, n, m))
     growth = _rss("VmHWM") - before
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    return {"size": size, "path": path, "dtype": dtype, "n": n, "m": m, "tokens": tokens, "params_bytes": param_bytes,
-            "growth_bytes": growth, "measured_bytes": param_bytes + growth}
+    return {
+        "size": size,
+        "path": path,
+        "dtype": dtype,
+        "n": n,
+        "m": m,
+        "tokens": tokens,
+        "params_bytes": param_bytes,
+        "growth_bytes": growth,
+        "measured_bytes": param_bytes + growth,
+    }
 
 
 def measure_subprocess(specs: list[dict]) -> list[dict]:
@@ -103,8 +125,14 @@ def measure_subprocess(specs: list[dict]) -> list[dict]:
     buffers are freed before the next is measured; nothing of this process's memory is counted)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "jaxeif.benchmarks.lm_memory", "--child", json.dumps(specs)], capture_output=True,
-                         text=True, env=env, cwd=root, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxeif.benchmarks.lm_memory", "--child", json.dumps(specs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        check=False,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"memory measurement of {specs} failed:\n{out.stderr[-3000:]}")
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -126,8 +154,12 @@ def run(args: argparse.Namespace) -> dict:
         return {}
     rows = []
     for size in args.sizes:  # one process per size
-        specs = [dict(size=size, path=p, dtype=d, n=args.n, m=args.m, tokens=args.tokens) for d in args.dtypes for p in args.paths
-                 if (p, d) not in UNSUPPORTED]
+        specs = [
+            dict(size=size, path=p, dtype=d, n=args.n, m=args.m, tokens=args.tokens)
+            for d in args.dtypes
+            for p in args.paths
+            if (p, d) not in UNSUPPORTED
+        ]
         for row in measure_subprocess(specs):
             row["estimate_bytes"] = estimate(row)
             row["ratio"] = row["estimate_bytes"] / row["measured_bytes"]
@@ -136,9 +168,23 @@ def run(args: argparse.Namespace) -> dict:
         if args.json:
             io.save_json(args.json, {"machine": common.machine(), "rows": rows})
     mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
-    print(common.table(["size", "dtype", "path", "params MiB", "measured MiB", "estimate MiB", "estimate / measured"],
-                       [[r["size"], r["dtype"], r["path"], mib(r["params_bytes"]), mib(r["measured_bytes"]),
-                         mib(r["estimate_bytes"]), f"{r['ratio']:.2f}"] for r in rows]))
+    print(
+        common.table(
+            ["size", "dtype", "path", "params MiB", "measured MiB", "estimate MiB", "estimate / measured"],
+            [
+                [
+                    r["size"],
+                    r["dtype"],
+                    r["path"],
+                    mib(r["params_bytes"]),
+                    mib(r["measured_bytes"]),
+                    mib(r["estimate_bytes"]),
+                    f"{r['ratio']:.2f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
     return {"rows": len(rows), "worst_ratio": max(rows, key=lambda r: abs(np.log(r["ratio"])))["ratio"]}
 
 

@@ -6,6 +6,7 @@ each chunk of rows recomputed in the backward pass. Both columns are XLA's memor
 the compiled gradient program (compiled, not run); `--run` also runs the "after" program, each n
 in a fresh process, and reports its peak RSS and time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,9 @@ from jaxeif.models import cnn
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="100,200,400", help="comma-separated n = m")
-    parser.add_argument("--run", action="store_true", help="also run the jaxeif program (peak RSS, seconds), one process per n")
+    parser.add_argument(
+        "--run", action="store_true", help="also run the jaxeif program (peak RSS, seconds), one process per n"
+    )
     parser.add_argument("--point", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -57,8 +60,12 @@ def _point(n: int) -> dict:
     grad = jax.jit(jax.grad(_after, argnums=2))
     start = time.perf_counter()
     g = jax.block_until_ready(grad(params, train, jnp.full((n,), 1e-3)))
-    return {"n": n, "seconds": time.perf_counter() - start, "peak_rss_gib": common.peak_rss_mb() / 1024,
-            "finite": bool(np.all(np.isfinite(np.asarray(g))))}
+    return {
+        "n": n,
+        "seconds": time.perf_counter() - start,
+        "peak_rss_gib": common.peak_rss_mb() / 1024,
+        "finite": bool(np.all(np.isfinite(np.asarray(g)))),
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -76,16 +83,29 @@ def run(args: argparse.Namespace) -> dict:
     for n in sizes:
         row = {"n": n, "before_gib": _estimate(_before, n), "after_gib": _estimate(_after, n)}
         if args.run:
-            proc = subprocess.run([sys.executable, "-m", "jaxeif.benchmarks.meta_memory", "--point", str(n)],
-                                  capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                [sys.executable, "-m", "jaxeif.benchmarks.meta_memory", "--point", str(n)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if proc.returncode:
                 raise RuntimeError(f"n={n} failed:\n{proc.stderr[-2000:]}")
             row.update(json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("POINT "))[6:]))
         rows.append(row)
     print(f"meta-gradient memory, CNN, jax.grad of eif(...).sum() w.r.t. per-sample lr; {common.machine()}")
-    headers = ["n = m", "before: XLA estimate GiB", "after: XLA estimate GiB"] + (["after: peak RSS GiB", "after: s"] if args.run else [])
-    print(common.table(headers, [[r["n"], r["before_gib"], r["after_gib"]] + ([r["peak_rss_gib"], r["seconds"]] if args.run else [])
-                                 for r in rows]))
+    headers = ["n = m", "before: XLA estimate GiB", "after: XLA estimate GiB"] + (
+        ["after: peak RSS GiB", "after: s"] if args.run else []
+    )
+    print(
+        common.table(
+            headers,
+            [
+                [r["n"], r["before_gib"], r["after_gib"]] + ([r["peak_rss_gib"], r["seconds"]] if args.run else [])
+                for r in rows
+            ],
+        )
+    )
     return {"rows": rows}
 
 

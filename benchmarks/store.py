@@ -9,6 +9,7 @@ The CNN is jaxeif.models.cnn at random init (speed does not depend on the weight
 Fashion-MNIST test images, train = evals. Default sizes are the issue's (8 workers, 4,096 x 4,096);
 `python -m jaxeif.benchmarks.store --n 256 --tile 64 --workers 4` finishes in minutes on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,16 @@ print("RESULT", json.dumps({"tiles": len(r.computed), "end": time.time() - start
 """
 
 
-def _launch(data: pathlib.Path, path: pathlib.Path, worker: int, workers: int, tile: int,
-            env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(data), str(path), f"{worker}/{workers}", str(tile),
-                             repr(time.time())], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _launch(
+    data: pathlib.Path, path: pathlib.Path, worker: int, workers: int, tile: int, env: dict
+) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(data), str(path), f"{worker}/{workers}", str(tile), repr(time.time())],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _run(data, path, workers: int, tile: int, env: dict) -> dict:
@@ -73,8 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
     np.savez(data, x=np.asarray(x), y=np.asarray(y), lr=args.lr)
     pairs = args.n * args.n
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    report: dict = {"n": args.n, "tile": args.tile, "workers": args.workers, "cpus": os.cpu_count(),
-                    "machine": "shared CPU (other jobs running)"}
+    report: dict = {
+        "n": args.n,
+        "tile": args.tile,
+        "workers": args.workers,
+        "cpus": os.cpu_count(),
+        "machine": "shared CPU (other jobs running)",
+    }
 
     # first-call latency: one worker, one tile's worth of store (a 1 x 1 tile grid), fresh process each time
     small = work / "small.npz"
@@ -82,10 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
     for label, cache in (("cache_off", ""), ("cache_cold", str(work / "xla")), ("cache_warm", str(work / "xla"))):
         res = _run(small, work / f"first_{label}", 1, args.tile, dict(env, JAXEIF_COMPILE_CACHE=cache))
         report[f"first_tile_{label}_s"] = round(res["workers"][0]["end"], 2)
-        report[f"first_tile_{label}_compute_s"] = json.loads(next((work / f"first_{label}" / "tiles").glob("*.json"))
-                                                            .read_text())["seconds"]
-        print(f"first tile, {label}: {report[f'first_tile_{label}_s']:.1f} s from process start "
-              f"({report[f'first_tile_{label}_compute_s']:.1f} s in jaxeif.eif incl. compiling)", flush=True)
+        report[f"first_tile_{label}_compute_s"] = json.loads(
+            next((work / f"first_{label}" / "tiles").glob("*.json")).read_text()
+        )["seconds"]
+        print(
+            f"first tile, {label}: {report[f'first_tile_{label}_s']:.1f} s from process start "
+            f"({report[f'first_tile_{label}_compute_s']:.1f} s in jaxeif.eif incl. compiling)",
+            flush=True,
+        )
 
     # throughput: one process vs `workers` processes on the same cores, empty stores, warm compile cache
     warm = dict(env, JAXEIF_COMPILE_CACHE=str(work / "xla"))
@@ -93,8 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
         res = _run(data, work / label, k, args.tile, warm)
         report[f"{label}_wall_s"] = round(res["wall_s"], 2)
         report[f"{label}_pairs_per_s"] = round(pairs / res["wall_s"])
-        print(f"{label}: {res['wall_s']:.1f} s wall for {args.n} x {args.n} = {pairs / res['wall_s']:,.0f} pairs/s "
-              "(incl. process start and loading from the compile cache)", flush=True)
+        print(
+            f"{label}: {res['wall_s']:.1f} s wall for {args.n} x {args.n} = {pairs / res['wall_s']:,.0f} pairs/s "
+            "(incl. process start and loading from the compile cache)",
+            flush=True,
+        )
     from jaxeif import store
 
     a = store.open(work / "one_process").to_numpy()

@@ -1,5 +1,6 @@
 """PyTorch contenders for the CNN speed benchmarks (benchmarks/cnn.py, benchmarks/device_report.py):
 the same CNN with jaxeif's weights, the per-sample loop a PyTorch user writes, and torch.func's vmap."""
+
 from __future__ import annotations
 
 import copy
@@ -28,15 +29,18 @@ def torch_net(params):
     t = lambda a: torch.from_numpy(np.array(a, np.float32))
     with torch.no_grad():
         for mod, key in ((net.c0, "Conv_0"), (net.c1, "Conv_1")):
-            mod.weight.copy_(t(params[key]["kernel"]).permute(3, 2, 0, 1)); mod.bias.copy_(t(params[key]["bias"]))
+            mod.weight.copy_(t(params[key]["kernel"]).permute(3, 2, 0, 1))
+            mod.bias.copy_(t(params[key]["bias"]))
         for mod, key in ((net.d0, "Dense_0"), (net.d1, "Dense_1")):
-            mod.weight.copy_(t(params[key]["kernel"]).T); mod.bias.copy_(t(params[key]["bias"]))
+            mod.weight.copy_(t(params[key]["kernel"]).T)
+            mod.bias.copy_(t(params[key]["bias"]))
     return net
 
 
 def torch_loop(net, train, evals, lr: float) -> np.ndarray:
     """What a PyTorch user writes: per sample deepcopy, one SGD step, evaluate all evals."""
     import torch
+
     F = torch.nn.functional
     (xt, yt), (xe, ye) = train, evals
     with torch.no_grad():
@@ -57,6 +61,7 @@ def torch_func_vmap(net, train, evals, lr: float, chunk: int = 8) -> np.ndarray:
     """torch.func: vmap over rows of (grad, update, functional_call on all evals), `chunk` rows at a time."""
     import torch
     from torch.func import functional_call, grad, vmap
+
     F = torch.nn.functional
     params = {k: v.detach() for k, v in net.named_parameters()}
     (xt, yt), (xe, ye) = train, evals
@@ -67,4 +72,8 @@ def torch_func_vmap(net, train, evals, lr: float, chunk: int = 8) -> np.ndarray:
         tuned = {k: params[k] - lr * g[k] for k in params}
         return F.cross_entropy(functional_call(net, tuned, (xe,)), ye, reduction="none") - base
 
-    return torch.cat([vmap(row)(xt[s : s + chunk], yt[s : s + chunk]).detach() for s in range(0, len(xt), chunk)]).cpu().numpy()
+    return (
+        torch.cat([vmap(row)(xt[s : s + chunk], yt[s : s + chunk]).detach() for s in range(0, len(xt), chunk)])
+        .cpu()
+        .numpy()
+    )

@@ -7,6 +7,7 @@ with jaxeif at a learning rate chosen by a sweep (jaxeif.lr_choice, RULE), then 
 jaxeif.desiderata. Writes into --out: config.json, lr_sweep.json/.png, eif.npy, metrics.json,
 eif_heatmap.png (sign: -EIF, positive = more likely, as in the paper), eif_histogram.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxeif
-from jaxeif.experiments import options
-from jaxeif import desiderata as D, lr_choice, runs
+from jaxeif import desiderata as D
+from jaxeif import lr_choice, runs
 from jaxeif.data import noisy_digits
+from jaxeif.experiments import options
 from jaxeif.models import cnn
 
 PAPER = {"symmetry_corr": 0.81, "block_symmetry_corr": 0.9}
@@ -40,24 +42,39 @@ class Config:
     (`add_arguments`) and its config.json (`_config`)."""
 
     out: str = options.out("results/cnn_noise")
-    ckpt: str = options.field("results/checkpoints/cnn_fashion_mnist",
-                              "orbax checkpoint folder of the base CNN (trained there on first use)")
+    ckpt: str = options.field(
+        "results/checkpoints/cnn_fashion_mnist", "orbax checkpoint folder of the base CNN (trained there on first use)"
+    )
     epochs: int = options.field(4, "base CNN training epochs (Adam, lr 1e-3)", type=options.positive_int)
     batch_size: int = options.field(128, "base CNN training batch size", type=options.positive_int)
-    train_size: int | None = options.field(None, "train the base CNN on the first N images only",
-                                           type=options.positive_int)
+    train_size: int | None = options.field(
+        None, "train the base CNN on the first N images only", type=options.positive_int
+    )
     per_digit: int = options.field(5, "MNIST test images per digit", type=options.positive_int)
-    noise_stds: list = options.field([0.5, 1.0], "pixel noise standard deviations", type=options.positive_float,
-                                     nargs="*")
-    lr: float | None = options.field(None, "fine-tuning learning rate (default: chosen by the sweep)",
-                                     type=options.positive_float)
-    lr_grid: list = options.field(list(DEFAULT_LR_GRID), "learning rates of the sweep, ascending (default 1e-6 .. 1 "
-                                                         "in half decades)", type=options.positive_float, nargs="+")
-    plateau: float = options.field(0.95, "sweep rule: the largest lr whose EIF correlates >= this with the previous "
-                                         "lr's", type=options.unit_fraction)
-    precision: str = options.field("difference", "arithmetic of the EIF (jaxeif.precision); default: the propagated "
-                                                 "difference, float32 relative accuracy per entry at any lr (1.2x the "
-                                                 "cost of 'highest' on CPU)", type=options.precision)
+    noise_stds: list = options.field(
+        [0.5, 1.0], "pixel noise standard deviations", type=options.positive_float, nargs="*"
+    )
+    lr: float | None = options.field(
+        None, "fine-tuning learning rate (default: chosen by the sweep)", type=options.positive_float
+    )
+    lr_grid: list = options.field(
+        list(DEFAULT_LR_GRID),
+        "learning rates of the sweep, ascending (default 1e-6 .. 1 in half decades)",
+        type=options.positive_float,
+        nargs="+",
+    )
+    plateau: float = options.field(
+        0.95,
+        "sweep rule: the largest lr whose EIF correlates >= this with the previous lr's",
+        type=options.unit_fraction,
+    )
+    precision: str = options.field(
+        "difference",
+        "arithmetic of the EIF (jaxeif.precision); default: the propagated "
+        "difference, float32 relative accuracy per entry at any lr (1.2x the "
+        "cost of 'highest' on CPU)",
+        type=options.precision,
+    )
     steps: int = options.field(1, "SGD steps per one-sample fine-tune", type=options.positive_int)
     block_size: int = options.field(50, "fine-tunes per checkpointed block", type=options.positive_int)
     seed: int = options.seed("seed of the base CNN and of the pixel noise")
@@ -74,8 +91,9 @@ def _resolved(config: Config) -> Config:
     """The options a run uses: --quick's smaller sizes and short lr grid applied; the grid checked ascending."""
     if config.quick:
         grid = [1e-3, 3e-3, 1e-2, 3e-2] if list(config.lr_grid) == list(DEFAULT_LR_GRID) else config.lr_grid
-        config = dataclasses.replace(config, per_digit=min(config.per_digit, 2), train_size=config.train_size or 3000,
-                                     epochs=1, lr_grid=grid)
+        config = dataclasses.replace(
+            config, per_digit=min(config.per_digit, 2), train_size=config.train_size or 3000, epochs=1, lr_grid=grid
+        )
     if list(config.lr_grid) != sorted(config.lr_grid) or len(config.lr_grid) < 2:
         raise ValueError(f"--lr-grid must hold at least two learning rates in ascending order, got {config.lr_grid}")
     return config
@@ -84,9 +102,15 @@ def _resolved(config: Config) -> Config:
 def _config(config: Config) -> dict:
     """config.json: the resolved options that change results, and what the study fixes; a resumed run must match it."""
     varying = {k: v for k, v in options.as_json(config).items() if k not in ("out", "quick", "no_progress")}
-    return {**varying, "study": "cnn_noise", "ckpt": str(Path(config.ckpt).expanduser().absolute()),
-            "noise_stds": [float(s) for s in config.noise_stds], "lr_grid": [float(x) for x in config.lr_grid],
-            "optimizer": "sgd", "loss": "softmax cross-entropy toward Fashion class = digit"}
+    return {
+        **varying,
+        "study": "cnn_noise",
+        "ckpt": str(Path(config.ckpt).expanduser().absolute()),
+        "noise_stds": [float(s) for s in config.noise_stds],
+        "lr_grid": [float(x) for x in config.lr_grid],
+        "optimizer": "sgd",
+        "loss": "softmax cross-entropy toward Fashion class = digit",
+    }
 
 
 # ----------------------------------------------------------------------------- the lr rule
@@ -97,8 +121,16 @@ def sweep_matrices(params, train, lrs, *, steps: int, precision: str, progress: 
     """The EIF at every lr of the grid in one program (jaxeif.eif_sweep), f32[k, n, n], and each
     lr's noise floor f32[k, n, n] (NaN where rows diverged: they are counted, not hidden)."""
     try:
-        matrices = np.asarray(jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32), steps=steps,
-                                               precision=options.precision_of(precision)))
+        matrices = np.asarray(
+            jaxeif.eif_sweep(
+                cnn.loss_fn,
+                params,
+                train,
+                lrs=jnp.asarray(lrs, jnp.float32),
+                steps=steps,
+                precision=options.precision_of(precision),
+            )
+        )
     except jaxeif.NonFiniteInfluenceError as e:
         matrices = np.array(e.matrix)
     floors = np.full_like(matrices, np.nan)
@@ -109,15 +141,18 @@ def sweep_matrices(params, train, lrs, *, steps: int, precision: str, progress: 
 
 
 def lr_sweep(lrs, matrices: np.ndarray, floors: np.ndarray, *, threshold: float) -> dict:
-    """Magnitudes, neighbour agreements, share of entries above the floor, and the chosen lr (jaxeif.lr_choice, RULE)."""
+    """Magnitudes, neighbour agreements, share of entries above the floor, and the chosen lr (jaxeif.lr_choice,
+    RULE)."""
     sweep = lr_choice.summarise(lrs, list(matrices), threshold=threshold, rule=RULE)
     off = lr_choice.offdiag
     return {
         "lrs": list(map(float, lrs)),
         "median_abs_eif": sweep.magnitude.tolist(),
         "agreement_with_previous": sweep.agreement.tolist(),
-        "share_above_noise_floor": [float(np.mean(np.abs(off(M)) > off(F))) if np.all(np.isfinite(F)) else float("nan")
-                                    for M, F in zip(matrices, floors)],
+        "share_above_noise_floor": [
+            float(np.mean(np.abs(off(M)) > off(F))) if np.all(np.isfinite(F)) else float("nan")
+            for M, F in zip(matrices, floors)
+        ],
         "diverged_rows": [int(np.sum(~np.all(np.isfinite(M), axis=1))) for M in matrices],
         "threshold": threshold,
         "chosen_lr": sweep.chosen,
@@ -127,8 +162,9 @@ def lr_sweep(lrs, matrices: np.ndarray, floors: np.ndarray, *, threshold: float)
 
 def noise_floor(params, train, lr: float, steps: int, precision: str) -> np.ndarray:
     """jaxeif.noise_floor of the study's EIF at this lr and precision (against float64 on 16 rows)."""
-    return np.asarray(jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps,
-                                         precision=options.precision_of(precision)))
+    return np.asarray(
+        jaxeif.noise_floor(cnn.loss_fn, params, train, lr=lr, steps=steps, precision=options.precision_of(precision))
+    )
 
 
 # Each finding of the paper as a curve over lr: (panel title, metrics key path, paper's value or None)
@@ -154,8 +190,10 @@ def _dig(metrics: dict, path: tuple) -> float:
 
 def lr_findings(lrs, matrices: np.ndarray, floors: np.ndarray, fs) -> dict:
     """Every study metric at every lr of the sweep (NaN where fine-tunes diverged), and the curves."""
-    per_lr = [study_metrics(M, fs.labels, fs.noise_std, fs.source, floor=F) if np.all(np.isfinite(M)) else None
-              for M, F in zip(matrices, floors)]
+    per_lr = [
+        study_metrics(M, fs.labels, fs.noise_std, fs.source, floor=F) if np.all(np.isfinite(M)) else None
+        for M, F in zip(matrices, floors)
+    ]
     return {
         "lrs": list(map(float, lrs)),
         "curves": {title: [_dig(m, path) if m else float("nan") for m in per_lr] for title, path, _ in FINDINGS},
@@ -176,11 +214,14 @@ def class_means(M: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """f64[c, c]: mean of M over rows of class a and columns of class b (diagonal entries left out)."""
     classes = np.unique(labels)
     off = ~np.eye(len(M), dtype=bool)
-    return np.array([[_mean(M[(labels[:, None] == a) & (labels[None, :] == b) & off]) for b in classes] for a in classes])
+    return np.array(
+        [[_mean(M[(labels[:, None] == a) & (labels[None, :] == b) & off]) for b in classes] for a in classes]
+    )
 
 
-def study_metrics(M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, source: np.ndarray,
-                  floor: np.ndarray | None = None) -> dict:
+def study_metrics(
+    M: np.ndarray, digits: np.ndarray, noise_std: np.ndarray, source: np.ndarray, floor: np.ndarray | None = None
+) -> dict:
     """The desiderata of the figure-1 matrix (M in loss units: negative = learned); sign shares
     count only entries above the noise `floor` when one is given."""
     n = len(M)
@@ -245,8 +286,12 @@ def _figures(run, M, fs, lr: float, sweep: dict | None, findings: dict | None, t
     digit_runs = [i for i in range(1, len(M)) if fs.labels[i] != fs.labels[i - 1]]
     major = list(range(per_level, len(M), per_level))
     fig = plot.heatmap(
-        M, labels=fs.labels.tolist(), groups=level_names, boundaries=[b for b in digit_runs if b not in major],
-        major_boundaries=major, sign="logprob",
+        M,
+        labels=fs.labels.tolist(),
+        groups=level_names,
+        boundaries=[b for b in digit_runs if b not in major],
+        major_boundaries=major,
+        sign="logprob",
         title=f"EIF of a Fashion-MNIST CNN fine-tuned on single MNIST digits\n"
         f"(digit d → Fashion class d; SGD, 1 step, lr {lr:g}{title_extra})",
     )
@@ -254,18 +299,30 @@ def _figures(run, M, fs, lr: float, sweep: dict | None, findings: dict | None, t
 
     same = (fs.labels[:, None] == fs.labels[None, :]) & ~np.eye(len(M), dtype=bool)
     diff = fs.labels[:, None] != fs.labels[None, :]
-    fig = plot.histogram({"same digit": M[same], "different digit": M[diff]}, sign="logprob",
-                         title="Influence within vs between classes")
+    fig = plot.histogram(
+        {"same digit": M[same], "different digit": M[diff]}, sign="logprob", title="Influence within vs between classes"
+    )
     plot.save(fig, run.path / "eif_histogram.png")
     if sweep is not None:
-        fig = plot.lr_sweep(sweep["lrs"], sweep["median_abs_eif"], sweep["agreement_with_previous"],
-                            threshold=sweep["threshold"], chosen=lr, title="Learning-rate sweep (plateau rule)",
-                            above_floor=sweep.get("share_above_noise_floor"))
+        fig = plot.lr_sweep(
+            sweep["lrs"],
+            sweep["median_abs_eif"],
+            sweep["agreement_with_previous"],
+            threshold=sweep["threshold"],
+            chosen=lr,
+            title="Learning-rate sweep (plateau rule)",
+            above_floor=sweep.get("share_above_noise_floor"),
+        )
         plot.save(fig, run.path / "lr_sweep.png")
     if findings is not None:
         ordered = {title: findings["curves"][title] for title, _, _ in FINDINGS if title in findings["curves"]}
-        fig = plot.curves(findings["lrs"], ordered, reference=findings["paper"], chosen=lr,
-                          title="The paper's findings across the learning rate (CNN, figure-1 set; dotted: the plateau lr)")
+        fig = plot.curves(
+            findings["lrs"],
+            ordered,
+            reference=findings["paper"],
+            chosen=lr,
+            title="The paper's findings across the learning rate (CNN, figure-1 set; dotted: the plateau lr)",
+        )
         plot.save(fig, run.path / "lr_findings.png")
 
 
@@ -280,8 +337,14 @@ def run(args: argparse.Namespace) -> dict:
     progress = not args.no_progress
     run_dir = runs.RunDir.open(args.out, config)
 
-    params = cnn.load_or_train(args.ckpt, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                               progress=progress, train_size=args.train_size)
+    params = cnn.load_or_train(
+        args.ckpt,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=progress,
+        train_size=args.train_size,
+    )
     info = cnn.checkpoint_info(args.ckpt)
     fs = noisy_digits.finetune_set(per_digit=args.per_digit, noise_stds=tuple(args.noise_stds), seed=args.seed)
     train = (jax.numpy.asarray(fs.images), jax.numpy.asarray(fs.labels))
@@ -291,8 +354,9 @@ def run(args: argparse.Namespace) -> dict:
         sweep, findings = run_dir.load_json("lr_sweep.json"), run_dir.load_json("lr_findings.json")
     elif args.lr is None:
         t = time.perf_counter()
-        matrices, floors = sweep_matrices(params, train, config["lr_grid"], steps=args.steps, precision=args.precision,
-                                          progress=progress)
+        matrices, floors = sweep_matrices(
+            params, train, config["lr_grid"], steps=args.steps, precision=args.precision, progress=progress
+        )
         sweep = lr_sweep(config["lr_grid"], matrices, floors, threshold=args.plateau)
         findings = lr_findings(config["lr_grid"], matrices, floors, fs)
         sweep_seconds = sweep["seconds"] = time.perf_counter() - t
@@ -301,27 +365,50 @@ def run(args: argparse.Namespace) -> dict:
     lr = args.lr if args.lr is not None else sweep["chosen_lr"]
 
     t = time.perf_counter()
-    M = np.asarray(runs.sweep_eif(cnn.loss_fn, params, train, lr=lr, steps=args.steps,
-                                  precision=options.precision_of(args.precision),
-                                  progress=progress, block_size=args.block_size, run=run_dir, name="eif"))
+    M = np.asarray(
+        runs.sweep_eif(
+            cnn.loss_fn,
+            params,
+            train,
+            lr=lr,
+            steps=args.steps,
+            precision=options.precision_of(args.precision),
+            progress=progress,
+            block_size=args.block_size,
+            run=run_dir,
+            name="eif",
+        )
+    )
     eif_seconds = time.perf_counter() - t  # diverged rows raise NonFiniteInfluenceError (matrix saved as eif.npy)
 
-    metrics = study_metrics(M, fs.labels, fs.noise_std, fs.source, floor=noise_floor(params, train, lr, args.steps, args.precision))
-    metrics.update({
-        "lr": lr, "lr_source": "sweep" if args.lr is None else "--lr",
-        "base_cnn": info, "paper": PAPER,
-        "seconds": {"lr_sweep": sweep_seconds, "eif": eif_seconds, "total": None},
-        "metadata": runs.run_metadata(seed=args.seed, study="cnn_noise"),
-    })
+    metrics = study_metrics(
+        M, fs.labels, fs.noise_std, fs.source, floor=noise_floor(params, train, lr, args.steps, args.precision)
+    )
+    metrics.update(
+        {
+            "lr": lr,
+            "lr_source": "sweep" if args.lr is None else "--lr",
+            "base_cnn": info,
+            "paper": PAPER,
+            "seconds": {"lr_sweep": sweep_seconds, "eif": eif_seconds, "total": None},
+            "metadata": runs.run_metadata(seed=args.seed, study="cnn_noise"),
+        }
+    )
     quick = " — quick smoke run" if args.quick else ""
     _figures(run_dir, M, fs, lr, sweep, findings, quick)
     metrics["seconds"]["total"] = time.perf_counter() - start
     run_dir.save_json("metrics.json", metrics)
     _print_summary(run_dir.path, metrics)
-    return {"out": str(run_dir.path), "lr": lr, "symmetry_corr": metrics["symmetry_corr"],
-            "block_symmetry_corr_digit": metrics["block_symmetry_corr_digit"],
-            "within_class_mean": metrics["within_class_mean"], "between_class_mean": metrics["between_class_mean"],
-            "seconds": metrics["seconds"]["total"], "metrics": metrics}
+    return {
+        "out": str(run_dir.path),
+        "lr": lr,
+        "symmetry_corr": metrics["symmetry_corr"],
+        "block_symmetry_corr_digit": metrics["block_symmetry_corr_digit"],
+        "within_class_mean": metrics["within_class_mean"],
+        "between_class_mean": metrics["between_class_mean"],
+        "seconds": metrics["seconds"]["total"],
+        "metrics": metrics,
+    }
 
 
 def _print_summary(path: Path, m: dict) -> None:
@@ -340,9 +427,13 @@ def _print_summary(path: Path, m: dict) -> None:
         f"  {'sparsity (Hoyer, 0 dense .. 1 one entry)':<44}{m['sparsity_hoyer']:>10.3f}{'':>10}",
     ]
     for lvl, d in m["noise"].items():
-        lines.append(f"  {'noisy/clean teaching ratio, ' + lvl:<44}{d['teaching_ratio_same_class_clean']:>10.3f}{'~1':>10}")
-    lines.append(f"  wall time {m['seconds']['total']:.1f} s (lr sweep {m['seconds']['lr_sweep']:.1f} s, "
-                 f"EIF {m['seconds']['eif']:.1f} s); results in {path}")
+        lines.append(
+            f"  {'noisy/clean teaching ratio, ' + lvl:<44}{d['teaching_ratio_same_class_clean']:>10.3f}{'~1':>10}"
+        )
+    lines.append(
+        f"  wall time {m['seconds']['total']:.1f} s (lr sweep {m['seconds']['lr_sweep']:.1f} s, "
+        f"EIF {m['seconds']['eif']:.1f} s); results in {path}"
+    )
     print("\n".join(lines))
 
 

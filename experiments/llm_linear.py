@@ -10,6 +10,7 @@ noisy digits) gets the same curve, its exact EIF in both jaxeif.precision modes 
 "highest". Writes into --out: config.json, exact_<domain>_lr<lr>.npy, gram_<domain>.npy,
 cnn_exact_<precision>.npy, cnn_gram.npy (all resumable), linear_regime.png, timings.json, results.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxeif
-from jaxeif.experiments import options
-from jaxeif.experiments import llm_logic, llm_peft
 from jaxeif import compile_cache, lm, lr_choice, runs
 from jaxeif.data import domains, noisy_digits
+from jaxeif.experiments import llm_logic, llm_peft, options
 from jaxeif.models import cnn, loading, tokenizer
 
 DEFAULT_LRS = tuple(float(10.0**k) for k in range(-6, 0))  # 1e-6 .. 1e-1
@@ -41,12 +41,15 @@ class Config:
 
     model: str | None = options.field(None, "checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
     out: str = options.out("results/llm_linear")
-    domains: list = options.field(list(domains.DOMAINS), f"any of {', '.join(domains.DOMAINS)}", nargs="+",
-                                  choices=domains.DOMAINS)
+    domains: list = options.field(
+        list(domains.DOMAINS), f"any of {', '.join(domains.DOMAINS)}", nargs="+", choices=domains.DOMAINS
+    )
     lrs: list = options.field(list(DEFAULT_LRS), "ascending lrs", type=options.positive_float, nargs="+")
     seed: int = options.seed("the draw of entity names (repeat 0)")
-    cnn_ckpt: str = options.field("results/checkpoints/cnn_fashion_mnist", "the CNN study's base-model checkpoint "
-                                  "(made by `jaxeif cnn`), or 'none' for no CNN curve")
+    cnn_ckpt: str = options.field(
+        "results/checkpoints/cnn_fashion_mnist",
+        "the CNN study's base-model checkpoint (made by `jaxeif cnn`), or 'none' for no CNN curve",
+    )
     cnn_per_digit: int = options.field(5, "MNIST test digits per class (CNN)", type=options.positive_int)
     no_progress: bool = options.switch("no progress bars")
 
@@ -64,20 +67,34 @@ def _config(config: Config) -> dict:
         raise ValueError(f"--lrs needs at least 2 learning rates in ascending order, got {lrs}")
     ckpt = None if config.cnn_ckpt == "none" else str(Path(config.cnn_ckpt).expanduser().absolute())
     if ckpt is not None and cnn.checkpoint_info(ckpt) is None:
-        raise ValueError(f"no CNN checkpoint in {ckpt}: run `jaxeif cnn` first (it trains and caches the base CNN), "
-                         "point --cnn-ckpt at one, or pass --cnn-ckpt none")
-    return {"study": "llm_linear", "model": config.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
-            "domains": list(config.domains), "lrs": lrs, "seed": config.seed, "cnn_ckpt": ckpt,
-            "cnn_per_digit": config.cnn_per_digit, "optimizer": "sgd, 1 step", "first_order": "lm.linearized_sgd_eif"}
+        raise ValueError(
+            f"no CNN checkpoint in {ckpt}: run `jaxeif cnn` first (it trains and caches the base CNN), "
+            "point --cnn-ckpt at one, or pass --cnn-ckpt none"
+        )
+    return {
+        "study": "llm_linear",
+        "model": config.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
+        "domains": list(config.domains),
+        "lrs": lrs,
+        "seed": config.seed,
+        "cnn_ckpt": ckpt,
+        "cnn_per_digit": config.cnn_per_digit,
+        "optimizer": "sgd, 1 step",
+        "first_order": "lm.linearized_sgd_eif",
+    }
 
 
 def agreement(exact, linear) -> dict:
-    """Off-diagonal agreement of first-order and exact EIF (matrices or lists pooled): corr and median relative error."""
+    """Off-diagonal agreement of first-order and exact EIF (matrices or lists pooled): corr and median relative
+    error."""
     e, l = lr_choice.offdiag(exact).astype(np.float64), lr_choice.offdiag(linear).astype(np.float64)
     nonzero = e != 0  # an exact 0 (a float32 difference that rounded away) has no relative error: counted apart
-    return {"corr": lr_choice.agreement(exact, linear),
-            "median_rel_error": float(np.median(np.abs(l - e)[nonzero] / np.abs(e[nonzero]))),
-            "median_abs_exact": float(np.median(np.abs(e))), "exact_zero_entries": int((~nonzero).sum())}
+    return {
+        "corr": lr_choice.agreement(exact, linear),
+        "median_rel_error": float(np.median(np.abs(l - e)[nonzero] / np.abs(e[nonzero]))),
+        "median_abs_exact": float(np.median(np.abs(e))),
+        "exact_zero_entries": int((~nonzero).sum()),
+    }
 
 
 def linear_up_to(lrs, corrs, threshold: float = LINEAR_CORR) -> float:
@@ -107,16 +124,24 @@ def run(args: argparse.Namespace) -> dict:
     exact, grams = {}, {}
     for name in tqdm(args.domains, desc="llm_linear: domains", disable=not progress):
         t = toks[(name, 0)]
-        grams[name] = llm_peft.cached(run_dir, f"gram_{name}.npy",
-                                      lambda: np.asarray(lm.linearized_sgd_eif(apply_fn, params, t, config=config, lr=1.0)),
-                                      timings)
+        grams[name] = llm_peft.cached(
+            run_dir,
+            f"gram_{name}.npy",
+            lambda: np.asarray(lm.linearized_sgd_eif(apply_fn, params, t, config=config, lr=1.0)),
+            timings,
+        )
         for lr in lrs:
-            exact[(name, lr)] = llm_peft.cached(run_dir, f"exact_{name}_lr{lr:g}.npy",
-                                                lambda: np.asarray(lm.lowrank_sgd_eif(apply_fn, params, t, config=config, lr=lr)), timings)
+            exact[(name, lr)] = llm_peft.cached(
+                run_dir,
+                f"exact_{name}_lr{lr:g}.npy",
+                lambda: np.asarray(lm.lowrank_sgd_eif(apply_fn, params, t, config=config, lr=lr)),
+                timings,
+            )
     results = {"config": config_dict, "lrs": lrs, "lm": {"pooled": [], "domains": {d: [] for d in args.domains}}}
     for lr in lrs:
-        results["lm"]["pooled"].append(agreement([exact[(d, lr)] for d in args.domains],
-                                                 [lr * grams[d] for d in args.domains]))
+        results["lm"]["pooled"].append(
+            agreement([exact[(d, lr)] for d in args.domains], [lr * grams[d] for d in args.domains])
+        )
         for d in args.domains:
             results["lm"]["domains"][d].append(agreement(exact[(d, lr)], lr * grams[d]))
     results["lm"]["linear_up_to"] = linear_up_to(lrs, [a["corr"] for a in results["lm"]["pooled"]])
@@ -128,23 +153,41 @@ def run(args: argparse.Namespace) -> dict:
     run_dir.save_json("results.json", results)
     run_dir.save_figure("linear_regime.png", figure(results))
     print(format_table(results))
-    return {"out": str(run_dir.path), "elapsed_s": round(elapsed, 1), "cpu_s": round(cpu, 1),
-            "linear_up_to": results["lm"]["linear_up_to"]}
+    return {
+        "out": str(run_dir.path),
+        "elapsed_s": round(elapsed, 1),
+        "cpu_s": round(cpu, 1),
+        "linear_up_to": results["lm"]["linear_up_to"],
+    }
 
 
 def _cnn(run_dir, config_dict, lrs, timings) -> dict:
     """The same curve for the CNN study's base model and fine-tune set, exact EIF in each of CNN_PRECISIONS."""
     c = cnn.checkpoint_info(config_dict["cnn_ckpt"])["config"]  # it exists: checked in _config
-    params = cnn.load_or_train(config_dict["cnn_ckpt"], epochs=c["epochs"], batch_size=c["batch_size"], seed=c["seed"],
-                               learning_rate=c["learning_rate"], train_size=c["train_size"], progress=False)
+    params = cnn.load_or_train(
+        config_dict["cnn_ckpt"],
+        epochs=c["epochs"],
+        batch_size=c["batch_size"],
+        seed=c["seed"],
+        learning_rate=c["learning_rate"],
+        train_size=c["train_size"],
+        progress=False,
+    )
     fs = noisy_digits.finetune_set(per_digit=config_dict["cnn_per_digit"], seed=config_dict["seed"])
     train = (jnp.asarray(fs.images), jnp.asarray(fs.labels))
-    g = llm_peft.cached(run_dir, "cnn_gram.npy", lambda: jaxeif.eif_linearized(cnn.loss_fn, params, train, lr=1.0), timings)
+    g = llm_peft.cached(
+        run_dir, "cnn_gram.npy", lambda: jaxeif.eif_linearized(cnn.loss_fn, params, train, lr=1.0), timings
+    )
     out = {"n": int(train[1].shape[0]), "base_cnn": cnn.checkpoint_info(config_dict["cnn_ckpt"]), "precisions": {}}
     for p in CNN_PRECISIONS:
-        mats = llm_peft.cached(run_dir, f"cnn_exact_{p}.npy",
-                               lambda: jaxeif.eif_sweep(cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32),
-                                                        precision=options.precision_of(p)), timings)
+        mats = llm_peft.cached(
+            run_dir,
+            f"cnn_exact_{p}.npy",
+            lambda: jaxeif.eif_sweep(
+                cnn.loss_fn, params, train, lrs=jnp.asarray(lrs, jnp.float32), precision=options.precision_of(p)
+            ),
+            timings,
+        )
         curve = [agreement(M, lr * g) for M, lr in zip(mats, lrs)]
         out["precisions"][p] = {"curve": curve, "linear_up_to": linear_up_to(lrs, [a["corr"] for a in curve])}
     return out
@@ -160,16 +203,30 @@ def figure(results: dict):
     curves = [(f"{model}, domains pooled", results["lm"]["pooled"], dict(color="C0", lw=2.5, marker="o"))]
     curves += [(f"  {d}", c, dict(color="C0", lw=0.8, alpha=0.5)) for d, c in results["lm"]["domains"].items()]
     for k, (p, e) in enumerate(results.get("cnn", {}).get("precisions", {}).items()):
-        curves.append((f"CNN (Fashion-MNIST), exact in '{p}'", e["curve"],
-                       dict(color=f"C{k + 1}", lw=2, marker="s", ls="-" if p == "difference" else "--")))
+        curves.append(
+            (
+                f"CNN (Fashion-MNIST), exact in '{p}'",
+                e["curve"],
+                dict(color=f"C{k + 1}", lw=2, marker="s", ls="-" if p == "difference" else "--"),
+            )
+        )
     for label, curve, style in curves:
         axes[0].plot(lrs, [a["corr"] for a in curve], label=label, **style)
         axes[1].plot(lrs, [a["median_rel_error"] for a in curve], **style)
     axes[0].axhline(results["linear_corr_threshold"], color="grey", lw=0.8, ls=":")
-    axes[0].set(xscale="log", xlabel="lr (one SGD step)", ylabel="corr(-lr g_i·g_j, exact EIF), off-diagonal",
-                title="first-order vs exact EIF: correlation")
-    axes[1].set(xscale="log", yscale="log", xlabel="lr (one SGD step)", ylabel="median |lin - exact| / |exact|",
-                title="first-order vs exact EIF: median relative error")
+    axes[0].set(
+        xscale="log",
+        xlabel="lr (one SGD step)",
+        ylabel="corr(-lr g_i·g_j, exact EIF), off-diagonal",
+        title="first-order vs exact EIF: correlation",
+    )
+    axes[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="lr (one SGD step)",
+        ylabel="median |lin - exact| / |exact|",
+        title="first-order vs exact EIF: median relative error",
+    )
     axes[0].legend(fontsize=7)
     return fig
 
@@ -178,9 +235,14 @@ def format_table(results: dict) -> str:
     """Markdown: corr / median relative error per lr, LM pooled and CNN."""
     cols = [("language model (pooled)", results["lm"]["pooled"])]
     cols += [(f"CNN {p}", e["curve"]) for p, e in results.get("cnn", {}).get("precisions", {}).items()]
-    lines = ["| lr | " + " | ".join(f"{c}: corr, median rel. err." for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines = [
+        "| lr | " + " | ".join(f"{c}: corr, median rel. err." for c, _ in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for k, lr in enumerate(results["lrs"]):
-        lines.append(f"| {lr:g} | " + " | ".join(f"{c[k]['corr']:.4f}, {c[k]['median_rel_error']:.2g}" for _, c in cols) + " |")
+        lines.append(
+            f"| {lr:g} | " + " | ".join(f"{c[k]['corr']:.4f}, {c[k]['median_rel_error']:.2g}" for _, c in cols) + " |"
+        )
     return "\n".join(lines)
 
 

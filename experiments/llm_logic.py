@@ -14,6 +14,7 @@ finding at every lr (lr_findings.json/.png); with --float64-check also float64_c
 NLL change (per_token/finetuned_<domain>_r0.npy), its mean |change| on the answer tokens (the last
 entity a sample names) against the other tokens per domain in results.json ("per_token") and per_token.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ import optax
 from tqdm.auto import tqdm
 
 import jaxeif
-from jaxeif.experiments import options
 from jaxeif import compile_cache, desiderata, lm, lr_choice, runs
 from jaxeif.data import domains
+from jaxeif.experiments import options
 from jaxeif.models import loading, lora, tokenizer
 
 MODES = ("finetuned", "prompted")
@@ -51,40 +52,78 @@ RULE = "middle_of_longest_plateau"  # jaxeif.lr_choice.RULES: the lr sweep's cho
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the study (defaults: all domains, 10 repeats, fine-tuned and prompted, SmolLM2)."""
-    parser.add_argument("--model", default=None,
-                        help="Phi-3 or Llama checkpoint directory (config.json + safetensors) or .gguf file; "
-                             "default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Phi-3 or Llama checkpoint directory (config.json + safetensors) or .gguf file; "
+        "default: the embedded SmolLM2-135M-Instruct",
+    )
     options.add_out(parser, "results/llm_logic")
-    parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
+    parser.add_argument(
+        "--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}"
+    )
     parser.add_argument("--repeats", type=options.positive_int, default=10, help="repeats with fresh entity names")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="which influences to compute")
-    parser.add_argument("--lr", type=_lr_arg, default=DEFAULT_LR,
-                        help="fine-tuning learning rate, or 'plateau': the one --lr-sweep chooses")
-    parser.add_argument("--lr-sweep", type=_lr_list, default=(),
-                        help="comma-separated lrs (>= 3): sweep them on repeat 0 of every domain first (paper 3.4: EIF "
-                             "magnitude and agreement vs lr, lr_sweep.png/.json) and pick the plateau; every finding "
-                             "at every lr goes to lr_findings.json/.png")
-    parser.add_argument("--sweep-repeats", type=options.positive_int, default=1,
-                        help="repeats (the first ones, <= --repeats) whose fine-tuned EIF --lr-sweep computes at every lr "
-                             "for lr_findings (each costs about one study's fine-tuned part per lr)")
-    parser.add_argument("--float64-check", action="store_true",
-                        help="with --lr-sweep: also the dense EIF of repeat 0 of every domain in float64 at each swept lr "
-                             "and in precision 'difference' at the smallest; float32's sign agreement and relative "
-                             "error against float64 go to float64_check.json (slow: dense path, float64)")
-    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="fine-tuning optimizer (unit rate, times --lr)")
-    parser.add_argument("--lora-rank", type=options.nonnegative_int, default=0,
-                        help="fine-tune LoRA adapters of this rank (alpha = 2 * rank) instead of all weights; 0: dense")
-    parser.add_argument("--steps", type=options.positive_int, default=1, help="optimizer steps per one-sample fine-tune")
-    parser.add_argument("--chunk-size", type=options.positive_int, default=1,
-                        help="fine-tunes computed together (1 suits a CPU; raise it on an accelerator)")
+    parser.add_argument(
+        "--lr",
+        type=_lr_arg,
+        default=DEFAULT_LR,
+        help="fine-tuning learning rate, or 'plateau': the one --lr-sweep chooses",
+    )
+    parser.add_argument(
+        "--lr-sweep",
+        type=_lr_list,
+        default=(),
+        help="comma-separated lrs (>= 3): sweep them on repeat 0 of every domain first (paper 3.4: EIF "
+        "magnitude and agreement vs lr, lr_sweep.png/.json) and pick the plateau; every finding "
+        "at every lr goes to lr_findings.json/.png",
+    )
+    parser.add_argument(
+        "--sweep-repeats",
+        type=options.positive_int,
+        default=1,
+        help="repeats (the first ones, <= --repeats) whose fine-tuned EIF --lr-sweep computes at every lr "
+        "for lr_findings (each costs about one study's fine-tuned part per lr)",
+    )
+    parser.add_argument(
+        "--float64-check",
+        action="store_true",
+        help="with --lr-sweep: also the dense EIF of repeat 0 of every domain in float64 at each swept lr "
+        "and in precision 'difference' at the smallest; float32's sign agreement and relative "
+        "error against float64 go to float64_check.json (slow: dense path, float64)",
+    )
+    parser.add_argument(
+        "--optimizer", default="sgd", choices=("sgd", "adam"), help="fine-tuning optimizer (unit rate, times --lr)"
+    )
+    parser.add_argument(
+        "--lora-rank",
+        type=options.nonnegative_int,
+        default=0,
+        help="fine-tune LoRA adapters of this rank (alpha = 2 * rank) instead of all weights; 0: dense",
+    )
+    parser.add_argument(
+        "--steps", type=options.positive_int, default=1, help="optimizer steps per one-sample fine-tune"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=options.positive_int,
+        default=1,
+        help="fine-tunes computed together (1 suits a CPU; raise it on an accelerator)",
+    )
     options.add_seed(parser, "repeat k draws names with seed + k")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model parameter dtype")
-    parser.add_argument("--summarise-only", action="store_true",
-                        help="compute nothing: summarise the repeats already complete in --out (e.g. of a stopped run)")
+    parser.add_argument(
+        "--summarise-only",
+        action="store_true",
+        help="compute nothing: summarise the repeats already complete in --out (e.g. of a stopped run)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--no-per-token", action="store_true",
-                        help="skip the per-token stage (every eval token's NLL change on repeat 0: answer tokens vs the "
-                             "rest, per_token.png); it costs one more fine-tuned EIF per domain")
+    parser.add_argument(
+        "--no-per-token",
+        action="store_true",
+        help="skip the per-token stage (every eval token's NLL change on repeat 0: answer tokens vs the "
+        "rest, per_token.png); it costs one more fine-tuned EIF per domain",
+    )
 
 
 def _lr_arg(text: str):
@@ -100,7 +139,9 @@ def _lr_list(text: str) -> tuple[float, ...]:
     try:
         lrs = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--lr-sweep takes comma-separated numbers, e.g. 1e-6,1e-5,1e-4; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--lr-sweep takes comma-separated numbers, e.g. 1e-6,1e-5,1e-4; got {text!r}"
+        ) from None
     if len(lrs) < 3 or not all(0 < x < float("inf") for x in lrs):
         raise argparse.ArgumentTypeError(f"--lr-sweep needs at least 3 positive learning rates, got {text!r}")
     return lrs
@@ -122,14 +163,25 @@ def _config(args: argparse.Namespace) -> dict:
     if (args.sweep_repeats > 1 or args.float64_check) and not args.lr_sweep:
         raise ValueError("--sweep-repeats and --float64-check need --lr-sweep LR,LR,LR (the lrs to compute them at)")
     if args.float64_check and (args.lora_rank or args.optimizer != "sgd" or args.steps != 1 or args.dtype != "float32"):
-        raise ValueError("--float64-check compares the float32 single-step SGD study with float64; drop --lora-rank, "
-                         "--optimizer adam, --steps and --dtype")
+        raise ValueError(
+            "--float64-check compares the float32 single-step SGD study with float64; drop --lora-rank, "
+            "--optimizer adam, --steps and --dtype"
+        )
     return {
         "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
-        "domains": list(args.domains), "repeats": args.repeats, "modes": list(args.modes), "lr": args.lr,
-        "lr_sweep": list(args.lr_sweep), "sweep_repeats": args.sweep_repeats, "float64_check": args.float64_check,
-        "optimizer": args.optimizer, "steps": args.steps, "seed": args.seed, "dtype": args.dtype,
-        "lora_rank": args.lora_rank, "per_token": not args.no_per_token and "finetuned" in args.modes,
+        "domains": list(args.domains),
+        "repeats": args.repeats,
+        "modes": list(args.modes),
+        "lr": args.lr,
+        "lr_sweep": list(args.lr_sweep),
+        "sweep_repeats": args.sweep_repeats,
+        "float64_check": args.float64_check,
+        "optimizer": args.optimizer,
+        "steps": args.steps,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "lora_rank": args.lora_rank,
+        "per_token": not args.no_per_token and "finetuned" in args.modes,
     }
 
 
@@ -139,11 +191,29 @@ def _finetuned(apply_fn, params, config, toks, args, lr=None, per_token=False):
     opt = None if args.optimizer == "sgd" else optax.adam(1.0)  # None: plain SGD (lets lm pick the low-rank path)
     if args.lora_rank:
         adapters = lora.init(jax.random.key(args.seed), params, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
-        out = lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr, steps=args.steps, optimizer=opt,
-                          chunk_size=args.chunk_size, per_token=per_token)
+        out = lm.lora_eif(
+            apply_fn,
+            params,
+            toks,
+            adapters=adapters,
+            lr=lr,
+            steps=args.steps,
+            optimizer=opt,
+            chunk_size=args.chunk_size,
+            per_token=per_token,
+        )
     else:
-        out = lm.finetuned_eif(apply_fn, params, toks, lr=lr, steps=args.steps, optimizer=opt,
-                               chunk_size=args.chunk_size, config=config, per_token=per_token)
+        out = lm.finetuned_eif(
+            apply_fn,
+            params,
+            toks,
+            lr=lr,
+            steps=args.steps,
+            optimizer=opt,
+            chunk_size=args.chunk_size,
+            config=config,
+            per_token=per_token,
+        )
     return out if per_token else np.asarray(out)
 
 
@@ -158,8 +228,14 @@ def _figures(run, name, samples, means):
     axes = np.atleast_1d(axes)
     for ax, mode in zip(axes, modes):
         row_label = "fine-tuned on sample i" if mode == "finetuned" else "sample i as the prompt's context"
-        plot.heatmap(means[mode], ax=ax, labels=labels, sign="logprob", title=f"{name}: {mode} (mean of repeats)",
-                     row_label=row_label)
+        plot.heatmap(
+            means[mode],
+            ax=ax,
+            labels=labels,
+            sign="logprob",
+            title=f"{name}: {mode} (mean of repeats)",
+            row_label=row_label,
+        )
         ax.tick_params(axis="x", labelrotation=90)
     run.save_figure(f"heatmaps_{name}.png", fig)
 
@@ -187,29 +263,42 @@ def run(args: argparse.Namespace) -> dict:
     elif args.lr == "plateau":
         args.lr = run_dir.load_json(SWEEP)["chosen"] if run_dir.has(SWEEP) else float("nan")
     elapsed, cpu = time.time() - t0, time.process_time() - cpu0
-    repeats = [r for r in range(args.repeats)
-               if all(run_dir.has(f"{m}_{d}_r{r}.npy") for m in args.modes for d in args.domains)]
+    repeats = [
+        r
+        for r in range(args.repeats)
+        if all(run_dir.has(f"{m}_{d}_r{r}.npy") for m in args.modes for d in args.domains)
+    ]
     if not repeats:
         raise ValueError(f"{run_dir.path} holds no complete repeat yet; run without --summarise-only first")
 
-    results = {"config": config_dict, "metadata": runs.run_metadata(seed=args.seed, elapsed_s=elapsed, cpu_s=cpu),
-               "repeats_used": len(repeats), "lr_used": args.lr, "prompt_format": lm.PROMPT_FORMAT, "sign": "M[i, j] = loss after - loss before (negative = learned)",
-               "domains": {}}
+    results = {
+        "config": config_dict,
+        "metadata": runs.run_metadata(seed=args.seed, elapsed_s=elapsed, cpu_s=cpu),
+        "repeats_used": len(repeats),
+        "lr_used": args.lr,
+        "prompt_format": lm.PROMPT_FORMAT,
+        "sign": "M[i, j] = loss after - loss before (negative = learned)",
+        "domains": {},
+    }
     histogram_values = {m: [] for m in args.modes}
     for name in args.domains:
         samples = draws[(name, 0)]
         per_repeat = {m: np.stack([run_dir.load_npy(f"{m}_{name}_r{r}.npy") for r in repeats]) for m in args.modes}
         means = {m: v.mean(axis=0) for m, v in per_repeat.items()}
-        entry = {"templates": [s.template for s in samples], "labels": [s.label for s in samples],
-                 **domain_summary(per_repeat, domains.domain(name).probe_rows)}
+        entry = {
+            "templates": [s.template for s in samples],
+            "labels": [s.label for s in samples],
+            **domain_summary(per_repeat, domains.domain(name).probe_rows),
+        }
         for m in args.modes:
             histogram_values[m].append(per_repeat[m].ravel())
         if name in PAPER_SYMMETRY:
             entry["paper_inverse_asymmetry"] = dict(zip(MODES, PAPER_SYMMETRY[name]))
         results["domains"][name] = entry
         _figures(run_dir, name, samples, means)
-    fig = plot.histogram({m: np.concatenate(v) for m, v in histogram_values.items()}, sign="logprob",
-                         title="all EIF values (fig 5A)")
+    fig = plot.histogram(
+        {m: np.concatenate(v) for m, v in histogram_values.items()}, sign="logprob", title="all EIF values (fig 5A)"
+    )
     run_dir.save_figure("histogram.png", fig)
     run_dir.save_figure("symmetry.png", _symmetry_figure(results, args.modes))
     if config_dict["per_token"] and all(run_dir.has(_token_key(d)) for d in args.domains):
@@ -218,8 +307,12 @@ def run(args: argparse.Namespace) -> dict:
     scorecard = {name: {m: results["domains"][name][m]["probes"] for m in args.modes} for name in args.domains}
     run_dir.save_json("scorecard.json", scorecard)
     run_dir.save_json("results.json", results)
-    if args.lr_sweep and all(run_dir.has(_sweep_key(lr, d, r)) for lr in args.lr_sweep for d in args.domains
-                             for r in range(args.sweep_repeats)):
+    if args.lr_sweep and all(
+        run_dir.has(_sweep_key(lr, d, r))
+        for lr in args.lr_sweep
+        for d in args.domains
+        for r in range(args.sweep_repeats)
+    ):
         findings = lr_findings(run_dir, args)
         run_dir.save_json(FINDINGS, findings)
         run_dir.save_figure("lr_findings.png", findings_figure(findings))
@@ -240,7 +333,9 @@ def _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args) -> float:
     it finishes: resumable); the plateau from repeat 0 (lr_sweep.json/.png); returns the lr to use."""
     lrs = sorted(args.lr_sweep)
     cells = [(d, r) for r in range(args.sweep_repeats) for d in args.domains]
-    bar = tqdm(total=len(lrs) * sum(len(draws[c]) for c in cells), desc="lr sweep (fine-tunes)", disable=args.no_progress)
+    bar = tqdm(
+        total=len(lrs) * sum(len(draws[c]) for c in cells), desc="lr sweep (fine-tunes)", disable=args.no_progress
+    )
     for name, r in cells:
         toks, base = _domain_tokens(tok, config, draws[(name, r)]), None
         for lr in lrs:
@@ -252,10 +347,20 @@ def _lr_sweep(run_dir, draws, apply_fn, params, config, tok, args) -> float:
     if not run_dir.has(SWEEP):
         matrices = [[run_dir.load_npy(_sweep_key(lr, d, 0)).astype(np.float64) for d in args.domains] for lr in lrs]
         sweep = lr_choice.summarise(lrs, matrices, threshold=0.95, rule=RULE)
-        run_dir.save_json(SWEEP, {"lrs": sweep.lrs.tolist(), "median_abs_eif": sweep.magnitude.tolist(),
-                                  "agreement_with_previous": sweep.agreement.tolist(), "chosen": sweep.chosen,
-                                  "threshold": sweep.threshold, "domains": list(args.domains)})
-        run_dir.save_figure("lr_sweep.png", lr_choice.plot_lr_sweep(sweep, title="fine-tuned EIF vs lr (repeat 0, all domains)"))
+        run_dir.save_json(
+            SWEEP,
+            {
+                "lrs": sweep.lrs.tolist(),
+                "median_abs_eif": sweep.magnitude.tolist(),
+                "agreement_with_previous": sweep.agreement.tolist(),
+                "chosen": sweep.chosen,
+                "threshold": sweep.threshold,
+                "domains": list(args.domains),
+            },
+        )
+        run_dir.save_figure(
+            "lr_sweep.png", lr_choice.plot_lr_sweep(sweep, title="fine-tuned EIF vs lr (repeat 0, all domains)")
+        )
     chosen = run_dir.load_json(SWEEP)["chosen"]
     print(f"lr sweep: plateau lr {chosen:g} (lr_sweep.png)")
     return chosen if args.lr == "plateau" else args.lr
@@ -299,9 +404,13 @@ def _compute(run_dir, draws, apply_fn, params, config, tok, args) -> None:
 def mode_summary(per_repeat: np.ndarray, probes) -> dict:
     """Symmetry, magnitude and logic probes of one mode's matrices f[repeats, n, n] (symmetry of their mean)."""
     mean = per_repeat.mean(axis=0)
-    return {"mean_matrix": mean.tolist(), "inverse_asymmetry": float(desiderata.inverse_asymmetry(mean)),
-            "symmetry_corr": float(desiderata.symmetry_corr(mean)), "median_abs": lr_choice.magnitude(mean),
-            "probes": desiderata.probe_scores(per_repeat, probes)}
+    return {
+        "mean_matrix": mean.tolist(),
+        "inverse_asymmetry": float(desiderata.inverse_asymmetry(mean)),
+        "symmetry_corr": float(desiderata.symmetry_corr(mean)),
+        "median_abs": lr_choice.magnitude(mean),
+        "probes": desiderata.probe_scores(per_repeat, probes),
+    }
 
 
 def domain_summary(per_repeat: dict, probes) -> dict:
@@ -312,10 +421,13 @@ def domain_summary(per_repeat: dict, probes) -> dict:
     if set(MODES) <= set(out):
         ft, pr = out["finetuned"], out["prompted"]
         out["comparison"] = {
-            "corr_finetuned_prompted": lr_choice.agreement(per_repeat["prompted"].mean(0), per_repeat["finetuned"].mean(0)),
+            "corr_finetuned_prompted": lr_choice.agreement(
+                per_repeat["prompted"].mean(0), per_repeat["finetuned"].mean(0)
+            ),
             "median_abs_ratio": ft["median_abs"] / pr["median_abs"],
-            "probes_same_sign": float(np.mean([np.sign(a["mean"]) == np.sign(b["mean"])
-                                               for a, b in zip(ft["probes"], pr["probes"])])),
+            "probes_same_sign": float(
+                np.mean([np.sign(a["mean"]) == np.sign(b["mean"]) for a, b in zip(ft["probes"], pr["probes"])])
+            ),
         }
     return out
 
@@ -332,9 +444,15 @@ def lr_findings(run_dir, args) -> dict:
         return out
 
     per_lr = [{d: domain_summary(matrices(d, lr), domains.domain(d).probe_rows) for d in args.domains} for lr in lrs]
-    return {"lrs": lrs, "chosen_lr": args.lr, "repeats": args.sweep_repeats, "domains": list(args.domains),
-            "sign": "M[i, j] = loss after - loss before; probe gain = implied minus not implied log-prob (> 0: right)",
-            **_curves(per_lr, args.domains), "per_lr": per_lr}
+    return {
+        "lrs": lrs,
+        "chosen_lr": args.lr,
+        "repeats": args.sweep_repeats,
+        "domains": list(args.domains),
+        "sign": "M[i, j] = loss after - loss before; probe gain = implied minus not implied log-prob (> 0: right)",
+        **_curves(per_lr, args.domains),
+        "per_lr": per_lr,
+    }
 
 
 def _probe_label(name: str, k: int) -> str:
@@ -355,21 +473,40 @@ def _curves(per_lr: list, names) -> dict:
             paper[title] = ref
 
     by_domain = {d: (d, None) for d in names}
-    panel("1/‖M−Mᵀ‖_F, fine-tuned (scales as 1/lr)", lambda e, m, _: e[m]["inverse_asymmetry"], by_domain,
-          ref={d: PAPER_SYMMETRY[d][0] for d in names if d in PAPER_SYMMETRY})
+    panel(
+        "1/‖M−Mᵀ‖_F, fine-tuned (scales as 1/lr)",
+        lambda e, m, _: e[m]["inverse_asymmetry"],
+        by_domain,
+        ref={d: PAPER_SYMMETRY[d][0] for d in names if d in PAPER_SYMMETRY},
+    )
     panel("corr(M, Mᵀ), fine-tuned", lambda e, m, _: e[m]["symmetry_corr"], by_domain)
     for (name, k), ref in PAPER_PROBES.items():
         if name in names:
             lines = {_probe_label(name, j): (name, j) for j in range(len(domains.domain(name).probes))}
-            panel(f"{name}: probe gains (mean)", lambda e, m, j: e[m]["probes"][j]["mean"], lines,
-                  ref={_probe_label(name, k): ref})
-    panel("share of probe repeats right", lambda e, m, _: float(np.mean([p["right_direction"] for p in e[m]["probes"]])),
-          by_domain)
+            panel(
+                f"{name}: probe gains (mean)",
+                lambda e, m, j: e[m]["probes"][j]["mean"],
+                lines,
+                ref={_probe_label(name, k): ref},
+            )
+    panel(
+        "share of probe repeats right",
+        lambda e, m, _: float(np.mean([p["right_direction"] for p in e[m]["probes"]])),
+        by_domain,
+    )
     if "comparison" in per_lr[0][names[0]]:
-        panel("corr(fine-tuned M, prompted M)", lambda e, m, _: e["comparison"]["corr_finetuned_prompted"], by_domain,
-              mode="comparison")
-        panel("median |EIF|: fine-tuned / prompted", lambda e, m, _: e["comparison"]["median_abs_ratio"], by_domain,
-              mode="comparison")
+        panel(
+            "corr(fine-tuned M, prompted M)",
+            lambda e, m, _: e["comparison"]["corr_finetuned_prompted"],
+            by_domain,
+            mode="comparison",
+        )
+        panel(
+            "median |EIF|: fine-tuned / prompted",
+            lambda e, m, _: e["comparison"]["median_abs_ratio"],
+            by_domain,
+            mode="comparison",
+        )
     return {"curves": curves, "paper": paper, "prompted": prompted}
 
 
@@ -380,10 +517,18 @@ def findings_figure(findings: dict):
     """lr_findings.png: every finding against lr (dashed: the paper, dotted: prompted, which has no lr)."""
     from jaxeif import plot  # matplotlib: slow to import, only the figures need it
 
-    return plot.curves(findings["lrs"], findings["curves"], reference=findings["paper"], constant=findings["prompted"],
-                       constant_label="prompted", log_y=LOG_Y, chosen=findings["chosen_lr"], columns=4,
-                       title=f"Language-model findings across the fine-tuning lr (SGD, 1 step; {findings['repeats']} "
-                             "repeat(s); dashed: paper, dotted: prompted, vertical: the study's lr)")
+    return plot.curves(
+        findings["lrs"],
+        findings["curves"],
+        reference=findings["paper"],
+        constant=findings["prompted"],
+        constant_label="prompted",
+        log_y=LOG_Y,
+        chosen=findings["chosen_lr"],
+        columns=4,
+        title=f"Language-model findings across the fine-tuning lr (SGD, 1 step; {findings['repeats']} "
+        "repeat(s); dashed: paper, dotted: prompted, vertical: the study's lr)",
+    )
 
 
 # ----------------------------------------------------------------------------- float64 check
@@ -401,20 +546,30 @@ def _float64_check(run_dir, draws, apply_fn, params, config, tok, args) -> None:
             if not run_dir.has(key(lr, precision, name)):
                 wall = time.time()
                 loss = lm.NLL(apply_fn)  # keeps float64 logits and loss in float64
-                run_dir.save_npy(key(lr, precision, name),
-                                 np.asarray(jaxeif.eif(loss, params, toks, lr=lr, chunk_size=1,
-                                                            precision=options.precision_of(precision))))
+                run_dir.save_npy(
+                    key(lr, precision, name),
+                    np.asarray(
+                        jaxeif.eif(loss, params, toks, lr=lr, chunk_size=1, precision=options.precision_of(precision))
+                    ),
+                )
                 timings[key(lr, precision, name)] = {"wall_s": time.time() - wall}
                 run_dir.save_json(TIMINGS, timings)
             bar.update()
     bar.close()
     pooled = lambda k: np.concatenate([lr_choice.offdiag(run_dir.load_npy(k(d))) for d in args.domains])  # noqa: E731
-    out = {"domains": list(args.domains), "repeat": 0, "float32": "the study's matrices (lowrank_sgd_eif, float32)",
-           "truth": "jaxeif.eif(precision='float64'), dense, lm.NLL", "per_lr": {}}
+    out = {
+        "domains": list(args.domains),
+        "repeat": 0,
+        "float32": "the study's matrices (lowrank_sgd_eif, float32)",
+        "truth": "jaxeif.eif(precision='float64'), dense, lm.NLL",
+        "per_lr": {},
+    }
     for lr in lrs:
         truth = pooled(lambda d: key(lr, "float64", d))
-        entry = {"float32": desiderata.agreement(pooled(lambda d: _sweep_key(lr, d, 0))[None], truth[None]),
-                 "median_abs_entry": float(np.median(np.abs(truth)))}
+        entry = {
+            "float32": desiderata.agreement(pooled(lambda d: _sweep_key(lr, d, 0))[None], truth[None]),
+            "median_abs_entry": float(np.median(np.abs(truth))),
+        }
         if lr == lrs[0]:
             entry["difference"] = desiderata.agreement(pooled(lambda d: key(lr, "difference", d))[None], truth[None])
         out["per_lr"][f"{lr:g}"] = entry
@@ -505,9 +660,11 @@ def answer_tokens(tok, toks: lm.Tokens, samples) -> np.ndarray:
         positions = np.flatnonzero(score[k])
         ids = np.asarray(toks.ids)[k, positions]
         if _decode(tok, ids) != sample.text:
-            raise ValueError(f"decoding sample {k}'s tokens gives {_decode(tok, ids)!r}, not {sample.text!r}: this "
-                             "tokenizer does not round-trip, so its tokens cannot be matched to the answer's "
-                             "characters")
+            raise ValueError(
+                f"decoding sample {k}'s tokens gives {_decode(tok, ids)!r}, not {sample.text!r}: this "
+                "tokenizer does not round-trip, so its tokens cannot be matched to the answer's "
+                "characters"
+            )
         if span is None:
             continue
         ends = np.array([len(_decode(tok, ids[: t + 1])) for t in range(len(ids))])
@@ -532,8 +689,13 @@ def token_split(per_token: np.ndarray, scored: np.ndarray, answer: np.ndarray) -
     other = scored & ~answer
     a = float(size[:, answer].mean()) if answer.any() else float("nan")
     b = float(size[:, other].mean()) if other.any() else float("nan")
-    return {"answer_mean_abs": a, "other_mean_abs": b, "answer_over_other": a / b if b > 0 else float("nan"),
-            "answer_tokens": int(answer.sum()), "other_tokens": int(other.sum())}
+    return {
+        "answer_mean_abs": a,
+        "other_mean_abs": b,
+        "answer_over_other": a / b if b > 0 else float("nan"),
+        "answer_tokens": int(answer.sum()),
+        "other_tokens": int(other.sum()),
+    }
 
 
 def per_token_summary(run_dir, names) -> dict:
@@ -546,8 +708,14 @@ def per_token_summary(run_dir, names) -> dict:
     Returns:
         {domain: token_split}.
     """
-    return {name: token_split(run_dir.load_npy(_token_key(name)), run_dir.load_npy(_token_key(name, "scored")),
-                              run_dir.load_npy(_token_key(name, "answer"))) for name in names}
+    return {
+        name: token_split(
+            run_dir.load_npy(_token_key(name)),
+            run_dir.load_npy(_token_key(name, "scored")),
+            run_dir.load_npy(_token_key(name, "answer")),
+        )
+        for name in names
+    }
 
 
 def per_token_figure(summary: dict):
@@ -564,8 +732,9 @@ def per_token_figure(summary: dict):
     names = list(summary)
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)), 4), layout="constrained")
     x = np.arange(len(names))
-    for k, (key, label) in enumerate((("answer_mean_abs", "answer tokens (the last entity named)"),
-                                      ("other_mean_abs", "other scored tokens"))):
+    for k, (key, label) in enumerate(
+        (("answer_mean_abs", "answer tokens (the last entity named)"), ("other_mean_abs", "other scored tokens"))
+    ):
         ax.bar(x + (k - 0.5) * 0.4, [summary[n][key] for n in names], 0.4, label=label)
     ax.set_xticks(x, names, rotation=20)
     ax.set_ylabel("mean |per-token NLL change|")
@@ -594,19 +763,31 @@ def _symmetry_figure(results: dict, modes):
 
 def format_tables(results: dict, modes) -> str:
     """Markdown tables: symmetry per domain and the logic scorecard, beside the paper's numbers."""
-    lines = ["| domain | " + " | ".join(f"1/||M-M^T|| {m}" for m in modes) + " | paper (Phi-3-mini) ft / prompted |",
-             "|---|" + "---|" * (len(modes) + 1)]
+    lines = [
+        "| domain | " + " | ".join(f"1/||M-M^T|| {m}" for m in modes) + " | paper (Phi-3-mini) ft / prompted |",
+        "|---|" + "---|" * (len(modes) + 1),
+    ]
     for name, e in results["domains"].items():
         paper = e.get("paper_inverse_asymmetry")
         ptxt = f"{paper['finetuned']} / {paper['prompted']}" if paper else "-"
         lines.append(f"| {name} | " + " | ".join(f"{e[m]['inverse_asymmetry']:.3g}" for m in modes) + f" | {ptxt} |")
-    lines += ["", "| domain | probe (train: implied vs not) | " + " | ".join(
-        f"{m}: mean ± sd, right" for m in modes) + " |", "|---|---|" + "---|" * len(modes)]
+    lines += [
+        "",
+        "| domain | probe (train: implied vs not) | " + " | ".join(f"{m}: mean ± sd, right" for m in modes) + " |",
+        "|---|---|" + "---|" * len(modes),
+    ]
     for name, e in results["domains"].items():
         for k, p in enumerate(e[modes[0]]["probes"]):
-            cells = [f"{e[m]['probes'][k]['mean']:+.3g} ± {e[m]['probes'][k]['std']:.2g}, "
-                     f"{e[m]['probes'][k]['right_direction']:.0%}" for m in modes]
-            lines.append(f"| {name} | {p['train']}: {p['implied']} vs {p['not_implied']} ({p['why']}) | " + " | ".join(cells) + " |")
+            cells = [
+                f"{e[m]['probes'][k]['mean']:+.3g} ± {e[m]['probes'][k]['std']:.2g}, "
+                f"{e[m]['probes'][k]['right_direction']:.0%}"
+                for m in modes
+            ]
+            lines.append(
+                f"| {name} | {p['train']}: {p['implied']} vs {p['not_implied']} ({p['why']}) | "
+                + " | ".join(cells)
+                + " |"
+            )
     return "\n".join(lines)
 
 

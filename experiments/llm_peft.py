@@ -9,6 +9,7 @@ Writes into --out: config.json, one matrix per method, domain, repeat and lr (<m
 resumable), sweep_<method>.json, heatmaps.png (every domain x method, mean of repeats, sign -EIF),
 timings.json and results.json (every number: corr with dense, symmetry, probes over repeats).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxeif.experiments import options
-from jaxeif.experiments import llm_logic
 from jaxeif import compile_cache, desiderata, lm, lr_choice, runs
 from jaxeif.data import domains
+from jaxeif.experiments import llm_logic, options
 from jaxeif.models import loading, lora, tokenizer
 
 DENSE = "dense"
@@ -35,13 +35,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options (defaults: SmolLM2, all five domains, 3 repeats, ranks 4/16/64, lr grid 1e-6..1)."""
     parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
     options.add_out(parser, "results/llm_peft")
-    parser.add_argument("--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}")
-    parser.add_argument("--repeats", type=options.positive_int, default=3, help="repeats with fresh entity names (seed + k)")
+    parser.add_argument(
+        "--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}"
+    )
+    parser.add_argument(
+        "--repeats", type=options.positive_int, default=3, help="repeats with fresh entity names (seed + k)"
+    )
     parser.add_argument("--ranks", type=options.positive_int, nargs="+", default=list(DEFAULT_RANKS), help="LoRA ranks")
-    parser.add_argument("--lr-grid", type=options.positive_float, nargs="+", default=list(DEFAULT_GRID),
-                        help="ascending lrs (>= 3) swept for each method; the plateau rule picks each method's lr")
-    parser.add_argument("--sweep-domains", nargs="+", default=list(SWEEP_DOMAINS),
-                        help="domains whose repeat 0 the lr sweep pools (a subset of --domains)")
+    parser.add_argument(
+        "--lr-grid",
+        type=options.positive_float,
+        nargs="+",
+        default=list(DEFAULT_GRID),
+        help="ascending lrs (>= 3) swept for each method; the plateau rule picks each method's lr",
+    )
+    parser.add_argument(
+        "--sweep-domains",
+        nargs="+",
+        default=list(SWEEP_DOMAINS),
+        help="domains whose repeat 0 the lr sweep pools (a subset of --domains)",
+    )
     options.add_seed(parser, "repeat k draws names with seed + k; LoRA A draws")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -54,10 +67,19 @@ def _config(args: argparse.Namespace) -> dict:
     grid = [float(x) for x in args.lr_grid]
     if len(grid) < 3 or grid != sorted(grid):
         raise ValueError(f"--lr-grid needs at least 3 learning rates in ascending order, got {grid}")
-    return {"study": "llm_peft", "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
-            "domains": list(args.domains), "repeats": args.repeats, "ranks": sorted(set(args.ranks)), "lr_grid": grid,
-            "sweep_domains": list(args.sweep_domains), "seed": args.seed, "rule": llm_logic.RULE,
-            "lora": {"alpha": "2 * rank", "targets": list(lora.TARGETS)}, "optimizer": "sgd, 1 step"}
+    return {
+        "study": "llm_peft",
+        "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
+        "domains": list(args.domains),
+        "repeats": args.repeats,
+        "ranks": sorted(set(args.ranks)),
+        "lr_grid": grid,
+        "sweep_domains": list(args.sweep_domains),
+        "seed": args.seed,
+        "rule": llm_logic.RULE,
+        "lora": {"alpha": "2 * rank", "targets": list(lora.TARGETS)},
+        "optimizer": "sgd, 1 step",
+    }
 
 
 def method_names(ranks) -> list[str]:
@@ -70,8 +92,9 @@ def domain_tokens(tok, config, draws: dict, names) -> dict:
     out = {}
     for name in names:
         keys = [k for k in draws if k[0] == name]
-        longest = max(int(lm.tokenize(tok, [s.text for s in draws[k]], config=config, pad_multiple=1).ids.shape[1])
-                      for k in keys)
+        longest = max(
+            int(lm.tokenize(tok, [s.text for s in draws[k]], config=config, pad_multiple=1).ids.shape[1]) for k in keys
+        )
         length = -(-longest // llm_logic.PAD_MULTIPLE) * llm_logic.PAD_MULTIPLE
         for k in keys:
             out[k] = lm.tokenize(tok, [s.text for s in draws[k]], config=config, length=length)
@@ -81,6 +104,7 @@ def domain_tokens(tok, config, draws: dict, names) -> dict:
 def cached(run_dir: runs.RunDir, key: str, compute, timings: dict | None = None) -> np.ndarray:
     """run_dir's f32 matrix `key` (`RunDir.cached`: checksummed), computed (and timed into `timings`, saved as
     timings.json) when missing."""
+
     def timed() -> np.ndarray:
         wall, cpu = time.time(), time.process_time()
         out = np.asarray(compute(), np.float32)
@@ -129,12 +153,21 @@ def run(args: argparse.Namespace) -> dict:
             for r in range(args.repeats):
                 cached(run_dir, matrix_key(method, name, r, lr), lambda: fn(toks[(name, r)], lr), timings)
     elapsed, cpu = time.time() - t0, time.process_time() - cpu0
-    per_repeat = {(m, d): np.stack([run_dir.load_npy(matrix_key(m, d, r, chosen[m])) for r in range(args.repeats)])
-                  for m in methods for d in args.domains}
+    per_repeat = {
+        (m, d): np.stack([run_dir.load_npy(matrix_key(m, d, r, chosen[m])) for r in range(args.repeats)])
+        for m in methods
+        for d in args.domains
+    }
     results = summarise(per_repeat, methods, args.domains, draws)
-    results.update({"config": config_dict, "lr": chosen, "sweeps": sweeps,
-                    "metadata": runs.run_metadata(seed=args.seed, elapsed_s=elapsed, cpu_s=cpu),
-                    "sign": "M[i, j] = loss after - loss before (negative = learned)"})
+    results.update(
+        {
+            "config": config_dict,
+            "lr": chosen,
+            "sweeps": sweeps,
+            "metadata": runs.run_metadata(seed=args.seed, elapsed_s=elapsed, cpu_s=cpu),
+            "sign": "M[i, j] = loss after - loss before (negative = learned)",
+        }
+    )
     run_dir.save_json("results.json", results)
     run_dir.save_figure("heatmaps.png", heatmap_figure(results, methods, args.domains))
     print(format_table(results, methods))
@@ -143,14 +176,23 @@ def run(args: argparse.Namespace) -> dict:
 
 def _sweep(run_dir, method, fn, toks, args, timings) -> dict:
     """The method's lr by the plateau rule: its EIF on repeat 0 of the sweep domains at every grid lr (cached)."""
+
     def eif_at(lr):
-        return [cached(run_dir, matrix_key(method, d, 0, lr), lambda d=d: fn(toks[(d, 0)], lr), timings)
-                for d in args.sweep_domains]
+        return [
+            cached(run_dir, matrix_key(method, d, 0, lr), lambda d=d: fn(toks[(d, 0)], lr), timings)
+            for d in args.sweep_domains
+        ]
 
     sweep = lr_choice.lr_sweep(eif_at, args.lr_grid, rule=llm_logic.RULE, progress=not args.no_progress)
-    out = {"lrs": sweep.lrs.tolist(), "median_abs_eif": sweep.magnitude.tolist(),
-           "agreement_with_previous": sweep.agreement.tolist(), "chosen": sweep.chosen, "threshold": sweep.threshold,
-           "rule": lr_choice.RULES[sweep.rule], "domains": list(args.sweep_domains)}
+    out = {
+        "lrs": sweep.lrs.tolist(),
+        "median_abs_eif": sweep.magnitude.tolist(),
+        "agreement_with_previous": sweep.agreement.tolist(),
+        "chosen": sweep.chosen,
+        "threshold": sweep.threshold,
+        "rule": lr_choice.RULES[sweep.rule],
+        "domains": list(args.sweep_domains),
+    }
     run_dir.save_json(f"sweep_{method}.json", out)
     print(f"{method}: plateau lr {sweep.chosen:g}")
     return out
@@ -191,13 +233,16 @@ def heatmap_figure(results: dict, methods, names):
 
     from jaxeif import plot  # matplotlib: slow to import
 
-    fig, axes = plt.subplots(len(names), len(methods), figsize=(3.6 * len(methods), 3.2 * len(names)),
-                             layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(
+        len(names), len(methods), figsize=(3.6 * len(methods), 3.2 * len(names)), layout="constrained", squeeze=False
+    )
     for row, name in zip(axes, names):
         for ax, m in zip(row, methods):
             e = results["domains"][name][m]
-            title = (f"{name}: {m}, lr {results['lr'][m]:g}\n"
-                     f"corr dense {e['corr_with_dense']['mean']:.2f}, corr(M,Mᵀ) {e['symmetry_corr']:.2f}")
+            title = (
+                f"{name}: {m}, lr {results['lr'][m]:g}\n"
+                f"corr dense {e['corr_with_dense']['mean']:.2f}, corr(M,Mᵀ) {e['symmetry_corr']:.2f}"
+            )
             plot.heatmap(np.asarray(e["mean_matrix"]), ax=ax, sign="logprob", title=title)
             ax.title.set_fontsize(8)
     return fig
@@ -205,15 +250,19 @@ def heatmap_figure(results: dict, methods, names):
 
 def format_table(results: dict, methods) -> str:
     """Markdown: per domain and method, corr with dense, symmetry and the probes (mean ± sd, right share)."""
-    lines = ["| domain | method | lr | corr with dense (mean ± sd) | corr(M, Mᵀ) | 1/‖M−Mᵀ‖ | probes: mean ± sd (right) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| domain | method | lr | corr with dense (mean ± sd) | corr(M, Mᵀ) | 1/‖M−Mᵀ‖ | probes: mean ± sd (right) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, e in results["domains"].items():
         for m in methods:
             x = e[m]
             probes = "; ".join(f"{p['mean']:+.3g} ± {p['std']:.2g} ({p['right_direction']:.0%})" for p in x["probes"])
-            lines.append(f"| {name} | {m} | {results['lr'][m]:g} | {x['corr_with_dense']['mean']:.3f} ± "
-                         f"{x['corr_with_dense']['std']:.3f} | {x['symmetry_corr']:.3f} | {x['inverse_asymmetry']:.3g} | "
-                         f"{probes} |")
+            lines.append(
+                f"| {name} | {m} | {results['lr'][m]:g} | {x['corr_with_dense']['mean']:.3f} ± "
+                f"{x['corr_with_dense']['std']:.3f} | {x['symmetry_corr']:.3f} | {x['inverse_asymmetry']:.3g} | "
+                f"{probes} |"
+            )
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ order of results.json's samples), eif_uniform.npy and eif_learned.npy (f[n_heldo
 results.json (every number), transfer.png; study 1's folder is --meta-out (default OUT/meta_cnn_noise).
 A rerun of the same command resumes both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxeif
-from jaxeif.experiments import options
-from jaxeif import meta
-from jaxeif.experiments import meta_cnn_noise
-from jaxeif import runs
+from jaxeif import meta, runs
 from jaxeif.data import noisy_digits as data
-from jaxeif.models import cnn
+from jaxeif.experiments import meta_cnn_noise, options
 from jaxeif.meta.image_study import Split, heldout_metrics, split_set
+from jaxeif.models import cnn
 
 CLEAN = "clean"
 
@@ -46,13 +45,21 @@ class Config(meta_cnn_noise.Config):
     """Study 1's options (the predictor is trained with them) plus the unseen corruptions, listed once."""
 
     out: str = options.out("results/meta_cnn_transfer")
-    meta_out: str | None = options.field(None, "results folder of the study-1 run that trains the predictor (default "
-                                               "OUT/meta_cnn_noise; a finished `jaxeif meta-cnn` folder with the same "
-                                               "options is reused)")
-    salt_pepper: list = options.field([0.1, 0.3], "salt-and-pepper fractions p (each pixel set to 0 or 1 with "
-                                                  "probability p)", type=options.unit_fraction, nargs="+")
-    blur_sigmas: list = options.field([1.0, 2.0], "Gaussian blur standard deviations (pixels, < 28/3)",
-                                      type=options.positive_float, nargs="+")
+    meta_out: str | None = options.field(
+        None,
+        "results folder of the study-1 run that trains the predictor (default "
+        "OUT/meta_cnn_noise; a finished `jaxeif meta-cnn` folder with the same "
+        "options is reused)",
+    )
+    salt_pepper: list = options.field(
+        [0.1, 0.3],
+        "salt-and-pepper fractions p (each pixel set to 0 or 1 with probability p)",
+        type=options.unit_fraction,
+        nargs="+",
+    )
+    blur_sigmas: list = options.field(
+        [1.0, 2.0], "Gaussian blur standard deviations (pixels, < 28/3)", type=options.positive_float, nargs="+"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,8 +75,11 @@ def _config(config: Config) -> tuple[Config, dict]:
         data.gaussian_kernel(s)
     if config.meta_out is None:
         config = dataclasses.replace(config, meta_out=str(Path(config.out) / "meta_cnn_noise"))
-    study1 = {k: v for k, v in options.as_json(config).items()
-              if k not in ("out", "meta_out", "salt_pepper", "blur_sigmas", "no_progress")}
+    study1 = {
+        k: v
+        for k, v in options.as_json(config).items()
+        if k not in ("out", "meta_out", "salt_pepper", "blur_sigmas", "no_progress")
+    }
     return config, {
         "study": "meta_cnn_transfer",
         "meta_out": str(Path(config.meta_out).expanduser().absolute()),
@@ -101,19 +111,29 @@ def transfer_split(held, salt_pepper, blur_sigmas, seed: int, offset: int = 1000
         images.append(np.asarray(data.gaussian_blur(x_clean, s)))
         names += [f"blur_{s:g}"] * len(clean)
         labels.append(y_clean), source.append(twins)
-    return Split(images=np.concatenate(images).astype(np.float32), labels=np.concatenate(labels).astype(np.int32),
-                 noise_std=None, source=np.concatenate(source).astype(np.int32), corruption=np.array(names))
+    return Split(
+        images=np.concatenate(images).astype(np.float32),
+        labels=np.concatenate(labels).astype(np.int32),
+        noise_std=None,
+        source=np.concatenate(source).astype(np.int32),
+        corruption=np.array(names),
+    )
 
 
 def table(metrics: dict) -> dict:
     """Per corruption: mean lr clean / corrupted (learned), teaching ratio uniform / learned, lr below twin."""
     u, l = metrics["uniform"], metrics["learned"]
-    return {name: {"lr_mean_clean": l["lr_mean_clean"], "lr_mean_corrupted": l["noise"][name]["lr_mean"],
-                   "lr_ratio_corrupted_to_clean": l["noise"][name]["lr_mean"] / l["lr_mean_clean"],
-                   "lr_below_twin_fraction": l["noise"][name]["lr_below_twin_fraction"],
-                   "teaching_ratio_uniform": u["noise"][name]["teaching_ratio_same_class"],
-                   "teaching_ratio_learned": l["noise"][name]["teaching_ratio_same_class"]}
-            for name in u["noise"]}
+    return {
+        name: {
+            "lr_mean_clean": l["lr_mean_clean"],
+            "lr_mean_corrupted": l["noise"][name]["lr_mean"],
+            "lr_ratio_corrupted_to_clean": l["noise"][name]["lr_mean"] / l["lr_mean_clean"],
+            "lr_below_twin_fraction": l["noise"][name]["lr_below_twin_fraction"],
+            "teaching_ratio_uniform": u["noise"][name]["teaching_ratio_same_class"],
+            "teaching_ratio_learned": l["noise"][name]["teaching_ratio_same_class"],
+        }
+        for name in u["noise"]
+    }
 
 
 # ----------------------------------------------------------------------------- the study
@@ -133,43 +153,80 @@ def run(args: argparse.Namespace) -> dict:
     s1 = json.loads((Path(study1["out"]) / "config.json").read_text())  # its options after --quick
     predictor, phi = meta.load_amortised(study1["predictor"])
 
-    params = cnn.load_or_train(s1["ckpt"], epochs=s1["epochs"], batch_size=s1["batch_size"], seed=s1["seed"],
-                               progress=not args.no_progress, train_size=s1["train_size"])
+    params = cnn.load_or_train(
+        s1["ckpt"],
+        epochs=s1["epochs"],
+        batch_size=s1["batch_size"],
+        seed=s1["seed"],
+        progress=not args.no_progress,
+        train_size=s1["train_size"],
+    )
     total = s1["per_digit"] + s1["heldout_per_digit"]
     fs = data.finetune_set(per_digit=total, noise_stds=tuple(s1["noise_stds"]), seed=s1["seed"])
-    held = transfer_split(split_set(fs, total, s1["per_digit"], s1["heldout_per_digit"]),
-                          config["salt_pepper"], config["blur_sigmas"], s1["seed"], config["corruption_seed_offset"])
+    held = transfer_split(
+        split_set(fs, total, s1["per_digit"], s1["heldout_per_digit"]),
+        config["salt_pepper"],
+        config["blur_sigmas"],
+        s1["seed"],
+        config["corruption_seed_offset"],
+    )
     clean = np.flatnonzero(held.corruption == CLEAN)
     features = np.asarray(meta.image_features(held.images))
     run_dir.save_npy("features", features)
-    lrs = {"uniform": np.full(len(features), s1["lr"], np.float32),
-           "learned": np.asarray(predictor.lr(phi, jnp.asarray(features)))}
+    lrs = {
+        "uniform": np.full(len(features), s1["lr"], np.float32),
+        "learned": np.asarray(predictor.lr(phi, jnp.asarray(features))),
+    }
     x, y = jnp.asarray(held.images), jnp.asarray(held.labels)
     mats, t = {}, time.perf_counter()
     for name, lr in lrs.items():
         if not run_dir.has(f"eif_{name}.npy"):
-            run_dir.save_npy(f"eif_{name}", np.asarray(jaxeif.eif(cnn.loss_fn, params, (x, y), (x[clean], y[clean]), lr=lr,
-                                                                  steps=s1["steps"], chunk_size=s1["chunk_size"])))
+            run_dir.save_npy(
+                f"eif_{name}",
+                np.asarray(
+                    jaxeif.eif(
+                        cnn.loss_fn,
+                        params,
+                        (x, y),
+                        (x[clean], y[clean]),
+                        lr=lr,
+                        steps=s1["steps"],
+                        chunk_size=s1["chunk_size"],
+                    )
+                ),
+            )
         mats[name] = run_dir.load_npy(f"eif_{name}")
     eif_seconds = time.perf_counter() - t
     metrics = {name: heldout_metrics(mats[name], held, lrs[name]) for name in lrs}
     results = {
         "sign": "loss after minus loss before (negative = learned); learning = -mean; teaching ratio = "
-                "same-class learning taught by corrupted digits / by their clean twins (twin itself left out)",
+        "same-class learning taught by corrupted digits / by their clean twins (twin itself left out)",
         "table": table(metrics),
-        "within_class_learning_clean": {"uniform": metrics["uniform"]["within_class_learning_clean"],
-                                        "learned": metrics["learned"]["within_class_learning_clean"],
-                                        "kept": metrics["learned"]["within_class_learning_clean"]
-                                        >= metrics["uniform"]["within_class_learning_clean"]},
+        "within_class_learning_clean": {
+            "uniform": metrics["uniform"]["within_class_learning_clean"],
+            "learned": metrics["learned"]["within_class_learning_clean"],
+            "kept": metrics["learned"]["within_class_learning_clean"]
+            >= metrics["uniform"]["within_class_learning_clean"],
+        },
         "heldout": metrics,
-        "study1": {"out": study1["out"], "config": s1, "heldout": study1["metrics"]["heldout"],
-                   "meta_train_lr_mean": study1["metrics"]["meta_train_lr_mean"],
-                   "objective": study1["metrics"]["objective"]},
-        "samples": {"corruption": held.corruption, "labels": held.labels, "source": held.source,
-                    "lr_learned": lrs["learned"], "features": features},
+        "study1": {
+            "out": study1["out"],
+            "config": s1,
+            "heldout": study1["metrics"]["heldout"],
+            "meta_train_lr_mean": study1["metrics"]["meta_train_lr_mean"],
+            "objective": study1["metrics"]["objective"],
+        },
+        "samples": {
+            "corruption": held.corruption,
+            "labels": held.labels,
+            "source": held.source,
+            "lr_learned": lrs["learned"],
+            "features": features,
+        },
         "feature_names": ["mean", "std", "mean |dx|+|dy|", "fraction outside [0, 1]", "min", "max"],
         "feature_means": {g: features[held.corruption == g].mean(0) for g in dict.fromkeys(held.corruption.tolist())},
-        "n_heldout": int(len(features)), "n_clean": int(len(clean)),
+        "n_heldout": int(len(features)),
+        "n_clean": int(len(clean)),
         "seconds": {"study1": study1_seconds, "eif": eif_seconds},
         "metadata": runs.run_metadata(seed=s1["seed"], study="meta_cnn_transfer"),
     }
@@ -212,15 +269,25 @@ def _figure(run_dir, held, lr, rows: dict, plot) -> None:
 
 
 def _summary(r: dict) -> str:
-    lines = [f"\nTransfer of the study-1 lr predictor ({r['n_heldout']} held-out samples, {r['n_clean']} clean)",
-             f"  {'corruption':<18}{'lr clean':>10}{'lr corr.':>10}{'below twin':>11}{'ratio unif.':>12}{'ratio learned':>14}"]
+    lines = [
+        f"\nTransfer of the study-1 lr predictor ({r['n_heldout']} held-out samples, {r['n_clean']} clean)",
+        f"  {'corruption':<18}{'lr clean':>10}{'lr corr.':>10}{'below twin':>11}"
+        f"{'ratio unif.':>12}{'ratio learned':>14}",
+    ]
     for name, row in r["table"].items():
-        lines.append(f"  {name:<18}{row['lr_mean_clean']:>10.3g}{row['lr_mean_corrupted']:>10.3g}"
-                     f"{row['lr_below_twin_fraction']:>11.2f}{row['teaching_ratio_uniform']:>12.3g}{row['teaching_ratio_learned']:>14.3g}")
+        lines.append(
+            f"  {name:<18}{row['lr_mean_clean']:>10.3g}{row['lr_mean_corrupted']:>10.3g}"
+            f"{row['lr_below_twin_fraction']:>11.2f}{row['teaching_ratio_uniform']:>12.3g}{row['teaching_ratio_learned']:>14.3g}"
+        )
     w = r["within_class_learning_clean"]
-    lines.append(f"  clean within-class learning: uniform {w['uniform']:.4g}, learned {w['learned']:.4g} "
-                 f"({'kept' if w['kept'] else 'not kept'})")
-    lines.append(f"  study 1 {r['seconds']['study1']:.0f} s, held-out EIFs {r['seconds']['eif']:.0f} s, total {r['seconds']['total']:.0f} s")
+    lines.append(
+        f"  clean within-class learning: uniform {w['uniform']:.4g}, learned {w['learned']:.4g} "
+        f"({'kept' if w['kept'] else 'not kept'})"
+    )
+    lines.append(
+        f"  study 1 {r['seconds']['study1']:.0f} s, held-out EIFs {r['seconds']['eif']:.0f} s, "
+        f"total {r['seconds']['total']:.0f} s"
+    )
     return "\n".join(lines)
 
 

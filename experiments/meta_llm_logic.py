@@ -20,6 +20,7 @@ meta_ckpt/, history.npy, log_scales.json, heldout_{before,after}.npy (NaN where 
 (outer objective, learned multipliers, held-out probe gains before/after), heldout.png (paired per-draw
 gains and differences), results.json (every number, model, lr, seeds, timings).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,12 @@ import optax
 from scipy import stats
 
 import jaxeif
-from jaxeif.experiments import options
-from jaxeif import meta
-from jaxeif import desiderata, lm, runs
+from jaxeif import desiderata, lm, meta, runs
 from jaxeif.data import domains
+from jaxeif.experiments import options
 from jaxeif.finetune import first_update, scale_updates
-from jaxeif.models import loading, tokenizer
 from jaxeif.meta import layers_lm
+from jaxeif.models import loading, tokenizer
 
 DOMAIN = "chain_induces"
 TRAIN_ROW = 3  # the 4-line chain A->B->C->D->Z; its probe: implied 0 ("A causes Z"), not implied 4 ("Z causes A")
@@ -59,20 +59,25 @@ QUICK_OVERRIDES = ("draws", "heldout_draws", "meta_steps", "every")
 class Config:
     """The study's options, listed once: they generate its flags (`add_arguments`) and its config.json (`_config`)."""
 
-    model: str | None = options.field(None, "Phi-3 or Llama checkpoint directory or .gguf; default: the embedded "
-                                            "SmolLM2-135M-Instruct")
+    model: str | None = options.field(
+        None, "Phi-3 or Llama checkpoint directory or .gguf; default: the embedded SmolLM2-135M-Instruct"
+    )
     out: str = options.out("results/meta_llm_logic")
     draws: int = options.field(4, "meta-training name draws (seeds --seed ...)", type=options.positive_int)
     heldout_draws: int = options.field(64, "held-out name draws (seeds --heldout-seed ...)", type=options.positive_int)
     seed: int = options.seed("first seed of the meta-training draws")
     heldout_seed: int = options.field(1000, "first seed of the held-out draws", type=options.nonnegative_int)
-    lr_grid: list = options.field([1e-4, 3e-4, 1e-3], "uniform SGD rates tried on the meta-training draws; the best "
-                                                      "is the baseline and the base rate", type=options.positive_float,
-                                  nargs="+")
+    lr_grid: list = options.field(
+        [1e-4, 3e-4, 1e-3],
+        "uniform SGD rates tried on the meta-training draws; the best is the baseline and the base rate",
+        type=options.positive_float,
+        nargs="+",
+    )
     meta_steps: int = options.field(8, "outer (Adam) steps", type=options.positive_int)
     meta_lr: float = options.field(0.2, "outer Adam learning rate (on log-multipliers)", type=options.positive_float)
-    keep_weight: float = options.field(1.0, "weight of keeping the implied statement's gain at the uniform-lr level",
-                                       type=options.nonnegative_float)
+    keep_weight: float = options.field(
+        1.0, "weight of keeping the implied statement's gain at the uniform-lr level", type=options.nonnegative_float
+    )
     no_center: bool = options.switch("do not centre the log-multipliers (lets the overall rate move)")
     every: int = options.field(3, "checkpoint the outer loop every N steps", type=options.positive_int)
     quick: bool = options.switch("smoke run: 2 draws, 2 held-out draws, 4 meta steps, 2 grid rates")
@@ -87,24 +92,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _resolved(config: Config) -> Config:
     """The options a run uses (--quick's smaller sizes applied); held-out seeds must not overlap training seeds."""
     if config.quick:
-        config = dataclasses.replace(config, draws=min(config.draws, 2), heldout_draws=min(config.heldout_draws, 2),
-                                     meta_steps=min(config.meta_steps, 4), every=min(config.every, 2),
-                                     lr_grid=list(config.lr_grid)[:2])
+        config = dataclasses.replace(
+            config,
+            draws=min(config.draws, 2),
+            heldout_draws=min(config.heldout_draws, 2),
+            meta_steps=min(config.meta_steps, 4),
+            every=min(config.every, 2),
+            lr_grid=list(config.lr_grid)[:2],
+        )
     train_seeds = set(range(config.seed, config.seed + config.draws))
     if train_seeds & set(range(config.heldout_seed, config.heldout_seed + config.heldout_draws)):
-        raise ValueError(f"held-out seeds from {config.heldout_seed} overlap the meta-training seeds from {config.seed}; "
-                         "choose a --heldout-seed past them")
+        raise ValueError(
+            f"held-out seeds from {config.heldout_seed} overlap the meta-training seeds from {config.seed}; "
+            "choose a --heldout-seed past them"
+        )
     return config
 
 
 def _config(config: Config) -> dict:
     """config.json: the resolved options that change results, and what the study fixes; a resumed run must match it."""
-    varying = {k: v for k, v in options.as_json(config).items()
-               if k not in ("out", "quick", "no_progress", "no_center", "model")}
-    return {**varying, "study": "meta_llm_logic", "model": config.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
-            "domain": DOMAIN, "train_row": TRAIN_ROW, "eval_rows": list(EVAL_ROWS), "probe_cols": list(PROBE_COLS),
-            "lr_grid": [float(x) for x in config.lr_grid], "optimizer": "sgd", "steps": 1, "meta_optimizer": "adam",
-            "center": not config.no_center}
+    varying = {
+        k: v
+        for k, v in options.as_json(config).items()
+        if k not in ("out", "quick", "no_progress", "no_center", "model")
+    }
+    return {
+        **varying,
+        "study": "meta_llm_logic",
+        "model": config.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
+        "domain": DOMAIN,
+        "train_row": TRAIN_ROW,
+        "eval_rows": list(EVAL_ROWS),
+        "probe_cols": list(PROBE_COLS),
+        "lr_grid": [float(x) for x in config.lr_grid],
+        "optimizer": "sgd",
+        "steps": 1,
+        "meta_optimizer": "adam",
+        "center": not config.no_center,
+    }
 
 
 def load_model(args: argparse.Namespace):
@@ -178,10 +203,13 @@ def probe_blocks(apply_fn, params, train, evals, log_scales, lrs, *, center: boo
     return jnp.moveaxis(jax.lax.map(draw, (train, evals, base)), 2, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_probe_blocks(apply_fn, center):
-    return jax.jit(lambda params, train, evals, log_scales, lrs: probe_blocks(apply_fn, params, train, evals, log_scales,
-                                                                               lrs, center=center))
+    return jax.jit(
+        lambda params, train, evals, log_scales, lrs: probe_blocks(
+            apply_fn, params, train, evals, log_scales, lrs, center=center
+        )
+    )
 
 
 def evaluate(apply_fn, params, train, evals, settings: list, *, center: bool) -> np.ndarray:
@@ -208,8 +236,9 @@ def per_draw_logic(chain: np.ndarray) -> np.ndarray:
     return (a - b) / (np.abs(a) + np.abs(b) + 1e-12)
 
 
-def paired_summary(before: np.ndarray, after: np.ndarray, *, confidence: float = 0.95, resamples: int = 10_000,
-                   seed: int = 0) -> dict:
+def paired_summary(
+    before: np.ndarray, after: np.ndarray, *, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> dict:
     """After vs before on the same held-out draws, chain blocks f[D, 2] (implied, reversed): per-draw gain
     (M[reversed] - M[implied]) and logic term, their paired differences with a t-interval and a percentile
     bootstrap interval, and the share of draws in the right direction (Wilson intervals, exact McNemar test)."""
@@ -220,26 +249,45 @@ def paired_summary(before: np.ndarray, after: np.ndarray, *, confidence: float =
     def difference(a, b):
         d = b - a
         t = stats.ttest_rel(b, a)
-        boot = stats.bootstrap((d,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
-                               random_state=rng)
-        return {"mean": float(d.mean()), "t_interval": [float(x) for x in t.confidence_interval(confidence)],
-                "t_pvalue": float(t.pvalue), "bootstrap_interval": [float(boot.confidence_interval.low),
-                                                                    float(boot.confidence_interval.high)]}
+        boot = stats.bootstrap(
+            (d,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile", random_state=rng
+        )
+        return {
+            "mean": float(d.mean()),
+            "t_interval": [float(x) for x in t.confidence_interval(confidence)],
+            "t_pvalue": float(t.pvalue),
+            "bootstrap_interval": [float(boot.confidence_interval.low), float(boot.confidence_interval.high)],
+        }
 
     right = {k: gain[k] > 0 for k in gain}
     n = len(right["before"])
-    share = {k: {"right": int(v.sum()), "of": n, "share": float(v.mean()),
-                 "wilson_interval": list(map(float, stats.binomtest(int(v.sum()), n).proportion_ci(confidence, "wilson")))}
-             for k, v in right.items()}
-    flips = {"right_to_wrong": int((right["before"] & ~right["after"]).sum()),
-             "wrong_to_right": int((~right["before"] & right["after"]).sum())}
+    share = {
+        k: {
+            "right": int(v.sum()),
+            "of": n,
+            "share": float(v.mean()),
+            "wilson_interval": list(map(float, stats.binomtest(int(v.sum()), n).proportion_ci(confidence, "wilson"))),
+        }
+        for k, v in right.items()
+    }
+    flips = {
+        "right_to_wrong": int((right["before"] & ~right["after"]).sum()),
+        "wrong_to_right": int((~right["before"] & right["after"]).sum()),
+    }
     discordant = sum(flips.values())
-    flips["mcnemar_exact_pvalue"] = float(stats.binomtest(flips["wrong_to_right"], discordant).pvalue) if discordant else 1.0
-    return {"draws": n, "confidence": confidence, "bootstrap_resamples": resamples,
-            "gain_difference": difference(gain["before"], gain["after"]),
-            "logic_term_difference": difference(logic["before"], logic["after"]),
-            "right_direction": share, "flips": flips,
-            "per_draw": {"gain_before": gain["before"].tolist(), "gain_after": gain["after"].tolist()}}
+    flips["mcnemar_exact_pvalue"] = (
+        float(stats.binomtest(flips["wrong_to_right"], discordant).pvalue) if discordant else 1.0
+    )
+    return {
+        "draws": n,
+        "confidence": confidence,
+        "bootstrap_resamples": resamples,
+        "gain_difference": difference(gain["before"], gain["after"]),
+        "logic_term_difference": difference(logic["before"], logic["after"]),
+        "right_direction": share,
+        "flips": flips,
+        "per_draw": {"gain_before": gain["before"].tolist(), "gain_after": gain["after"].tolist()},
+    }
 
 
 def scatter_into_nan_matrices(block: np.ndarray, n: int, rows, cols) -> np.ndarray:
@@ -280,7 +328,9 @@ def prepare_draws(args: argparse.Namespace, tok, mconfig) -> Draws:
     on_device = lambda tokens: jax.tree.map(jnp.asarray, tokens)  # noqa: E731
     train, evals = draw_tokens(tok, mconfig, train_seeds, (TRAIN_ROW,), PROBE_COLS)
     held_train, held_evals = draw_tokens(tok, mconfig, held_seeds, EVAL_ROWS, PROBE_COLS)
-    return Draws(train_seeds, held_seeds, on_device(train), on_device(evals), on_device(held_train), on_device(held_evals))
+    return Draws(
+        train_seeds, held_seeds, on_device(train), on_device(evals), on_device(held_train), on_device(held_evals)
+    )
 
 
 def uniform_grid(run_dir, evaluate_on, draws: Draws, lr_grid, scales0) -> list:
@@ -290,8 +340,14 @@ def uniform_grid(run_dir, evaluate_on, draws: Draws, lr_grid, scales0) -> list:
         grid = []
         for lr, b in zip(lr_grid, evaluate_on(draws.train, draws.evals, [(scales0, lr) for lr in lr_grid])):
             _, logic = objective_terms(jnp.asarray(b), None, 0.0)
-            grid.append({"lr": lr, "logic": float(logic), "implied_gain": float(-b[:, 0, 0].mean()),
-                         "reversed_gain": float(-b[:, 0, 1].mean())})
+            grid.append(
+                {
+                    "lr": lr,
+                    "logic": float(logic),
+                    "implied_gain": float(-b[:, 0, 0].mean()),
+                    "reversed_gain": float(-b[:, 0, 1].mean()),
+                }
+            )
         run_dir.save_json("grid.json", grid)
     return run_dir.load_json("grid.json")
 
@@ -304,8 +360,10 @@ def best_uniform(grid: list, lr_grid) -> Baseline:
     best = min(finite, key=lambda g: g["logic"])
     lr, keep_ref = float(best["lr"]), best["implied_gain"]
     if not keep_ref > 0:
-        raise ValueError(f"at the best uniform lr {lr:g} the chain does not teach 'A causes Z' (gain {keep_ref:.3g} <= 0); "
-                         "try other --lr-grid rates")
+        raise ValueError(
+            f"at the best uniform lr {lr:g} the chain does not teach 'A causes Z' (gain {keep_ref:.3g} <= 0); "
+            "try other --lr-grid rates"
+        )
     return Baseline(grid, lr, keep_ref)
 
 
@@ -316,27 +374,49 @@ def learn_multipliers(run_dir, apply_fn, params, draws: Draws, base: Baseline, s
         b = blocks(apply_fn, params, train, evals, log_scales, base.lr, center=center)
         return objective_terms(b, base.keep_ref, args.keep_weight)[0]
 
-    return meta.fit(objective, scales0, optimizer=optax.adam(args.meta_lr), steps=args.meta_steps,
-                    checkpoint_dir=run_dir.path / "meta_ckpt", every=args.every, progress=not args.no_progress,
-                    data=(params, draws.train, draws.evals))
+    return meta.fit(
+        objective,
+        scales0,
+        optimizer=optax.adam(args.meta_lr),
+        steps=args.meta_steps,
+        checkpoint_dir=run_dir.path / "meta_ckpt",
+        every=args.every,
+        progress=not args.no_progress,
+        data=(params, draws.train, draws.evals),
+    )
 
 
 def meta_train_summary(evaluate_on, draws: Draws, scales0, result, lr: float) -> dict:
     """Objective history and the logic objective on the meta-training draws, before and after."""
-    before, after = (float(objective_terms(jnp.asarray(b), None, 0.0)[1])
-                     for b in evaluate_on(draws.train, draws.evals, [(scales0, lr), (result.controls, lr)]))
-    return {"objective_history": result.history.tolist(), "objective_final": result.final,
-            "resumed_from": result.resumed_from, "logic_before": before, "logic_after": after}
+    before, after = (
+        float(objective_terms(jnp.asarray(b), None, 0.0)[1])
+        for b in evaluate_on(draws.train, draws.evals, [(scales0, lr), (result.controls, lr)])
+    )
+    return {
+        "objective_history": result.history.tolist(),
+        "objective_final": result.final,
+        "resumed_from": result.resumed_from,
+        "logic_before": before,
+        "logic_after": after,
+    }
 
 
 def heldout_scores(run_dir, evaluate_on, draws: Draws, settings: dict, lr: float, *, progress: bool = False) -> dict:
     """Per setting name ("before", "after": log-scales): the held-out probe blocks (heldout_{name}.npy, NaN
     where not needed; resumed), their chain-4 logic objective, gains and scorecard; "paired": after vs before."""
     n_samples = len(domains.DOMAINS[DOMAIN].templates)
-    probes = [p for p in domains.DOMAINS[DOMAIN].probe_rows if p.train in EVAL_ROWS and {p.implied, p.not_implied} <= set(PROBE_COLS)]
+    probes = [
+        p
+        for p in domains.DOMAINS[DOMAIN].probe_rows
+        if p.train in EVAL_ROWS and {p.implied, p.not_implied} <= set(PROBE_COLS)
+    ]
     if not all(run_dir.has(f"heldout_{name}.npy") for name in settings):
         if progress:  # one jitted call: no per-draw bar
-            print(f"held-out: {len(draws.heldout_seeds)} draws x {len(settings)} settings in one call ...", file=sys.stderr, flush=True)
+            print(
+                f"held-out: {len(draws.heldout_seeds)} draws x {len(settings)} settings in one call ...",
+                file=sys.stderr,
+                flush=True,
+            )
         out = evaluate_on(draws.heldout_train, draws.heldout_evals, [(scales, lr) for scales in settings.values()])
         for name, b in zip(settings, out):
             run_dir.save_npy(f"heldout_{name}", scatter_into_nan_matrices(b, n_samples, EVAL_ROWS, PROBE_COLS))
@@ -347,7 +427,8 @@ def heldout_scores(run_dir, evaluate_on, draws: Draws, settings: dict, lr: float
         summary[name] = {
             "logic_objective_chain4": float(objective_terms(jnp.asarray(chain4[:, None]), None, 0.0)[1]),
             "scorecard": desiderata.probe_scores(mats, probes),
-            "implied_gain_chain4": float(-chain4[:, 0].mean()), "reversed_gain_chain4": float(-chain4[:, 1].mean()),
+            "implied_gain_chain4": float(-chain4[:, 0].mean()),
+            "reversed_gain_chain4": float(-chain4[:, 1].mean()),
         }
     summary["paired"] = paired_summary(*(chains[name] for name in ("before", "after")))
     return summary
@@ -377,17 +458,29 @@ def run(args: argparse.Namespace) -> dict:
     run_dir.save_json("log_scales.json", {k: np.asarray(v) for k, v in learned.items()})
     meta_train = meta_train_summary(evaluate_on, draws, scales0, result, base.lr)
     t = time.perf_counter()
-    summary = heldout_scores(run_dir, evaluate_on, draws, {"before": scales0, "after": result.controls}, base.lr,
-                             progress=not args.no_progress)
+    summary = heldout_scores(
+        run_dir,
+        evaluate_on,
+        draws,
+        {"before": scales0, "after": result.controls},
+        base.lr,
+        progress=not args.no_progress,
+    )
     seconds["heldout"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - start
 
     results = {
-        "config": config, "sign": "EIF = loss after - loss before (negative = learned); probe gain = M[not] - M[implied]",
-        "uniform_lr_grid": base.grid, "best_uniform_lr": base.lr, "keep_reference_implied_gain": base.keep_ref,
-        "meta_train": meta_train, "log_scales": {k: np.asarray(v).tolist() for k, v in learned.items()},
-        "heldout": summary, "seeds": {"train": draws.train_seeds, "heldout": draws.heldout_seeds},
-        "seconds": seconds, "seconds_per_meta_step": seconds["meta"] / max(1, args.meta_steps - (result.resumed_from or 0)),
+        "config": config,
+        "sign": "EIF = loss after - loss before (negative = learned); probe gain = M[not] - M[implied]",
+        "uniform_lr_grid": base.grid,
+        "best_uniform_lr": base.lr,
+        "keep_reference_implied_gain": base.keep_ref,
+        "meta_train": meta_train,
+        "log_scales": {k: np.asarray(v).tolist() for k, v in learned.items()},
+        "heldout": summary,
+        "seeds": {"train": draws.train_seeds, "heldout": draws.heldout_seeds},
+        "seconds": seconds,
+        "seconds_per_meta_step": seconds["meta"] / max(1, args.meta_steps - (result.resumed_from or 0)),
         "metadata": runs.run_metadata(seed=args.seed, study="meta_llm_logic"),
     }
     run_dir.save_json("results.json", results)
@@ -409,16 +502,23 @@ def _figures(run_dir, history, summary, learned) -> None:
     layers = np.asarray(learned["model/layers"])
     axes[1].bar(np.arange(len(layers)), np.exp(layers))
     others = [k for k in learned if k != "model/layers"]
-    axes[1].set_title("learned multipliers per decoder layer; " + ", ".join(f"{k}: x{float(np.exp(learned[k])):.2f}" for k in others),
-                      fontsize=8)
+    axes[1].set_title(
+        "learned multipliers per decoder layer; " + ", ".join(f"{k}: x{float(np.exp(learned[k])):.2f}" for k in others),
+        fontsize=8,
+    )
     axes[1].set_xlabel("layer")
     axes[1].set_yscale("log")
     probes = summary["before"]["scorecard"]
     x = np.arange(len(probes))
     for k, name in enumerate(("before", "after")):
         sc = summary[name]["scorecard"]
-        axes[2].bar(x + 0.4 * k, [p["mean"] for p in sc], 0.4, yerr=[p["std"] for p in sc],
-                    label={"before": "best uniform lr", "after": "learned multipliers"}[name])
+        axes[2].bar(
+            x + 0.4 * k,
+            [p["mean"] for p in sc],
+            0.4,
+            yerr=[p["std"] for p in sc],
+            label={"before": "best uniform lr", "after": "learned multipliers"}[name],
+        )
     axes[2].set_xticks(x + 0.2, [f"train {p['train']}: {p['implied']} vs {p['not_implied']}" for p in probes])
     axes[2].axhline(0, color="k", lw=0.5)
     axes[2].set_ylabel("held-out log-prob gain, implied - reversed")
@@ -438,9 +538,13 @@ def _heldout_figure(run_dir, paired: dict, lr: float) -> None:
     axes[0].plot([-lim, lim], [-lim, lim], "k--", lw=0.7, label="after = before")
     axes[0].axhline(0, color="k", lw=0.4)
     axes[0].axvline(0, color="k", lw=0.4)
-    axes[0].set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel=f"gain at the best uniform lr {lr:g}",
-                ylabel="gain with learned multipliers",
-                title=f"{paired['draws']} held-out draws: log-prob gain 'A causes Z' - 'Z causes A'")
+    axes[0].set(
+        xlim=(-lim, lim),
+        ylim=(-lim, lim),
+        xlabel=f"gain at the best uniform lr {lr:g}",
+        ylabel="gain with learned multipliers",
+        title=f"{paired['draws']} held-out draws: log-prob gain 'A causes Z' - 'Z causes A'",
+    )
     axes[0].legend(loc="upper left")
     d = np.sort(after - before)
     axes[1].bar(np.arange(len(d)), d, color=np.where(d > 0, "tab:green", "tab:red"))
@@ -455,20 +559,30 @@ def _heldout_figure(run_dir, paired: dict, lr: float) -> None:
 def format_summary(results: dict) -> str:
     """A few lines: best uniform lr, meta-training objective, held-out scorecard before/after."""
     mt = results["meta_train"]
-    lines = [f"best uniform lr {results['best_uniform_lr']:g}; meta-train logic {mt['logic_before']:.4f} -> {mt['logic_after']:.4f} "
-             f"(objective {mt['objective_history'][0]:.4f} -> {mt['objective_final']:.4f})"]
+    lines = [
+        f"best uniform lr {results['best_uniform_lr']:g}; "
+        f"meta-train logic {mt['logic_before']:.4f} -> {mt['logic_after']:.4f} "
+        f"(objective {mt['objective_history'][0]:.4f} -> {mt['objective_final']:.4f})"
+    ]
     for name in ("before", "after"):
         h = results["heldout"][name]
-        probes = "; ".join(f"probe {p['train']}->{p['implied']}/{p['not_implied']}: gain {p['mean']:.4g} +- {p['std']:.2g}, "
-                           f"right {p['right_direction']:.0%}" for p in h["scorecard"])
+        probes = "; ".join(
+            f"probe {p['train']}->{p['implied']}/{p['not_implied']}: gain {p['mean']:.4g} +- {p['std']:.2g}, "
+            f"right {p['right_direction']:.0%}"
+            for p in h["scorecard"]
+        )
         lines.append(f"held-out {name}: logic {h['logic_objective_chain4']:.4f}; {probes}")
     paired = results["heldout"]["paired"]
     d, share = paired["gain_difference"], paired["right_direction"]
-    lines.append(f"held-out after - before ({paired['draws']} draws): gain {d['mean']:+.4g}, {paired['confidence']:.0%} "
-                 f"t [{d['t_interval'][0]:+.4g}, {d['t_interval'][1]:+.4g}], bootstrap [{d['bootstrap_interval'][0]:+.4g}, "
-                 f"{d['bootstrap_interval'][1]:+.4g}]; right " + ", ".join(
-                     f"{k} {v['right']}/{v['of']} [{v['wilson_interval'][0]:.2f}, {v['wilson_interval'][1]:.2f}]"
-                     for k, v in share.items()))
+    lines.append(
+        f"held-out after - before ({paired['draws']} draws): gain {d['mean']:+.4g}, {paired['confidence']:.0%} "
+        f"t [{d['t_interval'][0]:+.4g}, {d['t_interval'][1]:+.4g}], bootstrap [{d['bootstrap_interval'][0]:+.4g}, "
+        f"{d['bootstrap_interval'][1]:+.4g}]; right "
+        + ", ".join(
+            f"{k} {v['right']}/{v['of']} [{v['wilson_interval'][0]:.2f}, {v['wilson_interval'][1]:.2f}]"
+            for k, v in share.items()
+        )
+    )
     return "\n".join(lines)
 
 

@@ -19,12 +19,14 @@ A study lists each option once, as a field of a frozen dataclass:
 Argparse `type=` checks stop a bad number before any work starts (`jaxeif X` prints one line
 `error: ...`, see jaxeif.cli).
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from jaxeif import precision as precision_lib
 
@@ -56,17 +58,26 @@ def _checked_number(kind: type, name: str, ok: Callable[[Any], bool], rule: str,
 
 
 positive_int = _checked_number(int, "positive_int", lambda v: v >= 1, ">= 1", "An int >= 1 (steps, sizes, counts).")
-nonnegative_int = _checked_number(int, "nonnegative_int", lambda v: v >= 0, ">= 0",
-                                  "An int >= 0 (seeds, ranks where 0 means off).")
-positive_float = _checked_number(float, "positive_float", lambda v: v > 0, "> 0", "A finite number > 0 (learning rates).")
-nonnegative_float = _checked_number(float, "nonnegative_float", lambda v: v >= 0, ">= 0",
-                                    "A finite number >= 0 (noise levels, weights).")
-unit_fraction = _checked_number(float, "unit_fraction", lambda v: 0 < v <= 1, "in (0, 1]",
-                                "A number in (0, 1] (thresholds such as a correlation plateau).")
+nonnegative_int = _checked_number(
+    int, "nonnegative_int", lambda v: v >= 0, ">= 0", "An int >= 0 (seeds, ranks where 0 means off)."
+)
+positive_float = _checked_number(
+    float, "positive_float", lambda v: v > 0, "> 0", "A finite number > 0 (learning rates)."
+)
+nonnegative_float = _checked_number(
+    float, "nonnegative_float", lambda v: v >= 0, ">= 0", "A finite number >= 0 (noise levels, weights)."
+)
+unit_fraction = _checked_number(
+    float,
+    "unit_fraction",
+    lambda v: 0 < v <= 1,
+    "in (0, 1]",
+    "A number in (0, 1] (thresholds such as a correlation plateau).",
+)
 
 
 def chunk_size(text: str) -> int | str:
-    """"auto" or an int >= 1 (fine-tunes per step, see jaxeif.chunking)."""
+    """ "auto" or an int >= 1 (fine-tunes per step, see jaxeif.chunking)."""
     return text if text == "auto" else positive_int(text)
 
 
@@ -85,8 +96,12 @@ def precision_of(name: str) -> precision_lib.Precision:
 # ----------------------------------------------------------------------------- shared flags
 def add_out(parser: argparse.ArgumentParser, default: str | None, help: str | None = None) -> None:
     """`--out`: the results folder (resumed if its config matches); required when `default` is None."""
-    parser.add_argument("--out", default=default, required=default is None,
-                        help=help or "results folder (resumed if its config matches)")
+    parser.add_argument(
+        "--out",
+        default=default,
+        required=default is None,
+        help=help or "results folder (resumed if its config matches)",
+    )
 
 
 def add_seed(parser: argparse.ArgumentParser, help: str, default: int = 0) -> None:
@@ -95,8 +110,15 @@ def add_seed(parser: argparse.ArgumentParser, help: str, default: int = 0) -> No
 
 
 # ----------------------------------------------------------------------------- config dataclasses
-def field(default: Any, help: str, *, type: Callable[[str], Any] | None = None, nargs: str | None = None,
-          choices: Sequence[Any] | None = None, flag: str | None = None) -> Any:
+def field(
+    default: Any,
+    help: str,
+    *,
+    type: Callable[[str], Any] | None = None,
+    nargs: str | None = None,
+    choices: Sequence[Any] | None = None,
+    flag: str | None = None,
+) -> Any:
     """A config field that is also a command-line option (`--name-with-dashes` unless `flag` names it).
 
     Args:

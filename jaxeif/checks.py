@@ -1,4 +1,5 @@
 """Input checks shared by the public functions: one clear message naming the argument."""
+
 from __future__ import annotations
 
 import collections.abc
@@ -9,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jaxeif.errors import Error
 
 
@@ -40,8 +42,7 @@ def leading_axis(name: str, tree: Any) -> int:
         shape = np.shape(leaf)
         if len(shape) == 0:
             raise ValueError(
-                f"`{name}` has a scalar leaf; every leaf needs a leading example axis "
-                f"(shapes: {_describe(tree)})"
+                f"`{name}` has a scalar leaf; every leaf needs a leading example axis (shapes: {_describe(tree)})"
             )
         sizes.append(shape[0])
     if len(set(sizes)) > 1:
@@ -56,8 +57,7 @@ def leading_axis(name: str, tree: Any) -> int:
 
 def unbatched_hint(name: str) -> str:
     """What to do when the leaves disagree because `name` is ONE example without its example axis."""
-    return (f" (if `{name}` is a single example, add a leading example axis: "
-            f"jax.tree.map(lambda x: x[None], {name}))")
+    return f" (if `{name}` is a single example, add a leading example axis: jax.tree.map(lambda x: x[None], {name}))"
 
 
 def float_params(params: Any) -> None:
@@ -87,7 +87,9 @@ def learning_rate(lr: Any, n: int) -> jax.Array:
     if not is_traced(arr):
         host = np.asarray(arr)
         if not np.all(np.isfinite(host)):
-            raise ValueError(f"`lr` has non-finite values at {np.flatnonzero(~np.isfinite(host.ravel())).tolist()[:10]}")
+            raise ValueError(
+                f"`lr` has non-finite values at {np.flatnonzero(~np.isfinite(host.ravel())).tolist()[:10]}"
+            )
         if np.any(host < 0):
             raise ValueError("`lr` must be >= 0 (to ascend the loss, negate loss_fn instead)")
     return arr if jnp.issubdtype(arr.dtype, jnp.floating) else arr.astype(jnp.float32)
@@ -103,11 +105,15 @@ def learning_rates(lrs: Any, n: int) -> jax.Array:
     if not jnp.issubdtype(arr.dtype, jnp.floating) and not jnp.issubdtype(arr.dtype, jnp.integer):
         raise TypeError(f"`lrs` must be real-valued, got dtype {arr.dtype}")
     if arr.ndim not in (1, 2) or arr.shape[0] == 0 or (arr.ndim == 2 and arr.shape[1] != n):
-        raise ValueError(f"`lrs` has shape {arr.shape}; use one rate per sweep point (k,) or per point and train example (k, {n})")
+        raise ValueError(
+            f"`lrs` has shape {arr.shape}; use one rate per sweep point (k,) or per point and train example (k, {n})"
+        )
     if not is_traced(arr):
         host = np.asarray(arr)
-        for rule, bad in (("finite", ~np.isfinite(host)), (">= 0 (to ascend the loss, negate loss_fn instead)",
-                                                          np.isfinite(host) & (host < 0))):
+        for rule, bad in (
+            ("finite", ~np.isfinite(host)),
+            (">= 0 (to ascend the loss, negate loss_fn instead)", np.isfinite(host) & (host < 0)),
+        ):
             if bad.any():
                 at = tuple(int(i) for i in np.argwhere(bad)[0])
                 where = ", ".join(map(str, at))
@@ -135,8 +141,10 @@ def device_list(devices: Any) -> list:
     if devices is None:
         return list(jax.devices())
     if isinstance(devices, (str, bytes, jax.Device)):
-        raise TypeError(f"`devices` must be a list of jax.Device (e.g. jax.devices() or jax.devices('cpu')), got "
-                        f"{devices!r}; pass [device] for one device")
+        raise TypeError(
+            f"`devices` must be a list of jax.Device (e.g. jax.devices() or jax.devices('cpu')), got "
+            f"{devices!r}; pass [device] for one device"
+        )
     try:
         out = list(devices)
     except TypeError:
@@ -145,8 +153,9 @@ def device_list(devices: Any) -> list:
         raise ValueError("`devices` is empty; pass at least one jax.Device or None for all devices")
     for k, d in enumerate(out):
         if not isinstance(d, jax.Device):
-            raise TypeError(f"`devices[{k}]` is a {type(d).__name__} ({d!r}), not a jax.Device; pass devices from "
-                            "jax.devices()")
+            raise TypeError(
+                f"`devices[{k}]` is a {type(d).__name__} ({d!r}), not a jax.Device; pass devices from jax.devices()"
+            )
     if len(set(out)) != len(out):
         raise ValueError(f"`devices` lists a device twice ({out}); pass each device once")
     return out
@@ -206,6 +215,7 @@ def raise_if_nonfinite(matrix: jax.Array, lr: jax.Array) -> None:
 
 
 # ----------------------------------------------------------------------------- framework state in params
+
 
 class ParamsLeafError(Error, TypeError):
     """A leaf of `params` (or of a Partial loss's bound values) is not an array: a function, module, string..."""

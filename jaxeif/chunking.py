@@ -7,13 +7,16 @@ the fastest layout that fits the budget:
 - GPU/TPU: the most rows whose program fits (throughput grows with the chunk), up to MAX_ROWS.
 When even one row over all evals does not fit, the eval axis is tiled too.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
+
 from jaxeif.errors import Error
 
 MAX_ROWS = 1024  # beyond this, bigger chunks only cost compile time and memory
@@ -80,8 +83,10 @@ def check_memory_budget(memory_budget: Any) -> None:
     if memory_budget is None:
         return
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
-        raise ValueError(f"`memory_budget` must be a positive number of bytes or None (a fraction of free memory), "
-                         f"got {memory_budget!r}")
+        raise ValueError(
+            f"`memory_budget` must be a positive number of bytes or None (a fraction of free memory), "
+            f"got {memory_budget!r}"
+        )
 
 
 def budget_bytes(memory_budget: float | int | None, device: jax.Device | None = None) -> int:
@@ -129,7 +134,7 @@ def check_chunk_size(chunk_size: Any) -> None:
     if chunk_size is None or chunk_size == "auto":
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"`chunk_size` must be \"auto\", None (all rows at once) or an int >= 1, got {chunk_size!r}")
+        raise TypeError(f'`chunk_size` must be "auto", None (all rows at once) or an int >= 1, got {chunk_size!r}')
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be >= 1 (rows per step), got {chunk_size}")
 

@@ -3,6 +3,7 @@
 User errors print one line `error: ...` and exit 2 (JAXEIF_DEBUG=1 shows the traceback);
 Ctrl-C exits 130 and says how to resume.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,8 @@ import importlib
 import os
 import sys
 import types
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from jaxeif import compile_cache
 from jaxeif.checks import NonFiniteInfluenceError
@@ -20,20 +22,47 @@ from jaxeif.errors import Error
 COMMANDS: dict[str, tuple[str, str]] = {
     "cnn": ("jaxeif.experiments.cnn_noise", "EIF of a Fashion-MNIST CNN fine-tuned on clean and noisy MNIST digits"),
     "llm": ("jaxeif.experiments.llm_logic", "EIF of a language model on synthetic logic facts"),
-    "llm-peft": ("jaxeif.experiments.llm_peft", "does LoRA (ranks 4, 16, 64) change the language-model EIF? beside dense SGD"),
-    "llm-linear": ("jaxeif.experiments.llm_linear", "where one SGD step stops being linear: eif_linearized vs the exact EIF over lr"),
+    "llm-peft": (
+        "jaxeif.experiments.llm_peft",
+        "does LoRA (ranks 4, 16, 64) change the language-model EIF? beside dense SGD",
+    ),
+    "llm-linear": (
+        "jaxeif.experiments.llm_linear",
+        "where one SGD step stops being linear: eif_linearized vs the exact EIF over lr",
+    ),
     "meta-cnn": ("jaxeif.experiments.meta_cnn_noise", "learn an lr predictor for the CNN noise study"),
-    "meta-cnn-transfer": ("jaxeif.experiments.meta_cnn_transfer", "does the meta-cnn lr predictor down-weight noise it never saw (salt-and-pepper, blur)?"),
-    "meta-cnn-toward": ("jaxeif.experiments.meta_cnn_toward", "per-sample lrs toward a hand-drawn influence target (meta.toward) on the CNN"),
+    "meta-cnn-transfer": (
+        "jaxeif.experiments.meta_cnn_transfer",
+        "does the meta-cnn lr predictor down-weight noise it never saw (salt-and-pepper, blur)?",
+    ),
+    "meta-cnn-toward": (
+        "jaxeif.experiments.meta_cnn_toward",
+        "per-sample lrs toward a hand-drawn influence target (meta.toward) on the CNN",
+    ),
     "meta-llm": ("jaxeif.experiments.meta_llm_logic", "learn per-layer lr multipliers for the LLM logic study"),
     "bench-cnn": ("jaxeif.benchmarks.cnn", "CNN EIF speed: jaxeif vs a PyTorch loop"),
     "bench-lm": ("jaxeif.benchmarks.lm", "language-model EIF speed: jaxeif vs a PyTorch loop"),
-    "bench-lm-device": ("jaxeif.benchmarks.lm_device", "the logic study's five domains on a random Phi-3-mini-shaped decoder (one GPU; --sizes tiny on CPU)"),
-    "bench-lm-memory": ("jaxeif.benchmarks.lm_memory", "lm.memory_estimate against measured peak memory of each LM EIF path (CPU)"),
-    "bench-lm-bf16": ("jaxeif.benchmarks.lm_bf16", "error of the bfloat16-weight LM EIF against float32 (SmolLM2, five domains)"),
-    "bench-meta-memory": ("jaxeif.benchmarks.meta_memory", "memory of a meta-gradient through eif, before/after rematerialisation"),
+    "bench-lm-device": (
+        "jaxeif.benchmarks.lm_device",
+        "the logic study's five domains on a random Phi-3-mini-shaped decoder (one GPU; --sizes tiny on CPU)",
+    ),
+    "bench-lm-memory": (
+        "jaxeif.benchmarks.lm_memory",
+        "lm.memory_estimate against measured peak memory of each LM EIF path (CPU)",
+    ),
+    "bench-lm-bf16": (
+        "jaxeif.benchmarks.lm_bf16",
+        "error of the bfloat16-weight LM EIF against float32 (SmolLM2, five domains)",
+    ),
+    "bench-meta-memory": (
+        "jaxeif.benchmarks.meta_memory",
+        "memory of a meta-gradient through eif, before/after rematerialisation",
+    ),
     "export-data": ("jaxeif.benchmarks.export_data", "write Fashion-MNIST to an .npz for a machine without TensorFlow"),
-    "export-tokenizer": ("jaxeif.benchmarks.export_tokenizer", "write the default tokenizer's files for `bench-lm-device`"),
+    "export-tokenizer": (
+        "jaxeif.benchmarks.export_tokenizer",
+        "write the default tokenizer's files for `bench-lm-device`",
+    ),
 }
 
 # Exceptions that mean "the input was wrong", shown as one line. KeyError is left out on
@@ -76,8 +105,12 @@ def load_command(command: str) -> types.ModuleType:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise UsageError(f"`jaxeif {command}` needs the module {module_name}, which is not in this installation") from None
-        raise UsageError(f"`jaxeif {command}` needs the Python package '{e.name}': install it (pip install {e.name})") from None
+            raise UsageError(
+                f"`jaxeif {command}` needs the module {module_name}, which is not in this installation"
+            ) from None
+        raise UsageError(
+            f"`jaxeif {command}` needs the Python package '{e.name}': install it (pip install {e.name})"
+        ) from None
 
 
 def module_parser(module: types.ModuleType, prog: str) -> _Parser:
@@ -146,8 +179,9 @@ def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> se
     return {name for name, value in vars(ns).items() if value is not unset}
 
 
-def check_quick_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str],
-                          overrides: Sequence[str]) -> None:
+def check_quick_overrides(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str], overrides: Sequence[str]
+) -> None:
     """UsageError when `--quick` is combined with options it sets itself (`overrides`: their dest names),
     which would otherwise be replaced without a word."""
     if not overrides or not getattr(args, "quick", False):
@@ -155,8 +189,10 @@ def check_quick_overrides(parser: argparse.ArgumentParser, args: argparse.Namesp
     clash = sorted(explicit_options(parser, argv) & set(overrides))
     if clash:
         flags = ", ".join("--" + name.replace("_", "-") for name in clash)
-        raise UsageError(f"--quick sets {flags} itself, so the value given would be ignored; drop {flags} or drop "
-                         f"--quick (see `{parser.prog} --help`)")
+        raise UsageError(
+            f"--quick sets {flags} itself, so the value given would be ignored; drop {flags} or drop "
+            f"--quick (see `{parser.prog} --help`)"
+        )
 
 
 def _main(argv: Sequence[str]) -> int:

@@ -6,6 +6,7 @@ The folder is $JAXEIF_COMPILE_CACHE if set (the empty string turns the cache off
 Entries are keyed by the program, the compile options, the backend and the jax version, so a hit is
 the same executable (JAX's own guarantee); stale entries are never used, only left on disk.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,11 +5,13 @@ served by a module `__getattr__` (PEP 562) from the submodule that defines them:
 
     __getattr__ = deprecation.moved("jaxeif.lm", {"slot_nll": "jaxeif.lm.loss"})
 """
+
 from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def moved(namespace: str, names: dict[str, str]) -> Callable[[str], Any]:
@@ -26,8 +28,12 @@ def moved(namespace: str, names: dict[str, str]) -> Callable[[str], Any]:
     def __getattr__(name: str) -> Any:
         if name not in names:
             raise AttributeError(f"module {namespace!r} has no attribute {name!r}")
-        warnings.warn(f"{namespace}.{name} is not part of the public API and will be removed from {namespace}; "
-                      f"import it from {names[name]}", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{namespace}.{name} is not part of the public API and will be removed from {namespace}; "
+            f"import it from {names[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(importlib.import_module(names[name]), name)
 
     return __getattr__

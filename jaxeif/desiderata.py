@@ -5,6 +5,7 @@ differentiable in M (meta/ uses them as objectives) and work under jit. Labels a
 treated as constants. By default the diagonal (self-influence, which dwarfs everything else and
 is trivially symmetric) is left out of symmetry, class means and sparsity.
 """
+
 from __future__ import annotations
 
 import jax
@@ -236,11 +237,18 @@ def probe_scores(matrices: np.ndarray, probes) -> list[dict]:
     out = []
     for p in probes:
         diffs = matrices[:, p.train, p.not_implied] - matrices[:, p.train, p.implied]
-        out.append({
-            "train": p.train, "implied": p.implied, "not_implied": p.not_implied, "why": p.why,
-            "mean": float(diffs.mean()), "std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
-            "right_direction": float(np.mean(diffs > 0)), "per_repeat": diffs.tolist(),
-        })
+        out.append(
+            {
+                "train": p.train,
+                "implied": p.implied,
+                "not_implied": p.not_implied,
+                "why": p.why,
+                "mean": float(diffs.mean()),
+                "std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
+                "right_direction": float(np.mean(diffs > 0)),
+                "per_repeat": diffs.tolist(),
+            }
+        )
     return out
 
 
@@ -261,6 +269,9 @@ def agreement(matrix, truth) -> dict:
     zero = off & (truth == 0)
     off &= truth != 0
     rel = np.abs(matrix - truth)[off] / np.abs(truth[off])
-    return {"sign_agreement": float(np.mean(np.sign(matrix[off]) == np.sign(truth[off]))),
-            "median_rel_error": float(np.median(rel)), "p99_rel_error": float(np.quantile(rel, 0.99)),
-            "zero_truth_entries": int(zero.sum())}
+    return {
+        "sign_agreement": float(np.mean(np.sign(matrix[off]) == np.sign(truth[off]))),
+        "median_rel_error": float(np.median(rel)),
+        "p99_rel_error": float(np.quantile(rel, 0.99)),
+        "zero_truth_entries": int(zero.sum()),
+    }

@@ -25,16 +25,19 @@ dynamic slices whose indices move with the delta. Accuracy is per primitive: whe
 expression cancels (cross-entropy lse(z) - z_y of a prediction with 1 - p_y near eps), the relative
 accuracy of that entry drops to about eps / (1 - p_y), still far above the direct difference.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 from jax import lax
+
 from jaxeif.errors import Error
 
 PyTree = Any
@@ -72,7 +75,9 @@ def propagate(f: Callable, primals: Sequence[PyTree], deltas: Sequence[PyTree | 
     """
     primals, deltas = tuple(primals), tuple(deltas)
     if len(primals) != len(deltas):
-        raise ValueError(f"propagate: {len(primals)} primals but {len(deltas)} deltas; pass one delta (or None) per argument")
+        raise ValueError(
+            f"propagate: {len(primals)} primals but {len(deltas)} deltas; pass one delta (or None) per argument"
+        )
     leaves, in_tree = jax.tree.flatten(primals)
     slots = _flatten_deltas(primals, deltas, leaves)
     specs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
@@ -219,13 +224,15 @@ def _apply(eqn, bases, slots):
     if name not in _RULES:
         raise UnsupportedPrimitiveError(
             f"jaxeif.difference: no difference rule for primitive '{name}' (it sees a changed input); "
-            f"supported: {', '.join(supported_primitives())}")
+            f"supported: {', '.join(supported_primitives())}"
+        )
     if name not in _INDEX_CHANGE_OK:
         for b, s in zip(bases, slots):
             if s is not None and not _is_float(b):
                 raise UnsupportedPrimitiveError(
                     f"jaxeif.difference: primitive '{name}' has an integer/boolean operand (an index or mask) that "
-                    "changes with the delta; only select_n and convert_element_type support that")
+                    "changes with the delta; only select_n and convert_element_type support that"
+                )
     d = _RULES[name](out, bases, slots, **params)
     return outs, list(d) if prim.multiple_results else [d]
 
@@ -242,6 +249,7 @@ def _rule(*names):
         for n in names:
             _RULES[n] = fn
         return fn
+
     return register
 
 
@@ -252,8 +260,10 @@ def _linear_in(prim_name: str, positions: Sequence[int] | None):
         lin = range(len(bases)) if positions is None else positions
         for i, s in enumerate(slots):
             if i not in lin and s is not None:
-                raise UnsupportedPrimitiveError(f"jaxeif.difference: '{prim_name}' is linear only in operands {list(lin)}; "
-                                                f"operand {i} changes with the delta")
+                raise UnsupportedPrimitiveError(
+                    f"jaxeif.difference: '{prim_name}' is linear only in operands {list(lin)}; "
+                    f"operand {i} changes with the delta"
+                )
         args = [_or_zeros(b, s) if i in lin else b for i, (b, s) in enumerate(zip(bases, slots))]
         return _PRIMS[prim_name].bind(*args, **params)
 
@@ -270,9 +280,29 @@ def _register_linear(name: str, positions: Sequence[int] | None = None):
         _RULES[name] = _linear_in(name, positions)
 
 
-for _name in ("add", "sub", "neg", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "rev", "slice",
-              "reduce_sum", "concatenate", "pad", "cumsum", "copy", "reduce_window_sum", "real", "imag", "conj",
-              "complex", "split"):
+for _name in (
+    "add",
+    "sub",
+    "neg",
+    "reshape",
+    "squeeze",
+    "expand_dims",
+    "broadcast_in_dim",
+    "transpose",
+    "rev",
+    "slice",
+    "reduce_sum",
+    "concatenate",
+    "pad",
+    "cumsum",
+    "copy",
+    "reduce_window_sum",
+    "real",
+    "imag",
+    "conj",
+    "complex",
+    "split",
+):
     _register_linear(_name)
 _register_linear("dynamic_slice", (0,))
 _register_linear("dynamic_update_slice", (0, 1))
@@ -389,7 +419,9 @@ def _reduce_window_arg(reduce):
         (r,), (dr,) = bases, slots
         fill = -jnp.inf if reduce is jnp.maximum else jnp.inf
         best = None
-        for rk, drk in zip(_window_elements(r, fill, out.shape, **params), _window_elements(dr, 0, out.shape, **params)):
+        for rk, drk in zip(
+            _window_elements(r, fill, out.shape, **params), _window_elements(dr, 0, out.shape, **params)
+        ):
             term = (rk - out) + drk
             best = term if best is None else reduce(best, term)
         return best
@@ -422,8 +454,10 @@ def _abs(out, bases, slots, **params):
 
 def _direct(fn):
     """Piecewise-constant maps: new - old is a small exact integer."""
+
     def rule(out, bases, slots, **params):
         return fn(bases[0] + slots[0]) - out
+
     return rule
 
 
@@ -460,7 +494,9 @@ def _exp2(out, bases, slots, **params):
 @_rule("expm1")
 def _expm1(out, bases, slots, **params):
     (x,), (dx,) = bases, slots
-    return _small_or_direct(jnp.abs(dx) < 1, lambda s: jnp.exp(x) * jnp.expm1(jnp.where(s, dx, 0)), jnp.expm1(x + dx) - out)
+    return _small_or_direct(
+        jnp.abs(dx) < 1, lambda s: jnp.exp(x) * jnp.expm1(jnp.where(s, dx, 0)), jnp.expm1(x + dx) - out
+    )
 
 
 @_rule("log")
@@ -534,7 +570,7 @@ def _integer_pow(out, bases, slots, y, **params):
     if y > 0:
         return _pow_diff(x, dx, y)
     m = -y
-    return -_pow_diff(x, dx, m) / (x ** m * (x + dx) ** m)
+    return -_pow_diff(x, dx, m) / (x**m * (x + dx) ** m)
 
 
 @_rule("square")
@@ -577,8 +613,17 @@ def _call(eqn, bases, slots):
     return [b for b, _ in outs], [s for _, s in outs]
 
 
-for _name in ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
-              "checkpoint", "remat"):
+for _name in (
+    "jit",
+    "pjit",
+    "closed_call",
+    "core_call",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+    "checkpoint",
+    "remat",
+):
     _CALLS[_name] = _call
 
 
@@ -587,8 +632,8 @@ def _scan(eqn, bases, slots):
     p = eqn.params
     body: jex.ClosedJaxpr = p["jaxpr"]
     nc, nk = p["num_consts"], p["num_carry"]
-    c_b, k_b, x_b = bases[:nc], bases[nc:nc + nk], bases[nc + nk:]
-    c_s, k_s, x_s = slots[:nc], slots[nc:nc + nk], slots[nc + nk:]
+    c_b, k_b, x_b = bases[:nc], bases[nc : nc + nk], bases[nc + nk :]
+    c_s, k_s, x_s = slots[:nc], slots[nc : nc + nk], slots[nc + nk :]
     k_changed = [s is not None for s in k_s]
     x_at = [jax.ShapeDtypeStruct(jnp.shape(b)[1:], jnp.result_type(b)) for b in x_b]
 
@@ -610,8 +655,13 @@ def _scan(eqn, bases, slots):
             found.append([s is not None for s in os_])
             return ob
 
-        jax.eval_shape(probe, k_shapes, [k for k, c in zip(k_shapes, k_changed) if c], x_at,
-                       [x for x, s in zip(x_at, x_s) if s is not None])
+        jax.eval_shape(
+            probe,
+            k_shapes,
+            [k for k, c in zip(k_shapes, k_changed) if c],
+            x_at,
+            [x for x, s in zip(x_at, x_s) if s is not None],
+        )
         new_changed = [a or b for a, b in zip(k_changed, found[0][:nk])]
         if new_changed == k_changed:
             break
@@ -627,8 +677,7 @@ def _scan(eqn, bases, slots):
 
     init = (list(k_b), [_materialize(b, s) for b, s, c in zip(k_b, k_s, k_changed) if c])
     xs = (list(x_b), [s for s in x_s if s is not None])
-    (kb, ks), (yb, ys) = lax.scan(step, init, xs, length=p["length"], reverse=p["reverse"],
-                                  unroll=p.get("unroll", 1))
+    (kb, ks), (yb, ys) = lax.scan(step, init, xs, length=p["length"], reverse=p["reverse"], unroll=p.get("unroll", 1))
     return [*kb, *yb], [*_unpack(ks, k_changed), *_unpack(ys, y_changed)]
 
 
@@ -638,4 +687,3 @@ def _unpack(present: list, changed: Sequence[bool]) -> list:
 
 
 _CALLS["scan"] = _scan
-

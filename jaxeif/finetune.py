@@ -1,7 +1,9 @@
 """The inner loop of the EIF: a few optax steps on one example, the update scaled by lr."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

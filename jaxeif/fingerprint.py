@@ -20,6 +20,7 @@ What cannot be seen: values reached through a module attribute of another module
 the loss reads, and the state of objects outside Python. Start a fresh run (a new folder, or
 `runs.sweep_eif(..., fresh=True)`) after changing those.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,10 @@ from jaxeif.errors import Error
 
 MAX_DEPTH = 256  # nesting levels of one description; deeper is refused (cycles are cut before)
 
-FRESH_HINT = ("start a fresh run instead: a new results folder (--out) or checkpoint_dir, or "
-              "runs.sweep_eif(..., fresh=True); or make it a dataclass or a jax.tree_util.Partial of arrays")
+FRESH_HINT = (
+    "start a fresh run instead: a new results folder (--out) or checkpoint_dir, or "
+    "runs.sweep_eif(..., fresh=True); or make it a dataclass or a jax.tree_util.Partial of arrays"
+)
 
 
 class FingerprintError(Error, TypeError):
@@ -55,8 +58,7 @@ def digest(*objs: Any) -> str:
     """A short hex digest of `describe(obj)` for every obj; FingerprintError if one cannot be described."""
     _MEMO.clear()
     try:
-        text = json.dumps([describe(o, where=f"argument {i}") for i, o in enumerate(objs)], sort_keys=True,
-                          default=str)
+        text = json.dumps([describe(o, where=f"argument {i}") for i, o in enumerate(objs)], sort_keys=True, default=str)
     finally:
         _MEMO.clear()
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
@@ -73,8 +75,9 @@ def array_digest(x: Any) -> list:
 def describe(obj: Any, depth: int = 0, seen: frozenset = frozenset(), where: str = "value") -> Any:
     """A JSON-able description of `obj` that changes when what it computes (as far as can be seen) changes."""
     if depth > MAX_DEPTH:
-        raise FingerprintError(f"{where} nests deeper than {MAX_DEPTH} levels, so it cannot be fingerprinted; "
-                               + FRESH_HINT)
+        raise FingerprintError(
+            f"{where} nests deeper than {MAX_DEPTH} levels, so it cannot be fingerprinted; " + FRESH_HINT
+        )
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
     if isinstance(obj, (float, complex, np.generic, bytes)):
@@ -124,18 +127,24 @@ def _describe(obj: Any, more, where: str) -> Any:
     cls = type(obj)
     if dataclasses.is_dataclass(obj):
         fields = [f.name for f in dataclasses.fields(obj) if f.name not in ("parent", "name")]
-        return {_name(cls): dict(zip(fields, more([getattr(obj, f, None) for f in fields], ".fields"))),
-                "class": _class(cls, more)}
+        return {
+            _name(cls): dict(zip(fields, more([getattr(obj, f, None) for f in fields], ".fields"))),
+            "class": _class(cls, more),
+        }
     state = _state(obj)
     if state is not None:
         keys = sorted(state)
-        return {"object": _name(cls), "class": _class(cls, more),
-                "state": dict(zip(keys, more([state[k] for k in keys], ".__dict__")))}
+        return {
+            "object": _name(cls),
+            "class": _class(cls, more),
+            "state": dict(zip(keys, more([state[k] for k in keys], ".__dict__"))),
+        }
     if _is_library(cls.__module__):
         return {"opaque": _name(cls)}
     raise FingerprintError(
         f"{where} is a {_name(cls)}, which has no code, fields or state that jaxeif can hash, so a resumed run "
-        f"could not tell whether it changed; {FRESH_HINT}")
+        f"could not tell whether it changed; {FRESH_HINT}"
+    )
 
 
 def _state(obj: Any) -> dict | None:
@@ -152,20 +161,29 @@ def _class(cls: type, more) -> Any:
     """A class by name; the user's classes also by their own functions and class-level values."""
     if _is_library(cls.__module__):
         return _name(cls)
-    own = {k: v for k, v in vars(cls).items()
-           if not (k.startswith("__") and k.endswith("__")) or k in ("__call__", "__init__", "__post_init__")}
-    own = {k: (v.__func__ if isinstance(v, (staticmethod, classmethod)) else v) for k, v in own.items()
-           if not isinstance(v, (property, types.MemberDescriptorType, types.GetSetDescriptorType))}
+    own = {
+        k: v
+        for k, v in vars(cls).items()
+        if not (k.startswith("__") and k.endswith("__")) or k in ("__call__", "__init__", "__post_init__")
+    }
+    own = {
+        k: (v.__func__ if isinstance(v, (staticmethod, classmethod)) else v)
+        for k, v in own.items()
+        if not isinstance(v, (property, types.MemberDescriptorType, types.GetSetDescriptorType))
+    }
     keys = sorted(own)
-    return {"class": _name(cls), "bases": [_name(b) for b in cls.__bases__],
-            "own": dict(zip(keys, more([own[k] for k in keys], f".{cls.__qualname__}")))}
+    return {
+        "class": _name(cls),
+        "bases": [_name(b) for b in cls.__bases__],
+        "own": dict(zip(keys, more([own[k] for k in keys], f".{cls.__qualname__}"))),
+    }
 
 
 def _name(t: Any) -> str:
     return f"{getattr(t, '__module__', None)}.{getattr(t, '__qualname__', getattr(t, '__name__', '?'))}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_library(module: str | None) -> bool:
     """Whether `module` belongs to an installed package, the standard library or jaxeif (versioned code,
     whose module-level values are not walked), rather than to the user's own code."""
@@ -211,18 +229,22 @@ def _names(code: types.CodeType) -> set[str]:
 
 def _function(fn: types.FunctionType, more) -> dict:
     """A function by name, code, defaults, closure, and (for the user's code) the module-level values it reads."""
-    cells = [c.cell_contents if _filled(c) else None for c in fn.__closure__ or ()]
-    out = {"function": f"{fn.__module__}.{fn.__qualname__}", "code": _code(fn.__code__),
-           "rest": more([list(fn.__defaults__ or ()), fn.__kwdefaults__, cells], f".{fn.__qualname__}")}
+    cells = [c.cell_contents if cell_filled(c) else None for c in fn.__closure__ or ()]
+    out = {
+        "function": f"{fn.__module__}.{fn.__qualname__}",
+        "code": _code(fn.__code__),
+        "rest": more([list(fn.__defaults__ or ()), fn.__kwdefaults__, cells], f".{fn.__qualname__}"),
+    }
     if not _is_library(fn.__module__):
         names = sorted(n for n in _names(fn.__code__) if n in fn.__globals__)
         out["globals"] = dict(zip(names, more([fn.__globals__[n] for n in names], f".{fn.__qualname__}.globals")))
     return out
 
 
-def _filled(cell) -> bool:
+def cell_filled(cell) -> bool:
+    """Whether a closure cell holds a value (reading an empty one raises ValueError)."""
     try:
-        cell.cell_contents
+        cell.cell_contents  # noqa: B018  (the read is the test)
     except ValueError:
         return False
     return True

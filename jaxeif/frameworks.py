@@ -7,10 +7,12 @@ bind everything else in a `jax.tree_util.Partial`, so frozen arrays enter the co
 inputs (not constants baked into it) and nothing but the weights is fine-tuned. flax.nnx and equinox
 are imported only when an adapter is called (equinox is optional). Recipes: docs/your_model.md.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -73,19 +75,27 @@ def nnx_loss(model: Any, loss: ModelLoss, wrt: Any = None) -> tuple[jax.tree_uti
     from flax import nnx
 
     if not isinstance(model, nnx.Module):
-        raise TypeError(f"`model` must be an nnx.Module, got {type(model).__name__}; for a Linen model pass "
-                        "variables['params'] as params and bind the other collections in a Partial "
-                        "(docs/your_model.md)")
+        raise TypeError(
+            f"`model` must be an nnx.Module, got {type(model).__name__}; for a Linen model pass "
+            "variables['params'] as params and bind the other collections in a Partial "
+            "(docs/your_model.md)"
+        )
     if not callable(loss):
         raise TypeError(f"`loss` must be callable as loss(model, example), got {type(loss).__name__}")
-    train_mode = [".".join(map(str, path)) or "model" for path, node in nnx.iter_graph(model)
-                  if isinstance(node, nnx.BatchNorm) and not node.use_running_average]
+    train_mode = [
+        ".".join(map(str, path)) or "model"
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.BatchNorm) and not node.use_running_average
+    ]
     if train_mode:
         warnings.warn(
             f"jaxeif.frameworks.nnx_loss: BatchNorm {train_mode[:4]} in train mode (use_running_average=False). "
             "Each fine-tune and each eval loss sees ONE example, so BatchNorm would normalise it by its own mean and "
             "variance: for a dense layer the output no longer depends on the input. Call model.eval() first to use "
-            "the running statistics (they stay frozen, bound in the loss)", UserWarning, stacklevel=2)
+            "the running statistics (they stay frozen, bound in the loss)",
+            UserWarning,
+            stacklevel=2,
+        )
     graphdef, params, rest = nnx.split(model, nnx.Param if wrt is None else wrt, ...)
     return jax.tree_util.Partial(_NnxLoss(graphdef, loss), rest), params
 

@@ -1,4 +1,5 @@
 """eif() and eif_sweep(): exact empirical influence matrices, fine-tuning on each sample separately."""
+
 from __future__ import annotations
 
 import collections
@@ -72,12 +73,33 @@ def eif(
         MemoryBudgetError: the program does not fit the device or `memory_budget`.
         TypeError, ValueError: bad arguments, named in the message.
     """
-    evals, n, lr, precision = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                                       chunk_size=chunk_size, progress=progress, precision=precision,
-                                       memory_budget=memory_budget)
+    evals, n, lr, precision = validate(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        progress=progress,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
     lrs = jnp.broadcast_to(lr, (n,))[None]
-    matrix = matrices(loss_fn, params, train, evals, lrs, steps=steps, optimizer=optimizer, chunk_size=chunk_size,
-                      precision=precision, progress=progress, memory_budget=memory_budget)[0]
+    matrix = matrices(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lrs,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        precision=precision,
+        progress=progress,
+        memory_budget=memory_budget,
+    )[0]
     return report_nonfinite(matrix, lr)
 
 
@@ -121,13 +143,33 @@ def eif_sweep(
             `.matrix` the whole [k, n, m] result (a RuntimeWarning instead when traced).
         MemoryBudgetError, TypeError, ValueError: as in `eif`.
     """
-    evals, n, _, precision = validate(loss_fn, params, train, evals, lr=0.0, steps=steps, optimizer=optimizer,
-                                      chunk_size=chunk_size, progress=progress, precision=precision,
-                                      memory_budget=memory_budget)
+    evals, n, _, precision = validate(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr=0.0,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        progress=progress,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
     lrs = checks.learning_rates(lrs, n)
-    out = matrices(loss_fn, params, train, evals, jnp.broadcast_to(lrs[:, None], (lrs.shape[0], n)) if lrs.ndim == 1 else lrs,
-                   steps=steps, optimizer=optimizer, chunk_size=chunk_size, precision=precision, progress=progress,
-                   memory_budget=memory_budget)
+    out = matrices(
+        loss_fn,
+        params,
+        train,
+        evals,
+        jnp.broadcast_to(lrs[:, None], (lrs.shape[0], n)) if lrs.ndim == 1 else lrs,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        precision=precision,
+        progress=progress,
+        memory_budget=memory_budget,
+    )
     if checks.is_traced(out):
         jax.debug.callback(_warn_nonfinite, jnp.all(jnp.isfinite(out), axis=(0, 2)))
         return out
@@ -138,14 +180,27 @@ def eif_sweep(
             f"fine-tunes diverged at {points.size} of {out.shape[0]} learning rates: "
             + "; ".join(f"lrs[{a}] {int((~finite[a]).sum())} rows" for a in points[:8])
             + ". Lower the largest rates; `.matrix` holds the whole [k, n, m] result, `.rows` the (point, row) pairs",
-            np.argwhere(~finite), np.asarray(out))
+            np.argwhere(~finite),
+            np.asarray(out),
+        )
     return out
 
 
-def chunk_plan(loss_fn: LossFn, params: PyTree, train: PyTree, evals: PyTree | None = None, *, lr: jax.Array | float,
-               steps: int = 1, optimizer: optax.GradientTransformation | None = None, chunk_size: ChunkSize = "auto",
-               precision: Precision = Precision(), progress: bool = False, memory_budget: float | None = None,
-               sweep_points: int = 1) -> tuple[Chunks, int]:
+def chunk_plan(
+    loss_fn: LossFn,
+    params: PyTree,
+    train: PyTree,
+    evals: PyTree | None = None,
+    *,
+    lr: jax.Array | float,
+    steps: int = 1,
+    optimizer: optax.GradientTransformation | None = None,
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
+    progress: bool = False,
+    memory_budget: float | None = None,
+    sweep_points: int = 1,
+) -> tuple[Chunks, int]:
     """The layout `eif` (or an eif_sweep of `sweep_points` rates) runs with, without running it.
 
     Args:
@@ -168,19 +223,42 @@ def chunk_plan(loss_fn: LossFn, params: PyTree, train: PyTree, evals: PyTree | N
     Raises:
         MemoryBudgetError: no layout fits; TypeError, ValueError: bad arguments.
     """
-    evals, n, lr, precision = validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                                       chunk_size=chunk_size, progress=progress, precision=precision,
-                                       memory_budget=memory_budget)
+    evals, n, lr, precision = validate(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        progress=progress,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
     with precision_lib.context(precision):
-        args = precision_lib.cast_inputs(precision, (params, train, evals, jnp.broadcast_to(lr, (sweep_points, n)),
-                                                     split_loss(loss_fn)[1]))
+        args = precision_lib.cast_inputs(
+            precision, (params, train, evals, jnp.broadcast_to(lr, (sweep_points, n)), split_loss(loss_fn)[1])
+        )
         static = program_static(loss_fn, steps, optimizer, precision, progress)
         chunks, _, nbytes = plan(jax.tree.map(jnp.asarray, args), static, chunk_size, memory_budget, precision)
     return chunks, nbytes
 
 
-def validate(loss_fn, params, train, evals, *, lr, steps, optimizer, chunk_size, progress=False,
-             precision: Any = Precision(), memory_budget: Any = None) -> tuple[PyTree, int, jax.Array, Precision]:
+def validate(
+    loss_fn,
+    params,
+    train,
+    evals,
+    *,
+    lr,
+    steps,
+    optimizer,
+    chunk_size,
+    progress=False,
+    precision: Any = Precision(),
+    memory_budget: Any = None,
+) -> tuple[PyTree, int, jax.Array, Precision]:
     """The input checks every EIF function shares (jaxeif.options): returns (evals, n, lr, precision)."""
     options.check_progress(progress)
     precision = options.check_precision(precision)
@@ -226,7 +304,9 @@ def _losses(loss_fn: LossFn, params: PyTree, evals: PyTree, tile: int | None) ->
     return _map(functools.partial(loss_fn, params), evals, tile)
 
 
-def _row(loss_fn, params, example, lrs: jax.Array, evals, base, *, steps: int, optimizer, tile, difference) -> jax.Array:
+def _row(
+    loss_fn, params, example, lrs: jax.Array, evals, base, *, steps: int, optimizer, tile, difference
+) -> jax.Array:
     """f[k, m]: the fine-tune on `example` at each of the k rates `lrs`, against every eval.
 
     The k rates run one after another (lax.map): vmapping them would batch the params, which
@@ -255,8 +335,21 @@ def split_loss(loss_fn) -> tuple[Any, list]:
     return loss_fn, []
 
 
-def _program(params, train, evals, lrs, loss_inputs=(), *, loss_fn, steps, optimizer, chunks: Chunks,
-             difference: bool = False, progress: bool = False, loss_version: str | None = None):
+def _program(
+    params,
+    train,
+    evals,
+    lrs,
+    loss_inputs=(),
+    *,
+    loss_fn,
+    steps,
+    optimizer,
+    chunks: Chunks,
+    difference: bool = False,
+    progress: bool = False,
+    loss_version: str | None = None,
+):
     """f32[k, n, m]: every row's k fine-tunes against every eval. Each row is rematerialised in
     the backward pass (jax.checkpoint), so reverse mode keeps about one chunk of rows in memory.
     With `progress`, each finished row ticks the open bar (jaxeif.progress). `loss_version` (unused in the
@@ -268,8 +361,18 @@ def _program(params, train, evals, lrs, loss_inputs=(), *, loss_fn, steps, optim
     @jax.checkpoint
     def fine_tunes(args):
         example, lr_row = args
-        return _row(loss_fn, params, example, lr_row, evals, base, steps=steps, optimizer=optimizer, tile=chunks.evals,
-                    difference=difference)
+        return _row(
+            loss_fn,
+            params,
+            example,
+            lr_row,
+            evals,
+            base,
+            steps=steps,
+            optimizer=optimizer,
+            tile=chunks.evals,
+            difference=difference,
+        )
 
     def row(args):
         out = fine_tunes(args)
@@ -291,8 +394,9 @@ _CACHE: collections.OrderedDict = collections.OrderedDict()  # (call signature) 
 _CACHE_SIZE = 16
 
 
-def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size, precision, progress,
-             memory_budget) -> jax.Array:
+def matrices(
+    loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size, precision, progress, memory_budget
+) -> jax.Array:
     """The checked core of eif and eif_sweep: [k, n, m] for lrs f[k, n] (dtype: `result_dtype`)."""
     precision = options.check_precision(precision)
     progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lrs, split_loss(loss_fn)[1])))
@@ -317,9 +421,20 @@ def matrices(loss_fn, params, train, evals, lrs, *, steps, optimizer, chunk_size
                     "or chunk_size='auto' with a smaller memory_budget"
                 ) from e
             if precision_lib.propagates_difference(precision):
-                out = _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, steps=steps, optimizer=optimizer,
-                                              chunk_size=chunk_size, precision=precision, progress=False,
-                                              memory_budget=memory_budget)
+                out = _direct_where_nonfinite(
+                    out,
+                    loss_fn,
+                    params,
+                    train,
+                    evals,
+                    lrs,
+                    steps=steps,
+                    optimizer=optimizer,
+                    chunk_size=chunk_size,
+                    precision=precision,
+                    progress=False,
+                    memory_budget=memory_budget,
+                )
         return result_dtype(out, precision)
 
 
@@ -343,21 +458,31 @@ def _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, *, precisio
         return out
     direct = precision_lib.direct_counterpart(precision)
     take = functools.partial(jax.tree.map, lambda x: jnp.asarray(x)[rows])
-    redone = np.asarray(matrices(loss_fn, params, take(train), evals, jnp.asarray(lrs)[:, rows], precision=direct,
-                                 **kwargs))
+    redone = np.asarray(
+        matrices(loss_fn, params, take(train), evals, jnp.asarray(lrs)[:, rows], precision=direct, **kwargs)
+    )
     fixed = np.array(out)
     fixed[:, rows] = np.where(bad[:, rows], redone, fixed[:, rows])
-    warnings.warn(f"jaxeif: {int(bad.sum())} entries in rows {rows.tolist()[:20]} overflowed in "
-                  f"precision={precision_lib.name(precision)!r} (very large loss changes); they were recomputed in "
-                  f"{precision_lib.name(direct)!r}, which is as accurate at that size",
-                  RuntimeWarning)
+    warnings.warn(
+        f"jaxeif: {int(bad.sum())} entries in rows {rows.tolist()[:20]} overflowed in "
+        f"precision={precision_lib.name(precision)!r} (very large loss changes); they were recomputed in "
+        f"{precision_lib.name(direct)!r}, which is as accurate at that size",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     return jnp.asarray(fixed)
 
 
 def program_static(loss_fn, steps: int, optimizer, precision: Precision, progress: bool = False) -> dict:
     """The static arguments of `_program` for a checked Precision (loss_fn: split_loss's static part)."""
-    return dict(loss_fn=split_loss(loss_fn)[0], steps=steps, optimizer=optimizer, difference=precision_lib.propagates_difference(precision),
-                progress=progress, loss_version=sanity.loss_version(loss_fn))
+    return dict(
+        loss_fn=split_loss(loss_fn)[0],
+        steps=steps,
+        optimizer=optimizer,
+        difference=precision_lib.propagates_difference(precision),
+        progress=progress,
+        loss_version=sanity.loss_version(loss_fn),
+    )
 
 
 def result_dtype(out: jax.Array, precision: Precision) -> jax.Array:
@@ -365,7 +490,9 @@ def result_dtype(out: jax.Array, precision: Precision) -> jax.Array:
     return out.astype(jnp.float32) if precision_lib.is_float64(precision) else out
 
 
-def plan(args, static: dict, chunk_size, memory_budget, mode: Precision, *, traced: bool = False) -> tuple[Chunks, Any, int]:
+def plan(
+    args, static: dict, chunk_size, memory_budget, mode: Precision, *, traced: bool = False
+) -> tuple[Chunks, Any, int]:
     """(chunks, compiled program (unused when traced), its estimated bytes) for these arguments,
     under precision `mode` (call inside its context).
 
@@ -379,13 +506,22 @@ def plan(args, static: dict, chunk_size, memory_budget, mode: Precision, *, trac
     accelerator = jax.default_backend() != "cpu"
     if traced and not accelerator:
         return Chunks(1), None, 0
-    key = (jax.tree.structure(args), tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in jax.tree.leaves(args)),
-           tuple(static.items()), chunk_size, memory_budget, mode, traced)
+    key = (
+        jax.tree.structure(args),
+        tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in jax.tree.leaves(args)),
+        tuple(static.items()),
+        chunk_size,
+        memory_budget,
+        mode,
+        traced,
+    )
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
 
-    lower_with = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), args) if traced else args
+    lower_with = (
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), args) if traced else args
+    )
 
     def compile_at(chunks: Chunks):
         compiled = _jitted_program.lower(*lower_with, chunks=chunks, **static).compile()
@@ -414,4 +550,8 @@ def plan(args, static: dict, chunk_size, memory_budget, mode: Precision, *, trac
 def _warn_nonfinite(row_finite: Any) -> None:
     rows = np.flatnonzero(~np.asarray(row_finite))
     if rows.size:
-        warnings.warn(f"jaxeif.eif: non-finite influence in rows {rows.tolist()[:20]} (diverged fine-tunes)", RuntimeWarning)
+        warnings.warn(
+            f"jaxeif.eif: non-finite influence in rows {rows.tolist()[:20]} (diverged fine-tunes)",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -5,6 +5,7 @@ so a reader sees the old content or the new, never half of it; a process killed 
 `.NAME.<16 hex>.draft.tmp` behind, which never looks complete (`RunDir.open` removes them, and only them).
 A file is read back and compared with what was meant (size and sha256) before its rename.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,13 +18,13 @@ import pathlib
 import re
 import secrets
 import shutil
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
 from jaxeif.errors import Error
-
 
 # ----------------------------------------------------------------------------- atomic files and folders
 DRAFT_SUFFIX = ".draft.tmp"
@@ -55,14 +56,19 @@ def sha256_file(path: os.PathLike | str) -> str:
 
 def _write_error(path: pathlib.Path, nbytes: int, e: OSError) -> WriteError:
     """A WriteError naming the file, the bytes it needed and the fix for the OS's reason."""
-    fixes = {errno.ENOSPC: "free space on that file system or write elsewhere (--out)",
-             errno.EDQUOT: "free space within your disk quota or write elsewhere (--out)",
-             errno.EFBIG: "raise the file-size limit (`ulimit -f unlimited`) or write elsewhere (--out)",
-             errno.EACCES: "make the folder writable or write elsewhere (--out)",
-             errno.EROFS: "the file system is read-only; write elsewhere (--out)"}
+    fixes = {
+        errno.ENOSPC: "free space on that file system or write elsewhere (--out)",
+        errno.EDQUOT: "free space within your disk quota or write elsewhere (--out)",
+        errno.EFBIG: "raise the file-size limit (`ulimit -f unlimited`) or write elsewhere (--out)",
+        errno.EACCES: "make the folder writable or write elsewhere (--out)",
+        errno.EROFS: "the file system is read-only; write elsewhere (--out)",
+    }
     fix = fixes.get(e.errno, "check the folder and the file system, then run the same command again")
-    err = WriteError(e.errno or errno.EIO, f"could not write {path} ({e.strerror or e}): {nbytes} bytes needed; "
-                     f"{fix}. The previous {path.name}, if any, is unchanged")
+    err = WriteError(
+        e.errno or errno.EIO,
+        f"could not write {path} ({e.strerror or e}): {nbytes} bytes needed; "
+        f"{fix}. The previous {path.name}, if any, is unchanged",
+    )
     return err
 
 
@@ -82,15 +88,18 @@ def write_atomic(path: os.PathLike | str, data: bytes) -> str:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
         size = os.stat(tmp).st_size
         if size != len(data) or sha256_file(tmp) != expected:
-            raise WriteError(errno.EIO, f"{path} read back as {size} bytes that differ from the {len(data)} "
-                             "written (a full disk or a failing file system); free space or write elsewhere (--out)."
-                             f" The previous {path.name}, if any, is unchanged")
+            raise WriteError(
+                errno.EIO,
+                f"{path} read back as {size} bytes that differ from the {len(data)} "
+                "written (a full disk or a failing file system); free space or write elsewhere (--out)."
+                f" The previous {path.name}, if any, is unchanged",
+            )
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -166,7 +175,9 @@ def to_jsonable(obj: Any, where: str = "value") -> Any:
         return out
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    raise TypeError(f"{where} is a {type(obj).__name__}, which cannot be saved as JSON; use numbers, strings, lists or dicts")
+    raise TypeError(
+        f"{where} is a {type(obj).__name__}, which cannot be saved as JSON; use numbers, strings, lists or dicts"
+    )
 
 
 def json_text(obj: Any, where: str = "value") -> str:
@@ -190,14 +201,22 @@ def _ocp():
     return ocp
 
 
-def checkpoint_manager(folder: os.PathLike | str, *, max_to_keep: int | None = None, save_interval_steps: int = 1,
-                       cleanup_tmp_directories: bool = False):
+def checkpoint_manager(
+    folder: os.PathLike | str,
+    *,
+    max_to_keep: int | None = None,
+    save_interval_steps: int = 1,
+    cleanup_tmp_directories: bool = False,
+):
     """A synchronous orbax CheckpointManager over `folder`: each step is written to a temp folder and
     finalised by rename; `cleanup_tmp_directories` drops those of a killed writer."""
     ocp = _ocp()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                           enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=cleanup_tmp_directories)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=cleanup_tmp_directories,
+    )
     return ocp.CheckpointManager(pathlib.Path(folder).absolute(), options=options)
 
 

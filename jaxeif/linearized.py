@@ -5,6 +5,7 @@ first update, -g_i for SGD), which changes the loss on evals[j] by lr * u_i . g_
 g = per-example gradient. Cheap (one gradient per example and one matrix product), but only an
 approximation: compare with the exact `jaxeif.eif` before trusting it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,14 +64,26 @@ def eif_linearized(
         ValueError: steps != 1, or a Precision with difference=True.
         NonFiniteInfluenceError, MemoryBudgetError, TypeError: as in `jaxeif.eif`.
     """
-    evals, n, lr, precision = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                                                 chunk_size=chunk_size, progress=progress, precision=precision,
-                                                 memory_budget=memory_budget)
+    evals, n, lr, precision = influence.validate(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        progress=progress,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
     if steps != 1:
         raise ValueError(f"eif_linearized approximates one step, got steps={steps}; use jaxeif.eif for steps > 1")
     if precision_lib.propagates_difference(precision):
-        raise ValueError(f"precision={precision_lib.name(precision)!r} applies to the exact EIF only; eif_linearized "
-                         "takes a Precision with difference=False")
+        raise ValueError(
+            f"precision={precision_lib.name(precision)!r} applies to the exact EIF only; eif_linearized "
+            "takes a Precision with difference=False"
+        )
     progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lr)))
     total = n + checks.leading_axis("evals", evals)
     with precision_lib.context(precision), progress_lib.bar(total, "eif_linearized examples", progress):
@@ -103,7 +116,8 @@ def _plan(loss_fn, args, optimizer, progress: bool, memory_budget: float | None)
         if size == 1:
             raise chunking.MemoryBudgetError(
                 f"the gradient of one example needs an estimated {chunking.gib(used)}, over the memory budget of "
-                f"{chunking.gib(budget)}; free device memory, raise `memory_budget`, or use a smaller model")
+                f"{chunking.gib(budget)}; free device memory, raise `memory_budget`, or use a smaller model"
+            )
         size = max(1, (largest if size is None else size) // 2)
 
 

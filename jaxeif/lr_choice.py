@@ -9,20 +9,22 @@ lr's; the run includes the lr its first member agrees with. Two rules pick an lr
 on it) and "middle_of_longest_plateau" (the language-model study: the geometric middle of the
 longest run, ties to the smaller lrs).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
 RULES = {
     "top_of_first_plateau": "largest lr of the first run of grid points whose EIF (off-diagonal) correlates >= "
-                            "threshold with the EIF at the previous grid lr",
+    "threshold with the EIF at the previous grid lr",
     "middle_of_longest_plateau": "geometric middle lr of the longest run of grid lrs whose EIF (off-diagonal) "
-                                 "correlates >= threshold with the previous lr's (the run includes the lr it agrees "
-                                 "with; ties: the smaller lrs)",
+    "correlates >= threshold with the previous lr's (the run includes the lr it agrees "
+    "with; ties: the smaller lrs)",
 }
 
 
@@ -65,8 +67,9 @@ def magnitude(M) -> float:
     return float(np.median(np.abs(finite))) if finite.size else float("nan")
 
 
-def choose_lr(lrs: Sequence[float], agreements: Sequence[float], threshold: float, *,
-              rule: str = "middle_of_longest_plateau") -> float:
+def choose_lr(
+    lrs: Sequence[float], agreements: Sequence[float], threshold: float, *, rule: str = "middle_of_longest_plateau"
+) -> float:
     """The lr the plateau `rule` (a key of RULES) picks from a sweep's neighbour agreements (NaN: no agreement)."""
     if rule not in RULES:
         raise ValueError(f"rule={rule!r} is not a plateau rule; use one of {sorted(RULES)}")
@@ -77,7 +80,8 @@ def choose_lr(lrs: Sequence[float], agreements: Sequence[float], threshold: floa
         raise ValueError(
             f"no plateau in the lr sweep: no two consecutive learning rates agree (EIF corr >= {threshold}; agreements "
             f"{np.round(agreements, 3).tolist()} at lrs {lrs}); widen or refine the lr grid, lower the threshold, or "
-            "give the lr")
+            "give the lr"
+        )
     if rule == "top_of_first_plateau":
         return lrs[runs[0][1]]
     first, last = max(runs, key=lambda run: run[1] - run[0])  # max keeps the first (smaller lrs) of equal runs
@@ -98,15 +102,23 @@ def _runs(good: np.ndarray) -> list[tuple[int, int]]:
     return runs
 
 
-def summarise(lrs: Sequence[float], matrices: Sequence, *, threshold: float,
-              rule: str = "middle_of_longest_plateau") -> LrSweep:
+def summarise(
+    lrs: Sequence[float], matrices: Sequence, *, threshold: float, rule: str = "middle_of_longest_plateau"
+) -> LrSweep:
     """The sweep of EIF `matrices` (one per lr of `lrs`; each a matrix or a list pooled): magnitudes,
     neighbour agreements and the lr the rule chooses. The pairs are sorted by lr first (agreement is between
     neighbouring rates), so any order of the grid gives the sorted grid's choice; repeated rates are refused."""
     lrs, matrices = _sorted_grid(lrs, matrices)
     agree = np.array([agreement(prev, cur) for prev, cur in zip([None, *matrices[:-1]], matrices)])
-    return LrSweep(np.asarray(lrs, dtype=float), np.array([magnitude(M) for M in matrices]), agree, 1.0 - agree,
-                   choose_lr(lrs, agree, threshold, rule=rule), threshold, rule)
+    return LrSweep(
+        np.asarray(lrs, dtype=float),
+        np.array([magnitude(M) for M in matrices]),
+        agree,
+        1.0 - agree,
+        choose_lr(lrs, agree, threshold, rule=rule),
+        threshold,
+        rule,
+    )
 
 
 def _sorted_grid(lrs: Sequence[float], matrices: Sequence) -> tuple[np.ndarray, list]:
@@ -126,8 +138,14 @@ def _sorted_grid(lrs: Sequence[float], matrices: Sequence) -> tuple[np.ndarray, 
     return lrs, [matrices[i] for i in order]
 
 
-def lr_sweep(eif_at: Callable[[float], np.ndarray], lrs: Sequence[float], *, threshold: float = 0.95,
-             rule: str = "middle_of_longest_plateau", progress: bool = False) -> LrSweep:
+def lr_sweep(
+    eif_at: Callable[[float], np.ndarray],
+    lrs: Sequence[float],
+    *,
+    threshold: float = 0.95,
+    rule: str = "middle_of_longest_plateau",
+    progress: bool = False,
+) -> LrSweep:
     """Run `eif_at(lr)` for each lr (increasing) and pick the plateau lr with `rule` (RULES).
 
     `eif_at` returns one EIF matrix, or a list of them (e.g. one per domain) whose off-diagonal
@@ -138,7 +156,9 @@ def lr_sweep(eif_at: Callable[[float], np.ndarray], lrs: Sequence[float], *, thr
     mats = []
     for lr in tqdm(lrs, desc="lr sweep", disable=not progress):
         out = eif_at(float(lr))
-        mats.append([np.asarray(m, np.float64) for m in out] if isinstance(out, (list, tuple)) else np.asarray(out, np.float64))
+        mats.append(
+            [np.asarray(m, np.float64) for m in out] if isinstance(out, (list, tuple)) else np.asarray(out, np.float64)
+        )
     return summarise(lrs, mats, threshold=threshold, rule=rule)
 
 
@@ -146,5 +166,6 @@ def plot_lr_sweep(sweep: LrSweep, title: str | None = None):
     """The sweep figure (magnitude and agreement vs lr, chosen lr marked) via jaxeif.plot."""
     from jaxeif import plot  # matplotlib is slow to import and only the figure needs it
 
-    return plot.lr_sweep(sweep.lrs, sweep.magnitude, sweep.agreement, threshold=sweep.threshold,
-                         chosen=sweep.chosen, title=title)
+    return plot.lr_sweep(
+        sweep.lrs, sweep.magnitude, sweep.agreement, threshold=sweep.threshold, chosen=sweep.chosen, title=title
+    )

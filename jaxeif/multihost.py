@@ -7,6 +7,7 @@ own devices computed (`.addressable_shards`). It is differentiable like jaxeif.e
 flows back through every device's rows). `jaxeif.store.fill_spmd` writes each process's tiles of it.
 Every process must make the same calls with the same arguments (SPMD).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,9 +40,15 @@ def mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 @functools.lru_cache(maxsize=16)
 def _runner(mesh_: Mesh, chunks, static_items: tuple):
     static = dict(static_items)
-    return jax.jit(jax.shard_map(
-        lambda tr, r, p, ev, li: influence._program(p, tr, ev, r[None], li, chunks=chunks, **static)[0],
-        mesh=mesh_, in_specs=(P(AXIS), P(AXIS), P(), P(), P()), out_specs=P(AXIS), check_vma=False))
+    return jax.jit(
+        jax.shard_map(
+            lambda tr, r, p, ev, li: influence._program(p, tr, ev, r[None], li, chunks=chunks, **static)[0],
+            mesh=mesh_,
+            in_specs=(P(AXIS), P(AXIS), P(), P(), P()),
+            out_specs=P(AXIS),
+            check_vma=False,
+        )
+    )
 
 
 def padded_rows(n: int, devices: int) -> int:
@@ -81,9 +88,18 @@ def eif_rows(
     Raises:
         NonFiniteInfluenceError: a fine-tune computed on this process diverged (a warning when traced).
     """
-    evals, n, lr, precision = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
-                                                 optimizer=optimizer, chunk_size=chunk_size, precision=precision,
-                                                 memory_budget=memory_budget)
+    evals, n, lr, precision = influence.validate(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
     mesh_ = mesh(devices)
     d = mesh_.devices.size
     pad = padded_rows(n, d) - n
@@ -91,21 +107,30 @@ def eif_rows(
     static = influence.program_static(loss_fn, steps, optimizer, precision)
     with precision_lib.context(precision):
         params, train, evals, lr_rows, loss_inputs = precision_lib.cast_inputs(
-            precision, (params, train, evals, lr_rows, influence.split_loss(loss_fn)[1]))
+            precision, (params, train, evals, lr_rows, influence.split_loss(loss_fn)[1])
+        )
         per_device = (n + pad) // d
         if chunk_size == "auto":
-            local = jax.tree.map(lambda x: jax.ShapeDtypeStruct((per_device, *np.shape(x)[1:]), jnp.result_type(x)),
-                                 train)
+            local = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct((per_device, *np.shape(x)[1:]), jnp.result_type(x)), train
+            )
             local_lrs = jax.ShapeDtypeStruct((1, per_device), jnp.result_type(lr_rows))
-            chunks = influence.plan((params, local, evals, local_lrs, loss_inputs), static, chunk_size, memory_budget,
-                                    precision, traced=True)[0]
+            chunks = influence.plan(
+                (params, local, evals, local_lrs, loss_inputs),
+                static,
+                chunk_size,
+                memory_budget,
+                precision,
+                traced=True,
+            )[0]
         else:
             chunks = influence.Chunks(chunk_size)
         rows = NamedSharding(mesh_, P(AXIS))
         train_rows = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x, train)
         run = _runner(mesh_, chunks, tuple(static.items()))
-        matrix = influence.result_dtype(run(jax.device_put(train_rows, rows), jax.device_put(lr_rows, rows), params,
-                                            evals, loss_inputs), precision)
+        matrix = influence.result_dtype(
+            run(jax.device_put(train_rows, rows), jax.device_put(lr_rows, rows), params, evals, loss_inputs), precision
+        )
     if checks.is_traced(matrix):
         return influence.report_nonfinite(matrix, lr_rows)
     for shard in matrix.addressable_shards:
@@ -117,5 +142,8 @@ def eif_rows(
             if rows_bad.size:
                 raise checks.NonFiniteInfluenceError(
                     f"{rows_bad.size} fine-tunes on this process diverged (non-finite influence) in rows "
-                    f"{rows_bad.tolist()[:20]}; lower lr or steps for those samples", rows_bad, block)
+                    f"{rows_bad.tolist()[:20]}; lower lr or steps for those samples",
+                    rows_bad,
+                    block,
+                )
     return matrix

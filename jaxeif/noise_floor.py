@@ -5,6 +5,7 @@ precision it carries an error that does not shrink with the entry. We measure th
 guess it: on a few evenly spaced train rows the EIF is computed at the requested precision and
 in float64; per eval column, the floor is `sigmas` times the root-mean-square difference.
 """
+
 from __future__ import annotations
 
 import jax
@@ -62,17 +63,36 @@ def noise_floor(
     Raises:
         TypeError, ValueError: bad arguments, named in the message.
     """
-    evals, n, lr, precision = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps, optimizer=optimizer,
-                                                 chunk_size=chunk_size, precision=precision,
-                                                 memory_budget=memory_budget)
+    evals, n, lr, precision = influence.validate(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
     if isinstance(samples, bool) or not (isinstance(samples, int) and samples >= 1):
         raise ValueError(f"`samples` must be an int >= 1 (train rows compared with float64), got {samples!r}")
     sigmas = checks.positive_real("sigmas", sigmas)
     rows = np.unique(np.round(np.linspace(0, n - 1, min(samples, n))).astype(int))
     sub = jax.tree.map(lambda x: x[rows], train)
     sub_lr = lr if jnp.ndim(lr) == 0 else lr[rows]
-    run = lambda mode: influence.eif(loss_fn, params, sub, evals, lr=sub_lr, steps=steps, optimizer=optimizer,  # noqa: E731
-                                     chunk_size=chunk_size, precision=mode, memory_budget=memory_budget)
+    run = lambda mode: influence.eif(
+        loss_fn,
+        params,
+        sub,
+        evals,
+        lr=sub_lr,
+        steps=steps,
+        optimizer=optimizer,  # noqa: E731
+        chunk_size=chunk_size,
+        precision=mode,
+        memory_budget=memory_budget,
+    )
     reference = run(Precision(dtype="float64"))
     measured = run(Precision() if precision_lib.is_float64(precision) else precision)
     rms = jnp.sqrt(jnp.mean((measured.astype(jnp.float32) - reference) ** 2, axis=0))

@@ -14,12 +14,13 @@ meaning; each is checked here, once, with a message naming the argument and the 
     progress       False            a progress bar on stderr
     memory_budget  None             bytes "auto" may plan for (None: 75% of the free memory)
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import warnings
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import optax
 
@@ -28,7 +29,7 @@ from jaxeif import progress as progress_lib
 from jaxeif.errors import Error
 from jaxeif.precision import NAMES, Precision
 
-ChunkSize = Union[int, Literal["auto"], None]
+ChunkSize = int | Literal["auto"] | None
 
 DEFAULTS: dict[str, Any] = {
     "steps": 1,
@@ -104,13 +105,16 @@ def check_precision(precision: Any) -> Precision:
     supported = ", ".join(f"{_spell(p)}" for p in NAMES.values())
     if isinstance(precision, str):
         if precision not in NAMES:
-            raise PrecisionError(f"`precision` must be one of {', '.join(map(repr, NAMES))} or a jaxeif.Precision; "
-                                 f"got {precision!r}")
+            raise PrecisionError(
+                f"`precision` must be one of {', '.join(map(repr, NAMES))} or a jaxeif.Precision; got {precision!r}"
+            )
         warn_deprecated(f"precision={precision!r} is deprecated; pass precision=jaxeif.{_spell(NAMES[precision])}")
         return NAMES[precision]
     if not isinstance(precision, Precision):
-        raise PrecisionError(f"`precision` must be one of {', '.join(map(repr, NAMES))} or a jaxeif.Precision; "
-                             f"got {type(precision).__name__} {precision!r}")
+        raise PrecisionError(
+            f"`precision` must be one of {', '.join(map(repr, NAMES))} or a jaxeif.Precision; "
+            f"got {type(precision).__name__} {precision!r}"
+        )
     if precision not in NAMES.values():
         raise PrecisionError(f"precision={_spell(precision)} is not a supported combination; use one of {supported}")
     return precision

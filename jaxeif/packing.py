@@ -10,9 +10,11 @@ the longest sample, and a prefix shared by m continuations is computed once inst
 Scored tokens are listed per row as slots: logits index `at` predicts `target` with `weight`,
 counted toward output `group`, so a loss per group is sum(weight * nll) / sum(weight).
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 

@@ -6,11 +6,12 @@ log-probability of the target; positive = more likely). Either way "learned" is 
 Importing this module leaves matplotlib's backend alone (a notebook keeps its own); the `jaxeif`
 command and `python -m jaxeif.experiments.X` pick the file backend Agg (jaxeif.cli).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -27,7 +28,9 @@ SIGNS = {
 
 def _signed(values, sign: str) -> np.ndarray:
     if sign not in SIGNS:
-        raise ValueError(f"sign must be one of {list(SIGNS)} (loss: M as computed; logprob: -M, the paper's sign), got {sign!r}")
+        raise ValueError(
+            f"sign must be one of {list(SIGNS)} (loss: M as computed; logprob: -M, the paper's sign), got {sign!r}"
+        )
     values = np.asarray(values, dtype=np.float64)
     return -values if sign == "logprob" else values
 
@@ -89,8 +92,9 @@ def heatmap(
     if ax is None:
         fig, ax = plt.subplots(figsize=(8.6, 7.6), layout="constrained")
     fig = ax.figure
-    im = ax.imshow(shown, cmap=plt.get_cmap(cmap_name).with_extremes(bad="0.75"), vmin=-vmax, vmax=vmax,
-                   interpolation="nearest")
+    im = ax.imshow(
+        shown, cmap=plt.get_cmap(cmap_name).with_extremes(bad="0.75"), vmin=-vmax, vmax=vmax, interpolation="nearest"
+    )
     _block_lines(ax, boundaries, color="0.35", lw=0.4)
     _block_lines(ax, major_boundaries, color="black", lw=1.6)
     if labels is not None:
@@ -193,8 +197,14 @@ def histogram(
     if ax is None:
         fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
     for name, v in data.items():
-        ax.hist(np.clip(v, -lim, lim), bins=edges, density=True, histtype="step", lw=1.6,
-                label=f"{name} (n={v.size}, mean {v.mean():.3g})")
+        ax.hist(
+            np.clip(v, -lim, lim),
+            bins=edges,
+            density=True,
+            histtype="step",
+            lw=1.6,
+            label=f"{name} (n={v.size}, mean {v.mean():.3g})",
+        )
     ax.axvline(0, color="0.5", lw=0.8)
     ax.set_xlabel(SIGNS[sign][0].replace("\n", " "))
     ax.set_ylabel("density")
@@ -235,8 +245,9 @@ def lr_sweep(
     bottom.semilogx(lrs, np.asarray(agreement, float), "o-", color="C1")
     bottom.axhline(threshold, color="0.4", ls="--", lw=1, label=f"plateau threshold {threshold:g}")
     if above_floor is not None:
-        bottom.semilogx(lrs, np.asarray(above_floor, float), "s-", color="C2", ms=4,
-                        label="share of entries above the noise floor")
+        bottom.semilogx(
+            lrs, np.asarray(above_floor, float), "s-", color="C2", ms=4, label="share of entries above the noise floor"
+        )
     bottom.set_ylabel("corr(EIF(lr), EIF(previous lr))" if above_floor is None else "agreement / share")
     bottom.set_xlabel("fine-tuning learning rate")
     bottom.set_ylim(min(-0.05, np.nanmin(np.asarray(agreement, float)) - 0.05), 1.05)
@@ -281,10 +292,15 @@ def curves(
     """
     xs = np.asarray(xs, dtype=float)
     rows = -(-len(series) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.7 * rows), sharex=True, layout="constrained",
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.3 * columns, 2.7 * rows), sharex=True, layout="constrained", squeeze=False
+    )
     for ax, (name, ys) in zip(axes.flat, series.items()):
-        lines = {k: np.asarray(v, dtype=float) for k, v in ys.items()} if isinstance(ys, Mapping) else {None: np.asarray(ys, dtype=float)}
+        lines = (
+            {k: np.asarray(v, dtype=float) for k, v in ys.items()}
+            if isinstance(ys, Mapping)
+            else {None: np.asarray(ys, dtype=float)}
+        )
         colour = {label: f"C{k}" for k, label in enumerate(lines)}
         for label, y in lines.items():
             ax.plot(xs, y, "o-", ms=3, color=colour[label], label=label)
@@ -310,7 +326,7 @@ def curves(
         if chosen is not None:
             ax.axvline(chosen, color="0.3", lw=0.8, ls=":")
         ax.set_title(name, fontsize=9)
-    for ax in axes.flat[len(series):]:
+    for ax in axes.flat[len(series) :]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("learning rate")

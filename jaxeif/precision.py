@@ -18,10 +18,12 @@ Supported combinations are the six in `NAMES` (docs/precision.md lists each one'
 against float64). The short names ("highest", "tf32", "bfloat16", "float64", "difference",
 "difference-tf32") are accepted by the EIF functions for one release with a DeprecationWarning.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Literal, NamedTuple
+from collections.abc import Iterator
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -126,4 +128,6 @@ def cast_inputs(precision: Precision, tree: Any) -> Any:
     """Floating leaves as float64 for dtype "float64" (call inside `context`); unchanged otherwise."""
     if precision.dtype != "float64":
         return tree
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+    return jax.tree.map(
+        lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
+    )

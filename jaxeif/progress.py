@@ -4,11 +4,13 @@ Each finished row calls back to the host (jax.experimental.io_callback), so the 
 program as it runs. Only concrete calls show one: under jit, grad or vmap the program runs after
 the call returns, so `progress=True` there is refused.
 """
+
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +37,10 @@ def check(progress: Any, *, traced: bool = False) -> bool:
     if not isinstance(progress, bool):
         raise TypeError(f"`progress` must be True or False, got {progress!r}")
     if progress and traced:
-        raise ValueError("`progress=True` needs a concrete call (not under jit, grad or vmap, which run the program "
-                         "after the call returns); pass progress=False")
+        raise ValueError(
+            "`progress=True` needs a concrete call (not under jit, grad or vmap, which run the program "
+            "after the call returns); pass progress=False"
+        )
     return progress
 
 

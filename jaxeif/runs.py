@@ -2,6 +2,7 @@
 (jaxeif.io), a sha256 per file checked on every read, resume-or-refuse by config and by fingerprint
 (jaxeif.fingerprint), checkpointed EIF sweeps. The one resume mechanism of jaxeif: sweeps, meta.fit, the
 base CNN cache and the studies' matrix caches all keep their files in a RunDir (docs/caching.md)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,8 @@ import pathlib
 import platform
 import shutil
 import sys
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +29,8 @@ from tqdm.auto import tqdm
 from jaxeif import checks, fingerprint, io, options
 from jaxeif import precision as precision_lib
 from jaxeif import progress as progress_lib
-from jaxeif.influence import eif
 from jaxeif.errors import Error
+from jaxeif.influence import eif
 from jaxeif.options import ChunkSize
 from jaxeif.precision import Precision
 
@@ -68,7 +70,7 @@ class RunDir:
         self.resumed = resumed
 
     @classmethod
-    def open(cls, path: os.PathLike | str, config: dict, *, resume: bool = True) -> "RunDir":
+    def open(cls, path: os.PathLike | str, config: dict, *, resume: bool = True) -> RunDir:
         """A new folder, or an existing one whose saved config equals `config` (resume=True); else refuse."""
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise TypeError(f"the results folder must be a path, got {path!r}")
@@ -83,7 +85,9 @@ class RunDir:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise RunDirError(f"cannot create results folder {path}: {e.strerror or e}; pass a writable --out") from None
+            raise RunDirError(
+                f"cannot create results folder {path}: {e.strerror or e}; pass a writable --out"
+            ) from None
         if not os.access(path, os.W_OK | os.X_OK):
             raise RunDirError(f"results folder {path} is not writable; pass a writable --out or fix its permissions")
         _lock(path)
@@ -152,7 +156,8 @@ class RunDir:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise ChecksumError(
                 f"{file} (the record of every result's checksum) is damaged ({e}), so no result in {self.path} can "
-                "be verified; delete that folder (or pass another --out) to start over") from None
+                "be verified; delete that folder (or pass another --out) to start over"
+            ) from None
         return files
 
     def _record(self, entries: dict[str, dict]) -> None:
@@ -173,7 +178,8 @@ class RunDir:
         if others:
             raise RunDirError(
                 f"results folder {self.path} holds results ({others[:5]}) without {MANIFEST_FILE}, so they cannot be "
-                "checked; pass another --out, or delete that folder to start over")
+                "checked; pass another --out, or delete that folder to start over"
+            )
         config = self.path / CONFIG_FILE
         self._record({CONFIG_FILE: {"bytes": config.stat().st_size, "sha256": io.sha256_file(config)}})
 
@@ -181,8 +187,13 @@ class RunDir:
         """Record the size and sha256 of every file under `folder` (inside the run; written by another
         library, e.g. an orbax checkpoint), so that `verify_files` can check them."""
         folder = pathlib.Path(folder)
-        self._record({self._rel(f): {"bytes": f.stat().st_size, "sha256": io.sha256_file(f)}
-                      for f in sorted(folder.rglob("*")) if f.is_file()})
+        self._record(
+            {
+                self._rel(f): {"bytes": f.stat().st_size, "sha256": io.sha256_file(f)}
+                for f in sorted(folder.rglob("*"))
+                if f.is_file()
+            }
+        )
 
     def recorded_files(self, prefix: str = "") -> list[str]:
         """The recorded files (paths relative to the folder) whose path starts with `prefix`."""
@@ -202,8 +213,10 @@ class RunDir:
         for rel in sorted(set(files) | present):
             if rel not in files or rel not in present:
                 what = "was added after it was written" if rel not in files else "is missing"
-                raise ChecksumError(f"{self.path / rel} {what}; the checkpoint in {folder} cannot be trusted: delete "
-                                    f"{folder} and run the same command again to recompute it")
+                raise ChecksumError(
+                    f"{self.path / rel} {what}; the checkpoint in {folder} cannot be trusted: delete "
+                    f"{folder} and run the same command again to recompute it"
+                )
             self._check(self.path / rel, files[rel], (self.path / rel).read_bytes(), fix=f"delete {folder}")
 
     def _check(self, target: pathlib.Path, entry: dict | None, data: bytes, fix: str | None = None) -> None:
@@ -211,11 +224,13 @@ class RunDir:
         if entry is None:
             raise ChecksumError(
                 f"{target} is not recorded in {self.path / MANIFEST_FILE} (written by a process killed before it "
-                f"was recorded, or not by jaxeif), so it cannot be trusted; {fix} and run the same command again")
+                f"was recorded, or not by jaxeif), so it cannot be trusted; {fix} and run the same command again"
+            )
         if len(data) != entry.get("bytes") or io.sha256_bytes(data) != entry.get("sha256"):
             raise ChecksumError(
                 f"{target} is damaged: its {len(data)} bytes do not match the {entry.get('bytes')} bytes and sha256 "
-                f"recorded when it was written; {fix} and run the same command again to recompute it")
+                f"recorded when it was written; {fix} and run the same command again to recompute it"
+            )
 
     def _verified(self, target: pathlib.Path) -> bytes:
         """The bytes of a saved file, checked against the manifest."""
@@ -258,7 +273,9 @@ class RunDir:
         try:
             return np.load(stdio.BytesIO(data), allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
-            raise CorruptCheckpointError(f"{target} is damaged ({e}); delete it and run the same command again") from None
+            raise CorruptCheckpointError(
+                f"{target} is damaged ({e}); delete it and run the same command again"
+            ) from None
 
     def load_json(self, name: str) -> Any:
         """The JSON saved as `name`, after checking its checksum (ChecksumError names a damaged file)."""
@@ -267,7 +284,9 @@ class RunDir:
         try:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptCheckpointError(f"{target} is damaged ({e}); delete it and run the same command again") from None
+            raise CorruptCheckpointError(
+                f"{target} is damaged ({e}); delete it and run the same command again"
+            ) from None
 
     def cached(self, name: str, compute: Callable[[], Any]) -> np.ndarray:
         """The array saved as `name` (checksum verified), computed by `compute()` and saved first when missing.
@@ -314,7 +333,7 @@ def _remove_drafts(path: pathlib.Path) -> None:
             draft.unlink(missing_ok=True)
 
 
-def _read_config(run: "RunDir", file: pathlib.Path) -> Any:
+def _read_config(run: RunDir, file: pathlib.Path) -> Any:
     try:
         return json.loads(run._verified(file))
     except ChecksumError as e:
@@ -327,7 +346,11 @@ def _config_diff(saved: Any, new: Any) -> str:
     if not isinstance(saved, dict):
         return "saved config is not a dict"
     keys = sorted(set(saved) | set(new))
-    diff = [f"{k}: saved {saved.get(k, '<missing>')!r} != now {new.get(k, '<missing>')!r}" for k in keys if saved.get(k, object()) != new.get(k, object())]
+    diff = [
+        f"{k}: saved {saved.get(k, '<missing>')!r} != now {new.get(k, '<missing>')!r}"
+        for k in keys
+        if saved.get(k, object()) != new.get(k, object())
+    ]
     return "; ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
 
 
@@ -343,7 +366,9 @@ def _lock(path: pathlib.Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunDirError(f"results folder {path} is in use by another running process; wait for it or pass another --out") from None
+        raise RunDirError(
+            f"results folder {path} is in use by another running process; wait for it or pass another --out"
+        ) from None
     _HELD_LOCKS[path] = fd
 
 
@@ -447,8 +472,9 @@ def sweep_eif(
     precision = options.check_precision(precision)
     options.check_memory_budget(memory_budget)
     checks.model_inputs(params, loss_fn)  # before the run's fingerprint reads them
-    evals, lr_vec = _check_sweep(train, evals, lr, steps=steps, block_size=block_size, progress=progress, run=run,
-                                 name=name)
+    evals, lr_vec = _check_sweep(
+        train, evals, lr, steps=steps, block_size=block_size, progress=progress, run=run, name=name
+    )
     if not isinstance(fresh, bool):
         raise TypeError(f"`fresh` must be True or False, got {fresh!r}")
     n, m = lr_vec.shape[0], checks.leading_axis("evals", evals)
@@ -459,16 +485,38 @@ def sweep_eif(
         if fresh:
             for suffix in (".npy", "_nonfinite.json", "_sweep.json", "_blocks"):
                 run.discard(name + suffix)
-        info = _sweep_info(loss_fn, params, train, evals, lr_vec, steps=steps, optimizer=optimizer,
-                           block_size=blocks.size, precision=precision, eif_fn=eif_fn, fresh=fresh)
+        info = _sweep_info(
+            loss_fn,
+            params,
+            train,
+            evals,
+            lr_vec,
+            steps=steps,
+            optimizer=optimizer,
+            block_size=blocks.size,
+            precision=precision,
+            eif_fn=eif_fn,
+            fresh=fresh,
+        )
         finished = _resume_or_start(run, name, info, (n, m))
         if finished is not None:
             _raise_nonfinite(name, finished, lr_vec, run)
             return jnp.asarray(finished)
         manager = _manager(run.file(f"{name}_blocks"))
-    compute = functools.partial(_compute_block, eif_fn, loss_fn, params, train, evals, lr_vec, steps=steps,
-                                optimizer=optimizer, chunk_size=chunk_size, precision=precision,
-                                memory_budget=memory_budget)
+    compute = functools.partial(
+        _compute_block,
+        eif_fn,
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr_vec,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
     matrix = _run_blocks(compute, blocks, manager, m, name=name, progress=progress, on_block=on_block, run=run)
     _finish(run, name, matrix, lr_vec)
     return jnp.asarray(matrix)
@@ -509,10 +557,12 @@ def _check_sweep(train, evals, lr, *, steps, block_size, progress, run, name) ->
     return evals, np.broadcast_to(np.asarray(checks.learning_rate(lr, n)), (n,))
 
 
-def _sweep_info(loss_fn, params, train, evals, lr_vec, *, steps, optimizer, block_size, precision, eif_fn,
-                fresh: bool) -> dict:
+def _sweep_info(
+    loss_fn, params, train, evals, lr_vec, *, steps, optimizer, block_size, precision, eif_fn, fresh: bool
+) -> dict:
     """What a resumed sweep must match, saved as <name>_sweep.json (digests by jaxeif.fingerprint). With
     `fresh`, a function the fingerprint cannot hash is recorded as unverifiable (never resumed)."""
+
     def digest(*objs):
         try:
             return fingerprint.digest(*objs)
@@ -547,8 +597,10 @@ def _resume_or_start(run: RunDir, name: str, info: dict, shape: tuple[int, int])
             matrix = run.load_npy(name)
             run.load_json(f"{name}_nonfinite.json")  # checked: a damaged record is an error, not a finished run
             if matrix.shape != shape or matrix.dtype != np.float32:
-                raise CorruptCheckpointError(f"{run.file(name, '.npy')} holds {matrix.dtype}{list(matrix.shape)}, "
-                                             f"expected float32{list(shape)}; delete it and run again")
+                raise CorruptCheckpointError(
+                    f"{run.file(name, '.npy')} holds {matrix.dtype}{list(matrix.shape)}, "
+                    f"expected float32{list(shape)}; delete it and run again"
+                )
             if run.file(f"{name}_blocks").exists():
                 run.discard(f"{name}_blocks")
             return matrix
@@ -562,12 +614,35 @@ def _resume_or_start(run: RunDir, name: str, info: dict, shape: tuple[int, int])
     return None
 
 
-def _compute_block(eif_fn: Callable, loss_fn, params, train, evals, lr_vec, idx: np.ndarray, *, steps, optimizer,
-                   chunk_size, precision: Precision, memory_budget) -> np.ndarray:
+def _compute_block(
+    eif_fn: Callable,
+    loss_fn,
+    params,
+    train,
+    evals,
+    lr_vec,
+    idx: np.ndarray,
+    *,
+    steps,
+    optimizer,
+    chunk_size,
+    precision: Precision,
+    memory_budget,
+) -> np.ndarray:
     """Rows `idx` of the EIF; diverged rows come back as all-NaN rows (sweep_eif raises once all blocks ran)."""
     try:
-        block = eif_fn(loss_fn, params, _take(train, idx), evals, lr=lr_vec[idx], steps=steps, optimizer=optimizer,
-                       chunk_size=chunk_size, precision=precision, memory_budget=memory_budget)
+        block = eif_fn(
+            loss_fn,
+            params,
+            _take(train, idx),
+            evals,
+            lr=lr_vec[idx],
+            steps=steps,
+            optimizer=optimizer,
+            chunk_size=chunk_size,
+            precision=precision,
+            memory_budget=memory_budget,
+        )
         block = np.array(block, dtype=np.float32)
     except checks.NonFiniteInfluenceError as e:
         block = np.array(e.matrix, dtype=np.float32)
@@ -579,8 +654,17 @@ def _take(tree: Any, idx: np.ndarray) -> Any:
     return jax.tree.map(lambda x: x[idx], tree)
 
 
-def _run_blocks(compute: Callable[[np.ndarray], np.ndarray], blocks: _Blocks, manager, m: int, *, name: str,
-                progress: bool, on_block: BlockHook | None, run: RunDir | None = None) -> np.ndarray:
+def _run_blocks(
+    compute: Callable[[np.ndarray], np.ndarray],
+    blocks: _Blocks,
+    manager,
+    m: int,
+    *,
+    name: str,
+    progress: bool,
+    on_block: BlockHook | None,
+    run: RunDir | None = None,
+) -> np.ndarray:
     """The whole f32[n, m]: saved blocks restored from `manager` (after checking their checksums in `run`),
     the others computed (and saved, then recorded)."""
     done = set()
@@ -591,8 +675,14 @@ def _run_blocks(compute: Callable[[np.ndarray], np.ndarray], blocks: _Blocks, ma
             else:  # saved by a process killed before recording it: never trusted, recomputed
                 manager.delete(b)
     parts = []
-    bar = tqdm(total=blocks.count, initial=len(done & set(range(blocks.count))), desc=f"{name} blocks", unit="block",
-               file=sys.stderr, disable=not progress)
+    bar = tqdm(
+        total=blocks.count,
+        initial=len(done & set(range(blocks.count))),
+        desc=f"{name} blocks",
+        unit="block",
+        file=sys.stderr,
+        disable=not progress,
+    )
     try:
         for b in range(blocks.count):
             start, stop = blocks.rows(b)
@@ -624,17 +714,23 @@ def _finish(run: RunDir | None, name: str, matrix: np.ndarray, lr_vec: np.ndarra
     then raise NonFiniteInfluenceError naming those rows, as jaxeif.eif does."""
     bad = checks.nonfinite_rows(matrix)
     if run is not None:
-        run.save_json(f"{name}_nonfinite.json", {
-            "rows": bad.tolist(),
-            "lr": lr_vec[bad].tolist(),
-            "n_train": lr_vec.shape[0],
-            "message": "fine-tunes on these train rows diverged; their rows are NaN" if bad.size else "no diverged rows",
-        })
+        run.save_json(
+            f"{name}_nonfinite.json",
+            {
+                "rows": bad.tolist(),
+                "lr": lr_vec[bad].tolist(),
+                "n_train": lr_vec.shape[0],
+                "message": "fine-tunes on these train rows diverged; their rows are NaN"
+                if bad.size
+                else "no diverged rows",
+            },
+        )
         run.save_npy(name, matrix)
         if not np.array_equal(run.load_npy(name), matrix, equal_nan=True):  # what a resume will read
             raise CorruptCheckpointError(
                 f"{run.file(name, '.npy')} reads back other numbers than were written; the blocks in "
-                f"{run.file(name + '_blocks')} are kept: run the same command again")
+                f"{run.file(name + '_blocks')} are kept: run the same command again"
+            )
         run.discard(f"{name}_blocks")
     _raise_nonfinite(name, matrix, lr_vec, run)
 
@@ -644,13 +740,18 @@ def _raise_nonfinite(name: str, matrix: np.ndarray, lr_vec: np.ndarray, run: Run
     bad = checks.nonfinite_rows(matrix)
     if not bad.size:
         return
-    where = f"; the matrix is saved as {run.file(name, '.npy')}, the rows in {run.file(name + '_nonfinite.json')}" \
-        if run is not None else ""
+    where = (
+        f"; the matrix is saved as {run.file(name, '.npy')}, the rows in {run.file(name + '_nonfinite.json')}"
+        if run is not None
+        else ""
+    )
     raise checks.NonFiniteInfluenceError(
         f"sweep_eif '{name}': {bad.size} of {lr_vec.shape[0]} fine-tunes diverged (non-finite influence) in rows "
         f"{bad.tolist()[:20]}{' ...' if bad.size > 20 else ''} with lr {lr_vec[bad][:5].tolist()}; lower lr or steps "
         f"for those samples (`.matrix` holds the result with those rows NaN{where})",
-        bad, np.asarray(matrix))
+        bad,
+        np.asarray(matrix),
+    )
 
 
 def _manager(folder: pathlib.Path):
@@ -658,7 +759,9 @@ def _manager(folder: pathlib.Path):
     try:
         return io.checkpoint_manager(folder, cleanup_tmp_directories=True)
     except Exception as e:  # orbax raises assorted types on damaged metadata
-        raise CorruptCheckpointError(f"checkpoints in {folder} cannot be read ({type(e).__name__}: {e}); delete {folder} to recompute them") from None
+        raise CorruptCheckpointError(
+            f"checkpoints in {folder} cannot be read ({type(e).__name__}: {e}); delete {folder} to recompute them"
+        ) from None
 
 
 def _save_block(manager, b: int, rows: np.ndarray) -> None:
@@ -677,5 +780,7 @@ def _restore_block(manager, b: int, shape: tuple[int, int]) -> np.ndarray:
             f"delete {where} and run the same command again to recompute that block"
         ) from None
     if rows.shape != shape:
-        raise CorruptCheckpointError(f"checkpoint of block {b} at {where} has shape {rows.shape}, expected {shape}; delete it and run again")
+        raise CorruptCheckpointError(
+            f"checkpoint of block {b} at {where} has shape {rows.shape}, expected {shape}; delete it and run again"
+        )
     return rows

@@ -9,6 +9,7 @@
   inside gives float32 results: either way the float64 reference (and `noise_floor`) is meaningless.
 - `loss_version`: a fingerprint of what a loss reads, so that eif's compiled program is keyed on it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,7 +38,8 @@ def closed_over_tracer(loss_fn: Any) -> None:
             f"{where} is a value traced by an enclosing jax transformation (jax.grad, jax.jit, jax.vmap), but eif "
             "compiles loss_fn into its own program, where that value does not exist. Pass it as an input instead: "
             "loss_fn = jax.tree_util.Partial(fn, value) (a Partial's bound arrays enter eif's program as inputs), "
-            "or pass the traced value in params/train")
+            "or pass the traced value in params/train"
+        )
 
 
 def _find_tracer(obj: Any, where: str, depth: int, seen: set) -> str | None:
@@ -56,8 +58,11 @@ def _find_tracer(obj: Any, where: str, depth: int, seen: set) -> str | None:
         items = [(f"{where}.__func__", obj.__func__), (f"{where}.__self__", obj.__self__)]
     elif isinstance(obj, types.FunctionType):
         names = obj.__code__.co_freevars
-        items = [(f"{where} (closure variable {names[i]!r})", c.cell_contents)
-                 for i, c in enumerate(obj.__closure__ or ()) if _filled(c)]
+        items = [
+            (f"{where} (closure variable {names[i]!r})", c.cell_contents)
+            for i, c in enumerate(obj.__closure__ or ())
+            if fingerprint.cell_filled(c)
+        ]
         items += [(f"{where} (default {i})", d) for i, d in enumerate(obj.__defaults__ or ())]
     elif isinstance(obj, (list, tuple)):
         items = [(f"{where}[{i}]", x) for i, x in enumerate(obj)]
@@ -72,20 +77,17 @@ def _find_tracer(obj: Any, where: str, depth: int, seen: set) -> str | None:
     return None
 
 
-def _filled(cell) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:
-        return False
-    return True
-
-
 def warn_if_updates_round_away(loss_fn: Any, params: Any, train: Any, lrs: Any, optimizer: Any, precision: Any) -> None:
     """RuntimeWarning when params hold a floating dtype narrower than float32 and train[0]'s update at the
     largest lr leaves every parameter unchanged in that dtype (the influence row would be exactly 0)."""
     leaves = jax.tree.leaves(params)
-    narrow = sorted({str(jnp.result_type(x)) for x in leaves
-                     if jnp.issubdtype(jnp.result_type(x), jnp.floating) and jnp.finfo(jnp.result_type(x)).bits < 32})
+    narrow = sorted(
+        {
+            str(jnp.result_type(x))
+            for x in leaves
+            if jnp.issubdtype(jnp.result_type(x), jnp.floating) and jnp.finfo(jnp.result_type(x)).bits < 32
+        }
+    )
     if not narrow or precision_lib.is_float64(precision):
         return
     lr = float(np.max(np.asarray(lrs)))
@@ -98,7 +100,10 @@ def warn_if_updates_round_away(loss_fn: Any, params: Any, train: Any, lrs: Any, 
             f"jaxeif: with {'/'.join(narrow)} params, lr={lr:g} times the update of train[0] rounds away in every "
             f"parameter (the fine-tuned params equal params exactly), so its influence row is exactly 0, not a "
             "measurement. Fine-tune float32 params (jax.tree.map(lambda x: x.astype(jnp.float32), params)), pass "
-            "precision=jaxeif.Precision(dtype='float64'), or use a larger lr", RuntimeWarning, stacklevel=4)
+            "precision=jaxeif.Precision(dtype='float64'), or use a larger lr",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def warn_if_float64_differs(loss_fn: Any, params: Any, example: Any) -> None:
@@ -107,24 +112,33 @@ def warn_if_float64_differs(loss_fn: Any, params: Any, example: Any) -> None:
     with x64, say): float64 precision and noise_floor would then compare different computations."""
     f32 = float(loss_fn(params, example))
     with jax.enable_x64(True):
-        cast = functools.partial(jax.tree.map, lambda x: jnp.asarray(x, jnp.float64)
-                                 if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x)
+        cast = functools.partial(
+            jax.tree.map,
+            lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x,
+        )
         out = loss_fn(cast(params), cast(example))
         dtype, f64 = jnp.result_type(out), float(out)
     if dtype != jnp.float64 or (f64 == float(np.float32(f64)) and f64 != float(np.float16(f64))):
         warnings.warn(
-            f"jaxeif: under precision=Precision(dtype='float64') loss_fn returns {'a ' + str(dtype) if dtype != jnp.float64 else 'a '}"
+            "jaxeif: under precision=Precision(dtype='float64') loss_fn returns "
+            f"{'a ' + str(dtype) if dtype != jnp.float64 else 'a '}"
             f"{'' if dtype != jnp.float64 else 'float64 value with float32 rounding'} (loss {f64!r}): it casts to "
             "float32 inside, so the float64 reference carries float32 rounding and noise_floor would be 0. Keep "
             "the loss in its inputs' dtype (no .astype(jnp.float32), no float32 constants forced)",
-            RuntimeWarning, stacklevel=4)
+            RuntimeWarning,
+            stacklevel=4,
+        )
     elif abs(f64 - f32) > 1e-3 * max(abs(f32), abs(f64)) + 1e-30:
         warnings.warn(
-            f"jaxeif: loss_fn(params, train[0]) is {f32!r} in float32 but {f64!r} under precision=Precision(dtype='float64'), far "
+            f"jaxeif: loss_fn(params, train[0]) is {f32!r} in float32 but {f64!r} under "
+            "precision=Precision(dtype='float64'), far "
             "more apart than float32 rounding: the loss computes something else with x64 enabled (random draws "
             "from a fixed key draw other numbers). The float64 EIF and noise_floor are then not references for "
-            "the float32 one; draw the randomness outside the loss (pass it in train) or keep the default float32 precision",
-            RuntimeWarning, stacklevel=4)
+            "the float32 one; draw the randomness outside the loss (pass it in train) or keep the default "
+            "float32 precision",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def loss_version(loss_fn: Any) -> str | None:

@@ -4,16 +4,18 @@ Rows are independent fine-tunes, so each device computes its own block of rows w
 single-device core and no communication; params and evals are replicated. Multi-host: call
 `jax.distributed.initialize()` first on every process; `jax.devices()` then spans all hosts.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxeif import checks, influence
 from jaxeif import precision as precision_lib
@@ -73,9 +75,19 @@ def eif_sharded(
     Raises:
         NonFiniteInfluenceError, MemoryBudgetError, TypeError, ValueError: as in `jaxeif.eif`.
     """
-    evals, n, lr, precision = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
-                                                 optimizer=optimizer, chunk_size=chunk_size, progress=progress,
-                                                 precision=precision, memory_budget=memory_budget)
+    evals, n, lr, precision = influence.validate(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        progress=progress,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
     progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lr)))
     devices = checks.device_list(devices)
     pad = -n % len(devices)
@@ -84,18 +96,37 @@ def eif_sharded(
     static = influence.program_static(loss_fn, steps, optimizer, precision, progress)
     with precision_lib.context(precision), progress_lib.bar(n + pad, "eif rows", progress):
         params, train, evals, lr_rows, loss_inputs = precision_lib.cast_inputs(
-            precision, (params, train, evals, lr_rows, influence.split_loss(loss_fn)[1]))
+            precision, (params, train, evals, lr_rows, influence.split_loss(loss_fn)[1])
+        )
         per_device = (n + pad) // len(devices)
         local = jax.tree.map(lambda x: jax.ShapeDtypeStruct((per_device, *np.shape(x)[1:]), jnp.result_type(x)), train)
         local_lrs = jax.ShapeDtypeStruct((1, per_device), jnp.result_type(lr_rows))
-        chunks = influence.plan((params, local, evals, local_lrs, loss_inputs), static, chunk_size, memory_budget, precision,
-                                traced=True)[0] if chunk_size == "auto" else influence.Chunks(chunk_size)
-        run = jax.jit(jax.shard_map(
-            lambda tr, r, p, ev, li: influence._program(p, tr, ev, r[None], li, chunks=chunks, **static)[0],
-            mesh=mesh, in_specs=(P(_AXIS), P(_AXIS), P(), P(), P()), out_specs=P(_AXIS), check_vma=False))
+        chunks = (
+            influence.plan(
+                (params, local, evals, local_lrs, loss_inputs),
+                static,
+                chunk_size,
+                memory_budget,
+                precision,
+                traced=True,
+            )[0]
+            if chunk_size == "auto"
+            else influence.Chunks(chunk_size)
+        )
+        run = jax.jit(
+            jax.shard_map(
+                lambda tr, r, p, ev, li: influence._program(p, tr, ev, r[None], li, chunks=chunks, **static)[0],
+                mesh=mesh,
+                in_specs=(P(_AXIS), P(_AXIS), P(), P(), P()),
+                out_specs=P(_AXIS),
+                check_vma=False,
+            )
+        )
         rows = NamedSharding(mesh, P(_AXIS))
         train_rows = jax.device_put(_pad_rows(train, pad), rows)
-        matrix = influence.result_dtype(run(train_rows, jax.device_put(lr_rows, rows), params, evals, loss_inputs), precision)
+        matrix = influence.result_dtype(
+            run(train_rows, jax.device_put(lr_rows, rows), params, evals, loss_inputs), precision
+        )
         matrix = jax.block_until_ready(matrix)  # inside the bar's lifetime
     if not matrix.is_fully_addressable:  # multi-host: every process gets the whole matrix
         matrix = jnp.asarray(multihost_utils.process_allgather(matrix, tiled=True))

@@ -17,6 +17,7 @@ chunk still hashes to the marker's checksum; anything else (no marker, a torn or
 missing, recomputed by `fill` and refused by `Store.read_tile`. No file is written by two
 processes except by atomic rename of identical content, so workers need no lock and no coordinator.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,9 +51,21 @@ MANIFEST = "manifest.json"
 ARRAY = "eif"
 TILES = "tiles"
 
-__all__ = ["fill", "fill_spmd", "open", "plan", "Plan", "Store", "Grid", "FillResult", "StoreError",
-           "StoreMismatchError",
-           "TileError", "worker_share", "FORMAT"]
+__all__ = [
+    "fill",
+    "fill_spmd",
+    "open",
+    "plan",
+    "Plan",
+    "Store",
+    "Grid",
+    "FillResult",
+    "StoreError",
+    "StoreMismatchError",
+    "TileError",
+    "worker_share",
+    "FORMAT",
+]
 
 
 class StoreError(Error, ValueError):
@@ -96,8 +109,10 @@ class Grid(NamedTuple):
         i, j = tile
         if not (0 <= i < self.shape[0] and 0 <= j < self.shape[1]):
             raise IndexError(f"tile {tile} is outside the {self.shape[0]} x {self.shape[1]} tile grid")
-        return (slice(i * self.rows, min(self.n, (i + 1) * self.rows)),
-                slice(j * self.cols, min(self.m, (j + 1) * self.cols)))
+        return (
+            slice(i * self.rows, min(self.n, (i + 1) * self.rows)),
+            slice(j * self.cols, min(self.m, (j + 1) * self.cols)),
+        )
 
     def share(self, worker: int, workers: int) -> list[tuple[int, int]]:
         """The tiles of `worker` of `workers`: every workers-th tile in row-major order, from the worker-th.
@@ -119,8 +134,10 @@ def worker_share(worker: int | None = None, workers: int | None = None) -> tuple
             worker = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
             workers = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
         except (KeyError, ValueError) as e:
-            raise StoreError(f"SLURM_ARRAY_TASK_ID is set but the array is not readable ({e}); run the array as "
-                             "`sbatch --array=0-K` or pass worker= and workers= explicitly") from None
+            raise StoreError(
+                f"SLURM_ARRAY_TASK_ID is set but the array is not readable ({e}); run the array as "
+                "`sbatch --array=0-K` or pass worker= and workers= explicitly"
+            ) from None
     if worker is None and workers is None:
         return 0, 1
     if worker is None or workers is None:
@@ -129,8 +146,10 @@ def worker_share(worker: int | None = None, workers: int | None = None) -> tuple
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise StoreError(f"`{name}` must be an int, got {v!r}")
     if not (workers >= 1 and 0 <= worker < workers):
-        raise StoreError(f"`worker` must be in [0, workers) and workers >= 1, got worker={worker}, workers={workers}; "
-                         "number workers 0 .. workers-1")
+        raise StoreError(
+            f"`worker` must be in [0, workers) and workers >= 1, got worker={worker}, workers={workers}; "
+            "number workers 0 .. workers-1"
+        )
     return int(worker), int(workers)
 
 
@@ -156,8 +175,9 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def call_fingerprint(loss_fn, params, train, evals, lr_vec: np.ndarray, *, steps: int, optimizer,
-                     precision: Precision) -> dict:
+def call_fingerprint(
+    loss_fn, params, train, evals, lr_vec: np.ndarray, *, steps: int, optimizer, precision: Precision
+) -> dict:
     """What a tile's values depend on, one digest or value per entry (compared field by field on reuse)."""
     return {
         "loss_fn": fingerprint.digest(loss_fn),
@@ -207,8 +227,10 @@ class Store:
         return self.grid.n, self.grid.m
 
     def __repr__(self) -> str:
-        return (f"jaxeif.store.Store({str(self.path)!r}, shape={self.shape}, tile={self.grid.rows}x{self.grid.cols}, "
-                f"{len(self.complete())}/{self.grid.count} tiles complete)")
+        return (
+            f"jaxeif.store.Store({str(self.path)!r}, shape={self.shape}, tile={self.grid.rows}x{self.grid.cols}, "
+            f"{len(self.complete())}/{self.grid.count} tiles complete)"
+        )
 
     # -- tiles
     def _marker(self, tile: tuple[int, int]) -> pathlib.Path:
@@ -239,18 +261,24 @@ class Store:
         try:
             record = json.loads(marker.read_text())
         except FileNotFoundError:
-            raise TileError(f"tile {tile} of {self.path} is not complete (no {TILES}/{marker.name}); "
-                            "run jaxeif.store.fill on this store to compute it") from None
+            raise TileError(
+                f"tile {tile} of {self.path} is not complete (no {TILES}/{marker.name}); "
+                "run jaxeif.store.fill on this store to compute it"
+            ) from None
         except ValueError as e:
             raise TileError(f"tile {tile}'s marker {marker} is unreadable ({e}); delete it and rerun fill") from None
         try:
             values = self._read_raw(tile)
         except Exception as e:  # tensorstore raises ValueError subclasses of its own for torn chunks
-            raise TileError(f"tile {tile} of {self.path} cannot be decoded ({type(e).__name__}: {e}); "
-                            "it was torn: rerun jaxeif.store.fill, which recomputes it") from None
+            raise TileError(
+                f"tile {tile} of {self.path} cannot be decoded ({type(e).__name__}: {e}); "
+                "it was torn: rerun jaxeif.store.fill, which recomputes it"
+            ) from None
         if _checksum(values) != record.get("blake2b"):
-            raise TileError(f"tile {tile} of {self.path} does not match its recorded checksum (altered or torn "
-                            f"chunk {ARRAY}/{tile[0]}.{tile[1]}); rerun jaxeif.store.fill, which recomputes it")
+            raise TileError(
+                f"tile {tile} of {self.path} does not match its recorded checksum (altered or torn "
+                f"chunk {ARRAY}/{tile[0]}.{tile[1]}); rerun jaxeif.store.fill, which recomputes it"
+            )
         return values
 
     read_tile = check
@@ -274,8 +302,10 @@ class Store:
                 bad[t] = str(e)
         return bad
 
-    def iter_tiles(self, tiles: Sequence[tuple[int, int]] | None = None,
-                   ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    def iter_tiles(
+        self,
+        tiles: Sequence[tuple[int, int]] | None = None,
+    ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
         """((i, j), checked values) for `tiles` (default: the whole grid, row-major), one tile in memory at a time.
 
         Raises:
@@ -294,13 +324,17 @@ class Store:
         """
         nbytes = self.grid.n * self.grid.m * self.dtype.itemsize
         if max_bytes is not None and nbytes > max_bytes:
-            raise StoreError(f"the {self.grid.n} x {self.grid.m} matrix takes {nbytes / 2**30:.2f} GiB, over "
-                             f"max_bytes={max_bytes:.3g}; read it tile by tile (Store.iter_tiles, jaxeif.streaming) "
-                             "or pass a larger max_bytes")
+            raise StoreError(
+                f"the {self.grid.n} x {self.grid.m} matrix takes {nbytes / 2**30:.2f} GiB, over "
+                f"max_bytes={max_bytes:.3g}; read it tile by tile (Store.iter_tiles, jaxeif.streaming) "
+                "or pass a larger max_bytes"
+            )
         missing = self.missing()
         if missing:
-            raise TileError(f"{len(missing)} of {self.grid.count} tiles of {self.path} are not complete "
-                            f"(first {missing[:4]}); run jaxeif.store.fill for every worker first")
+            raise TileError(
+                f"{len(missing)} of {self.grid.count} tiles of {self.path} are not complete "
+                f"(first {missing[:4]}); run jaxeif.store.fill for every worker first"
+            )
         out = np.empty(self.shape, self.dtype)
         for t, values in self.iter_tiles():
             out[self.grid.bounds(t)] = values
@@ -314,20 +348,27 @@ class Store:
         r, c = self.grid.bounds(tile)
         values = np.asarray(values)
         if values.shape != (r.stop - r.start, c.stop - c.start):
-            raise StoreError(f"tile {tile} takes values of shape {(r.stop - r.start, c.stop - c.start)}, "
-                             f"got {values.shape}")
+            raise StoreError(
+                f"tile {tile} takes values of shape {(r.stop - r.start, c.stop - c.start)}, got {values.shape}"
+            )
         if not np.can_cast(values.dtype, self.dtype, "safe"):
-            raise StoreError(f"tile {tile} has dtype {values.dtype}, which the store's {self.dtype} would round; "
-                             "fill a new store (the dtype follows the params' dtype)")
+            raise StoreError(
+                f"tile {tile} has dtype {values.dtype}, which the store's {self.dtype} would round; "
+                "fill a new store (the dtype follows the params' dtype)"
+            )
         values = values.astype(self.dtype)
         self._marker(tile).unlink(missing_ok=True)
         self._array[r, c].write(values).result()
         checksum = _checksum(values)
         if _checksum(self._read_raw(tile)) != checksum:
-            raise StoreError(f"tile {tile} read back from {self.path} differs from what was written; "
-                             "the disk or file system is not keeping data: check it and rerun")
-        io.save_json(self._marker(tile), {"tile": list(tile), "rows": [r.start, r.stop], "cols": [c.start, c.stop],
-                                          "blake2b": checksum, **record})
+            raise StoreError(
+                f"tile {tile} read back from {self.path} differs from what was written; "
+                "the disk or file system is not keeping data: check it and rerun"
+            )
+        io.save_json(
+            self._marker(tile),
+            {"tile": list(tile), "rows": [r.start, r.stop], "cols": [c.start, c.stop], "blake2b": checksum, **record},
+        )
         return checksum
 
 
@@ -339,11 +380,15 @@ def _manifest(grid: Grid, dtype: np.dtype, call: dict) -> dict:
         "format": FORMAT,
         "shape": [grid.n, grid.m],
         "dtype": dtype.str,
-        "grid": {"tile": [grid.rows, grid.cols], "tiles": list(grid.shape), "order": "row-major",
-                 "assignment": "worker w of k takes tiles[w::k] in row-major order"},
+        "grid": {
+            "tile": [grid.rows, grid.cols],
+            "tiles": list(grid.shape),
+            "order": "row-major",
+            "assignment": "worker w of k takes tiles[w::k] in row-major order",
+        },
         "array": ARRAY,
         "tiles_complete": f"{TILES}/I.J.json exists and the chunk {ARRAY}/I.J hashes to its blake2b (of the tile's "
-                          "C-order values, edge tiles unpadded)",
+        "C-order values, edge tiles unpadded)",
         "fingerprint": call,
     }
 
@@ -352,8 +397,10 @@ def _read_manifest(path: pathlib.Path) -> dict:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as e:
-        raise StoreError(f"{path / MANIFEST} cannot be read ({e}); the store is damaged: pass a new path, "
-                         "or fresh=True to start it over") from None
+        raise StoreError(
+            f"{path / MANIFEST} cannot be read ({e}); the store is damaged: pass a new path, "
+            "or fresh=True to start it over"
+        ) from None
     if manifest.get("format") != FORMAT:
         raise StoreError(f"{path} holds a store of format {manifest.get('format')!r}, not {FORMAT!r}; pass a new path")
     return manifest
@@ -377,9 +424,22 @@ def _create(path: pathlib.Path, manifest: dict) -> None:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         n, m = manifest["shape"]
-        ts.open({**_chunk_spec(tmp), "metadata": {
-            "shape": [n, m], "chunks": manifest["grid"]["tile"], "dtype": manifest["dtype"], "compressor": None,
-            "fill_value": "NaN", "order": "C", "dimension_separator": "."}}, create=True, context=_context()).result()
+        ts.open(
+            {
+                **_chunk_spec(tmp),
+                "metadata": {
+                    "shape": [n, m],
+                    "chunks": manifest["grid"]["tile"],
+                    "dtype": manifest["dtype"],
+                    "compressor": None,
+                    "fill_value": "NaN",
+                    "order": "C",
+                    "dimension_separator": ".",
+                },
+            },
+            create=True,
+            context=_context(),
+        ).result()
         io.save_json(tmp / ".zgroup", {"zarr_format": 2})
         io.save_json(tmp / ".zattrs", {"jaxeif": manifest})
         io.save_json(tmp / ARRAY / ".zattrs", {"_ARRAY_DIMENSIONS": ["train", "eval"]})  # xarray's dimension names
@@ -412,14 +472,17 @@ def _open_or_create(path: os.PathLike | str, manifest: dict, *, fresh: bool) -> 
             if diff:
                 raise StoreMismatchError(
                     f"the store at {path} was filled by another call; differs in: {'; '.join(diff)}. "
-                    "Pass a new path for this call, or fresh=True to delete that store and start over")
+                    "Pass a new path for this call, or fresh=True to delete that store and start over"
+                )
             return Store(path, saved)
     _create(path, manifest)
     saved = _read_manifest(path)
     diff = _differences(saved, manifest)
     if diff:  # another worker created it first, from another call
-        raise StoreMismatchError(f"the store at {path} was just created by another call; differs in: "
-                                 f"{'; '.join(diff)}. Start every worker with the same call, or pass a new path")
+        raise StoreMismatchError(
+            f"the store at {path} was just created by another call; differs in: "
+            f"{'; '.join(diff)}. Start every worker with the same call, or pass a new path"
+        )
     return Store(path, saved)
 
 
@@ -449,8 +512,11 @@ class FillResult(NamedTuple):
 
 
 def _check_tile(tile: Any) -> tuple[int, int]:
-    if (not isinstance(tile, (tuple, list)) or len(tile) != 2
-            or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1 for x in tile)):
+    if (
+        not isinstance(tile, (tuple, list))
+        or len(tile) != 2
+        or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1 for x in tile)
+    ):
         raise StoreError(f"`tile` must be (rows, cols), two ints >= 1, got {tile!r}")
     return int(tile[0]), int(tile[1])
 
@@ -524,21 +590,36 @@ def fill(
         if not isinstance(flag, bool):
             raise StoreError(f"`{name}` must be True or False, got {flag!r}")
     if fresh and workers > 1:
-        raise StoreError("fresh=True deletes the store, which the other workers are filling; delete it once "
-                         "before starting them, or give every worker a new path")
+        raise StoreError(
+            "fresh=True deletes the store, which the other workers are filling; delete it once "
+            "before starting them, or give every worker a new path"
+        )
     rows, cols = _check_tile(tile)
     evals_arg = evals
-    evals_, n, lr_arr, precision = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
-                                                      optimizer=optimizer, chunk_size=chunk_size, progress=progress,
-                                                      precision=precision, memory_budget=memory_budget)
+    evals_, n, lr_arr, precision = influence.validate(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        progress=progress,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
     if checks.is_traced(lr_arr):
-        raise StoreError("jaxeif.store.fill writes files and cannot be traced (jit/grad); call jaxeif.eif inside "
-                         "the transformation instead")
+        raise StoreError(
+            "jaxeif.store.fill writes files and cannot be traced (jit/grad); call jaxeif.eif inside "
+            "the transformation instead"
+        )
     m = checks.leading_axis("evals", evals_)
     lr_vec = np.broadcast_to(np.asarray(lr_arr), (n,))
     grid = Grid(n, m, min(rows, n), min(cols, m))
-    call = call_fingerprint(loss_fn, params, train, evals_arg, lr_vec, steps=steps, optimizer=optimizer,
-                            precision=precision)
+    call = call_fingerprint(
+        loss_fn, params, train, evals_arg, lr_vec, steps=steps, optimizer=optimizer, precision=precision
+    )
     store = _open_or_create(path, _manifest(grid, _dtype(params), call), fresh=fresh)
     computed, reused, repaired = [], [], []
     compile_cache.enable()
@@ -554,17 +635,36 @@ def fill(
                 repaired.append(t)
         r, c = grid.bounds(t)
         start = time.perf_counter()
-        values = influence.eif(loss_fn, params, _take(train, r), _take(evals_, c), lr=lr_vec[r], steps=steps,
-                               optimizer=optimizer, chunk_size=chunk_size, precision=precision,
-                               memory_budget=memory_budget)
+        values = influence.eif(
+            loss_fn,
+            params,
+            _take(train, r),
+            _take(evals_, c),
+            lr=lr_vec[r],
+            steps=steps,
+            optimizer=optimizer,
+            chunk_size=chunk_size,
+            precision=precision,
+            memory_budget=memory_budget,
+        )
         seconds = time.perf_counter() - start
-        store.write_tile(t, np.asarray(values), worker=worker, workers=workers, seconds=round(seconds, 4),
-                         host=socket.gethostname(), backend=jax.default_backend())
+        store.write_tile(
+            t,
+            np.asarray(values),
+            worker=worker,
+            workers=workers,
+            seconds=round(seconds, 4),
+            host=socket.gethostname(),
+            backend=jax.default_backend(),
+        )
         if t not in repaired:
             computed.append(t)
         if progress:
-            print(f"jaxeif.store: worker {worker}/{workers} tile {t} ({r.stop - r.start}x{c.stop - c.start}) "
-                  f"in {seconds:.2f} s", flush=True)
+            print(
+                f"jaxeif.store: worker {worker}/{workers} tile {t} ({r.stop - r.start}x{c.stop - c.start}) "
+                f"in {seconds:.2f} s",
+                flush=True,
+            )
     return FillResult(store, computed, reused, repaired)
 
 
@@ -619,16 +719,27 @@ def fill_spmd(
 
     rows, cols = _check_tile(tile)
     evals_arg = evals
-    evals_, n, lr_arr, precision = influence.validate(loss_fn, params, train, evals, lr=lr, steps=steps,
-                                                      optimizer=optimizer, chunk_size=chunk_size, progress=progress,
-                                                      precision=precision, memory_budget=memory_budget)
+    evals_, n, lr_arr, precision = influence.validate(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        progress=progress,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
     if checks.is_traced(lr_arr):
         raise StoreError("jaxeif.store.fill_spmd writes files and cannot be traced; use jaxeif.multihost.eif_rows")
     m = checks.leading_axis("evals", evals_)
     lr_vec = np.broadcast_to(np.asarray(lr_arr), (n,))
     grid = Grid(n, m, min(rows, n), min(cols, m))
-    call = call_fingerprint(loss_fn, params, train, evals_arg, lr_vec, steps=steps, optimizer=optimizer,
-                            precision=precision)
+    call = call_fingerprint(
+        loss_fn, params, train, evals_arg, lr_vec, steps=steps, optimizer=optimizer, precision=precision
+    )
     mesh_ = multihost.mesh(devices)
     devices_ = list(mesh_.devices.flat)
     if not isinstance(verify, bool):
@@ -657,8 +768,8 @@ def fill_spmd(
         lrs = np.zeros(n_dev * grid.rows, lr_vec.dtype)
         for k, i in enumerate(tile_rows):
             r = grid.bounds((i, 0))[0]
-            idx[k * grid.rows:k * grid.rows + r.stop - r.start] = np.arange(r.start, r.stop)
-            lrs[k * grid.rows:k * grid.rows + r.stop - r.start] = lr_vec[r]
+            idx[k * grid.rows : k * grid.rows + r.stop - r.start] = np.arange(r.start, r.stop)
+            lrs[k * grid.rows : k * grid.rows + r.stop - r.start] = lr_vec[r]
         batch = jax.tree.map(lambda x, idx=idx: np.asarray(x)[idx], train)
         for j in range(grid.shape[1]):
             mine = [(i, j) for i in tile_rows if devices_[i - first] in local]
@@ -669,9 +780,19 @@ def fill_spmd(
                 continue
             c = grid.bounds((0, j))[1]
             start = time.perf_counter()
-            block = multihost.eif_rows(loss_fn, params, batch, _take(evals_, c), lr=lrs, steps=steps,
-                                       optimizer=optimizer, chunk_size=chunk_size, precision=precision,
-                                       memory_budget=memory_budget, devices=devices_)
+            block = multihost.eif_rows(
+                loss_fn,
+                params,
+                batch,
+                _take(evals_, c),
+                lr=lrs,
+                steps=steps,
+                optimizer=optimizer,
+                chunk_size=chunk_size,
+                precision=precision,
+                memory_budget=memory_budget,
+                devices=devices_,
+            )
             seconds = time.perf_counter() - start
             for shard in block.addressable_shards:
                 i = first + (shard.index[0].start or 0) // grid.rows
@@ -679,13 +800,23 @@ def fill_spmd(
                     continue
                 r = grid.bounds((i, j))[0]
                 values = np.asarray(shard.data)[: r.stop - r.start]
-                store.write_tile((i, j), values, process=jax.process_index(), processes=jax.process_count(),
-                                 device=str(shard.device), seconds=round(seconds, 4), host=socket.gethostname(),
-                                 backend=jax.default_backend())
+                store.write_tile(
+                    (i, j),
+                    values,
+                    process=jax.process_index(),
+                    processes=jax.process_count(),
+                    device=str(shard.device),
+                    seconds=round(seconds, 4),
+                    host=socket.gethostname(),
+                    backend=jax.default_backend(),
+                )
                 (repaired if status[i, j] == 2 else computed).append((i, j))
                 if progress:
-                    print(f"jaxeif.store: process {jax.process_index()} device {shard.device} tile {(i, j)} "
-                          f"in {seconds:.2f} s", flush=True)
+                    print(
+                        f"jaxeif.store: process {jax.process_index()} device {shard.device} tile {(i, j)} "
+                        f"in {seconds:.2f} s",
+                        flush=True,
+                    )
     return FillResult(store, computed, reused, repaired)
 
 
@@ -711,10 +842,12 @@ class Plan(NamedTuple):
 
     def __str__(self) -> str:
         peak = "n/a (pass program_bytes)" if self.peak_bytes_per_worker is None else _size(self.peak_bytes_per_worker)
-        return (f"{self.n:,} x {self.m:,} = {self.pairs:.3g} pairs at {self.pairs_per_second:.3g} pairs/s per device: "
-                f"{self.device_hours:.3g} device-hours = {self.hours:.3g} h on {self.devices} devices; "
-                f"{self.tiles:,} tiles of {self.tile[0]:,} x {self.tile[1]:,} ({_size(self.tile_bytes)}, "
-                f"{self.seconds_per_tile:.3g} s each); {_size(self.bytes_on_disk)} on disk; peak per worker {peak}")
+        return (
+            f"{self.n:,} x {self.m:,} = {self.pairs:.3g} pairs at {self.pairs_per_second:.3g} pairs/s per device: "
+            f"{self.device_hours:.3g} device-hours = {self.hours:.3g} h on {self.devices} devices; "
+            f"{self.tiles:,} tiles of {self.tile[0]:,} x {self.tile[1]:,} ({_size(self.tile_bytes)}, "
+            f"{self.seconds_per_tile:.3g} s each); {_size(self.bytes_on_disk)} on disk; peak per worker {peak}"
+        )
 
 
 def _size(nbytes: float) -> str:
@@ -727,8 +860,16 @@ def _size(nbytes: float) -> str:
 MARKER_BYTES = 400  # a tile's completion record (JSON), about
 
 
-def plan(n: int, m: int | None = None, *, pairs_per_second: float, devices: int = 1,
-         tile: tuple[int, int] = (4096, 4096), itemsize: int = 4, program_bytes: int | None = None) -> Plan:
+def plan(
+    n: int,
+    m: int | None = None,
+    *,
+    pairs_per_second: float,
+    devices: int = 1,
+    tile: tuple[int, int] = (4096, 4096),
+    itemsize: int = 4,
+    program_bytes: int | None = None,
+) -> Plan:
     """Devices x hours, tiles, bytes on disk and peak memory per worker of an n x m store, on paper.
 
     Args:
@@ -756,9 +897,18 @@ def plan(n: int, m: int | None = None, *, pairs_per_second: float, devices: int 
     pairs = n * m
     tile_bytes = grid.rows * grid.cols * itemsize
     device_hours = pairs / pairs_per_second / 3600
-    return Plan(n=n, m=m, pairs=pairs, pairs_per_second=float(pairs_per_second), devices=devices,
-                device_hours=device_hours, hours=device_hours / devices * math.ceil(grid.count / devices)
-                / (grid.count / devices), tile=(grid.rows, grid.cols), tiles=grid.count,
-                seconds_per_tile=grid.rows * grid.cols / pairs_per_second,
-                bytes_on_disk=grid.count * (tile_bytes + MARKER_BYTES), tile_bytes=tile_bytes,
-                peak_bytes_per_worker=None if program_bytes is None else int(program_bytes) + 2 * tile_bytes)
+    return Plan(
+        n=n,
+        m=m,
+        pairs=pairs,
+        pairs_per_second=float(pairs_per_second),
+        devices=devices,
+        device_hours=device_hours,
+        hours=device_hours / devices * math.ceil(grid.count / devices) / (grid.count / devices),
+        tile=(grid.rows, grid.cols),
+        tiles=grid.count,
+        seconds_per_tile=grid.rows * grid.cols / pairs_per_second,
+        bytes_on_disk=grid.count * (tile_bytes + MARKER_BYTES),
+        tile_bytes=tile_bytes,
+        peak_bytes_per_worker=None if program_bytes is None else int(program_bytes) + 2 * tile_bytes,
+    )

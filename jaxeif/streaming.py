@@ -5,6 +5,7 @@ Every sum is accumulated in float64 in one pass, so the results equal the in-mem
 to float32 rounding. Symmetric metrics pair tile (I, J) with tile (J, I); they need a square matrix
 cut into square tiles (rows == cols), which is what a train-vs-train store is.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -51,8 +52,12 @@ class _TopK:
 
     def add(self, block: np.ndarray, first_row: int, cols: slice) -> None:
         vals = np.concatenate([self.values[:, cols], self.sign * block.astype(np.float64)])
-        rows = np.concatenate([self.rows[:, cols],
-                               np.broadcast_to(np.arange(first_row, first_row + block.shape[0])[:, None], block.shape)])
+        rows = np.concatenate(
+            [
+                self.rows[:, cols],
+                np.broadcast_to(np.arange(first_row, first_row + block.shape[0])[:, None], block.shape),
+            ]
+        )
         keep = np.argsort(-vals, axis=0, kind="stable")[: self.k]  # earlier rows win ties
         self.values[:, cols] = np.take_along_axis(vals, keep, 0)
         self.rows[:, cols] = np.take_along_axis(rows, keep, 0)
@@ -115,20 +120,29 @@ def _check(store: Store, labels, floor, k: int) -> tuple[np.ndarray | None, bool
         if labels.shape != (n,):
             raise ValueError(f"`labels` must have shape ({n},), one label per row; got {labels.shape}")
         if not square:
-            raise StoreError(f"class metrics need a square matrix in square tiles; this store is {n} x {m} in "
-                             f"{store.grid.rows} x {store.grid.cols} tiles: fill a train-vs-train store with "
-                             "tile=(t, t)")
-    if floor is not None and not isinstance(floor, Store) and np.ndim(floor) not in (0,) \
-            and np.shape(floor) not in ((m,), (n, m)):
-        raise ValueError(f"`floor` must be a scalar, f[{m}] (per eval, as jaxeif.noise_floor's rows) or f[{n}, {m}], "
-                         f"got shape {np.shape(floor)}")
+            raise StoreError(
+                f"class metrics need a square matrix in square tiles; this store is {n} x {m} in "
+                f"{store.grid.rows} x {store.grid.cols} tiles: fill a train-vs-train store with "
+                "tile=(t, t)"
+            )
+    if (
+        floor is not None
+        and not isinstance(floor, Store)
+        and np.ndim(floor) not in (0,)
+        and np.shape(floor) not in ((m,), (n, m))
+    ):
+        raise ValueError(
+            f"`floor` must be a scalar, f[{m}] (per eval, as jaxeif.noise_floor's rows) or f[{n}, {m}], "
+            f"got shape {np.shape(floor)}"
+        )
     if isinstance(floor, Store) and (floor.shape != store.shape or floor.grid != store.grid):
         raise ValueError("a `floor` store must have the same shape and tiles as `store`")
     return labels, square
 
 
-def summarize(store: Store, labels: Any = None, *, floor: Any = None, k: int = 10,
-              include_diagonal: bool = False) -> Summary:
+def summarize(
+    store: Store, labels: Any = None, *, floor: Any = None, k: int = 10, include_diagonal: bool = False
+) -> Summary:
     """Every study metric in one pass over the store's tiles (each read once, checksum checked).
 
     Args:
@@ -222,18 +236,29 @@ def summarize(store: Store, labels: Any = None, *, floor: Any = None, k: int = 1
             # desiderata.within_between counts the diagonal in "between" never (it is same-label) and, by
             # default, leaves it out of "within": the same pairs as visited here
             between = float(class_sum[~same_c].sum() / class_count[~same_c].sum())
-            shares = {"within_learned": signs["within_hit"] / signs["within_n"] if signs["within_n"] else float("nan"),
-                      "between_unlearned": signs["between_hit"] / signs["between_n"] if signs["between_n"]
-                      else float("nan"),
-                      "excluded": 1.0 - signs["above"] / signs["counted"]}
+            shares = {
+                "within_learned": signs["within_hit"] / signs["within_n"] if signs["within_n"] else float("nan"),
+                "between_unlearned": signs["between_hit"] / signs["between_n"] if signs["between_n"] else float("nan"),
+                "excluded": 1.0 - signs["above"] / signs["counted"],
+            }
             means = class_sum / class_count
     top_rows, top_values = top.result()
     bottom_rows, bottom_values = bottom.result()
     return Summary(
         symmetry_corr=sym.corr() if square else None,
         block_symmetry_corr=block_sym.corr() if labels is not None else None,
-        within=within, between=between,
-        class_means=means if labels is not None else None, classes=classes,
-        sign_shares=shares, sparsity=sparsity, row_sums=row_sums, col_sums=col_sums,
-        top_rows=top_rows, top_values=top_values, bottom_rows=bottom_rows, bottom_values=bottom_values,
-        tiles_read=tiles_read, max_tiles_held=max_held)
+        within=within,
+        between=between,
+        class_means=means if labels is not None else None,
+        classes=classes,
+        sign_shares=shares,
+        sparsity=sparsity,
+        row_sums=row_sums,
+        col_sums=col_sums,
+        top_rows=top_rows,
+        top_values=top_values,
+        bottom_rows=bottom_rows,
+        bottom_values=bottom_values,
+        tiles_read=tiles_read,
+        max_tiles_held=max_held,
+    )

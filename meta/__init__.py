@@ -17,6 +17,7 @@ Example (per-sample log-rates toward "learn within class, leave other classes al
 Per-layer multipliers: `optimizer=meta.layer_optimizer(log_scales)` inside the objective,
 with `log_scales = meta.init_layer_log_scales(params)` as the controls.
 """
+
 from jaxeif import deprecation
 from jaxeif.meta.controls import (
     Amortised,
@@ -43,14 +44,37 @@ from jaxeif.meta.objectives import (
 from jaxeif.meta.outer import MetaResult, StaleCheckpointError, fit
 
 __all__ = [
-    "Amortised", "amortised", "image_features", "init_layer_log_scales", "init_log_lr", "layer_optimizer",
-    "load_amortised", "per_sample_lr", "save_amortised",
-    "class_blocks", "class_learning", "keep_learning", "logic", "noise_invariance", "sparsity",
-    "stay_below", "symmetry", "toward", "MetaResult", "StaleCheckpointError", "fit",
+    "Amortised",
+    "amortised",
+    "image_features",
+    "init_layer_log_scales",
+    "init_log_lr",
+    "layer_optimizer",
+    "load_amortised",
+    "per_sample_lr",
+    "save_amortised",
+    "class_blocks",
+    "class_learning",
+    "keep_learning",
+    "logic",
+    "noise_invariance",
+    "sparsity",
+    "stay_below",
+    "symmetry",
+    "toward",
+    "MetaResult",
+    "StaleCheckpointError",
+    "fit",
 ]
 
 # helpers importable from jaxeif.meta before its public list was cut to what users call (one release)
-__getattr__ = deprecation.moved("jaxeif.meta", {
-    "LRPredictor": "jaxeif.meta.controls", "Standardizer": "jaxeif.meta.controls", "layer_names": "jaxeif.meta.controls",
-    "scale_by_layer": "jaxeif.meta.controls", "make_step": "jaxeif.meta.outer",
-})
+__getattr__ = deprecation.moved(
+    "jaxeif.meta",
+    {
+        "LRPredictor": "jaxeif.meta.controls",
+        "Standardizer": "jaxeif.meta.controls",
+        "layer_names": "jaxeif.meta.controls",
+        "scale_by_layer": "jaxeif.meta.controls",
+        "make_step": "jaxeif.meta.outer",
+    },
+)

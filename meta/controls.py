@@ -6,9 +6,12 @@
 - per-layer multipliers: one scalar per top-level layer of any params pytree, shared by all
   samples, applied by an optax transformation passed to eif as `optimizer=`.
 """
+
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -22,6 +25,7 @@ PyTree = Any
 
 
 # --- free per-sample learning rates -------------------------------------------------------
+
 
 def init_log_lr(n: int, lr: float) -> jax.Array:
     """f32[n] of log(lr): the free per-sample controls, every sample starting at the same rate.
@@ -56,6 +60,7 @@ def per_sample_lr(log_lr: jax.Array) -> jax.Array:
 
 
 # --- amortised predictor ------------------------------------------------------------------
+
 
 def image_features(images: jax.Array) -> jax.Array:
     """f32[n, 6] simple statistics of each image: mean, std, mean |dx|+|dy|, share of pixels outside [0, 1], min, max.
@@ -93,7 +98,7 @@ class Standardizer(NamedTuple):
     std: jax.Array
 
     @classmethod
-    def fit(cls, features: jax.Array) -> "Standardizer":
+    def fit(cls, features: jax.Array) -> Standardizer:
         features = jnp.asarray(features)
         return cls(features.mean(0), jnp.maximum(features.std(0), 1e-6))
 
@@ -147,7 +152,9 @@ class Amortised(NamedTuple):
         return self.base_lr * jnp.exp(self.predictor.apply(phi, self.standardizer(features)))
 
 
-def amortised(train_features: jax.Array, base_lr: float, *, hidden: Sequence[int] = (32,), max_log_gain: float = 3.0) -> Amortised:
+def amortised(
+    train_features: jax.Array, base_lr: float, *, hidden: Sequence[int] = (32,), max_log_gain: float = 3.0
+) -> Amortised:
     """An `Amortised` rate predictor whose features are standardised on `train_features`.
 
     Args:
@@ -171,6 +178,7 @@ def amortised(train_features: jax.Array, base_lr: float, *, hidden: Sequence[int
 
 
 # --- per-layer multipliers ----------------------------------------------------------------
+
 
 def _layers(tree: PyTree) -> dict:
     """The dict of top-level layers, looking through a lone Flax "params" collection."""
@@ -236,13 +244,18 @@ def scale_by_layer(log_scales: dict[str, jax.Array]) -> optax.GradientTransforma
     def update_fn(updates, state, params=None):
         del params
         layers = _layers(updates)
-        scaled = {name: jax.tree.map(lambda u, s=jnp.exp(log_scales[name]): (s * u).astype(u.dtype), sub) for name, sub in layers.items()}
+        scaled = {
+            name: jax.tree.map(functools.partial(_scaled, jnp.exp(log_scales[name])), sub)
+            for name, sub in layers.items()
+        }
         return ({"params": scaled} if layers is not updates else scaled), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def layer_optimizer(log_scales: dict[str, jax.Array], base: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+def layer_optimizer(
+    log_scales: dict[str, jax.Array], base: optax.GradientTransformation | None = None
+) -> optax.GradientTransformation:
     """`base` (default unit-rate SGD, as in `jaxeif.eif`) followed by the per-layer multipliers.
 
     Args:
@@ -257,6 +270,7 @@ def layer_optimizer(log_scales: dict[str, jax.Array], base: optax.GradientTransf
 
 # --- saving an amortised predictor --------------------------------------------------------
 
+
 def save_amortised(path, predictor: Amortised, phi: PyTree) -> None:
     """Write an amortised predictor and its learned params to an .npz file that `load_amortised` reads back.
 
@@ -270,11 +284,13 @@ def save_amortised(path, predictor: Amortised, phi: PyTree) -> None:
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(phi)
     arrays = {"phi/" + "/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(v) for keys, v in flat}
-    arrays.update(standardizer_mean=np.asarray(predictor.standardizer.mean),
-                  standardizer_std=np.asarray(predictor.standardizer.std),
-                  hidden=np.asarray(predictor.predictor.hidden, np.int64),
-                  max_log_gain=np.asarray(predictor.predictor.max_log_gain, np.float64),
-                  base_lr=np.asarray(predictor.base_lr, np.float64))
+    arrays.update(
+        standardizer_mean=np.asarray(predictor.standardizer.mean),
+        standardizer_std=np.asarray(predictor.standardizer.std),
+        hidden=np.asarray(predictor.predictor.hidden, np.int64),
+        max_log_gain=np.asarray(predictor.predictor.max_log_gain, np.float64),
+        base_lr=np.asarray(predictor.base_lr, np.float64),
+    )
     with io.atomic_file(path, "wb") as fh:
         np.savez(fh, **arrays)
 
@@ -295,10 +311,14 @@ def load_amortised(path) -> tuple[Amortised, PyTree]:
         arrays = {k: z[k] for k in z.files}
     missing = {"hidden", "max_log_gain", "standardizer_mean", "standardizer_std", "base_lr"} - set(arrays)
     if missing:
-        raise ValueError(f"{path} is not a saved amortised predictor (no {', '.join(sorted(missing))}); write it with save_amortised")
-    predictor = Amortised(LRPredictor(tuple(int(h) for h in arrays.pop("hidden")), float(arrays.pop("max_log_gain"))),
-                          Standardizer(jnp.asarray(arrays.pop("standardizer_mean")), jnp.asarray(arrays.pop("standardizer_std"))),
-                          float(arrays.pop("base_lr")))
+        raise ValueError(
+            f"{path} is not a saved amortised predictor (no {', '.join(sorted(missing))}); write it with save_amortised"
+        )
+    predictor = Amortised(
+        LRPredictor(tuple(int(h) for h in arrays.pop("hidden")), float(arrays.pop("max_log_gain"))),
+        Standardizer(jnp.asarray(arrays.pop("standardizer_mean")), jnp.asarray(arrays.pop("standardizer_std"))),
+        float(arrays.pop("base_lr")),
+    )
     phi: dict = {}
     for key, value in arrays.items():
         if not key.startswith("phi/"):
@@ -312,3 +332,8 @@ def load_amortised(path) -> tuple[Amortised, PyTree]:
     if jax.tree.structure(template) != jax.tree.structure(phi):
         raise ValueError(f"{path} holds parameters that do not fit its predictor's architecture")
     return predictor, phi
+
+
+def _scaled(scale: jax.Array, update: jax.Array) -> jax.Array:
+    """`update` times a layer's multiplier, in the update's own dtype."""
+    return (scale * update).astype(update.dtype)

@@ -4,6 +4,7 @@ A Split holds images, labels, noise_std (0 = clean), source (row of each sample'
 the split's clean samples) and, optionally, corruption (a name per sample, "clean" for the clean
 ones; without it the group of a sample is "clean" or "std_<noise std>").
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -31,8 +32,12 @@ def split_set(fs, per_digit: int, first: int, count: int) -> Split:
     keep = np.flatnonzero((rank >= first) & (rank < first + count))
     src = fs.source[keep]
     clean_pos = {int(s): i for i, s in enumerate(src) if fs.noise_std[keep][i] == 0}
-    return Split(images=fs.images[keep], labels=fs.labels[keep], noise_std=fs.noise_std[keep],
-                 source=np.array([clean_pos[int(s)] for s in src], np.int32))
+    return Split(
+        images=fs.images[keep],
+        labels=fs.labels[keep],
+        noise_std=fs.noise_std[keep],
+        source=np.array([clean_pos[int(s)] for s in src], np.int32),
+    )
 
 
 def groups(split: Split) -> np.ndarray:
@@ -75,8 +80,12 @@ def heldout_metrics(M: np.ndarray, split: Split, lr: np.ndarray) -> dict:
         raise ValueError(f"M must be [{len(group)}, {len(group)}] or [{len(group)}, {len(clean)}], got {M.shape}")
     Mc = M[:, clean] if M.shape[1] == len(group) else M
     within, between = clean_learning(Mc, split)
-    out = {"within_class_learning_clean": float(within), "between_class_learning_clean": float(between),
-           "lr_mean_clean": float(lr[clean].mean()), "noise": {}}
+    out = {
+        "within_class_learning_clean": float(within),
+        "between_class_learning_clean": float(between),
+        "lr_mean_clean": float(lr[clean].mean()),
+        "noise": {},
+    }
     clean_rms = float(np.sqrt(np.mean(Mc[clean] ** 2)))
     for name in dict.fromkeys(g for g in group.tolist() if g != CLEAN):
         noisy = np.flatnonzero(group == name)

@@ -8,9 +8,11 @@ as in jaxeif.models.phi3: one multiplier per decoder layer index, plus one per o
 meta.layer_optimizer would give one multiplier for the whole "model" subtree; this gives the
 "location" of learning layer by layer.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +33,10 @@ def _walk(params: PyTree, stacked: Sequence[str]) -> tuple[list[str], PyTree]:
         if not isinstance(node, dict) or key not in node:
             where = "/".join(stacked[:depth]) or "the top level"
             have = sorted(node) if isinstance(node, dict) else type(node).__name__
-            raise ValueError(f"params have no {key!r} at {where} (found {have}); pass `stacked=` the path of "
-                             f"the stacked layers (default {'/'.join(STACKED)}, as in jaxeif.models.phi3)")
+            raise ValueError(
+                f"params have no {key!r} at {where} (found {have}); pass `stacked=` the path of "
+                f"the stacked layers (default {'/'.join(STACKED)}, as in jaxeif.models.phi3)"
+            )
         names += ["/".join([*stacked[:depth], k]) for k in node if k != key]
         node = node[key]
     return names, node
@@ -70,19 +74,25 @@ def _group_of(path, groups: Sequence[str]) -> str:
     raise ValueError(f"parameter {'/'.join(keys)} belongs to no group of {list(groups)}")
 
 
-def scale_by_stacked_layer(log_scales: dict[str, jax.Array], stacked: Sequence[str] = STACKED) -> optax.GradientTransformation:
+def scale_by_stacked_layer(
+    log_scales: dict[str, jax.Array], stacked: Sequence[str] = STACKED
+) -> optax.GradientTransformation:
     """Multiply layer l's update by exp(log_scales[stacked][l]) and every other module's by its own scale."""
     stack_name = "/".join(stacked)
 
     def init_fn(params):
         expected = set(stacked_group_names(params, stacked))
         if expected != set(log_scales):
-            raise ValueError(f"`log_scales` must name exactly the groups {sorted(expected)}, got {sorted(log_scales)} "
-                             "(build them with init_stacked_log_scales(params))")
+            raise ValueError(
+                f"`log_scales` must name exactly the groups {sorted(expected)}, got {sorted(log_scales)} "
+                "(build them with init_stacked_log_scales(params))"
+            )
         L = num_stacked(params, stacked)
         if jnp.shape(log_scales[stack_name]) != (L,):
-            raise ValueError(f"`log_scales[{stack_name!r}]` must have shape ({L},) (one per layer), "
-                             f"got {jnp.shape(log_scales[stack_name])}")
+            raise ValueError(
+                f"`log_scales[{stack_name!r}]` must have shape ({L},) (one per layer), "
+                f"got {jnp.shape(log_scales[stack_name])}"
+            )
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
@@ -101,7 +111,8 @@ def scale_by_stacked_layer(log_scales: dict[str, jax.Array], stacked: Sequence[s
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def stacked_layer_optimizer(log_scales: dict[str, jax.Array], base: optax.GradientTransformation | None = None,
-                            stacked: Sequence[str] = STACKED) -> optax.GradientTransformation:
+def stacked_layer_optimizer(
+    log_scales: dict[str, jax.Array], base: optax.GradientTransformation | None = None, stacked: Sequence[str] = STACKED
+) -> optax.GradientTransformation:
     """`base` (default unit-rate SGD, as in jaxeif.eif) followed by the per-layer multipliers."""
     return optax.chain(optax.sgd(1.0) if base is None else base, scale_by_stacked_layer(log_scales, stacked))

@@ -6,6 +6,7 @@ structure (tests/test_meta_objectives.py checks it), and most are scale-invarian
 shape influence without rewarding or punishing its overall size; pair them with
 `keep_learning` when the amount learned matters.
 """
+
 from __future__ import annotations
 
 import jax
@@ -194,7 +195,9 @@ def logic(M: jax.Array, rows, implied_cols, reversed_cols) -> jax.Array:
     imp = _index("implied_cols", implied_cols, M.shape[1])
     rev = _index("reversed_cols", reversed_cols, M.shape[1])
     if not (r.shape == imp.shape == rev.shape):
-        raise ValueError(f"`rows` {r.shape}, `implied_cols` {imp.shape}, `reversed_cols` {rev.shape} must have equal lengths")
+        raise ValueError(
+            f"`rows` {r.shape}, `implied_cols` {imp.shape}, `reversed_cols` {rev.shape} must have equal lengths"
+        )
     a, b = M[r, imp], M[r, rev]
     return jnp.mean((a - b) / (jnp.abs(a) + jnp.abs(b) + _EPS))
 
@@ -270,5 +273,7 @@ def _something_to_match(mask, target) -> None:
     if not w.any():
         raise ValueError("`mask` of toward is False everywhere: no entry counts; keep at least one entry (True)")
     if not np.any(w & (target != 0)):
-        raise ValueError("`target` of toward is 0 on every entry the mask keeps: there is no direction to pull M "
-                         "toward; draw the structure to match with nonzero entries (e.g. -1.0 * same_class_mask)")
+        raise ValueError(
+            "`target` of toward is 0 on every entry the mask keeps: there is no direction to pull M "
+            "toward; draw the structure to match with nonzero entries (e.g. -1.0 * same_class_mask)"
+        )

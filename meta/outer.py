@@ -1,10 +1,12 @@
 """The outer loop: optax on the controls, the gradient flowing through jaxeif.eif's unrolled
 fine-tunes, one jitted meta-step, a progress bar, and orbax checkpoints for resuming, kept in a
 `jaxeif.runs.RunDir` (locked, every file checksummed) and matched by `jaxeif.fingerprint`."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,19 +58,26 @@ def _checked_step(objective: Objective, optimizer: optax.GradientTransformation)
         value, grads = jax.value_and_grad(objective)(state["controls"], *data)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["controls"])
         finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
-        return {
-            "step": state["step"] + 1,
-            "controls": optax.apply_updates(state["controls"], updates),
-            "opt_state": opt_state,
-            "history": state["history"].at[state["step"]].set(value.astype(jnp.float32)),
-        }, value, finite
+        return (
+            {
+                "step": state["step"] + 1,
+                "controls": optax.apply_updates(state["controls"], updates),
+                "opt_state": opt_state,
+                "history": state["history"].at[state["step"]].set(value.astype(jnp.float32)),
+            },
+            value,
+            finite,
+        )
 
     return step
 
 
 def _nonfinite_leaves(finite: PyTree) -> list[str]:
-    return [jax.tree_util.keystr(path) or "controls" for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]
-            if not bool(ok)]
+    return [
+        jax.tree_util.keystr(path) or "controls"
+        for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]
+        if not bool(ok)
+    ]
 
 
 FINGERPRINT_FILE = "jaxeif_fit.json"
@@ -78,10 +87,16 @@ class StaleCheckpointError(Error, ValueError):
     """A checkpoint_dir holds a run of other data, controls, optimizer or objective."""
 
 
-def run_fingerprint(objective: Objective, controls: PyTree, optimizer: optax.GradientTransformation, data: tuple) -> dict:
+def run_fingerprint(
+    objective: Objective, controls: PyTree, optimizer: optax.GradientTransformation, data: tuple
+) -> dict:
     """Digests of what determines a fit's result (the step count aside: a run may be extended)."""
-    return {"data": fingerprint.digest(data), "initial controls": fingerprint.digest(controls),
-            "optimizer": fingerprint.digest(optimizer), "objective": fingerprint.digest(objective)}
+    return {
+        "data": fingerprint.digest(data),
+        "initial controls": fingerprint.digest(controls),
+        "optimizer": fingerprint.digest(optimizer),
+        "objective": fingerprint.digest(objective),
+    }
 
 
 def _check_fingerprint(run: runs.RunDir, has_checkpoints: bool, expected: dict) -> None:
@@ -90,19 +105,22 @@ def _check_fingerprint(run: runs.RunDir, has_checkpoints: bool, expected: dict) 
         if has_checkpoints:
             raise StaleCheckpointError(
                 f"{run.path} holds checkpoints without {FINGERPRINT_FILE}, so they cannot be checked against this "
-                "run; use a new checkpoint_dir or delete that folder to start over")
+                "run; use a new checkpoint_dir or delete that folder to start over"
+            )
         run.save_json(FINGERPRINT_FILE, {"fingerprint": expected})
         return
     try:
         saved = run.load_json(FINGERPRINT_FILE)["fingerprint"]
     except (KeyError, TypeError) as e:
         raise StaleCheckpointError(
-            f"{run.file(FINGERPRINT_FILE)} is damaged ({e}); delete {run.path} to start over") from None
+            f"{run.file(FINGERPRINT_FILE)} is damaged ({e}); delete {run.path} to start over"
+        ) from None
     changed = [k for k in expected if saved.get(k) != expected[k]]
     if changed:
         raise StaleCheckpointError(
             f"{run.path} holds a meta.fit run with other {', '.join(changed)}; resuming it would return that run's "
-            "controls. Use a new checkpoint_dir, or delete that folder to start over")
+            "controls. Use a new checkpoint_dir, or delete that folder to start over"
+        )
 
 
 def _open_run(checkpoint_dir) -> runs.RunDir:
@@ -167,8 +185,7 @@ def _restore(run: runs.RunDir, manager, step: int, template: dict, directory: Pa
             "delete it"
         ) from None
     restored = jax.tree.map(jnp.asarray, restored)
-    history = jnp.full((steps,), jnp.nan, jnp.float32).at[: min(steps, saved_length)].set(
-        restored["history"][:steps])
+    history = jnp.full((steps,), jnp.nan, jnp.float32).at[: min(steps, saved_length)].set(restored["history"][:steps])
     return {**restored, "history": history}
 
 
@@ -216,7 +233,8 @@ def fit(
             if latest is not None and latest > steps:
                 raise StaleCheckpointError(
                     f"{directory} holds this run at step {latest}, past steps={steps}; pass steps >= {latest} to "
-                    "continue it, or use a new checkpoint_dir")
+                    "continue it, or use a new checkpoint_dir"
+                )
             if latest is not None:
                 state = _restore(run, manager, latest, state, directory)
                 resumed_from = int(latest)
@@ -230,7 +248,7 @@ def fit(
         for k in range(start, steps):
             new_state, value, finite = step(state, *data)
             value = float(value)
-            last_good = '' if manager is None else f' (last good checkpoint: {manager.latest_step()})'
+            last_good = "" if manager is None else f" (last good checkpoint: {manager.latest_step()})"
             if not np.isfinite(value):
                 raise FloatingPointError(
                     f"the meta-objective is {value} at step {k}; lower the outer learning rate or bound "

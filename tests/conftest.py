@@ -4,6 +4,7 @@ modules import their helper modules (toy_experiment) by name, with no sys.path e
 Every test process (both xdist workers, and the study subprocesses through JAXEIF_COMPILE_CACHE) shares
 one persistent XLA cache: a program compiled by one is loaded by the others. Entries are keyed by the
 program, the compile options and the jax version, so a hit is the same executable."""
+
 import os
 from pathlib import Path
 

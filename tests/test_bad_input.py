@@ -1,8 +1,8 @@
 """Generated bad input at eif, sweep_eif, the run folder API and the CLI: one clear message each."""
+
 from __future__ import annotations
 
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import toy_experiment  # a toy experiment module for the CLI (tests/toy_experiment.py)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxeif import cli, eif, runs
-
-import toy_experiment  # a toy experiment module for the CLI (tests/toy_experiment.py)
 
 N = 4
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 15).reshape(3, 5), "v": jnp.linspace(0.5, -0.5, 5)}
@@ -61,7 +60,15 @@ def bad_lr(draw):
         return draw(st.sampled_from([np.asarray, jnp.asarray, list]))(lr)
     if kind == "shape":
         return np.full(tuple(draw(wrong_shape)), 0.1, np.float32)
-    return draw(st.one_of(st.text(max_size=5), st.booleans(), st.just(object()), st.dictionaries(st.text(max_size=2), st.floats(), max_size=2), st.complex_numbers(min_magnitude=1e-3, allow_nan=False, allow_infinity=False)))
+    return draw(
+        st.one_of(
+            st.text(max_size=5),
+            st.booleans(),
+            st.just(object()),
+            st.dictionaries(st.text(max_size=2), st.floats(), max_size=2),
+            st.complex_numbers(min_magnitude=1e-3, allow_nan=False, allow_infinity=False),
+        )
+    )
 
 
 not_positive_int = st.one_of(
@@ -114,7 +121,10 @@ def test_eif_bad_batches_are_named(batch, where):
 
 
 @FAST
-@given(shape=st.lists(st.integers(1, 3), min_size=1, max_size=3), dtype=st.sampled_from([None, jnp.int32, jnp.bool_, jnp.complex64]))
+@given(
+    shape=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    dtype=st.sampled_from([None, jnp.int32, jnp.bool_, jnp.complex64]),
+)
 def test_eif_non_scalar_or_non_float_loss_is_named(shape, dtype):
     def bad_loss(params, example):
         out = jnp.broadcast_to(loss(params, example), tuple(shape))
@@ -165,7 +175,9 @@ def test_eif_non_finite_inputs_are_named(where):
 
 
 @FAST
-@given(lr=bad_lr(), block=not_positive_int, steps=not_positive_int, which=st.sampled_from(["lr", "block_size", "steps"]))
+@given(
+    lr=bad_lr(), block=not_positive_int, steps=not_positive_int, which=st.sampled_from(["lr", "block_size", "steps"])
+)
 def test_sweep_bad_arguments_are_named(lr, block, steps, which):
     kw = {"lr": 0.1, "block_size": 2, "steps": 1, "progress": False}
     kw[which] = {"lr": lr, "block_size": block, "steps": steps}[which]
@@ -199,12 +211,14 @@ def test_run_open_bad_types(resume, path):
 
 
 @FAST
-@given(name=st.one_of(
-    st.builds(lambda a: f"../{a}", st.text("abc", min_size=1, max_size=3)),
-    st.builds(lambda a: f"/{a}", st.text("abc", min_size=1, max_size=3)),
-    st.builds(lambda a: f".{a}", st.text("abc", min_size=0, max_size=3)),
-    st.sampled_from(["", None, 3]),
-))
+@given(
+    name=st.one_of(
+        st.builds(lambda a: f"../{a}", st.text("abc", min_size=1, max_size=3)),
+        st.builds(lambda a: f"/{a}", st.text("abc", min_size=1, max_size=3)),
+        st.builds(lambda a: f".{a}", st.text("abc", min_size=0, max_size=3)),
+        st.sampled_from(["", None, 3]),
+    )
+)
 def test_run_file_names_stay_inside(name):
     with tempfile.TemporaryDirectory() as d:
         run = runs.RunDir.open(pathlib.Path(d) / "r", {})
@@ -238,7 +252,11 @@ def test_help_lists_every_subcommand(capsys):
 
 
 @FAST
-@given(word=st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=10).filter(lambda w: w not in cli.COMMANDS and not w.startswith("-")))
+@given(
+    word=st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=10).filter(
+        lambda w: w not in cli.COMMANDS and not w.startswith("-")
+    )
+)
 def test_unknown_subcommand_exits_2_with_one_line(word):
     import contextlib
     import io
@@ -318,7 +336,10 @@ def test_real_processes_exit_2_without_traceback(tmp_path):
     (tmp_path / "file").write_text("keep me")
     for cmd, expected in (
         ([sys.executable, "-m", "jaxeif.cli", "frobnicate"], "invalid choice"),
-        ([sys.executable, str(toy_experiment.HERE), "--out", str(tmp_path / "file" / "x")], "cannot create results folder"),
+        (
+            [sys.executable, str(toy_experiment.HERE), "--out", str(tmp_path / "file" / "x")],
+            "cannot create results folder",
+        ),
     ):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         assert proc.returncode == 2, proc.stderr

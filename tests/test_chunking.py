@@ -1,4 +1,5 @@
 """chunk_size="auto": the layout search, memory errors, and equality with the unchunked program."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +42,7 @@ def test_choose_on_cpu_takes_one_row_and_tiles_evals_only_when_needed():
 def test_choose_halves_when_the_guess_does_not_fit():
     def compile_at(chunks):
         rows = chunks.rows
-        return "p", 1000 if rows == 1 else 1000 * rows ** 2  # superlinear: the first guess is too big
+        return "p", 1000 if rows == 1 else 1000 * rows**2  # superlinear: the first guess is too big
 
     chunks, _, used = chunking.choose(compile_at, n=64, m=10, budget=40_000, accelerator=True)
     assert used <= 40_000 and 1 < chunks.rows <= 6

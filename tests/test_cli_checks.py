@@ -1,5 +1,6 @@
 """Bad numbers on the study commands stop them before any work (nothing written); a tokenizer folder
 without tokenizer files and a single unbatched example get errors that say what to do."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -9,15 +10,38 @@ from jaxeif import cli
 from jaxeif.models import tokenizer
 
 BAD_FLAGS = {
-    "cnn": [("--steps", "0", "must be >= 1"), ("--lr", "-1e-3", "must be > 0"), ("--plateau", "1.5", "in (0, 1]"),
-            ("--epochs", "0", "must be >= 1"), ("--block-size", "-2", "must be >= 1"), ("--lr-grid", "nan", "finite"),
-            ("--noise-stds", "-0.5", "must be > 0"), ("--per-digit", "0", "must be >= 1")],
-    "llm": [("--steps", "0", "must be >= 1"), ("--repeats", "0", "must be >= 1"), ("--lr", "0", "number > 0"),
-            ("--lora-rank", "-1", "must be >= 0"), ("--chunk-size", "0", "must be >= 1")],
-    "meta-cnn": [("--meta-steps", "0", "must be >= 1"), ("--every", "0", "must be >= 1"), ("--meta-lr", "-1", "must be > 0"),
-                 ("--hidden", "0", "must be >= 1"), ("--keep-weight", "-1", "must be >= 0"), ("--steps", "0", "must be >= 1")],
-    "meta-llm": [("--draws", "0", "must be >= 1"), ("--meta-steps", "0", "must be >= 1"), ("--lr-grid", "0", "must be > 0"),
-                 ("--every", "0", "must be >= 1"), ("--seed", "-1", "must be >= 0")],
+    "cnn": [
+        ("--steps", "0", "must be >= 1"),
+        ("--lr", "-1e-3", "must be > 0"),
+        ("--plateau", "1.5", "in (0, 1]"),
+        ("--epochs", "0", "must be >= 1"),
+        ("--block-size", "-2", "must be >= 1"),
+        ("--lr-grid", "nan", "finite"),
+        ("--noise-stds", "-0.5", "must be > 0"),
+        ("--per-digit", "0", "must be >= 1"),
+    ],
+    "llm": [
+        ("--steps", "0", "must be >= 1"),
+        ("--repeats", "0", "must be >= 1"),
+        ("--lr", "0", "number > 0"),
+        ("--lora-rank", "-1", "must be >= 0"),
+        ("--chunk-size", "0", "must be >= 1"),
+    ],
+    "meta-cnn": [
+        ("--meta-steps", "0", "must be >= 1"),
+        ("--every", "0", "must be >= 1"),
+        ("--meta-lr", "-1", "must be > 0"),
+        ("--hidden", "0", "must be >= 1"),
+        ("--keep-weight", "-1", "must be >= 0"),
+        ("--steps", "0", "must be >= 1"),
+    ],
+    "meta-llm": [
+        ("--draws", "0", "must be >= 1"),
+        ("--meta-steps", "0", "must be >= 1"),
+        ("--lr-grid", "0", "must be > 0"),
+        ("--every", "0", "must be >= 1"),
+        ("--seed", "-1", "must be >= 0"),
+    ],
 }
 
 
@@ -43,4 +67,6 @@ def test_one_unbatched_example_says_add_a_leading_axis():
     x, y = jnp.ones((3,)), jnp.zeros((2,))
     with pytest.raises(ValueError, match=r"single example, add a leading example axis"):
         jaxeif.eif(lambda p, ex: jnp.sum((ex[0] @ p["w"] - ex[1]) ** 2), params, (x, y), lr=0.1)
-    jaxeif.eif(lambda p, ex: jnp.sum((ex[0] @ p["w"] - ex[1]) ** 2), params, jax.tree.map(lambda a: a[None], (x, y)), lr=0.1)
+    jaxeif.eif(
+        lambda p, ex: jnp.sum((ex[0] @ p["w"] - ex[1]) ** 2), params, jax.tree.map(lambda a: a[None], (x, y)), lr=0.1
+    )

@@ -1,4 +1,5 @@
 """The CNN model, its orbax cache, the noise helper and the figure-1 fine-tune set (real MNIST)."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -53,8 +54,9 @@ def test_shifted_conv_equals_flax_conv_in_params_and_output(channels):
     images_ = jax.random.uniform(jax.random.key(5), (3, 28, 28, 1))
     params_ = FlaxConvCNN().init(jax.random.key(0), images_)["params"]
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params_, cnn.init_params(jax.random.key(0))))
-    np.testing.assert_allclose(cnn.apply_fn(params_, images_), FlaxConvCNN().apply({"params": params_}, images_),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        cnn.apply_fn(params_, images_), FlaxConvCNN().apply({"params": params_}, images_), atol=1e-5
+    )
 
 
 def test_loss_fn_is_per_example_cross_entropy(params):

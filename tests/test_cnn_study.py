@@ -1,16 +1,16 @@
 """The figure-1 study: its lr rule, its metrics, and an end-to-end run on a tiny subset."""
+
 import json
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 import jaxeif
-from jaxeif.experiments import cnn_noise
 from jaxeif import cli, desiderata, lr_choice
 from jaxeif.data import noisy_digits
+from jaxeif.experiments import cnn_noise
 from jaxeif.models import cnn
 
 
@@ -35,7 +35,9 @@ def test_study_metrics_on_a_constructed_matrix():
 
 @pytest.mark.slow
 def test_help_works():
-    out = subprocess.run([sys.executable, "-m", "jaxeif.experiments.cnn_noise", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxeif.experiments.cnn_noise", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "--out" in out.stdout and "--quick" in out.stdout and "plateau" in out.stdout
 
 
@@ -46,17 +48,32 @@ def test_end_to_end_quick_run_writes_consistent_results(tmp_path, capsys):
     assert cli.experiment_main(cnn_noise, argv) == 0
     printed = capsys.readouterr().out
     assert "corr(M, M^T)" in printed and "wall time" in printed
-    for name in ["config.json", "lr_sweep.json", "lr_sweep.png", "eif.npy", "metrics.json",
-                 "eif_heatmap.png", "eif_histogram.png", "lr_findings.json", "lr_findings.png"]:
+    for name in [
+        "config.json",
+        "lr_sweep.json",
+        "lr_sweep.png",
+        "eif.npy",
+        "metrics.json",
+        "eif_heatmap.png",
+        "eif_histogram.png",
+        "lr_findings.json",
+        "lr_findings.png",
+    ]:
         assert (out / name).is_file(), name
     M = np.load(out / "eif.npy")
     assert M.shape == (60, 60) and np.all(np.isfinite(M))
     metrics = json.loads((out / "metrics.json").read_text())
     sweep = json.loads((out / "lr_sweep.json").read_text())
-    assert metrics["lr"] == sweep["chosen_lr"] == lr_choice.choose_lr(sweep["lrs"], sweep["agreement_with_previous"], 0.95, rule=cnn_noise.RULE)
+    assert (
+        metrics["lr"]
+        == sweep["chosen_lr"]
+        == lr_choice.choose_lr(sweep["lrs"], sweep["agreement_with_previous"], 0.95, rule=cnn_noise.RULE)
+    )
     fs = noisy_digits.finetune_set(per_digit=2, noise_stds=(0.5, 1.0), seed=0)
     assert metrics["symmetry_corr"] == pytest.approx(float(desiderata.symmetry_corr(M)), abs=1e-6)
-    assert metrics["block_symmetry_corr_digit"] == pytest.approx(float(desiderata.block_symmetry_corr(M, fs.labels)), abs=1e-6)
+    assert metrics["block_symmetry_corr_digit"] == pytest.approx(
+        float(desiderata.block_symmetry_corr(M, fs.labels)), abs=1e-6
+    )
     assert metrics["base_cnn"]["config"]["train_size"] == 1280
     # the saved matrix is the EIF of the cached CNN at the chosen lr (first 50 rows recomputed directly)
     params = cnn.load_or_train(ckpt, epochs=1, batch_size=128, train_size=1280, progress=False)

@@ -1,4 +1,5 @@
 """One EIF contract: every EIF function takes the shared keywords with the same defaults, types and meaning."""
+
 import inspect
 import warnings
 
@@ -9,9 +10,23 @@ import pytest
 import jaxeif
 from jaxeif import lm, multihost, options, runs, store
 
-EIF_FUNCTIONS = [jaxeif.eif, jaxeif.eif_sweep, jaxeif.eif_linearized, jaxeif.eif_sharded, jaxeif.noise_floor,
-                 jaxeif.chunk_plan, runs.sweep_eif, lm.finetuned_eif, lm.lora_eif, lm.lowrank_sgd_eif,
-                 lm.linearized_sgd_eif, lm.prompted_eif, store.fill, store.fill_spmd, multihost.eif_rows]
+EIF_FUNCTIONS = [
+    jaxeif.eif,
+    jaxeif.eif_sweep,
+    jaxeif.eif_linearized,
+    jaxeif.eif_sharded,
+    jaxeif.noise_floor,
+    jaxeif.chunk_plan,
+    runs.sweep_eif,
+    lm.finetuned_eif,
+    lm.lora_eif,
+    lm.lowrank_sgd_eif,
+    lm.linearized_sgd_eif,
+    lm.prompted_eif,
+    store.fill,
+    store.fill_spmd,
+    multihost.eif_rows,
+]
 SHARED = ("lr", "steps", "optimizer", "chunk_size", "precision", "progress", "memory_budget")
 WITHOUT_A_BUDGET = {lm.prompted_eif}  # one packed forward pass per row: nothing to plan
 
@@ -72,7 +87,9 @@ def test_chunk_size_auto_and_memory_budget_mean_the_same_in_eif_and_eif_lineariz
             fn(loss, params, train, lr=0.1, memory_budget=1)
     auto = jaxeif.eif_linearized(loss, params, train, lr=0.1)
     for chunk in (None, 1, 4):
-        np.testing.assert_allclose(jaxeif.eif_linearized(loss, params, train, lr=0.1, chunk_size=chunk), auto, rtol=1e-6)
+        np.testing.assert_allclose(
+            jaxeif.eif_linearized(loss, params, train, lr=0.1, chunk_size=chunk), auto, rtol=1e-6
+        )
 
 
 def test_options_are_checked_in_one_place_with_the_argument_named():

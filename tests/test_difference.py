@@ -1,4 +1,5 @@
 """jaxeif.difference: f(p + d) - f(p) propagated through the jaxpr, checked against float64 on CPU."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,8 @@ import pytest
 from jax import lax
 
 import jaxeif
-from jaxeif.benchmarks import difference as bench
 from jaxeif import difference
+from jaxeif.benchmarks import difference as bench
 from jaxeif.finetune import finetune, finetune_delta
 from jaxeif.models import cnn
 
@@ -17,7 +18,9 @@ LRS = (1e-6, 1e-4, 1e-2)
 
 
 def _f64(tree):
-    return jax.tree.map(lambda a: np.asarray(a, np.float64) if np.issubdtype(np.asarray(a).dtype, np.floating) else a, tree)
+    return jax.tree.map(
+        lambda a: np.asarray(a, np.float64) if np.issubdtype(np.asarray(a).dtype, np.floating) else a, tree
+    )
 
 
 def _truth(f, x, dx):
@@ -34,14 +37,30 @@ def _window_max(x):
 
 
 ELEMENTARY = {
-    "exp": (jnp.exp, 0), "log": (jnp.log, 1), "log1p": (jnp.log1p, 1), "expm1": (jnp.expm1, 0),
-    "tanh": (lambda x: jnp.tanh(3 * x), 0), "logistic": (jax.nn.sigmoid, 0), "sqrt": (jnp.sqrt, 1),
-    "rsqrt": (lax.rsqrt, 1), "cube": (lambda x: x**3, 0), "inverse_square": (lambda x: x**-2, 1),
-    "div": (lambda x: x / (x[::-1] + 3.0), 0), "relu": (jax.nn.relu, 0), "silu": (jax.nn.silu, 0),
-    "gelu": (jax.nn.gelu, 0), "abs": (jnp.abs, 0), "sin": (jnp.sin, 0), "cos": (jnp.cos, 0),
-    "max_pair": (lambda x: jnp.maximum(x, x[::-1]), 0), "min_pair": (lambda x: jnp.minimum(x, 0.3 * x[::-1]), 0),
-    "clip": (lambda x: jnp.clip(x, -0.5, 0.5), 0), "pow": (lambda x: x**1.7, 1), "square": (jnp.square, 0),
-    "where": (lambda x: jnp.where(x > 0, 2 * x, -x), 0), "reduce_max": (lambda x: jnp.max(x.reshape(8, 8), axis=1), 0),
+    "exp": (jnp.exp, 0),
+    "log": (jnp.log, 1),
+    "log1p": (jnp.log1p, 1),
+    "expm1": (jnp.expm1, 0),
+    "tanh": (lambda x: jnp.tanh(3 * x), 0),
+    "logistic": (jax.nn.sigmoid, 0),
+    "sqrt": (jnp.sqrt, 1),
+    "rsqrt": (lax.rsqrt, 1),
+    "cube": (lambda x: x**3, 0),
+    "inverse_square": (lambda x: x**-2, 1),
+    "div": (lambda x: x / (x[::-1] + 3.0), 0),
+    "relu": (jax.nn.relu, 0),
+    "silu": (jax.nn.silu, 0),
+    "gelu": (jax.nn.gelu, 0),
+    "abs": (jnp.abs, 0),
+    "sin": (jnp.sin, 0),
+    "cos": (jnp.cos, 0),
+    "max_pair": (lambda x: jnp.maximum(x, x[::-1]), 0),
+    "min_pair": (lambda x: jnp.minimum(x, 0.3 * x[::-1]), 0),
+    "clip": (lambda x: jnp.clip(x, -0.5, 0.5), 0),
+    "pow": (lambda x: x**1.7, 1),
+    "square": (jnp.square, 0),
+    "where": (lambda x: jnp.where(x > 0, 2 * x, -x), 0),
+    "reduce_max": (lambda x: jnp.max(x.reshape(8, 8), axis=1), 0),
     "reduce_min": (lambda x: jnp.min(x.reshape(8, 8), axis=0), 0),
     "window_max": (lambda x: _window_max(x.reshape(8, 8)), 0),
     "logsumexp": (lambda x: jax.nn.logsumexp(4 * x.reshape(8, 8), axis=1), 0),
@@ -62,11 +81,14 @@ def test_rule_matches_float64(name, scale):
     got = np.asarray(difference.propagate(f, (x,), (dx,)))
     want, floor = _truth(f, x, dx)
     assert got.dtype == np.float32
-    assert np.all(np.abs(got - want) <= 2e-5 * np.abs(want) + floor), np.max(np.abs(got - want) / (np.abs(want) + floor))
+    assert np.all(np.abs(got - want) <= 2e-5 * np.abs(want) + floor), np.max(
+        np.abs(got - want) / (np.abs(want) + floor)
+    )
 
 
 def test_pytrees_none_and_integer_deltas():
     """Pytree in and out; a None delta is an unchanged argument; integer leaves move exactly."""
+
     def f(p, data):
         x, i = data
         return {"y": jnp.tanh(p["w"] @ x) * p["s"], "picked": x[i], "i": i * 2}
@@ -178,8 +200,9 @@ def test_gradients_match_finite_differences():
             return jnp.sum(jax.vmap(lambda e: difference.loss_difference(f, p, d, e))(data))
 
         lr = jnp.float64(1e-2)
-        np.testing.assert_allclose(jax.jit(jax.grad(eif_sum))(lr), (eif_sum(lr + 1e-6) - eif_sum(lr - 1e-6)) / 2e-6,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            jax.jit(jax.grad(eif_sum))(lr), (eif_sum(lr + 1e-6) - eif_sum(lr - 1e-6)) / 2e-6, rtol=1e-6
+        )
 
 
 def test_decoder_gradient_through_scan():
@@ -211,12 +234,15 @@ def test_base_pass_does_not_depend_on_the_delta():
     assert len(unbatched) == 3  # the three layers of the base pass, once
 
 
-@pytest.mark.parametrize("fn, a, da", [(jnp.exp, -200.0, 150.0), (jnp.tanh, 30.0, -60.0),
-                                       (jax.nn.sigmoid, -50.0, 200.0), (jnp.log, 1e-30, 5.0)])
+@pytest.mark.parametrize(
+    "fn, a, da",
+    [(jnp.exp, -200.0, 150.0), (jnp.tanh, 30.0, -60.0), (jax.nn.sigmoid, -50.0, 200.0), (jnp.log, 1e-30, 5.0)],
+)
 def test_large_changes_stay_finite_and_exact(fn, a, da):
     """A closed form such as exp(x) * expm1(dx) is 0 * inf when exp(x) underflows and dx is large;
     large changes take the direct difference, which has no cancellation there."""
     from jaxeif import difference
+
     got = difference.propagate(lambda p: fn(p["a"]), ({"a": jnp.float32(a)},), ({"a": jnp.float32(da)},))
     with jax.enable_x64(True):
         want = float(fn(jnp.float64(a + da)) - fn(jnp.float64(a)))
@@ -227,13 +253,16 @@ def test_large_changes_stay_finite_and_exact(fn, a, da):
 def test_overflowed_entries_are_recomputed_directly_with_a_warning():
     """A huge step moves saturated logits by ~1e10: the propagated form overflows (-inf) where two losses
     subtracted stay finite; eif recomputes exactly those entries directly and says so."""
+
     def loss_fn(w, example):
         x, y = example
         return optax.softmax_cross_entropy_with_integer_labels(w @ x, y)
 
     w = 20 * jax.random.normal(jax.random.key(0), (5, 4))
     data = (jax.random.normal(jax.random.key(100), (8, 4)), jnp.arange(8) % 5)
-    propagated = jax.jit(jax.vmap(jax.vmap(lambda d, e: difference.loss_difference(loss_fn, w, d, e), (None, 0)), (0, None)))
+    propagated = jax.jit(
+        jax.vmap(jax.vmap(lambda d, e: difference.loss_difference(loss_fn, w, d, e), (None, 0)), (0, None))
+    )
     deltas = jax.vmap(lambda ex: finetune_delta(loss_fn, w, ex, lr=1e9, steps=1))(data)
     raw = np.asarray(propagated(deltas, data))
     assert not np.isfinite(raw).all()  # the case this guards against really happens
@@ -244,5 +273,7 @@ def test_overflowed_entries_are_recomputed_directly_with_a_warning():
     np.testing.assert_array_equal(M[~np.isfinite(raw)], direct[~np.isfinite(raw)])
     np.testing.assert_array_equal(M[np.isfinite(raw)], raw[np.isfinite(raw)])  # the rest stays propagated
     with pytest.warns(RuntimeWarning, match="overflowed"):
-        S = np.asarray(jaxeif.eif_sweep(loss_fn, w, data, lrs=jnp.array([1.0, 1e9]), precision=jaxeif.Precision(difference=True)))
+        S = np.asarray(
+            jaxeif.eif_sweep(loss_fn, w, data, lrs=jnp.array([1.0, 1e9]), precision=jaxeif.Precision(difference=True))
+        )
     np.testing.assert_array_equal(S[1], M)

@@ -5,6 +5,7 @@ namespace, in a fresh working directory. ```python-norun is illustrative and nev
 console, json, toml, yaml) is shell, output or data. Any other fence (or none) fails `test_every_block_is_tagged`,
 so no Python block is left untested by accident.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,7 +37,7 @@ def blocks(path: Path) -> list[tuple[str, int, str]]:
         i += 1
         body = []
         while i < len(lines) and not FENCE.match(lines[i]):
-            body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
+            body.append(lines[i][len(indent) :] if lines[i].startswith(indent) else lines[i])
             i += 1
         if i == len(lines):
             raise AssertionError(f"{path.relative_to(ROOT)}:{start}: a code fence is never closed")
@@ -61,7 +62,8 @@ def test_every_block_is_tagged(path):
     wrong = [(line, tag) for tag, line, _ in blocks(path) if tag not in TAGS]
     assert not wrong, (
         f"{path.relative_to(ROOT)}: code blocks at lines {wrong} need one of the tags {sorted(TAGS)}: "
-        "```python runs in tests/test_docs.py, ```python-norun is shown but never run, ```text is shell/output")
+        "```python runs in tests/test_docs.py, ```python-norun is shown but never run, ```text is shell/output"
+    )
 
 
 RUNNABLE = [p for p in pages() if runnable(p)]
@@ -85,6 +87,7 @@ def test_there_are_runnable_pages():
 def _hook():
     pytest.importorskip("mkdocs")  # the docs extra; CI builds the site with it
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("api_pages", ROOT / "docs" / "_hooks" / "api_pages.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,4 +1,5 @@
 """Synthetic fact domains: names, templates as in the paper, probes, errors."""
+
 import re
 
 import pytest

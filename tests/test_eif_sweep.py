@@ -1,4 +1,5 @@
 """eif_sweep: k learning rates in one program, equal to k separate eif calls."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +28,12 @@ def test_sweep_with_per_sample_rates_and_chunks():
     lrs = jnp.asarray(np.random.default_rng(0).uniform(0.01, 0.1, size=(2, 6)), jnp.float32)
     S = jaxeif.eif_sweep(mlp_loss, params, train, lrs=lrs, chunk_size=4)
     for a in range(2):
-        np.testing.assert_allclose(np.asarray(S[a]), np.asarray(jaxeif.eif(mlp_loss, params, train, lr=lrs[a], chunk_size=None)),
-                                   rtol=1e-5, atol=1e-6)  # another chunking: float32 rounding
+        np.testing.assert_allclose(
+            np.asarray(S[a]),
+            np.asarray(jaxeif.eif(mlp_loss, params, train, lr=lrs[a], chunk_size=None)),
+            rtol=1e-5,
+            atol=1e-6,
+        )  # another chunking: float32 rounding
 
 
 def test_sweep_is_differentiable_in_the_rates():

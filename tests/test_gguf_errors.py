@@ -1,4 +1,5 @@
 """Bad checkpoints give clear errors naming the file or tensor (GGUF and safetensors; no torch)."""
+
 import json
 
 import gguf
@@ -14,8 +15,17 @@ D, F, H, KV, V = 8, 12, 2, 1, 11
 def _llama_tensors(rng):
     hd = D // H
     t = {"token_embd.weight": rng.normal(size=(V, D)), "output_norm.weight": rng.normal(size=(D,))}
-    for name, shape in {"attn_q": (H * hd, D), "attn_k": (KV * hd, D), "attn_v": (KV * hd, D), "attn_output": (D, D),
-                        "ffn_gate": (F, D), "ffn_up": (F, D), "ffn_down": (D, F), "attn_norm": (D,), "ffn_norm": (D,)}.items():
+    for name, shape in {
+        "attn_q": (H * hd, D),
+        "attn_k": (KV * hd, D),
+        "attn_v": (KV * hd, D),
+        "attn_output": (D, D),
+        "ffn_gate": (F, D),
+        "ffn_up": (F, D),
+        "ffn_down": (D, F),
+        "attn_norm": (D,),
+        "ffn_norm": (D,),
+    }.items():
         t[f"blk.0.{name}.weight"] = rng.normal(size=shape)
     return {k: v.astype(np.float32) for k, v in t.items()}
 
@@ -46,8 +56,10 @@ def test_valid_tiny_gguf_loads_and_runs(tmp_path):
     params, config = loading.load(_write_gguf(tmp_path / "ok.gguf", tensors=tensors))
     assert config.tie_word_embeddings and config.num_key_value_heads == KV
     np.testing.assert_array_equal(params["model"]["embed_tokens"]["weight"], tensors["token_embd.weight"])
-    np.testing.assert_array_equal(params["model"]["layers"]["mlp"]["gate_up_proj"]["weight"][0, F:],
-                                  tensors["blk.0.ffn_up.weight"].astype(np.float32))
+    np.testing.assert_array_equal(
+        params["model"]["layers"]["mlp"]["gate_up_proj"]["weight"][0, F:],
+        tensors["blk.0.ffn_up.weight"].astype(np.float32),
+    )
     logits = phi3.make_apply_fn(config)(params, np.zeros((1, 3), np.int32))
     assert logits.shape == (1, 3, V) and bool(np.isfinite(logits).all())
 
@@ -65,14 +77,17 @@ def test_unpermute_inverts_llama_cpp_rotary_row_order():
     np.testing.assert_array_equal(loading.unpermute_rotary_rows(stored, heads), w)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("arch", "unknown architecture general.architecture='gpt2'"),
-    ("type", "blk.0.attn_v.weight has GGUF type I8"),
-    ("shape", r"blk.0.ffn_down.weight.*shape \(12, 8\).*needs \(8, 12\)"),
-    ("missing", "tensor blk.0.attn_k.weight"),
-    ("truncated", "cannot read GGUF file"),
-    ("nofile", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("arch", "unknown architecture general.architecture='gpt2'"),
+        ("type", "blk.0.attn_v.weight has GGUF type I8"),
+        ("shape", r"blk.0.ffn_down.weight.*shape \(12, 8\).*needs \(8, 12\)"),
+        ("missing", "tensor blk.0.attn_k.weight"),
+        ("truncated", "cannot read GGUF file"),
+        ("nofile", "does not exist"),
+    ],
+)
 def test_gguf_errors_name_the_problem(tmp_path, case, match):
     path = tmp_path / f"{case}.gguf"
     tensors = _llama_tensors(np.random.default_rng(1))
@@ -96,15 +111,33 @@ def test_gguf_errors_name_the_problem(tmp_path, case, match):
 
 
 def _hf_dir(tmp_path, config_edit=None, tensor_edit=None):
-    cfg = {"model_type": "phi3", "vocab_size": V, "hidden_size": D, "intermediate_size": F, "num_hidden_layers": 1,
-           "num_attention_heads": H, "num_key_value_heads": KV, "max_position_embeddings": 32}
+    cfg = {
+        "model_type": "phi3",
+        "vocab_size": V,
+        "hidden_size": D,
+        "intermediate_size": F,
+        "num_hidden_layers": 1,
+        "num_attention_heads": H,
+        "num_key_value_heads": KV,
+        "max_position_embeddings": 32,
+    }
     if config_edit:
         config_edit(cfg)
-    config = phi3.Phi3Config(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=1,
-                             num_attention_heads=H, num_key_value_heads=KV, head_dim=D // H)
+    config = phi3.Phi3Config(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=F,
+        num_hidden_layers=1,
+        num_attention_heads=H,
+        num_key_value_heads=KV,
+        head_dim=D // H,
+    )
     rng = np.random.default_rng(0)
-    flat = {name: rng.normal(size=shape).astype(np.float32) for name, shape in loading._per_tensor_shapes(config).items()
-            if name.split(".")[-2] not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
+    flat = {
+        name: rng.normal(size=shape).astype(np.float32)
+        for name, shape in loading._per_tensor_shapes(config).items()
+        if name.split(".")[-2] not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    }
     if tensor_edit:
         tensor_edit(flat)
     d = tmp_path / "hf"
@@ -124,8 +157,10 @@ def test_hf_dir_roundtrip_and_errors(tmp_path):
         loading.load(bad_type)
     assert "config.json" in str(e.value)
 
-    shape = _hf_dir(tmp_path / "shape", tensor_edit=lambda t: t.update(
-        {"model.layers.0.mlp.down_proj.weight": np.zeros((F, D), np.float32)}))
+    shape = _hf_dir(
+        tmp_path / "shape",
+        tensor_edit=lambda t: t.update({"model.layers.0.mlp.down_proj.weight": np.zeros((F, D), np.float32)}),
+    )
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight has shape \(12, 8\)"):
         loading.load(shape)
 
@@ -151,15 +186,29 @@ def test_hf_dir_roundtrip_and_errors(tmp_path):
 
 def test_checkpoint_with_more_layers_than_its_config_is_refused(tmp_path):
     """config.json says 1 layer beside 2-layer weights: refused, not loaded with layer 1 dropped."""
-    config = phi3.Phi3Config(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
-                             num_attention_heads=H, num_key_value_heads=KV, head_dim=D // H)
-    two = {k: v for k, v in loading._per_tensor_shapes(config).items() if k.startswith("model.layers.1.")
-           and k.split(".")[-2] not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
+    config = phi3.Phi3Config(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=F,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+        num_key_value_heads=KV,
+        head_dim=D // H,
+    )
+    two = {
+        k: v
+        for k, v in loading._per_tensor_shapes(config).items()
+        if k.startswith("model.layers.1.")
+        and k.split(".")[-2] not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    }
     d = _hf_dir(tmp_path, tensor_edit=lambda t: t.update({k: np.ones(s, np.float32) for k, s in two.items()}))
     with pytest.raises(ValueError, match=r"6 tensors are not used .*num_hidden_layers=1.*model.layers.1"):
         loading.load(d)
-    tied_copy = _hf_dir(tmp_path / "tied", config_edit=lambda c: c.update(tie_word_embeddings=True),
-                        tensor_edit=lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}))
+    tied_copy = _hf_dir(
+        tmp_path / "tied",
+        config_edit=lambda c: c.update(tie_word_embeddings=True),
+        tensor_edit=lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}),
+    )
     loading.load(tied_copy)  # a saved copy of the tied embedding is fine
     tied_other = _hf_dir(tmp_path / "tied_other", config_edit=lambda c: c.update(tie_word_embeddings=True))
     with pytest.raises(ValueError, match="lm_head.weight"):

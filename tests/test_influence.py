@@ -1,4 +1,5 @@
 """The core: jaxeif.eif against a plain per-sample loop, finite differences, and bad input."""
+
 import copy
 
 import jax
@@ -131,7 +132,9 @@ def test_lr_gradient_matches_finite_differences(optimizer):
         weights = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)))
 
         def objective(lr):
-            return jnp.sum(weights * jaxeif.eif(mlp_loss, params, train, evals, lr=lr, steps=3, optimizer=opt, chunk_size=3))
+            return jnp.sum(
+                weights * jaxeif.eif(mlp_loss, params, train, evals, lr=lr, steps=3, optimizer=opt, chunk_size=3)
+            )
 
         lr0 = jnp.array([0.05, 0.02, 0.1, 0.07])
         got = jax.grad(objective)(lr0)
@@ -184,12 +187,20 @@ def test_divergence_is_reported_with_rows():
 )
 def test_bad_input_names_the_argument(kwargs, error, match):
     params, train, _ = make_problem(n=4)
-    args = dict(loss_fn=mlp_loss, params=params, train=train, evals=None, lr=0.1, steps=1, chunk_size=None, optimizer=None)
+    args = dict(
+        loss_fn=mlp_loss, params=params, train=train, evals=None, lr=0.1, steps=1, chunk_size=None, optimizer=None
+    )
     args.update(kwargs)
     with pytest.raises(error, match=match):
         jaxeif.eif(
-            args["loss_fn"], args["params"], args["train"], args["evals"],
-            lr=args["lr"], steps=args["steps"], optimizer=args["optimizer"], chunk_size=args["chunk_size"],
+            args["loss_fn"],
+            args["params"],
+            args["train"],
+            args["evals"],
+            lr=args["lr"],
+            steps=args["steps"],
+            optimizer=args["optimizer"],
+            chunk_size=args["chunk_size"],
         )
 
 
@@ -234,8 +245,9 @@ def test_partial_loss_passes_its_bound_arrays_into_the_program():
     closure = lambda head_, example: _head_loss(params["w1"], 0.5, head_, example)  # noqa: E731
     partial_m = jaxeif.eif(bound(params["w1"]), head, train, lr=0.05)
     np.testing.assert_allclose(partial_m, jaxeif.eif(closure, head, train, lr=0.05), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(partial_m, loop_eif(bound(params["w1"]), head, train, None, 0.05, 1, optax.sgd(1.0)),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        partial_m, loop_eif(bound(params["w1"]), head, train, None, 0.05, 1, optax.sgd(1.0)), rtol=1e-4, atol=1e-6
+    )
     objective = lambda w1, h, t: jnp.sum(jaxeif.eif(bound(w1), h, t, lr=0.05) ** 2)  # noqa: E731
     direction = jax.random.normal(jax.random.PRNGKey(7), params["w1"].shape)
     grad = jnp.vdot(jax.grad(objective)(params["w1"], head, train), direction)

@@ -1,4 +1,5 @@
 """jaxeif.io: atomic files and folders, JSON, orbax checkpoints."""
+
 import json
 
 import numpy as np

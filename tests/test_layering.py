@@ -4,6 +4,7 @@ core (jaxeif/*.py, jaxeif/lm, jaxeif/models, jaxeif/data) <- meta <- experiments
 Fails on any import circle (lazy imports inside functions included: they still tie the modules
 together), any experiments -> benchmarks import, any core -> experiments/benchmarks/meta import, and any
 study or benchmark that uses another module's private (_underscored) name."""
+
 import ast
 import pathlib
 
@@ -11,8 +12,12 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # import name prefix -> folder (pyproject's package-dir)
-PACKAGES = {"jaxeif": ROOT / "jaxeif", "jaxeif.meta": ROOT / "meta", "jaxeif.experiments": ROOT / "experiments",
-            "jaxeif.benchmarks": ROOT / "benchmarks"}
+PACKAGES = {
+    "jaxeif": ROOT / "jaxeif",
+    "jaxeif.meta": ROOT / "meta",
+    "jaxeif.experiments": ROOT / "experiments",
+    "jaxeif.benchmarks": ROOT / "benchmarks",
+}
 TOP = ("jaxeif.meta", "jaxeif.experiments", "jaxeif.benchmarks")
 
 
@@ -47,7 +52,9 @@ def _imports(module: str, path: pathlib.Path):
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 if sub in MODULES:  # `from pkg import submodule`
@@ -57,7 +64,9 @@ def _imports(module: str, path: pathlib.Path):
 
 
 def _graph() -> dict[str, set[str]]:
-    return {m: {target for target, *_ in _imports(m, p) if target in MODULES and target != m} for m, p in MODULES.items()}
+    return {
+        m: {target for target, *_ in _imports(m, p) if target in MODULES and target != m} for m, p in MODULES.items()
+    }
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -94,8 +103,12 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_is_found():
     graph = _graph()
-    assert {"jaxeif.influence", "jaxeif.experiments.cnn_noise", "jaxeif.benchmarks.cnn", "jaxeif.meta.outer"} <= set(graph)
-    assert "jaxeif.influence" in graph["jaxeif"] and "jaxeif.experiments.options" in graph["jaxeif.experiments.cnn_noise"]
+    assert {"jaxeif.influence", "jaxeif.experiments.cnn_noise", "jaxeif.benchmarks.cnn", "jaxeif.meta.outer"} <= set(
+        graph
+    )
+    assert (
+        "jaxeif.influence" in graph["jaxeif"] and "jaxeif.experiments.options" in graph["jaxeif.experiments.cnn_noise"]
+    )
 
 
 def test_no_import_circle():
@@ -106,14 +119,18 @@ def test_the_cycle_finder_finds_one():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-@pytest.mark.parametrize("source, forbidden", [
-    ("core", ("meta", "experiments", "benchmarks")),
-    ("meta", ("experiments", "benchmarks")),
-    ("experiments", ("benchmarks",)),
-])
+@pytest.mark.parametrize(
+    "source, forbidden",
+    [
+        ("core", ("meta", "experiments", "benchmarks")),
+        ("meta", ("experiments", "benchmarks")),
+        ("experiments", ("benchmarks",)),
+    ],
+)
 def test_layers_import_only_downward(source, forbidden):
-    bad = [f"{m} imports {t}" for m, deps in _graph().items() if layer(m) == source
-           for t in deps if layer(t) in forbidden]
+    bad = [
+        f"{m} imports {t}" for m, deps in _graph().items() if layer(m) == source for t in deps if layer(t) in forbidden
+    ]
     assert bad == []
 
 
@@ -130,7 +147,12 @@ def test_no_study_or_benchmark_uses_another_modules_private_name():
             if alias:
                 aliases[alias] = target
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 bad.append(f"{module}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
     assert bad == []

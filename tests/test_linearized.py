@@ -1,4 +1,5 @@
 """eif_linearized: equals -lr g_i.g_j from a hand loop, and differs from the exact EIF by O(lr^2) (float64)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +18,11 @@ def loss(params, example):
 
 def problem(dtype, n=5):
     k = jax.random.split(jax.random.key(1), 5)
-    params = {"w": jax.random.normal(k[0], (3, 4), dtype), "b": jax.random.normal(k[1], (4,), dtype),
-              "v": jax.random.normal(k[2], (4,), dtype)}
+    params = {
+        "w": jax.random.normal(k[0], (3, 4), dtype),
+        "b": jax.random.normal(k[1], (4,), dtype),
+        "v": jax.random.normal(k[2], (4,), dtype),
+    }
     return params, (jax.random.normal(k[3], (n, 3), dtype), jax.random.normal(k[4], (n,), dtype))
 
 

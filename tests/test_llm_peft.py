@@ -1,14 +1,15 @@
 """The PEFT study (dense vs LoRA EIF) end to end on a tiny random checkpoint: each saved matrix is what its
 path computes directly, and every summary number is recomputed from the saved matrices."""
+
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from jaxeif.experiments import llm_logic, llm_peft
-from jaxeif import cli, desiderata, lm, lr_choice
+from jaxeif import cli, lm, lr_choice
 from jaxeif.data import domains
+from jaxeif.experiments import llm_logic, llm_peft
 from jaxeif.models import loading, lora, tokenizer
 
 DOMAIN = "squares"
@@ -18,8 +19,28 @@ DOMAIN = "squares"
 def study(tmp_path_factory, tiny_lm_ckpt):
     ckpt = tiny_lm_ckpt
     out = tmp_path_factory.mktemp("runs") / "peft"
-    argv = ["llm-peft", "--model", str(ckpt), "--out", str(out), "--domains", DOMAIN, "--sweep-domains", DOMAIN,
-            "--repeats", "2", "--ranks", "2", "--lr-grid", "1e-3", "1e-2", "1e-1", "--seed", "3", "--no-progress"]
+    argv = [
+        "llm-peft",
+        "--model",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--domains",
+        DOMAIN,
+        "--sweep-domains",
+        DOMAIN,
+        "--repeats",
+        "2",
+        "--ranks",
+        "2",
+        "--lr-grid",
+        "1e-3",
+        "1e-2",
+        "1e-1",
+        "--seed",
+        "3",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     return argv, out, ckpt, json.loads((out / "results.json").read_text())
 
@@ -39,11 +60,19 @@ def test_matrices_equal_the_paths_called_directly(study):
         toks = lm.tokenize(tok, [s.text for s in domains.draw(DOMAIN, 3 + r)], config=config)
         lr = results["lr"]["lora2"]
         ulps = 8 * np.finfo(np.float32).eps * float(np.max(np.abs(lm.nll(apply_fn, params, toks))))
-        np.testing.assert_allclose(np.load(out / llm_peft.matrix_key("lora2", DOMAIN, r, lr)),
-                                   lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr), rtol=1e-4, atol=ulps)
+        np.testing.assert_allclose(
+            np.load(out / llm_peft.matrix_key("lora2", DOMAIN, r, lr)),
+            lm.lora_eif(apply_fn, params, toks, adapters=adapters, lr=lr),
+            rtol=1e-4,
+            atol=ulps,
+        )
         lr = results["lr"]["dense"]
-        np.testing.assert_allclose(np.load(out / llm_peft.matrix_key("dense", DOMAIN, r, lr)),
-                                   lm.finetuned_eif(apply_fn, params, toks, lr=lr, config=config), rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(
+            np.load(out / llm_peft.matrix_key("dense", DOMAIN, r, lr)),
+            lm.finetuned_eif(apply_fn, params, toks, lr=lr, config=config),
+            rtol=1e-3,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.slow
@@ -53,8 +82,11 @@ def test_summary_numbers_are_recomputed_from_the_matrices(study):
     for method in ("dense", "lora2"):
         sweep = json.loads((out / f"sweep_{method}.json").read_text())
         agreement = np.nan_to_num(np.array(sweep["agreement_with_previous"], float), nan=-1)
-        assert results["lr"][method] == sweep["chosen"] == lr_choice.choose_lr(sweep["lrs"], agreement, 0.95,
-                                                                                 rule=llm_logic.RULE)
+        assert (
+            results["lr"][method]
+            == sweep["chosen"]
+            == lr_choice.choose_lr(sweep["lrs"], agreement, 0.95, rule=llm_logic.RULE)
+        )
     dense = np.stack([np.load(out / llm_peft.matrix_key("dense", DOMAIN, r, results["lr"]["dense"])) for r in range(2)])
     mats = np.stack([np.load(out / llm_peft.matrix_key("lora2", DOMAIN, r, results["lr"]["lora2"])) for r in range(2)])
     entry = results["domains"][DOMAIN]["lora2"]
@@ -70,7 +102,9 @@ def test_summary_numbers_are_recomputed_from_the_matrices(study):
     assert entry["inverse_asymmetry"] == pytest.approx(1 / np.linalg.norm(mean - mean.T), rel=1e-5)
     for p, got in zip(domains.domain(DOMAIN).probe_rows, entry["probes"]):
         diffs = mats[:, p.train, p.not_implied] - mats[:, p.train, p.implied]
-        assert got["mean"] == pytest.approx(diffs.mean(), rel=1e-5) and got["std"] == pytest.approx(diffs.std(ddof=1), rel=1e-5)
+        assert got["mean"] == pytest.approx(diffs.mean(), rel=1e-5) and got["std"] == pytest.approx(
+            diffs.std(ddof=1), rel=1e-5
+        )
     assert not np.allclose(mats, dense)  # LoRA is a different fine-tune, not the dense one relabelled
 
 
@@ -83,5 +117,8 @@ def test_resumes_without_recomputing(study):
 
 
 def test_sweep_domains_outside_domains_is_a_clear_error(tmp_path, capsys):
-    assert cli.main(["llm-peft", "--domains", "squares", "--sweep-domains", "bigger_than", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(["llm-peft", "--domains", "squares", "--sweep-domains", "bigger_than", "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "--sweep-domains" in capsys.readouterr().err

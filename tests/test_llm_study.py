@@ -1,4 +1,5 @@
 """The LLM logic study end to end on a tiny random checkpoint: files, numbers, resume, errors."""
+
 import json
 
 import jax
@@ -10,9 +11,9 @@ pytest.importorskip("torch", reason="the tiny checkpoint is written with transfo
 
 from tiny_lm import tiny_checkpoint  # noqa: E402
 
-from jaxeif.experiments import llm_logic  # noqa: E402
 from jaxeif import cli, desiderata, lm, lr_choice  # noqa: E402
 from jaxeif.data import domains  # noqa: E402
+from jaxeif.experiments import llm_logic  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,20 @@ def study(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt")
     tiny_checkpoint(ckpt, context=512)
     out = tmp_path_factory.mktemp("runs") / "llm"
-    argv = ["llm", "--model", str(ckpt), "--out", str(out), "--domains", "bigger_than",
-            "--repeats", "2", "--lr", "0.01", "--no-progress"]
+    argv = [
+        "llm",
+        "--model",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--domains",
+        "bigger_than",
+        "--repeats",
+        "2",
+        "--lr",
+        "0.01",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     return argv, out, ckpt
 
@@ -29,8 +42,7 @@ def study(tmp_path_factory):
 @pytest.mark.slow
 def test_study_writes_figures_and_consistent_numbers(study):
     _, out, ckpt = study
-    for name in ("heatmaps_bigger_than.png", "histogram.png", "symmetry.png",
-                 "scorecard.json", "results.json"):
+    for name in ("heatmaps_bigger_than.png", "histogram.png", "symmetry.png", "scorecard.json", "results.json"):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["lr"] == 0.01 and results["config"]["optimizer"] == "sgd"
@@ -41,7 +53,9 @@ def test_study_writes_figures_and_consistent_numbers(study):
             mats = np.stack([np.load(out / f"{mode}_{name}_r{r}.npy") for r in range(2)])
             entry = results["domains"][name][mode]
             np.testing.assert_allclose(entry["mean_matrix"], mats.mean(0), rtol=1e-6)
-            np.testing.assert_allclose(entry["inverse_asymmetry"], desiderata.inverse_asymmetry(mats.mean(0)), rtol=1e-5)
+            np.testing.assert_allclose(
+                entry["inverse_asymmetry"], desiderata.inverse_asymmetry(mats.mean(0)), rtol=1e-5
+            )
             for p, got in zip(probes, entry["probes"]):
                 diffs = mats[:, p.train, p.not_implied] - mats[:, p.train, p.implied]
                 np.testing.assert_allclose(got["mean"], diffs.mean(), rtol=1e-5)
@@ -69,8 +83,25 @@ def test_lr_sweep_picks_the_plateau_and_the_study_uses_it(study, tmp_path):
     on the recorded agreements, and with --lr plateau the matrices are those of that lr."""
     _, _, ckpt = study
     out = tmp_path / "sweep"
-    argv = ["llm", "--model", str(ckpt), "--out", str(out), "--domains", "bigger_than", "squares", "--repeats", "1",
-            "--modes", "finetuned", "--lr", "plateau", "--lr-sweep", "1e-4,1e-3,1e-2,1e-1,10", "--no-progress"]
+    argv = [
+        "llm",
+        "--model",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--domains",
+        "bigger_than",
+        "squares",
+        "--repeats",
+        "1",
+        "--modes",
+        "finetuned",
+        "--lr",
+        "plateau",
+        "--lr-sweep",
+        "1e-4,1e-3,1e-2,1e-1,10",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     sweep = json.loads((out / "lr_sweep.json").read_text())
     assert (out / "lr_sweep.png").stat().st_size > 0
@@ -95,8 +126,24 @@ def findings(study, tmp_path_factory):
     """--lr-sweep with every finding on 2 repeats, the study's own lr (0.01) among the swept ones."""
     _, _, ckpt = study
     out = tmp_path_factory.mktemp("runs") / "findings"
-    argv = ["llm", "--model", str(ckpt), "--out", str(out), "--domains", "bigger_than", "--repeats", "2",
-            "--lr", "0.01", "--lr-sweep", "1e-3,1e-2,1e-1", "--sweep-repeats", "2", "--no-progress"]
+    argv = [
+        "llm",
+        "--model",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--domains",
+        "bigger_than",
+        "--repeats",
+        "2",
+        "--lr",
+        "0.01",
+        "--lr-sweep",
+        "1e-3,1e-2,1e-1",
+        "--sweep-repeats",
+        "2",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     return out, json.loads((out / "lr_findings.json").read_text())
 
@@ -114,8 +161,25 @@ def test_lr_findings_equal_separate_single_lr_runs(study, findings, tmp_path):
             single = single_out  # the `study` fixture ran exactly this
         else:
             single = tmp_path / f"lr{lr:g}"
-            assert cli.main(["llm", "--model", str(ckpt), "--out", str(single), "--domains", "bigger_than",
-                             "--repeats", "2", "--lr", str(lr), "--no-progress"]) == 0
+            assert (
+                cli.main(
+                    [
+                        "llm",
+                        "--model",
+                        str(ckpt),
+                        "--out",
+                        str(single),
+                        "--domains",
+                        "bigger_than",
+                        "--repeats",
+                        "2",
+                        "--lr",
+                        str(lr),
+                        "--no-progress",
+                    ]
+                )
+                == 0
+            )
         expected = json.loads((single / "results.json").read_text())["domains"]["bigger_than"]
         point = found["per_lr"][k]["bigger_than"]
         for key in ("finetuned", "prompted", "comparison"):
@@ -124,24 +188,45 @@ def test_lr_findings_equal_separate_single_lr_runs(study, findings, tmp_path):
                 if field == "probes":
                     for g, w in zip(got["probes"], want["probes"]):
                         np.testing.assert_allclose(g["per_repeat"], w["per_repeat"], rtol=1e-6)
-                        np.testing.assert_allclose([g["mean"], g["right_direction"]], [w["mean"], w["right_direction"]], rtol=1e-6)
+                        np.testing.assert_allclose(
+                            [g["mean"], g["right_direction"]], [w["mean"], w["right_direction"]], rtol=1e-6
+                        )
                 else:
                     np.testing.assert_allclose(got[field], want[field], rtol=1e-6, err_msg=f"{key}.{field} at lr {lr}")
         curve = found["curves"]["corr(M, Mᵀ), fine-tuned"]["bigger_than"]
         np.testing.assert_allclose(curve[k], expected["finetuned"]["symmetry_corr"], rtol=1e-6)
-        np.testing.assert_allclose(found["prompted"]["corr(M, Mᵀ), fine-tuned"]["bigger_than"],
-                                   expected["prompted"]["symmetry_corr"], rtol=1e-6)  # prompted: no lr
+        np.testing.assert_allclose(
+            found["prompted"]["corr(M, Mᵀ), fine-tuned"]["bigger_than"],
+            expected["prompted"]["symmetry_corr"],
+            rtol=1e-6,
+        )  # prompted: no lr
     # the study's lr is one of the swept ones: its matrices are the sweep's, not recomputed
     for r in range(2):
-        np.testing.assert_array_equal(np.load(out / f"finetuned_bigger_than_r{r}.npy"),
-                                      np.load(out / "lr_sweep" / "lr0.01" / f"finetuned_bigger_than_r{r}.npy"))
+        np.testing.assert_array_equal(
+            np.load(out / f"finetuned_bigger_than_r{r}.npy"),
+            np.load(out / "lr_sweep" / "lr0.01" / f"finetuned_bigger_than_r{r}.npy"),
+        )
 
 
 def test_sweep_options_need_a_sweep(tmp_path, capsys):
     assert cli.main(["llm", "--sweep-repeats", "2", "--out", str(tmp_path / "x")]) == 2
     assert "need --lr-sweep" in capsys.readouterr().err
-    assert cli.main(["llm", "--repeats", "2", "--sweep-repeats", "3", "--lr-sweep", "1e-3,1e-2,1e-1",
-                     "--out", str(tmp_path / "y")]) == 2
+    assert (
+        cli.main(
+            [
+                "llm",
+                "--repeats",
+                "2",
+                "--sweep-repeats",
+                "3",
+                "--lr-sweep",
+                "1e-3,1e-2,1e-1",
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
     assert "--sweep-repeats must be between 1 and --repeats (2)" in capsys.readouterr().err
 
 
@@ -151,9 +236,30 @@ def test_float64_check_against_a_float64_eif(study, tmp_path):
     the reported agreement is that of the study's float32 matrices with them."""
     _, _, ckpt = study
     out = tmp_path / "f64"
-    assert cli.main(["llm", "--model", str(ckpt), "--out", str(out), "--domains", "bigger_than", "--repeats", "1",
-                     "--modes", "finetuned", "--lr", "1e-2", "--lr-sweep", "1e-4,1e-3,1e-2", "--float64-check",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "llm",
+                "--model",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--domains",
+                "bigger_than",
+                "--repeats",
+                "1",
+                "--modes",
+                "finetuned",
+                "--lr",
+                "1e-2",
+                "--lr-sweep",
+                "1e-4,1e-3,1e-2",
+                "--float64-check",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     check = json.loads((out / "float64_check.json").read_text())
     assert set(check["per_lr"]) == {"0.0001", "0.001", "0.01"} and "difference" in check["per_lr"]["0.0001"]
     for lr, entry in check["per_lr"].items():
@@ -161,8 +267,9 @@ def test_float64_check_against_a_float64_eif(study, tmp_path):
         f64 = np.load(out / "float64" / f"lr{float(lr):g}" / "finetuned_bigger_than_r0.npy")
         off = ~np.eye(len(f64), dtype=bool)
         assert entry["float32"]["sign_agreement"] == np.mean(np.sign(f32[off]) == np.sign(f64[off]))
-        np.testing.assert_allclose(entry["float32"]["median_rel_error"],
-                                   np.median(np.abs(f32[off] - f64[off]) / np.abs(f64[off])), rtol=1e-6)
+        np.testing.assert_allclose(
+            entry["float32"]["median_rel_error"], np.median(np.abs(f32[off] - f64[off]) / np.abs(f64[off])), rtol=1e-6
+        )
         np.testing.assert_allclose(f32, f64, rtol=0.2, atol=1e-3 * np.abs(f64).max())  # the same matrix, up to rounding
 
 
@@ -170,11 +277,11 @@ def test_nll_keeps_float64():
     """lm.NLL (the float64 check's loss) keeps float64 logits float64, equal to a float64 log-softmax by hand."""
     logits = jax.random.normal(jax.random.key(0), (1, 6, 11)) * 30
     apply_fn = lambda params, ids, attention: logits.astype(params.dtype) * params  # noqa: E731
-    example = lm.Tokens(jnp.array([1, 4, 2, 7, 3, 0]), jnp.array([1, 1, 1, 1, 1, 0]), jnp.array([0., 1, 1, 1, 1, 0]))
+    example = lm.Tokens(jnp.array([1, 4, 2, 7, 3, 0]), jnp.array([1, 1, 1, 1, 1, 0]), jnp.array([0.0, 1, 1, 1, 1, 0]))
     with jax.enable_x64(True):
         wide = lm.NLL(apply_fn)(jnp.float64(1), example)
         assert wide.dtype == jnp.float64
         z = np.asarray(logits[0, :-1], np.float64)
         logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
-        w = np.array([1., 1, 1, 1, 0])
+        w = np.array([1.0, 1, 1, 1, 0])
         np.testing.assert_allclose(float(wide), -(w * logp[np.arange(5), [4, 2, 7, 3, 0]]).sum() / w.sum(), rtol=1e-13)

@@ -1,5 +1,6 @@
 """Language-model EIF against a per-sample PyTorch loop (transformers models), the exact low-rank
 SGD path against the dense computation, prompted EIF, masks, and bad input."""
+
 import copy
 import dataclasses
 
@@ -12,14 +13,18 @@ import pytest
 torch = pytest.importorskip("torch", reason="reference tests need torch==2.13.0 (make test installs it)")
 transformers = pytest.importorskip("transformers")
 
-from jaxeif import lm, lr_choice  # noqa: E402
-from jaxeif.lm import loss as lm_loss, lowrank  # noqa: E402
-from jaxeif.models import loading, lora, tokenizer  # noqa: E402
 from tiny_lm import tiny_checkpoint  # noqa: E402
+
+from jaxeif import lm, lr_choice  # noqa: E402
+from jaxeif.lm import loss as lm_loss  # noqa: E402
+from jaxeif.lm import lowrank
+from jaxeif.models import loading, lora, tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test compares with a torch-built tiny checkpoint (tests/tiny_lm.py)
 
 TEXTS = ["Ab is big.", "Cd is big.", "Ab is big.\nCd is big.", "Cd is small.", "Ab is small."]
+
+
 def torch_loss(model, ids, att, score):
     """The same length-normalised NLL, written directly in torch for one row."""
     logits = model(torch.tensor(ids[None], dtype=torch.long), attention_mask=torch.tensor(att[None])).logits[0]
@@ -95,8 +100,9 @@ def test_phi3_untied_adam_and_lowrank_sgd_with_context_match_torch_loop(tmp_path
     toks = lm.tokenize(tok, TEXTS[:4], config=config)
     lr = 3e-3
     ref = torch_eif(model, toks, lambda p: torch.optim.Adam(p, lr=lr), steps=2)
-    ours = lm.finetuned_eif(apply_fn, params, toks, lr=lr, steps=2, optimizer=optax.adam(1.0), chunk_size=None,
-                            config=config)
+    ours = lm.finetuned_eif(
+        apply_fn, params, toks, lr=lr, steps=2, optimizer=optax.adam(1.0), chunk_size=None, config=config
+    )
     _close(np.asarray(ours), ref)
     with_context = lm.tokenize(tok, TEXTS[:3], contexts=TEXTS[2:5], config=config)
     assert 0 < with_context.score.sum() < with_context.attention.sum() - 3
@@ -172,7 +178,10 @@ def test_lora_eif_equals_loop_over_merged_models(tiny):
 def test_lr_sweep_on_tiny_model(tiny):
     _, apply_fn, params, config, tok = tiny
     toks = lm.tokenize(tok, TEXTS, config=config)
-    sweep = lr_choice.lr_sweep(lambda r: np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=r, config=config)), [1e-4, 1e-3, 1e-2, 1e-1, 3.0])
+    sweep = lr_choice.lr_sweep(
+        lambda r: np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=r, config=config)),
+        [1e-4, 1e-3, 1e-2, 1e-1, 3.0],
+    )
     assert sweep.agreement[1] > 0.95 and sweep.agreement[-1] < sweep.agreement[1]  # linear regime, then not
     assert np.all(np.diff(sweep.magnitude[:4]) > 0)
     assert sweep.chosen in sweep.lrs[:4]
@@ -219,8 +228,9 @@ def test_packed_nll_and_lowrank_equal_one_sample_at_a_time(tiny, sgd_eif):
     assert lm_loss.pack_tokens(pairs, 512).ids.shape[0] == 1 and lm_loss.pack_tokens(pairs, 40).ids.shape[0] > 1
     toks = lm.tokenize(tok, TEXTS, config=config)
     packed = sgd_eif[2]  # lm.lowrank_sgd_eif(..., lr=0.05) with the defaults: all samples in one row
-    alone = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.05, config=config, row_length=1, rank_bucket=1,
-                                         chunk_size=2))
+    alone = np.asarray(
+        lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.05, config=config, row_length=1, rank_bucket=1, chunk_size=2)
+    )
     assert np.abs(alone).max() > 1e-3
     np.testing.assert_allclose(packed, alone, atol=1e-5 * np.abs(alone).max(), rtol=0)
 

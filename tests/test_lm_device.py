@@ -1,4 +1,5 @@
 """`jaxeif bench-lm-device --sizes tiny`: the device command's smoke run on CPU, without TensorFlow or gguf."""
+
 import argparse
 import json
 import os
@@ -10,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxeif.benchmarks import lm_device
 from jaxeif import lm
+from jaxeif.benchmarks import lm_device
 from jaxeif.lm import tokens
 from jaxeif.models import phi3, tokenizer, upcast
 
@@ -52,10 +53,18 @@ def test_upcast_apply_fn_computes_in_float32_on_bfloat16_params():
 
 def _run(tokenizer_dir, tmp_path, *flags):
     out = tmp_path / "report.json"
-    code = (BLOCKED + "from jaxeif import cli; import jaxeif.benchmarks.lm_device as m; "
-            f"raise SystemExit(cli.experiment_main(m, {['--tokenizer', str(tokenizer_dir), '--json', str(out), *flags]!r}))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+    code = (
+        BLOCKED + "from jaxeif import cli; import jaxeif.benchmarks.lm_device as m; "
+        f"raise SystemExit(cli.experiment_main(m, {['--tokenizer', str(tokenizer_dir), '--json', str(out), *flags]!r}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -76,14 +85,16 @@ def test_tiny_run_of_every_path_without_tensorflow(tokenizer_dir, tmp_path):
 
 @pytest.mark.slow
 def test_budget_stops_new_steps_and_says_so(tokenizer_dir, tmp_path):
-    report, _ = _run(tokenizer_dir, tmp_path, "--sizes", "tiny", "--domains", "squares", "--stages", "prompted",
-                     "--budget-s", "1e-6")
+    report, _ = _run(
+        tokenizer_dir, tmp_path, "--sizes", "tiny", "--domains", "squares", "--stages", "prompted", "--budget-s", "1e-6"
+    )
     (step,) = [s for s in report["steps"] if s["path"] == "prompted"]
     assert "budget" in step["skipped"] and report["summary"]["not_run"] == ["prompted/squares"]
 
 
 def test_unknown_stage_is_refused(tokenizer_dir):
-    args = argparse.Namespace(tokenizer=str(tokenizer_dir), sizes="tiny", stages="dense,fast",
-                                        domains=["squares"], budget_s=1.0)
+    args = argparse.Namespace(
+        tokenizer=str(tokenizer_dir), sizes="tiny", stages="dense,fast", domains=["squares"], budget_s=1.0
+    )
     with pytest.raises(ValueError, match="--stages"):
         lm_device.run(args)

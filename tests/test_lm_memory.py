@@ -1,4 +1,5 @@
 """lm.memory_estimate: the parameter count, the shape of the estimate, refusals, and measured peaks on CPU."""
+
 import dataclasses
 import sys
 
@@ -8,13 +9,21 @@ import numpy as np
 import optax
 import pytest
 
-from jaxeif.benchmarks import lm_device, lm_memory
 from jaxeif import chunking, lm
+from jaxeif.benchmarks import lm_device, lm_memory
 from jaxeif.lm import memory
 from jaxeif.models import phi3
 
-CONFIG = phi3.Phi3Config(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+CONFIG = phi3.Phi3Config(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=True,
+)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -30,9 +39,13 @@ def test_estimate_grows_where_the_path_holds_more():
     assert est("dense") - params >= params  # the update: one weight-sized buffer per fine-tune
     assert est("dense", chunk_size=4) > est("dense") and est("dense", optimizer=optax.adam(1.0)) > est("dense")
     assert lm.memory_estimate(CONFIG, 8, 64, path="dense") > est("dense")  # all evals in one forward
-    assert lm.memory_estimate(CONFIG, 8, 64, path="dense", eval_chunk=8) == est("dense") + 56 * 9 * 4  # only the result grows
+    assert (
+        lm.memory_estimate(CONFIG, 8, 64, path="dense", eval_chunk=8) == est("dense") + 56 * 9 * 4
+    )  # only the result grows
     assert lm.memory_estimate(CONFIG, 100, 100, path="lowrank") == est("lowrank")  # streams rows: no n, m
-    half = dict(dtype=jnp.bfloat16, compute_dtype=jnp.float32)  # bf16 params, widened whole (dense, prompted) or per layer
+    half = dict(
+        dtype=jnp.bfloat16, compute_dtype=jnp.float32
+    )  # bf16 params, widened whole (dense, prompted) or per layer
     assert est("lowrank", **half) - est("lowrank") == -params // 2
     assert est("prompted", **half) - est("prompted") == params // 2
     assert est("prompted", dtype=jnp.bfloat16) < est("prompted", dtype=jnp.bfloat16, compute_dtype=jnp.float32)
@@ -42,14 +55,23 @@ def test_phi3_mini_on_80gb():
     """The numbers the README quotes: which paths fit a 3.8B decoder in bfloat16 on one 80 GB GPU."""
     config = lm_device.PHI3_MINI
     assert memory.param_count(config) == pytest.approx(3.82e9, rel=0.01)
-    gib = lambda path, dtype=jnp.bfloat16, **kw: lm.memory_estimate(config, 12, 12, path=path, dtype=dtype, **kw) / 2**30  # noqa: E731
+    gib = lambda path, dtype=jnp.bfloat16, **kw: (
+        lm.memory_estimate(config, 12, 12, path=path, dtype=dtype, **kw) / 2**30
+    )  # noqa: E731
     assert gib("prompted") < gib("lowrank") < gib("dense") < 80
     assert gib("dense", dtype=jnp.float32, optimizer=optax.adam(1.0)) > 40
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(path="sparse"), "`path`"), (dict(optimizer="lion"), "`optimizer`"), (dict(chunk_size=0), "`chunk_size`"),
-    (dict(tokens=True), "`tokens`"), (dict(eval_chunk=0), "`eval_chunk`")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(path="sparse"), "`path`"),
+        (dict(optimizer="lion"), "`optimizer`"),
+        (dict(chunk_size=0), "`chunk_size`"),
+        (dict(tokens=True), "`tokens`"),
+        (dict(eval_chunk=0), "`eval_chunk`"),
+    ],
+)
 def test_bad_arguments_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
         lm.memory_estimate(CONFIG, 4, 4, **{"path": "dense", **bad})
@@ -81,8 +103,11 @@ def test_check_memory_refuses_with_the_estimate_and_the_fixes():
 def test_estimate_within_25_percent_of_measured_peaks_at_three_sizes():
     """float32 at three sizes, and bfloat16 params computing in float32 (models.upcast). A bfloat16-compute
     model is not checked here: XLA:CPU computes it in float32 with converted copies (a GPU does not)."""
-    specs = [dict(size=size, path=path, dtype="float32", n=4, m=16, tokens=32)
-             for size in lm_memory.TEST_SIZES for path in memory.PATHS]
+    specs = [
+        dict(size=size, path=path, dtype="float32", n=4, m=16, tokens=32)
+        for size in lm_memory.TEST_SIZES
+        for path in memory.PATHS
+    ]
     specs += [dict(size="s3", path=path, dtype="bf16-weights", n=4, m=16, tokens=32) for path in ("dense", "prompted")]
     rows = lm_memory.measure_subprocess(specs)
     assert len(rows) == len(specs)

@@ -1,5 +1,7 @@
 """The language-model EIF paths side by side: dense, low-rank and path="auto" equal; each path's
-precision=jaxeif.Precision(difference=True) against float64 at the paper's lr; the decoder's `delta=` hook; the path rule."""
+precision=jaxeif.Precision(difference=True) against float64 at the paper's lr; the decoder's `delta=` hook;
+the path rule."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,11 +10,12 @@ import pytest
 
 pytest.importorskip("torch", reason="the tiny checkpoint is written with transformers' PyTorch models")
 
+from tiny_lm import tiny_checkpoint  # noqa: E402
+
 import jaxeif  # noqa: E402
 from jaxeif import lm  # noqa: E402
 from jaxeif.lm import dispatch  # noqa: E402
 from jaxeif.models import loading, lora, phi3, tokenizer  # noqa: E402
-from tiny_lm import tiny_checkpoint  # noqa: E402
 
 TEXTS = ["Ab is big.", "Cd is big.", "Ab is big.\nCd is big.", "Cd is small.", "Ab is small.", "Ef is Gh."]
 
@@ -24,8 +27,9 @@ def tiny(tmp_path_factory):
     apply_fn, params, config = loading.from_pretrained(path)
     toks = lm.tokenize(tokenizer.load_tokenizer(path), TEXTS, config=config)
     adapters = lora.init(jax.random.key(0), params, rank=4, alpha=8)  # B != 0, so the adapters change the model
-    adapters = adapters.replace(deltas=jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape),
-                                                    adapters.deltas))
+    adapters = adapters.replace(
+        deltas=jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), adapters.deltas)
+    )
     return apply_fn, params, config, toks, adapters, path
 
 
@@ -50,7 +54,9 @@ def test_dense_lowrank_and_auto_agree_in_default_precision(tiny):
         np.testing.assert_allclose(other, dense, atol=2e-5 * scale, rtol=0)
     # chunk sizes only group the fine-tunes: every one gives the same matrix
     for chunk in (1, 4, None):
-        np.testing.assert_allclose(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.05, chunk_size=chunk), low, atol=1e-6 * scale)
+        np.testing.assert_allclose(
+            lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.05, chunk_size=chunk), low, atol=1e-6 * scale
+        )
 
 
 @pytest.mark.slow
@@ -115,10 +121,26 @@ def test_delta_hook_rejects_unknown_keys(tiny):
 
 
 def test_choose_path_rule():
-    cfg = phi3.Phi3Config(vocab_size=10, hidden_size=576, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-                          num_key_value_heads=1, head_dim=8)
-    rule = lambda path="auto", **kw: dispatch.choose_path(path, **{"optimizer": None, "steps": 1, "backend": "cpu",  # noqa: E731
-                                                             "longest": 30, "config": cfg, **kw})
+    cfg = phi3.Phi3Config(
+        vocab_size=10,
+        hidden_size=576,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    rule = lambda path="auto", **kw: dispatch.choose_path(
+        path,
+        **{
+            "optimizer": None,
+            "steps": 1,
+            "backend": "cpu",  # noqa: E731
+            "longest": 30,
+            "config": cfg,
+            **kw,
+        },
+    )
     assert rule() == "lowrank"
     assert rule(backend="gpu") == rule(backend="tpu") == "dense"  # measured: low-rank 0.45x dense on an H100
     assert rule(steps=2) == rule(optimizer=optax.sgd(1.0)) == rule(config=None) == rule(longest=600) == "dense"
@@ -148,17 +170,22 @@ def test_finetuned_eif_refuses_a_run_over_its_memory_estimate(tiny):
     """Refused before it runs, with lm.memory_estimate's number; the optimizer's state counts toward it."""
     apply_fn, params, config, toks, _, _ = tiny
     n, length = toks.ids.shape
-    assert [lm.memory.optimizer_states(o, params) for o in (None, optax.sgd(0.1), optax.sgd(0.1, momentum=0.9),
-                                                              optax.adam(1e-3))] == [0, 0, 1, 2]
+    assert [
+        lm.memory.optimizer_states(o, params)
+        for o in (None, optax.sgd(0.1), optax.sgd(0.1, momentum=0.9), optax.adam(1e-3))
+    ] == [0, 0, 1, 2]
     low = lm.memory_estimate(config, n, n, path="lowrank", rank=32)  # samples <= 32 tokens: one rank bucket
-    lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="lowrank", config=config, memory_budget=low)  # exactly fits: runs
+    lm.finetuned_eif(
+        apply_fn, params, toks, lr=0.1, path="lowrank", config=config, memory_budget=low
+    )  # exactly fits: runs
     with pytest.raises(jaxeif.MemoryBudgetError, match="the lowrank LM EIF of 6 x 6 needs an estimated"):
         lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="lowrank", config=config, memory_budget=low - 1)
     sgd = lm.memory_estimate(config, n, n, path="dense", tokens=length, eval_chunk=1)
     assert lm.memory_estimate(config, n, n, path="dense", tokens=length, eval_chunk=1, optimizer=optax.adam(1.0)) > sgd
     with pytest.raises(jaxeif.MemoryBudgetError, match=r"the dense LM EIF of 6 x 6 needs an estimated .* try"):
-        lm.finetuned_eif(apply_fn, params, toks, lr=0.1, path="dense", optimizer=optax.adam(1e-3), config=config,
-                         memory_budget=sgd)
+        lm.finetuned_eif(
+            apply_fn, params, toks, lr=0.1, path="dense", optimizer=optax.adam(1e-3), config=config, memory_budget=sgd
+        )
 
 
 @pytest.mark.slow
@@ -169,12 +196,29 @@ def test_linearized_sgd_eif_is_eif_linearized_without_weight_gradients(tiny):
     as_jnp = lambda t: lm.Tokens(*map(jnp.asarray, t))  # noqa: E731
     evals = lm.Tokens(*(x[[4, 0, 2]] for x in toks))
     for ev in (None, evals):
-        ref = np.asarray(jaxeif.eif_linearized(lm.NLL(apply_fn), params, as_jnp(toks), None if ev is None else as_jnp(ev),
-                                               lr=0.3, precision=jaxeif.Precision(dtype="float64")))
-        got = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, ev, lr=0.3, precision=jaxeif.Precision(dtype="float64")))
-        np.testing.assert_allclose(got, ref, rtol=2.5e-7, atol=1e-12 * np.abs(ref).max())  # both rounded to float32 at the end
+        ref = np.asarray(
+            jaxeif.eif_linearized(
+                lm.NLL(apply_fn),
+                params,
+                as_jnp(toks),
+                None if ev is None else as_jnp(ev),
+                lr=0.3,
+                precision=jaxeif.Precision(dtype="float64"),
+            )
+        )
+        got = np.asarray(
+            lm.linearized_sgd_eif(apply_fn, params, toks, ev, lr=0.3, precision=jaxeif.Precision(dtype="float64"))
+        )
+        np.testing.assert_allclose(
+            got, ref, rtol=2.5e-7, atol=1e-12 * np.abs(ref).max()
+        )  # both rounded to float32 at the end
         f32 = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, ev, lr=0.3))
         np.testing.assert_allclose(f32, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-    exact = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=1e-4, precision=jaxeif.Precision(dtype="float64"))) / 1e-4
-    slope = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, lr=1.0, precision=jaxeif.Precision(dtype="float64")))
+    exact = (
+        np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=1e-4, precision=jaxeif.Precision(dtype="float64")))
+        / 1e-4
+    )
+    slope = np.asarray(
+        lm.linearized_sgd_eif(apply_fn, params, toks, lr=1.0, precision=jaxeif.Precision(dtype="float64"))
+    )
     np.testing.assert_allclose(exact, slope, rtol=0, atol=1e-3 * np.abs(slope).max())

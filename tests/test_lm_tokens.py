@@ -1,5 +1,6 @@
 """Every language-model entry point checks its Tokens (ids in the vocabulary, attention 1s then 0s,
 score >= 0 only on real tokens and not all zero) and raises jaxeif's own one-line error."""
+
 import jax
 import numpy as np
 import optax
@@ -11,9 +12,17 @@ from jaxeif import lm
 from jaxeif.lm import lowrank
 from jaxeif.models import lora, phi3
 
-CFG = phi3.Phi3Config(vocab_size=53, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
-                      max_position_embeddings=64)
+CFG = phi3.Phi3Config(
+    vocab_size=53,
+    hidden_size=16,
+    intermediate_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    tie_word_embeddings=True,
+    max_position_embeddings=64,
+)
 PARAMS = phi3.init_params(jax.random.key(0), CFG)
 APPLY = phi3.make_apply_fn(CFG)
 ADAPTERS = lora.init(jax.random.key(1), PARAMS, rank=2, alpha=4)
@@ -32,8 +41,9 @@ def valid_tokens(n=3, t=6):
 ENTRY_POINTS = {
     "nll": lambda tr, ev: lm.nll(APPLY, PARAMS, tr),
     "finetuned_eif train": lambda tr, ev: lm.finetuned_eif(APPLY, PARAMS, tr, ev, lr=1e-2, config=CFG),
-    "finetuned_eif evals": lambda tr, ev: lm.finetuned_eif(APPLY, PARAMS, ev, tr, lr=1e-2, optimizer=optax.adam(1.0),
-                                                          config=CFG),
+    "finetuned_eif evals": lambda tr, ev: lm.finetuned_eif(
+        APPLY, PARAMS, ev, tr, lr=1e-2, optimizer=optax.adam(1.0), config=CFG
+    ),
     "lora_eif": lambda tr, ev: lm.lora_eif(APPLY, PARAMS, tr, ev, adapters=ADAPTERS, lr=1e-2),
     "lowrank_sgd_eif train": lambda tr, ev: lm.lowrank_sgd_eif(APPLY, PARAMS, tr, ev, lr=1e-2, config=CFG),
     "lowrank_sgd_eif evals": lambda tr, ev: lm.lowrank_sgd_eif(APPLY, PARAMS, ev, tr, lr=1e-2, config=CFG),
@@ -44,8 +54,12 @@ ENTRY_POINTS = {
 def step_every_row(tokens):
     """sgd_step_lowrank on each sample of a batch (so a fault in any row is seen); one unbatched sample
     becomes a batch of one, which is the malformed input for this per-sample function; anything else as is."""
-    if isinstance(tokens, tuple) and len(tokens) == 3 and len({np.shape(x)[:1] for x in tokens}) == 1 \
-            and all(np.ndim(x) == 2 for x in tokens):
+    if (
+        isinstance(tokens, tuple)
+        and len(tokens) == 3
+        and len({np.shape(x)[:1] for x in tokens}) == 1
+        and all(np.ndim(x) == 2 for x in tokens)
+    ):
         for k in range(np.shape(tokens[0])[0]):
             lowrank.sgd_step_lowrank(APPLY, PARAMS, lm.Tokens(*(x[k] for x in tokens)), 1e-2, config=CFG)
     elif isinstance(tokens, tuple) and len(tokens) == 3 and all(np.ndim(x) == 1 for x in tokens):
@@ -87,9 +101,22 @@ def corrupt(kind, tok):
     return lm.Tokens(ids, att, score)
 
 
-KINDS = ["id >= vocab", "negative id", "float ids", "score on padding", "attention shape", "score shape",
-         "all-zero score", "non-binary attention", "attention gap", "score at position 0", "negative score",
-         "nan score", "one unbatched sample", "not Tokens"]
+KINDS = [
+    "id >= vocab",
+    "negative id",
+    "float ids",
+    "score on padding",
+    "attention shape",
+    "score shape",
+    "all-zero score",
+    "non-binary attention",
+    "attention gap",
+    "score at position 0",
+    "negative score",
+    "nan score",
+    "one unbatched sample",
+    "not Tokens",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -115,8 +142,13 @@ def test_valid_tokens_pass_and_both_paths_agree():
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(entry=st.sampled_from(sorted(ENTRY_POINTS)), kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=3),
-       n=st.integers(1, 3), t=st.integers(5, 7), data=st.data())
+@given(
+    entry=st.sampled_from(sorted(ENTRY_POINTS)),
+    kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=3),
+    n=st.integers(1, 3),
+    t=st.integers(5, 7),
+    data=st.data(),
+)
 def test_random_malformed_tokens_get_only_jaxeif_errors(entry, kinds, n, t, data):
     tok = valid_tokens(n, t)
     for kind in kinds:

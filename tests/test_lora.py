@@ -1,4 +1,5 @@
 """LoRA / low-rank delta paths of the Flax Phi-3 port (no torch needed)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +7,16 @@ import pytest
 
 from jaxeif.models import lora, phi3
 
-CFG = phi3.Phi3Config(vocab_size=53, hidden_size=24, intermediate_size=20, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=6, tie_word_embeddings=True)
+CFG = phi3.Phi3Config(
+    vocab_size=53,
+    hidden_size=24,
+    intermediate_size=20,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=6,
+    tie_word_embeddings=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +57,17 @@ def test_tied_embedding_delta_is_applied_to_lookup_and_head(model):
     """A raw low-rank delta on embed_tokens (scale 1) equals adding A B to the tied embedding."""
     apply_fn, params, ids = model
     k1, k2 = jax.random.split(jax.random.key(5))
-    deltas = {"model": {"embed_tokens": {"a": jax.random.normal(k1, (CFG.vocab_size, 2)),
-                                         "b": 0.1 * jax.random.normal(k2, (2, CFG.hidden_size))}}}
-    np.testing.assert_allclose(apply_fn(merge(params, deltas), ids), apply_fn(params, ids, delta=deltas),
-                               atol=2e-5, rtol=1e-5)
+    deltas = {
+        "model": {
+            "embed_tokens": {
+                "a": jax.random.normal(k1, (CFG.vocab_size, 2)),
+                "b": 0.1 * jax.random.normal(k2, (2, CFG.hidden_size)),
+            }
+        }
+    }
+    np.testing.assert_allclose(
+        apply_fn(merge(params, deltas), ids), apply_fn(params, ids, delta=deltas), atol=2e-5, rtol=1e-5
+    )
 
 
 def test_vmap_over_adapters_shares_base(model):
@@ -67,8 +83,12 @@ def test_vmap_over_adapters_shares_base(model):
 def test_lowrank_linear_is_the_exact_sgd_step_on_a_dense_layer():
     """W' = W - lr * sum_t g_t x_t^T applied to x equals W x - lr * sum_t g_t (x_t . x)."""
     k = jax.random.split(jax.random.key(6), 4)
-    w, xs, gs, x = (jax.random.normal(k[0], (5, 7)), jax.random.normal(k[1], (3, 7)),
-                    jax.random.normal(k[2], (3, 5)), jax.random.normal(k[3], (4, 7)))
+    w, xs, gs, x = (
+        jax.random.normal(k[0], (5, 7)),
+        jax.random.normal(k[1], (3, 7)),
+        jax.random.normal(k[2], (3, 5)),
+        jax.random.normal(k[3], (4, 7)),
+    )
     lr = 0.1
     dense = x @ (w - lr * gs.T @ xs).T
     np.testing.assert_allclose(phi3.lowrank_linear(x, w, {"a": xs.T, "b": -lr * gs}), dense, atol=1e-5)

@@ -1,4 +1,5 @@
 """The lr sweep's plateau rules (jaxeif.lr_choice) and its neighbour agreement."""
+
 import numpy as np
 import pytest
 
@@ -17,7 +18,10 @@ def test_top_of_first_plateau():
 def test_middle_of_longest_plateau():
     lrs = 10.0 ** np.arange(-6, 0)
     agree = np.array([np.nan, 0.2, 0.99, 0.98, 0.97, 0.5])  # noise, plateau 1e-5..1e-2, non-linear
-    assert lr_choice.choose_lr(lrs, np.nan_to_num(agree, nan=-1), 0.95, rule="middle_of_longest_plateau") in (1e-4, 1e-3)
+    assert lr_choice.choose_lr(lrs, np.nan_to_num(agree, nan=-1), 0.95, rule="middle_of_longest_plateau") in (
+        1e-4,
+        1e-3,
+    )
     with pytest.raises(ValueError, match="no two consecutive"):
         lr_choice.choose_lr(lrs, np.zeros(6), 0.95, rule="middle_of_longest_plateau")
 

@@ -1,18 +1,24 @@
 """Study 1 helpers: the meta-train / held-out split keeps every noisy sample paired with its own clean twin."""
+
 import numpy as np
 
-from jaxeif.experiments.meta_cnn_noise import pairs, split_set
 from jaxeif.data.noisy_digits import FinetuneSet
+from jaxeif.experiments.meta_cnn_noise import pairs, split_set
 
 
 def fake_set(per_digit=3, levels=(0.0, 0.5, 1.0)):
     """A finetune_set-shaped set whose pixels encode (level, digit, rank) so pairings can be read back."""
     n = 10 * per_digit
     clean_id = np.arange(n)
-    images = np.concatenate([np.full((n, 28, 28, 1), 0.0) + clean_id[:, None, None, None] + 1000 * k
-                             for k in range(len(levels))]).astype(np.float32)
-    return FinetuneSet(images, np.tile(np.repeat(np.arange(10), per_digit), len(levels)).astype(np.int32),
-                       np.repeat(np.asarray(levels, np.float32), n), np.tile(clean_id, len(levels)).astype(np.int32))
+    images = np.concatenate(
+        [np.full((n, 28, 28, 1), 0.0) + clean_id[:, None, None, None] + 1000 * k for k in range(len(levels))]
+    ).astype(np.float32)
+    return FinetuneSet(
+        images,
+        np.tile(np.repeat(np.arange(10), per_digit), len(levels)).astype(np.int32),
+        np.repeat(np.asarray(levels, np.float32), n),
+        np.tile(clean_id, len(levels)).astype(np.int32),
+    )
 
 
 def test_split_is_disjoint_and_pairs_twins():

@@ -1,20 +1,24 @@
 """Per-sample lrs toward a hand-drawn target (`jaxeif meta-cnn-toward`): the drawn target and its metrics,
 and a tiny end-to-end run whose saved numbers agree with its saved matrices and rates."""
+
 import json
 
 import numpy as np
 import pytest
 
-from jaxeif import meta
+from jaxeif import cli, meta
 from jaxeif.experiments import meta_cnn_toward as study
-from jaxeif import cli
 from jaxeif.meta.image_study import Split
 
 
 def _split(labels, noise_std):
     n = len(labels)
-    return Split(np.zeros((n, 28, 28, 1), np.float32), np.asarray(labels, np.int32), np.asarray(noise_std, np.float32),
-                 np.zeros(n, np.int32))
+    return Split(
+        np.zeros((n, 28, 28, 1), np.float32),
+        np.asarray(labels, np.int32),
+        np.asarray(noise_std, np.float32),
+        np.zeros(n, np.int32),
+    )
 
 
 def test_drawn_target_is_the_sentence_and_its_metrics_read_it_back():
@@ -36,12 +40,31 @@ def test_drawn_target_is_the_sentence_and_its_metrics_read_it_back():
 @pytest.mark.slow
 def test_quick_run_moves_toward_the_target_and_saves_consistent_numbers(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["meta-cnn-toward", "--out", str(out), "--ckpt", str(tmp_path / "ckpt"), "--quick", "--no-progress",
-            "--train-size", "640", "--meta-steps", "3", "--meta-lr", "0.3"]
+    argv = [
+        "meta-cnn-toward",
+        "--out",
+        str(out),
+        "--ckpt",
+        str(tmp_path / "ckpt"),
+        "--quick",
+        "--no-progress",
+        "--train-size",
+        "640",
+        "--meta-steps",
+        "3",
+        "--meta-lr",
+        "0.3",
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert "meta.toward objective" in capsys.readouterr().out
-    for name in ("config.json", "history.npy", "lr.json", "toward.png", "results.json",
-                 *(f"eif_{s}_{k}.npy" for s in ("train", "heldout") for k in ("before", "after"))):
+    for name in (
+        "config.json",
+        "history.npy",
+        "lr.json",
+        "toward.png",
+        "results.json",
+        *(f"eif_{s}_{k}.npy" for s in ("train", "heldout") for k in ("before", "after")),
+    ):
         assert (out / name).is_file(), name
     r = json.loads((out / "results.json").read_text())
     saved = json.loads((out / "lr.json").read_text())

@@ -1,13 +1,13 @@
 """The unseen corruptions of the transfer study (salt-and-pepper, blur) and a tiny end-to-end
 `jaxeif meta-cnn-transfer --quick` whose saved numbers agree with each other and with study 1."""
+
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from jaxeif import meta
-from jaxeif import cli
+from jaxeif import cli, meta
 from jaxeif.data import noisy_digits as data
 
 
@@ -30,7 +30,9 @@ def test_salt_and_pepper_hits_about_p_of_the_pixels_with_zeros_and_ones():
         assert out.dtype == np.float32 and out.shape == x.shape
     a = np.asarray(data.add_salt_and_pepper(x, 0.3, jax.random.key(1)))
     b = np.asarray(data.add_salt_and_pepper(x, 0.3, jax.random.key(2)))
-    assert np.array_equal(a, np.asarray(data.add_salt_and_pepper(x, 0.3, jax.random.key(1)))) and not np.array_equal(a, b)
+    assert np.array_equal(a, np.asarray(data.add_salt_and_pepper(x, 0.3, jax.random.key(1)))) and not np.array_equal(
+        a, b
+    )
     np.testing.assert_array_equal(np.asarray(data.add_salt_and_pepper(x, 0.0, jax.random.key(0))), x)
     assert set(np.unique(np.asarray(data.add_salt_and_pepper(x, 1.0, jax.random.key(0)))).tolist()) == {0.0, 1.0}
 
@@ -70,8 +72,8 @@ def test_blur_sigma_is_a_standard_deviation_and_the_blur_is_symmetric():
     sigma = 1.5
     out = np.asarray(data.gaussian_blur(delta, sigma))[0, :, :, 0]
     i = np.arange(27) - 13
-    var_rows = (out.sum(1) * i ** 2).sum()
-    assert abs(var_rows - sigma ** 2) < 0.03 * sigma ** 2, var_rows
+    var_rows = (out.sum(1) * i**2).sum()
+    assert abs(var_rows - sigma**2) < 0.03 * sigma**2, var_rows
     np.testing.assert_allclose(out, out.T, atol=1e-7)
     np.testing.assert_allclose(out, out[::-1, ::-1], atol=1e-7)
 
@@ -87,8 +89,15 @@ def test_blur_wider_than_the_image_is_refused():
         data.gaussian_blur(np.zeros((1, 28, 28, 1), np.float32), 10.0)
 
 
-@pytest.mark.parametrize("flag, value, expected", [("--salt-pepper", "1.5", "in (0, 1]"), ("--blur-sigmas", "0", "must be > 0"),
-                                                   ("--blur-sigmas", "9.5", "sigma <= 9"), ("--meta-steps", "0", "must be >= 1")])
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--salt-pepper", "1.5", "in (0, 1]"),
+        ("--blur-sigmas", "0", "must be > 0"),
+        ("--blur-sigmas", "9.5", "sigma <= 9"),
+        ("--meta-steps", "0", "must be >= 1"),
+    ],
+)
 def test_bad_flags_stop_before_any_work(flag, value, expected, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["meta-cnn-transfer", "--out", str(out), flag, value]) == 2
@@ -103,12 +112,37 @@ def test_bad_flags_stop_before_any_work(flag, value, expected, tmp_path, capsys)
 @pytest.mark.slow
 def test_quick_run_writes_consistent_results(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["meta-cnn-transfer", "--out", str(out), "--ckpt", str(tmp_path / "ckpt"), "--quick", "--no-progress",
-            "--train-size", "640", "--meta-steps", "2", "--noise-stds", "1", "--salt-pepper", "0.2", "--blur-sigmas", "1.5"]
+    argv = [
+        "meta-cnn-transfer",
+        "--out",
+        str(out),
+        "--ckpt",
+        str(tmp_path / "ckpt"),
+        "--quick",
+        "--no-progress",
+        "--train-size",
+        "640",
+        "--meta-steps",
+        "2",
+        "--noise-stds",
+        "1",
+        "--salt-pepper",
+        "0.2",
+        "--blur-sigmas",
+        "1.5",
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert "Transfer of the study-1 lr predictor" in capsys.readouterr().out
-    for name in ("config.json", "results.json", "features.npy", "eif_uniform.npy", "eif_learned.npy", "transfer.png",
-                 "meta_cnn_noise/predictor.npz", "meta_cnn_noise/metrics.json"):
+    for name in (
+        "config.json",
+        "results.json",
+        "features.npy",
+        "eif_uniform.npy",
+        "eif_learned.npy",
+        "transfer.png",
+        "meta_cnn_noise/predictor.npz",
+        "meta_cnn_noise/metrics.json",
+    ):
         assert (out / name).is_file(), name
     r = json.loads((out / "results.json").read_text())
     s = r["samples"]
@@ -144,8 +178,11 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
     s1 = json.loads((out / "meta_cnn_noise/metrics.json").read_text())["heldout"]
     for k, s1_key in (("uniform", "before"), ("learned", "after")):
         assert r["table"]["gaussian_1"][f"teaching_ratio_{k}"] == pytest.approx(
-            s1[s1_key]["noise"]["std_1"]["teaching_ratio_same_class"], rel=1e-3)
-    assert r["within_class_learning_clean"]["uniform"] == pytest.approx(s1["before"]["within_class_learning_clean"], rel=1e-3)
+            s1[s1_key]["noise"]["std_1"]["teaching_ratio_same_class"], rel=1e-3
+        )
+    assert r["within_class_learning_clean"]["uniform"] == pytest.approx(
+        s1["before"]["within_class_learning_clean"], rel=1e-3
+    )
 
 
 def test_saved_amortised_predictor_reads_back_the_same_rates(tmp_path):

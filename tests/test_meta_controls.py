@@ -1,7 +1,8 @@
 """Controls: per-layer multipliers scale exactly the right updates; meta-gradients through
 jaxeif.eif agree with central finite differences in float64 for every kind of control."""
-import flax.linen as nn
+
 import chex
+import flax.linen as nn
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -46,8 +47,9 @@ def test_layer_names_look_through_flax_params_collection():
 def test_unit_layer_scales_reproduce_plain_eif_exactly():
     loss_fn, params, train = make_problem()
     plain = jaxeif.eif(loss_fn, params, train, lr=0.1, steps=2)
-    scaled = jaxeif.eif(loss_fn, params, train, lr=0.1, steps=2,
-                        optimizer=C.layer_optimizer(C.init_layer_log_scales(params)))
+    scaled = jaxeif.eif(
+        loss_fn, params, train, lr=0.1, steps=2, optimizer=C.layer_optimizer(C.init_layer_log_scales(params))
+    )
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(scaled))
 
 
@@ -115,14 +117,23 @@ def test_meta_gradients_match_finite_differences_float64():
 
         feats = jnp.concatenate([train[0], train[1][:, None]], axis=1)
         pred = C.amortised(feats, base_lr=0.2, hidden=(3,))
-        phi = jax.tree.map(lambda a: (a + 0.3).astype(jnp.float64), pred.init(jax.random.key(3), feats))  # off zero init
+        phi = jax.tree.map(
+            lambda a: (a + 0.3).astype(jnp.float64), pred.init(jax.random.key(3), feats)
+        )  # off zero init
 
         def amortised(phi):
             M = jaxeif.eif(loss_fn, params, train, lr=pred.lr(phi, feats), steps=2)
             return meta.noise_invariance(M, [0, 1], [2, 3])
 
         def per_layer(log_scales):
-            M = jaxeif.eif(loss_fn, params, train, lr=0.2, steps=2, optimizer=C.layer_optimizer(log_scales, optax.sgd(1.0, momentum=0.9)))
+            M = jaxeif.eif(
+                loss_fn,
+                params,
+                train,
+                lr=0.2,
+                steps=2,
+                optimizer=C.layer_optimizer(log_scales, optax.sgd(1.0, momentum=0.9)),
+            )
             return meta.symmetry(M)
 
         key = jax.random.key(7)

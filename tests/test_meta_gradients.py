@@ -1,5 +1,6 @@
 """Meta-gradients through every inner optimizer are finite and match float64 finite differences,
 also with dead ReLU units (exactly-zero gradient entries, where Adam's sqrt(v) has an infinite slope)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,9 +76,15 @@ def test_fit_stops_on_a_non_finite_meta_gradient_without_stepping():
     seen = []
 
     def objective(c):  # finite value, NaN gradient (sqrt at 0)
-        return jnp.sqrt(c * 0.0).sum() + jnp.sum(c ** 2)
+        return jnp.sqrt(c * 0.0).sum() + jnp.sum(c**2)
 
     with pytest.raises(FloatingPointError, match="meta-gradient.*step 0"):
-        meta.fit(objective, jnp.ones(3), optimizer=optax.sgd(0.1), steps=3, progress=False,
-                 callback=lambda k, v: seen.append(k))
+        meta.fit(
+            objective,
+            jnp.ones(3),
+            optimizer=optax.sgd(0.1),
+            steps=3,
+            progress=False,
+            callback=lambda k, v: seen.append(k),
+        )
     assert seen == []

@@ -1,5 +1,6 @@
 """Meta study 2 (per-layer lr multipliers for language-model logic) on a tiny random decoder:
 the stacked per-layer multipliers are exact, and the study runs end to end, learns, writes its files."""
+
 import argparse
 import json
 
@@ -11,12 +12,21 @@ import pytest
 
 import jaxeif
 from jaxeif import lm
-from jaxeif.models import phi3
 from jaxeif.meta import layers_lm
+from jaxeif.models import phi3
 
-CONFIG = phi3.Phi3Config(vocab_size=260, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
-                         bos_token_id=256, max_position_embeddings=512)
+CONFIG = phi3.Phi3Config(
+    vocab_size=260,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    tie_word_embeddings=True,
+    bos_token_id=256,
+    max_position_embeddings=512,
+)
 
 
 def byte_tokenizer():
@@ -50,10 +60,21 @@ def test_stacked_groups_and_bad_scales(tiny):
     apply_fn = tiny[0]
     toks = _tokens(tiny, ["Ab is big.", "Cd is big."])
     with pytest.raises(ValueError, match="must name exactly the groups"):
-        jaxeif.eif(lm.NLL(apply_fn), params, toks, lr=0.1, optimizer=layers_lm.stacked_layer_optimizer({"model/layers": jnp.zeros(3)}))
+        jaxeif.eif(
+            lm.NLL(apply_fn),
+            params,
+            toks,
+            lr=0.1,
+            optimizer=layers_lm.stacked_layer_optimizer({"model/layers": jnp.zeros(3)}),
+        )
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
-        jaxeif.eif(lm.NLL(apply_fn), params, toks, lr=0.1,
-                   optimizer=layers_lm.stacked_layer_optimizer({**s, "model/layers": jnp.zeros(2)}))
+        jaxeif.eif(
+            lm.NLL(apply_fn),
+            params,
+            toks,
+            lr=0.1,
+            optimizer=layers_lm.stacked_layer_optimizer({**s, "model/layers": jnp.zeros(2)}),
+        )
     with pytest.raises(ValueError, match="no 'blocks' at model"):
         layers_lm.init_stacked_log_scales(params, stacked=("model", "blocks"))
 
@@ -74,13 +95,20 @@ def test_unit_scales_are_plain_sgd_and_each_scale_moves_only_its_own_layer(tiny)
 
     unit = deltas(jax.tree.map(jnp.zeros_like, s))
     chex.assert_trees_all_equal(deltas(None), unit)
-    plain, tuned = jax.tree_util.tree_flatten_with_path(unit)[0], dict(jax.tree_util.tree_flatten_with_path(deltas(s))[0])
+    plain, tuned = (
+        jax.tree_util.tree_flatten_with_path(unit)[0],
+        dict(jax.tree_util.tree_flatten_with_path(deltas(s))[0]),
+    )
     for path, d_plain in plain:
         name = "/".join(str(k.key) for k in path)
         group = next(g for g in factors if name.startswith(g))
         factor = np.reshape(factors[group], np.shape(factors[group]) + (1,) * (d_plain.ndim - np.ndim(factors[group])))
-        assert np.all(np.abs(np.asarray(d_plain)).reshape(len(d_plain) if group == "model/layers" else 1, -1).max(1) > 1e-4), name
-        np.testing.assert_allclose(np.asarray(tuned[path]), factor * np.asarray(d_plain), rtol=1e-5, atol=1e-6, err_msg=name)
+        assert np.all(
+            np.abs(np.asarray(d_plain)).reshape(len(d_plain) if group == "model/layers" else 1, -1).max(1) > 1e-4
+        ), name
+        np.testing.assert_allclose(
+            np.asarray(tuned[path]), factor * np.asarray(d_plain), rtol=1e-5, atol=1e-6, err_msg=name
+        )
 
 
 @pytest.mark.slow
@@ -91,11 +119,35 @@ def test_quick_study_learns_and_writes_files(tiny, tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     study.add_arguments(parser)
     out = tmp_path / "meta_llm"
-    args = parser.parse_args(["--out", str(out), "--quick", "--no-progress", "--lr-grid", "0.3", "1.0",
-                              "--meta-steps", "4", "--meta-lr", "0.2", "--draws", "2"])
+    args = parser.parse_args(
+        [
+            "--out",
+            str(out),
+            "--quick",
+            "--no-progress",
+            "--lr-grid",
+            "0.3",
+            "1.0",
+            "--meta-steps",
+            "4",
+            "--meta-lr",
+            "0.2",
+            "--draws",
+            "2",
+        ]
+    )
     res = study.run(args)["results"]
-    for name in ("config.json", "grid.json", "history.npy", "log_scales.json", "heldout_before.npy",
-                 "heldout_after.npy", "objective.png", "heldout.png", "results.json"):
+    for name in (
+        "config.json",
+        "grid.json",
+        "history.npy",
+        "log_scales.json",
+        "heldout_before.npy",
+        "heldout_after.npy",
+        "objective.png",
+        "heldout.png",
+        "results.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     hist = np.load(out / "history.npy")
@@ -111,11 +163,18 @@ def test_quick_study_learns_and_writes_files(tiny, tmp_path, monkeypatch):
         M = np.load(out / f"heldout_{name}.npy")
         diffs = M[:, 3, 4] - M[:, 3, 0]
         assert saved["heldout"][name]["scorecard"][0]["mean"] == pytest.approx(float(diffs.mean()), rel=1e-5)
-    assert not np.allclose(np.load(out / "heldout_before.npy")[:, 3, [0, 4]], np.load(out / "heldout_after.npy")[:, 3, [0, 4]])
+    assert not np.allclose(
+        np.load(out / "heldout_before.npy")[:, 3, [0, 4]], np.load(out / "heldout_after.npy")[:, 3, [0, 4]]
+    )
     paired = saved["heldout"]["paired"]
-    gains = {k: np.load(out / f"heldout_{k}.npy")[:, 3, 4] - np.load(out / f"heldout_{k}.npy")[:, 3, 0] for k in ("before", "after")}
+    gains = {
+        k: np.load(out / f"heldout_{k}.npy")[:, 3, 4] - np.load(out / f"heldout_{k}.npy")[:, 3, 0]
+        for k in ("before", "after")
+    }
     assert paired["per_draw"]["gain_after"] == pytest.approx(gains["after"].tolist(), rel=1e-6)
-    assert paired["gain_difference"]["mean"] == pytest.approx(float((gains["after"] - gains["before"]).mean()), rel=1e-5)
+    assert paired["gain_difference"]["mean"] == pytest.approx(
+        float((gains["after"] - gains["before"]).mean()), rel=1e-5
+    )
     assert saved["seeds"]["heldout"] and not set(saved["seeds"]["train"]) & set(saved["seeds"]["heldout"])
 
 
@@ -151,13 +210,18 @@ def test_paired_summary_against_direct_formulas():
     d = g_after - g_before
     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     diff = out["gain_difference"]
-    assert diff["mean"] == pytest.approx(d.mean()) and diff["t_interval"] == pytest.approx([d.mean() - half, d.mean() + half])
+    assert diff["mean"] == pytest.approx(d.mean()) and diff["t_interval"] == pytest.approx(
+        [d.mean() - half, d.mean() + half]
+    )
     lo, hi = diff["bootstrap_interval"]
     assert lo < d.mean() < hi and hi - lo == pytest.approx(2 * half, rel=0.25)
     logic_before = (before[:, 0] - before[:, 1]) / (np.abs(before).sum(1))
-    assert out["logic_term_difference"]["mean"] == pytest.approx(float(np.mean(study.per_draw_logic(after) - logic_before)))
-    assert np.mean(study.per_draw_logic(before)) == pytest.approx(float(study.objective_terms(jnp.asarray(before[:, None]), None, 0)[1]),
-                                                                  rel=1e-5)
+    assert out["logic_term_difference"]["mean"] == pytest.approx(
+        float(np.mean(study.per_draw_logic(after) - logic_before))
+    )
+    assert np.mean(study.per_draw_logic(before)) == pytest.approx(
+        float(study.objective_terms(jnp.asarray(before[:, None]), None, 0)[1]), rel=1e-5
+    )
     for name, g in (("before", g_before), ("after", g_after)):
         k = int((g > 0).sum())
         share = out["right_direction"][name]

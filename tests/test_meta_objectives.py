@@ -1,4 +1,5 @@
 """Each meta objective is minimised by a matrix with its target structure (and a wrong one is not)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,6 +141,7 @@ def test_bad_input_is_named(call, message):
 
 def test_toward_is_minimised_by_the_target_and_scale_free():
     from jaxeif import meta
+
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 4)
     noisy = np.tile([1.0, 1.0, 0.5, 0.5], 3)  # "learn only from the same class, half as much from noisy rows"
@@ -148,7 +150,9 @@ def test_toward_is_minimised_by_the_target_and_scale_free():
     assert float(meta.toward(target, target, mask)) == pytest.approx(0.0, abs=1e-6)
     M = rng.normal(size=(12, 12))
     for scale in (1e-4, 1.0, 1e3):
-        assert float(meta.toward(scale * M, target, mask)) == pytest.approx(float(meta.toward(M, target, mask)), rel=1e-5)
+        assert float(meta.toward(scale * M, target, mask)) == pytest.approx(
+            float(meta.toward(M, target, mask)), rel=1e-5
+        )
     assert float(meta.toward(target + 0.3, target, mask)) > 0.05  # an offset is not the drawn structure
     assert float(meta.toward(-target, target, mask)) == pytest.approx(2.0, abs=1e-6)
     g = jax.grad(lambda m: meta.toward(m, target, mask))(jnp.asarray(target * 2.0))

@@ -1,5 +1,6 @@
 """The outer loop lowers the objective, and checkpoint -> interrupt -> resume gives exactly the
 controls of an uninterrupted run."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +28,17 @@ def objective(log_lr, params, train):
 
 
 def run(tmp_path=None, steps=6, callback=None):
-    return meta.fit(objective, meta.init_log_lr(6, 0.1), optimizer=optax.adam(0.1), steps=steps,
-                    checkpoint_dir=tmp_path, every=2, progress=False, callback=callback, data=(PARAMS, TRAIN))
+    return meta.fit(
+        objective,
+        meta.init_log_lr(6, 0.1),
+        optimizer=optax.adam(0.1),
+        steps=steps,
+        checkpoint_dir=tmp_path,
+        every=2,
+        progress=False,
+        callback=callback,
+        data=(PARAMS, TRAIN),
+    )
 
 
 class Interrupt(Exception):
@@ -58,8 +68,16 @@ def test_fit_lowers_objective_and_resume_matches_uninterrupted(tmp_path):
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     run(tmp_path, steps=2)
     with pytest.raises(ValueError, match="other initial controls"):
-        meta.fit(objective, {"other": jnp.zeros(3)}, optimizer=optax.adam(0.1), steps=4,
-                 checkpoint_dir=tmp_path, every=2, progress=False, data=(PARAMS, TRAIN))
+        meta.fit(
+            objective,
+            {"other": jnp.zeros(3)},
+            optimizer=optax.adam(0.1),
+            steps=4,
+            checkpoint_dir=tmp_path,
+            every=2,
+            progress=False,
+            data=(PARAMS, TRAIN),
+        )
 
 
 def test_nonfinite_objective_stops_with_a_clear_error():
@@ -76,12 +94,15 @@ def other_objective(log_lr, params, train):
     return meta.class_blocks(M, LABELS)
 
 
-@pytest.mark.parametrize("change, what", [
-    ({"data": (PARAMS, (TRAIN[0] * 3, TRAIN[1]))}, "data"),
-    ({"controls": meta.init_log_lr(6, 1e-1 * 1.5)}, "initial controls"),
-    ({"optimizer": optax.adam(0.2)}, "optimizer"),
-    ({"objective": other_objective}, "objective"),
-])
+@pytest.mark.parametrize(
+    "change, what",
+    [
+        ({"data": (PARAMS, (TRAIN[0] * 3, TRAIN[1]))}, "data"),
+        ({"controls": meta.init_log_lr(6, 1e-1 * 1.5)}, "initial controls"),
+        ({"optimizer": optax.adam(0.2)}, "optimizer"),
+        ({"objective": other_objective}, "objective"),
+    ],
+)
 def test_resuming_with_other_data_controls_optimizer_or_objective_is_refused(tmp_path, change, what):
     kw = dict(objective=objective, controls=meta.init_log_lr(6, 0.1), optimizer=optax.adam(0.1), data=(PARAMS, TRAIN))
     meta.fit(steps=2, checkpoint_dir=tmp_path, every=2, progress=False, **kw)
@@ -110,10 +131,16 @@ def test_refusal_is_one_clear_error_without_orbax_noise_at_exit(tmp_path):
         "import sys, jax.numpy as jnp, optax, meta\n"
         "f = lambda c: jnp.sum((c - 1.0) ** 2)\n"
         "for steps in (2, 1):\n"
-        "    meta.fit(f, jnp.zeros(3), optimizer=optax.sgd(0.1), steps=steps, checkpoint_dir=sys.argv[1], progress=False)\n"
+        "    meta.fit(f, jnp.zeros(3), optimizer=optax.sgd(0.1), steps=steps, checkpoint_dir=sys.argv[1],\n"
+        "             progress=False)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ck")], capture_output=True, text=True,
-                         timeout=300, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "ck")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(__import__("pathlib").Path(__file__).parents[1]),
+    )
     assert out.returncode == 1
     assert "past steps=1; pass steps >= 2" in out.stderr
     assert "Exception ignored" not in out.stderr and "Event loop is closed" not in out.stderr, out.stderr[-2000:]

@@ -1,6 +1,7 @@
 """Several processes on one store: independent workers killed with SIGKILL and restarted, and one SPMD
 program over 2 and 3 jax.distributed processes (gloo CPU collectives); both leave the store bit-identical
 to a single-process jaxeif.eif of the same call."""
+
 import json
 import os
 import pathlib
@@ -67,8 +68,13 @@ def _marked(path, worker) -> int:
 
 
 def _worker(path, worker, workers):
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(worker), str(workers)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(path), str(worker), str(workers)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -146,8 +152,16 @@ def _free_port() -> int:
 @pytest.mark.parametrize("processes", [2, 3])
 def test_spmd_processes_fill_store_bit_identical(tmp_path, processes):
     path, port = tmp_path / "store", _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", SPMD, str(port), str(processes), str(p), str(path)], env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in range(processes)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SPMD, str(port), str(processes), str(p), str(path)],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for p in range(processes)
+    ]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=240)

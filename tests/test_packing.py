@@ -1,6 +1,5 @@
 """Packing: the layout of packed rows (visibility, positions, scored slots) and that a packed row's
 logits equal each sample's logits computed alone, for plain, sliding-window and LongRoPE decoders."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,14 +11,20 @@ from jaxeif.models import phi3
 
 
 def test_layout_of_a_prefix_with_two_continuations_and_a_sample():
-    pieces = [packing.Piece([5, 6], [0, 0], 0), packing.Piece([7], [1], 0, parent=0),
-              packing.Piece([8, 9], [1, 1], 1, parent=0), packing.Piece([1, 2, 3], [0, 1, 1], 2)]
+    pieces = [
+        packing.Piece([5, 6], [0, 0], 0),
+        packing.Piece([7], [1], 0, parent=0),
+        packing.Piece([8, 9], [1, 1], 1, parent=0),
+        packing.Piece([1, 2, 3], [0, 1, 1], 2),
+    ]
     p = packing.pack(pieces, row_length=64, multiple=4)
     assert p.ids.shape == (1, 8) and p.groups == 3
     np.testing.assert_array_equal(p.ids[0], [5, 6, 7, 8, 9, 1, 2, 3])
     np.testing.assert_array_equal(p.positions[0], [0, 1, 2, 2, 3, 0, 1, 2])
     v = p.visible[0]
-    assert v[2, :2].all() and not v[3, 2] and v[3, :2].all() and v[4, 3] and not v[4, 2]  # siblings don't see each other
+    assert (
+        v[2, :2].all() and not v[3, 2] and v[3, :2].all() and v[4, 3] and not v[4, 2]
+    )  # siblings don't see each other
     assert v[6, 5] and not v[6, :5].any() and not v[:5, 5:].any()  # the sample sees only itself
     n = int(p.weight[0].astype(bool).sum())
     np.testing.assert_array_equal(p.at[0, :n], [1, 1, 3, 5, 6])  # the prefix's last token predicts both continuations
@@ -45,13 +50,27 @@ def test_long_families_split_and_bad_pieces_are_refused():
 
 
 def _config(**kw):
-    base = dict(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    base = dict(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
     return phi3.Phi3Config(**{**base, **kw})
 
 
-LONGROPE = dict(rope_type="longrope", original_max_position_embeddings=12, partial_rotary_factor=0.5,
-                short_factor=(1.0, 1.5), long_factor=(3.0, 5.0), attention_factor=1.2)
+LONGROPE = dict(
+    rope_type="longrope",
+    original_max_position_embeddings=12,
+    partial_rotary_factor=0.5,
+    short_factor=(1.0, 1.5),
+    long_factor=(3.0, 5.0),
+    attention_factor=1.2,
+)
 
 
 @pytest.mark.parametrize("kw", [{}, {"sliding_window": 3}, LONGROPE], ids=["plain", "sliding", "longrope"])

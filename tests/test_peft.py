@@ -1,6 +1,7 @@
 """A user's own peft LoRA adapter: loaded onto the decoder it was trained for (logits equal peft's), and the
 EIF of further LoRA fine-tuning from it equal to a PyTorch + peft loop (one SGD step on the LoRA
 parameters only, per train sample); every unsupported config refused by name."""
+
 import json
 import shutil
 
@@ -56,8 +57,15 @@ def _nll(model, ids, score):
 
 def _torch_eif(wrapped, toks_train, toks_evals, lr):
     """M[i, j] by the straightforward loop: copy the adapter, one SGD step on train i (LoRA params only)."""
-    rows = lambda t: [(torch.tensor(np.asarray(t.ids[k, :n]), dtype=torch.long),  # noqa: E731
-                       torch.tensor(np.asarray(t.score[k, :n]), dtype=torch.float64)) for k, n in enumerate(t.lengths)]
+    rows = (
+        lambda t: [
+            (
+                torch.tensor(np.asarray(t.ids[k, :n]), dtype=torch.long),  # noqa: E731
+                torch.tensor(np.asarray(t.score[k, :n]), dtype=torch.float64),
+            )
+            for k, n in enumerate(t.lengths)
+        ]
+    )
     train, evals = rows(toks_train), rows(toks_evals)
     lora = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)
@@ -80,8 +88,13 @@ def _torch_eif(wrapped, toks_train, toks_evals, lr):
 def test_loaded_adapter_gives_peft_logits(setup):
     wrapped, apply_fn, params, config, tok, adapter_dir = setup
     adapter = peft.load_adapter(adapter_dir, config)
-    assert set(adapter.weights) == {"self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj",
-                                    "mlp.down_proj"}
+    assert set(adapter.weights) == {
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    }
     toks = lm.tokenize(tok, EVALS, config=config)
     ids = np.asarray(toks.ids)
     with torch.no_grad():
@@ -134,9 +147,18 @@ def _saved(src, tmp_path, **changes):
     return dest
 
 
-@pytest.mark.parametrize("field, value", [("use_dora", True), ("modules_to_save", ["lm_head"]), ("bias", "all"),
-                                          ("fan_in_fan_out", True), ("rank_pattern", {"q_proj": 2}),
-                                          ("layers_to_transform", [0]), ("peft_type", "IA3")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("use_dora", True),
+        ("modules_to_save", ["lm_head"]),
+        ("bias", "all"),
+        ("fan_in_fan_out", True),
+        ("rank_pattern", {"q_proj": 2}),
+        ("layers_to_transform", [0]),
+        ("peft_type", "IA3"),
+    ],
+)
 def test_unsupported_configs_are_refused_by_field(setup, tmp_path, field, value):
     *_, config, _, adapter_dir = setup
     with pytest.raises(peft.PeftAdapterError, match=field):
@@ -157,8 +179,10 @@ def test_bad_folders_and_tensors_are_refused(setup, tmp_path):
         peft.load_adapter(_saved(adapter_dir, tmp_path / "t", target_modules=["q_proj"]), config)
     tensors = load_file(str(adapter_dir / peft.WEIGHTS_NAME))
     embed = _saved(adapter_dir, tmp_path / "e")
-    save_file({**tensors, "base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 260), np.float32)},
-              str(embed / peft.WEIGHTS_NAME))
+    save_file(
+        {**tensors, "base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 260), np.float32)},
+        str(embed / peft.WEIGHTS_NAME),
+    )
     with pytest.raises(peft.PeftAdapterError, match="embed_tokens.lora_embedding_A"):
         peft.load_adapter(embed, config)
     with pytest.warns(RuntimeWarning, match="lora_dropout=0.1 is ignored"):

@@ -2,6 +2,7 @@
 checked against the straightforward computation (a hand-written SGD step, then every token's -log p), and
 their weighted mean over tokens against the M the default call returns (docs/per_token.md's example runs in
 tests/test_docs.py)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,8 +34,9 @@ def tiny(tmp_path_factory):
     score[1, 3:] *= 0.5  # and unequal weights: the mean over tokens is the weighted one
     evals = lm.Tokens(evals.ids, evals.attention, score)
     adapters = lora.init(jax.random.key(0), params, rank=2, alpha=4)
-    adapters = adapters.replace(deltas=jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape),
-                                                    adapters.deltas))
+    adapters = adapters.replace(
+        deltas=jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), adapters.deltas)
+    )
     return apply_fn, params, config, tok, train, evals, adapters
 
 
@@ -81,8 +83,14 @@ def test_finetuned_per_token_is_each_tokens_change(tiny, path):
     apply_fn, params, _, _, train, evals, _ = tiny
     ref = _reference(lm.NLL(apply_fn), params, lambda p: apply_fn(p, evals.ids, evals.attention), train, evals)
     inf = lm.finetuned_eif(apply_fn, params, train, evals, lr=LR, path=path, per_token=True)
-    _check(inf, lm.finetuned_eif(apply_fn, params, train, evals, lr=LR, path=path), ref, evals, 2e-5,
-           lm.nll(apply_fn, params, evals))
+    _check(
+        inf,
+        lm.finetuned_eif(apply_fn, params, train, evals, lr=LR, path=path),
+        ref,
+        evals,
+        2e-5,
+        lm.nll(apply_fn, params, evals),
+    )
 
 
 @slow
@@ -99,13 +107,20 @@ def test_lowrank_per_token_in_difference_precision_and_without_evals(tiny):
 def test_lora_per_token_is_each_tokens_change(tiny):
     apply_fn, params, _, _, train, evals, adapters = tiny
     deltas, loss_fn = lora_parts(apply_fn, params, adapters)
+
     def logits_of(d):
         return apply_fn(params, evals.ids, evals.attention, delta=lora.Adapters(d, adapters.scale))
 
     ref = _reference(loss_fn, deltas, logits_of, train, evals)
     inf = lm.lora_eif(apply_fn, params, train, evals, adapters=adapters, lr=LR, per_token=True)
-    _check(inf, lm.lora_eif(apply_fn, params, train, evals, adapters=adapters, lr=LR), ref, evals, 2e-5,
-           lm.nll(apply_fn, lora.merge(params, adapters), evals))
+    _check(
+        inf,
+        lm.lora_eif(apply_fn, params, train, evals, adapters=adapters, lr=LR),
+        ref,
+        evals,
+        2e-5,
+        lm.nll(apply_fn, lora.merge(params, adapters), evals),
+    )
 
 
 @slow
@@ -119,7 +134,7 @@ def test_prompted_per_token_is_each_tokens_change_after_the_context(tiny):
         alone = _token_nll(apply_fn(params, np.array([[bos] + body])), np.array([[bos] + body]))[0, 1:]
         for i, text in enumerate(TRAIN):
             ids = np.array([[bos] + lm.encode(tok, text) + sep + body])
-            ref[i, j, : len(body)] = _token_nll(apply_fn(params, ids), ids)[0, -len(body):] - alone
+            ref[i, j, : len(body)] = _token_nll(apply_fn(params, ids), ids)[0, -len(body) :] - alone
     inf = lm.prompted_eif(apply_fn, params, tok, config, TRAIN, EVALS, per_token=True)
     assert inf.per_token.shape == ref.shape
     np.testing.assert_array_equal(inf.mask, np.arange(length)[None] < np.array(list(map(len, bodies)))[:, None])
@@ -156,8 +171,27 @@ def test_logic_study_per_token_stage(tiny_lm_ckpt, tmp_path):
 
     out = tmp_path / "study"
     names = ["bigger_than", "squares"]
-    assert cli.main(["llm", "--model", str(tiny_lm_ckpt), "--out", str(out), "--domains", *names, "--repeats", "1",
-                     "--modes", "finetuned", "--lr", "0.05", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "llm",
+                "--model",
+                str(tiny_lm_ckpt),
+                "--out",
+                str(out),
+                "--domains",
+                *names,
+                "--repeats",
+                "1",
+                "--modes",
+                "finetuned",
+                "--lr",
+                "0.05",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert (out / "per_token.png").stat().st_size > 0 and results["config"]["per_token"] is True
     tok = tokenizer.load_tokenizer(tiny_lm_ckpt)
@@ -166,15 +200,20 @@ def test_logic_study_per_token_stage(tiny_lm_ckpt, tmp_path):
         scored = np.load(out / "per_token" / f"scored_{name}_r0.npy")
         answer = np.load(out / "per_token" / f"answer_{name}_r0.npy")
         matrix = np.load(out / f"finetuned_{name}_r0.npy")
-        np.testing.assert_allclose((per_token * scored).sum(-1) / scored.sum(-1), matrix, rtol=0,
-                                   atol=1e-5 * np.abs(matrix).max())
+        np.testing.assert_allclose(
+            (per_token * scored).sum(-1) / scored.sum(-1), matrix, rtol=0, atol=1e-5 * np.abs(matrix).max()
+        )
         samples = domains.draw(name, 0)
-        toks = lm.tokenize(tok, [s.text for s in samples], config=loading.from_pretrained(tiny_lm_ckpt)[2],
-                           pad_multiple=llm_logic.PAD_MULTIPLE)
+        toks = lm.tokenize(
+            tok,
+            [s.text for s in samples],
+            config=loading.from_pretrained(tiny_lm_ckpt)[2],
+            pad_multiple=llm_logic.PAD_MULTIPLE,
+        )
         for k, s in enumerate(samples):
             span = llm_logic.answer_span(s)
             got = tok.decode(np.asarray(toks.ids)[k, answer[k]].tolist())
-            assert got == ("" if span is None else s.text[span[0]:span[1]]), (s.text, got)
+            assert got == ("" if span is None else s.text[span[0] : span[1]]), (s.text, got)
         assert answer.any() and not np.any(answer & ~scored)
         size = np.abs(per_token.astype(np.float64))
         entry = results["per_token"][name]

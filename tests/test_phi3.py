@@ -1,4 +1,5 @@
 """Parity of the Flax Phi-3 / Llama port with transformers' PyTorch models on random tiny checkpoints."""
+
 import json
 
 import jax
@@ -17,9 +18,20 @@ TOL = 1e-4
 
 
 def _tiny_phi3(tmp_path, name, **overrides):
-    cfg = dict(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
-               num_key_value_heads=6, max_position_embeddings=64, original_max_position_embeddings=64,
-               pad_token_id=0, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+    cfg = dict(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        max_position_embeddings=64,
+        original_max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        rms_norm_eps=1e-5,
+    )
     cfg.update(overrides)
     torch.manual_seed(len(name))
     model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**cfg)).eval()
@@ -58,10 +70,23 @@ def test_longrope_gqa_partial_rotary_below_and_beyond_original_context(tmp_path)
     hd = 8
     rng = np.random.default_rng(1)
     n = int(hd * 0.75) // 2
-    rope = {"rope_type": "longrope", "rope_theta": 5000.0, "partial_rotary_factor": 0.75,
-            "short_factor": (1 + rng.random(n)).tolist(), "long_factor": (2 + 3 * rng.random(n)).tolist()}
-    path, model = _tiny_phi3(tmp_path, "phi3_longrope", hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
-                             max_position_embeddings=64, original_max_position_embeddings=16, rope_parameters=rope)
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 5000.0,
+        "partial_rotary_factor": 0.75,
+        "short_factor": (1 + rng.random(n)).tolist(),
+        "long_factor": (2 + 3 * rng.random(n)).tolist(),
+    }
+    path, model = _tiny_phi3(
+        tmp_path,
+        "phi3_longrope",
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        original_max_position_embeddings=16,
+        rope_parameters=rope,
+    )
     for t in (16, 21):  # up to the original context (short factors) and past it (long factors)
         ids = _ids(2, t, 97, seed=t)
         ours, config = _ours(path, ids)
@@ -74,10 +99,15 @@ def test_longrope_gqa_partial_rotary_below_and_beyond_original_context(tmp_path)
 def test_longrope_written_as_transformers4_su_config(tmp_path):
     """A 4.x-style config.json (`rope_scaling` type "su", top-level rope_theta) loads to the same model."""
     rng = np.random.default_rng(2)
-    rope = {"rope_type": "longrope", "rope_theta": 10000.0,
-            "short_factor": (1 + rng.random(4)).tolist(), "long_factor": (2 + rng.random(4)).tolist()}
-    path, model = _tiny_phi3(tmp_path, "phi3_su", max_position_embeddings=32, original_max_position_embeddings=8,
-                             rope_parameters=rope)
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": (1 + rng.random(4)).tolist(),
+        "long_factor": (2 + rng.random(4)).tolist(),
+    }
+    path, model = _tiny_phi3(
+        tmp_path, "phi3_su", max_position_embeddings=32, original_max_position_embeddings=8, rope_parameters=rope
+    )
     cfg = json.loads((path / "config.json").read_text())
     rp = cfg.pop("rope_parameters")
     cfg["rope_theta"] = rp.pop("rope_theta")
@@ -94,9 +124,18 @@ def test_longrope_written_as_transformers4_su_config(tmp_path):
 def test_plain_phi3_4k_with_padding_mask_and_sharded_files(tmp_path):
     """Plain rope, untied head, left padding; checkpoint sharded into several safetensors files."""
     torch.manual_seed(3)
-    cfg = transformers.Phi3Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                  num_attention_heads=4, max_position_embeddings=4096,
-                                  original_max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.Phi3Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=4096,
+        original_max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = transformers.Phi3ForCausalLM(cfg).eval()
     _randomise_norms(model)
     path = tmp_path / "phi3_4k"
@@ -123,9 +162,18 @@ def test_sliding_window(tmp_path):
 
 def test_tied_embedding_llama(tmp_path):
     torch.manual_seed(4)
-    cfg = transformers.LlamaConfig(vocab_size=89, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=True,
-                                   rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=128)
+    cfg = transformers.LlamaConfig(
+        vocab_size=89,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=128,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     _randomise_norms(model)
     path = tmp_path / "llama"

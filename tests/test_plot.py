@@ -1,4 +1,5 @@
 """Figures show the sign they claim, the boundaries asked for, and are written atomically."""
+
 import numpy as np
 import pytest
 
@@ -13,8 +14,15 @@ def _matrix(n=12, seed=0):
 
 def test_heatmap_logprob_shows_minus_m_with_labelled_colour_bar():
     M = _matrix()
-    fig = plot.heatmap(M, sign="logprob", boundaries=[3, 9], major_boundaries=[6],
-                       labels=[0] * 3 + [1] * 3 + [0] * 3 + [1] * 3, groups=["a"] * 6 + ["b"] * 6, title="t")
+    fig = plot.heatmap(
+        M,
+        sign="logprob",
+        boundaries=[3, 9],
+        major_boundaries=[6],
+        labels=[0] * 3 + [1] * 3 + [0] * 3 + [1] * 3,
+        groups=["a"] * 6 + ["b"] * 6,
+        title="t",
+    )
     ax = fig.axes[0]
     np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), -M)
     vmin, vmax = ax.images[0].get_clim()
@@ -63,15 +71,25 @@ def test_save_is_atomic_png(tmp_path):
 def test_curves_draw_lines_references_and_constants():
     """Several lines per panel, the paper's values dashed and lr-free values dotted in each line's colour."""
     lrs = [1e-6, 1e-4, 1e-2]
-    fig = plot.curves(lrs, {"a": {"x": [1, 2, 3], "y": [3, 2, 1]}, "b": [0.1, 10.0, 1000.0]},
-                      reference={"a": {"y": 2.5}, "b": 5.0}, constant={"a": {"x": 1.5, "y": 0.5}}, log_y=["b"],
-                      chosen=1e-4, columns=2)
+    fig = plot.curves(
+        lrs,
+        {"a": {"x": [1, 2, 3], "y": [3, 2, 1]}, "b": [0.1, 10.0, 1000.0]},
+        reference={"a": {"y": 2.5}, "b": 5.0},
+        constant={"a": {"x": 1.5, "y": 0.5}},
+        log_y=["b"],
+        chosen=1e-4,
+        columns=2,
+    )
     a, b = fig.axes[:2]
     solid = [ln for ln in a.lines if ln.get_linestyle() == "-"]
     np.testing.assert_allclose([ln.get_ydata() for ln in solid], [[1, 2, 3], [3, 2, 1]])
     dashed = [ln for ln in a.lines if ln.get_linestyle() == "--"]
-    assert len(dashed) == 1 and np.allclose(dashed[0].get_ydata(), 2.5) and dashed[0].get_color() == solid[1].get_color()
-    dotted = {tuple(ln.get_ydata()): ln.get_color() for ln in a.lines if ln.get_linestyle() == ":" and ln.get_ydata()[0] != 0}
+    assert (
+        len(dashed) == 1 and np.allclose(dashed[0].get_ydata(), 2.5) and dashed[0].get_color() == solid[1].get_color()
+    )
+    dotted = {
+        tuple(ln.get_ydata()): ln.get_color() for ln in a.lines if ln.get_linestyle() == ":" and ln.get_ydata()[0] != 0
+    }
     assert dotted[(1.5, 1.5)] == solid[0].get_color() and dotted[(0.5, 0.5)] == solid[1].get_color()
     assert b.get_yscale() == "log" and a.get_yscale() == "linear"
     assert any(np.allclose(ln.get_xdata(), 1e-4) for ln in b.lines)  # the chosen lr is marked

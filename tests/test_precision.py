@@ -1,4 +1,5 @@
 """precision= modes and the noise floor, against float64."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,7 +90,9 @@ def test_sign_shares_counts_only_above_the_floor():
 @pytest.mark.parametrize("lr", [1e-7, 1e-3])
 def test_difference_mode_has_float64_accuracy_at_float32_cost(cnn_problem, lr):
     params, train = cnn_problem
-    ref = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision=jaxeif.Precision(dtype="float64")), np.float64)
+    ref = np.asarray(
+        jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision=jaxeif.Precision(dtype="float64")), np.float64
+    )
     M = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr, precision=jaxeif.Precision(difference=True)))
     assert M.dtype == np.float32
     off = ~np.eye(len(M), dtype=bool)
@@ -103,14 +106,24 @@ def test_difference_mode_gradients_match_finite_differences():
     with jax.enable_x64(True):
         params, train, evals = make_problem(n=3, m=4, dtype=jnp.float64)
         w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)))
-        f = lambda lr: jnp.sum(w * jaxeif.eif(mlp_loss, params, train, evals, lr=lr, steps=2, precision=jaxeif.Precision(difference=True)))  # noqa: E731
+        f = lambda lr: jnp.sum(
+            w * jaxeif.eif(mlp_loss, params, train, evals, lr=lr, steps=2, precision=jaxeif.Precision(difference=True))
+        )  # noqa: E731
         lr0 = np.array([0.05, 0.02, 0.1])
         got = np.asarray(jax.grad(f)(jnp.asarray(lr0)))
         eps = 1e-6
-        want = np.array([(float(f(jnp.asarray(lr0 + eps * e))) - float(f(jnp.asarray(lr0 - eps * e)))) / (2 * eps)
-                         for e in np.eye(3)])
+        want = np.array(
+            [
+                (float(f(jnp.asarray(lr0 + eps * e))) - float(f(jnp.asarray(lr0 - eps * e)))) / (2 * eps)
+                for e in np.eye(3)
+            ]
+        )
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
-        direct = np.asarray(jax.grad(lambda lr: jnp.sum(w * jaxeif.eif(mlp_loss, params, train, evals, lr=lr, steps=2)))(jnp.asarray(lr0)))
+        direct = np.asarray(
+            jax.grad(lambda lr: jnp.sum(w * jaxeif.eif(mlp_loss, params, train, evals, lr=lr, steps=2)))(
+                jnp.asarray(lr0)
+            )
+        )
         np.testing.assert_allclose(got, direct, rtol=1e-7)
 
 
@@ -118,7 +131,9 @@ def test_difference_mode_gradients_match_finite_differences():
 def test_short_names_warn_with_their_precision_and_compute_the_same(name):
     params, train, evals = make_problem(n=3, m=4)
     want = jaxeif.eif(mlp_loss, params, train, evals, lr=1e-3, precision=precision_lib.NAMES[name])
-    with pytest.warns(DeprecationWarning, match=r"precision='.*' is deprecated; pass precision=jaxeif\.Precision\(") as w:
+    with pytest.warns(
+        DeprecationWarning, match=r"precision='.*' is deprecated; pass precision=jaxeif\.Precision\("
+    ) as w:
         got = jaxeif.eif(mlp_loss, params, train, evals, lr=1e-3, precision=name)
     assert w[0].filename == __file__  # attributed to the caller's line, not to jaxeif
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

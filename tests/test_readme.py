@@ -1,4 +1,5 @@
 """The README stays short, its API example runs and gives what it claims, and its links lead somewhere."""
+
 import re
 from pathlib import Path
 
@@ -8,8 +9,7 @@ ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 # Pages written on other branches at the same time; the README links them already (docs/_hooks/api_pages.py
 # keeps the same list for the site's nav). Every other link must resolve.
-PLANNED_PAGES = {"docs/your_model.md", "docs/precision_lm.md", "docs/per_token.md", "docs/caching.md",
-                 "docs/scale.md"}
+PLANNED_PAGES = {"docs/your_model.md", "docs/precision_lm.md", "docs/per_token.md", "docs/caching.md", "docs/scale.md"}
 
 
 def test_readme_is_short():

@@ -1,4 +1,5 @@
 """The same command twice gives identical numbers; the results JSON records how they were made."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-
 from toy_experiment import command, env, toy_problem
 
 pytestmark = pytest.mark.slow  # every test runs the toy study twice in subprocesses

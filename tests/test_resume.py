@@ -1,5 +1,6 @@
 """SIGKILL a checkpointed EIF sweep mid-way, rerun the same command: bit-identical result
 (the command runs tests/toy_experiment.py)."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import time
 
 import numpy as np
 import pytest
+from toy_experiment import command, env, toy_loss, toy_problem
 
 from jaxeif import eif, runs
-from toy_experiment import command, env, toy_loss, toy_problem
 
 pytestmark = pytest.mark.slow  # SIGKILLs a study subprocess and reruns it
 
@@ -61,7 +62,7 @@ def test_sigkill_then_same_command_resumes_bit_identical(tmp_path):
     assert 2 <= len(done) < n_blocks, done
     assert not (killed / "eif.npy").exists(), "the killed run must not have finished"
     # Same command again (the sleep only paces the harness; it is not part of the config).
-    resumed = run_to_end(command(killed, "--slow", "0.5"))
+    run_to_end(command(killed, "--slow", "0.5"))
     assert json.loads((killed / "results.json").read_text())["computed_blocks"] == n_blocks - len(done)
 
     # The uninterrupted run, in this process (tests/test_reproducible.py runs it twice as a command).

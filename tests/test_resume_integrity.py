@@ -1,6 +1,7 @@
 """A resumed results folder returns this computation's numbers or a named error, never another's:
 fingerprints cover what determines the numbers (issue #23 item 1), and files are what they claim
 (checksums on read, verified writes, no deletion of others' files, named disk errors, the umask; item 2)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -116,8 +117,15 @@ class LabelObjective:
 
 
 def test_meta_fit_objective_instance_state_is_part_of_the_fingerprint(tmp_path):
-    fit = lambda labels: meta.fit(LabelObjective(labels), jnp.zeros(3), optimizer=optax.sgd(0.1), steps=2,  # noqa
-                                  checkpoint_dir=tmp_path / "fit", every=1, progress=False)
+    fit = lambda labels: meta.fit(
+        LabelObjective(labels),
+        jnp.zeros(3),
+        optimizer=optax.sgd(0.1),
+        steps=2,  # noqa
+        checkpoint_dir=tmp_path / "fit",
+        every=1,
+        progress=False,
+    )
     fit([0.0, 1.0, 2.0])
     with pytest.raises(meta.StaleCheckpointError, match="objective"):
         fit([5.0, 1.0, 2.0])
@@ -162,8 +170,16 @@ def test_a_short_write_under_a_file_size_limit_keeps_the_blocks_and_names_the_fi
     assert not (run.path / "eif.npy").exists() and (run.path / "eif_blocks").exists()
     assert not [p for p in run.path.rglob("*.draft.tmp")]
     calls = []
-    resumed = runs.sweep_eif(loss, P, TR, evals, lr=0.1, block_size=4, run=RunDir.open(run.path, {}),
-                             on_block=lambda b, rows: calls.append(b))
+    resumed = runs.sweep_eif(
+        loss,
+        P,
+        TR,
+        evals,
+        lr=0.1,
+        block_size=4,
+        run=RunDir.open(run.path, {}),
+        on_block=lambda b, rows: calls.append(b),
+    )
     assert calls == []  # both blocks came from their checkpoints
     np.testing.assert_array_equal(np.asarray(resumed), full)
     assert not (run.path / "eif_blocks").exists()
@@ -203,8 +219,13 @@ def test_files_get_the_users_umask(tmp_path):
     old = os.umask(0o022)
     try:
         run = RunDir.open(tmp_path / "r", {})
-        paths = [run.save_npy("m", np.eye(2)), run.save_json("j", {}), run.save_figure("f", plt.figure()),
-                 run.path / "config.json", run.path / "manifest.json"]
+        paths = [
+            run.save_npy("m", np.eye(2)),
+            run.save_json("j", {}),
+            run.save_figure("f", plt.figure()),
+            run.path / "config.json",
+            run.path / "manifest.json",
+        ]
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in paths}
         assert set(modes.values()) == {0o644}, modes
         os.umask(0o002)
@@ -227,10 +248,16 @@ DAMAGE = st.sampled_from(["flip", "truncate", "delete", "extra"])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=DAMAGE, which=st.integers(0, 1000), where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7),
-       extra_name=st.sampled_from(["notes.txt", "eif_blocks/0/x", ".hidden", "eif.npy.bak", "sub/eif.npy"]))
-def test_any_damage_to_a_finished_folder_gives_the_matrix_or_a_named_error(finished, kind, which, where, bit,
-                                                                            extra_name):
+@given(
+    kind=DAMAGE,
+    which=st.integers(0, 1000),
+    where=st.floats(0, 1, exclude_max=True),
+    bit=st.integers(0, 7),
+    extra_name=st.sampled_from(["notes.txt", "eif_blocks/0/x", ".hidden", "eif.npy.bak", "sub/eif.npy"]),
+)
+def test_any_damage_to_a_finished_folder_gives_the_matrix_or_a_named_error(
+    finished, kind, which, where, bit, extra_name
+):
     source, matrix = finished
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp) / "run"
@@ -240,7 +267,7 @@ def test_any_damage_to_a_finished_folder_gives_the_matrix_or_a_named_error(finis
         data = target.read_bytes()
         if kind == "flip" and data:
             pos = int(where * len(data))
-            target.write_bytes(data[:pos] + bytes([data[pos] ^ (1 << bit)]) + data[pos + 1:])
+            target.write_bytes(data[:pos] + bytes([data[pos] ^ (1 << bit)]) + data[pos + 1 :])
         elif kind == "truncate":
             target.write_bytes(data[: int(where * len(data))])
         elif kind == "delete":
@@ -261,8 +288,15 @@ def test_any_damage_to_a_finished_folder_gives_the_matrix_or_a_named_error(finis
 
 def test_meta_fit_checkpoints_are_checksummed(tmp_path):
     objective = LabelObjective([0.0, 1.0, 2.0])
-    fit = lambda steps: meta.fit(objective, jnp.zeros(3), optimizer=optax.sgd(0.1), steps=steps,  # noqa: E731
-                                 checkpoint_dir=tmp_path / "fit", every=1, progress=False)
+    fit = lambda steps: meta.fit(
+        objective,
+        jnp.zeros(3),
+        optimizer=optax.sgd(0.1),
+        steps=steps,  # noqa: E731
+        checkpoint_dir=tmp_path / "fit",
+        every=1,
+        progress=False,
+    )
     first = fit(2)
     data = sorted((tmp_path / "fit" / "checkpoints" / "2").rglob("*"), key=lambda p: -p.stat().st_size)
     target = next(p for p in data if p.is_file())
@@ -332,7 +366,7 @@ def test_any_damage_to_an_interrupted_folder_gives_the_matrix_or_a_named_error(i
         data = target.read_bytes()
         if kind == "flip" and data:
             pos = int(where * len(data))
-            target.write_bytes(data[:pos] + bytes([data[pos] ^ (1 << bit)]) + data[pos + 1:])
+            target.write_bytes(data[:pos] + bytes([data[pos] ^ (1 << bit)]) + data[pos + 1 :])
         elif kind == "truncate":
             target.write_bytes(data[: int(where * len(data))])
         elif kind == "delete":

@@ -1,4 +1,5 @@
 """Results folders: resume-or-refuse, atomic writes, checkpointed sweeps, damaged checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from toy_experiment import toy_loss, toy_problem
 
 from jaxeif import NonFiniteInfluenceError, eif, eif_sharded, runs
 from jaxeif.runs import CorruptCheckpointError, RunDir, RunDirError
-from toy_experiment import toy_loss, toy_problem
 
 
 def toy(seed: int = 0, n: int = 7):
@@ -99,8 +100,13 @@ def test_config_must_be_plain_data(tmp_path):
 def test_folder_in_use_by_another_process_is_refused(tmp_path):
     RunDir.open(tmp_path / "r", {"a": 1})  # this process now holds the folder's lock
     code = f"from jaxeif.runs import RunDir; RunDir.open({str(tmp_path / 'r')!r}, {{'a': 1}})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert proc.returncode != 0 and "in use by another running process" in proc.stderr
 
 
@@ -226,8 +232,9 @@ def test_sweep_refuses_resuming_with_another_optimizer_or_loss(tmp_path):
     params, train = toy()
     run = RunDir.open(tmp_path / "r", {})
     with pytest.raises(Crash):
-        runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, optimizer=optax.sgd(1.0), run=run,
-                       on_block=crash_after(1)[1])
+        runs.sweep_eif(
+            loss, params, train, lr=0.2, block_size=2, optimizer=optax.sgd(1.0), run=run, on_block=crash_after(1)[1]
+        )
     for other in ({"optimizer": optax.adam(1.0)}, {"optimizer": optax.sgd(1.0, momentum=0.9)}, {"optimizer": None}):
         with pytest.raises(RunDirError, match="optimizer: saved"):
             runs.sweep_eif(loss, params, train, lr=0.2, block_size=2, run=run, progress=False, **other)
@@ -263,7 +270,9 @@ def test_diverged_rows_raise_like_eif_after_being_recorded(tmp_path):
     with pytest.raises(NonFiniteInfluenceError) as direct:  # what eif does with the same rows
         eif(loss, params, train, lr=lr)
     run = RunDir.open(tmp_path / "r", {})
-    with pytest.raises(NonFiniteInfluenceError, match=r"2 of 7 fine-tunes diverged \(non-finite influence\) in rows \[1, 5\]") as e:
+    with pytest.raises(
+        NonFiniteInfluenceError, match=r"2 of 7 fine-tunes diverged \(non-finite influence\) in rows \[1, 5\]"
+    ) as e:
         runs.sweep_eif(loss, params, train, lr=lr, block_size=3, run=run)
     assert e.value.rows.tolist() == direct.value.rows.tolist() == [1, 5]
     m = e.value.matrix

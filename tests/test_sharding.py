@@ -1,4 +1,5 @@
 """eif_sharded over 4 forced host devices gives the single-device eif matrix (rows padded and dropped)."""
+
 import json
 import os
 import pathlib
@@ -43,10 +44,16 @@ def problem():
 def test_four_devices_match_single_device(tmp_path):
     params, train, evals, lr = problem()
     single = np.asarray(jaxeif.eif(loss, params, train, evals, lr=lr))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]),
+    )
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(out)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["devices"] == 4 and result["jax_array"]
@@ -56,7 +63,11 @@ def test_four_devices_match_single_device(tmp_path):
 
 def test_one_device_and_bad_devices():
     params, train, evals, lr = problem()
-    np.testing.assert_allclose(eif_sharded(loss, params, train, evals, lr=lr), jaxeif.eif(loss, params, train, evals, lr=lr),
-                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        eif_sharded(loss, params, train, evals, lr=lr),
+        jaxeif.eif(loss, params, train, evals, lr=lr),
+        rtol=1e-6,
+        atol=1e-8,
+    )
     with pytest.raises(ValueError, match="`devices`"):
         eif_sharded(loss, params, train, evals, lr=lr, devices=[])

@@ -1,6 +1,7 @@
 """Issue #23 items 3-5: numbers that would mean nothing are warned of or refused, every argument is
 checked where it enters (naming it and the index), and eif's hidden jit neither reuses stale constants
 nor compiles a loss that closes over a tracer. Each test is one reproducer of the issue."""
+
 from __future__ import annotations
 
 import functools
@@ -73,9 +74,18 @@ def test_toward_with_nothing_to_match_is_refused_also_inside_meta_fit():
         meta.fit(objective, jnp.full(8, -2.0), optimizer=optax.sgd(0.1), steps=1, progress=False, data=(P, TR))
 
 
-CFG = phi3.Phi3Config(vocab_size=260, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
-                      max_position_embeddings=16, bos_token_id=256)
+CFG = phi3.Phi3Config(
+    vocab_size=260,
+    hidden_size=16,
+    intermediate_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    tie_word_embeddings=True,
+    max_position_embeddings=16,
+    bos_token_id=256,
+)
 PARAMS = phi3.init_params(jax.random.key(0), CFG)
 APPLY = phi3.make_apply_fn(CFG)
 
@@ -179,8 +189,11 @@ class Scaled:
 def test_eif_recompiles_when_a_value_the_loss_reads_changes(monkeypatch):
     first = np.asarray(jaxeif.eif(scaled_loss, P, TR, lr=0.1))
     monkeypatch.setitem(globals(), "SCALE", 3.0)
-    np.testing.assert_allclose(np.asarray(jaxeif.eif(scaled_loss, P, TR, lr=0.1)),
-                               np.asarray(jaxeif.eif(lambda p, e: loss(p, e) * 3.0, P, TR, lr=0.1)), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(jaxeif.eif(scaled_loss, P, TR, lr=0.1)),
+        np.asarray(jaxeif.eif(lambda p, e: loss(p, e) * 3.0, P, TR, lr=0.1)),
+        rtol=1e-5,
+    )
     assert not np.allclose(first, np.asarray(jaxeif.eif(scaled_loss, P, TR, lr=0.1)))
     obj = Scaled(1.0)
     a = np.asarray(jaxeif.eif(obj, P, TR, lr=0.1))

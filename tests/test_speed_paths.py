@@ -4,6 +4,7 @@ jaxeif.eif(chunk_size=1) (one fine-tune at a time, all evals batched: the fastes
 CNN) must equal a plain Python loop of grad/update/evaluate and the default all-rows vmap, and
 the benchmark's straightforward jax.vmap baseline must compute the same matrix.
 """
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,12 @@ def loop_eif(loss_fn, params, train, evals, lr):
     rows = []
     for i in range(jax.tree.leaves(train)[0].shape[0]):
         tuned = jax.tree.map(lambda p, d: p - lr * d, params, grad(params, pick(train, i)))
-        rows.append([float(loss(tuned, pick(evals, j)) - loss(params, pick(evals, j)))
-                     for j in range(jax.tree.leaves(evals)[0].shape[0])])
+        rows.append(
+            [
+                float(loss(tuned, pick(evals, j)) - loss(params, pick(evals, j)))
+                for j in range(jax.tree.leaves(evals)[0].shape[0])
+            ]
+        )
     return np.array(rows)
 
 
@@ -34,9 +39,11 @@ def test_cnn_paths_equal_plain_loop():
     train, evals = (jnp.asarray(x[:3]), jnp.asarray(y[:3])), (jnp.asarray(x[:5]), jnp.asarray(y[:5]))
     reference = loop_eif(cnn.loss_fn, params, train, evals, 0.2)
     assert np.abs(reference).max() > 1e-4  # the fine-tunes really move the losses
-    for name, got in [("chunk_size=1", jaxeif.eif(cnn.loss_fn, params, train, evals, lr=0.2, chunk_size=1)),
-                      ("chunk_size=None", jaxeif.eif(cnn.loss_fn, params, train, evals, lr=0.2)),
-                      ("naive vmap", jax.jit(naive_vmap_rows, static_argnums=3)(params, train, evals, 0.2))]:
+    for name, got in [
+        ("chunk_size=1", jaxeif.eif(cnn.loss_fn, params, train, evals, lr=0.2, chunk_size=1)),
+        ("chunk_size=None", jaxeif.eif(cnn.loss_fn, params, train, evals, lr=0.2)),
+        ("naive vmap", jax.jit(naive_vmap_rows, static_argnums=3)(params, train, evals, 0.2)),
+    ]:
         np.testing.assert_allclose(got, reference, rtol=1e-4, atol=2e-6, err_msg=name)
 
 

@@ -1,5 +1,6 @@
 """jaxeif.store: tiles bit-identical to one jaxeif.eif call, resumable, refusing other calls, and
 detecting torn or altered tiles; readable as plain zarr v2 without jaxeif."""
+
 import json
 
 import jax
@@ -56,8 +57,11 @@ def test_row_tiles_exact_column_tiles_exact_per_block(tmp_path):
     rows = store.fill(loss, params, train, evals, lr=lr, path=tmp_path / "rows", tile=(5, 20)).store.to_numpy()
     assert np.array_equal(rows, whole)
     tiles = store.fill(loss, params, train, evals, lr=lr, path=tmp_path / "tiles", tile=(5, 6)).store
-    block = np.asarray(jaxeif.eif(loss, params, jax.tree.map(lambda x: x[5:10], train),
-                                  jax.tree.map(lambda x: x[6:12], evals), lr=lr[5:10]))
+    block = np.asarray(
+        jaxeif.eif(
+            loss, params, jax.tree.map(lambda x: x[5:10], train), jax.tree.map(lambda x: x[6:12], evals), lr=lr[5:10]
+        )
+    )
     assert np.array_equal(tiles.read_tile((1, 1)), block)
     floor = np.asarray(jaxeif.noise_floor(loss, params, train, evals, lr=lr, samples=24))  # 4 sigma of float32 vs 64
     assert np.all(np.abs(tiles.to_numpy() - whole) <= 2 * floor)  # two float32 results, each within the floor

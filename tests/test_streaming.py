@@ -1,5 +1,6 @@
 """jaxeif.streaming: every study metric from a 512 x 512 store in 64 x 64 tiles equals the in-memory
 jaxeif.desiderata metric to float32 rounding, holding at most two tiles (counted, and measured)."""
+
 import tracemalloc
 
 import jax
@@ -79,8 +80,9 @@ def test_peak_memory_a_few_tiles(filled):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     state = 2 * 5 * N * (8 + 8) + 2 * N * 8  # top/bottom k (f64 values, i64 rows) and the row/column sums
-    print(f"peak {peak} bytes = {peak / tile_bytes:.1f} tiles of {tile_bytes}; running state {state}; "
-          f"matrix {M.nbytes}")
+    print(
+        f"peak {peak} bytes = {peak / tile_bytes:.1f} tiles of {tile_bytes}; running state {state}; matrix {M.nbytes}"
+    )
     assert peak - state < 16 * tile_bytes  # two tiles with their float64 copies, masks and top-k merges
     assert peak < M.nbytes / 3
 

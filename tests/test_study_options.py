@@ -1,4 +1,5 @@
 """experiments/options.py: one config dataclass gives a study its flags and its config.json; shared checks."""
+
 import argparse
 import dataclasses
 
@@ -28,14 +29,29 @@ def test_a_config_dataclass_gives_the_flags_and_the_config_json():
     assert parse() == Config()
     got = parse("--out", "r", "--seed", "3", "--lrs", "0.5", "0.25", "--chunk-size", "4", "--quick")
     assert got == Config(out="r", seed=3, lrs=[0.5, 0.25], chunk_size=4, quick=True)
-    assert options.as_json(got) == {"out": "r", "seed": 3, "lrs": [0.5, 0.25], "chunk_size": 4,
-                                    "precision": "difference", "quick": True}
+    assert options.as_json(got) == {
+        "out": "r",
+        "seed": 3,
+        "lrs": [0.5, 0.25],
+        "chunk_size": 4,
+        "precision": "difference",
+        "quick": True,
+    }
     assert Config().lrs is not Config().lrs  # list defaults are not shared between configs
     assert options.precision_of(got.precision) == jaxeif.Precision(difference=True)
 
 
-@pytest.mark.parametrize("argv", [["--seed", "-1"], ["--lrs", "0"], ["--lrs", "nan"], ["--chunk-size", "0"],
-                                  ["--precision", "fp8"], ["--seed", "x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--seed", "-1"],
+        ["--lrs", "0"],
+        ["--lrs", "nan"],
+        ["--chunk-size", "0"],
+        ["--precision", "fp8"],
+        ["--seed", "x"],
+    ],
+)
 def test_bad_values_stop_at_the_parser(argv, capsys):
     with pytest.raises(SystemExit):
         parse(*argv)

@@ -1,22 +1,22 @@
 """docs/your_model.md: every recipe executed and checked against a fine-tune written by hand (one SGD step
 on one example with the framework's own gradient, then the loss recomputed); the refusals of model state
 and non-array leaves in params, through every EIF entry point."""
+
 import functools
 import re
 from pathlib import Path
 
+import equinox as eqx  # noqa: E402  (in the test extra: a missing install fails loudly)
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax
 import pytest
 from flax import nnx
 
 import jaxeif
 import jaxeif.frameworks
 from jaxeif import checks, runs
-
-import equinox as eqx  # noqa: E402  (in the test extra: a missing install fails loudly)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "your_model.md"
 LR = 0.05  # the rate the recipes use
@@ -65,8 +65,13 @@ def assert_matches(M, expected):
     np.testing.assert_allclose(M, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
 
 
-RECIPES = ["A plain function of a dict", "Flax NNX", "Flax NNX with BatchNorm and Dropout",
-           "Flax Linen with batch_stats and dropout RNGs", "Equinox"]
+RECIPES = [
+    "A plain function of a dict",
+    "Flax NNX",
+    "Flax NNX with BatchNorm and Dropout",
+    "Flax Linen with batch_stats and dropout RNGs",
+    "Equinox",
+]
 
 
 def test_every_code_block_of_the_page_is_run_by_a_test():
@@ -82,6 +87,7 @@ def test_plain_dict_recipe_fine_tunes_the_head_only():
 
     def tune(ex):  # SGD on w2 alone: w1 and b1 are frozen
         return frozen["w1"], frozen["b1"], params["w2"] - LR * jax.grad(loss, argnums=2)(*tune.base, ex)
+
     tune.base = (frozen["w1"], frozen["b1"], params["w2"])
     assert_matches(ns["M"], by_hand(tune, lambda w, ex: loss(*w, ex), tune.base, train, train))
 
@@ -133,7 +139,9 @@ def test_float64_mode_agrees_without_dropout_and_draws_other_masks_with_it():
     np.testing.assert_allclose(M64, M32, rtol=1e-4, atol=1e-5 * np.abs(M32).max())
     masked64 = np.asarray(jaxeif.eif(loss_fn, params, train, evals, lr=LR, precision=jaxeif.Precision(dtype="float64")))
     assert np.abs(masked64 - np.asarray(ns["M"])).max() > 0.1 * np.abs(np.asarray(ns["M"])).max()
-    masked_difference = np.asarray(jaxeif.eif(loss_fn, params, train, evals, lr=LR, precision=jaxeif.Precision(difference=True)))
+    masked_difference = np.asarray(
+        jaxeif.eif(loss_fn, params, train, evals, lr=LR, precision=jaxeif.Precision(difference=True))
+    )
     np.testing.assert_allclose(masked_difference, ns["M"], rtol=1e-3, atol=1e-4 * np.abs(np.asarray(ns["M"])).max())
 
 
@@ -164,6 +172,7 @@ def test_nnx_loss_wrt_filter_fine_tunes_only_what_it_selects():
         grads = nnx.grad(lambda m: ns["loss"](m, ex), argnums=nnx.DiffState(0, only_out))(tuned)
         nnx.update(tuned, jax.tree.map(lambda p, g: p - LR * g, nnx.state(tuned, only_out), grads))
         return tuned
+
     assert_matches(M, by_hand(tune, ns["loss"], ns["model"], ns["train"], ns["train"]))
 
 
@@ -188,6 +197,7 @@ def test_nnx_cnn_with_batchnorm_through_nnx_loss_matches_a_hand_written_fine_tun
 
     def loss(m, ex):
         return -jax.nn.log_softmax(m(ex["x"][None])[0])[ex["y"]]
+
     loss_fn, params = jaxeif.frameworks.nnx_loss(model, loss)
     assert not any("mean" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
     M = jaxeif.eif(loss_fn, params, data, lr=0.2)
@@ -200,12 +210,18 @@ def test_linen_recipe_matches_a_hand_written_fine_tune():
 
     def loss(params, ex):  # written again: batch_stats from `variables`, the dropout key from the example
         key = ex.get("key")
-        pred = net.apply({**variables, "params": params}, ex["x"][None], norm_train=False, dropout=key is not None,
-                         rngs=None if key is None else {"dropout": key})[0]
+        pred = net.apply(
+            {**variables, "params": params},
+            ex["x"][None],
+            norm_train=False,
+            dropout=key is not None,
+            rngs=None if key is None else {"dropout": key},
+        )[0]
         return (pred - ex["y"]) ** 2
 
     def tune(ex):
         return jax.tree.map(lambda p, g: p - LR * g, variables["params"], jax.grad(loss)(variables["params"], ex))
+
     assert_matches(ns["M"], by_hand(tune, loss, variables["params"], train, evals))
 
 
@@ -216,6 +232,7 @@ def test_equinox_recipe_matches_a_hand_written_fine_tune():
     def tune(ex):
         grads = eqx.filter_grad(lambda m: loss(m, ex))(model)
         return eqx.apply_updates(model, jax.tree.map(lambda g: -LR * g, grads))
+
     assert_matches(ns["M"], by_hand(tune, loss, model, train, train))
 
 
@@ -233,6 +250,7 @@ def test_eqx_loss_binds_frozen_arrays_as_inputs_and_fine_tunes_only_wrt():
         diff, static = eqx.partition(model, last_only)
         grads = jax.grad(lambda d: loss(eqx.combine(d, static), ex))(diff)
         return eqx.combine(jax.tree.map(lambda p, g: p - LR * g, diff, grads), static)
+
     assert_matches(M, by_hand(tune, loss, model, train, train))
 
 
@@ -314,23 +332,34 @@ def test_a_linen_variables_dict_is_refused_everywhere(name):
         ENTRY_POINTS[name](loss, {"params": params, "batch_stats": {"var": jnp.ones(2)}}, train, lr=0.1)
 
 
-@pytest.mark.parametrize("bind,where", [
-    (lambda f: jax.tree_util.Partial(f, jax.nn.relu), r"args\[0\] = .*'relu'"),
-    (lambda f: jax.tree_util.Partial(f, act=jax.nn.relu), r"keywords\['act'\] = .*'relu'"),
-    (lambda f: jax.tree_util.Partial(f, {"scale": jnp.ones(()), "name": "head"}), r"args\[0\]\['name'\] = .*str"),
-])
+@pytest.mark.parametrize(
+    "bind,where",
+    [
+        (lambda f: jax.tree_util.Partial(f, jax.nn.relu), r"args\[0\] = .*'relu'"),
+        (lambda f: jax.tree_util.Partial(f, act=jax.nn.relu), r"keywords\['act'\] = .*'relu'"),
+        (lambda f: jax.tree_util.Partial(f, {"scale": jnp.ones(()), "name": "head"}), r"args\[0\]\['name'\] = .*str"),
+    ],
+)
 def test_a_non_array_bound_in_a_partial_loss_is_refused_naming_its_path(bind, where):
     params, _, train = tiny()
 
     def loss(act, p, ex):
         return jnp.sum(act(ex["x"] @ p["w"] - ex["y"]) ** 2) if callable(act) else (ex["x"] @ p["w"] - ex["y"]) ** 2
+
     with pytest.raises(checks.ParamsLeafError, match=where + r".*functools\.partial"):
         jaxeif.eif(bind(loss), params, train, lr=0.1)
 
 
-@pytest.mark.parametrize("leaf,kind", [("head", "str"), (np.array([None, 1.0], dtype=object), "ndarray"),
-                                       (jaxeif.frameworks, "module"), (0.1, "Python float.*jnp.asarray"),
-                                       (False, "Python bool")])
+@pytest.mark.parametrize(
+    "leaf,kind",
+    [
+        ("head", "str"),
+        (np.array([None, 1.0], dtype=object), "ndarray"),
+        (jaxeif.frameworks, "module"),
+        (0.1, "Python float.*jnp.asarray"),
+        (False, "Python bool"),
+    ],
+)
 def test_a_non_array_leaf_in_params_is_refused_naming_its_path(leaf, kind):
     params, loss, train = tiny()
     with pytest.raises(checks.ParamsLeafError, match=rf"`params`\['extra'\] is .*{kind}"):
@@ -343,8 +372,10 @@ def test_arrays_numbers_and_typed_keys_bound_in_a_partial_are_accepted():
     def loss(frozen, p, ex):
         noise = 0.0 * jax.random.uniform(frozen["key"])  # a typed key bound in the Partial: an input too
         return (ex["x"] @ p["w"] * frozen["scale"] + frozen["shift"] - ex["y"]) ** 2 + noise
+
     loss_fn = jax.tree_util.Partial(loss, {"scale": 2.0, "shift": np.float32(0.5), "key": jax.random.key(0)})
     M = jaxeif.eif(loss_fn, params, train, lr=0.001)
-    expected = by_hand(lambda ex: {"w": params["w"] - 0.001 * jax.grad(loss_fn)(params, ex)["w"]}, loss_fn, params,
-                       train, train)
+    expected = by_hand(
+        lambda ex: {"w": params["w"] - 0.001 * jax.grad(loss_fn)(params, ex)["w"]}, loss_fn, params, train, train
+    )
     assert_matches(M, expected)

@@ -1,5 +1,6 @@
 """A random tiny transformers checkpoint with a byte-level tokenizer, for the language-model tests
 (needs torch: import it after `pytest.importorskip("torch")`)."""
+
 import torch
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -22,14 +23,28 @@ def byte_tokenizer():
 
 def tiny_checkpoint(path, arch="llama", vocab=260, tie=True, seed=0, context=128):
     """A random tiny transformers checkpoint + byte tokenizer in `path`; returns the torch model."""
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=tie, bos_token_id=256,
-                  pad_token_id=257, eos_token_id=257, initializer_range=0.15, rms_norm_eps=1e-5)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=tie,
+        bos_token_id=256,
+        pad_token_id=257,
+        eos_token_id=257,
+        initializer_range=0.15,
+        rms_norm_eps=1e-5,
+    )
     torch.manual_seed(seed)
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     else:
-        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, original_max_position_embeddings=context))
+        model = transformers.Phi3ForCausalLM(
+            transformers.Phi3Config(**common, original_max_position_embeddings=context)
+        )
     model = model.float().eval()
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
@@ -43,19 +58,40 @@ ARCHS = {
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {"original_max_position_embeddings": 64}),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 16}),
-    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",
-               {"head_dim": 8, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 2.0,
-                "final_logit_softcapping": 3.0, "sliding_window": 4, "hidden_activation": "gelu_pytorch_tanh",
-                "layer_types": ["sliding_attention", "full_attention"]}),
+    "gemma2": (
+        "Gemma2ForCausalLM",
+        "Gemma2Config",
+        {
+            "head_dim": 8,
+            "query_pre_attn_scalar": 16,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+            "sliding_window": 4,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
 }
 
 
 def arch_config(arch, vocab=260, tie=True, **overrides):
     """The transformers config of a tiny `arch` decoder (one of ARCHS)."""
     _, config_cls, extra = ARCHS[arch]
-    kw = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, bos_token_id=256,
-              pad_token_id=257, eos_token_id=257, initializer_range=0.15, rms_norm_eps=1e-5)
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        bos_token_id=256,
+        pad_token_id=257,
+        eos_token_id=257,
+        initializer_range=0.15,
+        rms_norm_eps=1e-5,
+    )
     kw.update(extra)
     kw.update(overrides)
     return getattr(transformers, config_cls)(**kw)

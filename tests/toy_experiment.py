@@ -1,6 +1,7 @@
 """A toy experiment module (add_arguments / run) for the tests of resuming, reproducibility and the CLI;
 run as `python tests/toy_experiment.py --out DIR` (with the repository on PYTHONPATH: `env()`) through
 `jaxeif.cli.experiment_main`."""
+
 from __future__ import annotations
 
 import os
@@ -50,10 +51,16 @@ def run(args) -> dict:
         time.sleep(args.slow)
 
     params, train = toy_problem(args.seed, args.n)
-    matrix = runs.sweep_eif(toy_loss, params, train, lr=args.lr, steps=args.steps, block_size=args.block_size,
-                            run=rundir, on_block=on_block)
+    matrix = runs.sweep_eif(
+        toy_loss, params, train, lr=args.lr, steps=args.steps, block_size=args.block_size, run=rundir, on_block=on_block
+    )
     meta = runs.run_metadata(
-        seed=args.seed, model="toy tanh MLP 6-8-1", lr=args.lr, optimizer="sgd", steps=args.steps, block_size=args.block_size
+        seed=args.seed,
+        model="toy tanh MLP 6-8-1",
+        lr=args.lr,
+        optimizer="sgd",
+        steps=args.steps,
+        block_size=args.block_size,
     )
     results = {"metadata": meta, "config": config, "matrix_sum": float(matrix.sum()), "computed_blocks": len(computed)}
     rundir.save_json("results", results)

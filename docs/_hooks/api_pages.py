@@ -8,6 +8,7 @@
 * Every public function or class on an API page without a docstring is a warning, which
   `mkdocs build --strict` turns into a failure.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -49,7 +50,7 @@ def _drop_missing(nav, docs_dir):
     kept = []
     for entry in nav:
         if isinstance(entry, dict):
-            (title, value), = entry.items()
+            ((title, value),) = entry.items()
             if isinstance(value, list):
                 value = _drop_missing(value, docs_dir)
                 if value:
@@ -106,8 +107,9 @@ def signature_table() -> str:
         sigs.append((shown, inspect.signature(fn)))
     lines = ["```python-norun"]
     for shown, sig in sigs:
-        bare = sig.replace(parameters=[_bare(p) for p in sig.parameters.values()],
-                           return_annotation=inspect.Signature.empty)
+        bare = sig.replace(
+            parameters=[_bare(p) for p in sig.parameters.values()], return_annotation=inspect.Signature.empty
+        )
         lines.append(f"{shown}{bare}")
     lines += ["```", ""]
     # Keyword-only parameters, in first-appearance order, against each function.
@@ -132,8 +134,11 @@ def _public_objects(module_name: str):
     module = importlib.import_module(module_name)
     names = getattr(module, "__all__", None)
     if names is None:
-        names = [n for n, o in vars(module).items()
-                 if not n.startswith("_") and getattr(o, "__module__", None) == module_name]
+        names = [
+            n
+            for n, o in vars(module).items()
+            if not n.startswith("_") and getattr(o, "__module__", None) == module_name
+        ]
     for name in names:
         obj = getattr(module, name)
         if inspect.isfunction(obj) or inspect.isclass(obj):
@@ -173,5 +178,7 @@ def on_post_build(config):
                 missing.append(f"{namespace}.{name}")
     if missing:
         raise PluginError(
-            "public names missing from the API pages (docs/api/*.md): " + ", ".join(missing)
-            + ". Render them there (a `::: namespace` directive renders every name in its __all__).")
+            "public names missing from the API pages (docs/api/*.md): "
+            + ", ".join(missing)
+            + ". Render them there (a `::: namespace` directive renders every name in its __all__)."
+        )

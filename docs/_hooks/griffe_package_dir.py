@@ -3,6 +3,7 @@
 `jaxeif.meta` lives in the repository's `meta/` folder, not in `jaxeif/meta/`, so static analysis of the
 `jaxeif` package does not find it. This extension parses `meta/` and attaches it as `jaxeif.meta`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

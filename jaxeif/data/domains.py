@@ -11,6 +11,7 @@ A probe says: after learning the sample of template `train`, that of `implied` s
 likely than that of `not_implied` (in loss terms: EIF[train, implied] < EIF[train, not_implied]).
 Probes name templates by label, so inserting a template never shifts them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -104,12 +105,16 @@ class Domain:
         labels = self.labels
         repeated = sorted({label for label in labels if labels.count(label) > 1})
         if repeated:
-            raise ValueError(f"domain {self.name!r}: template labels {repeated} repeat; give each template its own label")
+            raise ValueError(
+                f"domain {self.name!r}: template labels {repeated} repeat; give each template its own label"
+            )
         for probe in self.probes:
             unknown = [label for label in probe[:3] if label not in labels]
             if unknown:
-                raise ValueError(f"domain {self.name!r}: probe {probe.why!r} names unknown template labels {unknown}; "
-                                 f"valid labels: {list(labels)}")
+                raise ValueError(
+                    f"domain {self.name!r}: probe {probe.why!r} names unknown template labels {unknown}; "
+                    f"valid labels: {list(labels)}"
+                )
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -196,16 +201,27 @@ DOMAINS: dict[str, Domain] = {
             (
                 ("Whenever {A} happens, it causes {Z} to happen.", "conclusion A->Z"),
                 ("Whenever {A} happens, it causes {B} to happen.", "premise A->B"),
-                ("Whenever {A} happens, it causes {B} to happen.\nWhenever {B} happens, it causes {Z} to happen.", "chain of 2"),
-                ("Whenever {A} happens, it causes {B} to happen.\nWhenever {B} happens, it causes {C} to happen.\n"
-                 "Whenever {C} happens, it causes {D} to happen.\nWhenever {D} happens, it causes {Z} to happen.", "chain of 4"),
+                (
+                    "Whenever {A} happens, it causes {B} to happen.\nWhenever {B} happens, it causes {Z} to happen.",
+                    "chain of 2",
+                ),
+                (
+                    "Whenever {A} happens, it causes {B} to happen.\nWhenever {B} happens, it causes {C} to happen.\n"
+                    "Whenever {C} happens, it causes {D} to happen.\nWhenever {D} happens, it causes {Z} to happen.",
+                    "chain of 4",
+                ),
                 ("Whenever {Z} happens, it causes {A} to happen.", "reversed Z->A"),
             ),
             (
-                Probe("chain of 4", "conclusion A->Z", "reversed Z->A",
-                      "chain A->B->C->D->Z implies A causes Z, not Z causes A"),
-                Probe("chain of 2", "conclusion A->Z", "reversed Z->A",
-                      "chain A->B->Z implies A causes Z, not Z causes A"),
+                Probe(
+                    "chain of 4",
+                    "conclusion A->Z",
+                    "reversed Z->A",
+                    "chain A->B->C->D->Z implies A causes Z, not Z causes A",
+                ),
+                Probe(
+                    "chain of 2", "conclusion A->Z", "reversed Z->A", "chain A->B->Z implies A causes Z, not Z causes A"
+                ),
             ),
         ),
         Domain(
@@ -223,14 +239,30 @@ DOMAINS: dict[str, Domain] = {
                 ("Frogs and toads often hibernate in winter.", "out of domain"),
             ),
             (
-                Probe("premise A in B", "equivalent B contains A", "converse B in A",
-                      "A in B implies B contains A, not B in A"),
-                Probe("composition in two lines", "conclusion A in C", "negation A not in C",
-                      "A in B, B in C implies A in C, not its negation"),
-                Probe("composition in one line", "conclusion A in C", "negation A not in C",
-                      "A in B and B in C implies A in C, not its negation"),
-                Probe("conclusion A in C", "uncertainty A maybe in C", "negation A not in C",
-                      "A in C makes 'A might be in C' likelier than 'A is not in C'"),
+                Probe(
+                    "premise A in B",
+                    "equivalent B contains A",
+                    "converse B in A",
+                    "A in B implies B contains A, not B in A",
+                ),
+                Probe(
+                    "composition in two lines",
+                    "conclusion A in C",
+                    "negation A not in C",
+                    "A in B, B in C implies A in C, not its negation",
+                ),
+                Probe(
+                    "composition in one line",
+                    "conclusion A in C",
+                    "negation A not in C",
+                    "A in B and B in C implies A in C, not its negation",
+                ),
+                Probe(
+                    "conclusion A in C",
+                    "uncertainty A maybe in C",
+                    "negation A not in C",
+                    "A in C makes 'A might be in C' likelier than 'A is not in C'",
+                ),
             ),
         ),
         Domain(
@@ -250,12 +282,24 @@ DOMAINS: dict[str, Domain] = {
                 ("a {D} is a {E}.", "unrelated entities"),
             ),
             (
-                Probe("premises in two lines", "conclusion A has C", "negated conclusion",
-                      "A is B, Bs have C implies A has C, not A lacks C"),
-                Probe("premises in two lines", "conclusion, plural", "negated conclusion",
-                      "A is B, Bs have C implies As have Cs, not A lacks C"),
-                Probe("premise A is B", "equivalent A is an example of B", "negation A is not B",
-                      "A is B implies 'an example of B is A', not 'A is not B'"),
+                Probe(
+                    "premises in two lines",
+                    "conclusion A has C",
+                    "negated conclusion",
+                    "A is B, Bs have C implies A has C, not A lacks C",
+                ),
+                Probe(
+                    "premises in two lines",
+                    "conclusion, plural",
+                    "negated conclusion",
+                    "A is B, Bs have C implies As have Cs, not A lacks C",
+                ),
+                Probe(
+                    "premise A is B",
+                    "equivalent A is an example of B",
+                    "negation A is not B",
+                    "A is B implies 'an example of B is A', not 'A is not B'",
+                ),
             ),
         ),
         Domain(
@@ -270,10 +314,18 @@ DOMAINS: dict[str, Domain] = {
                 ("some {B}s are squares.", "weak converse of premise 1"),
             ),
             (
-                Probe("premises in two lines", "conclusion square in rectangle", "converse of the conclusion",
-                      "square in B, B in rectangle implies square in rectangle, not the converse"),
-                Probe("premise square in B", "weak converse of premise 1", "converse of premise 1",
-                      "every square is a B implies some Bs are squares, not every B is a square"),
+                Probe(
+                    "premises in two lines",
+                    "conclusion square in rectangle",
+                    "converse of the conclusion",
+                    "square in B, B in rectangle implies square in rectangle, not the converse",
+                ),
+                Probe(
+                    "premise square in B",
+                    "weak converse of premise 1",
+                    "converse of premise 1",
+                    "every square is a B implies some Bs are squares, not every B is a square",
+                ),
             ),
         ),
         Domain(
@@ -289,12 +341,14 @@ DOMAINS: dict[str, Domain] = {
                 ("{A} is smaller than {B}.", "contradiction A < B"),
             ),
             (
-                Probe("chain A > B > C", "conclusion A > C", "reversed conclusion C > A",
-                      "A > B > C implies A > C, not C > A"),
-                Probe("premise A > B", "equivalent B < A", "contradiction A < B",
-                      "A > B implies B < A, not A < B"),
-                Probe("premise A > B", "equivalent B < A", "converse B > A",
-                      "A > B implies B < A, not B > A"),
+                Probe(
+                    "chain A > B > C",
+                    "conclusion A > C",
+                    "reversed conclusion C > A",
+                    "A > B > C implies A > C, not C > A",
+                ),
+                Probe("premise A > B", "equivalent B < A", "contradiction A < B", "A > B implies B < A, not A < B"),
+                Probe("premise A > B", "equivalent B < A", "converse B > A", "A > B implies B < A, not B > A"),
             ),
         ),
     )

@@ -8,6 +8,7 @@ filled from local copies first: Fashion-MNIST from Debian's `dataset-fashion-mni
 the official files, but their .gz bytes differ, so they are placed in the cache under the
 checksum tfds expects and tfds extracts and prepares them as usual.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,8 +97,10 @@ def installed_file(distribution: str, relative: str) -> Path | None:
 
 
 _PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
 }
 
 

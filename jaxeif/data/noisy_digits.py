@@ -1,4 +1,5 @@
 """The fine-tune set of the CNN study (paper figure 1): MNIST test digits, clean and with Gaussian pixel noise."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -97,7 +98,12 @@ def gaussian_kernel(sigma: float) -> np.ndarray:
     Raises:
         ValueError: `sigma` is not a finite number > 0.
     """
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating)) or not np.isfinite(sigma) or sigma <= 0:
+    if (
+        isinstance(sigma, bool)
+        or not isinstance(sigma, (int, float, np.floating))
+        or not np.isfinite(sigma)
+        or sigma <= 0
+    ):
         raise ValueError(f"blur `sigma` must be a finite number > 0 (pixels), got {sigma!r}")
     r = int(np.ceil(3 * sigma))
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
@@ -126,8 +132,10 @@ def gaussian_blur(images, sigma: float) -> jax.Array:
     images = _float_images(images)
     r = len(kernel) // 2
     if r >= min(images.shape[1:3]):
-        raise ValueError(f"blur `sigma` {sigma} has radius {r} pixels, not smaller than the image "
-                         f"({images.shape[1]}x{images.shape[2]}); use sigma < {min(images.shape[1:3]) / 3:g}")
+        raise ValueError(
+            f"blur `sigma` {sigma} has radius {r} pixels, not smaller than the image "
+            f"({images.shape[1]}x{images.shape[2]}); use sigma < {min(images.shape[1:3]) / 3:g}"
+        )
     out = images
     for axis in (1, 2):
         pad = [(0, 0)] * 4
@@ -184,8 +192,9 @@ def finetune_set(per_digit: int = 5, noise_stds: tuple[float, ...] = (0.5, 1.0),
     idx = first_per_class(y, per_digit)
     clean, digits = x[idx], y[idx]
     key = jax.random.key(seed)
-    blocks = [clean] + [np.asarray(add_gaussian_noise(clean, s, jax.random.fold_in(key, k)))
-                        for k, s in enumerate(noise_stds, start=1)]
+    blocks = [clean] + [
+        np.asarray(add_gaussian_noise(clean, s, jax.random.fold_in(key, k))) for k, s in enumerate(noise_stds, start=1)
+    ]
     levels = (0.0,) + tuple(float(s) for s in noise_stds)
     n = len(idx)
     return FinetuneSet(

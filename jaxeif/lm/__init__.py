@@ -19,25 +19,52 @@ shared contract, jaxeif.options) and returns a jax.Array f32[n, m].
     memory.py     memory_estimate / check_memory: peak device bytes of each path, before it runs
 The learning-rate sweep lives in `jaxeif.lr_choice`: nothing in it is language-specific.
 """
+
 from jaxeif import deprecation
 from jaxeif.lm.finetuned import finetuned_eif, lora_eif
 from jaxeif.lm.loss import NLL, nll
-from jaxeif.lm.memory import check_memory, memory_estimate
 from jaxeif.lm.lowrank import linearized_sgd_eif, lowrank_sgd_eif
+from jaxeif.lm.memory import check_memory, memory_estimate
 from jaxeif.lm.per_token import TokenInfluence
 from jaxeif.lm.prompted import prompted_eif
 from jaxeif.lm.tokens import PROMPT_FORMAT, Tokens, check_vocab, tokenize
 
-__all__ = ["Tokens", "tokenize", "check_vocab", "PROMPT_FORMAT", "NLL", "nll", "finetuned_eif", "lora_eif",
-           "lowrank_sgd_eif", "linearized_sgd_eif", "prompted_eif", "TokenInfluence", "memory_estimate",
-           "check_memory"]
+__all__ = [
+    "Tokens",
+    "tokenize",
+    "check_vocab",
+    "PROMPT_FORMAT",
+    "NLL",
+    "nll",
+    "finetuned_eif",
+    "lora_eif",
+    "lowrank_sgd_eif",
+    "linearized_sgd_eif",
+    "prompted_eif",
+    "TokenInfluence",
+    "memory_estimate",
+    "check_memory",
+]
 
 # helpers importable from jaxeif.lm before its public list was cut to what users call (one release)
-__getattr__ = deprecation.moved("jaxeif.lm", {
-    "check_tokens": "jaxeif.lm.tokens", "check_example": "jaxeif.lm.tokens", "encode": "jaxeif.lm.tokens",
-    "vocab_size": "jaxeif.lm.tokens", "bos_token_id": "jaxeif.lm.tokens", "model_vocab_size": "jaxeif.lm.tokens",
-    "SEPARATOR": "jaxeif.lm.tokens", "ApplyFn": "jaxeif.lm.tokens", "packed_nll": "jaxeif.lm.loss",
-    "pack_tokens": "jaxeif.lm.loss", "sequence_nll": "jaxeif.lm.loss", "slot_nll": "jaxeif.lm.loss",
-    "ROW_LENGTH": "jaxeif.lm.loss", "choose_path": "jaxeif.lm.dispatch", "sgd_step_lowrank": "jaxeif.lm.lowrank",
-    "MemoryBudgetError": "jaxeif.chunking",
-})
+__getattr__ = deprecation.moved(
+    "jaxeif.lm",
+    {
+        "check_tokens": "jaxeif.lm.tokens",
+        "check_example": "jaxeif.lm.tokens",
+        "encode": "jaxeif.lm.tokens",
+        "vocab_size": "jaxeif.lm.tokens",
+        "bos_token_id": "jaxeif.lm.tokens",
+        "model_vocab_size": "jaxeif.lm.tokens",
+        "SEPARATOR": "jaxeif.lm.tokens",
+        "ApplyFn": "jaxeif.lm.tokens",
+        "packed_nll": "jaxeif.lm.loss",
+        "pack_tokens": "jaxeif.lm.loss",
+        "sequence_nll": "jaxeif.lm.loss",
+        "slot_nll": "jaxeif.lm.loss",
+        "ROW_LENGTH": "jaxeif.lm.loss",
+        "choose_path": "jaxeif.lm.dispatch",
+        "sgd_step_lowrank": "jaxeif.lm.lowrank",
+        "MemoryBudgetError": "jaxeif.chunking",
+    },
+)

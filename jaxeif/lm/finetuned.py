@@ -1,6 +1,7 @@
 """Fine-tuned EIF of a language model: `finetuned_eif` (dense through `jaxeif.eif`, or the exact low-rank
 path, chosen by `jaxeif.lm.dispatch`) and `lora_eif` (only the adapters trained, the base params shared
 by every fine-tune)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,11 +23,11 @@ from jaxeif.lm.memory import check_memory, optimizer_states
 from jaxeif.lm.per_token import TokenInfluence, check_per_token, from_columns, token_evals
 from jaxeif.lm.tokens import ApplyFn, Tokens, checked
 from jaxeif.models import peft
-from jaxeif.models.lora import Adapters
 from jaxeif.models.decoder import DecoderConfig
+from jaxeif.models.lora import Adapters
 from jaxeif.options import ChunkSize
-from jaxeif.precision import Precision
 from jaxeif.packing import round_up
+from jaxeif.precision import Precision
 
 
 def finetuned_eif(
@@ -80,28 +81,92 @@ def finetuned_eif(
     precision = options.check_precision(precision)
     per_token = check_per_token(per_token)
     config = decoder_config(apply_fn, config)
-    train, evals = checked(apply_fn, params, train, evals,
-                           context=None if config is None else config.max_position_embeddings)
-    chosen = choose_path(path, optimizer=optimizer, steps=steps, backend=jax.default_backend(),
-                         longest=int(train.lengths.max()), config=config)
+    train, evals = checked(
+        apply_fn, params, train, evals, context=None if config is None else config.max_position_embeddings
+    )
+    chosen = choose_path(
+        path,
+        optimizer=optimizer,
+        steps=steps,
+        backend=jax.default_backend(),
+        longest=int(train.lengths.max()),
+        config=config,
+    )
     if per_token and chosen == "dense":  # each scored token an eval of its own (exact; costs T x the evals)
         te = token_evals(train if evals is None else evals)
-        m = finetuned_eif(apply_fn, params, train, te.evals, lr=lr, steps=steps, optimizer=optimizer,
-                          chunk_size=chunk_size, precision=precision, path=chosen, config=config, progress=progress,
-                          memory_budget=memory_budget)
+        m = finetuned_eif(
+            apply_fn,
+            params,
+            train,
+            te.evals,
+            lr=lr,
+            steps=steps,
+            optimizer=optimizer,
+            chunk_size=chunk_size,
+            precision=precision,
+            path=chosen,
+            config=config,
+            progress=progress,
+            memory_budget=memory_budget,
+        )
         return from_columns(m, te)
     if config is not None:
-        _check_fits(apply_fn, params, train, evals, config, path=chosen, optimizer=optimizer, steps=steps,
-                    chunk_size=chunk_size, memory_budget=memory_budget, float64=precision_lib.is_float64(precision))
+        _check_fits(
+            apply_fn,
+            params,
+            train,
+            evals,
+            config,
+            path=chosen,
+            optimizer=optimizer,
+            steps=steps,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            float64=precision_lib.is_float64(precision),
+        )
     if chosen == "lowrank":
-        return lowrank_sgd_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
-                               config=config, progress=progress, memory_budget=memory_budget, per_token=per_token)
-    return _eif(NLL(apply_fn), params, train, evals, lr=lr, steps=steps, optimizer=optimizer, chunk_size=chunk_size,
-                precision=precision, progress=progress, memory_budget=memory_budget)
+        return lowrank_sgd_eif(
+            apply_fn,
+            params,
+            train,
+            evals,
+            lr=lr,
+            chunk_size=chunk_size,
+            precision=precision,
+            config=config,
+            progress=progress,
+            memory_budget=memory_budget,
+            per_token=per_token,
+        )
+    return _eif(
+        NLL(apply_fn),
+        params,
+        train,
+        evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        precision=precision,
+        progress=progress,
+        memory_budget=memory_budget,
+    )
 
 
-def _check_fits(apply_fn, params, train: Tokens, evals: Tokens | None, config, *, path, optimizer, steps, chunk_size,
-                memory_budget, float64: bool) -> int:
+def _check_fits(
+    apply_fn,
+    params,
+    train: Tokens,
+    evals: Tokens | None,
+    config,
+    *,
+    path,
+    optimizer,
+    steps,
+    chunk_size,
+    memory_budget,
+    float64: bool,
+) -> int:
     """`lm.check_memory` for this call: the smallest layout "auto" can pick, or the chunk asked for (float64:
     precision "float64" runs params and activations in float64)."""
     n, length = train.ids.shape
@@ -113,10 +178,21 @@ def _check_fits(apply_fn, params, train: Tokens, evals: Tokens | None, config, *
     logits = jax.eval_shape(lambda p: apply_fn(p, probe), params)  # the activations' dtype (upcast models: float32)
     rank = round_up(int(train.lengths.max()), RANK_BUCKET)
     dtype, compute_dtype = (jnp.float64, jnp.float64) if float64 else (weights.dtype, logits.dtype)
-    return check_memory(config, n, m, path=path, budget=memory_budget, dtype=dtype, compute_dtype=compute_dtype,
-                        tokens=max(length, evals.ids.shape[1] if evals is not None else 1), chunk_size=rows,
-                        eval_chunk=1 if auto else None, optimizer=optimizer_states(optimizer, params), steps=steps,
-                        rank=rank)
+    return check_memory(
+        config,
+        n,
+        m,
+        path=path,
+        budget=memory_budget,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        tokens=max(length, evals.ids.shape[1] if evals is not None else 1),
+        chunk_size=rows,
+        eval_chunk=1 if auto else None,
+        optimizer=optimizer_states(optimizer, params),
+        steps=steps,
+        rank=rank,
+    )
 
 
 def lora_eif(
@@ -165,8 +241,19 @@ def lora_eif(
     per_token = check_per_token(per_token)
     train, evals = checked(apply_fn, params, train, evals)
     te = token_evals(train if evals is None else evals) if per_token else None
-    m = _eif(loss_fn, deltas, train, evals if te is None else te.evals, lr=lr, steps=steps, optimizer=optimizer,
-             chunk_size=chunk_size, precision=precision, progress=progress, memory_budget=memory_budget)
+    m = _eif(
+        loss_fn,
+        deltas,
+        train,
+        evals if te is None else te.evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        precision=precision,
+        progress=progress,
+        memory_budget=memory_budget,
+    )
     return m if te is None else from_columns(m, te)
 
 
@@ -197,8 +284,9 @@ class LoraNLL:
             params = jax.tree.map(lambda w: w.astype(jnp.float64), params)
         if self.layout is not None:
             deltas = self.layout.delta(deltas)
-        logits = self.apply_fn(params, example.ids[None], example.attention[None],
-                               delta=Adapters(deltas, self.scale))[0]
+        logits = self.apply_fn(params, example.ids[None], example.attention[None], delta=Adapters(deltas, self.scale))[
+            0
+        ]
         return sequence_nll(logits, example.ids, example.score)
 
 

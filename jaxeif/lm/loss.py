@@ -4,6 +4,7 @@ sample, a prompt context computed once for all its continuations). The loss of a
 
     L = -(1 / #scored) * sum_{t scored} log p(ids[t] | ids[<t])
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -132,11 +133,14 @@ def group_means(packed: packing.Packed, slot_values: np.ndarray) -> np.ndarray:
         float64[groups].
     """
     weighted = packed.weight.astype(np.float64) * np.asarray(slot_values, np.float64).reshape(packed.weight.shape)
-    return np.bincount(packed.group.ravel(), weighted.ravel(), minlength=packed.groups) / np.maximum(group_counts(packed), 1e-30)
+    return np.bincount(packed.group.ravel(), weighted.ravel(), minlength=packed.groups) / np.maximum(
+        group_counts(packed), 1e-30
+    )
 
 
-def packed_nll(apply_fn: ApplyFn, params: PyTree, packed: packing.Packed, delta=None, progress: bool = False,
-               dtype=np.float32) -> np.ndarray:
+def packed_nll(
+    apply_fn: ApplyFn, params: PyTree, packed: packing.Packed, delta=None, progress: bool = False, dtype=np.float32
+) -> np.ndarray:
     """Length-normalised NLL of every group of a packed batch, one row per forward pass.
 
     Args:
@@ -172,8 +176,9 @@ def pack_tokens(tokens: Tokens, row_length: int = ROW_LENGTH) -> packing.Packed:
     return packing.samples(np.asarray(tokens.ids), tokens.lengths, np.asarray(tokens.score), row_length=row_length)
 
 
-def nll(apply_fn: ApplyFn, params: PyTree, tokens: Tokens, *, row_length: int = ROW_LENGTH,
-        progress: bool = False) -> np.ndarray:
+def nll(
+    apply_fn: ApplyFn, params: PyTree, tokens: Tokens, *, row_length: int = ROW_LENGTH, progress: bool = False
+) -> np.ndarray:
     """Loss of every sample, each attending only to itself inside shared packed rows.
 
     Exact (each sample's logits equal those computed alone) with no padding to the longest sample.

@@ -19,11 +19,13 @@ The computation, in named steps:
   4. `eval_losses`: the chunk's deltas vmapped over every packed eval row (slot losses, or their
      changes in precision "difference"), then each sample's mean: one row of the matrix per fine-tune.
 """
+
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +35,22 @@ from jaxeif import checks, chunking, difference, options, packing
 from jaxeif import precision as precision_lib
 from jaxeif import progress as progress_lib
 from jaxeif.finetune import PyTree
-from jaxeif.lm.loss import (ROW_LENGTH, group_counts, group_means, pack_tokens, packed_nll, packed_slot_nll,
-                            row_arrays, slot_nll)
+from jaxeif.lm.loss import (
+    ROW_LENGTH,
+    group_counts,
+    group_means,
+    pack_tokens,
+    packed_nll,
+    packed_slot_nll,
+    row_arrays,
+    slot_nll,
+)
 from jaxeif.lm.per_token import TokenInfluence, check_per_token, tokens_slots
 from jaxeif.lm.tokens import ApplyFn, Tokens, check_example, checked
 from jaxeif.models.decoder import DecoderConfig, attached_config
 from jaxeif.options import ChunkSize
-from jaxeif.precision import Precision
 from jaxeif.packing import round_up
+from jaxeif.precision import Precision
 
 RANK_BUCKET = 32  # a fine-tune's rank: its sample's length rounded up to this (one program per bucket)
 _LINEARS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
@@ -64,13 +74,19 @@ def decoder_config(apply_fn: ApplyFn, config: DecoderConfig | None) -> DecoderCo
     apply_fn was built with (a DeprecationWarning: pass `config=`); else None (any other apply_fn)."""
     if config is not None:
         if not isinstance(config, DecoderConfig):
-            raise TypeError(f"`config` must be a jaxeif.models.decoder.DecoderConfig (from loading.from_pretrained or "
-                            f"loading.load), got {type(config).__name__}")
+            raise TypeError(
+                f"`config` must be a jaxeif.models.decoder.DecoderConfig (from loading.from_pretrained or "
+                f"loading.load), got {type(config).__name__}"
+            )
         return config
     config = attached_config(apply_fn)
     if config is not None:
-        warnings.warn("taking the decoder config from the apply_fn is deprecated and will be removed: pass `config=` "
-                      "(the config returned by loading.from_pretrained)", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            "taking the decoder config from the apply_fn is deprecated and will be removed: pass `config=` "
+            "(the config returned by loading.from_pretrained)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
     return config
 
 
@@ -78,8 +94,10 @@ def config_of(apply_fn: ApplyFn, config: DecoderConfig | None) -> DecoderConfig:
     """`decoder_config(apply_fn, config)`; a TypeError when there is none (the low-rank path needs it)."""
     config = decoder_config(apply_fn, config)
     if config is None:
-        raise TypeError("the low-rank path needs the decoder's DecoderConfig: pass `config=` (the config returned by "
-                        "jaxeif.models.loading.from_pretrained or loading.load)")
+        raise TypeError(
+            "the low-rank path needs the decoder's DecoderConfig: pass `config=` (the config returned by "
+            "jaxeif.models.loading.from_pretrained or loading.load)"
+        )
     return config
 
 
@@ -116,8 +134,7 @@ def zero_taps(config: DecoderConfig, t: int) -> dict:
         n_in, n_out = _linear_dims(config, (group, name))
         layers[group][name] = {"out": jnp.zeros((L, 1, t, n_out)), "read": jnp.zeros((L, 1, t, n_in))}
     model = {"embed_tokens": {"out": jnp.zeros((1, t, d))}, "layers": layers, "norm": {"w": jnp.zeros((1, t, d))}}
-    return {"model": model,
-            "lm_head": {"out": jnp.zeros((1, t, config.vocab_size)), "read": jnp.zeros((1, t, d))}}
+    return {"model": model, "lm_head": {"out": jnp.zeros((1, t, config.vocab_size)), "read": jnp.zeros((1, t, d))}}
 
 
 def _put(tree: dict, path: tuple[str, ...], value) -> None:
@@ -165,7 +182,9 @@ def fine_tune_chunks(packed: packing.Packed, k: int, rank_bucket: int, chunk: in
 
 
 # ----------------------------------------------------------------------------- 3. the exact deltas
-def gather_deltas(config: DecoderConfig, g: dict, ids: jax.Array, idx: jax.Array, valid: jax.Array, lr: jax.Array) -> dict:
+def gather_deltas(
+    config: DecoderConfig, g: dict, ids: jax.Array, idx: jax.Array, valid: jax.Array, lr: jax.Array
+) -> dict:
     """The exact low-rank delta of one SGD step on the sample at row tokens `idx` int32[R] (`valid` f32[R]
     masks padding slots: they add exact zeros), as an apply_fn `delta=` dict."""
     take = lambda x: jnp.take(x, idx, axis=-2) * valid[:, None].astype(x.dtype)  # noqa: E731  [..., t, f] -> [..., R, f]
@@ -180,13 +199,17 @@ def gather_deltas(config: DecoderConfig, g: dict, ids: jax.Array, idx: jax.Array
     for path, _ in _norm_paths(config):
         _put(layers, path, {"w": -lr * total(_get(lay, path)["w"][:, 0])})
     g_embed_out = take(g["model"]["embed_tokens"]["out"][0])  # G0 = dL/d(embedding output): [R, d]
-    onehot = jax.nn.one_hot(jnp.take(ids, idx), config.vocab_size, dtype=g_embed_out.dtype) * valid[:, None].astype(g_embed_out.dtype)
+    onehot = jax.nn.one_hot(jnp.take(ids, idx), config.vocab_size, dtype=g_embed_out.dtype) * valid[:, None].astype(
+        g_embed_out.dtype
+    )
     g_logits, hidden = take(g["lm_head"]["out"][0]), take(g["lm_head"]["read"][0])  # C [R, V], H [R, d]
     if config.tie_word_embeddings:
         embed = {"a": jnp.concatenate([onehot, g_logits], 0).T, "b": -lr * jnp.concatenate([g_embed_out, hidden], 0)}
     else:
         embed = {"a": onehot.T, "b": -lr * g_embed_out}
-    deltas = {"model": {"embed_tokens": embed, "layers": layers, "norm": {"w": -lr * total(g["model"]["norm"]["w"][0])}}}
+    deltas = {
+        "model": {"embed_tokens": embed, "layers": layers, "norm": {"w": -lr * total(g["model"]["norm"]["w"][0])}}
+    }
     if not config.tie_word_embeddings:
         deltas["lm_head"] = {"a": hidden.T, "b": -lr * g_logits}
     return deltas
@@ -210,8 +233,9 @@ def _scale_step(deltas: dict, s: jax.Array) -> dict:
 def _slot_slopes(apply_fn, params, row: dict, deltas: dict) -> jax.Array:
     """d/ds of the slot NLLs under `_scale_step(deltas, s)` at s = 0, f32[1, t]: the first-order change."""
     zero = jnp.zeros((), jax.tree.leaves(deltas)[0].dtype)
-    return jax.jvp(lambda s: packed_slot_nll(apply_fn, params, row, _scale_step(deltas, s)), (zero,),
-                   (jnp.ones_like(zero),))[1]
+    return jax.jvp(
+        lambda s: packed_slot_nll(apply_fn, params, row, _scale_step(deltas, s)), (zero,), (jnp.ones_like(zero),)
+    )[1]
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "propagate", "first_order"))
@@ -231,8 +255,18 @@ def _slot_weights(packed: packing.Packed) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- chunk size
-def _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate,
-                first_order=False, memory_budget=None) -> int | None:
+def _chunk_rows(
+    chunk_size,
+    apply_fn,
+    params,
+    config,
+    packed_train,
+    packed_evals,
+    rank_bucket,
+    propagate,
+    first_order=False,
+    memory_budget=None,
+) -> int | None:
     """Fine-tunes per step: an int or None as given; "auto": one on CPU (as jaxeif.chunking), on GPU/TPU the
     most whose program (largest rank, one eval row) fits the memory budget (jaxeif.chunking.choose)."""
     chunking.check_chunk_size(chunk_size)
@@ -247,8 +281,11 @@ def _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals
 
     def compile_at(chunks: chunking.Chunks):
         c = chunks.rows
-        spec = (jax.ShapeDtypeStruct((c, rank), jnp.int32), jax.ShapeDtypeStruct((c, rank), jnp.float32),
-                jax.ShapeDtypeStruct((c,), jnp.float32))
+        spec = (
+            jax.ShapeDtypeStruct((c, rank), jnp.int32),
+            jax.ShapeDtypeStruct((c, rank), jnp.float32),
+            jax.ShapeDtypeStruct((c,), jnp.float32),
+        )
         deltas = jax.eval_shape(lambda g_, i, v, lr: _gather_chunk(config, g_, row["ids"][0], i, v, lr), g, *spec)
         compiled = eval_losses.lower(apply_fn, params, deltas, ev, propagate, first_order).compile()
         return compiled, chunking.program_bytes(compiled)
@@ -258,7 +295,9 @@ def _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals
 
 
 # ----------------------------------------------------------------------------- public API
-def sgd_step_lowrank(apply_fn: ApplyFn, params: PyTree, example: Tokens, lr, *, config: DecoderConfig | None = None) -> dict:
+def sgd_step_lowrank(
+    apply_fn: ApplyFn, params: PyTree, example: Tokens, lr, *, config: DecoderConfig | None = None
+) -> dict:
     """The low-rank delta of ONE SGD step on `example` (a Tokens row), exactly: `apply_fn(params, ids,
     delta=delta)` is then the fine-tuned model (norm weights enter as additive deltas)."""
     config = config_of(apply_fn, config)
@@ -267,8 +306,9 @@ def sgd_step_lowrank(apply_fn: ApplyFn, params: PyTree, example: Tokens, lr, *, 
     packed = packing.samples(np.asarray(example.ids)[None], np.array([n]), np.asarray(example.score)[None], multiple=1)
     g = row_gradients(apply_fn, params, config, row_arrays(packed, 0), jnp.asarray(_slot_weights(packed)))
     one = lambda x: jnp.asarray(x)[None]  # noqa: E731
-    deltas = _gather_chunk(config, g, jnp.asarray(packed.ids[0]), one(np.arange(n)), one(np.ones(n, np.float32)),
-                           one(np.float32(lr)))
+    deltas = _gather_chunk(
+        config, g, jnp.asarray(packed.ids[0]), one(np.arange(n)), one(np.ones(n, np.float32)), one(np.float32(lr))
+    )
     return jax.tree.map(lambda x: x[0], deltas)
 
 
@@ -323,9 +363,23 @@ def lowrank_sgd_eif(
     """
     if check_per_token(per_token) and base is not None:
         raise ValueError("`base` holds each eval's mean loss; per_token=True needs every token's: pass base=None")
-    return _lowrank_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
-                        config=config, progress=progress, row_length=row_length, rank_bucket=rank_bucket, base=base,
-                        first_order=False, memory_budget=memory_budget, per_token=per_token)
+    return _lowrank_eif(
+        apply_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        chunk_size=chunk_size,
+        precision=precision,
+        config=config,
+        progress=progress,
+        row_length=row_length,
+        rank_bucket=rank_bucket,
+        base=base,
+        first_order=False,
+        memory_budget=memory_budget,
+        per_token=per_token,
+    )
 
 
 def linearized_sgd_eif(
@@ -369,22 +423,49 @@ def linearized_sgd_eif(
     Raises:
         TypeError, ValueError: bad arguments, named in the message.
     """
-    return _lowrank_eif(apply_fn, params, train, evals, lr=lr, chunk_size=chunk_size, precision=precision,
-                        config=config, progress=progress, row_length=row_length, rank_bucket=rank_bucket, base=None,
-                        first_order=True, memory_budget=memory_budget)
+    return _lowrank_eif(
+        apply_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        chunk_size=chunk_size,
+        precision=precision,
+        config=config,
+        progress=progress,
+        row_length=row_length,
+        rank_bucket=rank_bucket,
+        base=None,
+        first_order=True,
+        memory_budget=memory_budget,
+    )
 
 
-def _lowrank_eif(apply_fn, params, train, evals, *, lr, chunk_size, precision, config, progress, row_length,
-                 rank_bucket, base, first_order: bool, memory_budget=None,
-                 per_token: bool = False) -> jax.Array | TokenInfluence:
+def _lowrank_eif(
+    apply_fn,
+    params,
+    train,
+    evals,
+    *,
+    lr,
+    chunk_size,
+    precision,
+    config,
+    progress,
+    row_length,
+    rank_bucket,
+    base,
+    first_order: bool,
+    memory_budget=None,
+    per_token: bool = False,
+) -> jax.Array | TokenInfluence:
     """The loop of both: per packed train row its gradients, per chunk of its fine-tunes their deltas,
     per eval row the losses (or their changes, or first-order changes) under each."""
     config = config_of(apply_fn, config)
     precision = options.check_precision(precision)
     options.check_memory_budget(memory_budget)
     progress_lib.check(progress)
-    train, evals = checked(apply_fn, params, train, evals, config.vocab_size,
-                           context=config.max_position_embeddings)
+    train, evals = checked(apply_fn, params, train, evals, config.vocab_size, context=config.max_position_embeddings)
     n = np.asarray(train.ids).shape[0]
     result = np.float64 if precision_lib.is_float64(precision) else np.float32  # the dtype losses are subtracted in
     lr = np.broadcast_to(np.asarray(checks.learning_rate(lr, n), result), (n,))
@@ -397,8 +478,18 @@ def _lowrank_eif(apply_fn, params, train, evals, *, lr, chunk_size, precision, c
     with precision_lib.context(precision):
         params, lr, weights = precision_lib.cast_inputs(precision, (params, lr, _slot_weights(packed_train)))
         lr, weights = np.asarray(lr), np.asarray(weights)
-        chunk = _chunk_rows(chunk_size, apply_fn, params, config, packed_train, packed_evals, rank_bucket, propagate,
-                            first_order, memory_budget)
+        chunk = _chunk_rows(
+            chunk_size,
+            apply_fn,
+            params,
+            config,
+            packed_train,
+            packed_evals,
+            rank_bucket,
+            propagate,
+            first_order,
+            memory_budget,
+        )
         eval_rows = [row_arrays(packed_evals, k) for k in range(packed_evals.ids.shape[0])]
         if base is None and not changes and tokens is None:
             base = packed_nll(apply_fn, params, packed_evals, dtype=result)
@@ -408,13 +499,21 @@ def _lowrank_eif(apply_fn, params, train, evals, *, lr, chunk_size, precision, c
         out = np.zeros((n, packed_evals.groups) + (() if tokens is None else tokens.mask.shape[1:]), np.float64)
         with progress_lib.bar(n, "low-rank SGD EIF", progress, unit="fine-tune") as advance:
             for k in range(packed_train.ids.shape[0]):
-                g = row_gradients(apply_fn, params, config, row_arrays(packed_train, k), jnp.asarray(weights[k : k + 1]))
+                g = row_gradients(
+                    apply_fn, params, config, row_arrays(packed_train, k), jnp.asarray(weights[k : k + 1])
+                )
                 ids = jnp.asarray(packed_train.ids[k])
                 for ft in fine_tune_chunks(packed_train, k, rank_bucket, chunk):
-                    deltas = _gather_chunk(config, g, ids, jnp.asarray(ft.tokens), jnp.asarray(ft.valid),
-                                           jnp.asarray(lr[ft.index]))
-                    slots = np.concatenate([np.asarray(eval_losses(apply_fn, params, deltas, row, propagate, first_order))
-                                            for row in eval_rows], axis=1)  # [chunk, eval rows, t]
+                    deltas = _gather_chunk(
+                        config, g, ids, jnp.asarray(ft.tokens), jnp.asarray(ft.valid), jnp.asarray(lr[ft.index])
+                    )
+                    slots = np.concatenate(
+                        [
+                            np.asarray(eval_losses(apply_fn, params, deltas, row, propagate, first_order))
+                            for row in eval_rows
+                        ],
+                        axis=1,
+                    )  # [chunk, eval rows, t]
                     out[ft.samples] = np.stack([reduce(v) for v in slots[: len(ft.samples)]])
                     advance(len(ft.samples))
     if not changes:

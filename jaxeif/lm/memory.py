@@ -21,12 +21,12 @@ Sequences: samples padded to `tokens` (dense), rows of `row_length` tokens (lowr
 The coefficients count the buffers XLA keeps alive in these programs; the estimate is checked
 against measured peaks on CPU (tests/test_lm_memory.py, `jaxeif bench-lm-memory`, README).
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import optax
 
 from jaxeif import chunking
@@ -60,7 +60,9 @@ def _linear_widths(config) -> int:
 def _layer_live(config, tokens: int, act: int, keys: int) -> int:
     """Bytes alive inside one layer of a forward pass over `tokens` tokens, each attending to `keys` keys."""
     c = config
-    width = 3 * c.hidden_size + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + 3 * c.intermediate_size
+    width = (
+        3 * c.hidden_size + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + 3 * c.intermediate_size
+    )
     return tokens * width * act + 2 * tokens * c.num_attention_heads * keys * F32
 
 
@@ -72,8 +74,16 @@ def _forward_live(config, tokens: int, act: int, keys: int, logits: int) -> int:
 def _backward_live(config, tokens: int, act: int, keys: int, logits: int) -> int:
     """Bytes of a backward pass: every layer's saved activations, plus the forward pass's output buffers."""
     c = config
-    saved = tokens * (4 * c.hidden_size + 2 * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-                      + 4 * c.intermediate_size) * act + tokens * c.num_attention_heads * keys * F32
+    saved = (
+        tokens
+        * (
+            4 * c.hidden_size
+            + 2 * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+            + 4 * c.intermediate_size
+        )
+        * act
+        + tokens * c.num_attention_heads * keys * F32
+    )
     return c.num_hidden_layers * saved + _forward_live(config, tokens, act, keys, logits)
 
 
@@ -112,8 +122,19 @@ def memory_estimate(
         ValueError, TypeError: a bad argument, named in the message.
     """
     optimizer = _state_buffers(optimizer)
-    _check(config, n, m, path=path, tokens=tokens, chunk_size=chunk_size, eval_chunk=eval_chunk, optimizer=optimizer,
-           steps=steps, row_length=row_length, rank=rank)
+    _check(
+        config,
+        n,
+        m,
+        path=path,
+        tokens=tokens,
+        chunk_size=chunk_size,
+        eval_chunk=eval_chunk,
+        optimizer=optimizer,
+        steps=steps,
+        row_length=row_length,
+        rank=rank,
+    )
     _check_dtype("dtype", dtype)
     _check_dtype("compute_dtype", compute_dtype, allow_none=True)
     w = np.dtype(dtype).itemsize
@@ -153,8 +174,10 @@ def _state_buffers(optimizer) -> int:
             raise ValueError(f"`optimizer` as a count of weight-sized state buffers must be >= 0, got {optimizer}")
         return int(optimizer)
     if isinstance(optimizer, str):
-        raise ValueError(f"`optimizer` must be an optax.GradientTransformation, None (plain SGD) or a count of "
-                         f"weight-sized state buffers, got {optimizer!r}; pass e.g. optax.adam(1.0)")
+        raise ValueError(
+            f"`optimizer` must be an optax.GradientTransformation, None (plain SGD) or a count of "
+            f"weight-sized state buffers, got {optimizer!r}; pass e.g. optax.adam(1.0)"
+        )
     options_lib.check_optimizer(optimizer)
     return optimizer_states(optimizer, _PROBE)
 
@@ -186,29 +209,51 @@ def check_memory(config, n: int, m: int, *, path: str, budget: int | None = None
         half = memory_estimate(config, n, m, path=path, **{**options, "dtype": jnp.bfloat16})
         fixes.append(f"bfloat16 params ({chunking.gib(half)})")
     if path == "dense":
-        low = memory_estimate(config, n, m, path="lowrank", **{k: v for k, v in options.items()
-                                                              if k in ("dtype", "compute_dtype", "row_length")})
+        low = memory_estimate(
+            config,
+            n,
+            m,
+            path="lowrank",
+            **{k: v for k, v in options.items() if k in ("dtype", "compute_dtype", "row_length")},
+        )
         fixes.append(f"path='lowrank' ({chunking.gib(low)}; plain SGD, one step)")
     raise chunking.MemoryBudgetError(
         f"the {path} LM EIF of {n} x {m} needs an estimated {chunking.gib(need)} (jaxeif.lm.memory_estimate), over the "
-        f"budget of {chunking.gib(budget)}; try " + ", or ".join(fixes or ["a smaller model"]))
+        f"budget of {chunking.gib(budget)}; try " + ", or ".join(fixes or ["a smaller model"])
+    )
 
 
 def _check(config, n, m, *, path, tokens, chunk_size, eval_chunk, optimizer, steps, row_length, rank) -> None:
     if path not in PATHS:
         raise ValueError(f"`path` must be one of {', '.join(map(repr, PATHS))}, got {path!r}")
-    for name, value in (("n", n), ("m", m), ("tokens", tokens), ("chunk_size", chunk_size), ("steps", steps),
-                        ("row_length", row_length), ("rank", rank)):
+    for name, value in (
+        ("n", n),
+        ("m", m),
+        ("tokens", tokens),
+        ("chunk_size", chunk_size),
+        ("steps", steps),
+        ("row_length", row_length),
+        ("rank", rank),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
-    if eval_chunk is not None and (isinstance(eval_chunk, bool) or not isinstance(eval_chunk, (int, np.integer))
-                                   or eval_chunk < 1):
+    if eval_chunk is not None and (
+        isinstance(eval_chunk, bool) or not isinstance(eval_chunk, (int, np.integer)) or eval_chunk < 1
+    ):
         raise ValueError(f"`eval_chunk` must be None (all evals at once) or an int >= 1, got {eval_chunk!r}")
-    for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "head_dim",
-                 "num_attention_heads", "num_key_value_heads"):
+    for name in (
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "vocab_size",
+        "head_dim",
+        "num_attention_heads",
+        "num_key_value_heads",
+    ):
         if not hasattr(config, name):
-            raise TypeError(f"`config` must be a jaxeif.models.decoder.DecoderConfig (no `{name}`), "
-                            f"got {type(config).__name__}")
+            raise TypeError(
+                f"`config` must be a jaxeif.models.decoder.DecoderConfig (no `{name}`), got {type(config).__name__}"
+            )
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"`config.{name}` must be an int >= 1, got {value!r}; fix the model config")
@@ -224,4 +269,3 @@ def _check_dtype(name: str, dtype, allow_none: bool = False) -> None:
         ok = False
     if not ok:
         raise TypeError(f"`{name}` must be a floating dtype such as jnp.float32 or jnp.bfloat16, got {dtype!r}")
-

@@ -12,6 +12,7 @@ How each path gets there, exactly:
   * low-rank and prompted (packed rows): the slot NLLs the mean is taken of, each put back at its
     token (`SlotTokens`): no extra forward pass.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -128,12 +129,14 @@ class SlotTokens(NamedTuple):
         """
         out = np.zeros(self.mask.shape, np.float64)
         out[self.group[self.valid], self.position[self.valid]] = np.asarray(values, np.float64).reshape(
-            self.valid.shape)[self.valid]
+            self.valid.shape
+        )[self.valid]
         return out
 
 
-def slot_tokens(packed: packing.Packed, scored: Sequence[np.ndarray], length: int,
-                weights: Sequence[np.ndarray] | None = None) -> SlotTokens:
+def slot_tokens(
+    packed: packing.Packed, scored: Sequence[np.ndarray], length: int, weights: Sequence[np.ndarray] | None = None
+) -> SlotTokens:
     """The token of every slot of a packed layout.
 
     A group's slots come in the order of its scored tokens (jaxeif.packing lays them out so), so its k-th slot
@@ -157,8 +160,9 @@ def slot_tokens(packed: packing.Packed, scored: Sequence[np.ndarray], length: in
     ordinal[order] = np.arange(order.size) - np.repeat(starts, counts)
     expected = np.array([len(s) for s in scored])
     if not np.array_equal(counts, expected):
-        raise AssertionError(f"packed slots per group {counts.tolist()} differ from the scored tokens "
-                             f"{expected.tolist()}")
+        raise AssertionError(
+            f"packed slots per group {counts.tolist()} differ from the scored tokens {expected.tolist()}"
+        )
     position = np.zeros(packed.weight.shape, np.int64)
     position[valid] = [scored[g][k] for g, k in zip(flat_group, ordinal)]
     group = np.where(valid, packed.group, 0)
@@ -186,8 +190,16 @@ def tokens_slots(packed: packing.Packed, tokens: Tokens) -> SlotTokens:
 
 
 # ----------------------------------------------------------------------------- prompted
-def prompted_tokens(apply_fn, params, packed: packing.Packed, bodies: Sequence[Sequence[int]], head: Sequence[int],
-                    base, *, row_length: int) -> TokenInfluence:
+def prompted_tokens(
+    apply_fn,
+    params,
+    packed: packing.Packed,
+    bodies: Sequence[Sequence[int]],
+    head: Sequence[int],
+    base,
+    *,
+    row_length: int,
+) -> TokenInfluence:
     """`prompted_eif`'s TokenInfluence: every token of p_j after context p_i minus the same token alone.
 
     Args:
@@ -210,16 +222,24 @@ def prompted_tokens(apply_fn, params, packed: packing.Packed, bodies: Sequence[S
     if base is not None:
         raise ValueError("`base` holds each eval's mean loss; per_token=True needs every token's: pass base=None")
     if not head:
-        raise ValueError("per_token=True needs a BOS token: without one, p_j's first token has no NLL alone to "
-                         "compare with; use a tokenizer or config with a bos_token_id")
+        raise ValueError(
+            "per_token=True needs a BOS token: without one, p_j's first token has no NLL alone to "
+            "compare with; use a tokenizer or config with a bos_token_id"
+        )
     m, length = len(bodies), max(map(len, bodies))
     n = packed.groups // m
-    slots = lambda p: np.concatenate([np.asarray(packed_slot_nll(apply_fn, params, row_arrays(p, k)))  # noqa: E731
-                                      for k in range(p.ids.shape[0])])
+    slots = lambda p: np.concatenate(
+        [
+            np.asarray(packed_slot_nll(apply_fn, params, row_arrays(p, k)))  # noqa: E731
+            for k in range(p.ids.shape[0])
+        ]
+    )
     positions = [np.arange(len(b)) for b in bodies]
     after = slot_tokens(packed, positions * n, length).scatter(slots(packed)).reshape(n, m, length)
-    alone = packing.pack([packing.Piece(list(head) + list(b), [0.0] * len(head) + [1.0] * len(b), j)
-                          for j, b in enumerate(bodies)], row_length=row_length)
+    alone = packing.pack(
+        [packing.Piece(list(head) + list(b), [0.0] * len(head) + [1.0] * len(b), j) for j, b in enumerate(bodies)],
+        row_length=row_length,
+    )
     before = slot_tokens(alone, positions, length)
     changes = after.astype(np.float32) - before.scatter(slots(alone)).astype(np.float32)[None]
     return TokenInfluence(jnp.asarray(np.where(before.mask[None], changes, 0)), before.mask, before.weight)

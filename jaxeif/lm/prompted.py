@@ -4,9 +4,10 @@ Context format (PROMPT_FORMAT): BOS + tokens(p_i) + tokens("\\n") + tokens(p_j),
 tokens; the reference is BOS + tokens(p_j). p_j's tokens are identical in both, so the entry
 measures only the context.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from jaxeif import packing
 from jaxeif.finetune import PyTree
 from jaxeif.lm.loss import ROW_LENGTH, nll, packed_nll
 from jaxeif.lm.per_token import TokenInfluence, check_per_token, prompted_tokens
-from jaxeif.lm.tokens import SEPARATOR, ApplyFn, check_texts, bos_token_id, check_vocab, encode, text_ids, tokenize
+from jaxeif.lm.tokens import SEPARATOR, ApplyFn, bos_token_id, check_texts, check_vocab, encode, text_ids, tokenize
 
 
 def prompted_eif(
@@ -52,11 +53,12 @@ def prompted_eif(
     bodies = [text_ids(tokenizer, t, k) for k, t in enumerate(evals)]
     longest = max(map(len, prefixes)) + max(map(len, bodies))
     if longest > config.max_position_embeddings:
-        raise ValueError(f"a context plus a sample is {longest} tokens long, longer than the model's context of "
-                         f"{config.max_position_embeddings} tokens; shorten the samples")
+        raise ValueError(
+            f"a context plus a sample is {longest} tokens long, longer than the model's context of "
+            f"{config.max_position_embeddings} tokens; shorten the samples"
+        )
     packed = packing.prefixed(prefixes, bodies, row_length=row_length)
     if per_token:
         return prompted_tokens(apply_fn, params, packed, bodies, head, base, row_length=row_length)
     after = packed_nll(apply_fn, params, packed, progress=progress)
     return jnp.asarray(after.reshape(len(texts), len(evals)) - np.asarray(base, np.float32)[None])
-

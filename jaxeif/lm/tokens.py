@@ -6,9 +6,11 @@ log-probability counts in the loss). Tokenisation: BOS (when the tokenizer or mo
 text's tokens (no other special tokens); padding is on the right with attention 0 and score 0; a
 multi-line sample is ONE sample (lines joined by "\\n"), every line scored and trained on.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,53 +65,71 @@ def check_tokens(name: str, tokens: Any, vocab_size: int) -> Tokens:
         ValueError: shapes disagree or a rule is broken; the message names the field, sample and position.
     """
     if not isinstance(tokens, tuple) or len(tokens) != 3:
-        raise TypeError(f"`{name}` must be a jaxeif.lm.Tokens(ids, attention, score) (lm.tokenize makes one), "
-                        f"got {type(tokens).__name__}")
+        raise TypeError(
+            f"`{name}` must be a jaxeif.lm.Tokens(ids, attention, score) (lm.tokenize makes one), "
+            f"got {type(tokens).__name__}"
+        )
     ids, att, score = (_host_array(f"{name}.{field}", x) for field, x in zip(Tokens._fields, tokens))
     if not (np.issubdtype(ids.dtype, np.integer) and ids.dtype != bool):
         raise TypeError(f"`{name}.ids` has dtype {ids.dtype}; token ids must be integers (int32)")
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"`{name}.ids` has shape {ids.shape}; pass int[n, t], one row per sample "
-                         "(add a leading axis for a single sample: ids[None])")
+        raise ValueError(
+            f"`{name}.ids` has shape {ids.shape}; pass int[n, t], one row per sample "
+            "(add a leading axis for a single sample: ids[None])"
+        )
     for field, x in (("attention", att), ("score", score)):
         if x.shape != ids.shape:
-            raise ValueError(f"`{name}.{field}` has shape {x.shape} but `{name}.ids` has {ids.shape}; give all three "
-                             "fields the same [n, t] shape")
+            raise ValueError(
+                f"`{name}.{field}` has shape {x.shape} but `{name}.ids` has {ids.shape}; give all three "
+                "fields the same [n, t] shape"
+            )
         if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == bool):
             raise TypeError(f"`{name}.{field}` has dtype {x.dtype}; it must hold real numbers")
     bad = np.argwhere((ids < 0) | (ids >= vocab_size))
     if bad.size:
         (r, t), value = bad[0], ids[tuple(bad[0])]
-        raise ValueError(f"`{name}.ids` holds id {value} (sample {r}, position {t}), outside the model's vocabulary "
-                         f"[0, {vocab_size}); tokenize with the model's own tokenizer (lm.tokenize)")
+        raise ValueError(
+            f"`{name}.ids` holds id {value} (sample {r}, position {t}), outside the model's vocabulary "
+            f"[0, {vocab_size}); tokenize with the model's own tokenizer (lm.tokenize)"
+        )
     if not np.all((att == 0) | (att == 1)):
         raise ValueError(f"`{name}.attention` must hold only 0 and 1, got {np.unique(att)[:5].tolist()}")
     att = att.astype(np.int32)
     lengths = att.sum(axis=1)
     not_prefix = np.flatnonzero(np.any(att != (np.arange(att.shape[1])[None] < lengths[:, None]), axis=1))
     if not_prefix.size:
-        raise ValueError(f"`{name}.attention` of sample {not_prefix[0]} is not 1s followed by 0s: pad on the right "
-                         "(real tokens first, attention 1)")
+        raise ValueError(
+            f"`{name}.attention` of sample {not_prefix[0]} is not 1s followed by 0s: pad on the right "
+            "(real tokens first, attention 1)"
+        )
     score = score.astype(np.float32)
     if not np.all(np.isfinite(score)) or np.any(score < 0):
         raise ValueError(f"`{name}.score` must be finite and >= 0 (a weight per token)")
     if np.any(score[:, 0] != 0):
-        raise ValueError(f"`{name}.score` is nonzero at position 0 of sample {np.flatnonzero(score[:, 0])[0]}: "
-                         "nothing predicts the first token, so set its score to 0")
+        raise ValueError(
+            f"`{name}.score` is nonzero at position 0 of sample {np.flatnonzero(score[:, 0])[0]}: "
+            "nothing predicts the first token, so set its score to 0"
+        )
     padded = np.argwhere((score != 0) & (att == 0))
     if padded.size:
-        raise ValueError(f"`{name}.score` is nonzero where attention is 0 (sample {padded[0][0]}, position "
-                         f"{padded[0][1]}); score only real tokens")
+        raise ValueError(
+            f"`{name}.score` is nonzero where attention is 0 (sample {padded[0][0]}, position "
+            f"{padded[0][1]}); score only real tokens"
+        )
     empty = np.flatnonzero(score.sum(axis=1) == 0)
     if empty.size:
-        raise ValueError(f"`{name}.score` of sample {empty[0]} is all zero: nothing to score; mark the tokens whose "
-                         "log-probability counts with score > 0")
+        raise ValueError(
+            f"`{name}.score` of sample {empty[0]} is all zero: nothing to score; mark the tokens whose "
+            "log-probability counts with score > 0"
+        )
     return Tokens(ids.astype(np.int32), att, score)
 
 
 def _host_array(name: str, x: Any) -> np.ndarray:
     if isinstance(x, jax.core.Tracer):
-        raise TypeError(f"`{name}` is traced; the language-model entry points take concrete Tokens (call them outside jit)")
+        raise TypeError(
+            f"`{name}` is traced; the language-model entry points take concrete Tokens (call them outside jit)"
+        )
     try:
         return np.asarray(x)
     except (TypeError, ValueError) as e:
@@ -135,8 +155,9 @@ def check_example(name: str, example: Any, vocab_size: int) -> Tokens:
         raise TypeError(f"`{name}` must be ONE sample, a jaxeif.lm.Tokens of 1-d rows, got {type(example).__name__}")
     shapes = [np.shape(x) for x in example]
     if any(len(shape) != 1 for shape in shapes):
-        raise ValueError(f"`{name}` must be ONE sample, Tokens of 1-d rows (e.g. Tokens(*(x[k] for x in toks))), "
-                         f"got shapes {shapes}")
+        raise ValueError(
+            f"`{name}` must be ONE sample, Tokens of 1-d rows (e.g. Tokens(*(x[k] for x in toks))), got shapes {shapes}"
+        )
     one = check_tokens(name, Tokens(*(np.asarray(x)[None] for x in example)), vocab_size)
     return Tokens(*(x[0] for x in one))
 
@@ -155,8 +176,9 @@ def model_vocab_size(apply_fn: ApplyFn, params: PyTree) -> int:
     return int(out.shape[-1])
 
 
-def checked(apply_fn, params, train, evals, vocab_size: int | None = None,
-            context: int | None = None) -> tuple[Tokens, Tokens | None]:
+def checked(
+    apply_fn, params, train, evals, vocab_size: int | None = None, context: int | None = None
+) -> tuple[Tokens, Tokens | None]:
     """`train` and `evals` checked against the model's vocabulary and context length.
 
     Args:
@@ -189,9 +211,11 @@ def check_context(name: str, tokens: Tokens, context: int | None) -> Tokens:
     lengths = tokens.lengths
     over = np.flatnonzero(lengths > int(context))
     if over.size:
-        raise ValueError(f"`{name}` sample {over[0]} is {int(lengths[over[0]])} tokens long, longer than the model's "
-                         f"context of {int(context)} tokens ({over.size} such samples); shorten them (lm.tokenize "
-                         "refuses them too)")
+        raise ValueError(
+            f"`{name}` sample {over[0]} is {int(lengths[over[0]])} tokens long, longer than the model's "
+            f"context of {int(context)} tokens ({over.size} such samples); shorten them (lm.tokenize "
+            "refuses them too)"
+        )
     return tokens
 
 
@@ -199,8 +223,10 @@ def check_texts(name: str, texts: Any) -> list[str]:
     """`texts` as a non-empty list of str: a single str (which would be split into one-letter samples) and an
     empty list are refused, naming `name`."""
     if isinstance(texts, (str, bytes)):
-        raise TypeError(f"`{name}` must be a list of str, one per sample, got a single {type(texts).__name__} "
-                        f"({texts[:30]!r}); pass [{texts[:30]!r}] for one sample")
+        raise TypeError(
+            f"`{name}` must be a list of str, one per sample, got a single {type(texts).__name__} "
+            f"({texts[:30]!r}); pass [{texts[:30]!r}] for one sample"
+        )
     try:
         texts = list(texts)
     except TypeError:
@@ -280,7 +306,8 @@ def check_vocab(tokenizer, config) -> None:
     if n > config.vocab_size:
         raise ValueError(
             f"the tokenizer has {n} tokens but the model's vocabulary has {config.vocab_size}: they do not belong "
-            "together; load the tokenizer from the same checkpoint as the model (jaxeif.models.tokenizer.load_tokenizer)"
+            "together; load the tokenizer from the same checkpoint as the model "
+            "(jaxeif.models.tokenizer.load_tokenizer)"
         )
 
 
@@ -355,7 +382,9 @@ def tokenize(
         score = [0.0] * (len(head) + len(ctx)) + [1.0] * len(body)
         score[0] = 0.0  # nothing predicts the first token
         if sum(score) == 0:
-            raise ValueError(f"sample {k} ({text!r}) has no token to score: with no BOS token a sample needs two tokens")
+            raise ValueError(
+                f"sample {k} ({text!r}) has no token to score: with no BOS token a sample needs two tokens"
+            )
         limit = config.max_position_embeddings
         if len(ids) > limit:
             raise ValueError(
@@ -376,4 +405,3 @@ def tokenize(
         att[r, : len(row_ids)] = 1
         score[r, : len(row_ids)] = row_score
     return Tokens(ids, att, score)
-

@@ -3,6 +3,7 @@
 conv16 3x3 -> relu -> maxpool 2x2 -> conv32 3x3 -> relu -> maxpool 2x2 -> dense 64 -> relu -> dense 10.
 The model knows nothing of influence: `loss_fn(params, example)` is the per-example loss eif() needs.
 """
+
 from __future__ import annotations
 
 import os
@@ -201,8 +202,15 @@ def load_or_train(
     else:
         x_train, y_train = data.load_head("fashion_mnist", "train", train_size)
     start, cpu_start = time.perf_counter(), time.process_time()
-    params = train(x_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed,
-                   learning_rate=learning_rate, progress=progress)
+    params = train(
+        x_train,
+        y_train,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        learning_rate=learning_rate,
+        progress=progress,
+    )
     jax.block_until_ready(params)
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     x_test, y_test = data.load("fashion_mnist", "test")
@@ -213,7 +221,13 @@ def load_or_train(
         shutil.rmtree(weights, ignore_errors=True)
     io.save_checkpoint(weights, params)
     run.record_files(weights)
-    meta = {"config": config, "test_accuracy": acc, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
-            "n_train": int(len(x_train)), "backend": jax.default_backend()}
+    meta = {
+        "config": config,
+        "test_accuracy": acc,
+        "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
+        "n_train": int(len(x_train)),
+        "backend": jax.default_backend(),
+    }
     run.save_json(_META, meta)  # meta last: its presence marks a complete checkpoint
     return params

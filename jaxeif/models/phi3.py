@@ -4,6 +4,7 @@
     from jaxeif.models import phi3
     apply_fn = phi3.make_apply_fn(phi3.Phi3Config(...))   # Phi3Config is decoder.DecoderConfig
 """
+
 from jaxeif.models.decoder import (  # noqa: F401
     ARCHITECTURES,
     DecoderApply,

@@ -9,6 +9,7 @@
     directory under $JAXEIF_CACHE_DIR (default ~/.cache/jaxeif), keyed by the file's path, size
     and mtime; `cache=False` skips the cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,10 @@ def load_tokenizer(path=None, *, cache: bool = True):
         try:
             return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load the tokenizer in {path} ({str(e).splitlines()[0][:200]}); re-save it with "
-                             "tokenizer.save_pretrained(dir)") from None
+            raise ValueError(
+                f"cannot load the tokenizer in {path} ({str(e).splitlines()[0][:200]}); re-save it with "
+                "tokenizer.save_pretrained(dir)"
+            ) from None
     return cached_gguf_tokenizer(path) if cache else gguf_tokenizer(path)
 
 
@@ -53,7 +56,8 @@ def check_tokenizer_dir(path: Path) -> None:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save them beside the weights "
-            "with tokenizer.save_pretrained(dir), or pass the model's .gguf file")
+            "with tokenizer.save_pretrained(dir), or pass the model's .gguf file"
+        )
 
 
 def cache_dir() -> Path:
@@ -96,8 +100,10 @@ def gguf_tokenizer(path):
     f = _gguf_tokenizer_fields(path)
     kind, pre = f.get("tokenizer.ggml.model"), f.get("tokenizer.ggml.pre", "default")
     if kind != "gpt2" or pre not in _GPT2_STYLE_PRE:
-        raise ValueError(f"{path}: GGUF tokenizer model={kind!r} pre={pre!r} is not supported here (only GPT-2-style "
-                         f"byte-level BPE, pre in {_GPT2_STYLE_PRE}); pass a model directory with tokenizer.json instead")
+        raise ValueError(
+            f"{path}: GGUF tokenizer model={kind!r} pre={pre!r} is not supported here (only GPT-2-style "
+            f"byte-level BPE, pre in {_GPT2_STYLE_PRE}); pass a model directory with tokenizer.json instead"
+        )
     tokens = list(f["tokenizer.ggml.tokens"])
     types = list(f.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
@@ -109,8 +115,11 @@ def gguf_tokenizer(path):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
-               if ty == _CONTROL and set(t) <= alphabet]
+    special = [
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(tokens, types)
+        if ty == _CONTROL and set(t) <= alphabet
+    ]
     tok.add_special_tokens(special)
     user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
     if user:
@@ -121,15 +130,20 @@ def gguf_tokenizer(path):
         return tokens[int(i)] if i is not None else None
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=name("bos_token_id"), eos_token=name("eos_token_id"),
-        unk_token=name("unknown_token_id"), pad_token=name("padding_token_id"),
+        tokenizer_object=tok,
+        bos_token=name("bos_token_id"),
+        eos_token=name("eos_token_id"),
+        unk_token=name("unknown_token_id"),
+        pad_token=name("padding_token_id"),
         chat_template=f.get("tokenizer.chat_template"),
     )
 
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's printable spelling of each byte 0..255 (the byte-level BPE alphabet, in byte order)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     out, extra = {}, 0
     for b in range(256):
         if b in keep:

@@ -5,9 +5,10 @@ apply_fn, `upcast_apply_fn(decoder.make_apply_fn(config, jnp.float32))` takes bf
 memory at rest) and runs the whole forward pass, accumulations and logits in float32. Gradients
 with respect to the params keep the params' dtype.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
