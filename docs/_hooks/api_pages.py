@@ -15,7 +15,6 @@ import importlib
 import inspect
 import logging
 import re
-from pathlib import Path
 
 from mkdocs.exceptions import PluginError
 
@@ -40,32 +39,7 @@ EIF_FUNCTIONS = [
 NAMESPACES = ["jaxeif", "jaxeif.lm", "jaxeif.meta", "jaxeif.store", "jaxeif.streaming"]
 DIRECTIVE = re.compile(r"^:::\s+([\w.]+)", re.M)
 
-# Pages other engineers are writing: listed in mkdocs.yml's nav, left out of it until the file exists.
-PLANNED_PAGES = {"decoders.md"}
-
 _anchors: set[str] = set()
-
-
-def _drop_missing(nav, docs_dir):
-    kept = []
-    for entry in nav:
-        if isinstance(entry, dict):
-            ((title, value),) = entry.items()
-            if isinstance(value, list):
-                value = _drop_missing(value, docs_dir)
-                if value:
-                    kept.append({title: value})
-                continue
-            if value in PLANNED_PAGES and not (Path(docs_dir) / value).exists():
-                log.info("nav: %s is planned but not written yet; left out", value)
-                continue
-        kept.append(entry)
-    return kept
-
-
-def on_config(config):
-    config.nav = _drop_missing(config.nav, config.docs_dir)
-    return config
 
 
 def _default(p: inspect.Parameter) -> str:
