@@ -32,8 +32,8 @@ PAPER = {"symmetry_corr": 0.81, "block_symmetry_corr": 0.9}
 DEFAULT_LR_GRID = tuple(float(x) for x in 10.0 ** np.arange(-6.0, 0.01, 0.5))
 
 
-# options --quick sets itself (jaxeif.cli refuses both together)
-QUICK_OVERRIDES = ("epochs", "per_digit")
+# --quick runs with at most these values (jaxeif.cli refuses a larger one given with it: it would be ignored)
+QUICK_CAPS = {"epochs": 1, "per_digit": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,11 @@ def _resolved(config: Config) -> Config:
     if config.quick:
         grid = [1e-3, 3e-3, 1e-2, 3e-2] if list(config.lr_grid) == list(DEFAULT_LR_GRID) else config.lr_grid
         config = dataclasses.replace(
-            config, per_digit=min(config.per_digit, 2), train_size=config.train_size or 3000, epochs=1, lr_grid=grid
+            config,
+            per_digit=min(config.per_digit, QUICK_CAPS["per_digit"]),
+            train_size=config.train_size or 3000,
+            epochs=QUICK_CAPS["epochs"],
+            lr_grid=grid,
         )
     if list(config.lr_grid) != sorted(config.lr_grid) or len(config.lr_grid) < 2:
         raise ValueError(f"--lr-grid must hold at least two learning rates in ascending order, got {config.lr_grid}")

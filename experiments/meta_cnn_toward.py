@@ -38,8 +38,8 @@ from jaxeif.models import cnn
 DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
 
 
-# options --quick sets itself (jaxeif.cli refuses both together)
-QUICK_OVERRIDES = ("per_digit", "heldout_per_digit", "epochs", "meta_steps", "every")
+# --quick runs with at most these values (jaxeif.cli refuses a larger one given with it: it would be ignored)
+QUICK_CAPS = {"per_digit": 1, "heldout_per_digit": 1, "epochs": 1, "meta_steps": 4, "every": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +89,12 @@ def _resolved(config: Config) -> Config:
     if config.quick:
         config = dataclasses.replace(
             config,
-            per_digit=min(config.per_digit, 1),
-            heldout_per_digit=min(config.heldout_per_digit, 1),
+            per_digit=min(config.per_digit, QUICK_CAPS["per_digit"]),
+            heldout_per_digit=min(config.heldout_per_digit, QUICK_CAPS["heldout_per_digit"]),
             train_size=config.train_size or 3000,
-            epochs=1,
-            meta_steps=min(config.meta_steps, 4),
-            every=min(config.every, 2),
+            epochs=QUICK_CAPS["epochs"],
+            meta_steps=min(config.meta_steps, QUICK_CAPS["meta_steps"]),
+            every=min(config.every, QUICK_CAPS["every"]),
         )
     if config.ckpt is None:
         config = dataclasses.replace(config, ckpt=DEFAULT_CKPT + ("_quick" if config.quick else ""))

@@ -51,8 +51,8 @@ PROBE_COLS = (0, 4)
 PAD_MULTIPLE = 8
 
 
-# options --quick sets itself (jaxeif.cli refuses both together)
-QUICK_OVERRIDES = ("draws", "heldout_draws", "meta_steps", "every")
+# --quick runs with at most these values (jaxeif.cli refuses a larger one given with it: it would be ignored)
+QUICK_CAPS = {"draws": 2, "heldout_draws": 2, "meta_steps": 4, "every": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +94,10 @@ def _resolved(config: Config) -> Config:
     if config.quick:
         config = dataclasses.replace(
             config,
-            draws=min(config.draws, 2),
-            heldout_draws=min(config.heldout_draws, 2),
-            meta_steps=min(config.meta_steps, 4),
-            every=min(config.every, 2),
+            draws=min(config.draws, QUICK_CAPS["draws"]),
+            heldout_draws=min(config.heldout_draws, QUICK_CAPS["heldout_draws"]),
+            meta_steps=min(config.meta_steps, QUICK_CAPS["meta_steps"]),
+            every=min(config.every, QUICK_CAPS["every"]),
             lr_grid=list(config.lr_grid)[:2],
         )
     train_seeds = set(range(config.seed, config.seed + config.draws))

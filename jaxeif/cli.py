@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxeif import compile_cache
@@ -159,7 +159,7 @@ def _guarded(fn, *args: Any) -> int:
 def _run_module(module: types.ModuleType, argv: Sequence[str], prog: str) -> int:
     parser = module_parser(module, prog)
     args = parser.parse_args(list(argv))
-    check_quick_overrides(parser, args, list(argv), getattr(module, "QUICK_OVERRIDES", ()))
+    check_quick_caps(parser, args, list(argv), getattr(module, "QUICK_CAPS", {}))
     compile_cache.enable()  # on disk ($JAXEIF_COMPILE_CACHE, default ~/.cache/jaxeif/xla): a rerun skips compiling
     _report(module.run(args))
     return 0
@@ -179,19 +179,20 @@ def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> se
     return {name for name, value in vars(ns).items() if value is not unset}
 
 
-def check_quick_overrides(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str], overrides: Sequence[str]
+def check_quick_caps(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str], caps: Mapping[str, int]
 ) -> None:
-    """UsageError when `--quick` is combined with options it sets itself (`overrides`: their dest names),
-    which would otherwise be replaced without a word."""
-    if not overrides or not getattr(args, "quick", False):
+    """UsageError when `--quick` is given with an option above the value it caps it at (`caps`: dest name ->
+    cap), which the smoke run would otherwise lower without a word; a value within the cap is used as given."""
+    if not caps or not getattr(args, "quick", False):
         return
-    clash = sorted(explicit_options(parser, argv) & set(overrides))
+    clash = sorted(name for name in explicit_options(parser, argv) & set(caps) if getattr(args, name) > caps[name])
     if clash:
-        flags = ", ".join("--" + name.replace("_", "-") for name in clash)
+        given = ", ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in clash)
+        limits = ", ".join(f"--{name.replace('_', '-')} <= {caps[name]}" for name in clash)
         raise UsageError(
-            f"--quick sets {flags} itself, so the value given would be ignored; drop {flags} or drop "
-            f"--quick (see `{parser.prog} --help`)"
+            f"--quick runs with {limits}, so {given} would be ignored; drop --quick for the full sizes, or give "
+            f"values within those limits (see `{parser.prog} --help`)"
         )
 
 

@@ -139,10 +139,29 @@ def test_memory_estimate_refuses_impossible_configs_and_dtypes():
         lm.memory_estimate(CFG, 4, 4, path="dense", compute_dtype=jnp.int32)
 
 
-def test_cli_quick_with_options_it_overrides_is_a_usage_error(capsys):
+def test_cli_quick_with_options_above_its_caps_is_a_usage_error(capsys):
     code = cli.main(["cnn", "--quick", "--epochs", "3", "--per-digit", "5", "--out", "/nonexistent/never"])
     err = capsys.readouterr().err
-    assert code == 2 and "--quick sets --epochs, --per-digit itself" in err, err
+    assert code == 2 and "--quick runs with --epochs <= 1, --per-digit <= 2, so --epochs 3, --per-digit 5" in err, err
+
+
+def test_cli_quick_keeps_values_within_its_caps():
+    """A value --quick would not change is allowed with it, and the resolved config uses it as given."""
+    import argparse
+
+    from jaxeif.experiments import meta_cnn_toward as study
+    from jaxeif.experiments import options
+
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    argv = ["--quick", "--meta-steps", "3", "--every", "2"]
+    args = parser.parse_args(argv)
+    cli.check_quick_caps(parser, args, argv, study.QUICK_CAPS)  # no error
+    config = study._resolved(options.config_of(study.Config, args))
+    assert (config.meta_steps, config.every, config.epochs) == (3, 2, study.QUICK_CAPS["epochs"])
+    over = ["--quick", "--meta-steps", "5"]
+    with pytest.raises(cli.UsageError, match="--meta-steps <= 4, so --meta-steps 5 would be ignored"):
+        cli.check_quick_caps(parser, parser.parse_args(over), over, study.QUICK_CAPS)
 
 
 def test_cli_explicit_options_are_told_from_defaults():

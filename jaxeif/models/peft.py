@@ -226,12 +226,17 @@ def load_adapter(path, config: Phi3Config, dtype=jnp.float32) -> PeftLora:
         found.setdefault(name, {}).setdefault(which, {})[layer] = value
     if not found:
         raise PeftAdapterError(f"{path / WEIGHTS_NAME} holds no LoRA tensors")
-    fused = loading._LAYER_MODULES.get(config.model_type)
-    if fused is None:
+    if config.model_type not in loading.SUPPORTED_ARCHITECTURES:
         raise PeftAdapterError(
             f"the decoder's model_type {config.model_type!r} has no known module layout; "
             f"pass the config from_pretrained returned"
         )
+    # our stacked module -> the transformers per-layer modules fused into it (weights only: LoRA has no bias)
+    fused = {
+        key[:-1]: [name.removesuffix(".weight") for name in names]
+        for key, names in loading._layer_modules(config).items()
+        if key[-1] == "weight"
+    }
     shapes = loading._per_tensor_shapes(config)
     L = config.num_hidden_layers
     weights, modules = {}, []
