@@ -18,6 +18,7 @@ entity a sample names) against the other tokens per domain in results.json ("per
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import string
 import sys
@@ -50,82 +51,6 @@ DEFAULT_LR = 1e-4  # single-step SGD plateau for SmolLM2-135M-Instruct (see READ
 RULE = "middle_of_longest_plateau"  # jaxeif.lr_choice.RULES: the lr sweep's choice
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the study (defaults: all domains, 10 repeats, fine-tuned and prompted, SmolLM2)."""
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="Phi-3 or Llama checkpoint directory (config.json + safetensors) or .gguf file; "
-        "default: the embedded SmolLM2-135M-Instruct",
-    )
-    options.add_out(parser, "results/llm_logic")
-    parser.add_argument(
-        "--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}"
-    )
-    parser.add_argument("--repeats", type=options.positive_int, default=10, help="repeats with fresh entity names")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="which influences to compute")
-    parser.add_argument(
-        "--lr",
-        type=_lr_arg,
-        default=DEFAULT_LR,
-        help="fine-tuning learning rate, or 'plateau': the one --lr-sweep chooses",
-    )
-    parser.add_argument(
-        "--lr-sweep",
-        type=_lr_list,
-        default=(),
-        help="comma-separated lrs (>= 3): sweep them on repeat 0 of every domain first (paper 3.4: EIF "
-        "magnitude and agreement vs lr, lr_sweep.png/.json) and pick the plateau; every finding "
-        "at every lr goes to lr_findings.json/.png",
-    )
-    parser.add_argument(
-        "--sweep-repeats",
-        type=options.positive_int,
-        default=1,
-        help="repeats (the first ones, <= --repeats) whose fine-tuned EIF --lr-sweep computes at every lr "
-        "for lr_findings (each costs about one study's fine-tuned part per lr)",
-    )
-    parser.add_argument(
-        "--float64-check",
-        action="store_true",
-        help="with --lr-sweep: also the dense EIF of repeat 0 of every domain in float64 at each swept lr "
-        "and in precision 'difference' at the smallest; float32's sign agreement and relative "
-        "error against float64 go to float64_check.json (slow: dense path, float64)",
-    )
-    parser.add_argument(
-        "--optimizer", default="sgd", choices=("sgd", "adam"), help="fine-tuning optimizer (unit rate, times --lr)"
-    )
-    parser.add_argument(
-        "--lora-rank",
-        type=options.nonnegative_int,
-        default=0,
-        help="fine-tune LoRA adapters of this rank (alpha = 2 * rank) instead of all weights; 0: dense",
-    )
-    parser.add_argument(
-        "--steps", type=options.positive_int, default=1, help="optimizer steps per one-sample fine-tune"
-    )
-    parser.add_argument(
-        "--chunk-size",
-        type=options.positive_int,
-        default=1,
-        help="fine-tunes computed together (1 suits a CPU; raise it on an accelerator)",
-    )
-    options.add_seed(parser, "repeat k draws names with seed + k")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model parameter dtype")
-    parser.add_argument(
-        "--summarise-only",
-        action="store_true",
-        help="compute nothing: summarise the repeats already complete in --out (e.g. of a stopped run)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--no-per-token",
-        action="store_true",
-        help="skip the per-token stage (every eval token's NLL change on repeat 0: answer tokens vs the "
-        "rest, per_token.png); it costs one more fine-tuned EIF per domain",
-    )
-
-
 def _lr_arg(text: str):
     if text == "plateau":
         return text
@@ -147,17 +72,73 @@ def _lr_list(text: str) -> tuple[float, ...]:
     return lrs
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The study's options (defaults: all domains, 10 repeats, fine-tuned and prompted, SmolLM2), listed once:
+    they generate its flags (`add_arguments`); `_config` checks what argparse cannot and writes config.json."""
+
+    model: str | None = options.field(
+        None,
+        "Phi-3 or Llama checkpoint directory (config.json + safetensors) or .gguf file; "
+        "default: the embedded SmolLM2-135M-Instruct",
+    )
+    out: str = options.out("results/llm_logic")
+    domains: list = options.field(list(domains.DOMAINS), f"any of {', '.join(domains.DOMAINS)}", nargs="+")
+    repeats: int = options.field(10, "repeats with fresh entity names", type=options.positive_int)
+    modes: list = options.field(list(MODES), "which influences to compute", nargs="+", choices=MODES)
+    lr: float | str = options.field(
+        DEFAULT_LR, "fine-tuning learning rate, or 'plateau': the one --lr-sweep chooses", type=_lr_arg
+    )
+    lr_sweep: tuple = options.field(
+        (),
+        "comma-separated lrs (>= 3): sweep them on repeat 0 of every domain first (paper 3.4: EIF "
+        "magnitude and agreement vs lr, lr_sweep.png/.json) and pick the plateau; every finding "
+        "at every lr goes to lr_findings.json/.png",
+        type=_lr_list,
+    )
+    sweep_repeats: int = options.field(
+        1,
+        "repeats (the first ones, <= --repeats) whose fine-tuned EIF --lr-sweep computes at every lr "
+        "for lr_findings (each costs about one study's fine-tuned part per lr)",
+        type=options.positive_int,
+    )
+    float64_check: bool = options.switch(
+        "with --lr-sweep: also the dense EIF of repeat 0 of every domain in float64 at each swept lr "
+        "and in precision 'difference' at the smallest; float32's sign agreement and relative "
+        "error against float64 go to float64_check.json (slow: dense path, float64)"
+    )
+    optimizer: str = options.field("sgd", "fine-tuning optimizer (unit rate, times --lr)", choices=("sgd", "adam"))
+    lora_rank: int = options.field(
+        0,
+        "fine-tune LoRA adapters of this rank (alpha = 2 * rank) instead of all weights; 0: dense",
+        type=options.nonnegative_int,
+    )
+    steps: int = options.field(1, "optimizer steps per one-sample fine-tune", type=options.positive_int)
+    chunk_size: int = options.field(
+        1, "fine-tunes computed together (1 suits a CPU; raise it on an accelerator)", type=options.positive_int
+    )
+    seed: int = options.seed("repeat k draws names with seed + k")
+    dtype: str = options.field("float32", "model parameter dtype", choices=("float32", "bfloat16"))
+    summarise_only: bool = options.switch(
+        "compute nothing: summarise the repeats already complete in --out (e.g. of a stopped run)"
+    )
+    no_progress: bool = options.switch("no progress bars")
+    no_per_token: bool = options.switch(
+        "skip the per-token stage (every eval token's NLL change on repeat 0: answer tokens vs the "
+        "rest, per_token.png); it costs one more fine-tuned EIF per domain"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the study: the fields of `Config`."""
+    options.add_config(parser, Config)
+
+
 def _config(args: argparse.Namespace) -> dict:
     for name in args.domains:
         domains.domain(name)  # unknown names: clear error listing the valid ones
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.lr == "plateau" and not args.lr_sweep:
         raise ValueError("--lr plateau needs --lr-sweep LR,LR,LR to choose it from")
-    if args.lr != "plateau" and not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    if args.steps < 1 or args.chunk_size < 1 or args.lora_rank < 0:
-        raise ValueError("--steps and --chunk-size must be >= 1, --lora-rank >= 0")
     if not 1 <= args.sweep_repeats <= args.repeats:
         raise ValueError(f"--sweep-repeats must be between 1 and --repeats ({args.repeats}), got {args.sweep_repeats}")
     if (args.sweep_repeats > 1 or args.float64_check) and not args.lr_sweep:

@@ -13,6 +13,7 @@ timings.json and results.json (every number: corr with dense, symmetry, probes o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -31,32 +32,32 @@ DEFAULT_GRID = tuple(float(10.0**k) for k in range(-6, 1))  # 1e-6 .. 1
 SWEEP_DOMAINS = ("squares",)  # the cheapest domain (shortest samples): one sweep per method keeps the study < 20 min
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options (defaults: SmolLM2, all five domains, 3 repeats, ranks 4/16/64, lr grid 1e-6..1)."""
-    parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
-    options.add_out(parser, "results/llm_peft")
-    parser.add_argument(
-        "--domains", nargs="+", default=list(domains.DOMAINS), help=f"any of {', '.join(domains.DOMAINS)}"
-    )
-    parser.add_argument(
-        "--repeats", type=options.positive_int, default=3, help="repeats with fresh entity names (seed + k)"
-    )
-    parser.add_argument("--ranks", type=options.positive_int, nargs="+", default=list(DEFAULT_RANKS), help="LoRA ranks")
-    parser.add_argument(
-        "--lr-grid",
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The study's options (defaults: SmolLM2, all five domains, 3 repeats, ranks 4/16/64, lr grid 1e-6..1),
+    listed once: they generate its flags (`add_arguments`); `_config` checks what argparse cannot."""
+
+    model: str | None = options.field(None, "checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
+    out: str = options.out("results/llm_peft")
+    domains: list = options.field(list(domains.DOMAINS), f"any of {', '.join(domains.DOMAINS)}", nargs="+")
+    repeats: int = options.field(3, "repeats with fresh entity names (seed + k)", type=options.positive_int)
+    ranks: list = options.field(list(DEFAULT_RANKS), "LoRA ranks", type=options.positive_int, nargs="+")
+    lr_grid: list = options.field(
+        list(DEFAULT_GRID),
+        "ascending lrs (>= 3) swept for each method; the plateau rule picks each method's lr",
         type=options.positive_float,
         nargs="+",
-        default=list(DEFAULT_GRID),
-        help="ascending lrs (>= 3) swept for each method; the plateau rule picks each method's lr",
     )
-    parser.add_argument(
-        "--sweep-domains",
-        nargs="+",
-        default=list(SWEEP_DOMAINS),
-        help="domains whose repeat 0 the lr sweep pools (a subset of --domains)",
+    sweep_domains: list = options.field(
+        list(SWEEP_DOMAINS), "domains whose repeat 0 the lr sweep pools (a subset of --domains)", nargs="+"
     )
-    options.add_seed(parser, "repeat k draws names with seed + k; LoRA A draws")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    seed: int = options.seed("repeat k draws names with seed + k; LoRA A draws")
+    no_progress: bool = options.switch("no progress bars")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the study: the fields of `Config`."""
+    options.add_config(parser, Config)
 
 
 def _config(args: argparse.Namespace) -> dict:
