@@ -80,6 +80,7 @@ def test_accuracy_matches_argmax_in_any_batch_size(params):
         cnn.accuracy(params, x, labels[:3])
 
 
+@pytest.mark.slow  # trains the CNN
 def test_load_or_train_saves_restores_and_refuses_other_config(tmp_path):
     ckpt = tmp_path / "ckpt"
     trained = cnn.load_or_train(ckpt, epochs=1, batch_size=64, train_size=640, progress=False)

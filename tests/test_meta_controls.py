@@ -106,6 +106,7 @@ def check_meta_gradient(objective, controls, key, eps=1e-5, rtol=1e-6):
     np.testing.assert_allclose(np.asarray(analytic), np.asarray(numeric), rtol=rtol, atol=1e-12)
 
 
+@pytest.mark.slow  # 10 s: float64 finite differences
 def test_meta_gradients_match_finite_differences_float64():
     with jax.enable_x64(True):
         loss_fn, params, train = make_problem(jnp.float64)

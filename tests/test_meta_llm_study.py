@@ -178,6 +178,7 @@ def test_quick_study_learns_and_writes_files(tiny, tmp_path, monkeypatch):
     assert saved["seeds"]["heldout"] and not set(saved["seeds"]["train"]) & set(saved["seeds"]["heldout"])
 
 
+@pytest.mark.slow  # a study stage on the tiny checkpoint
 def test_probe_blocks_equal_the_eif_blocks(tiny):
     """The evaluation path (one gradient per draw, rescaled per setting; batched base losses) equals
     jaxeif.eif with the stacked-layer optimizer, setting by setting."""

@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxeif
 from jaxeif.benchmarks.cnn import naive_vmap_rows
@@ -55,6 +56,7 @@ def conv_loss(params, example):
     return (h @ params["w"] - y) ** 2
 
 
+@pytest.mark.slow  # 13 s: four chunk layouts differentiated
 def test_chunk_paths_same_gradients_in_lr_and_params():
     k = jax.random.split(jax.random.key(1), 4)
     params = {"k": jax.random.normal(k[0], (3, 3, 1, 2)), "w": jax.random.normal(k[1], (18,))}
