@@ -32,6 +32,8 @@ PAPER = {"symmetry_corr": 0.81, "block_symmetry_corr": 0.9}
 DEFAULT_LR_GRID = tuple(float(x) for x in 10.0 ** np.arange(-6.0, 0.01, 0.5))
 
 
+DEFAULT_CKPT = options.CNN_CKPT
+
 # --quick runs with at most these values (jaxeif.cli refuses a larger one given with it: it would be ignored)
 QUICK_CAPS = {"epochs": 1, "per_digit": 2}
 
@@ -42,8 +44,10 @@ class Config:
     (`add_arguments`) and its config.json (`_config`)."""
 
     out: str = options.out("results/cnn_noise")
-    ckpt: str = options.field(
-        "results/checkpoints/cnn_fashion_mnist", "orbax checkpoint folder of the base CNN (trained there on first use)"
+    ckpt: str | None = options.field(
+        None,
+        f"orbax checkpoint folder of the base CNN (default {DEFAULT_CKPT}; --quick: that + '_quick', so a smoke "
+        "run never meets the full run's base CNN); trained there on first use",
     )
     epochs: int = options.field(4, "base CNN training epochs (Adam, lr 1e-3)", type=options.positive_int)
     batch_size: int = options.field(128, "base CNN training batch size", type=options.positive_int)
@@ -88,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolved(config: Config) -> Config:
-    """The options a run uses: --quick's smaller sizes and short lr grid applied; the grid checked ascending."""
+    """The options a run uses: --quick's smaller sizes and short lr grid applied, the grid checked ascending, the
+    default checkpoint folder filled in."""
     if config.quick:
         grid = [1e-3, 3e-3, 1e-2, 3e-2] if list(config.lr_grid) == list(DEFAULT_LR_GRID) else config.lr_grid
         config = dataclasses.replace(
@@ -100,6 +105,8 @@ def _resolved(config: Config) -> Config:
         )
     if list(config.lr_grid) != sorted(config.lr_grid) or len(config.lr_grid) < 2:
         raise ValueError(f"--lr-grid must hold at least two learning rates in ascending order, got {config.lr_grid}")
+    if config.ckpt is None:
+        config = dataclasses.replace(config, ckpt=DEFAULT_CKPT + ("_quick" if config.quick else ""))
     return config
 
 

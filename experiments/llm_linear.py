@@ -47,7 +47,7 @@ class Config:
     lrs: list = options.field(list(DEFAULT_LRS), "ascending lrs", type=options.positive_float, nargs="+")
     seed: int = options.seed("the draw of entity names (repeat 0)")
     cnn_ckpt: str = options.field(
-        "results/checkpoints/cnn_fashion_mnist",
+        options.CNN_CKPT,
         "the CNN study's base-model checkpoint (made by `jaxeif cnn`), or 'none' for no CNN curve",
     )
     cnn_per_digit: int = options.field(5, "MNIST test digits per class (CNN)", type=options.positive_int)

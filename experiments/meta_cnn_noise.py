@@ -31,7 +31,7 @@ from jaxeif.experiments import options
 from jaxeif.meta.image_study import Split, clean_learning, heldout_metrics, pairs, split_set  # noqa: F401 (tests use them from here)
 from jaxeif.models import cnn
 
-DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
+DEFAULT_CKPT = options.CNN_CKPT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ from jaxeif.experiments import options
 from jaxeif.meta.image_study import Split, split_set
 from jaxeif.models import cnn
 
-DEFAULT_CKPT = "results/checkpoints/cnn_fashion_mnist"
+DEFAULT_CKPT = options.CNN_CKPT
 
 
 # --quick runs with at most these values (jaxeif.cli refuses a larger one given with it: it would be ignored)

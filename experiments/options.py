@@ -109,6 +109,9 @@ def add_seed(parser: argparse.ArgumentParser, help: str, default: int = 0) -> No
     parser.add_argument("--seed", type=nonnegative_int, default=default, help=help)
 
 
+CNN_CKPT = "results/checkpoints/cnn_fashion_mnist"  # the base CNN's folder, shared by the CNN studies
+
+
 # ----------------------------------------------------------------------------- config dataclasses
 def field(
     default: Any,

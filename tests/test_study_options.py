@@ -65,3 +65,16 @@ def test_shared_flags():
     with pytest.raises(SystemExit):
         parser.parse_args([])  # --out is required without a default
     assert vars(parser.parse_args(["--out", "x"])) == {"out": "x", "seed": 0}
+
+
+def test_quick_cnn_runs_never_share_the_full_runs_base_cnn():
+    """`make demo` then `jaxeif cnn --quick` (what CI does): the quick run trains its own base CNN in
+    `<default>_quick` instead of meeting the full run's checkpoint, whose training config differs."""
+    from jaxeif.experiments import cnn_noise, meta_cnn_noise, meta_cnn_toward
+
+    for study in (cnn_noise, meta_cnn_noise, meta_cnn_toward):
+        full = study._resolved(study.Config())
+        quick = study._resolved(study.Config(quick=True))
+        assert full.ckpt == options.CNN_CKPT and quick.ckpt == options.CNN_CKPT + "_quick", study.__name__
+        given = study._resolved(study.Config(quick=True, ckpt="mine"))
+        assert given.ckpt == "mine"
