@@ -20,9 +20,13 @@ pytestmark = pytest.mark.slow  # SIGKILLs a study subprocess and reruns it
 
 
 def finished_blocks(out: pathlib.Path) -> list[int]:
-    """Steps that orbax finalised (renamed into place) in the sweep's block folder."""
-    folder = out / "eif_blocks"
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+    """Blocks that orbax finalised and the run recorded in its manifest: the ones a rerun may trust.
+    (A block folder that orbax renamed into place but the run had not yet recorded is recomputed.)"""
+    try:
+        files = json.loads((out / runs.MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return sorted({int(k.split("/")[1]) for k in files if k.startswith("eif_blocks/") and k.split("/")[1].isdigit()})
 
 
 def run_to_end(cmd: list[str]) -> subprocess.CompletedProcess:
