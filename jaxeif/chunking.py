@@ -64,6 +64,11 @@ def free_bytes(device: jax.Device | None = None) -> int:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return host_free_bytes()
+
+
+def host_free_bytes() -> int:
+    """The host's available RAM in bytes (MemAvailable; free pages where /proc is missing)."""
     try:
         with open("/proc/meminfo") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxeif import checks, influence
 from jaxeif import precision as precision_lib
+from jaxeif import progress as progress_lib
 from jaxeif.finetune import LossFn, PyTree
 from jaxeif.options import ChunkSize
 from jaxeif.precision import Precision
@@ -31,10 +32,7 @@ AXIS = "rows"
 
 def mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-d mesh named "rows" over `devices` (default: every device of every process)."""
-    devices = list(jax.devices() if devices is None else devices)
-    if not devices:
-        raise ValueError("`devices` is empty; pass at least one jax.Device or None for all devices")
-    return Mesh(np.asarray(devices), (AXIS,))
+    return Mesh(np.asarray(checks.device_list(devices)), (AXIS,))
 
 
 @functools.lru_cache(maxsize=16)
@@ -88,7 +86,7 @@ def eif_rows(
     Raises:
         NonFiniteInfluenceError: a fine-tune computed on this process diverged (a warning when traced).
     """
-    evals, n, lr, precision = influence.validate(
+    matrix, lr_rows, n = sharded_rows(
         loss_fn,
         params,
         train,
@@ -99,18 +97,73 @@ def eif_rows(
         chunk_size=chunk_size,
         precision=precision,
         memory_budget=memory_budget,
+        devices=devices,
     )
+    if checks.is_traced(matrix):
+        return influence.report_nonfinite(matrix, lr_rows)
+    for shard in matrix.addressable_shards:
+        block = np.asarray(shard.data)
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if bad.size:
+            first = shard.index[0].start or 0
+            rows_bad = (first + bad)[first + bad < n]
+            if rows_bad.size:
+                raise checks.NonFiniteInfluenceError(
+                    f"{rows_bad.size} fine-tunes on this process diverged (non-finite influence) in rows "
+                    f"{rows_bad.tolist()[:20]}; lower lr or steps for those samples",
+                    rows_bad,
+                    block,
+                )
+    return matrix
+
+
+def sharded_rows(
+    loss_fn: LossFn,
+    params: PyTree,
+    train: PyTree,
+    evals: PyTree | None = None,
+    *,
+    lr: jax.Array | float,
+    steps: int = 1,
+    optimizer: optax.GradientTransformation | None = None,
+    chunk_size: ChunkSize = "auto",
+    precision: Precision = Precision(),
+    memory_budget: float | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    progress: bool = False,
+) -> tuple[jax.Array, jax.Array, int]:
+    """The program of `eif_rows` (and jaxeif.sharding.eif_sharded), unchecked for diverged rows.
+
+    Args: as `eif_rows`; progress: a bar of rows (padding included) on stderr.
+
+    Returns:
+        (the row-sharded f32[padded, m] matrix, f[padded] its rows' learning rates (0 for padding), n).
+    """
+    evals, n, lr, precision = influence.validate(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        progress=progress,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
+    progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lr)))
     mesh_ = mesh(devices)
     d = mesh_.devices.size
     pad = padded_rows(n, d) - n
     lr_rows = jnp.concatenate([jnp.broadcast_to(lr, (n,)), jnp.zeros((pad,), jnp.result_type(lr))])
-    static = influence.program_static(loss_fn, steps, optimizer, precision)
-    with precision_lib.context(precision):
+    static = influence.program_static(loss_fn, steps, optimizer, precision, progress)
+    with precision_lib.context(precision), progress_lib.bar(n + pad, "eif rows", progress):
         params, train, evals, lr_rows, loss_inputs = precision_lib.cast_inputs(
             precision, (params, train, evals, lr_rows, influence.split_loss(loss_fn)[1])
         )
         per_device = (n + pad) // d
-        if chunk_size == "auto":
+        if chunk_size == "auto":  # planned for one device's share of the rows
             local = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct((per_device, *np.shape(x)[1:]), jnp.result_type(x)), train
             )
@@ -131,19 +184,6 @@ def eif_rows(
         matrix = influence.result_dtype(
             run(jax.device_put(train_rows, rows), jax.device_put(lr_rows, rows), params, evals, loss_inputs), precision
         )
-    if checks.is_traced(matrix):
-        return influence.report_nonfinite(matrix, lr_rows)
-    for shard in matrix.addressable_shards:
-        block = np.asarray(shard.data)
-        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
-        if bad.size:
-            first = shard.index[0].start or 0
-            rows_bad = (first + bad)[first + bad < n]
-            if rows_bad.size:
-                raise checks.NonFiniteInfluenceError(
-                    f"{rows_bad.size} fine-tunes on this process diverged (non-finite influence) in rows "
-                    f"{rows_bad.tolist()[:20]}; lower lr or steps for those samples",
-                    rows_bad,
-                    block,
-                )
-    return matrix
+        if not checks.is_traced(matrix):
+            matrix = jax.block_until_ready(matrix)  # inside the bar's lifetime
+    return matrix, lr_rows, n

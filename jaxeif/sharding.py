@@ -1,8 +1,10 @@
 """eif_sharded(): the exact EIF with its row axis split over devices (jax.sharding + shard_map).
 
 Rows are independent fine-tunes, so each device computes its own block of rows with the
-single-device core and no communication; params and evals are replicated. Multi-host: call
-`jax.distributed.initialize()` first on every process; `jax.devices()` then spans all hosts.
+single-device core and no communication; params and evals are replicated. The program is
+jaxeif.multihost's; this function returns the plain f32[n, m] (padding dropped), gathered to every
+process when the devices span several (after `jax.distributed.initialize()`). Past one host's
+memory use jaxeif.multihost.eif_rows or jaxeif.store.fill_spmd, which never gather.
 """
 
 from __future__ import annotations
@@ -14,24 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jaxeif import checks, influence
-from jaxeif import precision as precision_lib
-from jaxeif import progress as progress_lib
+from jaxeif import checks, chunking, influence, multihost
 from jaxeif.finetune import LossFn, PyTree
 from jaxeif.options import ChunkSize
 from jaxeif.precision import Precision
-
-_AXIS = "rows"
-
-
-def _pad_rows(tree: PyTree, rows: int) -> PyTree:
-    """Append `rows` copies of example 0 to every leaf (padding rows are computed, then dropped)."""
-    if rows == 0:
-        return tree
-    return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], rows, axis=0)]), tree)
 
 
 def eif_sharded(
@@ -49,7 +38,7 @@ def eif_sharded(
     memory_budget: float | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> jax.Array:
-    """`jaxeif.eif` with the train rows split evenly over `devices`: the same values.
+    """`jaxeif.eif` with the train rows split evenly over `devices`: the same values and gradients.
 
     Rows are padded to a multiple of the device count with copies of row 0 (lr 0), computed and
     dropped.
@@ -74,8 +63,10 @@ def eif_sharded(
 
     Raises:
         NonFiniteInfluenceError, MemoryBudgetError, TypeError, ValueError: as in `jaxeif.eif`.
+        MemoryBudgetError: across processes, when the whole matrix would take more than half the host's
+            free memory (use jaxeif.multihost.eif_rows or jaxeif.store.fill_spmd, which never gather).
     """
-    evals, n, lr, precision = influence.validate(
+    matrix, lr_rows, n = multihost.sharded_rows(
         loss_fn,
         params,
         train,
@@ -84,50 +75,22 @@ def eif_sharded(
         steps=steps,
         optimizer=optimizer,
         chunk_size=chunk_size,
-        progress=progress,
         precision=precision,
         memory_budget=memory_budget,
+        devices=devices,
+        progress=progress,
     )
-    progress_lib.check(progress, traced=checks.is_traced((params, train, evals, lr)))
-    devices = checks.device_list(devices)
-    pad = -n % len(devices)
-    lr_rows = jnp.concatenate([jnp.broadcast_to(lr, (n,)), jnp.zeros((pad,), jnp.result_type(lr))])
-    mesh = Mesh(np.asarray(devices), (_AXIS,))
-    static = influence.program_static(loss_fn, steps, optimizer, precision, progress)
-    with precision_lib.context(precision), progress_lib.bar(n + pad, "eif rows", progress):
-        params, train, evals, lr_rows, loss_inputs = precision_lib.cast_inputs(
-            precision, (params, train, evals, lr_rows, influence.split_loss(loss_fn)[1])
-        )
-        per_device = (n + pad) // len(devices)
-        local = jax.tree.map(lambda x: jax.ShapeDtypeStruct((per_device, *np.shape(x)[1:]), jnp.result_type(x)), train)
-        local_lrs = jax.ShapeDtypeStruct((1, per_device), jnp.result_type(lr_rows))
-        chunks = (
-            influence.plan(
-                (params, local, evals, local_lrs, loss_inputs),
-                static,
-                chunk_size,
-                memory_budget,
-                precision,
-                traced=True,
-            )[0]
-            if chunk_size == "auto"
-            else influence.Chunks(chunk_size)
-        )
-        run = jax.jit(
-            jax.shard_map(
-                lambda tr, r, p, ev, li: influence._program(p, tr, ev, r[None], li, chunks=chunks, **static)[0],
-                mesh=mesh,
-                in_specs=(P(_AXIS), P(_AXIS), P(), P(), P()),
-                out_specs=P(_AXIS),
-                check_vma=False,
+    if not checks.is_traced(matrix) and not matrix.is_fully_addressable:  # across processes: gather, if it fits
+        need = matrix.size * matrix.dtype.itemsize
+        # the least free memory of any process: all of them refuse, or none (one refusing alone would hang the rest)
+        # (in MiB as float32: without jax_enable_x64 an int64 byte count would wrap in int32)
+        free_mib = multihost_utils.process_allgather(np.float32(chunking.host_free_bytes() / 2**20))
+        free = int(float(np.min(free_mib)) * 2**20)
+        if need > free // 2:
+            raise chunking.MemoryBudgetError(
+                f"eif_sharded gathers the whole {list(matrix.shape)} matrix ({chunking.gib(need)}) to every process, "
+                f"over half the {chunking.gib(free)} free on this host; use jaxeif.multihost.eif_rows (rows stay "
+                "on the devices that computed them) or jaxeif.store.fill_spmd (each process writes its own tiles)"
             )
-        )
-        rows = NamedSharding(mesh, P(_AXIS))
-        train_rows = jax.device_put(_pad_rows(train, pad), rows)
-        matrix = influence.result_dtype(
-            run(train_rows, jax.device_put(lr_rows, rows), params, evals, loss_inputs), precision
-        )
-        matrix = jax.block_until_ready(matrix)  # inside the bar's lifetime
-    if not matrix.is_fully_addressable:  # multi-host: every process gets the whole matrix
         matrix = jnp.asarray(multihost_utils.process_allgather(matrix, tiled=True))
-    return influence.report_nonfinite(matrix[:n], lr)
+    return influence.report_nonfinite(matrix[:n], lr_rows[:n])

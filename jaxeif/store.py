@@ -817,6 +817,9 @@ def fill_spmd(
                         f"in {seconds:.2f} s",
                         flush=True,
                     )
+    # Return only once every process has written its tiles: the store is whole on return, everywhere,
+    # and a next call's process 0 does not read the markers while another process still writes them.
+    multihost_utils.sync_global_devices("jaxeif.store.fill_spmd: every tile written")
     return FillResult(store, computed, reused, repaired)
 
 

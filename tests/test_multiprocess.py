@@ -115,26 +115,43 @@ def test_four_workers_two_killed_and_restarted(tmp_path):
 
 
 SPMD = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     import jax, jax.numpy as jnp, numpy as np
     port, nproc, pid, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_num_cpu_devices", 2)
     jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
     from jax.experimental.multihost_utils import process_allgather
+    import jaxeif
     from jaxeif import store, multihost
     from test_multiprocess import problem, loss, weights
     params, train, evals, lr = problem()
+    if pid == nproc - 1:  # the last process writes slowly: the others must still return a whole store
+        write = store.Store.write_tile
+        def slow_write(self, *args, **kwargs):
+            time.sleep(0.5)
+            return write(self, *args, **kwargs)
+        store.Store.write_tile = slow_write
     first = store.fill_spmd(loss, params, train, evals, lr=lr, path=path, tile=(3, 20))
+    missing_on_return = store.open(path).missing()
     again = store.fill_spmd(loss, params, train, evals, lr=lr, path=path, tile=(3, 20))
     n = lr.shape[0]
     M = multihost.eif_rows(loss, params, train, evals, lr=lr)
     objective = lambda lr: jnp.sum(multihost.eif_rows(loss, params, train, evals, lr=lr)[:n] * weights())
     grad = jax.jit(jax.grad(objective))(lr)
+    gathered = jaxeif.eif_sharded(loss, params, train, evals, lr=lr)  # the whole matrix, on every process
+    jaxeif.chunking.host_free_bytes = lambda: gathered.nbytes  # too little to gather it: every process refuses
+    try:
+        jaxeif.eif_sharded(loss, params, train, evals, lr=lr)
+        refused = ""
+    except jaxeif.chunking.MemoryBudgetError as e:
+        refused = str(e)
     print("RESULT", json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(),
         "addressable": M.is_fully_addressable, "local_rows": sum(s.data.shape[0] for s in M.addressable_shards),
-        "computed": first.computed, "reused": len(again.reused), "recomputed": len(again.computed),
-        "grad": np.asarray(process_allgather(grad, tiled=True)).tolist()}))  # f[n]: small, unlike the matrix
+        "computed": first.computed, "missing_on_return": missing_on_return,
+        "reused": len(again.reused), "recomputed": len(again.computed),
+        "grad": np.asarray(process_allgather(grad, tiled=True)).tolist(),
+        "gathered": np.asarray(gathered).tolist(), "refused": refused}))  # f[n]: small, unlike the matrix
 """)
 
 
@@ -175,7 +192,11 @@ def test_spmd_processes_fill_store_bit_identical(tmp_path, processes):
     for r in results:
         assert r["devices"] == 2 * processes and r["local"] == 2 and not r["addressable"]
         assert r["local_rows"] == 2 * (24 + -24 % (2 * processes)) // (2 * processes)  # its devices' rows only
+        assert r["missing_on_return"] == []  # every process returns once the whole store is written
         assert r["reused"] == len(r["computed"]) and r["recomputed"] == 0  # a rerun computes nothing
+    for r in results:  # eif_sharded across processes: the whole matrix on each, or a refusal on all
+        assert np.array_equal(np.asarray(r["gathered"], np.float32), whole)
+        assert "eif_sharded gathers the whole [24, 20] matrix" in r["refused"] and "multihost.eif_rows" in r["refused"]
     expected = jax.grad(lambda lr: jnp.sum(jaxeif.eif(loss, params, train, evals, lr=lr) * weights()))(lr)
     for r in results:
         np.testing.assert_allclose(r["grad"], expected, rtol=1e-5, atol=1e-6)

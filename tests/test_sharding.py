@@ -19,11 +19,12 @@ TESTS = pathlib.Path(__file__).resolve().parent
 SCRIPT = textwrap.dedent("""
     import json, sys, jax, numpy as np
     from jaxeif.sharding import eif_sharded
-    from test_sharding import problem, loss
+    from test_sharding import problem, loss, weights
     params, train, evals, lr = problem()
     M = eif_sharded(loss, params, train, evals, lr=lr, chunk_size=2, progress=True)
-    json.dump({"devices": jax.device_count(), "jax_array": isinstance(M, jax.Array), "matrix": np.asarray(M).tolist()},
-              open(sys.argv[1], "w"))
+    grad = jax.grad(lambda lr: (eif_sharded(loss, params, train, evals, lr=lr) * weights()).sum())(lr)
+    json.dump({"devices": jax.device_count(), "jax_array": isinstance(M, jax.Array), "matrix": np.asarray(M).tolist(),
+               "grad": np.asarray(grad).tolist()}, open(sys.argv[1], "w"))
 """)
 
 
@@ -38,6 +39,10 @@ def problem():
     train = (jax.random.normal(k[2], (7, 3)), jax.random.normal(k[3], (7,)))  # 7 rows: not a multiple of 4
     evals = (jax.random.normal(k[4], (5, 3)), jnp.arange(5.0))
     return params, train, evals, jnp.linspace(0.01, 0.1, 7)
+
+
+def weights():
+    return jnp.cos(jnp.arange(35.0)).reshape(7, 5)
 
 
 @pytest.mark.slow
@@ -58,6 +63,8 @@ def test_four_devices_match_single_device(tmp_path):
     result = json.loads(out.read_text())
     assert result["devices"] == 4 and result["jax_array"]
     np.testing.assert_allclose(np.array(result["matrix"]), single, rtol=1e-5, atol=1e-7)
+    want = jax.grad(lambda lr: (jaxeif.eif(loss, params, train, evals, lr=lr) * weights()).sum())(lr)
+    np.testing.assert_allclose(np.array(result["grad"]), want, rtol=1e-5, atol=1e-6)  # a meta-gradient over 4 devices
     assert "eif rows: 100%" in proc.stderr and "8/8" in proc.stderr  # the bar counts every row, padding included
 
 
