@@ -531,6 +531,50 @@ def _take(tree: PyTree, rows: slice) -> PyTree:
     return jax.tree.map(lambda x: x[rows], tree)
 
 
+def _checked_call(
+    loss_fn,
+    params,
+    train,
+    evals,
+    *,
+    tile,
+    lr,
+    steps,
+    optimizer,
+    chunk_size,
+    progress,
+    precision,
+    memory_budget,
+    traced: str,
+):
+    """The checked arguments of a fill: (evals, lr f[n], Precision, the tile Grid, the call's fingerprint).
+
+    A traced lr (the fill under jit/grad) is a StoreError with the message `traced`: a fill writes files."""
+    rows, cols = _check_tile(tile)
+    checked_evals, n, lr_arr, precision = influence.validate(
+        loss_fn,
+        params,
+        train,
+        evals,
+        lr=lr,
+        steps=steps,
+        optimizer=optimizer,
+        chunk_size=chunk_size,
+        progress=progress,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
+    if checks.is_traced(lr_arr):
+        raise StoreError(traced)
+    m = checks.leading_axis("evals", checked_evals)
+    lr_vec = np.broadcast_to(np.asarray(lr_arr), (n,))
+    grid = Grid(n, m, min(rows, n), min(cols, m))
+    call = call_fingerprint(
+        loss_fn, params, train, evals, lr_vec, steps=steps, optimizer=optimizer, precision=precision
+    )
+    return checked_evals, lr_vec, precision, grid, call
+
+
 def fill(
     loss_fn: LossFn,
     params: PyTree,
@@ -594,13 +638,12 @@ def fill(
             "fresh=True deletes the store, which the other workers are filling; delete it once "
             "before starting them, or give every worker a new path"
         )
-    rows, cols = _check_tile(tile)
-    evals_arg = evals
-    evals_, n, lr_arr, precision = influence.validate(
+    evals_, lr_vec, precision, grid, call = _checked_call(
         loss_fn,
         params,
         train,
         evals,
+        tile=tile,
         lr=lr,
         steps=steps,
         optimizer=optimizer,
@@ -608,17 +651,10 @@ def fill(
         progress=progress,
         precision=precision,
         memory_budget=memory_budget,
-    )
-    if checks.is_traced(lr_arr):
-        raise StoreError(
+        traced=(
             "jaxeif.store.fill writes files and cannot be traced (jit/grad); call jaxeif.eif inside "
             "the transformation instead"
-        )
-    m = checks.leading_axis("evals", evals_)
-    lr_vec = np.broadcast_to(np.asarray(lr_arr), (n,))
-    grid = Grid(n, m, min(rows, n), min(cols, m))
-    call = call_fingerprint(
-        loss_fn, params, train, evals_arg, lr_vec, steps=steps, optimizer=optimizer, precision=precision
+        ),
     )
     store = _open_or_create(path, _manifest(grid, _dtype(params), call), fresh=fresh)
     computed, reused, repaired = [], [], []
@@ -717,13 +753,12 @@ def fill_spmd(
 
     from jaxeif import multihost
 
-    rows, cols = _check_tile(tile)
-    evals_arg = evals
-    evals_, n, lr_arr, precision = influence.validate(
+    evals_, lr_vec, precision, grid, call = _checked_call(
         loss_fn,
         params,
         train,
         evals,
+        tile=tile,
         lr=lr,
         steps=steps,
         optimizer=optimizer,
@@ -731,14 +766,7 @@ def fill_spmd(
         progress=progress,
         precision=precision,
         memory_budget=memory_budget,
-    )
-    if checks.is_traced(lr_arr):
-        raise StoreError("jaxeif.store.fill_spmd writes files and cannot be traced; use jaxeif.multihost.eif_rows")
-    m = checks.leading_axis("evals", evals_)
-    lr_vec = np.broadcast_to(np.asarray(lr_arr), (n,))
-    grid = Grid(n, m, min(rows, n), min(cols, m))
-    call = call_fingerprint(
-        loss_fn, params, train, evals_arg, lr_vec, steps=steps, optimizer=optimizer, precision=precision
+        traced="jaxeif.store.fill_spmd writes files and cannot be traced; use jaxeif.multihost.eif_rows",
     )
     mesh_ = multihost.mesh(devices)
     devices_ = list(mesh_.devices.flat)
