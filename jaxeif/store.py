@@ -156,18 +156,6 @@ def worker_share(worker: int | None = None, workers: int | None = None) -> tuple
 # ----------------------------------------------------------------------------- fingerprint of a call
 
 
-def _tree_digest(tree: Any) -> str:
-    """Shapes, dtypes and bytes of every leaf and the tree's structure, hashed."""
-    h = hashlib.blake2b(digest_size=16)
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    h.update(str(treedef).encode())
-    for leaf in leaves:
-        arr = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{arr.dtype}{arr.shape}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -181,10 +169,10 @@ def call_fingerprint(
     """What a tile's values depend on, one digest or value per entry (compared field by field on reuse)."""
     return {
         "loss_fn": fingerprint.digest(loss_fn),
-        "params": _tree_digest(params),
-        "train": _tree_digest(train),
-        "evals": "train" if evals is None else _tree_digest(evals),
-        "lr": _tree_digest(lr_vec),
+        "params": fingerprint.digest(params),
+        "train": fingerprint.digest(train),
+        "evals": "train" if evals is None else fingerprint.digest(evals),
+        "lr": fingerprint.digest(lr_vec),
         "steps": steps,
         "optimizer": None if optimizer is None else fingerprint.digest(optimizer),
         "precision": precision_lib.name(precision),  # the short name: stable across releases
