@@ -1,10 +1,12 @@
 """How many fine-tunes (rows) and evals go through the device at once: `chunk_size="auto"`.
 
 The EIF's memory grows as rows x evals x the largest activation. "auto" asks XLA: it compiles
-the real program at a few chunk sizes, reads each compiled program's memory analysis, and keeps
-the fastest layout that fits the budget:
+the real program at the layout it would like best, reads the compiled program's memory analysis,
+and runs that very program when it fits the budget (one compile); only when it does not is a
+smaller layout compiled:
 - CPU: one row at a time (measured fastest: vmapped rows become slow grouped convolutions);
-- GPU/TPU: the most rows whose program fits (throughput grows with the chunk), up to MAX_ROWS.
+- GPU/TPU: the most rows that fit (throughput grows with the chunk), up to MAX_ROWS: first
+  min(n, MAX_ROWS), then the rows that XLA's analysis says fit (temporaries grow linearly with rows).
 When even one row over all evals does not fit, the eval axis is tiled too.
 """
 
@@ -111,6 +113,34 @@ def budget_bytes(memory_budget: float | int | None, device: jax.Device | None = 
     return int(DEFAULT_FRACTION * free_bytes(device)) if memory_budget is None else int(memory_budget)
 
 
+class Footprint(NamedTuple):
+    """A compiled program's memory from XLA's analysis.
+
+    Attributes:
+        total: peak bytes (arguments + outputs + temporaries - aliased).
+        fixed: the part that does not grow with the rows in flight (arguments + outputs - aliased).
+    """
+
+    total: int
+    fixed: int
+
+
+def footprint(compiled: Any) -> Footprint:
+    """`compiled`'s Footprint; (0, 0) when the backend gives no analysis.
+
+    Args:
+        compiled: a compiled JAX program (`jax.jit(f).lower(...).compile()`).
+
+    Returns:
+        Footprint(total, fixed) in bytes.
+    """
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return Footprint(0, 0)
+    fixed = int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+    return Footprint(fixed + int(ma.temp_size_in_bytes), fixed)
+
+
 def program_bytes(compiled: Any) -> int:
     """Peak memory of a compiled program from XLA's own analysis: arguments + outputs + temporaries - aliased.
 
@@ -150,21 +180,23 @@ def _even(rows: int, n: int) -> int:
 
 
 def choose(
-    compile_at: Callable[[Chunks], tuple[Any, int]],
+    compile_at: Callable[[Chunks], tuple[Any, Footprint]],
     n: int,
     m: int,
     *,
     budget: int,
     accelerator: bool,
 ) -> tuple[Chunks, Any, int]:
-    """The fastest layout within `budget`, compiled.
+    """The fastest layout within `budget`, compiled; its first compile is the program that runs whenever
+    that fits.
 
-    One fine-tune at a time over all evals first; if that does not fit, the evals are tiled (halved until it
-    fits). On an accelerator with all evals at once, the most rows that fit are vmapped together (each
-    candidate is compiled and measured by XLA's memory analysis).
+    CPU: one fine-tune at a time over all evals. Accelerator: min(n, MAX_ROWS) rows at once. When that
+    does not fit, the rows that fit are estimated from XLA's analysis (temporaries linear in rows; from
+    two layouts once two were compiled), and compiled; when even one row over all evals does not fit,
+    the evals are tiled (halved until it fits). A compile that runs out of memory counts as not fitting.
 
     Args:
-        compile_at: `compile_at(chunks) -> (program, bytes)` compiles the EIF program at a layout.
+        compile_at: `compile_at(chunks) -> (program, Footprint)` compiles the EIF program at a layout.
         n: train rows.
         m: evals.
         budget: bytes the program may use.
@@ -176,28 +208,42 @@ def choose(
     Raises:
         MemoryBudgetError: one fine-tune against one eval does not fit.
     """
-    evals = m
-    program, used = compile_at(Chunks(1, evals))
-    while used > budget and evals > 1:  # one row over all evals is too much: tile the evals
-        evals = math.ceil(evals / 2)
-        program, used = compile_at(Chunks(1, evals))
-    if used > budget:
-        raise MemoryBudgetError(
-            f"one fine-tune against one eval needs an estimated {gib(used)}, over the memory budget of "
-            f"{gib(budget)}; free device memory, raise `memory_budget`, or use a smaller model"
-        )
-    tile = None if evals >= m else evals
-    if not accelerator or n == 1 or tile is not None:
-        return Chunks(1, tile), program, used
-    # The one-row program's whole footprint bounds one row's share from above: a safe first guess.
-    rows = min(n, MAX_ROWS, max(1, budget // max(used, 1)))
-    while rows > 1:
-        rows = _even(rows, n)
-        program_r, used_r = compile_at(Chunks(rows, tile))
-        if used_r <= budget:
-            return Chunks(rows, tile), program_r, used_r
-        rows //= 2
-    return Chunks(1, tile), program, used
+    rows, evals = (_even(min(n, MAX_ROWS), n) if accelerator else 1), m
+    tried: list[tuple[int, int]] = []  # (rows, bytes) of the layouts over budget, all evals at once
+    while True:
+        chunks = Chunks(rows, None if evals >= m else evals)
+        try:
+            program, used = compile_at(chunks)
+        except Exception as e:  # compiling may itself need device memory (autotuning): too big a layout
+            if not out_of_memory(e):
+                raise
+            program, used = None, None
+        if used is not None and used.total <= budget:
+            return chunks, program, used.total
+        if rows > 1:
+            if used is None:
+                rows = _even(rows // 2, n)
+            else:
+                tried.append((rows, used.total))
+                rows = _even(max(1, min(_rows_that_fit(tried, used.fixed, budget), rows - 1)), n)
+        elif evals > 1:  # one row over all evals is too much: tile the evals
+            evals = math.ceil(evals / 2)
+        else:
+            need = "ran out of memory while compiling" if used is None else f"needs an estimated {gib(used.total)}"
+            raise MemoryBudgetError(
+                f"one fine-tune against one eval {need}, over the memory budget of "
+                f"{gib(budget)}; free device memory, raise `memory_budget`, or use a smaller model"
+            )
+
+
+def _rows_that_fit(tried: list[tuple[int, int]], fixed: int, budget: int) -> int:
+    """Rows whose bytes stay within `budget` on the line through the last two layouts tried (one layout:
+    through its `fixed` bytes at zero rows)."""
+    (r1, u1), (r0, u0) = (tried[-2], tried[-1]) if len(tried) > 1 else ((0, fixed), tried[-1])
+    per_row = (u1 - u0) / (r1 - r0) if r1 != r0 else 0.0
+    if per_row <= 0:  # no usable slope: halve
+        return r0 // 2
+    return int((budget - (u0 - per_row * r0)) // per_row)
 
 
 def out_of_memory(error: BaseException) -> bool:

@@ -525,14 +525,14 @@ def plan(
 
     def compile_at(chunks: Chunks):
         compiled = _jitted_program.lower(*lower_with, chunks=chunks, **static).compile()
-        return compiled, chunking.program_bytes(compiled)
+        return compiled, chunking.footprint(compiled)
 
     n, m = args[3].shape[1], checks.leading_axis("evals", args[2])
     if chunk_size == "auto":
         budget = chunking.budget_bytes(memory_budget)
         result = chunking.choose(compile_at, n, m, budget=budget // 3 if traced else budget, accelerator=accelerator)
     else:
-        compiled, nbytes = compile_at(Chunks(chunk_size))
+        compiled, (nbytes, _) = compile_at(Chunks(chunk_size))
         free = chunking.free_bytes() if accelerator else None
         if accelerator and nbytes > free:
             raise chunking.MemoryBudgetError(

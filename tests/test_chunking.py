@@ -11,41 +11,69 @@ from jaxeif.chunking import Chunks
 from tests.test_influence import make_problem, mlp_loss
 
 
-def fake_compiler(per_pair=10, fixed=100, m=50, lie_above=None):
-    """A stand-in for compiling: bytes = fixed + per_pair * rows * evals (optionally under-reported
-    by the first guess above `lie_above` rows, to exercise the halving)."""
+def fake_compiler(per_pair=10, fixed=100, m=50):
+    """A stand-in for compiling: bytes = fixed + per_pair * rows * evals."""
     calls = []
 
     def compile_at(chunks: Chunks):
         calls.append(chunks)
         rows, evals = chunks.rows, chunks.evals or m
-        return f"program{chunks}", fixed + per_pair * rows * evals
+        return f"program{chunks}", chunking.Footprint(fixed + per_pair * rows * evals, fixed)
 
     return compile_at, calls
 
 
-def test_choose_on_an_accelerator_takes_the_most_rows_that_fit():
+def test_choose_on_an_accelerator_compiles_once_when_the_most_rows_fit():
+    compile_at, calls = fake_compiler()
+    chunks, program, used = chunking.choose(compile_at, n=300, m=50, budget=10**9, accelerator=True)
+    assert chunks == Chunks(300, None) and program == "programChunks(rows=300, evals=None)"
+    assert calls == [chunks]  # one compile: the program that runs
+    chunking.choose(compile_at, n=5000, m=50, budget=10**9, accelerator=True)
+    assert calls[-1].rows == 1000 and len(calls) == 2  # MAX_ROWS, spread evenly over the 5,000 rows
+
+
+def test_choose_on_an_accelerator_takes_the_rows_that_fit_from_the_analysis():
     compile_at, calls = fake_compiler()
     chunks, program, used = chunking.choose(compile_at, n=1000, m=50, budget=100_000, accelerator=True)
-    assert used <= 100_000 and chunks.evals is None
-    assert chunks.rows >= 100 and program == f"program{chunks}"  # within 2x of the 199 that fit
-    assert len(calls) == 2  # the one-row program, then the chosen one
+    assert used <= 100_000 and chunks.evals is None and program == f"program{chunks}"
+    assert 100 <= chunks.rows <= 199  # 199 fit; spread evenly over 1,000 rows: 167 (6 steps)
+    assert calls == [Chunks(1000, None), chunks]  # the most rows, then the rows that fit
+
+
+def test_choose_corrects_an_estimate_that_does_not_fit():
+    """Bytes that the analysis calls row-dependent but are not (fixed reported as 0): the first estimate is
+    over budget, the line through the two layouts tried is exact."""
+    calls = []
+
+    def compile_at(chunks):
+        calls.append(chunks)
+        return "p", chunking.Footprint(5000 + 10 * chunks.rows, 0)
+
+    chunks, _, used = chunking.choose(compile_at, n=1000, m=10, budget=6000, accelerator=True)
+    assert chunks.rows == 100 and used == 6000 and len(calls) == 3
+
+
+def test_choose_halves_when_compiling_runs_out_of_memory():
+    def compile_at(chunks):
+        if chunks.rows > 300:
+            raise RuntimeError("RESOURCE_EXHAUSTED: autotuning ran out of memory")
+        return "p", chunking.Footprint(chunks.rows, 0)
+
+    assert chunking.choose(compile_at, n=1000, m=10, budget=10**9, accelerator=True)[0] == Chunks(250, None)
+
+    def broken(chunks):
+        raise RuntimeError("INVALID_ARGUMENT: something else")
+
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):  # other compile errors are not swallowed
+        chunking.choose(broken, n=1000, m=10, budget=10**9, accelerator=True)
 
 
 def test_choose_on_cpu_takes_one_row_and_tiles_evals_only_when_needed():
-    compile_at, _ = fake_compiler()
+    compile_at, calls = fake_compiler()
     assert chunking.choose(compile_at, n=1000, m=50, budget=10**9, accelerator=False)[0] == Chunks(1, None)
+    assert len(calls) == 1
     chunks, _, used = chunking.choose(compile_at, n=1000, m=50, budget=300, accelerator=False)
     assert chunks.rows == 1 and chunks.evals is not None and chunks.evals < 50 and used <= 300
-
-
-def test_choose_halves_when_the_guess_does_not_fit():
-    def compile_at(chunks):
-        rows = chunks.rows
-        return "p", 1000 if rows == 1 else 1000 * rows**2  # superlinear: the first guess is too big
-
-    chunks, _, used = chunking.choose(compile_at, n=64, m=10, budget=40_000, accelerator=True)
-    assert used <= 40_000 and 1 < chunks.rows <= 6
 
 
 def test_choose_refuses_when_nothing_fits():
@@ -68,11 +96,31 @@ def test_auto_on_an_accelerator_fits_the_budget_and_equals_all_rows_at_once(acce
     evals = train
     want = np.asarray(jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, chunk_size=None))
     one_row = jaxeif.chunk_plan(mlp_loss, params, train, evals, lr=0.05, chunk_size=1)[1]
-    budget = 6 * one_row
+    all_rows = jaxeif.chunk_plan(mlp_loss, params, train, evals, lr=0.05, chunk_size=40)[1]
+    budget = (one_row + all_rows) // 2  # all 40 rows do not fit, one row does
     chunks, nbytes = jaxeif.chunk_plan(mlp_loss, params, train, evals, lr=0.05, memory_budget=budget)
     assert 1 < chunks.rows < 40 and nbytes <= budget
     got = jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, memory_budget=budget)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_first_auto_call_on_an_accelerator_compiles_the_program_that_runs(accelerator, monkeypatch):
+    lowered = []
+    real = influence._jitted_program
+
+    class Counting:
+        def lower(self, *args, **kwargs):
+            lowered.append(kwargs["chunks"])
+            return real.lower(*args, **kwargs)
+
+    monkeypatch.setattr(influence, "_jitted_program", Counting())
+    params, train, _ = make_problem(n=37)
+    got = jaxeif.eif(mlp_loss, params, train, lr=0.05)
+    assert lowered == [Chunks(37, None)]  # all rows fit: one compile, and it is the program that ran
+    jaxeif.eif(mlp_loss, params, train, lr=0.05)
+    assert len(lowered) == 1  # warm
+    want = jaxeif.eif(mlp_loss, params, train, lr=0.05, chunk_size=1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_auto_tiles_the_evals_when_one_row_does_not_fit(accelerator):

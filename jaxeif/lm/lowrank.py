@@ -288,7 +288,7 @@ def _chunk_rows(
         )
         deltas = jax.eval_shape(lambda g_, i, v, lr: _gather_chunk(config, g_, row["ids"][0], i, v, lr), g, *spec)
         compiled = eval_losses.lower(apply_fn, params, deltas, ev, propagate, first_order).compile()
-        return compiled, chunking.program_bytes(compiled)
+        return compiled, chunking.Footprint(chunking.program_bytes(compiled), 0)  # its arguments grow with rows
 
     chunks, _, _ = chunking.choose(compile_at, most, 1, budget=chunking.budget_bytes(memory_budget), accelerator=True)
     return chunks.rows
