@@ -33,8 +33,33 @@ def finetune(
     Differentiable in `lr` and `params` (the steps are an unrolled `lax.scan`); with an explicit
     `optimizer`, in reverse mode (`jax.grad`), see `zero_gradients_are_constant`.
     """
-    delta = finetune_delta(loss_fn, params, example, lr=lr, steps=steps, optimizer=optimizer)
-    return jax.tree.map(lambda p, d: (p + d).astype(p.dtype), params, delta)
+    return apply_delta(params, finetune_delta(loss_fn, params, example, lr=lr, steps=steps, optimizer=optimizer))
+
+
+def round_to(x: jax.Array, dtype: Any) -> jax.Array:
+    """`x` in `dtype`, rounded to it even inside a fused XLA program.
+
+    XLA may keep a 16-bit float in float32 between fused ops ("excess precision"), so params + lr * update
+    in bfloat16 could reach the loss unrounded, and the result would depend on how the program is laid
+    out. An explicit reduce-precision makes the value the one the dtype holds.
+
+    Args:
+        x: an array.
+        dtype: the dtype to round to.
+
+    Returns:
+        `x.astype(dtype)`, its value exactly representable in `dtype`.
+    """
+    x = jnp.asarray(x).astype(dtype)
+    if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        info = jnp.finfo(dtype)
+        x = jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return x
+
+
+def apply_delta(params: PyTree, delta: PyTree) -> PyTree:
+    """params + delta, each leaf rounded to its param's dtype (`round_to`): the fine-tuned params."""
+    return jax.tree.map(lambda p, d: round_to(p + d, p.dtype), params, delta)
 
 
 def first_update(loss_fn: LossFn, params: PyTree, example: PyTree, optimizer=None) -> PyTree:
@@ -54,7 +79,7 @@ def gradient_guard(optimizer: optax.GradientTransformation | None) -> Callable[[
 
 def scale_updates(updates: PyTree, lr: jax.Array | float) -> PyTree:
     """Each update multiplied by lr, in the update's own dtype."""
-    return jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
+    return jax.tree.map(lambda u: round_to(lr * u, u.dtype), updates)
 
 
 @jax.custom_vjp
@@ -107,9 +132,9 @@ def finetune_delta(
 
     def step(carry, _):
         delta, state = carry
-        p = jax.tree.map(lambda a, d: (a + d).astype(a.dtype), params, delta)
+        p = apply_delta(params, delta)
         updates, state = optimizer.update(guard(grad_fn(p, example)), state, p)
-        delta = jax.tree.map(lambda d, u: (d + lr * u).astype(d.dtype), delta, updates)
+        delta = jax.tree.map(lambda d, u: round_to(d + lr * u, d.dtype), delta, updates)
         return (delta, state), None
 
     delta0 = jax.tree.map(jnp.zeros_like, params)

@@ -17,7 +17,7 @@ from jaxeif import precision as precision_lib
 from jaxeif import progress as progress_lib
 from jaxeif.chunking import Chunks
 from jaxeif.difference import loss_difference
-from jaxeif.finetune import LossFn, PyTree, finetune, finetune_delta, first_update, scale_updates
+from jaxeif.finetune import LossFn, PyTree, apply_delta, finetune, finetune_delta, first_update, scale_updates
 from jaxeif.options import ChunkSize
 from jaxeif.precision import Precision
 
@@ -318,7 +318,7 @@ def _row(
     else:  # one step: the optimizer's first update does not depend on lr, which only scales it
         updates = first_update(loss_fn, params, example, optimizer)
         delta = lambda lr: scale_updates(updates, lr)  # noqa: E731
-        tune = lambda lr: optax.apply_updates(params, delta(lr))  # noqa: E731
+        tune = lambda lr: apply_delta(params, delta(lr))  # noqa: E731
     if difference:
         change = lambda d: functools.partial(loss_difference, loss_fn, params, d)  # noqa: E731
         return jax.lax.map(lambda lr: _map(change(delta(lr)), evals, tile), lrs)

@@ -34,6 +34,9 @@ def test_bfloat16_updates_that_round_away_are_warned():
     with pytest.warns(RuntimeWarning, match=r"bfloat16 params, lr=0.0001 .* rounds away.*float32 params"):
         M = jaxeif.eif(loss, p16, TR, lr=1e-4)
     assert not np.any(np.asarray(M))  # what the warning is about: exactly 0 everywhere
+    for chunk_size in (1, 4):  # in every layout: XLA may not keep the fine-tuned bfloat16 params in float32
+        with pytest.warns(RuntimeWarning, match="rounds away"):
+            assert not np.any(np.asarray(jaxeif.eif(loss, p16, TR, lr=1e-4, chunk_size=chunk_size)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jaxeif.eif(loss, p16, TR, lr=0.5)  # large enough to move bfloat16 params: no warning
@@ -48,6 +51,21 @@ def random_loss(p, e):
 def float32_loss(p, e):
     p = jax.tree.map(lambda x: x.astype(jnp.float32), p)
     return loss(p, jax.tree.map(lambda x: x.astype(jnp.float32), e))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, "auto"])
+def test_bfloat16_fine_tunes_are_bfloat16_params(chunk_size):
+    """The fine-tuned params are params + lr * update rounded to bfloat16, as an op-by-op fine-tune makes
+    them, not float32 values that XLA kept between fused ops (which differ by up to bfloat16's rounding)."""
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), P)
+    lr = 0.05
+    got = np.asarray(jaxeif.eif(float32_loss, p16, TR, lr=lr, chunk_size=chunk_size))
+    for i in range(TR[0].shape[0]):
+        example = jax.tree.map(lambda x: x[i], TR)
+        grads = jax.grad(float32_loss)(p16, example)  # op by op: every value is a bfloat16
+        tuned = jax.tree.map(lambda p, g: (p + (-lr * g).astype(p.dtype)).astype(p.dtype), p16, grads)
+        want = jaxeif.losses(float32_loss, tuned, TR) - jaxeif.losses(float32_loss, p16, TR)
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
 
 
 def test_float64_mode_that_changes_the_loss_is_warned():
