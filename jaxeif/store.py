@@ -271,6 +271,14 @@ class Store:
 
     read_tile = check
 
+    def record(self, tile: tuple[int, int]) -> dict | None:
+        """What the tile's marker records (checksum, worker or process, host, backend, seconds), or None
+        when the tile has no readable marker."""
+        try:
+            return json.loads(self._marker((int(tile[0]), int(tile[1]))).read_text())
+        except (OSError, ValueError):
+            return None
+
     def complete(self) -> list[tuple[int, int]]:
         """Tiles with a marker (cheap; `verify` also checks their data)."""
         return self.marked()

@@ -234,3 +234,30 @@ def test_verify_false_trusts_markers(tmp_path, reference):
         trusting.store.to_numpy()
     with pytest.warns(RuntimeWarning, match="recomputing"):
         assert fill(tmp_path / "s").repaired == [(0, 0)]
+
+
+def test_store_status_and_plan_commands(tmp_path, capsys):
+    """`jaxeif store status` counts complete, missing (per worker) and damaged tiles; `plan` prints store.plan."""
+    from jaxeif import cli
+
+    fill(tmp_path / "s", worker=0, workers=2)  # 5 of the 9 tiles
+    chunk = tmp_path / "s" / "eif" / "0.0"
+    chunk.write_bytes(chunk.read_bytes()[:7])  # tile (0, 0): torn
+    assert cli.main(["store", "status", str(tmp_path / "s"), "--workers", "2", "--verify"]) == 0
+    out = capsys.readouterr().out
+    for line in (
+        "complete: 5",
+        "missing: 4",
+        "tiles by worker 0: 5",
+        "missing of worker 0/2: 0",
+        "missing of worker 1/2: 4",
+        "damaged: 1",
+        "damaged 0.0: tile (0, 0)",
+        "next: run the same fill again",
+    ):
+        assert line in out, (line, out)
+    assert cli.main(["store", "status", str(tmp_path / "nothing")]) == 2  # a clear error, not a traceback
+    assert "error:" in capsys.readouterr().err
+    assert cli.main(["store", "plan", "--n", "100000", "--pairs-per-second", "7.2e6", "--devices", "8"]) == 0
+    out = capsys.readouterr().out
+    assert str(store.plan(10**5, pairs_per_second=7.2e6, devices=8)) in out and "tiles: 625" in out
