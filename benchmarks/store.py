@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=8, help="worker processes of the parallel run")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--json", default=None, help="write the numbers to this file")
+    parser.add_argument(
+        "--machine", default="not described (pass --machine)", help="what else ran on the machine, for the record"
+    )
     args = parser.parse_args(argv)
     import numpy as np
 
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tile": args.tile,
         "workers": args.workers,
         "cpus": os.cpu_count(),
-        "machine": "shared CPU (other jobs running)",
+        "machine": args.machine,
     }
 
     # first-call latency: one worker, one tile's worth of store (a 1 x 1 tile grid), fresh process each time
