@@ -7,7 +7,8 @@ smaller layout compiled:
 - CPU: one row at a time (measured fastest: vmapped rows become slow grouped convolutions);
 - GPU/TPU: the most rows that fit (throughput grows with the chunk), up to MAX_ROWS: first
   min(n, MAX_ROWS), then the rows that XLA's analysis says fit (temporaries grow linearly with rows).
-When even one row over all evals does not fit, the eval axis is tiled too.
+When even one row over all evals does not fit, the eval axis is tiled too. If the device still runs
+out of memory (XLA's estimate was low), jaxeif.eif plans again within half the estimate, with a warning.
 """
 
 from __future__ import annotations

@@ -388,6 +388,30 @@ def _program(
     return jnp.moveaxis(out, 0, 1)
 
 
+class _OutOfMemory(Exception):
+    """The planned program ran out of device memory (caught once by `matrices` to plan again)."""
+
+
+def _run_planned(compiled, args, chunks: Chunks, nbytes: int, *, retry: bool) -> jax.Array:
+    """`compiled(*args)`, finished; an allocation failure is _OutOfMemory when `retry`, else a MemoryBudgetError."""
+    try:
+        return jax.block_until_ready(compiled(*args))  # inside the progress bar's lifetime
+    except Exception as e:  # XLA raises its own runtime error type; only allocation failures are ours
+        if not chunking.out_of_memory(e):
+            raise
+        if retry and nbytes > 0:
+            raise _OutOfMemory from e
+        raise _out_of_memory_error(chunks, nbytes) from e
+
+
+def _out_of_memory_error(chunks: Chunks, nbytes: int) -> chunking.MemoryBudgetError:
+    return chunking.MemoryBudgetError(
+        f"out of device memory at chunk_size={chunks.rows} rows x {chunks.evals or 'all'} evals "
+        f"(XLA's estimate for this program: {chunking.gib(nbytes)}); pass a smaller chunk_size, "
+        "or chunk_size='auto' with a smaller memory_budget"
+    )
+
+
 _STATIC = ("loss_fn", "steps", "optimizer", "chunks", "difference", "progress", "loss_version")
 _jitted_program = jax.jit(_program, static_argnames=_STATIC)
 _CACHE: collections.OrderedDict = collections.OrderedDict()  # (call signature) -> (chunks, compiled, bytes)
@@ -410,16 +434,23 @@ def matrices(
             _meaningful(loss_fn, params, train, lrs, optimizer, precision)
             args = jax.tree.map(jnp.asarray, args)
             chunks, compiled, nbytes = plan(args, static, chunk_size, memory_budget, precision)
-            try:
-                out = jax.block_until_ready(compiled(*args))  # inside the bar's lifetime
-            except Exception as e:  # XLA raises its own runtime error type; only allocation failures are ours
-                if not chunking.out_of_memory(e):
-                    raise
-                raise chunking.MemoryBudgetError(
-                    f"out of device memory at chunk_size={chunks.rows} rows x {chunks.evals or 'all'} evals "
-                    f"(XLA's estimate for this program: {chunking.gib(nbytes)}); pass a smaller chunk_size, "
-                    "or chunk_size='auto' with a smaller memory_budget"
-                ) from e
+            while True:
+                try:
+                    out = _run_planned(compiled, args, chunks, nbytes, retry=chunk_size == "auto")
+                    break
+                except _OutOfMemory as e:  # "auto" trusted an estimate that was too low: plan again in half
+                    smaller = plan(args, static, chunk_size, nbytes // 2, precision)
+                    if smaller[2] >= nbytes:  # no smaller program: give up as a fixed chunk_size would
+                        raise _out_of_memory_error(chunks, nbytes) from e.__cause__
+                    warnings.warn(
+                        f"jaxeif: out of device memory at {chunks.rows} rows x {chunks.evals or 'all'} evals "
+                        f"although XLA estimated {chunking.gib(nbytes)}; chunk_size='auto' planned again within "
+                        f"{chunking.gib(nbytes // 2)} (kept for later calls; pass memory_budget= to choose)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    chunks, compiled, nbytes = smaller
+                    _CACHE[plan_key(args, static, chunk_size, memory_budget, precision)] = smaller
             if precision_lib.propagates_difference(precision):
                 out = _direct_where_nonfinite(
                     out,
@@ -490,6 +521,20 @@ def result_dtype(out: jax.Array, precision: Precision) -> jax.Array:
     return out.astype(jnp.float32) if precision_lib.is_float64(precision) else out
 
 
+def plan_key(args, static: dict, chunk_size, memory_budget, mode: Precision, traced: bool = False) -> tuple:
+    """What `plan`'s result depends on: the arguments' structure, shapes and dtypes, the program's static
+    arguments, the chunking options and the precision."""
+    return (
+        jax.tree.structure(args),
+        tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in jax.tree.leaves(args)),
+        tuple(static.items()),
+        chunk_size,
+        memory_budget,
+        mode,
+        traced,
+    )
+
+
 def plan(
     args, static: dict, chunk_size, memory_budget, mode: Precision, *, traced: bool = False
 ) -> tuple[Chunks, Any, int]:
@@ -506,15 +551,7 @@ def plan(
     accelerator = jax.default_backend() != "cpu"
     if traced and not accelerator:
         return Chunks(1), None, 0
-    key = (
-        jax.tree.structure(args),
-        tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in jax.tree.leaves(args)),
-        tuple(static.items()),
-        chunk_size,
-        memory_budget,
-        mode,
-        traced,
-    )
+    key = plan_key(args, static, chunk_size, memory_budget, mode, traced)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]

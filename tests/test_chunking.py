@@ -1,5 +1,7 @@
 """chunk_size="auto": the layout search, memory errors, and equality with the unchunked program."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +123,40 @@ def test_first_auto_call_on_an_accelerator_compiles_the_program_that_runs(accele
     assert len(lowered) == 1  # warm
     want = jaxeif.eif(mlp_loss, params, train, lr=0.05, chunk_size=1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_plans_again_in_half_the_estimate_when_the_device_runs_out(accelerator, monkeypatch):
+    """XLA's estimate can be low on a real device: "auto" then plans once more within half of it, warns, and
+    keeps that plan; a fixed chunk_size gets the MemoryBudgetError instead."""
+    real = influence.plan
+    runs = []
+
+    def plan_on_a_small_device(args, static, chunk_size, memory_budget, mode, **kw):
+        chunks, compiled, nbytes = real(args, static, chunk_size, memory_budget, mode, **kw)
+        if kw.get("traced"):
+            return chunks, compiled, nbytes
+
+        def run(*a):
+            runs.append(chunks)
+            if chunks.rows > 10:  # the device holds 10 rows at once, whatever XLA estimated
+                raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+            return compiled(*a)
+
+        return chunks, run, nbytes
+
+    monkeypatch.setattr(influence, "plan", plan_on_a_small_device)
+    params, train, _ = make_problem(n=39)
+    with pytest.warns(RuntimeWarning, match="out of device memory at .* planned again within") as record:
+        got = jaxeif.eif(mlp_loss, params, train, lr=0.05)
+    assert "at 39 rows" in str(record[0].message)  # then halved until the program fits the device
+    assert runs[0] == Chunks(39, None) and 1 <= runs[-1].rows <= 10
+    want = jaxeif.eif(mlp_loss, params, train, lr=0.05, chunk_size=1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxeif.eif(mlp_loss, params, train, lr=0.05)  # the smaller plan is kept: no second failure
+    with pytest.raises(jaxeif.MemoryBudgetError, match="chunk_size=20 rows"):
+        jaxeif.eif(mlp_loss, params, train, lr=0.05, chunk_size=20)
 
 
 def test_auto_tiles_the_evals_when_one_row_does_not_fit(accelerator):
