@@ -151,10 +151,7 @@ def program_bytes(compiled: Any) -> int:
     Returns:
         Bytes; 0 when the backend gives no analysis.
     """
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return 0
-    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+    return footprint(compiled).total
 
 
 def check_chunk_size(chunk_size: Any) -> None:
