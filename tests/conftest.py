@@ -27,3 +27,20 @@ def tiny_lm_ckpt(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt")
     tiny_checkpoint(ckpt, context=512)
     return ckpt
+
+
+@pytest.fixture
+def lowered_layouts(monkeypatch):
+    """The layouts (Chunks) jaxeif.eif lowers its program at from here on: one entry per compile."""
+    from jaxeif import influence
+
+    lowered = []
+    real = influence._jitted_program
+
+    class Counting:
+        def lower(self, *args, **kwargs):
+            lowered.append(kwargs["chunks"])
+            return real.lower(*args, **kwargs)
+
+    monkeypatch.setattr(influence, "_jitted_program", Counting())
+    return lowered

@@ -106,21 +106,12 @@ def test_auto_on_an_accelerator_fits_the_budget_and_equals_all_rows_at_once(acce
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
 
-def test_first_auto_call_on_an_accelerator_compiles_the_program_that_runs(accelerator, monkeypatch):
-    lowered = []
-    real = influence._jitted_program
-
-    class Counting:
-        def lower(self, *args, **kwargs):
-            lowered.append(kwargs["chunks"])
-            return real.lower(*args, **kwargs)
-
-    monkeypatch.setattr(influence, "_jitted_program", Counting())
+def test_first_auto_call_on_an_accelerator_compiles_the_program_that_runs(accelerator, lowered_layouts):
     params, train, _ = make_problem(n=37)
     got = jaxeif.eif(mlp_loss, params, train, lr=0.05)
-    assert lowered == [Chunks(37, None)]  # all rows fit: one compile, and it is the program that ran
+    assert lowered_layouts == [Chunks(37, None)]  # all rows fit: one compile, and it is the program that ran
     jaxeif.eif(mlp_loss, params, train, lr=0.05)
-    assert len(lowered) == 1  # warm
+    assert len(lowered_layouts) == 1  # warm
     want = jaxeif.eif(mlp_loss, params, train, lr=0.05, chunk_size=1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 

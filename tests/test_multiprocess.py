@@ -39,17 +39,26 @@ def problem(n=24, m=20):
 
 
 TILE = (3, 4)  # 8 x 5 = 40 tiles: 10 per worker
+
+
+def slow_writes(seconds: float) -> None:
+    """Make this process's store.Store.write_tile sleep `seconds` first (a slow disk)."""
+    write = store.Store.write_tile
+
+    def slow_write(self, *args, **kwargs):
+        time.sleep(seconds)
+        return write(self, *args, **kwargs)
+
+    store.Store.write_tile = slow_write
+
+
 WORKER = textwrap.dedent("""
-    import json, sys, time
+    import json, sys
     from jaxeif import store
-    from test_multiprocess import problem, loss, TILE
+    from test_multiprocess import problem, loss, TILE, slow_writes
     path, worker, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     params, train, evals, lr = problem()
-    write = store.Store.write_tile
-    def slow_write(self, *args, **kwargs):  # a slow disk: 0.2 s per tile, so that kills land mid-run
-        time.sleep(0.2)
-        return write(self, *args, **kwargs)
-    store.Store.write_tile = slow_write
+    slow_writes(0.2)  # a slow disk, so that kills land mid-run
     r = store.fill(loss, params, train, evals, lr=lr, path=path, tile=TILE, worker=worker, workers=workers,
                    progress=True)
     print("RESULT", json.dumps({"computed": len(r.computed), "reused": len(r.reused), "repaired": len(r.repaired)}))
@@ -115,7 +124,7 @@ def test_four_workers_two_killed_and_restarted(tmp_path):
 
 
 SPMD = textwrap.dedent("""
-    import json, sys, time
+    import json, sys
     import jax, jax.numpy as jnp, numpy as np
     port, nproc, pid, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -124,14 +133,10 @@ SPMD = textwrap.dedent("""
     from jax.experimental.multihost_utils import process_allgather
     import jaxeif
     from jaxeif import store, multihost
-    from test_multiprocess import problem, loss, weights
+    from test_multiprocess import problem, loss, weights, slow_writes
     params, train, evals, lr = problem()
     if pid == nproc - 1:  # the last process writes slowly: the others must still return a whole store
-        write = store.Store.write_tile
-        def slow_write(self, *args, **kwargs):
-            time.sleep(0.5)
-            return write(self, *args, **kwargs)
-        store.Store.write_tile = slow_write
+        slow_writes(0.5)
     first = store.fill_spmd(loss, params, train, evals, lr=lr, path=path, tile=(3, 20))
     missing_on_return = store.open(path).missing()
     again = store.fill_spmd(loss, params, train, evals, lr=lr, path=path, tile=(3, 20))

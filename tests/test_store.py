@@ -203,25 +203,16 @@ def test_compile_cache_default_and_off(monkeypatch):
     assert compile_cache.enable() == jax.config.jax_compilation_cache_dir  # the test suite's own cache is kept
 
 
-def test_first_auto_call_compiles_the_program_once(monkeypatch):
+def test_first_auto_call_compiles_the_program_once(lowered_layouts):
     """On CPU, chunk_size="auto" plans with the one-row program it then runs: one compile of the EIF program
     (store workers rely on it: a worker's first tile costs one compile, or none from the persistent cache)."""
     from jaxeif import influence
 
-    lowered = []
-    real = influence._jitted_program
-
-    class Counting:
-        def lower(self, *args, **kwargs):
-            lowered.append(kwargs["chunks"])
-            return real.lower(*args, **kwargs)
-
-    monkeypatch.setattr(influence, "_jitted_program", Counting())
     params, train, evals, lr = problem(13, 11)  # shapes no other test uses: nothing planned yet
     jaxeif.eif(loss, params, train, evals, lr=lr)
-    assert lowered == [influence.Chunks(1, None)]  # one row against all 11 evals: the program that runs
+    assert lowered_layouts == [influence.Chunks(1, None)]  # one row against all 11 evals: the program that runs
     jaxeif.eif(loss, params, train, evals, lr=lr)
-    assert len(lowered) == 1  # warm: the planned, compiled program is reused
+    assert len(lowered_layouts) == 1  # warm: the planned, compiled program is reused
 
 
 def test_verify_false_trusts_markers(tmp_path, reference):
