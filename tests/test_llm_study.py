@@ -9,7 +9,6 @@ import pytest
 
 pytest.importorskip("torch", reason="the tiny checkpoint is written with transformers' PyTorch models")
 
-from tiny_lm import tiny_checkpoint  # noqa: E402
 
 from jaxeif import cli, desiderata, lm, lr_choice  # noqa: E402
 from jaxeif.data import domains  # noqa: E402
@@ -17,9 +16,8 @@ from jaxeif.experiments import llm_logic  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    tiny_checkpoint(ckpt, context=512)
+def study(tmp_path_factory, tiny_lm_ckpt):
+    ckpt = tiny_lm_ckpt
     out = tmp_path_factory.mktemp("runs") / "llm"
     argv = [
         "llm",
