@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "per-sample lrs toward a hand-drawn influence target (meta.toward) on the CNN",
     ),
     "meta-llm": ("jaxeif.experiments.meta_llm_logic", "learn per-layer lr multipliers for the LLM logic study"),
-    "store": ("jaxeif.store_command", "an influence store: `status PATH` (complete, missing, damaged) or `plan`"),
+    "store": ("jaxeif.store.command", "an influence store: `status PATH` (complete, missing, damaged) or `plan`"),
     "bench-cnn": ("jaxeif.benchmarks.cnn", "CNN EIF speed: jaxeif vs a PyTorch loop"),
     "bench-lm": ("jaxeif.benchmarks.lm", "language-model EIF speed: jaxeif vs a PyTorch loop"),
     "bench-lm-device": (
