@@ -40,7 +40,7 @@ import jaxeif
 from jaxeif import desiderata, lm, meta, runs
 from jaxeif.data import domains
 from jaxeif.experiments import options
-from jaxeif.finetune import first_update, scale_updates
+from jaxeif.finetune import apply_delta, first_update, scale_updates
 from jaxeif.meta import layers_lm
 from jaxeif.models import loading, tokenizer
 
@@ -192,7 +192,7 @@ def probe_blocks(apply_fn, params, train, evals, log_scales, lrs, *, center: boo
             scales, lr = args
             tx = layers_lm.scale_by_stacked_layer(effective_log_scales(scales, center))
             scaled, _ = tx.update(sgd_update, tx.init(params))
-            return jaxeif.losses(loss_fn, optax.apply_updates(params, scale_updates(scaled, lr)), ev) - b
+            return jaxeif.losses(loss_fn, apply_delta(params, scale_updates(scaled, lr)), ev) - b
 
         return jax.lax.map(one, (log_scales, lrs))
 

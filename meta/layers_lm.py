@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeif.finetune import round_to
+
 PyTree = Any
 STACKED = ("model", "layers")  # where jaxeif.models.phi3 keeps its scanned decoder layers
 
@@ -104,7 +106,7 @@ def scale_by_stacked_layer(
             s = jnp.exp(log_scales[g])
             if g == stack_name:
                 s = s.reshape((-1,) + (1,) * (u.ndim - 1))
-            return (s * u).astype(u.dtype)
+            return round_to(s * u, u.dtype)
 
         return jax.tree_util.tree_map_with_path(scale, updates), state
 
