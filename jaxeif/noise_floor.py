@@ -34,6 +34,7 @@ def noise_floor(
     chunk_size: ChunkSize = "auto",
     precision: Precision = Precision(),
     memory_budget: float | None = None,
+    progress: bool = False,
     samples: int = 16,
     sigmas: float = 4.0,
 ) -> jax.Array:
@@ -54,6 +55,7 @@ def noise_floor(
         chunk_size: rows per step ("auto": planned by XLA's memory analysis within `memory_budget`).
         memory_budget: bytes "auto" may plan for (None: 75% of the free device memory).
         precision: the arithmetic of the EIF whose floor is measured, a jaxeif.Precision.
+        progress: a bar of rows on stderr for each of the two EIFs (float64 first; not under jit/grad).
         samples: evenly spaced train rows compared with float64.
         sigmas: the floor in root-mean-square errors of those rows.
 
@@ -74,6 +76,7 @@ def noise_floor(
         chunk_size=chunk_size,
         precision=precision,
         memory_budget=memory_budget,
+        progress=progress,
     )
     if isinstance(samples, bool) or not (isinstance(samples, int) and samples >= 1):
         raise ValueError(f"`samples` must be an int >= 1 (train rows compared with float64), got {samples!r}")
@@ -92,6 +95,7 @@ def noise_floor(
         chunk_size=chunk_size,
         precision=mode,
         memory_budget=memory_budget,
+        progress=progress,
     )
     reference = run(Precision(dtype="float64"))
     measured = run(Precision() if precision_lib.is_float64(precision) else precision)

@@ -231,6 +231,17 @@ def test_progress_bar_counts_rows_and_changes_nothing(capsys):
         jaxeif.eif(mlp_loss, params, train, evals, lr=0.05, progress=1)
 
 
+def test_noise_floor_shows_a_bar_per_eif_and_changes_nothing(capsys):
+    params, train, evals = make_problem(n=5, m=3)
+    plain = jaxeif.noise_floor(mlp_loss, params, train, evals, lr=0.05, samples=3)
+    capsys.readouterr()
+    shown = jaxeif.noise_floor(mlp_loss, params, train, evals, lr=0.05, samples=3, progress=True)
+    assert capsys.readouterr().err.count("eif rows: 100%") == 2  # the float64 reference, then the measured
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(plain))
+    with pytest.raises(ValueError, match="progress=True` needs a concrete call"):
+        jax.jit(lambda lr: jaxeif.noise_floor(mlp_loss, params, train, evals, lr=lr, progress=True))(0.05)
+
+
 def _head_loss(frozen, scale, head, example):
     """mlp_loss with w1 frozen (bound through a Partial, with a python float) and only b1, w2 fine-tuned."""
     return scale * mlp_loss({"w1": frozen, **head}, example)
