@@ -7,6 +7,9 @@ smaller layout compiled:
 - CPU: one row at a time (measured fastest: vmapped rows become slow grouped convolutions);
 - GPU/TPU: the most rows that fit (throughput grows with the chunk), up to MAX_ROWS: first
   min(n, MAX_ROWS), then the rows that XLA's analysis says fit (temporaries grow linearly with rows).
+  When the traced program shows that the most rows cannot fit (`jaxpr_floor`: a convolution's or
+  matrix product's result alone is over budget), a small probe of PROBE_ROWS rows is compiled instead,
+  and the rows that fit are read off its analysis: the full-size program is compiled once.
 When even one row over all evals does not fit, the eval axis is tiled too. If the device still runs
 out of memory (XLA's estimate was low), jaxeif.eif plans again within half the estimate, with a warning.
 """
@@ -19,10 +22,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.core as jex
+import numpy as np
 
 from jaxeif.errors import Error
 
 MAX_ROWS = 1024  # beyond this, bigger chunks only cost compile time and memory
+PROBE_ROWS = 8  # a probe's rows: a small program to plan from when the most rows surely do not fit
 DEFAULT_FRACTION = 0.75  # of the memory free on the device when the call starts
 
 
@@ -184,6 +190,7 @@ def choose(
     *,
     budget: int,
     accelerator: bool,
+    floor_at: Callable[[Chunks], int] | None = None,
 ) -> tuple[Chunks, Any, int]:
     """The fastest layout within `budget`, compiled; its first compile is the program that runs whenever
     that fits.
@@ -192,6 +199,9 @@ def choose(
     does not fit, the rows that fit are estimated from XLA's analysis (temporaries linear in rows; from
     two layouts once two were compiled), and compiled; when even one row over all evals does not fit,
     the evals are tiled (halved until it fits). A compile that runs out of memory counts as not fitting.
+    When `floor_at` shows, before any compile, that the most rows cannot fit, a probe of PROBE_ROWS rows
+    is compiled first and the estimate starts from its analysis (so no full-size program is compiled
+    only to learn that it does not fit).
 
     Args:
         compile_at: `compile_at(chunks) -> (program, Footprint)` compiles the EIF program at a layout.
@@ -199,6 +209,8 @@ def choose(
         m: evals.
         budget: bytes the program may use.
         accelerator: whether to try more than one row at once.
+        floor_at: `floor_at(chunks) -> bytes` the layout needs at least, without compiling (`jaxpr_floor`
+            of the traced program); None: no such check.
 
     Returns:
         (chunks, compiled program, its estimated bytes).
@@ -206,8 +218,11 @@ def choose(
     Raises:
         MemoryBudgetError: one fine-tune against one eval does not fit.
     """
-    rows, evals = (_even(min(n, MAX_ROWS), n) if accelerator else 1), m
-    tried: list[tuple[int, int]] = []  # (rows, bytes) of the layouts over budget, all evals at once
+    most = _even(min(n, MAX_ROWS), n) if accelerator else 1
+    probing = floor_at is not None and most > PROBE_ROWS and floor_at(Chunks(most, None)) > budget
+    rows, evals = (_even(PROBE_ROWS, n) if probing else most), m
+    tried: list[tuple[int, int]] = []  # (rows, bytes) of the layouts compiled over all evals
+    probe = None  # (chunks, program, bytes) of a probe that fits, run when nothing larger does
     while True:
         chunks = Chunks(rows, None if evals >= m else evals)
         try:
@@ -217,13 +232,24 @@ def choose(
                 raise
             program, used = None, None
         if used is not None and used.total <= budget:
-            return chunks, program, used.total
+            if not probing:
+                return chunks, program, used.total
+            probing, probe = False, (chunks, program, used.total)
+            tried.append((rows, used.total))
+            larger = _even(max(1, min(_rows_that_fit(tried, used.fixed, budget), most)), n)
+            if larger <= rows:
+                return probe
+            rows = larger
+            continue
+        probing = False
         if rows > 1:
             if used is None:
                 rows = _even(rows // 2, n)
             else:
                 tried.append((rows, used.total))
                 rows = _even(max(1, min(_rows_that_fit(tried, used.fixed, budget), rows - 1)), n)
+            if probe is not None and rows <= probe[0].rows:
+                return probe
         elif evals > 1:  # one row over all evals is too much: tile the evals
             evals = math.ceil(evals / 2)
         else:
@@ -242,6 +268,39 @@ def _rows_that_fit(tried: list[tuple[int, int]], fixed: int, budget: int) -> int
     if per_row <= 0:  # no usable slope: halve
         return r0 // 2
     return int((budget - (u0 - per_row * r0)) // per_row)
+
+
+_WRITTEN_WHOLE = ("conv_general_dilated", "dot_general")  # results a device writes whole (no fusion splits them)
+
+
+def jaxpr_floor(jaxpr: jex.ClosedJaxpr) -> int:
+    """Bytes a program surely needs, read from its jaxpr without compiling: its arguments and results,
+    plus the largest result of one convolution or matrix product (XLA fuses elementwise work away, but
+    such a result is written whole, inside loops and vmapped rows included).
+
+    A floor, not an estimate: XLA's analysis of the compiled program is at least this (tested), often
+    more. `choose` uses it only to skip compiling a layout that cannot fit.
+
+    Args:
+        jaxpr: the traced program (`jax.jit(f).trace(...).jaxpr`).
+
+    Returns:
+        Bytes.
+    """
+
+    def nbytes(avals) -> int:
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in avals if hasattr(a, "shape"))
+
+    def largest(inner: jex.Jaxpr) -> int:
+        out = 0
+        for eqn in inner.eqns:
+            if eqn.primitive.name in _WRITTEN_WHOLE:
+                out = max(out, nbytes(v.aval for v in eqn.outvars))
+            for sub in jex.jaxprs_in_params(eqn.params):
+                out = max(out, largest(sub))
+        return out
+
+    return nbytes(jaxpr.in_avals) + nbytes(jaxpr.out_avals) + largest(jaxpr.jaxpr)
 
 
 def out_of_memory(error: BaseException) -> bool:

@@ -564,10 +564,20 @@ def plan(
         compiled = _jitted_program.lower(*lower_with, chunks=chunks, **static).compile()
         return compiled, chunking.footprint(compiled)
 
+    def floor_at(chunks: Chunks) -> int:
+        return chunking.jaxpr_floor(_jitted_program.trace(*lower_with, chunks=chunks, **static).jaxpr)
+
     n, m = args[3].shape[1], checks.leading_axis("evals", args[2])
     if chunk_size == "auto":
         budget = chunking.budget_bytes(memory_budget)
-        result = chunking.choose(compile_at, n, m, budget=budget // 3 if traced else budget, accelerator=accelerator)
+        result = chunking.choose(
+            compile_at,
+            n,
+            m,
+            budget=budget // 3 if traced else budget,
+            accelerator=accelerator,
+            floor_at=floor_at if accelerator else None,
+        )
     else:
         compiled, (nbytes, _) = compile_at(Chunks(chunk_size))
         free = chunking.free_bytes() if accelerator else None

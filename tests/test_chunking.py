@@ -84,6 +84,59 @@ def test_choose_refuses_when_nothing_fits():
         chunking.choose(compile_at, n=10, m=50, budget=5_000, accelerator=True)
 
 
+def test_choose_plans_from_a_probe_when_the_most_rows_surely_do_not_fit():
+    """With a floor over budget at the most rows, a small probe is compiled instead of them; the rows read
+    off its analysis are compiled once: the same layout as the search without the floor, one compile fewer
+    at full size."""
+    compile_at, calls = fake_compiler()  # bytes = 100 + 500 * rows (m = 50)
+    floor_at = lambda c: 100 + 250 * c.rows  # noqa: E731  (half of the bytes: a floor)
+    chunks, program, used = chunking.choose(
+        compile_at, n=1000, m=50, budget=100_000, accelerator=True, floor_at=floor_at
+    )
+    assert calls == [Chunks(chunking.PROBE_ROWS, None), chunks]  # the probe, then the program that runs
+    assert program == f"program{chunks}" and used <= 100_000
+    without, _ = fake_compiler()
+    assert chunking.choose(without, n=1000, m=50, budget=100_000, accelerator=True)[0] == chunks
+    # a floor within budget changes nothing: the most rows, one compile
+    compile_at, calls = fake_compiler()
+    chunking.choose(compile_at, n=300, m=50, budget=10**9, accelerator=True, floor_at=floor_at)
+    assert calls == [Chunks(300, None)]
+
+
+def test_choose_runs_the_probe_when_nothing_larger_fits():
+    compile_at, calls = fake_compiler()  # the probe's 8 rows take 4,100 bytes; 9 rows would take 4,600
+    floor_at = lambda c: 100 + 250 * c.rows  # noqa: E731
+    chunks, program, used = chunking.choose(compile_at, n=1000, m=50, budget=4_500, accelerator=True, floor_at=floor_at)
+    assert chunks == Chunks(8, None) and calls == [chunks] and used == 4_100
+    # a probe over budget: the search goes on from it, down
+    compile_at, calls = fake_compiler()
+    chunks, _, used = chunking.choose(compile_at, n=1000, m=50, budget=3_000, accelerator=True, floor_at=floor_at)
+    assert calls[0] == Chunks(8, None) and chunks.rows == 5 and used <= 3_000
+
+
+def test_choose_after_a_probe_corrects_an_estimate_that_does_not_fit():
+    """Memory that grows faster than linearly with rows: the probe's line overshoots; the line through the
+    probe and the overshoot is compiled next, and the probe itself runs if that is no larger."""
+    calls = []
+
+    def compile_at(chunks):
+        calls.append(chunks)
+        return f"p{chunks.rows}", chunking.Footprint(100 + 10 * chunks.rows**2, 100)
+
+    floor_at = lambda c: 100 + 5 * c.rows**2  # noqa: E731  (half the bytes)
+    chunks, program, used = chunking.choose(
+        compile_at, n=1000, m=10, budget=20_000, accelerator=True, floor_at=floor_at
+    )
+    assert calls[0] == Chunks(8, None) and Chunks(1000, None) not in calls
+    # 8 -> 200 (the probe's line; 400,100 bytes: over) -> 17 (the line through both): fits, and runs
+    assert calls == [Chunks(8, None), Chunks(200, None), Chunks(17, None)] == [*calls[:2], chunks]
+    assert used == 100 + 10 * 17**2 <= 20_000 and program == "p17"
+    calls.clear()
+    chunks, program, used = chunking.choose(compile_at, n=1000, m=10, budget=850, accelerator=True, floor_at=floor_at)
+    assert calls == [Chunks(8, None), Chunks(9, None)]  # 9 rows take 910 bytes: over
+    assert chunks == Chunks(8, None) and program == "p8" and used == 740  # the probe, compiled once, runs
+
+
 @pytest.fixture
 def accelerator(monkeypatch):
     """Make jaxeif plan as on a GPU (the programs still compile and run on this CPU)."""
@@ -91,6 +144,29 @@ def accelerator(monkeypatch):
     influence._CACHE.clear()
     yield
     influence._CACHE.clear()
+
+
+@pytest.mark.slow  # compiles a CNN and an MLP at 4 layouts each
+def test_jaxpr_floor_is_never_above_xla_estimate(accelerator, monkeypatch):
+    """The floor (arguments, results, the largest convolution/matmul result, inside vmapped and lax.map'ed
+    rows) of the real EIF program is never more than XLA's analysis of the compiled program, and grows with
+    the rows of a step."""
+    from jaxeif.models import cnn
+
+    seen = []
+    real_choose = chunking.choose
+    monkeypatch.setattr(chunking, "choose", lambda *a, **k: seen.append((a[0], k["floor_at"])) or real_choose(*a, **k))
+    key = jax.random.split(jax.random.key(0), 3)
+    cnn_train = (jax.random.uniform(key[1], (12, 28, 28, 1)), jax.random.randint(key[2], (12,), 0, 10))
+    mlp_params, mlp_train, _ = make_problem(n=12)
+    for loss, params, train in ((cnn.loss_fn, cnn.init_params(key[0]), cnn_train), (mlp_loss, mlp_params, mlp_train)):
+        jaxeif.chunk_plan(loss, params, train, lr=0.05)
+        compile_at, floor_at = seen[-1]
+        floors = []
+        for chunks in (Chunks(1), Chunks(4), Chunks(12), Chunks(4, 6)):
+            floors.append(floor_at(chunks))
+            assert 0 < floors[-1] <= compile_at(chunks)[1].total, (loss, chunks)
+        assert floors[2] > floors[1] > floors[0]
 
 
 def test_auto_on_an_accelerator_fits_the_budget_and_equals_all_rows_at_once(accelerator):
@@ -112,6 +188,28 @@ def test_first_auto_call_on_an_accelerator_compiles_the_program_that_runs(accele
     assert lowered_layouts == [Chunks(37, None)]  # all rows fit: one compile, and it is the program that ran
     jaxeif.eif(mlp_loss, params, train, lr=0.05)
     assert len(lowered_layouts) == 1  # warm
+    want = jaxeif.eif(mlp_loss, params, train, lr=0.05, chunk_size=1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_first_auto_call_never_compiles_the_most_rows_when_they_surely_do_not_fit(
+    accelerator, lowered_layouts, monkeypatch
+):
+    """A budget under the floor of all 40 rows: the probe (8 rows) is compiled, then the rows read off it; the
+    40-row program never is, and the result equals one row at a time."""
+    params, train, _ = make_problem(n=40)
+    floors = []
+    real_floor = chunking.jaxpr_floor
+    monkeypatch.setattr(chunking, "jaxpr_floor", lambda j: floors.append(real_floor(j)) or floors[-1])
+    jaxeif.chunk_plan(mlp_loss, params, train, lr=0.05)  # the floor of the 40-row program, then it compiles
+    probe = jaxeif.chunk_plan(mlp_loss, params, train, lr=0.05, chunk_size=8)[1]
+    budget = floors[0] - 1
+    assert probe <= budget  # the setting: the probe fits, the most rows surely do not
+    del lowered_layouts[:]
+    got = jaxeif.eif(mlp_loss, params, train, lr=0.05, memory_budget=budget)
+    assert lowered_layouts[0] == Chunks(8, None) and Chunks(40, None) not in lowered_layouts
+    chunks, nbytes = jaxeif.chunk_plan(mlp_loss, params, train, lr=0.05, memory_budget=budget)
+    assert chunks == lowered_layouts[-1] and chunks.rows > 8 and nbytes <= budget
     want = jaxeif.eif(mlp_loss, params, train, lr=0.05, chunk_size=1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
