@@ -14,6 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 
+class JaxeifDeprecationWarning(DeprecationWarning):
+    """Something jaxeif will remove in a later release; the message names what to use instead.
+
+    A DeprecationWarning of its own, so a project (or jaxeif's own tests) can turn exactly these into
+    errors: `warnings.filterwarnings("error", category=JaxeifDeprecationWarning)`.
+    """
+
+
 def moved(namespace: str, names: dict[str, str]) -> Callable[[str], Any]:
     """A module `__getattr__` serving each old name from its module, with a DeprecationWarning.
 
@@ -31,7 +39,7 @@ def moved(namespace: str, names: dict[str, str]) -> Callable[[str], Any]:
         warnings.warn(
             f"{namespace}.{name} is not part of the public API and will be removed from {namespace}; "
             f"import it from {names[name]}",
-            DeprecationWarning,
+            JaxeifDeprecationWarning,
             stacklevel=2,
         )
         return getattr(importlib.import_module(names[name]), name)

@@ -26,6 +26,7 @@ import optax
 
 from jaxeif import chunking
 from jaxeif import progress as progress_lib
+from jaxeif.deprecation import JaxeifDeprecationWarning
 from jaxeif.errors import Error
 from jaxeif.precision import NAMES, Precision
 
@@ -134,4 +135,4 @@ def warn_deprecated(message: str) -> None:
     level, frame = 2, sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_CORE + os.sep):
         level, frame = level + 1, frame.f_back
-    warnings.warn(message, DeprecationWarning, stacklevel=level)
+    warnings.warn(message, JaxeifDeprecationWarning, stacklevel=level)

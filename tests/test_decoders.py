@@ -13,6 +13,7 @@ import pytest
 import jaxeif
 from jaxeif import chunking, lm
 from jaxeif.lm import finetuned
+from jaxeif.lm import loss as lm_loss
 from jaxeif.models import decoder, loading, lora, phi3, upcast
 
 TOL = 1e-4
@@ -294,7 +295,7 @@ def test_difference_mode_matches_float64_on_each_architecture(arch, tokenizer):
                 precision=precision,
             )
         )
-        ref, got = run("float64"), run("difference")
+        ref, got = run(jaxeif.Precision(dtype="float64")), run(jaxeif.Precision(difference=True))
         assert np.all(np.abs(ref[off]) > 0)
         assert np.median(np.abs(got[off] - ref[off]) / np.abs(ref[off])) <= 1e-4, path
 
@@ -322,7 +323,7 @@ def test_float64_forward_has_no_float32_op(arch):
         p64 = jax.tree.map(lambda x: x.astype(jnp.float64), params)
         for dtype in (jnp.float64, jnp.float32):
             fn = decoder.make_apply_fn(config, dtype)
-            loss = lambda p: lm.sequence_nll(fn(p, ids)[0], ids[0], jnp.ones(9, jnp.float64).at[0].set(0))  # noqa: E731
+            loss = lambda p: lm_loss.sequence_nll(fn(p, ids)[0], ids[0], jnp.ones(9, jnp.float64).at[0].set(0))  # noqa: E731
             jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(p64).jaxpr
             assert _float_dtypes(jaxpr) == {jnp.dtype(jnp.float64)}, (arch, dtype, _float_dtypes(jaxpr))
         cos, _ = decoder.rope_tables(config, jnp.arange(9)[None], jnp.float64)

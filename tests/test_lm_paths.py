@@ -33,10 +33,10 @@ def tiny(tmp_path_factory):
     return apply_fn, params, config, toks, adapters, path
 
 
-def _paths(apply_fn, params, toks, adapters):
+def _paths(apply_fn, params, config, toks, adapters):
     return {
-        "dense": lambda **kw: lm.finetuned_eif(apply_fn, params, toks, path="dense", **kw),
-        "lowrank": lambda **kw: lm.finetuned_eif(apply_fn, params, toks, path="lowrank", **kw),
+        "dense": lambda **kw: lm.finetuned_eif(apply_fn, params, toks, config=config, path="dense", **kw),
+        "lowrank": lambda **kw: lm.finetuned_eif(apply_fn, params, toks, config=config, path="lowrank", **kw),
         "lora": lambda **kw: lm.lora_eif(apply_fn, params, toks, adapters=adapters, **kw),
     }
 
@@ -44,9 +44,9 @@ def _paths(apply_fn, params, toks, adapters):
 @pytest.mark.slow
 def test_dense_lowrank_and_auto_agree_in_default_precision(tiny):
     apply_fn, params, config, toks, _, _ = tiny
-    dense = np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=0.05, path="dense"))
-    low = lm.finetuned_eif(apply_fn, params, toks, lr=0.05, path="lowrank")
-    auto = np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=0.05))
+    dense = np.asarray(lm.finetuned_eif(apply_fn, params, toks, config=config, lr=0.05, path="dense"))
+    low = lm.finetuned_eif(apply_fn, params, toks, config=config, lr=0.05, path="lowrank")
+    auto = np.asarray(lm.finetuned_eif(apply_fn, params, toks, config=config, lr=0.05))
     assert isinstance(low, jax.Array) and low.dtype == jnp.float32 and low.shape == (len(TEXTS), len(TEXTS))
     scale = np.abs(dense).max()
     assert scale > 1e-3
@@ -55,7 +55,7 @@ def test_dense_lowrank_and_auto_agree_in_default_precision(tiny):
     # chunk sizes only group the fine-tunes: every one gives the same matrix
     for chunk in (1, 4, None):
         np.testing.assert_allclose(
-            lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.05, chunk_size=chunk), low, atol=1e-6 * scale
+            lm.lowrank_sgd_eif(apply_fn, params, toks, config=config, lr=0.05, chunk_size=chunk), low, atol=1e-6 * scale
         )
 
 
@@ -63,9 +63,9 @@ def test_dense_lowrank_and_auto_agree_in_default_precision(tiny):
 @pytest.mark.parametrize("lr", [1e-6, 1e-3])
 def test_difference_mode_of_every_path_matches_float64(tiny, lr):
     """Off-diagonal signs >= 99.9% right and median relative error <= 1e-4 against the same path in float64."""
-    apply_fn, params, _, toks, adapters, _ = tiny
+    apply_fn, params, config, toks, adapters, _ = tiny
     off = ~np.eye(len(TEXTS), dtype=bool)
-    for name, path in _paths(apply_fn, params, toks, adapters).items():
+    for name, path in _paths(apply_fn, params, config, toks, adapters).items():
         ref = np.asarray(path(lr=lr, precision=jaxeif.Precision(dtype="float64")))
         got = np.asarray(path(lr=lr, precision=jaxeif.Precision(difference=True)))
         assert np.all(np.abs(ref[off]) > 0), name
@@ -77,9 +77,11 @@ def test_difference_mode_of_every_path_matches_float64(tiny, lr):
 @pytest.mark.slow
 def test_float64_is_a_different_computation_than_float32_at_small_lr(tiny):
     """The float64 reference above can fail: at lr 1e-6 direct float32 entries carry visible rounding error."""
-    apply_fn, params, _, toks, _, _ = tiny
-    ref = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=1e-6, precision=jaxeif.Precision(dtype="float64")))
-    direct = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=1e-6))
+    apply_fn, params, config, toks, _, _ = tiny
+    ref = np.asarray(
+        lm.lowrank_sgd_eif(apply_fn, params, toks, config=config, lr=1e-6, precision=jaxeif.Precision(dtype="float64"))
+    )
+    direct = np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, config=config, lr=1e-6))
     off = ~np.eye(len(TEXTS), dtype=bool)
     assert np.median(np.abs(direct[off] - ref[off]) / np.abs(ref[off])) > 1e-3
 
@@ -154,15 +156,15 @@ def test_choose_path_rule():
 
 @pytest.mark.slow
 def test_bad_arguments_are_named(tiny):
-    apply_fn, params, _, toks, _, _ = tiny
+    apply_fn, params, config, toks, _, _ = tiny
     with pytest.raises(TypeError, match="`progress` must be True or False"):
-        lm.finetuned_eif(apply_fn, params, toks, lr=0.1, progress=None)
+        lm.finetuned_eif(apply_fn, params, toks, config=config, lr=0.1, progress=None)
     with pytest.raises(TypeError, match="pass `config=`"):
         lm.lowrank_sgd_eif(jax.jit(lambda *a, **k: apply_fn(*a, **k)), params, toks, lr=0.1)
     with pytest.raises(ValueError, match="`precision` must be one of"):
-        lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.1, precision="double")
+        lm.lowrank_sgd_eif(apply_fn, params, toks, config=config, lr=0.1, precision="double")
     with pytest.raises(ValueError, match="`chunk_size` must be >= 1"):
-        lm.lowrank_sgd_eif(apply_fn, params, toks, lr=0.1, chunk_size=0)
+        lm.lowrank_sgd_eif(apply_fn, params, toks, config=config, lr=0.1, chunk_size=0)
 
 
 @pytest.mark.slow
@@ -192,7 +194,7 @@ def test_finetuned_eif_refuses_a_run_over_its_memory_estimate(tiny):
 def test_linearized_sgd_eif_is_eif_linearized_without_weight_gradients(tiny):
     """The low-rank first-order EIF equals jaxeif.eif_linearized on the same loss, with and without evals,
     and is the exact EIF's slope at lr -> 0."""
-    apply_fn, params, _, toks, _, _ = tiny
+    apply_fn, params, config, toks, _, _ = tiny
     as_jnp = lambda t: lm.Tokens(*map(jnp.asarray, t))  # noqa: E731
     evals = lm.Tokens(*(x[[4, 0, 2]] for x in toks))
     for ev in (None, evals):
@@ -207,18 +209,26 @@ def test_linearized_sgd_eif_is_eif_linearized_without_weight_gradients(tiny):
             )
         )
         got = np.asarray(
-            lm.linearized_sgd_eif(apply_fn, params, toks, ev, lr=0.3, precision=jaxeif.Precision(dtype="float64"))
+            lm.linearized_sgd_eif(
+                apply_fn, params, toks, ev, config=config, lr=0.3, precision=jaxeif.Precision(dtype="float64")
+            )
         )
         np.testing.assert_allclose(
             got, ref, rtol=2.5e-7, atol=1e-12 * np.abs(ref).max()
         )  # both rounded to float32 at the end
-        f32 = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, ev, lr=0.3))
+        f32 = np.asarray(lm.linearized_sgd_eif(apply_fn, params, toks, ev, config=config, lr=0.3))
         np.testing.assert_allclose(f32, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
     exact = (
-        np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, lr=1e-4, precision=jaxeif.Precision(dtype="float64")))
+        np.asarray(
+            lm.lowrank_sgd_eif(
+                apply_fn, params, toks, config=config, lr=1e-4, precision=jaxeif.Precision(dtype="float64")
+            )
+        )
         / 1e-4
     )
     slope = np.asarray(
-        lm.linearized_sgd_eif(apply_fn, params, toks, lr=1.0, precision=jaxeif.Precision(dtype="float64"))
+        lm.linearized_sgd_eif(
+            apply_fn, params, toks, config=config, lr=1.0, precision=jaxeif.Precision(dtype="float64")
+        )
     )
     np.testing.assert_allclose(exact, slope, rtol=0, atol=1e-3 * np.abs(slope).max())

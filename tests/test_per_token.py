@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxeif
 from jaxeif import lm
+from jaxeif.lm import tokens as lm_tokens
 from jaxeif.lm.finetuned import lora_parts
 from jaxeif.models import loading, lora, tokenizer
 
@@ -80,12 +82,12 @@ _ULPS = 4 * np.finfo(np.float32).eps
 @slow
 @pytest.mark.parametrize("path", ["dense", "lowrank"])
 def test_finetuned_per_token_is_each_tokens_change(tiny, path):
-    apply_fn, params, _, _, train, evals, _ = tiny
+    apply_fn, params, config, _, train, evals, _ = tiny
     ref = _reference(lm.NLL(apply_fn), params, lambda p: apply_fn(p, evals.ids, evals.attention), train, evals)
-    inf = lm.finetuned_eif(apply_fn, params, train, evals, lr=LR, path=path, per_token=True)
+    inf = lm.finetuned_eif(apply_fn, params, train, evals, lr=LR, path=path, config=config, per_token=True)
     _check(
         inf,
-        lm.finetuned_eif(apply_fn, params, train, evals, lr=LR, path=path),
+        lm.finetuned_eif(apply_fn, params, train, evals, lr=LR, path=path, config=config),
         ref,
         evals,
         2e-5,
@@ -95,9 +97,11 @@ def test_finetuned_per_token_is_each_tokens_change(tiny, path):
 
 @slow
 def test_lowrank_per_token_in_difference_precision_and_without_evals(tiny):
-    apply_fn, params, _, _, train, _, _ = tiny
-    dense = lm.finetuned_eif(apply_fn, params, train, lr=LR, path="dense", per_token=True)
-    low = lm.lowrank_sgd_eif(apply_fn, params, train, lr=LR, precision="difference", per_token=True)
+    apply_fn, params, config, _, train, _, _ = tiny
+    dense = lm.finetuned_eif(apply_fn, params, train, lr=LR, path="dense", config=config, per_token=True)
+    low = lm.lowrank_sgd_eif(
+        apply_fn, params, train, lr=LR, config=config, precision=jaxeif.Precision(difference=True), per_token=True
+    )
     np.testing.assert_array_equal(low.mask, np.asarray(train.score) > 0)
     scale = np.abs(np.asarray(dense.per_token)).max()
     np.testing.assert_allclose(np.asarray(low.per_token), np.asarray(dense.per_token), rtol=0, atol=2e-5 * scale)
@@ -126,14 +130,14 @@ def test_lora_per_token_is_each_tokens_change(tiny):
 @slow
 def test_prompted_per_token_is_each_tokens_change_after_the_context(tiny):
     apply_fn, params, config, tok, _, _, _ = tiny
-    bos, sep = lm.bos_token_id(tok, config), lm.encode(tok, lm.SEPARATOR)
-    bodies = [lm.encode(tok, e) for e in EVALS]
+    bos, sep = lm_tokens.bos_token_id(tok, config), lm_tokens.encode(tok, lm_tokens.SEPARATOR)
+    bodies = [lm_tokens.encode(tok, e) for e in EVALS]
     length = max(map(len, bodies))
     ref = np.zeros((len(TRAIN), len(EVALS), length))
     for j, body in enumerate(bodies):
         alone = _token_nll(apply_fn(params, np.array([[bos] + body])), np.array([[bos] + body]))[0, 1:]
         for i, text in enumerate(TRAIN):
-            ids = np.array([[bos] + lm.encode(tok, text) + sep + body])
+            ids = np.array([[bos] + lm_tokens.encode(tok, text) + sep + body])
             ref[i, j, : len(body)] = _token_nll(apply_fn(params, ids), ids)[0, -len(body) :] - alone
     inf = lm.prompted_eif(apply_fn, params, tok, config, TRAIN, EVALS, per_token=True)
     assert inf.per_token.shape == ref.shape
@@ -148,11 +152,13 @@ def test_prompted_per_token_is_each_tokens_change_after_the_context(tiny):
 def test_per_token_arguments_are_checked(tiny):
     apply_fn, params, config, tok, train, evals, adapters = tiny
     with pytest.raises(TypeError, match="`per_token` must be True or False"):
-        lm.finetuned_eif(apply_fn, params, train, evals, lr=LR, per_token="yes")
+        lm.finetuned_eif(apply_fn, params, train, evals, lr=LR, config=config, per_token="yes")
     with pytest.raises(TypeError, match="`per_token` must be True or False"):
         lm.lora_eif(apply_fn, params, train, evals, adapters=adapters, lr=LR, per_token=1)
     with pytest.raises(ValueError, match="per_token=True needs every token's: pass base=None"):
-        lm.lowrank_sgd_eif(apply_fn, params, train, evals, lr=LR, base=np.zeros(len(EVALS)), per_token=True)
+        lm.lowrank_sgd_eif(
+            apply_fn, params, train, evals, lr=LR, config=config, base=np.zeros(len(EVALS)), per_token=True
+        )
     with pytest.raises(ValueError, match="per_token=True needs every token's: pass base=None"):
         lm.prompted_eif(apply_fn, params, tok, config, TRAIN, EVALS, base=np.zeros(len(EVALS)), per_token=True)
 

@@ -140,7 +140,7 @@ def test_hand_built_tokens_longer_than_the_context_are_refused():
     score = np.ones((2, t), np.float32)
     score[:, 0] = 0
     with pytest.raises(ValueError, match=r"`train` sample 0 is 20 tokens long, longer than the model's context of 16"):
-        lm.finetuned_eif(APPLY, PARAMS, lm.Tokens(ids, att, score), lr=1e-2)
+        lm.finetuned_eif(APPLY, PARAMS, lm.Tokens(ids, att, score), lr=1e-2, config=CFG)
     with pytest.raises(ValueError, match=r"`train` sample 0 is 20 tokens long"):
         lm.lowrank_sgd_eif(APPLY, PARAMS, lm.Tokens(ids, att, score), lr=1e-2, config=CFG)
 

@@ -34,6 +34,7 @@ import numpy as np
 from jaxeif import checks, chunking, difference, options, packing
 from jaxeif import precision as precision_lib
 from jaxeif import progress as progress_lib
+from jaxeif.deprecation import JaxeifDeprecationWarning
 from jaxeif.finetune import PyTree
 from jaxeif.lm.loss import (
     ROW_LENGTH,
@@ -84,7 +85,7 @@ def decoder_config(apply_fn: ApplyFn, config: DecoderConfig | None) -> DecoderCo
         warnings.warn(
             "taking the decoder config from the apply_fn is deprecated and will be removed: pass `config=` "
             "(the config returned by loading.from_pretrained)",
-            DeprecationWarning,
+            JaxeifDeprecationWarning,
             stacklevel=3,
         )
     return config

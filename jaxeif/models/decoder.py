@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeif.deprecation import JaxeifDeprecationWarning
+
 Params = dict
 Delta = dict  # one module's entry: {"a": [..., in, r], "b": [..., r, out]} and/or taps {"out", "read"}
 
@@ -542,7 +544,7 @@ class DecoderApply:
         warnings.warn(
             "`apply_fn.config` is deprecated and will be removed: use the config returned by "
             "loading.from_pretrained (Decoder.config) and pass it as `config=`",
-            DeprecationWarning,
+            JaxeifDeprecationWarning,
             stacklevel=2,
         )
         return self._decoder_config
