@@ -68,7 +68,7 @@ def agreement(M: np.ndarray, ref: np.ndarray) -> dict:
 def eif(path: str, apply_fn, params, config, toks: lm.Tokens, lr: float) -> np.ndarray:
     if path == "lowrank":
         return np.asarray(lm.lowrank_sgd_eif(apply_fn, params, toks, config=config, lr=lr))
-    return np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=lr, chunk_size=1, path="dense"))
+    return np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=lr, chunk_size=1, path="dense", config=config))
 
 
 def reference(args, compute) -> dict:

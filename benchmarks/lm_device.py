@@ -170,7 +170,9 @@ def _step(path: str, apply_fn, params, config, tok, texts: list[str], toks: lm.T
                 apply_fn, params, toks, config=config, lr=args.lr, base=base, chunk_size=args.lowrank_chunk_size
             )
         )
-    return np.asarray(lm.finetuned_eif(apply_fn, params, toks, lr=args.lr, chunk_size=args.chunk_size, path="dense"))
+    return np.asarray(
+        lm.finetuned_eif(apply_fn, params, toks, lr=args.lr, chunk_size=args.chunk_size, path="dense", config=config)
+    )
 
 
 def _estimate(path: str, config, toks: lm.Tokens, args) -> int:

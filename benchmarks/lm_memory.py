@@ -78,7 +78,9 @@ def run_path(path: str, apply_fn, params, config, toks: lm.Tokens, n: int, m: in
     pairs)."""
     train, evals = (lm.Tokens(*(x[:k] for x in toks)) for k in (n, m))
     if path == "dense":
-        return np.asarray(lm.finetuned_eif(apply_fn, params, train, evals, lr=1e-4, chunk_size=1, path="dense"))
+        return np.asarray(
+            lm.finetuned_eif(apply_fn, params, train, evals, lr=1e-4, chunk_size=1, path="dense", config=config)
+        )
     if path == "lowrank":
         return lm.lowrank_sgd_eif(apply_fn, params, train, evals, config=config, lr=1e-4, chunk_size=1)
     ids = [list(map(int, row)) for row in np.asarray(toks.ids)]
