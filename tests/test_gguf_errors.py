@@ -135,7 +135,7 @@ def _hf_dir(tmp_path, config_edit=None, tensor_edit=None):
     rng = np.random.default_rng(0)
     flat = {
         name: rng.normal(size=shape).astype(np.float32)
-        for name, shape in loading._per_tensor_shapes(config).items()
+        for name, shape in loading.per_tensor_shapes(config).items()
         if name.split(".")[-2] not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
     }
     if tensor_edit:
@@ -197,7 +197,7 @@ def test_checkpoint_with_more_layers_than_its_config_is_refused(tmp_path):
     )
     two = {
         k: v
-        for k, v in loading._per_tensor_shapes(config).items()
+        for k, v in loading.per_tensor_shapes(config).items()
         if k.startswith("model.layers.1.")
         and k.split(".")[-2] not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
     }

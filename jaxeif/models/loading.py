@@ -67,8 +67,17 @@ class Decoder(NamedTuple):
     config: DecoderConfig
 
 
-def _layer_modules(config: DecoderConfig) -> dict:
-    """Our stacked (path, leaf) -> transformers per-layer tensor names fused along the output axis."""
+def layer_modules(config: DecoderConfig) -> dict:
+    """Where each stacked decoder weight comes from in a transformers checkpoint (also read by the PEFT
+    adapter loader).
+
+    Args:
+        config: the decoder's config (its model_type decides whether q/k/v and gate/up are fused).
+
+    Returns:
+        {our stacked (path..., leaf): [the transformers per-layer tensor names concatenated along the output
+        axis to make it]}.
+    """
     fused = config.model_type == "phi3"  # Phi-3 stores q/k/v and gate/up fused; the others separately
     qkv = ["self_attn.qkv_proj"] if fused else ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
     names = {
@@ -281,7 +290,7 @@ def assemble(get: Callable[[str], np.ndarray], config: DecoderConfig, dtype) -> 
 def _assemble(get: Callable[[str], np.ndarray], config: DecoderConfig, dtype) -> dict:
     expected = param_shapes(config, dtype)
     layers: dict = {}
-    for path, parts in _layer_modules(config).items():
+    for path, parts in layer_modules(config).items():
         per_layer = []
         for i in range(config.num_hidden_layers):
             arrs = [_as(get(f"model.layers.{i}.{p}"), dtype) for p in parts]
@@ -336,8 +345,16 @@ def _checked(name: str, arr: np.ndarray, shape: tuple, source: str) -> np.ndarra
     return arr
 
 
-def _per_tensor_shapes(config: DecoderConfig) -> dict:
-    """Expected transformers-name shapes of one checkpoint's tensors (for early, named errors)."""
+def per_tensor_shapes(config: DecoderConfig) -> dict:
+    """The shape every tensor of a checkpoint of this config must have, by its transformers name, so a wrong
+    checkpoint fails early with the tensor named (also read by the PEFT adapter loader).
+
+    Args:
+        config: the decoder's config.
+
+    Returns:
+        {transformers tensor name: shape tuple}.
+    """
     c = config
     hd, d, f = c.head_dim, c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
@@ -421,7 +438,7 @@ def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[dict, DecoderConfig]:
         handles[f] = h
         for k in h.keys():
             where[k] = f
-    shapes = _per_tensor_shapes(config)
+    shapes = per_tensor_shapes(config)
 
     def get(name: str) -> np.ndarray:
         if name == "lm_head.weight" and name not in where:
@@ -478,7 +495,7 @@ def load_gguf(path: Path, dtype=jnp.float32) -> tuple[dict, DecoderConfig]:
     tensors = {t.name: t for t in reader.tensors}
     config = _gguf_config(reader, arch, tensors, source)
     used: set = set()
-    get = functools.partial(_gguf_tensor, tensors, _per_tensor_shapes(config), config, source, used)
+    get = functools.partial(_gguf_tensor, tensors, per_tensor_shapes(config), config, source, used)
     params = assemble(get, config, dtype)
     refuse_unused(set(tensors), used, source, config)
     return params, config

@@ -234,10 +234,10 @@ def load_adapter(path, config: Phi3Config, dtype=jnp.float32) -> PeftLora:
     # our stacked module -> the transformers per-layer modules fused into it (weights only: LoRA has no bias)
     fused = {
         key[:-1]: [name.removesuffix(".weight") for name in names]
-        for key, names in loading._layer_modules(config).items()
+        for key, names in loading.layer_modules(config).items()
         if key[-1] == "weight"
     }
-    shapes = loading._per_tensor_shapes(config)
+    shapes = loading.per_tensor_shapes(config)
     L = config.num_hidden_layers
     weights, modules = {}, []
     for dest, names in fused.items():
