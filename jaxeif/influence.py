@@ -335,7 +335,7 @@ def split_loss(loss_fn) -> tuple[Any, list]:
     return loss_fn, []
 
 
-def _program(
+def program(
     params,
     train,
     evals,
@@ -413,7 +413,7 @@ def _out_of_memory_error(chunks: Chunks, nbytes: int) -> chunking.MemoryBudgetEr
 
 
 _STATIC = ("loss_fn", "steps", "optimizer", "chunks", "difference", "progress", "loss_version")
-_jitted_program = jax.jit(_program, static_argnames=_STATIC)
+_jitted_program = jax.jit(program, static_argnames=_STATIC)
 _CACHE: collections.OrderedDict = collections.OrderedDict()  # (call signature) -> (chunks, compiled, bytes)
 _CACHE_SIZE = 16
 
@@ -429,7 +429,7 @@ def matrices(
         static = program_static(loss_fn, steps, optimizer, precision, progress)
         if checks.is_traced(args):
             chunks, _, _ = plan(args, static, chunk_size, memory_budget, precision, traced=True)
-            out = _program(*args, chunks=chunks, **static)
+            out = program(*args, chunks=chunks, **static)
         else:
             _meaningful(loss_fn, params, train, lrs, optimizer, precision)
             args = jax.tree.map(jnp.asarray, args)
@@ -505,7 +505,7 @@ def _direct_where_nonfinite(out, loss_fn, params, train, evals, lrs, *, precisio
 
 
 def program_static(loss_fn, steps: int, optimizer, precision: Precision, progress: bool = False) -> dict:
-    """The static arguments of `_program` for a checked Precision (loss_fn: split_loss's static part)."""
+    """The static arguments of `program` for a checked Precision (loss_fn: split_loss's static part)."""
     return dict(
         loss_fn=split_loss(loss_fn)[0],
         steps=steps,

@@ -107,7 +107,7 @@ def write_atomic(path: os.PathLike | str, data: bytes) -> str:
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise _write_error(path, len(data), e) from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return expected
 
 
@@ -123,7 +123,12 @@ def atomic_file(path: os.PathLike | str, mode: str = "wb") -> Iterator[Any]:
     write_atomic(path, data if mode == "wb" else data.encode("utf-8"))
 
 
-def _fsync_dir(folder: pathlib.Path) -> None:
+def fsync_dir(folder: pathlib.Path) -> None:
+    """Make a rename or a new file in `folder` durable (fsync the folder itself; a no-op where the OS refuses).
+
+    Args:
+        folder: the folder whose entries changed.
+    """
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:

@@ -40,7 +40,7 @@ def _runner(mesh_: Mesh, chunks, static_items: tuple):
     static = dict(static_items)
     return jax.jit(
         jax.shard_map(
-            lambda tr, r, p, ev, li: influence._program(p, tr, ev, r[None], li, chunks=chunks, **static)[0],
+            lambda tr, r, p, ev, li: influence.program(p, tr, ev, r[None], li, chunks=chunks, **static)[0],
             mesh=mesh_,
             in_specs=(P(AXIS), P(AXIS), P(), P(), P()),
             out_specs=P(AXIS),

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxeif.store.layout import Grid, StoreError, _check_tile
+from jaxeif.store.layout import Grid, StoreError, check_tile
 
 
 class Plan(NamedTuple):
@@ -79,7 +79,7 @@ def plan(
             raise StoreError(f"`{name}` must be an int >= 1, got {v!r}")
     if not (isinstance(pairs_per_second, (int, float)) and pairs_per_second > 0):
         raise StoreError(f"`pairs_per_second` must be a positive measured rate, got {pairs_per_second!r}")
-    rows, cols = _check_tile(tile)
+    rows, cols = check_tile(tile)
     grid = Grid(n, m, min(rows, n), min(cols, m))
     pairs = n * m
     tile_bytes = grid.rows * grid.cols * itemsize

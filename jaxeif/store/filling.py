@@ -23,10 +23,10 @@ from jaxeif.store.layout import (
     Store,
     StoreError,
     TileError,
-    _check_tile,
-    _manifest,
-    _open_or_create,
     call_fingerprint,
+    check_tile,
+    manifest_for,
+    open_or_create,
     worker_share,
 )
 
@@ -72,7 +72,7 @@ def _checked_call(
     """The checked arguments of a fill: (evals, lr f[n], Precision, the tile Grid, the call's fingerprint).
 
     A traced lr (the fill under jit/grad) is a StoreError with the message `traced`: a fill writes files."""
-    rows, cols = _check_tile(tile)
+    rows, cols = check_tile(tile)
     checked_evals, n, lr_arr, precision = influence.validate(
         loss_fn,
         params,
@@ -178,11 +178,11 @@ def fill(
             "the transformation instead"
         ),
     )
-    store = _open_or_create(path, _manifest(grid, _dtype(params), call), fresh=fresh)
+    store = open_or_create(path, manifest_for(grid, _dtype(params), call), fresh=fresh)
     computed, reused, repaired = [], [], []
     compile_cache.enable()
     for t in grid.share(worker, workers):
-        if store._marker(t).exists():
+        if store.marker_path(t).exists():
             try:
                 if verify:
                     store.check(t)
@@ -295,7 +295,7 @@ def fill_spmd(
     if not isinstance(verify, bool):
         raise StoreError(f"`verify` must be True or False, got {verify!r}")
     compile_cache.enable()
-    store = _open_or_create(path, _manifest(grid, _dtype(params), call), fresh=False)
+    store = open_or_create(path, manifest_for(grid, _dtype(params), call), fresh=False)
     # Process 0's view of what is missing, for everyone: all processes must run the same steps.
     status = np.zeros(grid.shape, np.int32)  # 0 missing, 1 complete, 2 damaged
     if jax.process_index() == 0:

@@ -181,7 +181,8 @@ class Store:
         )
 
     # -- tiles
-    def _marker(self, tile: tuple[int, int]) -> pathlib.Path:
+    def marker_path(self, tile: tuple[int, int]) -> pathlib.Path:
+        """Where tile (i, j)'s completion marker lives (it may not exist yet)."""
         return self.path / TILES / f"{tile[0]}.{tile[1]}.json"
 
     def _read_raw(self, tile: tuple[int, int]) -> np.ndarray:
@@ -204,7 +205,7 @@ class Store:
                 or its bytes do not hash to the recorded checksum (altered). `fill` recomputes such tiles.
         """
         tile = (int(tile[0]), int(tile[1]))
-        marker = self._marker(tile)
+        marker = self.marker_path(tile)
         self.grid.bounds(tile)
         try:
             record = json.loads(marker.read_text())
@@ -235,7 +236,7 @@ class Store:
         """What the tile's marker records (checksum, worker or process, host, backend, seconds), or None
         when the tile has no readable marker."""
         try:
-            return json.loads(self._marker((int(tile[0]), int(tile[1]))).read_text())
+            return json.loads(self.marker_path((int(tile[0]), int(tile[1]))).read_text())
         except (OSError, ValueError):
             return None
 
@@ -313,7 +314,7 @@ class Store:
                 "fill a new store (the dtype follows the params' dtype)"
             )
         values = values.astype(self.dtype)
-        self._marker(tile).unlink(missing_ok=True)
+        self.marker_path(tile).unlink(missing_ok=True)
         self._array[r, c].write(values).result()
         checksum = _checksum(values)
         if _checksum(self._read_raw(tile)) != checksum:
@@ -322,7 +323,7 @@ class Store:
                 "the disk or file system is not keeping data: check it and rerun"
             )
         io.save_json(
-            self._marker(tile),
+            self.marker_path(tile),
             {"tile": list(tile), "rows": [r.start, r.stop], "cols": [c.start, c.stop], "blake2b": checksum, **record},
         )
         return checksum
@@ -331,7 +332,8 @@ class Store:
 # ----------------------------------------------------------------------------- create or open
 
 
-def _manifest(grid: Grid, dtype: np.dtype, call: dict) -> dict:
+def manifest_for(grid: Grid, dtype: np.dtype, call: dict) -> dict:
+    """The manifest of a store of this grid and dtype filled by the call with fingerprint `call`."""
     return {
         "format": FORMAT,
         "shape": [grid.n, grid.m],
@@ -408,10 +410,17 @@ def _create(path: pathlib.Path, manifest: dict) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    io._fsync_dir(path.parent)
+    io.fsync_dir(path.parent)
 
 
-def _open_or_create(path: os.PathLike | str, manifest: dict, *, fresh: bool) -> Store:
+def open_or_create(path: os.PathLike | str, manifest: dict, *, fresh: bool) -> Store:
+    """The store at `path` if its manifest is `manifest`, else a new one there (atomically; `fresh` deletes
+    an existing store first).
+
+    Raises:
+        StoreError: `path` is a file, or a non-empty folder that is no store.
+        StoreMismatchError: the store there (or one another worker just created) was made by another call.
+    """
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise StoreError(f"`path` must be a folder path, got {path!r}")
     path = pathlib.Path(path).expanduser().absolute()
@@ -454,7 +463,8 @@ def open(path: os.PathLike | str) -> Store:  # noqa: A001  (jaxeif.store.open, a
     return Store(path, _read_manifest(path))
 
 
-def _check_tile(tile: Any) -> tuple[int, int]:
+def check_tile(tile: Any) -> tuple[int, int]:
+    """`tile` as (rows, cols), or a StoreError saying what a tile must be."""
     if (
         not isinstance(tile, (tuple, list))
         or len(tile) != 2
