@@ -159,6 +159,7 @@ def test_mlp_eif_matches_float64():
     _check_model(bench.mlp_problem(12, train_steps=30))
 
 
+@pytest.mark.slow  # a scanned decoder in float64 and difference mode (test_decoders covers each architecture)
 def test_decoder_eif_matches_float64():
     _check_model(bench.decoder_problem(6, length=8))
 
@@ -205,6 +206,7 @@ def test_gradients_match_finite_differences():
         )
 
 
+@pytest.mark.slow  # finite differences through a scanned decoder
 def test_decoder_gradient_through_scan():
     """The decoder (attention, RMSNorm, SiLU gating, a scan over layers): d/d delta against finite differences."""
     problem = bench.decoder_problem(2, length=6)

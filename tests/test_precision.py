@@ -51,7 +51,10 @@ def cnn_problem():
     return params, (x, y)
 
 
-@pytest.mark.parametrize("lr", [1e-8, 1e-6, 1e-3])
+@pytest.mark.parametrize(
+    "lr",
+    [pytest.param(1e-8, marks=pytest.mark.slow), pytest.param(1e-6, marks=pytest.mark.slow), 1e-3],  # fast tier: one
+)
 def test_noise_floor_separates_trustworthy_signs(cnn_problem, lr):
     params, train = cnn_problem
     M = np.asarray(jaxeif.eif(cnn.loss_fn, params, train, lr=lr))
