@@ -32,6 +32,11 @@ def _describe(tree: Any) -> str:
     return ", ".join(f"{jax.tree_util.keystr(p) or 'leaf'}: {tuple(np.shape(x))}" for p, x in paths[:8])
 
 
+def take(tree: Any, rows: Any) -> Any:
+    """The examples `rows` (an index array or a slice of the leading axis) of every leaf of `tree`."""
+    return jax.tree.map(lambda x: x[rows], tree)
+
+
 def leading_axis(name: str, tree: Any) -> int:
     """The common leading-axis size of every leaf of `tree` (a batch of examples)."""
     leaves = jax.tree.leaves(tree)

@@ -82,7 +82,7 @@ def noise_floor(
         raise ValueError(f"`samples` must be an int >= 1 (train rows compared with float64), got {samples!r}")
     sigmas = checks.positive_real("sigmas", sigmas)
     rows = np.unique(np.round(np.linspace(0, n - 1, min(samples, n))).astype(int))
-    sub = jax.tree.map(lambda x: x[rows], train)
+    sub = checks.take(train, rows)
     sub_lr = lr if jnp.ndim(lr) == 0 else lr[rows]
     run = lambda mode: influence.eif(
         loss_fn,

@@ -634,7 +634,7 @@ def _compute_block(
         block = eif_fn(
             loss_fn,
             params,
-            _take(train, idx),
+            checks.take(train, idx),
             evals,
             lr=lr_vec[idx],
             steps=steps,
@@ -648,10 +648,6 @@ def _compute_block(
         block = np.array(e.matrix, dtype=np.float32)
         block[np.asarray(e.rows)] = np.nan
     return block
-
-
-def _take(tree: Any, idx: np.ndarray) -> Any:
-    return jax.tree.map(lambda x: x[idx], tree)
 
 
 def _run_blocks(

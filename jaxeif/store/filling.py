@@ -49,10 +49,6 @@ def _dtype(params: PyTree) -> np.dtype:
     return np.dtype(np.float64) if any(d == np.float64 for d in leaves) else np.dtype(np.float32)
 
 
-def _take(tree: PyTree, rows: slice) -> PyTree:
-    return jax.tree.map(lambda x: x[rows], tree)
-
-
 def _checked_call(
     loss_fn,
     params,
@@ -196,8 +192,8 @@ def fill(
         values = influence.eif(
             loss_fn,
             params,
-            _take(train, r),
-            _take(evals_, c),
+            checks.take(train, r),
+            checks.take(evals_, c),
             lr=lr_vec[r],
             steps=steps,
             optimizer=optimizer,
@@ -334,7 +330,7 @@ def fill_spmd(
                 loss_fn,
                 params,
                 batch,
-                _take(evals_, c),
+                checks.take(evals_, c),
                 lr=lrs,
                 steps=steps,
                 optimizer=optimizer,
